@@ -1,0 +1,296 @@
+//! `wrapd bench`: throughput and latency of the daemon over its unix socket, next to the raw
+//! in-process PKCS#11 rate of the same operation on the same token, measured in one run.
+//!
+//! The raw baseline is what the daemon cannot beat: the same AES-GCM `C_Decrypt` (Unwrap) or
+//! `C_GenerateRandom` + `C_Encrypt` (GenerateDataKey) with the same AAD, on the same number of
+//! sessions and threads, with no gRPC, no metadata and no scheduling in between.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::blob::Blob;
+use crate::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use crate::config::Config;
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::hsm::{ObjectId, Pkcs11Token, Token};
+use crate::proto::{CreateKeyRequest, GenerateDataKeyRequest, UnwrapRequest};
+
+/// Which operation to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchOp {
+    /// Unwrap of a 32-byte data key.
+    Unwrap,
+    /// GenerateDataKey of 32 bytes.
+    Generate,
+}
+
+/// Bench parameters.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Concurrent callers (tasks for the daemon, threads and sessions for the baseline).
+    pub concurrency: usize,
+    /// Measuring time per operation and path.
+    pub duration: Duration,
+    /// Operations to measure.
+    pub ops: Vec<BenchOp>,
+    /// Key to use; a new one is created when `None`.
+    pub key: Option<String>,
+}
+
+/// One measured row.
+#[derive(Debug)]
+pub struct BenchResult {
+    /// Operation name.
+    pub op: &'static str,
+    /// `daemon` or `raw pkcs11`.
+    pub path: &'static str,
+    /// Completed operations.
+    pub ops: u64,
+    /// Errors seen (should be 0).
+    pub errors: u64,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Latency percentiles in microseconds: p50, p99, p99.9.
+    pub p50_us: u64,
+    /// See `p50_us`.
+    pub p99_us: u64,
+    /// See `p50_us`.
+    pub p999_us: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s at 3 significant digits: constant bounds that are valid, so this cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn result(
+    op: &'static str,
+    path: &'static str,
+    hist: &Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+) -> BenchResult {
+    BenchResult {
+        op,
+        path,
+        ops: hist.len(),
+        errors,
+        ops_per_sec: hist.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+    }
+}
+
+fn bench_context() -> Result<EncryptionContext> {
+    EncryptionContext::new(HashMap::from([("purpose".to_owned(), "bench".to_owned())]))
+}
+
+/// Runs the bench against the daemon configured in `config` (which must be running) and the
+/// raw token, and returns the rows in the order measured.
+pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResult>> {
+    let socket = config
+        .unix
+        .as_ref()
+        .map(|u| u.path.clone())
+        .ok_or_else(|| Error::Config("the config has no [unix] listener to bench".into()))?;
+    let channel = connect_unix(&socket)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let key_id = match &options.key {
+        Some(key) => key.clone(),
+        None => {
+            KeyServiceClient::new(channel.clone())
+                .create_key(CreateKeyRequest {
+                    description: "wrapd bench".into(),
+                    alias: String::new(),
+                })
+                .await
+                .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
+                .into_inner()
+                .key_id
+        }
+    };
+    let context = bench_context()?;
+    let wire_context: HashMap<String, String> = context
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let sample = DataKeyServiceClient::new(channel.clone())
+        .generate_data_key_without_plaintext(GenerateDataKeyRequest {
+            key_id: key_id.clone(),
+            encryption_context: wire_context.clone(),
+            number_of_bytes: 32,
+        })
+        .await
+        .map_err(|s| Error::Unavailable(format!("GenerateDataKey: {}", s.message())))?
+        .into_inner();
+    let blob = Blob::parse(&sample.ciphertext_blob)?;
+    let object = ObjectId::new(blob.key_id.clone(), blob.key_version);
+    let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
+
+    let mut hsm = config.hsm;
+    hsm.max_sessions = options.concurrency;
+    let token = Arc::new(
+        tokio::task::spawn_blocking(move || Pkcs11Token::open(hsm))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??,
+    );
+
+    let mut rows = Vec::new();
+    for op in &options.ops {
+        let name = match op {
+            BenchOp::Unwrap => "Unwrap",
+            BenchOp::Generate => "GenerateDataKey",
+        };
+        // Daemon: N tasks over one HTTP/2 connection each.
+        let mut tasks = Vec::new();
+        let started = Instant::now();
+        let deadline = started + options.duration;
+        for _ in 0..options.concurrency {
+            let mut client = DataKeyServiceClient::new(
+                connect_unix(&socket)
+                    .await
+                    .map_err(|e| Error::Unavailable(e.to_string()))?,
+            );
+            let (op, key_id, ctx, blob) = (
+                *op,
+                key_id.clone(),
+                wire_context.clone(),
+                sample.ciphertext_blob.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut hist = histogram();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = match op {
+                        BenchOp::Unwrap => client
+                            .unwrap(UnwrapRequest {
+                                ciphertext_blob: blob.clone(),
+                                encryption_context: ctx.clone(),
+                                key_id: String::new(),
+                            })
+                            .await
+                            .is_ok(),
+                        BenchOp::Generate => client
+                            .generate_data_key(GenerateDataKeyRequest {
+                                key_id: key_id.clone(),
+                                encryption_context: ctx.clone(),
+                                number_of_bytes: 32,
+                            })
+                            .await
+                            .is_ok(),
+                    };
+                    if ok {
+                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (hist, errors)
+            }));
+        }
+        let mut hist = histogram();
+        let mut errors = 0;
+        for task in tasks {
+            let (h, e) = task.await.map_err(|e| Error::Internal(e.to_string()))?;
+            let _ = hist.add(&h);
+            errors += e;
+        }
+        rows.push(result(
+            name,
+            "daemon (unix socket)",
+            &hist,
+            errors,
+            started.elapsed(),
+        ));
+
+        // Raw: N threads calling the token directly.
+        let started = Instant::now();
+        let deadline = started + options.duration;
+        let mut threads = Vec::new();
+        for _ in 0..options.concurrency {
+            let (token, object, aad, blob, op) = (
+                token.clone(),
+                object.clone(),
+                aad.clone(),
+                blob.clone(),
+                *op,
+            );
+            threads.push(tokio::task::spawn_blocking(move || {
+                let mut hist = histogram();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = match op {
+                        BenchOp::Unwrap => token
+                            .decrypt(&object, &blob.iv, &blob.ciphertext, &aad)
+                            .is_ok(),
+                        BenchOp::Generate => token.generate_and_encrypt(&object, 32, &aad).is_ok(),
+                    };
+                    if ok {
+                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (hist, errors)
+            }));
+        }
+        let mut hist = histogram();
+        let mut errors = 0;
+        for thread in threads {
+            let (h, e) = thread.await.map_err(|e| Error::Internal(e.to_string()))?;
+            let _ = hist.add(&h);
+            errors += e;
+        }
+        rows.push(result(
+            name,
+            "raw pkcs11 (in-process)",
+            &hist,
+            errors,
+            started.elapsed(),
+        ));
+    }
+    token.close();
+    Ok(rows)
+}
+
+/// Formats rows as a table, with the daemon/raw ratio per operation.
+pub fn format_table(rows: &[BenchResult], concurrency: usize) -> String {
+    let mut out = format!(
+        "{:<16} {:<24} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
+        "operation", "path", "conc", "ops", "errors", "ops/s", "p50 µs", "p99 µs", "p999 µs"
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "{:<16} {:<24} {:>5} {:>9} {:>7} {:>10.0} {:>9} {:>9} {:>9}\n",
+            row.op,
+            row.path,
+            concurrency,
+            row.ops,
+            row.errors,
+            row.ops_per_sec,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us
+        ));
+    }
+    for pair in rows.chunks(2) {
+        if let [daemon, raw] = pair {
+            if raw.ops_per_sec > 0.0 {
+                out.push_str(&format!(
+                    "{}: daemon reaches {:.0}% of the raw PKCS#11 rate\n",
+                    daemon.op,
+                    100.0 * daemon.ops_per_sec / raw.ops_per_sec
+                ));
+            }
+        }
+    }
+    out
+}

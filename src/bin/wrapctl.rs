@@ -1,0 +1,523 @@
+//! `wrapctl`: the command-line client of wrapd.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+use wrapd::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use wrapd::proto::{
+    Alias, AliasRequest, CreateKeyRequest, GenerateDataKeyRequest, KeyMetadata, KeyRef, KeyState,
+    ListAliasesRequest, ListKeysRequest, ReWrapRequest, ScheduleKeyDeletionRequest, UnwrapRequest,
+    WrapRequest,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "wrapctl: manage keys and data keys on a wrapd daemon"
+)]
+struct Cli {
+    /// The daemon's unix socket.
+    #[arg(
+        long,
+        env = "WRAPD_SOCKET",
+        global = true,
+        default_value = ".wrapd-dev/wrapd.sock"
+    )]
+    socket: PathBuf,
+    /// Print machine-readable JSON (bytes as base64).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage master keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage aliases.
+    #[command(subcommand)]
+    Aliases(AliasesCommand),
+    /// Generate, wrap, unwrap and re-wrap data keys.
+    #[command(subcommand)]
+    Datakey(DatakeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key (AES-256 in the token), optionally with an alias.
+    Create {
+        /// Free-text description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// An alias to create with it (alias/NAME).
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// List keys (all pages, or one page with --page-size/--page-token).
+    List {
+        /// Keys per page.
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        /// Start from this page token (prints only that page).
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Describe a key by id or alias.
+    Describe {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Add a new version to a key.
+    Rotate {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Enable a key.
+    Enable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Disable a key.
+    Disable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Schedule a key's destruction after 7 to 30 days.
+    ScheduleDeletion {
+        /// Key id or alias.
+        key: String,
+        /// Waiting period in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion (the key comes back disabled).
+    CancelDeletion {
+        /// Key id or alias.
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AliasesCommand {
+    /// Create an alias for a key.
+    Create {
+        /// alias/NAME.
+        alias: String,
+        /// Key id or alias.
+        key: String,
+    },
+    /// Point an alias at another key.
+    Update {
+        /// alias/NAME.
+        alias: String,
+        /// Key id or alias.
+        key: String,
+    },
+    /// Delete an alias.
+    Delete {
+        /// alias/NAME.
+        alias: String,
+    },
+    /// List aliases, optionally only those of one key.
+    List {
+        /// Key id or alias.
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct ContextArgs {
+    /// Encryption context entry K=V (repeatable).
+    #[arg(long = "context", value_parser = parse_entry)]
+    context: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+enum DatakeyCommand {
+    /// Generate a data key: plaintext and wrapped.
+    Generate {
+        /// Key id or alias.
+        key: String,
+        /// Length in bytes (1 to 64).
+        #[arg(long, default_value_t = 32)]
+        bytes: u32,
+        /// Return only the wrapped key.
+        #[arg(long)]
+        no_plaintext: bool,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Wrap plaintext (base64, 1 to 4096 bytes).
+    Wrap {
+        /// Key id or alias.
+        key: String,
+        /// The plaintext, base64.
+        #[arg(long)]
+        plaintext: String,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Unwrap a blob (base64).
+    Unwrap {
+        /// The ciphertext blob, base64.
+        #[arg(long)]
+        blob: String,
+        /// Require the blob to be wrapped under this key.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Re-wrap a blob under the newest version of a key, without exposing the plaintext.
+    Rewrap {
+        /// The ciphertext blob, base64.
+        #[arg(long)]
+        blob: String,
+        /// Destination key (default: the blob's own key).
+        #[arg(long)]
+        to: Option<String>,
+        /// Source context entry K=V (repeatable).
+        #[arg(long = "source-context", value_parser = parse_entry)]
+        source_context: Vec<(String, String)>,
+        /// Destination context entry K=V (repeatable; default: the source context).
+        #[arg(long = "destination-context", value_parser = parse_entry)]
+        destination_context: Vec<(String, String)>,
+    },
+}
+
+fn parse_entry(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected K=V, got {s:?}"))
+}
+
+fn to_map(entries: Vec<(String, String)>) -> HashMap<String, String> {
+    entries.into_iter().collect()
+}
+
+fn decode(what: &str, s: &str) -> Result<Vec<u8>, String> {
+    B64.decode(s.trim())
+        .map_err(|e| format!("--{what} is not valid base64: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("wrapctl: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let channel = connect_unix(&cli.socket).await.map_err(|e| e.to_string())?;
+    let out = match cli.command {
+        Command::Keys(cmd) => keys(channel, cmd).await?,
+        Command::Aliases(cmd) => aliases(channel, cmd).await?,
+        Command::Datakey(cmd) => datakey(channel, cmd).await?,
+    };
+    if cli.json {
+        println!("{out}");
+    } else {
+        print_human(&out);
+    }
+    Ok(())
+}
+
+fn print_human(value: &Value) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::String(s) => println!("{k}: {s}"),
+                    Value::Array(items) => {
+                        println!("{k}:");
+                        for item in items {
+                            match item {
+                                Value::Object(_) => {
+                                    let line = item
+                                        .as_object()
+                                        .map(|m| {
+                                            m.iter()
+                                                .map(|(k, v)| format!("{k}={}", plain(v)))
+                                                .collect::<Vec<_>>()
+                                                .join(" ")
+                                        })
+                                        .unwrap_or_default();
+                                    println!("  {line}");
+                                }
+                                other => println!("  {}", plain(other)),
+                            }
+                        }
+                    }
+                    other => println!("{k}: {other}"),
+                }
+            }
+        }
+        other => println!("{other}"),
+    }
+}
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn timestamp(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+fn key_json(k: &KeyMetadata) -> Value {
+    json!({
+        "key_id": k.key_id,
+        "state": KeyState::try_from(k.state).map_or("UNKNOWN", |s| s.as_str_name()),
+        "description": k.description,
+        "current_version": k.current_version,
+        "aliases": k.aliases,
+        "created_at": timestamp(&k.created_at),
+        "deletion_date": timestamp(&k.deletion_date),
+        "versions": k.versions.iter().map(|v| json!({
+            "version": v.version,
+            "created_at": timestamp(&v.created_at),
+            "wrap_count": v.wrap_count,
+            "available": v.available,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn alias_json(a: &Alias) -> Value {
+    json!({ "alias_name": a.alias_name, "key_id": a.key_id })
+}
+
+async fn keys(channel: Channel, cmd: KeysCommand) -> Result<Value, String> {
+    let mut client = KeyServiceClient::new(channel);
+    let key_ref = |key: String| KeyRef { key_id: key };
+    let metadata = match cmd {
+        KeysCommand::Create { description, alias } => {
+            client
+                .create_key(CreateKeyRequest {
+                    description,
+                    alias: alias.unwrap_or_default(),
+                })
+                .await
+        }
+        KeysCommand::Describe { key } => client.describe_key(key_ref(key)).await,
+        KeysCommand::Rotate { key } => client.rotate_key(key_ref(key)).await,
+        KeysCommand::Enable { key } => client.enable_key(key_ref(key)).await,
+        KeysCommand::Disable { key } => client.disable_key(key_ref(key)).await,
+        KeysCommand::ScheduleDeletion { key, days } => {
+            client
+                .schedule_key_deletion(ScheduleKeyDeletionRequest {
+                    key_id: key,
+                    pending_window_days: days,
+                })
+                .await
+        }
+        KeysCommand::CancelDeletion { key } => client.cancel_key_deletion(key_ref(key)).await,
+        KeysCommand::List {
+            page_size,
+            page_token,
+        } => {
+            let one_page = page_token.is_some();
+            let mut token = page_token.unwrap_or_default();
+            let mut keys = Vec::new();
+            loop {
+                let page = client
+                    .list_keys(ListKeysRequest {
+                        page_size,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                keys.extend(page.keys.iter().map(key_json));
+                token = page.next_page_token;
+                if token.is_empty() || one_page {
+                    break;
+                }
+            }
+            return Ok(
+                json!({ "keys": keys, "next_page_token": if one_page { token } else { String::new() } }),
+            );
+        }
+    };
+    Ok(key_json(&metadata.map_err(status)?.into_inner()))
+}
+
+async fn aliases(channel: Channel, cmd: AliasesCommand) -> Result<Value, String> {
+    let mut client = KeyServiceClient::new(channel);
+    let alias = match cmd {
+        AliasesCommand::Create { alias, key } => {
+            client
+                .create_alias(AliasRequest {
+                    alias_name: alias,
+                    key_id: key,
+                })
+                .await
+        }
+        AliasesCommand::Update { alias, key } => {
+            client
+                .update_alias(AliasRequest {
+                    alias_name: alias,
+                    key_id: key,
+                })
+                .await
+        }
+        AliasesCommand::Delete { alias } => {
+            client
+                .delete_alias(AliasRequest {
+                    alias_name: alias,
+                    key_id: String::new(),
+                })
+                .await
+        }
+        AliasesCommand::List { key } => {
+            let mut token = String::new();
+            let mut aliases = Vec::new();
+            loop {
+                let page = client
+                    .list_aliases(ListAliasesRequest {
+                        key_id: key.clone().unwrap_or_default(),
+                        page_size: 0,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                aliases.extend(page.aliases.iter().map(alias_json));
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+            }
+            return Ok(json!({ "aliases": aliases }));
+        }
+    };
+    Ok(alias_json(&alias.map_err(status)?.into_inner()))
+}
+
+async fn datakey(channel: Channel, cmd: DatakeyCommand) -> Result<Value, String> {
+    let mut client = DataKeyServiceClient::new(channel);
+    match cmd {
+        DatakeyCommand::Generate {
+            key,
+            bytes,
+            no_plaintext,
+            context,
+        } => {
+            let request = GenerateDataKeyRequest {
+                key_id: key,
+                encryption_context: to_map(context.context),
+                number_of_bytes: bytes,
+            };
+            if no_plaintext {
+                let r = client
+                    .generate_data_key_without_plaintext(request)
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(json!({
+                    "ciphertext_blob": B64.encode(&r.ciphertext_blob),
+                    "key_id": r.key_id,
+                    "key_version": r.key_version,
+                }))
+            } else {
+                let r = client
+                    .generate_data_key(request)
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(json!({
+                    "plaintext": B64.encode(&r.plaintext),
+                    "ciphertext_blob": B64.encode(&r.ciphertext_blob),
+                    "key_id": r.key_id,
+                    "key_version": r.key_version,
+                }))
+            }
+        }
+        DatakeyCommand::Wrap {
+            key,
+            plaintext,
+            context,
+        } => {
+            let r = client
+                .wrap(WrapRequest {
+                    key_id: key,
+                    plaintext: decode("plaintext", &plaintext)?,
+                    encryption_context: to_map(context.context),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(json!({
+                "ciphertext_blob": B64.encode(&r.ciphertext_blob),
+                "key_id": r.key_id,
+                "key_version": r.key_version,
+            }))
+        }
+        DatakeyCommand::Unwrap { blob, key, context } => {
+            let r = client
+                .unwrap(UnwrapRequest {
+                    ciphertext_blob: decode("blob", &blob)?,
+                    encryption_context: to_map(context.context),
+                    key_id: key.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(json!({
+                "plaintext": B64.encode(&r.plaintext),
+                "key_id": r.key_id,
+                "key_version": r.key_version,
+            }))
+        }
+        DatakeyCommand::Rewrap {
+            blob,
+            to,
+            source_context,
+            destination_context,
+        } => {
+            let destination_context = if destination_context.is_empty() {
+                source_context.clone()
+            } else {
+                destination_context
+            };
+            let r = client
+                .re_wrap(ReWrapRequest {
+                    ciphertext_blob: decode("blob", &blob)?,
+                    source_encryption_context: to_map(source_context),
+                    destination_key_id: to.unwrap_or_default(),
+                    destination_encryption_context: to_map(destination_context),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(json!({
+                "ciphertext_blob": B64.encode(&r.ciphertext_blob),
+                "source_key_id": r.source_key_id,
+                "source_key_version": r.source_key_version,
+                "key_id": r.key_id,
+                "key_version": r.key_version,
+            }))
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The daemon's TOML configuration: parsed, validated and resolved once at start-up.
+//!
+//! Relative paths are relative to the config file's directory. The PIN is never inline:
+//! it comes from a file (`pin_file`, which should be mode 0600) or an environment variable
+//! (`pin_env`), and is held in a zeroizing [`Pin`]. See `softhsm-config/*.toml` for
+//! commented examples.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::hsm::{HsmConfig, HsmProfile, Pin};
+use crate::keystore::KeystoreConfig;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hsm: RawHsm,
+    store: RawStore,
+    unix: Option<RawUnix>,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: PathBuf,
+    token_label: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    profile: HsmProfile,
+    #[serde(default = "default_max_sessions")]
+    max_sessions: usize,
+    #[serde(default = "default_session_wait_ms")]
+    session_wait_ms: u64,
+    softhsm2_conf: Option<PathBuf>,
+}
+
+fn default_max_sessions() -> usize {
+    8
+}
+
+fn default_session_wait_ms() -> u64 {
+    5_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    sqlite: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnix {
+    path: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    mode: String,
+}
+
+fn default_socket_mode() -> String {
+    "0600".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    #[serde(default = "default_max_wraps")]
+    max_wraps_per_version: u64,
+    #[serde(default = "default_deletion_check_secs")]
+    deletion_check_interval_secs: u64,
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        Self {
+            max_wraps_per_version: default_max_wraps(),
+            deletion_check_interval_secs: default_deletion_check_secs(),
+        }
+    }
+}
+
+fn default_max_wraps() -> u64 {
+    KeystoreConfig::default().max_wraps_per_version
+}
+
+fn default_deletion_check_secs() -> u64 {
+    300
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<String>,
+    #[serde(default)]
+    format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The unix socket listener.
+#[derive(Debug, Clone)]
+pub struct UnixListenerConfig {
+    /// Socket path.
+    pub path: PathBuf,
+    /// File mode set on the socket after binding.
+    pub mode: u32,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// PKCS#11 settings, PIN loaded.
+    pub hsm: HsmConfig,
+    /// Exported as `SOFTHSM2_CONF` before the module loads (SoftHSM only).
+    pub softhsm2_conf: Option<PathBuf>,
+    /// SQLite metadata file.
+    pub sqlite: PathBuf,
+    /// The unix socket listener.
+    pub unix: Option<UnixListenerConfig>,
+    /// Key store settings.
+    pub keystore: KeystoreConfig,
+    /// How often due deletions are carried out.
+    pub deletion_check_interval: Duration,
+    /// Log filter (`RUST_LOG` syntax); `RUST_LOG` wins when set.
+    pub log_filter: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.detail())))
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let pin = match (&raw.hsm.pin_file, &raw.hsm.pin_env) {
+            (Some(file), None) => read_pin_file(&resolve(file))?,
+            (None, Some(var)) => {
+                let value = Zeroizing::new(std::env::var(var).map_err(|_| {
+                    Error::Config(format!(
+                        "hsm.pin_env: environment variable {var} is not set"
+                    ))
+                })?);
+                Pin::new(&value)
+            }
+            _ => {
+                return Err(Error::Config(
+                    "hsm: set exactly one of pin_file and pin_env (the PIN is never inline)".into(),
+                ));
+            }
+        };
+        if raw.hsm.token_label.is_empty() || raw.hsm.token_label.len() > 32 {
+            return Err(Error::Config(
+                "hsm.token_label must be 1 to 32 bytes".into(),
+            ));
+        }
+        if !(1..=1024).contains(&raw.hsm.max_sessions) {
+            return Err(Error::Config("hsm.max_sessions must be 1 to 1024".into()));
+        }
+        if raw.keys.max_wraps_per_version == 0 || raw.keys.max_wraps_per_version > 1 << 32 {
+            return Err(Error::Config(
+                "keys.max_wraps_per_version must be 1 to 2^32 (random GCM IVs)".into(),
+            ));
+        }
+        if raw.keys.deletion_check_interval_secs == 0 {
+            return Err(Error::Config(
+                "keys.deletion_check_interval_secs must be at least 1".into(),
+            ));
+        }
+        let unix = raw
+            .unix
+            .map(|u| {
+                let mode = u32::from_str_radix(u.mode.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        Error::Config(format!("unix.mode {:?} is not an octal file mode", u.mode))
+                    })?;
+                Ok::<_, Error>(UnixListenerConfig {
+                    path: resolve(&u.path),
+                    mode,
+                })
+            })
+            .transpose()?;
+        if unix.is_none() {
+            return Err(Error::Config(
+                "no listener configured: add a [unix] section".into(),
+            ));
+        }
+        Ok(Self {
+            hsm: HsmConfig {
+                module: resolve(&raw.hsm.module),
+                token_label: raw.hsm.token_label,
+                pin,
+                profile: raw.hsm.profile,
+                max_sessions: raw.hsm.max_sessions,
+                session_wait: Duration::from_millis(raw.hsm.session_wait_ms),
+            },
+            softhsm2_conf: raw.hsm.softhsm2_conf.as_deref().map(resolve),
+            sqlite: resolve(&raw.store.sqlite),
+            unix,
+            keystore: KeystoreConfig {
+                max_wraps_per_version: raw.keys.max_wraps_per_version,
+            },
+            deletion_check_interval: Duration::from_secs(raw.keys.deletion_check_interval_secs),
+            log_filter: raw.log.filter.unwrap_or_else(|| "info".to_owned()),
+            log_format: raw.log.format,
+        })
+    }
+}
+
+impl Error {
+    fn detail(&self) -> String {
+        match self {
+            Error::Config(detail) => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+fn read_pin_file(path: &Path) -> Result<Pin> {
+    let bytes = Zeroizing::new(
+        std::fs::read(path)
+            .map_err(|e| Error::Config(format!("cannot read PIN file {}: {e}", path.display())))?,
+    );
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::Config(format!("PIN file {} is not UTF-8", path.display())))?;
+    let pin = Pin::new(text);
+    if pin.expose().is_empty() {
+        return Err(Error::Config(format!(
+            "PIN file {} is empty",
+            path.display()
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "the PIN file is readable by group or others; chmod 600 it");
+            }
+        }
+    }
+    Ok(pin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pin(dir: &Path) {
+        std::fs::write(dir.join("pin"), "1234\n").unwrap();
+    }
+
+    const GOOD: &str = r#"
+        [hsm]
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "wrapd"
+        pin_file = "pin"
+        profile = "softhsm"
+        [store]
+        sqlite = "wrapd.db"
+        [unix]
+        path = "wrapd.sock"
+        mode = "0660"
+    "#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pin(dir.path());
+        let config = Config::parse(GOOD, dir.path()).unwrap();
+        assert_eq!(config.hsm.pin.expose(), "1234");
+        assert_eq!(config.sqlite, dir.path().join("wrapd.db"));
+        let unix = config.unix.unwrap();
+        assert_eq!(unix.mode, 0o660);
+        assert_eq!(config.hsm.max_sessions, 8);
+        // The PIN never shows in Debug output.
+        assert!(!format!("{:?}", config.hsm).contains("1234"));
+    }
+
+    #[test]
+    fn rejects_inline_pin_unknown_fields_and_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pin(dir.path());
+        let inline = GOOD.replace("pin_file = \"pin\"", "pin = \"1234\"");
+        assert!(Config::parse(&inline, dir.path()).is_err());
+        let both = GOOD.replace("pin_file = \"pin\"", "pin_file = \"pin\"\npin_env = \"X\"");
+        assert!(Config::parse(&both, dir.path()).is_err());
+        let mode = GOOD.replace("0660", "rw-rw----");
+        assert!(Config::parse(&mode, dir.path()).is_err());
+        let profile = GOOD.replace("softhsm\"", "luna\"");
+        assert!(Config::parse(&profile, dir.path()).is_err());
+        assert!(Config::parse("not toml [", dir.path()).is_err());
+    }
+
+    #[test]
+    fn config_errors_do_not_echo_the_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pin"), "s3cret-pin\n").unwrap();
+        let bad = GOOD.replace("[store]", "[store]\nbogus = 1");
+        let err = Config::parse(&bad, dir.path()).unwrap_err().to_string();
+        assert!(!err.contains("s3cret-pin"), "{err}");
+    }
+}

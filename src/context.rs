@@ -1,0 +1,123 @@
+//! Encryption context: the non-secret key/value pairs bound to a wrapped data key.
+//!
+//! The canonical form is the AWS Encryption SDK's serialization: empty for an empty context,
+//! else a big-endian u16 entry count followed by each entry, sorted by the UTF-8 bytes of its
+//! key, as u16 length + key bytes, u16 length + value bytes. It is part of the AAD of every
+//! wrap, so an unwrap with any other context fails.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Result};
+
+/// Largest accepted serialized context, in bytes.
+pub const MAX_SERIALIZED_LEN: usize = 8 * 1024;
+
+/// A validated encryption context. Entries are kept sorted by key bytes (`String`'s `Ord`
+/// is byte-wise), which is the canonical order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// Validates a context taken from a request: keys non-empty, at most
+    /// [`MAX_SERIALIZED_LEN`] bytes once serialized.
+    pub fn new(entries: HashMap<String, String>) -> Result<Self> {
+        Self::from_entries(entries)
+    }
+
+    /// Like [`EncryptionContext::new`], from any iterator of entries.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let map: BTreeMap<String, String> = entries.into_iter().collect();
+        if map.len() > usize::from(u16::MAX) {
+            return Err(Error::invalid("encryption context has too many entries"));
+        }
+        let mut len = if map.is_empty() { 0 } else { 2 };
+        for (key, value) in &map {
+            if key.is_empty() {
+                return Err(Error::invalid("encryption context keys must not be empty"));
+            }
+            len += 4 + key.len() + value.len();
+            if len > MAX_SERIALIZED_LEN {
+                return Err(Error::invalid(format!(
+                    "encryption context is larger than {MAX_SERIALIZED_LEN} bytes serialized"
+                )));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// The canonical serialization (see the module docs).
+    pub fn serialize(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.serialize_into(&mut out);
+        out
+    }
+
+    /// Appends the canonical serialization to `out`.
+    pub fn serialize_into(&self, out: &mut Vec<u8>) {
+        if self.0.is_empty() {
+            return;
+        }
+        // Lengths fit: `from_entries` bounds the whole serialization to 8 KiB.
+        out.extend_from_slice(&(self.0.len() as u16).to_be_bytes());
+        for (key, value) in &self.0 {
+            out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+
+    /// The entries, in canonical order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// True when the context has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(entries: &[(&str, &str)]) -> Result<EncryptionContext> {
+        EncryptionContext::from_entries(entries.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn empty_context_serializes_to_nothing() {
+        assert!(ctx(&[]).unwrap().serialize().is_empty());
+    }
+
+    #[test]
+    fn known_answer() {
+        // Same bytes as the AWS Encryption SDK: count, then sorted (len, key, len, value).
+        let got = ctx(&[("b", "2"), ("a", "1")]).unwrap().serialize();
+        assert_eq!(
+            got,
+            [0, 2, 0, 1, b'a', 0, 1, b'1', 0, 1, b'b', 0, 1, b'2'].to_vec()
+        );
+    }
+
+    #[test]
+    fn sorts_by_utf8_bytes() {
+        // 'Z' (0x5a) < 'a' (0x61) < 'é' (0xc3 0xa9).
+        let c = ctx(&[("é", ""), ("a", ""), ("Z", "")]).unwrap();
+        let keys: Vec<_> = c.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["Z", "a", "é"]);
+    }
+
+    #[test]
+    fn rejects_empty_key_and_oversize() {
+        assert!(ctx(&[("", "v")]).is_err());
+        let big = "x".repeat(MAX_SERIALIZED_LEN);
+        assert!(ctx(&[("k", &big)]).is_err());
+        let fits = "x".repeat(MAX_SERIALIZED_LEN - 2 - 4 - 1);
+        assert_eq!(
+            ctx(&[("k", &fits)]).unwrap().serialize().len(),
+            MAX_SERIALIZED_LEN
+        );
+    }
+}

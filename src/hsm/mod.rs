@@ -1,0 +1,169 @@
+//! The HSM layer: master keys as PKCS#11 token objects, and the few operations wrapd needs
+//! on them.
+//!
+//! [`Token`] is the boundary the key store sees. [`Pkcs11Token`] implements it on `cryptoki`
+//! and is the only place in the crate that calls PKCS#11 (`pkcs11.rs`, with its session pool
+//! in `pool.rs`); `provision.rs` creates a SoftHSM token for `wrapd dev` and tests. Every
+//! method blocks: callers run them off the async executor.
+
+mod pkcs11;
+mod pool;
+mod provision;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::error::Result;
+use crate::ids::KeyId;
+
+pub use pkcs11::Pkcs11Token;
+pub use provision::provision_softhsm_token;
+
+/// One key version's object in the token: key id + version, stored as `CKA_ID`
+/// (`key/<hex>:<version>`) and in the `CKA_LABEL`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    /// The key the object belongs to.
+    pub key_id: KeyId,
+    /// The version, from 1.
+    pub version: u32,
+}
+
+impl ObjectId {
+    /// The object of `key_id` at `version`.
+    pub fn new(key_id: KeyId, version: u32) -> Self {
+        Self { key_id, version }
+    }
+
+    /// The `CKA_ID` bytes.
+    pub fn cka_id(&self) -> Vec<u8> {
+        self.to_string().into_bytes()
+    }
+
+    /// Parses a `CKA_ID`; `None` for objects that are not wrapd's.
+    pub fn from_cka_id(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (key, version) = text.rsplit_once(':')?;
+        let version: u32 = version.parse().ok()?;
+        (version > 0).then_some(())?;
+        Some(Self::new(KeyId::parse(key).ok()?, version))
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.key_id, self.version)
+    }
+}
+
+/// Output of a wrap: the IV actually used and ciphertext || tag.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The GCM IV (chosen by wrapd on SoftHSM, by the HSM on CloudHSM).
+    pub iv: [u8; crate::blob::IV_LEN],
+    /// Ciphertext followed by the 16-byte tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// The operations wrapd needs from a token. Implementations block.
+pub trait Token: Send + Sync + 'static {
+    /// Generates a new AES-256 key object: token, private, sensitive, never extractable,
+    /// encrypt/decrypt only.
+    fn generate_key(&self, object: &ObjectId) -> Result<()>;
+    /// AES-256-GCM encryption of `plaintext` under `object` with `aad`.
+    fn encrypt(&self, object: &ObjectId, plaintext: &[u8], aad: &[u8]) -> Result<Sealed>;
+    /// Draws `len` random bytes from the token and encrypts them, in one session checkout.
+    fn generate_and_encrypt(
+        &self,
+        object: &ObjectId,
+        len: usize,
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, Sealed)>;
+    /// AES-256-GCM decryption. A tag mismatch is [`crate::Error::InvalidCiphertext`].
+    fn decrypt(
+        &self,
+        object: &ObjectId,
+        iv: &[u8],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>>;
+    /// Destroys the object; an object that is already gone is not an error.
+    fn destroy_key(&self, object: &ObjectId) -> Result<()>;
+    /// Every wrapd key object in the token (objects with other `CKA_ID`s are skipped).
+    fn list_keys(&self) -> Result<Vec<ObjectId>>;
+    /// A cheap liveness check: a session can be had and the token answers.
+    fn ping(&self) -> Result<()>;
+}
+
+/// How the HSM behaves where PKCS#11 implementations differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HsmProfile {
+    /// SoftHSM2 (and most HSMs): the caller supplies the GCM IV.
+    Softhsm,
+    /// AWS CloudHSM: the HSM generates the GCM IV and writes it back into the IV buffer;
+    /// GCM buffers are limited to 16 KB, single-part only.
+    Cloudhsm,
+}
+
+/// What [`Pkcs11Token::open`] needs. The PIN is zeroized on drop and never printed.
+#[derive(Debug)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 module (`libsofthsm2.so`, `libcloudhsm_pkcs11.so`).
+    pub module: PathBuf,
+    /// Label of the token to use.
+    pub token_label: String,
+    /// The user PIN (for CloudHSM: `CryptoUser:password`).
+    pub pin: Pin,
+    /// Profile switch for IV handling.
+    pub profile: HsmProfile,
+    /// Most sessions open at once (HSMs limit sessions).
+    pub max_sessions: usize,
+    /// How long a call waits for a free session before failing with UNAVAILABLE.
+    pub session_wait: Duration,
+}
+
+/// A token PIN: zeroized on drop, redacted in `Debug`.
+pub struct Pin(Zeroizing<String>);
+
+impl Pin {
+    /// Wraps a PIN; surrounding whitespace (a trailing newline in a file) is dropped.
+    pub fn new(pin: &str) -> Self {
+        Self(Zeroizing::new(pin.trim().to_owned()))
+    }
+
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ids_round_trip() {
+        let id = ObjectId::new(KeyId::generate(), 12);
+        assert_eq!(ObjectId::from_cka_id(&id.cka_id()), Some(id));
+        assert_eq!(ObjectId::from_cka_id(b"something-else"), None);
+        assert_eq!(
+            ObjectId::from_cka_id(b"key/00112233445566778899aabbccddeeff:0"),
+            None
+        );
+    }
+
+    #[test]
+    fn pin_is_redacted() {
+        assert_eq!(format!("{:?}", Pin::new("1234\n")), "Pin(<redacted>)");
+        assert_eq!(Pin::new("1234\n").expose(), "1234");
+    }
+}

@@ -1,0 +1,437 @@
+//! [`Token`] on `cryptoki`: the one module that talks PKCS#11.
+//!
+//! Every cryptoki error becomes an [`Error`] in [`p11_error`], which keeps the PKCS#11
+//! function and return value for the log and decides whether the fault is the device's.
+//! Object handles are cached per context (no `C_FindObjects` per request); a stale handle is
+//! looked up again once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::{AuthPin, Ulong};
+use zeroize::Zeroizing;
+
+use super::pool::{Context, Outcome, Pool};
+use super::{HsmConfig, HsmProfile, ObjectId, Sealed, Token};
+use crate::blob::{IV_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+
+/// CloudHSM refuses single-part GCM buffers above 16 KB.
+const CLOUDHSM_MAX_GCM_BYTES: usize = 16 * 1024;
+
+/// A PKCS#11 token behind a bounded session pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Pkcs11Token {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: HsmConfig,
+    pool: Pool,
+    /// Handles of key objects in the current context; cleared when the context is retired.
+    handles: Mutex<HashMap<ObjectId, ObjectHandle>>,
+}
+
+/// Converts a cryptoki error: the one place that does. `device_fault` marks errors after
+/// which the context should be re-initialized (token gone, device error, library state).
+pub(super) fn p11_error(err: CkError) -> Error {
+    match err {
+        CkError::Pkcs11(rv, function) => Error::Pkcs11 {
+            function: format!("C_{function:?}"),
+            rv: format!("CKR_{rv:?}"),
+            device_fault: is_device_fault(rv),
+        },
+        CkError::LibraryLoading(e) => Error::Pkcs11 {
+            function: "load module".to_owned(),
+            rv: e.to_string(),
+            device_fault: true,
+        },
+        other => Error::Pkcs11 {
+            function: "cryptoki".to_owned(),
+            rv: other.to_string(),
+            device_fault: false,
+        },
+    }
+}
+
+fn is_device_fault(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::CryptokiNotInitialized
+            | RvError::GeneralError
+            | RvError::FunctionFailed
+            | RvError::HostMemory
+            | RvError::SessionCount
+            | RvError::SlotIdInvalid
+    )
+}
+
+/// How a failed call affects its session.
+fn outcome_of(err: &Error) -> Outcome {
+    match err {
+        Error::Pkcs11 {
+            device_fault: true, ..
+        } => Outcome::DeviceFault,
+        Error::Pkcs11 { rv, .. }
+            if rv == "CKR_SessionHandleInvalid"
+                || rv == "CKR_SessionClosed"
+                || rv == "CKR_UserNotLoggedIn" =>
+        {
+            Outcome::SessionBroken
+        }
+        _ => Outcome::Healthy,
+    }
+}
+
+fn is_stale_handle(err: &Error) -> bool {
+    matches!(err, Error::Pkcs11 { rv, .. } if rv == "CKR_ObjectHandleInvalid" || rv == "CKR_KeyHandleInvalid")
+}
+
+impl Pkcs11Token {
+    /// Loads the module, finds the token, logs in once to check the PIN. Errors here are
+    /// start-up errors with a clear message (missing module, missing token, wrong PIN).
+    pub fn open(config: HsmConfig) -> Result<Self> {
+        let token = Self {
+            inner: Arc::new(Inner {
+                pool: Pool::new(config.max_sessions),
+                config,
+                handles: Mutex::new(HashMap::new()),
+            }),
+        };
+        token.with_session(|_, _| Ok(())).map_err(|err| match err {
+            Error::Pkcs11 { function, rv, .. } if rv == "CKR_PinIncorrect" => {
+                Error::Config(format!("{function}: the PIN is incorrect ({rv})"))
+            }
+            other => other,
+        })?;
+        Ok(token)
+    }
+
+    /// The configured profile.
+    pub fn profile(&self) -> HsmProfile {
+        self.inner.config.profile
+    }
+
+    /// Closes idle sessions (graceful shutdown); busy ones close when returned.
+    pub fn close(&self) {
+        self.inner.pool.close_idle();
+    }
+
+    /// Forces the context to be re-initialized on next use (after a device error).
+    pub fn reset(&self) {
+        self.clear_handles();
+        self.inner.pool.retire_context();
+    }
+
+    fn clear_handles(&self) {
+        self.inner
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn connect(config: &HsmConfig) -> Result<Context> {
+        let pkcs11 = Pkcs11::new(&config.module).map_err(|err| match err {
+            CkError::LibraryLoading(e) => Error::Unavailable(format!(
+                "cannot load PKCS#11 module {}: {e}",
+                config.module.display()
+            )),
+            other => p11_error(other),
+        })?;
+        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(err) => return Err(p11_error(err)),
+        }
+        for slot in pkcs11.get_slots_with_token().map_err(p11_error)? {
+            let info = pkcs11.get_token_info(slot).map_err(p11_error)?;
+            if info.label() == config.token_label {
+                return Ok(Context { pkcs11, slot });
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no token labelled {:?} in PKCS#11 module {}",
+            config.token_label,
+            config.module.display()
+        )))
+    }
+
+    fn open_session(config: &HsmConfig, context: &Context) -> Result<Session> {
+        let session = context
+            .pkcs11
+            .open_rw_session(context.slot)
+            .map_err(p11_error)?;
+        let pin = AuthPin::from(config.pin.expose().to_owned());
+        match session.login(UserType::User, Some(&pin)) {
+            // Login state is per application: another session may have logged in already.
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(err) => Err(p11_error(err)),
+        }
+    }
+
+    /// Runs `f` on a pooled session and returns the session with the call's outcome.
+    fn with_session<T>(&self, f: impl FnOnce(&Session, &Self) -> Result<T>) -> Result<T> {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.session_wait;
+        let loan = self.inner.pool.checkout(
+            deadline,
+            || {
+                // A new context has new handles.
+                self.clear_handles();
+                Self::connect(config)
+            },
+            |context| Self::open_session(config, context),
+        )?;
+        let result = f(&loan.session, self);
+        let outcome = match &result {
+            Ok(_) => Outcome::Healthy,
+            Err(err) => outcome_of(err),
+        };
+        if outcome == Outcome::DeviceFault {
+            self.clear_handles();
+        }
+        self.inner.pool.checkin(loan, outcome);
+        result
+    }
+
+    /// The handle of `object`, from the cache or one `C_FindObjects`.
+    fn handle(&self, session: &Session, object: &ObjectId) -> Result<ObjectHandle> {
+        if let Some(handle) = self.cached(object) {
+            return Ok(handle);
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(object.cka_id()),
+        ];
+        let found = session.find_objects(&template).map_err(p11_error)?;
+        match found.as_slice() {
+            [handle] => {
+                self.inner
+                    .handles
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(object.clone(), *handle);
+                Ok(*handle)
+            }
+            [] => Err(Error::Unavailable(format!(
+                "the token has no object for {object}: key material is missing (see the daemon log)"
+            ))),
+            _ => Err(Error::Internal(format!(
+                "the token has {} objects for {object}",
+                found.len()
+            ))),
+        }
+    }
+
+    fn cached(&self, object: &ObjectId) -> Option<ObjectHandle> {
+        self.inner
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(object)
+            .copied()
+    }
+
+    fn forget(&self, object: &ObjectId) {
+        self.inner
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(object);
+    }
+
+    /// Runs `op` with the object's handle; on a stale handle, looks it up again once.
+    fn with_handle<T>(
+        &self,
+        session: &Session,
+        object: &ObjectId,
+        op: impl Fn(ObjectHandle) -> Result<T>,
+    ) -> Result<T> {
+        let handle = self.handle(session, object)?;
+        match op(handle) {
+            Err(err) if is_stale_handle(&err) => {
+                self.forget(object);
+                op(self.handle(session, object)?)
+            }
+            other => other,
+        }
+    }
+
+    fn seal(
+        &self,
+        session: &Session,
+        object: &ObjectId,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Sealed> {
+        if self.profile() == HsmProfile::Cloudhsm
+            && plaintext.len() + aad.len() + TAG_LEN > CLOUDHSM_MAX_GCM_BYTES
+        {
+            return Err(Error::invalid(
+                "request too large for a CloudHSM GCM operation",
+            ));
+        }
+        self.with_handle(session, object, |handle| {
+            let mut iv = [0u8; IV_LEN];
+            if self.profile() == HsmProfile::Softhsm {
+                session.generate_random_slice(&mut iv).map_err(p11_error)?;
+            }
+            // On CloudHSM the HSM writes the IV it chose into `iv` (zeroes going in).
+            let params =
+                GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8)).map_err(p11_error)?;
+            let ciphertext = session
+                .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+                .map_err(p11_error)?;
+            if ciphertext.len() != plaintext.len() + TAG_LEN {
+                return Err(Error::Internal(format!(
+                    "C_Encrypt returned {} bytes for {} bytes of plaintext",
+                    ciphertext.len(),
+                    plaintext.len()
+                )));
+            }
+            if iv == [0u8; IV_LEN] {
+                return Err(Error::Internal(
+                    "the HSM returned an all-zero GCM IV; check the hsm.profile setting".into(),
+                ));
+            }
+            Ok(Sealed { iv, ciphertext })
+        })
+    }
+}
+
+impl Token for Pkcs11Token {
+    fn generate_key(&self, object: &ObjectId) -> Result<()> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+            Attribute::Id(object.cka_id()),
+            Attribute::Label(format!("wrapd {object}").into_bytes()),
+        ];
+        self.with_session(|session, _| {
+            let handle = session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(p11_error)?;
+            self.inner
+                .handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(object.clone(), handle);
+            Ok(())
+        })
+    }
+
+    fn encrypt(&self, object: &ObjectId, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
+        self.with_session(|session, this| this.seal(session, object, plaintext, aad))
+    }
+
+    fn generate_and_encrypt(
+        &self,
+        object: &ObjectId,
+        len: usize,
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, Sealed)> {
+        self.with_session(|session, this| {
+            let mut plaintext = Zeroizing::new(vec![0u8; len]);
+            session
+                .generate_random_slice(&mut plaintext)
+                .map_err(p11_error)?;
+            let sealed = this.seal(session, object, &plaintext, aad)?;
+            Ok((plaintext, sealed))
+        })
+    }
+
+    fn decrypt(
+        &self,
+        object: &ObjectId,
+        iv: &[u8],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        self.with_session(|session, this| {
+            this.with_handle(session, object, |handle| {
+                let mut iv = iv.to_vec();
+                let params = GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8))
+                    .map_err(p11_error)?;
+                match session.decrypt(&Mechanism::AesGcm(params), handle, ciphertext) {
+                    Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+                    Err(CkError::Pkcs11(
+                        RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::GeneralError
+                        | RvError::FunctionFailed,
+                        _,
+                    )) if session.get_session_info().is_ok() => {
+                        // SoftHSM reports a tag mismatch as CKR_GENERAL_ERROR. The session
+                        // still answers, so this is a bad ciphertext, not a device fault,
+                        // and the session goes back to the pool.
+                        Err(Error::InvalidCiphertext)
+                    }
+                    Err(err) => Err(p11_error(err)),
+                }
+            })
+        })
+    }
+
+    fn destroy_key(&self, object: &ObjectId) -> Result<()> {
+        self.with_session(|session, _| {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Id(object.cka_id()),
+            ];
+            for handle in session.find_objects(&template).map_err(p11_error)? {
+                session.destroy_object(handle).map_err(p11_error)?;
+            }
+            self.forget(object);
+            Ok(())
+        })
+    }
+
+    fn list_keys(&self) -> Result<Vec<ObjectId>> {
+        self.with_session(|session, _| {
+            let handles = session
+                .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+                .map_err(p11_error)?;
+            let mut objects = Vec::new();
+            for handle in handles {
+                let attributes = session
+                    .get_attributes(handle, &[AttributeType::Id])
+                    .map_err(p11_error)?;
+                for attribute in attributes {
+                    if let Attribute::Id(id) = attribute {
+                        objects.extend(ObjectId::from_cka_id(&id));
+                    }
+                }
+            }
+            objects.sort();
+            Ok(objects)
+        })
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.with_session(|session, _| session.get_session_info().map(|_| ()).map_err(p11_error))
+    }
+}

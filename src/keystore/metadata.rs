@@ -1,0 +1,128 @@
+//! The metadata store boundary: key records, versions, states and aliases.
+//!
+//! The token holds only key material (CloudHSM has no data objects and no attribute edits),
+//! so everything else lives behind [`MetadataStore`]. SQLite ([`super::SqliteStore`]) is the
+//! default; a shared PostgreSQL store for several daemons on one HSM cluster is meant to be a
+//! second implementation of this trait, nothing more.
+
+use std::time::SystemTime;
+
+use crate::error::Result;
+use crate::ids::{AliasName, KeyId};
+
+/// The lifecycle state of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Usable for every operation.
+    Enabled,
+    /// Usable for no data-plane operation until enabled again.
+    Disabled,
+    /// Usable for nothing; destroyed at `deletion_date` unless cancelled.
+    PendingDeletion,
+}
+
+impl KeyState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "ENABLED",
+            Self::Disabled => "DISABLED",
+            Self::PendingDeletion => "PENDING_DELETION",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ENABLED" => Some(Self::Enabled),
+            "DISABLED" => Some(Self::Disabled),
+            "PENDING_DELETION" => Some(Self::PendingDeletion),
+            _ => None,
+        }
+    }
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// 1 for the first version, then +1 per rotation.
+    pub version: u32,
+    /// When the version was created.
+    pub created_at: SystemTime,
+    /// Wraps reserved for this version so far: an upper bound on the wraps made with it,
+    /// persisted in blocks so that a crash never under-counts.
+    pub wraps_reserved: u64,
+}
+
+/// A key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Canonical id.
+    pub id: KeyId,
+    /// Free text from the creator.
+    pub description: String,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Creation time.
+    pub created_at: SystemTime,
+    /// When the key is destroyed, while `state` is `PendingDeletion`.
+    pub deletion_date: Option<SystemTime>,
+    /// Versions, oldest first; never empty.
+    pub versions: Vec<VersionRecord>,
+    /// Aliases pointing at the key, sorted.
+    pub aliases: Vec<AliasName>,
+}
+
+impl KeyRecord {
+    /// The newest version (used for new wraps).
+    pub fn current_version(&self) -> u32 {
+        self.versions.last().map_or(0, |v| v.version)
+    }
+}
+
+/// Position in a listing: the listing continues after this point.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(pub String);
+
+/// Durable metadata. Every method is atomic; implementations block.
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Inserts a new key, with its first version and optional alias, atomically.
+    /// A taken alias is [`crate::Error::AlreadyExists`].
+    fn create_key(&self, key: &KeyRecord, alias: Option<&AliasName>) -> Result<()>;
+    /// One key, with versions and aliases.
+    fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>>;
+    /// Every key (start-up cache fill).
+    fn all_keys(&self) -> Result<Vec<KeyRecord>>;
+    /// Keys in creation order after `after`, at most `limit`, with the cursor of each.
+    fn list_keys(&self, after: &Cursor, limit: usize) -> Result<Vec<(Cursor, KeyRecord)>>;
+    /// Appends a version.
+    fn add_version(&self, id: &KeyId, version: &VersionRecord) -> Result<()>;
+    /// Sets the state and deletion date.
+    fn set_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        deletion_date: Option<SystemTime>,
+    ) -> Result<()>;
+    /// Raises the persisted wrap reservation of a version.
+    fn reserve_wraps(&self, id: &KeyId, version: u32, reserved: u64) -> Result<()>;
+    /// Removes a key, its versions and aliases (after its token objects are destroyed).
+    fn delete_key(&self, id: &KeyId, deleted_at: SystemTime) -> Result<()>;
+    /// Keys pending deletion whose date is at or before `now`.
+    fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>>;
+    /// Every alias and its key.
+    fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
+    /// Creates an alias; [`crate::Error::AlreadyExists`] if taken.
+    fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
+    /// Re-points an alias; [`crate::Error::NotFound`] if it does not exist.
+    fn update_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
+    /// Deletes an alias, returning the key it pointed at.
+    fn delete_alias(&self, alias: &AliasName) -> Result<Option<KeyId>>;
+    /// Aliases sorted by name after `after`, optionally of one key, at most `limit`.
+    fn list_aliases(
+        &self,
+        key: Option<&KeyId>,
+        after: &Cursor,
+        limit: usize,
+    ) -> Result<Vec<(AliasName, KeyId)>>;
+}

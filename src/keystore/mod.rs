@@ -1,0 +1,803 @@
+//! The key store: master keys (metadata + token objects) and the data-key operations on them.
+//!
+//! [`Keystore`] is what the gRPC services call. It owns the rules (states, versions, aliases,
+//! wrap limits, deletion) and talks to two things below it: a [`Token`] holding key material
+//! and a [`MetadataStore`] holding everything else. Writes go to the store first and are then
+//! reflected in an in-memory view, so the data-plane hot path (resolve the key, check its
+//! state, one token call) never touches the database.
+//!
+//! The view assumes this daemon is the store's only writer. A shared PostgreSQL store for
+//! several daemons will need to refresh it (e.g. on a notification or a short TTL).
+//!
+//! Every method blocks (token and database calls): run them off the async executor.
+
+mod metadata;
+mod sqlite;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use zeroize::Zeroizing;
+
+pub use metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+pub use sqlite::SqliteStore;
+
+use crate::blob::{Blob, MAX_PLAINTEXT_LEN};
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::hsm::{ObjectId, Token};
+use crate::ids::{AliasName, KeyId, KeyRef};
+
+/// Largest data key GenerateDataKey makes, in bytes.
+pub const MAX_DATA_KEY_LEN: u32 = 64;
+/// Data key length when the request says 0.
+pub const DEFAULT_DATA_KEY_LEN: u32 = 32;
+/// Longest key description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 8192;
+/// Default and largest page sizes of the list operations.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// See [`DEFAULT_PAGE_SIZE`].
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Wraps reserved in the store at a time per version (one store write per this many wraps).
+const WRAP_RESERVATION_BLOCK: u64 = 4096;
+
+/// The time source, injectable so tests can move time forward (scheduled deletion).
+pub trait Clock: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug)]
+pub struct ManualClock(Mutex<SystemTime>);
+
+impl ManualClock {
+    /// A clock stopped at `start`.
+    pub fn new(start: SystemTime) -> Self {
+        Self(Mutex::new(start))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *now += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Key store settings.
+#[derive(Debug, Clone)]
+pub struct KeystoreConfig {
+    /// Wraps allowed per key version before the key is rotated automatically. Random 96-bit
+    /// GCM IVs bound a key to 2^32 encryptions; the default, 2^30, stays well below.
+    pub max_wraps_per_version: u64,
+}
+
+impl Default for KeystoreConfig {
+    fn default() -> Self {
+        Self {
+            max_wraps_per_version: 1 << 30,
+        }
+    }
+}
+
+/// A wrapped data key.
+#[derive(Debug, Clone)]
+pub struct Wrapped {
+    /// The ciphertext blob.
+    pub blob: Vec<u8>,
+    /// The canonical id of the wrapping key.
+    pub key_id: KeyId,
+    /// The version used.
+    pub key_version: u32,
+}
+
+/// An unwrapped data key; the plaintext is zeroized on drop.
+pub struct Unwrapped {
+    /// The data key.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The key the blob was wrapped under.
+    pub key_id: KeyId,
+    /// Its version.
+    pub key_version: u32,
+}
+
+/// A fresh data key, in plaintext and wrapped.
+pub struct GeneratedKey {
+    /// The data key; zeroized on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The same key wrapped.
+    pub wrapped: Wrapped,
+}
+
+/// A ReWrap result.
+#[derive(Debug)]
+pub struct Rewrapped {
+    /// The new blob, under the newest version of the destination key.
+    pub wrapped: Wrapped,
+    /// The key the input blob was wrapped under.
+    pub source_key_id: KeyId,
+    /// The version the input blob was wrapped under.
+    pub source_key_version: u32,
+}
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Token of the next page; empty on the last page.
+    pub next_page_token: String,
+}
+
+/// What start-up reconciliation found.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    /// Versions in the metadata whose token object is missing.
+    pub missing: Vec<ObjectId>,
+    /// wrapd objects in the token that no metadata refers to.
+    pub orphans: Vec<ObjectId>,
+}
+
+#[derive(Default)]
+struct View {
+    keys: HashMap<KeyId, Arc<KeyRecord>>,
+    aliases: HashMap<AliasName, KeyId>,
+}
+
+struct WrapCounter {
+    used: u64,
+    reserved: u64,
+}
+
+/// The key store. Share it in an `Arc`.
+pub struct Keystore {
+    token: Arc<dyn Token>,
+    store: Arc<dyn MetadataStore>,
+    clock: Arc<dyn Clock>,
+    config: KeystoreConfig,
+    view: RwLock<View>,
+    counters: Mutex<HashMap<ObjectId, WrapCounter>>,
+    missing: RwLock<HashSet<ObjectId>>,
+    /// Serializes control-plane changes so that the view follows the store in order.
+    admin: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent at each step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn page_size(requested: u32) -> Result<usize> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE as usize),
+        n if n <= MAX_PAGE_SIZE => Ok(n as usize),
+        _ => Err(Error::invalid(format!(
+            "page_size must be at most {MAX_PAGE_SIZE}"
+        ))),
+    }
+}
+
+/// Page tokens are the hex of a cursor with a per-listing prefix: opaque to callers, and a
+/// token of one listing is refused by another.
+fn decode_page_token(prefix: &str, token: &str) -> Result<Cursor> {
+    if token.is_empty() {
+        return Ok(Cursor::default());
+    }
+    hex::decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix(prefix).map(str::to_owned))
+        .map(Cursor)
+        .ok_or_else(|| Error::invalid("malformed page_token"))
+}
+
+fn encode_page_token(prefix: &str, cursor: &Cursor) -> String {
+    hex::encode(format!("{prefix}{}", cursor.0))
+}
+
+fn usable(key: &KeyRecord) -> Result<()> {
+    match key.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(Error::FailedPrecondition(format!(
+            "key {} is disabled",
+            key.id
+        ))),
+        KeyState::PendingDeletion => Err(Error::FailedPrecondition(format!(
+            "key {} is pending deletion",
+            key.id
+        ))),
+    }
+}
+
+impl Keystore {
+    /// Opens the key store: loads the metadata and reconciles it with the token.
+    pub fn open(
+        token: Arc<dyn Token>,
+        store: Arc<dyn MetadataStore>,
+        clock: Arc<dyn Clock>,
+        config: KeystoreConfig,
+    ) -> Result<Self> {
+        let keystore = Self {
+            token,
+            store,
+            clock,
+            config,
+            view: RwLock::new(View::default()),
+            counters: Mutex::new(HashMap::new()),
+            missing: RwLock::new(HashSet::new()),
+            admin: Mutex::new(()),
+        };
+        keystore.reload()?;
+        keystore.reconcile()?;
+        Ok(keystore)
+    }
+
+    /// The token below (health checks, benchmarks).
+    pub fn token(&self) -> &Arc<dyn Token> {
+        &self.token
+    }
+
+    fn reload(&self) -> Result<()> {
+        let keys = self.store.all_keys()?;
+        let aliases = self.store.all_aliases()?;
+        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        view.keys = keys
+            .into_iter()
+            .map(|k| (k.id.clone(), Arc::new(k)))
+            .collect();
+        view.aliases = aliases.into_iter().collect();
+        Ok(())
+    }
+
+    /// Compares the metadata with the token's objects. A version without its object makes
+    /// operations on that version fail with UNAVAILABLE (logged); orphans are reported.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let in_token: HashSet<ObjectId> = self.token.list_keys()?.into_iter().collect();
+        let mut expected = HashSet::new();
+        let mut report = ReconcileReport::default();
+        for key in self.read_view().keys.values() {
+            for v in &key.versions {
+                let object = ObjectId::new(key.id.clone(), v.version);
+                if !in_token.contains(&object) {
+                    tracing::error!(key_id = %key.id, version = v.version,
+                        "key version has no object in the token: this version is unavailable");
+                    report.missing.push(object.clone());
+                }
+                expected.insert(object);
+            }
+        }
+        for object in in_token.difference(&expected) {
+            tracing::warn!(object = %object, "orphan key object in the token (no metadata refers to it)");
+            report.orphans.push(object.clone());
+        }
+        report.missing.sort();
+        report.orphans.sort();
+        *self.missing.write().unwrap_or_else(|e| e.into_inner()) =
+            report.missing.iter().cloned().collect();
+        Ok(report)
+    }
+
+    /// True when the version's token object was found missing at reconciliation.
+    pub fn is_missing(&self, key_id: &KeyId, version: u32) -> bool {
+        self.missing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ObjectId::new(key_id.clone(), version))
+    }
+
+    fn read_view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-reads one key from the store into the view.
+    fn refresh(&self, id: &KeyId) -> Result<Option<Arc<KeyRecord>>> {
+        let record = self.store.key(id)?.map(Arc::new);
+        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        match &record {
+            Some(r) => view.keys.insert(id.clone(), r.clone()),
+            None => view.keys.remove(id),
+        };
+        Ok(record)
+    }
+
+    fn refresh_aliases(&self) -> Result<()> {
+        let aliases = self.store.all_aliases()?;
+        self.view.write().unwrap_or_else(|e| e.into_inner()).aliases =
+            aliases.into_iter().collect();
+        Ok(())
+    }
+
+    /// The key a reference names.
+    pub fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let view = self.read_view();
+        let id = match key {
+            KeyRef::Id(id) => id,
+            KeyRef::Alias(alias) => view
+                .aliases
+                .get(alias)
+                .ok_or_else(|| Error::NotFound(format!("alias {alias} not found")))?,
+        };
+        view.keys
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("key {id} not found")))
+    }
+
+    // ---- control plane -------------------------------------------------------------------
+
+    /// Creates a key with one version, and optionally an alias for it.
+    pub fn create_key(
+        &self,
+        description: &str,
+        alias: Option<&AliasName>,
+    ) -> Result<Arc<KeyRecord>> {
+        if description.len() > MAX_DESCRIPTION_LEN {
+            return Err(Error::invalid(format!(
+                "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+            )));
+        }
+        let _admin = lock(&self.admin);
+        if let Some(alias) = alias {
+            if self.read_view().aliases.contains_key(alias) {
+                return Err(Error::AlreadyExists(format!(
+                    "alias {alias} already exists"
+                )));
+            }
+        }
+        let now = self.clock.now();
+        let id = KeyId::generate();
+        // Token object first: a crash before the metadata commit leaves an orphan object
+        // (reported at start-up), never metadata without key material.
+        let object = ObjectId::new(id.clone(), 1);
+        self.token.generate_key(&object)?;
+        let record = KeyRecord {
+            id: id.clone(),
+            description: description.to_owned(),
+            state: KeyState::Enabled,
+            created_at: now,
+            deletion_date: None,
+            versions: vec![VersionRecord {
+                version: 1,
+                created_at: now,
+                wraps_reserved: 0,
+            }],
+            aliases: alias.into_iter().cloned().collect(),
+        };
+        if let Err(err) = self.store.create_key(&record, alias) {
+            if let Err(cleanup) = self.token.destroy_key(&object) {
+                tracing::warn!(object = %object, error = %cleanup, "could not destroy the object of a key that failed to commit");
+            }
+            return Err(err);
+        }
+        if alias.is_some() {
+            self.refresh_aliases()?;
+        }
+        tracing::info!(key_id = %id, "key created");
+        self.refresh(&id)?
+            .ok_or_else(|| Error::Internal("key vanished after create".into()))
+    }
+
+    /// Keys in creation order, one page at a time.
+    pub fn list_keys(
+        &self,
+        page_size_requested: u32,
+        page_token: &str,
+    ) -> Result<Page<Arc<KeyRecord>>> {
+        let limit = page_size(page_size_requested)?;
+        let after = decode_page_token("k:", page_token)?;
+        let mut rows = self.store.list_keys(&after, limit + 1)?;
+        let next_page_token = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last()
+                .map(|(cursor, _)| encode_page_token("k:", cursor))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            items: rows.into_iter().map(|(_, k)| Arc::new(k)).collect(),
+            next_page_token,
+        })
+    }
+
+    /// Adds a version; new wraps use it.
+    pub fn rotate_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        usable(&key)?;
+        self.add_version(&key)
+    }
+
+    /// Adds a version to `key`. Caller holds the admin lock.
+    fn add_version(&self, key: &KeyRecord) -> Result<Arc<KeyRecord>> {
+        let version = key.current_version().checked_add(1).ok_or_else(|| {
+            Error::FailedPrecondition(format!("key {} has too many versions", key.id))
+        })?;
+        self.token
+            .generate_key(&ObjectId::new(key.id.clone(), version))?;
+        self.store.add_version(
+            &key.id,
+            &VersionRecord {
+                version,
+                created_at: self.clock.now(),
+                wraps_reserved: 0,
+            },
+        )?;
+        tracing::info!(key_id = %key.id, version, "key rotated");
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished after rotate".into()))
+    }
+
+    /// Enables a disabled key.
+    pub fn enable_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.set_state(key, KeyState::Enabled)
+    }
+
+    /// Disables a key: no data-plane operation until enabled again.
+    pub fn disable_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.set_state(key, KeyState::Disabled)
+    }
+
+    fn set_state(&self, key: &KeyRef, state: KeyState) -> Result<Arc<KeyRecord>> {
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        if key.state == KeyState::PendingDeletion {
+            return Err(Error::FailedPrecondition(format!(
+                "key {} is pending deletion; cancel the deletion first",
+                key.id
+            )));
+        }
+        self.store.set_state(&key.id, state, None)?;
+        tracing::info!(key_id = %key.id, state = state.as_str(), "key state changed");
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished after state change".into()))
+    }
+
+    /// Schedules the destruction of every version after `days` (7..=30; 0 means 30).
+    pub fn schedule_deletion(&self, key: &KeyRef, days: u32) -> Result<Arc<KeyRecord>> {
+        let days = if days == 0 { 30 } else { days };
+        if !(7..=30).contains(&days) {
+            return Err(Error::invalid(
+                "pending_window_days must be between 7 and 30",
+            ));
+        }
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        if key.state == KeyState::PendingDeletion {
+            return Err(Error::FailedPrecondition(format!(
+                "key {} is already pending deletion",
+                key.id
+            )));
+        }
+        let when = self.clock.now() + Duration::from_secs(u64::from(days) * 86_400);
+        self.store
+            .set_state(&key.id, KeyState::PendingDeletion, Some(when))?;
+        tracing::warn!(key_id = %key.id, days, "key deletion scheduled");
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished after scheduling deletion".into()))
+    }
+
+    /// Cancels a scheduled deletion; the key comes back disabled, as in AWS KMS.
+    pub fn cancel_deletion(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        if key.state != KeyState::PendingDeletion {
+            return Err(Error::FailedPrecondition(format!(
+                "key {} is not pending deletion",
+                key.id
+            )));
+        }
+        self.store.set_state(&key.id, KeyState::Disabled, None)?;
+        tracing::info!(key_id = %key.id, "key deletion cancelled; the key is disabled");
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished after cancelling deletion".into()))
+    }
+
+    /// Destroys the keys whose deletion date has passed: token objects first, then the
+    /// metadata. Safe to repeat after a crash (destroying a missing object is no error).
+    pub fn purge_due(&self) -> Result<Vec<KeyId>> {
+        let now = self.clock.now();
+        let mut purged = Vec::new();
+        for id in self.store.keys_due_for_deletion(now)? {
+            let _admin = lock(&self.admin);
+            let Some(key) = self.store.key(&id)? else {
+                continue;
+            };
+            if key.state != KeyState::PendingDeletion || key.deletion_date.is_none_or(|d| d > now) {
+                continue; // cancelled meanwhile
+            }
+            for v in &key.versions {
+                self.token
+                    .destroy_key(&ObjectId::new(id.clone(), v.version))?;
+            }
+            self.store.delete_key(&id, now)?;
+            self.refresh(&id)?;
+            self.refresh_aliases()?;
+            lock(&self.counters).retain(|object, _| object.key_id != id);
+            tracing::warn!(key_id = %id, versions = key.versions.len(), "key destroyed");
+            purged.push(id);
+        }
+        Ok(purged)
+    }
+
+    /// Creates an alias for a key.
+    pub fn create_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        self.store.create_alias(alias, &key.id)?;
+        self.refresh_aliases()?;
+        self.refresh(&key.id)?;
+        Ok((alias.clone(), key.id.clone()))
+    }
+
+    /// Points an existing alias at another key.
+    pub fn update_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
+        let _admin = lock(&self.admin);
+        let key = self.resolve(key)?;
+        let old = self.read_view().aliases.get(alias).cloned();
+        self.store.update_alias(alias, &key.id)?;
+        self.refresh_aliases()?;
+        if let Some(old) = old {
+            self.refresh(&old)?;
+        }
+        self.refresh(&key.id)?;
+        Ok((alias.clone(), key.id.clone()))
+    }
+
+    /// Deletes an alias, returning the key it pointed at.
+    pub fn delete_alias(&self, alias: &AliasName) -> Result<(AliasName, KeyId)> {
+        let _admin = lock(&self.admin);
+        let key = self
+            .store
+            .delete_alias(alias)?
+            .ok_or_else(|| Error::NotFound(format!("alias {alias} not found")))?;
+        self.refresh_aliases()?;
+        self.refresh(&key)?;
+        Ok((alias.clone(), key))
+    }
+
+    /// Aliases sorted by name, optionally only those of one key.
+    pub fn list_aliases(
+        &self,
+        key: Option<&KeyRef>,
+        page_size_requested: u32,
+        page_token: &str,
+    ) -> Result<Page<(AliasName, KeyId)>> {
+        let limit = page_size(page_size_requested)?;
+        let after = decode_page_token("a:", page_token)?;
+        let key = key.map(|k| self.resolve(k)).transpose()?;
+        let mut rows = self
+            .store
+            .list_aliases(key.as_ref().map(|k| &k.id), &after, limit + 1)?;
+        let next_page_token = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last()
+                .map(|(alias, _)| encode_page_token("a:", &Cursor(alias.as_str().to_owned())))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            items: rows,
+            next_page_token,
+        })
+    }
+
+    // ---- data plane ----------------------------------------------------------------------
+
+    /// Generates a data key of `len` bytes (0 means 32) in the token and wraps it.
+    pub fn generate_data_key(
+        &self,
+        key: &KeyRef,
+        len: u32,
+        context: &EncryptionContext,
+    ) -> Result<GeneratedKey> {
+        let len = match len {
+            0 => DEFAULT_DATA_KEY_LEN,
+            n if n <= MAX_DATA_KEY_LEN => n,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "number_of_bytes must be between 1 and {MAX_DATA_KEY_LEN}"
+                )));
+            }
+        };
+        let (key, version) = self.wrapping_version(key)?;
+        let aad = Blob::aad(&key.id, version, &context.serialize());
+        let (plaintext, sealed) = self.token.generate_and_encrypt(
+            &ObjectId::new(key.id.clone(), version),
+            len as usize,
+            &aad,
+        )?;
+        let blob = Blob {
+            key_id: key.id.clone(),
+            key_version: version,
+            iv: sealed.iv,
+            ciphertext: sealed.ciphertext,
+        };
+        Ok(GeneratedKey {
+            plaintext,
+            wrapped: Wrapped {
+                blob: blob.encode(),
+                key_id: key.id.clone(),
+                key_version: version,
+            },
+        })
+    }
+
+    /// Wraps caller-supplied plaintext (1..=4096 bytes).
+    pub fn wrap(
+        &self,
+        key: &KeyRef,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(Error::invalid(format!(
+                "plaintext must be 1 to {MAX_PLAINTEXT_LEN} bytes"
+            )));
+        }
+        let (key, version) = self.wrapping_version(key)?;
+        self.seal(&key.id, version, plaintext, context)
+    }
+
+    fn seal(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        let aad = Blob::aad(key_id, version, &context.serialize());
+        let sealed =
+            self.token
+                .encrypt(&ObjectId::new(key_id.clone(), version), plaintext, &aad)?;
+        let blob = Blob {
+            key_id: key_id.clone(),
+            key_version: version,
+            iv: sealed.iv,
+            ciphertext: sealed.ciphertext,
+        };
+        Ok(Wrapped {
+            blob: blob.encode(),
+            key_id: key_id.clone(),
+            key_version: version,
+        })
+    }
+
+    /// Resolves a key for a new wrap, counts the wrap against its newest version and rotates
+    /// the key first when that version has reached its wrap limit.
+    fn wrapping_version(&self, key: &KeyRef) -> Result<(Arc<KeyRecord>, u32)> {
+        for _ in 0..3 {
+            let record = self.resolve(key)?;
+            usable(&record)?;
+            let version = record.current_version();
+            if self.count_wrap(&record, version)? {
+                return Ok((record, version));
+            }
+            let _admin = lock(&self.admin);
+            // Another caller may have rotated while we waited for the lock.
+            let current = self.resolve(&KeyRef::Id(record.id.clone()))?;
+            if current.current_version() == version {
+                tracing::info!(key_id = %record.id, version, "wrap limit reached: rotating automatically");
+                self.add_version(&current)?;
+            }
+        }
+        Err(Error::Unavailable("the key is being rotated; retry".into()))
+    }
+
+    /// Counts one wrap with `version`; false when the version has reached its limit.
+    fn count_wrap(&self, key: &KeyRecord, version: u32) -> Result<bool> {
+        let object = ObjectId::new(key.id.clone(), version);
+        let mut counters = lock(&self.counters);
+        let counter = counters.entry(object).or_insert_with(|| {
+            // After a restart, count from the persisted reservation: it may over-count the
+            // wraps done before, never under-count them.
+            let reserved = key
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .map_or(0, |v| v.wraps_reserved);
+            WrapCounter {
+                used: reserved,
+                reserved,
+            }
+        });
+        if counter.used >= self.config.max_wraps_per_version {
+            return Ok(false);
+        }
+        if counter.used >= counter.reserved {
+            let reserved = counter.reserved + WRAP_RESERVATION_BLOCK;
+            self.store.reserve_wraps(&key.id, version, reserved)?;
+            counter.reserved = reserved;
+        }
+        counter.used += 1;
+        Ok(true)
+    }
+
+    /// Wraps used so far with a version in this process's view (for DescribeKey).
+    pub fn wrap_count(&self, key: &KeyRecord, version: &VersionRecord) -> u64 {
+        lock(&self.counters)
+            .get(&ObjectId::new(key.id.clone(), version.version))
+            .map_or(version.wraps_reserved, |c| c.used)
+    }
+
+    /// Unwraps a blob. Every failure to authenticate is [`Error::InvalidCiphertext`]; `expected`
+    /// (if given) must name the key the blob is wrapped under.
+    pub fn unwrap(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+        expected: Option<&KeyRef>,
+    ) -> Result<Unwrapped> {
+        let blob = Blob::parse(blob)?;
+        if let Some(expected) = expected {
+            if self.resolve(expected)?.id != blob.key_id {
+                return Err(Error::InvalidCiphertext);
+            }
+        }
+        // A blob naming an unknown (or destroyed) key, or a version the key never had, is
+        // an invalid ciphertext like any other tampering.
+        let key = self
+            .read_view()
+            .keys
+            .get(&blob.key_id)
+            .cloned()
+            .ok_or(Error::InvalidCiphertext)?;
+        usable(&key)?;
+        if !key.versions.iter().any(|v| v.version == blob.key_version) {
+            return Err(Error::InvalidCiphertext);
+        }
+        let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
+        let plaintext = self.token.decrypt(
+            &ObjectId::new(blob.key_id.clone(), blob.key_version),
+            &blob.iv,
+            &blob.ciphertext,
+            &aad,
+        )?;
+        Ok(Unwrapped {
+            plaintext,
+            key_id: blob.key_id,
+            key_version: blob.key_version,
+        })
+    }
+
+    /// Unwraps and wraps again under the newest version of `destination` (or of the source
+    /// key when `None`). The plaintext stays in this function and is zeroized.
+    pub fn rewrap(
+        &self,
+        blob: &[u8],
+        source_context: &EncryptionContext,
+        destination: Option<&KeyRef>,
+        destination_context: &EncryptionContext,
+    ) -> Result<Rewrapped> {
+        let source = self.unwrap(blob, source_context, None)?;
+        let destination = match destination {
+            Some(key) => key.clone(),
+            None => KeyRef::Id(source.key_id.clone()),
+        };
+        let (key, version) = self.wrapping_version(&destination)?;
+        let wrapped = self.seal(&key.id, version, &source.plaintext, destination_context)?;
+        Ok(Rewrapped {
+            wrapped,
+            source_key_id: source.key_id.clone(),
+            source_key_version: source.key_version,
+        })
+    }
+}

@@ -1,0 +1,531 @@
+//! [`MetadataStore`] on an embedded SQLite file (WAL, `synchronous=FULL`, foreign keys on).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+use crate::error::{Error, Result};
+use crate::ids::{AliasName, KeyId};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    description   TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    deletion_date INTEGER
+);
+CREATE TABLE IF NOT EXISTS key_versions (
+    key_id         TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    version        INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    wraps_reserved INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name   TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
+CREATE TABLE IF NOT EXISTS deleted_keys (
+    id         TEXT PRIMARY KEY,
+    deleted_at INTEGER NOT NULL
+);
+";
+
+/// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
+/// the data-plane hot path reads the key store's in-memory view instead.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db_error(err: rusqlite::Error) -> Error {
+    Error::Store(err.to_string())
+}
+
+fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Store(format!("corrupt metadata: {what} {value:?}"))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies the schema.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot open metadata store {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store (unit tests).
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory().map_err(db_error)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(db_error)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(db_error)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(db_error)?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Config(format!(
+                "metadata store schema {version} is newer than this wrapd ({SCHEMA_VERSION})"
+            )));
+        }
+        conn.execute_batch(SCHEMA).map_err(db_error)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(db_error)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // rusqlite rolls back an unfinished transaction on drop, so a panic elsewhere while
+        // holding the lock leaves the connection usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>> {
+        let row = conn
+            .query_row(
+                "SELECT description, state, created_at, deletion_date FROM keys WHERE id = ?1",
+                [id],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, Option<i64>>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db_error)?;
+        let Some((description, state, created_at, deletion_date)) = row else {
+            return Ok(None);
+        };
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT version, created_at, wraps_reserved FROM key_versions
+                 WHERE key_id = ?1 ORDER BY version",
+            )
+            .map_err(db_error)?;
+        let versions = stmt
+            .query_map([id], |row| {
+                Ok(VersionRecord {
+                    version: row.get(0)?,
+                    created_at: from_millis(row.get(1)?),
+                    wraps_reserved: row.get::<_, i64>(2)?.max(0) as u64,
+                })
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        let mut stmt = conn
+            .prepare_cached("SELECT name FROM aliases WHERE key_id = ?1 ORDER BY name")
+            .map_err(db_error)?;
+        let aliases = stmt
+            .query_map([id], |row| row.get::<_, String>(0))
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?
+            .iter()
+            .map(|name| AliasName::parse(name).map_err(|_| corrupt("alias", name)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(KeyRecord {
+            id: KeyId::parse(id).map_err(|_| corrupt("key id", id))?,
+            description,
+            state: KeyState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+            created_at: from_millis(created_at),
+            deletion_date: deletion_date.map(from_millis),
+            versions,
+            aliases,
+        }))
+    }
+
+    fn key_exists(tx: &Transaction<'_>, id: &KeyId) -> Result<()> {
+        let found: Option<i64> = tx
+            .query_row("SELECT 1 FROM keys WHERE id = ?1", [id.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_error)?;
+        found
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("key {id} not found")))
+    }
+
+    fn insert_alias(tx: &Transaction<'_>, alias: &AliasName, key: &KeyId) -> Result<()> {
+        let inserted = tx
+            .execute(
+                "INSERT INTO aliases (name, key_id) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+                params![alias.as_str(), key.as_str()],
+            )
+            .map_err(db_error)?;
+        if inserted == 0 {
+            return Err(Error::AlreadyExists(format!(
+                "alias {alias} already exists"
+            )));
+        }
+        Ok(())
+    }
+
+    fn aliases_from_rows(rows: Vec<(String, String)>) -> Result<Vec<(AliasName, KeyId)>> {
+        rows.into_iter()
+            .map(|(name, key)| {
+                Ok((
+                    AliasName::parse(&name).map_err(|_| corrupt("alias", &name))?,
+                    KeyId::parse(&key).map_err(|_| corrupt("key id", &key))?,
+                ))
+            })
+            .collect()
+    }
+}
+
+impl MetadataStore for SqliteStore {
+    fn create_key(&self, key: &KeyRecord, alias: Option<&AliasName>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO keys (id, description, state, created_at, deletion_date)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                key.id.as_str(),
+                key.description,
+                key.state.as_str(),
+                to_millis(key.created_at),
+                key.deletion_date.map(to_millis)
+            ],
+        )
+        .map_err(db_error)?;
+        for v in &key.versions {
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    key.id.as_str(),
+                    v.version,
+                    to_millis(v.created_at),
+                    v.wraps_reserved as i64
+                ],
+            )
+            .map_err(db_error)?;
+        }
+        if let Some(alias) = alias {
+            Self::insert_alias(&tx, alias, &key.id)?;
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
+        Self::load_key(&self.conn(), id.as_str())
+    }
+
+    fn all_keys(&self) -> Result<Vec<KeyRecord>> {
+        let conn = self.conn();
+        let ids = conn
+            .prepare("SELECT id FROM keys ORDER BY seq")
+            .map_err(db_error)?
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        ids.iter()
+            .filter_map(|id| Self::load_key(&conn, id).transpose())
+            .collect()
+    }
+
+    fn list_keys(&self, after: &Cursor, limit: usize) -> Result<Vec<(Cursor, KeyRecord)>> {
+        let after: i64 = if after.0.is_empty() {
+            0
+        } else {
+            after
+                .0
+                .parse()
+                .map_err(|_| Error::invalid("malformed page_token"))?
+        };
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached("SELECT seq, id FROM keys WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(db_error)?
+            .query_map(params![after, limit as i64], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, id) in rows {
+            if let Some(key) = Self::load_key(&conn, &id)? {
+                out.push((Cursor(seq.to_string()), key));
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_version(&self, id: &KeyId, version: &VersionRecord) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, id)?;
+        tx.execute(
+            "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                id.as_str(),
+                version.version,
+                to_millis(version.created_at),
+                version.wraps_reserved as i64
+            ],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    }
+
+    fn set_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        deletion_date: Option<SystemTime>,
+    ) -> Result<()> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE keys SET state = ?2, deletion_date = ?3 WHERE id = ?1",
+                params![id.as_str(), state.as_str(), deletion_date.map(to_millis)],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::NotFound(format!("key {id} not found")));
+        }
+        Ok(())
+    }
+
+    fn reserve_wraps(&self, id: &KeyId, version: u32, reserved: u64) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE key_versions SET wraps_reserved = MAX(wraps_reserved, ?3)
+                 WHERE key_id = ?1 AND version = ?2",
+                params![id.as_str(), version, reserved as i64],
+            )
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn delete_key(&self, id: &KeyId, deleted_at: SystemTime) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        tx.execute("DELETE FROM keys WHERE id = ?1", [id.as_str()])
+            .map_err(db_error)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO deleted_keys (id, deleted_at) VALUES (?1, ?2)",
+            params![id.as_str(), to_millis(deleted_at)],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    }
+
+    fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>> {
+        let conn = self.conn();
+        let ids = conn
+            .prepare_cached(
+                "SELECT id FROM keys WHERE state = 'PENDING_DELETION' AND deletion_date <= ?1",
+            )
+            .map_err(db_error)?
+            .query_map([to_millis(now)], |row| row.get::<_, String>(0))
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        ids.iter()
+            .map(|id| KeyId::parse(id).map_err(|_| corrupt("key id", id)))
+            .collect()
+    }
+
+    fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare("SELECT name, key_id FROM aliases ORDER BY name")
+            .map_err(db_error)?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Self::aliases_from_rows(rows)
+    }
+
+    fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, key)?;
+        Self::insert_alias(&tx, alias, key)?;
+        tx.commit().map_err(db_error)
+    }
+
+    fn update_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, key)?;
+        let changed = tx
+            .execute(
+                "UPDATE aliases SET key_id = ?2 WHERE name = ?1",
+                params![alias.as_str(), key.as_str()],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::NotFound(format!("alias {alias} not found")));
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    fn delete_alias(&self, alias: &AliasName) -> Result<Option<KeyId>> {
+        let conn = self.conn();
+        let key: Option<String> = conn
+            .query_row(
+                "DELETE FROM aliases WHERE name = ?1 RETURNING key_id",
+                [alias.as_str()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(db_error)?;
+        key.map(|k| KeyId::parse(&k).map_err(|_| corrupt("key id", &k)))
+            .transpose()
+    }
+
+    fn list_aliases(
+        &self,
+        key: Option<&KeyId>,
+        after: &Cursor,
+        limit: usize,
+    ) -> Result<Vec<(AliasName, KeyId)>> {
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(
+                "SELECT name, key_id FROM aliases
+                 WHERE name > ?1 AND (?2 IS NULL OR key_id = ?2)
+                 ORDER BY name LIMIT ?3",
+            )
+            .map_err(db_error)?
+            .query_map(
+                params![after.0, key.map(KeyId::as_str), limit as i64],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Self::aliases_from_rows(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(state: KeyState) -> KeyRecord {
+        let now = from_millis(to_millis(SystemTime::now()));
+        KeyRecord {
+            id: KeyId::generate(),
+            description: "test".into(),
+            state,
+            created_at: now,
+            deletion_date: None,
+            versions: vec![VersionRecord {
+                version: 1,
+                created_at: now,
+                wraps_reserved: 0,
+            }],
+            aliases: vec![],
+        }
+    }
+
+    #[test]
+    fn keys_aliases_and_pages() {
+        let store = SqliteStore::in_memory().unwrap();
+        let a = record(KeyState::Enabled);
+        let b = record(KeyState::Enabled);
+        let alias = AliasName::parse("alias/a").unwrap();
+        store.create_key(&a, Some(&alias)).unwrap();
+        assert!(matches!(
+            store.create_key(&b, Some(&alias)),
+            Err(Error::AlreadyExists(_))
+        ));
+        // The failed transaction left nothing behind.
+        assert!(store.key(&b.id).unwrap().is_none());
+        store.create_key(&b, None).unwrap();
+
+        let loaded = store.key(&a.id).unwrap().unwrap();
+        assert_eq!(loaded.aliases, vec![alias.clone()]);
+        assert_eq!(loaded.current_version(), 1);
+
+        let page = store.list_keys(&Cursor::default(), 1).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].1.id, a.id);
+        let next = store.list_keys(&page[0].0, 10).unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].1.id, b.id);
+
+        store.update_alias(&alias, &b.id).unwrap();
+        assert_eq!(store.delete_alias(&alias).unwrap(), Some(b.id.clone()));
+        assert_eq!(store.delete_alias(&alias).unwrap(), None);
+    }
+
+    #[test]
+    fn deletion_due_and_cascade() {
+        let store = SqliteStore::in_memory().unwrap();
+        let key = record(KeyState::Enabled);
+        store
+            .create_key(&key, Some(&AliasName::parse("alias/x").unwrap()))
+            .unwrap();
+        let when = SystemTime::now() + Duration::from_secs(3600);
+        store
+            .set_state(&key.id, KeyState::PendingDeletion, Some(when))
+            .unwrap();
+        assert!(
+            store
+                .keys_due_for_deletion(SystemTime::now())
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.keys_due_for_deletion(when).unwrap(),
+            vec![key.id.clone()]
+        );
+        store.delete_key(&key.id, when).unwrap();
+        assert!(store.key(&key.id).unwrap().is_none());
+        assert!(store.all_aliases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn wrap_reservations_only_grow() {
+        let store = SqliteStore::in_memory().unwrap();
+        let key = record(KeyState::Enabled);
+        store.create_key(&key, None).unwrap();
+        store.reserve_wraps(&key.id, 1, 4096).unwrap();
+        store.reserve_wraps(&key.id, 1, 10).unwrap();
+        assert_eq!(
+            store.key(&key.id).unwrap().unwrap().versions[0].wraps_reserved,
+            4096
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! wrapd: an HSM-rooted key daemon for envelope encryption.
+//!
+//! Master keys are generated inside a PKCS#11 token and never leave it; wrapd generates,
+//! wraps, unwraps and re-wraps data keys for callers over gRPC. See `README.md` for running
+//! it and `../shared/DESIGN.md` for the contract.
+//!
+//! # Layout
+//!
+//! Requests flow one way, and a module only uses the ones below it:
+//!
+//! ```text
+//! server (listeners, health, shutdown)  ->  service (gRPC handlers, validation)
+//!   ->  keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
+//! ```
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`server`] | the daemon: opening the token and store, unix listener, health, reflection, background tasks, graceful shutdown, logging |
+//! | [`service`] | `wrapd.v1.DataKeyService` and `wrapd.v1.KeyService` |
+//! | [`keystore`] | key lifecycle and data-key operations; the [`keystore::MetadataStore`] boundary and its SQLite implementation |
+//! | [`hsm`] | the only PKCS#11 code: the [`hsm::Token`] trait, its cryptoki implementation, the session pool, dev token provisioning |
+//! | [`blob`] | the ciphertext blob format |
+//! | [`context`] | encryption context validation and canonical serialization |
+//! | [`ids`] | key ids, aliases, key references |
+//! | [`config`] | the daemon's TOML configuration |
+//! | [`dev`] | `wrapd dev`: the self-contained development setup |
+//! | [`bench`] | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
+//! | [`client`] | the thin client: connecting to a daemon (no server dependencies) |
+//! | [`error`] | the crate's error type and its mapping to gRPC codes |
+//! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
+//!
+//! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl.rs` (CLI).
+
+pub mod blob;
+pub mod context;
+pub mod error;
+pub mod ids;
+
+#[cfg(feature = "server")]
+pub mod bench;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod dev;
+#[cfg(feature = "server")]
+pub mod hsm;
+#[cfg(feature = "server")]
+pub mod keystore;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod service;
+
+pub use error::{Error, Result};
+
+/// Code generated from `proto/wrapd/v1/*.proto` (package `wrapd.v1`).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("wrapd.v1");
+
+    /// The encoded file descriptor set of `wrapd.v1`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/wrapd_descriptor.bin"));
+}
