@@ -1,0 +1,190 @@
+//! Test harness: real `wrapd` daemons on real SoftHSM tokens in temp dirs, reached over real
+//! unix sockets through the generated gRPC clients.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use wrapd::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use wrapd::proto::{CreateKeyRequest, KeyMetadata};
+
+/// A `wrapd dev` daemon as a child process, its log captured to a file.
+pub struct DevDaemon {
+    dir: TempDir,
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log_path: PathBuf,
+    starts: usize,
+    env: Vec<(String, String)>,
+}
+
+impl DevDaemon {
+    /// Starts a daemon on a fresh state dir.
+    pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Starts a daemon with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("wrapd-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mut daemon = Self {
+            socket: dir.path().join("wrapd.sock"),
+            log_path: dir.path().join("daemon-0.log"),
+            dir,
+            child: None,
+            starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        self.log_path = self.dir.path().join(format!("daemon-{}.log", self.starts));
+        self.starts += 1;
+        let log = File::create(&self.log_path).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapd"));
+        command
+            .args(["dev", "--state-dir"])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn wrapd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "wrapd did not print its ready line; log:\n{}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                )
+            });
+        assert_eq!(
+            line,
+            format!("wrapd ready socket={}", self.socket.display()),
+            "ready line"
+        );
+        self.child = Some(child);
+    }
+
+    /// A channel to the daemon's socket.
+    pub async fn channel(&self) -> Channel {
+        connect_unix(&self.socket).await.expect("connect")
+    }
+
+    pub async fn keys(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn data(&self) -> DataKeyServiceClient<Channel> {
+        DataKeyServiceClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "wrapd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops (SIGTERM) and starts again on the same state dir.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+        self.spawn();
+    }
+
+    /// Everything the daemon has logged so far (all runs).
+    pub fn log(&self) -> String {
+        (0..self.starts)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("daemon-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The daemon's generated config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("wrapd.toml")
+    }
+}
+
+impl Drop for DevDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An encryption context from pairs.
+pub fn ctx(entries: &[(&str, &str)]) -> HashMap<String, String> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Creates a key, optionally with an alias.
+pub async fn create_key(keys: &mut KeyServiceClient<Channel>, alias: &str) -> KeyMetadata {
+    keys.create_key(CreateKeyRequest {
+        description: "test key".into(),
+        alias: alias.into(),
+    })
+    .await
+    .expect("CreateKey")
+    .into_inner()
+}
+
+/// Asserts a gRPC result failed with `code`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+) -> tonic::Status {
+    match result {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "message: {}", status.message());
+            status
+        }
+    }
+}
