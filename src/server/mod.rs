@@ -28,6 +28,9 @@ use crate::proto::data_key_service_server::DataKeyServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::service::{DataKeyApi, KeyApi};
 
+/// How long a graceful shutdown waits for in-flight calls.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the health task checks the token.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -144,9 +147,27 @@ impl Daemon {
         });
         tracing::info!(socket = %unix.path.display(), "serving");
 
-        let served = router
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-            .await;
+        // Stop accepting on the signal, then give in-flight calls DRAIN_TIMEOUT to finish:
+        // a client that never reads its GOAWAY must not keep the daemon up forever.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+        tokio::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => served,
+            () = shutdown => {
+                tracing::info!("draining in-flight calls");
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!(seconds = DRAIN_TIMEOUT.as_secs(), "connections still open after the drain timeout; closing them");
+                        Ok(())
+                    }
+                }
+            }
+        };
         for task in background {
             task.abort();
         }
