@@ -526,3 +526,64 @@ async fn concurrent_callers_beyond_the_session_cap_all_succeed() {
         .into_inner();
     assert_eq!(described.versions[0].wrap_count, 640);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_under_load_cause_no_errors() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = create_key(&mut keys, "alias/busy").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let mut data = daemon.data().await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let generated = data
+                    .generate_data_key(GenerateDataKeyRequest {
+                        key_id: "alias/busy".into(),
+                        encryption_context: ctx(&[("i", &i.to_string())]),
+                        number_of_bytes: 32,
+                    })
+                    .await
+                    .expect("GenerateDataKey during rotation")
+                    .into_inner();
+                let unwrapped = data
+                    .unwrap(unwrap_req(
+                        &generated.ciphertext_blob,
+                        &[("i", &i.to_string())],
+                    ))
+                    .await
+                    .expect("Unwrap during rotation")
+                    .into_inner();
+                assert_eq!(unwrapped.plaintext, generated.plaintext);
+                done += 1;
+            }
+            done
+        }));
+    }
+    for _ in 0..20 {
+        keys.rotate_key(KeyRef {
+            key_id: "alias/busy".into(),
+        })
+        .await
+        .unwrap();
+        let _ = keys
+            .create_key(wrapd::proto::CreateKeyRequest::default())
+            .await
+            .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert!(total > 0);
+    let described = keys
+        .describe_key(KeyRef { key_id: key.key_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.current_version, 21);
+}

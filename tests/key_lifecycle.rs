@@ -38,12 +38,30 @@ async fn lifecycle_states_and_deletion_windows() {
     assert!(created.deletion_date.is_none());
 
     // Describe by id and by alias give the same key.
-    let by_alias = keys.describe_key(key_ref("alias/payments")).await.unwrap().into_inner();
-    assert_eq!(by_alias, keys.describe_key(key_ref(&created.key_id)).await.unwrap().into_inner());
+    let by_alias = keys
+        .describe_key(key_ref("alias/payments"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        by_alias,
+        keys.describe_key(key_ref(&created.key_id))
+            .await
+            .unwrap()
+            .into_inner()
+    );
 
-    let disabled = keys.disable_key(key_ref("alias/payments")).await.unwrap().into_inner();
+    let disabled = keys
+        .disable_key(key_ref("alias/payments"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(disabled.state(), KeyState::Disabled);
-    let enabled = keys.enable_key(key_ref(&created.key_id)).await.unwrap().into_inner();
+    let enabled = keys
+        .enable_key(key_ref(&created.key_id))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(enabled.state(), KeyState::Enabled);
 
     for days in [1, 6, 31, 365] {
@@ -77,13 +95,23 @@ async fn lifecycle_states_and_deletion_windows() {
         .await,
         Code::FailedPrecondition,
     );
-    assert_code(keys.disable_key(key_ref(&created.key_id)).await, Code::FailedPrecondition);
+    assert_code(
+        keys.disable_key(key_ref(&created.key_id)).await,
+        Code::FailedPrecondition,
+    );
 
     // Cancelling brings the key back disabled (as AWS KMS does).
-    let cancelled = keys.cancel_key_deletion(key_ref("alias/payments")).await.unwrap().into_inner();
+    let cancelled = keys
+        .cancel_key_deletion(key_ref("alias/payments"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelled.state(), KeyState::Disabled);
     assert!(cancelled.deletion_date.is_none());
-    assert_code(keys.cancel_key_deletion(key_ref(&created.key_id)).await, Code::FailedPrecondition);
+    assert_code(
+        keys.cancel_key_deletion(key_ref(&created.key_id)).await,
+        Code::FailedPrecondition,
+    );
 }
 
 #[tokio::test]
@@ -102,7 +130,10 @@ async fn aliases_and_pagination() {
     let mut pages = 0;
     loop {
         let page = keys
-            .list_keys(ListKeysRequest { page_size: 2, page_token: token })
+            .list_keys(ListKeysRequest {
+                page_size: 2,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -117,42 +148,91 @@ async fn aliases_and_pagination() {
     assert_eq!(pages, 3);
     assert_eq!(seen, ids);
     assert_code(
-        keys.list_keys(ListKeysRequest { page_size: 2, page_token: "garbage".into() }).await,
+        keys.list_keys(ListKeysRequest {
+            page_size: 2,
+            page_token: "garbage".into(),
+        })
+        .await,
         Code::InvalidArgument,
     );
     assert_code(
-        keys.list_keys(ListKeysRequest { page_size: 1001, page_token: String::new() }).await,
+        keys.list_keys(ListKeysRequest {
+            page_size: 1001,
+            page_token: String::new(),
+        })
+        .await,
         Code::InvalidArgument,
     );
 
     // Create, re-point and delete aliases; data calls follow the alias.
-    let alias = |name: &str, key: &str| AliasRequest { alias_name: name.into(), key_id: key.into() };
-    let made = keys.create_alias(alias("alias/svc", &ids[0])).await.unwrap().into_inner();
+    let alias = |name: &str, key: &str| AliasRequest {
+        alias_name: name.into(),
+        key_id: key.into(),
+    };
+    let made = keys
+        .create_alias(alias("alias/svc", &ids[0]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(made.key_id, ids[0]);
-    keys.create_alias(alias("alias/svc-2", "alias/svc")).await.unwrap();
+    keys.create_alias(alias("alias/svc-2", "alias/svc"))
+        .await
+        .unwrap();
     let generated = data
-        .generate_data_key(GenerateDataKeyRequest { key_id: "alias/svc".into(), ..Default::default() })
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: "alias/svc".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(generated.key_id, ids[0]);
-    let updated = keys.update_alias(alias("alias/svc", &ids[1])).await.unwrap().into_inner();
+    let updated = keys
+        .update_alias(alias("alias/svc", &ids[1]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(updated.key_id, ids[1]);
     let generated = data
-        .generate_data_key(GenerateDataKeyRequest { key_id: "alias/svc".into(), ..Default::default() })
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: "alias/svc".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(generated.key_id, ids[1]);
-    let described = keys.describe_key(key_ref(&ids[0])).await.unwrap().into_inner();
+    let described = keys
+        .describe_key(key_ref(&ids[0]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(described.aliases, vec!["alias/svc-2".to_owned()]);
-    let described = keys.describe_key(key_ref(&ids[1])).await.unwrap().into_inner();
+    let described = keys
+        .describe_key(key_ref(&ids[1]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(described.aliases, vec!["alias/svc".to_owned()]);
 
-    assert_code(keys.update_alias(alias("alias/missing", &ids[0])).await, Code::NotFound);
-    assert_code(keys.create_alias(alias("alias/x", "key/00000000000000000000000000000000")).await, Code::NotFound);
-    assert_code(keys.create_alias(alias("alias/aws/reserved", &ids[0])).await, Code::InvalidArgument);
-    assert_code(keys.create_alias(alias("not-an-alias", &ids[0])).await, Code::InvalidArgument);
+    assert_code(
+        keys.update_alias(alias("alias/missing", &ids[0])).await,
+        Code::NotFound,
+    );
+    assert_code(
+        keys.create_alias(alias("alias/x", "key/00000000000000000000000000000000"))
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        keys.create_alias(alias("alias/aws/reserved", &ids[0]))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        keys.create_alias(alias("not-an-alias", &ids[0])).await,
+        Code::InvalidArgument,
+    );
 
     let all = keys
         .list_aliases(ListAliasesRequest::default())
@@ -162,30 +242,50 @@ async fn aliases_and_pagination() {
     let names: Vec<_> = all.aliases.iter().map(|a| a.alias_name.as_str()).collect();
     assert_eq!(names, ["alias/svc", "alias/svc-2"]);
     let of_first = keys
-        .list_aliases(ListAliasesRequest { key_id: ids[0].clone(), ..Default::default() })
+        .list_aliases(ListAliasesRequest {
+            key_id: ids[0].clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(of_first.aliases.len(), 1);
     assert_eq!(of_first.aliases[0].alias_name, "alias/svc-2");
     let paged = keys
-        .list_aliases(ListAliasesRequest { page_size: 1, ..Default::default() })
+        .list_aliases(ListAliasesRequest {
+            page_size: 1,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(paged.aliases.len(), 1);
     let rest = keys
-        .list_aliases(ListAliasesRequest { page_size: 1, page_token: paged.next_page_token, ..Default::default() })
+        .list_aliases(ListAliasesRequest {
+            page_size: 1,
+            page_token: paged.next_page_token,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(rest.aliases[0].alias_name, "alias/svc-2");
     assert!(rest.next_page_token.is_empty());
 
-    let deleted = keys.delete_alias(alias("alias/svc", "")).await.unwrap().into_inner();
+    let deleted = keys
+        .delete_alias(alias("alias/svc", ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(deleted.key_id, ids[1]);
-    assert_code(keys.describe_key(key_ref("alias/svc")).await, Code::NotFound);
-    assert_code(keys.delete_alias(alias("alias/svc", "")).await, Code::NotFound);
+    assert_code(
+        keys.describe_key(key_ref("alias/svc")).await,
+        Code::NotFound,
+    );
+    assert_code(
+        keys.delete_alias(alias("alias/svc", "")).await,
+        Code::NotFound,
+    );
 }
 
 // Multi-threaded: the clients must keep being polled while the test blocks on the restart.
@@ -225,9 +325,12 @@ async fn restart_keeps_keys_aliases_states_and_blobs() {
         assert_eq!(generated.key_version, 2);
         blobs.push((generated.ciphertext_blob, generated.plaintext));
         keys.disable_key(key_ref(&b.key_id)).await.unwrap();
-        keys.schedule_key_deletion(ScheduleKeyDeletionRequest { key_id: c.key_id.clone(), pending_window_days: 10 })
-            .await
-            .unwrap();
+        keys.schedule_key_deletion(ScheduleKeyDeletionRequest {
+            key_id: c.key_id.clone(),
+            pending_window_days: 10,
+        })
+        .await
+        .unwrap();
     }
     let before: Vec<_> = {
         let mut keys = daemon.keys().await;
@@ -254,7 +357,14 @@ async fn restart_keeps_keys_aliases_states_and_blobs() {
         }
         assert_eq!(after, expected);
     }
-    assert_eq!(keys.describe_key(key_ref("alias/survivor")).await.unwrap().into_inner().key_id, a.key_id);
+    assert_eq!(
+        keys.describe_key(key_ref("alias/survivor"))
+            .await
+            .unwrap()
+            .into_inner()
+            .key_id,
+        a.key_id
+    );
     keys.enable_key(key_ref(&b.key_id)).await.unwrap();
     for (blob, plaintext) in &blobs {
         let unwrapped = data
@@ -269,28 +379,36 @@ async fn restart_keeps_keys_aliases_states_and_blobs() {
         assert_eq!(&unwrapped.plaintext, plaintext);
     }
     let log = daemon.log();
-    assert!(!log.contains("no object in the token"), "reconciliation found missing objects:\n{log}");
+    assert!(
+        !log.contains("no object in the token"),
+        "reconciliation found missing objects:\n{log}"
+    );
 }
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let daemon = DevDaemon::start();
     let mut health = HealthClient::new(daemon.channel().await);
     for service in ["", "wrapd.v1.DataKeyService", "wrapd.v1.KeyService"] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
 
     let mut reflection = ServerReflectionClient::new(daemon.channel().await);
@@ -308,7 +426,14 @@ async fn health_and_reflection_are_served() {
         panic!("unexpected reflection response");
     };
     let names: HashSet<_> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["wrapd.v1.DataKeyService", "wrapd.v1.KeyService", "grpc.health.v1.Health"] {
-        assert!(names.contains(expected), "{expected} missing from {names:?}");
+    for expected in [
+        "wrapd.v1.DataKeyService",
+        "wrapd.v1.KeyService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! looked up again once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -37,6 +37,11 @@ struct Inner {
     pool: Pool,
     /// Handles of key objects in the current context; cleared when the context is retired.
     handles: Mutex<HashMap<ObjectId, ObjectHandle>>,
+    /// Creating or destroying a token object takes this exclusively, every other call
+    /// shares it. SoftHSM's file store fails (`CKR_GENERAL_ERROR`, `CKR_FUNCTION_FAILED`,
+    /// garbled attributes) when objects change while other sessions use it; changes are rare
+    /// control-plane operations, so queueing them costs nothing on the hot path.
+    object_store: RwLock<()>,
 }
 
 /// Converts a cryptoki error: the one place that does. `device_fault` marks errors after
@@ -108,6 +113,7 @@ impl Pkcs11Token {
                 pool: Pool::new(config.max_sessions),
                 config,
                 handles: Mutex::new(HashMap::new()),
+                object_store: RwLock::new(()),
             }),
         };
         token.with_session(|_, _| Ok(())).map_err(|err| match err {
@@ -179,6 +185,23 @@ impl Pkcs11Token {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(err) => Err(p11_error(err)),
         }
+    }
+
+    /// Shared use of the object store (see `Inner::object_store`). Taken before a session
+    /// is checked out, never while holding one, so it cannot deadlock with the pool.
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.inner
+            .object_store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Exclusive use of the object store, to create or destroy objects.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.inner
+            .object_store
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on a pooled session and returns the session with the call's outcome.
@@ -331,6 +354,7 @@ impl Token for Pkcs11Token {
             Attribute::Id(object.cka_id()),
             Attribute::Label(format!("wrapd {object}").into_bytes()),
         ];
+        let _exclusive = self.exclusive();
         self.with_session(|session, _| {
             let handle = session
                 .generate_key(&Mechanism::AesKeyGen, &template)
@@ -345,6 +369,7 @@ impl Token for Pkcs11Token {
     }
 
     fn encrypt(&self, object: &ObjectId, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
+        let _shared = self.shared();
         self.with_session(|session, this| this.seal(session, object, plaintext, aad))
     }
 
@@ -354,6 +379,7 @@ impl Token for Pkcs11Token {
         len: usize,
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, Sealed)> {
+        let _shared = self.shared();
         self.with_session(|session, this| {
             let mut plaintext = Zeroizing::new(vec![0u8; len]);
             session
@@ -371,6 +397,7 @@ impl Token for Pkcs11Token {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
+        let _shared = self.shared();
         self.with_session(|session, this| {
             this.with_handle(session, object, |handle| {
                 let mut iv = iv.to_vec();
@@ -397,6 +424,7 @@ impl Token for Pkcs11Token {
     }
 
     fn destroy_key(&self, object: &ObjectId) -> Result<()> {
+        let _exclusive = self.exclusive();
         self.with_session(|session, _| {
             let template = [
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -411,15 +439,19 @@ impl Token for Pkcs11Token {
     }
 
     fn list_keys(&self) -> Result<Vec<ObjectId>> {
+        let _shared = self.shared();
         self.with_session(|session, _| {
             let handles = session
                 .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
                 .map_err(p11_error)?;
             let mut objects = Vec::new();
             for handle in handles {
-                let attributes = session
-                    .get_attributes(handle, &[AttributeType::Id])
-                    .map_err(p11_error)?;
+                let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
+                    Ok(attributes) => attributes,
+                    // Destroyed since C_FindObjects (by another session or process).
+                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                    Err(err) => return Err(p11_error(err)),
+                };
                 for attribute in attributes {
                     if let Attribute::Id(id) = attribute {
                         objects.extend(ObjectId::from_cka_id(&id));
@@ -432,6 +464,7 @@ impl Token for Pkcs11Token {
     }
 
     fn ping(&self) -> Result<()> {
+        let _shared = self.shared();
         self.with_session(|session, _| session.get_session_info().map(|_| ()).map_err(p11_error))
     }
 }

@@ -150,9 +150,10 @@ impl Daemon {
         // Stop accepting on the signal, then give in-flight calls DRAIN_TIMEOUT to finish:
         // a client that never reads its GOAWAY must not keep the daemon up forever.
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
+        let server =
+            router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            });
         tokio::pin!(server);
         let served = tokio::select! {
             served = &mut server => served,

@@ -1,0 +1,210 @@
+//! The key store in-process on a real SoftHSM token, with an injectable clock: scheduled
+//! deletion, reconciliation with the token, and the per-version wrap limit.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tempfile::TempDir;
+use wrapd::Error;
+use wrapd::config::Config;
+use wrapd::context::EncryptionContext;
+use wrapd::hsm::{ObjectId, Pkcs11Token, Token};
+use wrapd::ids::{AliasName, KeyId, KeyRef};
+use wrapd::keystore::{Keystore, KeystoreConfig, ManualClock, SqliteStore};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// One SoftHSM token per test process (PKCS#11 is initialized once per process).
+fn token() -> Arc<Pkcs11Token> {
+    static TOKEN: OnceLock<(TempDir, Arc<Pkcs11Token>)> = OnceLock::new();
+    TOKEN
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let setup = wrapd::dev::prepare(dir.path()).unwrap();
+            let config = Config::load(&setup.config).unwrap();
+            // SAFETY: set once, before this process first loads SoftHSM (which reads it in
+            // C_Initialize); Rust's own environment accesses are serialized by std.
+            unsafe { std::env::set_var("SOFTHSM2_CONF", config.softhsm2_conf.as_ref().unwrap()) };
+            wrapd::dev::provision(&setup, &config).unwrap();
+            let token = Pkcs11Token::open(config.hsm).unwrap();
+            (dir, Arc::new(token))
+        })
+        .1
+        .clone()
+}
+
+struct Fixture {
+    _dir: TempDir,
+    db: std::path::PathBuf,
+    clock: Arc<ManualClock>,
+    keystore: Keystore,
+}
+
+fn fixture(config: KeystoreConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let keystore = open(&db, clock.clone(), config);
+    Fixture {
+        _dir: dir,
+        db,
+        clock,
+        keystore,
+    }
+}
+
+fn open(db: &std::path::Path, clock: Arc<ManualClock>, config: KeystoreConfig) -> Keystore {
+    Keystore::open(
+        token(),
+        Arc::new(SqliteStore::open(db).unwrap()),
+        clock,
+        config,
+    )
+    .unwrap()
+}
+
+fn ctx() -> EncryptionContext {
+    EncryptionContext::from_entries([("app".to_owned(), "test".to_owned())]).unwrap()
+}
+
+fn objects_of(id: &KeyId) -> Vec<ObjectId> {
+    token()
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .filter(|o| &o.key_id == id)
+        .collect()
+}
+
+#[test]
+fn scheduled_deletion_destroys_the_key_material_when_due() {
+    let f = fixture(KeystoreConfig::default());
+    let alias = AliasName::parse("alias/doomed").unwrap();
+    let key = f.keystore.create_key("doomed", Some(&alias)).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    f.keystore.rotate_key(&id).unwrap();
+    let blob = f
+        .keystore
+        .wrap(&id, b"secret data key", &ctx())
+        .unwrap()
+        .blob;
+    assert_eq!(objects_of(&key.id).len(), 2);
+
+    f.keystore.schedule_deletion(&id, 7).unwrap();
+    f.clock.advance(7 * DAY - Duration::from_secs(1));
+    assert!(f.keystore.purge_due().unwrap().is_empty(), "not due yet");
+    assert_eq!(objects_of(&key.id).len(), 2);
+
+    f.clock.advance(Duration::from_secs(2));
+    assert_eq!(f.keystore.purge_due().unwrap(), vec![key.id.clone()]);
+    assert!(objects_of(&key.id).is_empty(), "token objects destroyed");
+    assert!(matches!(f.keystore.resolve(&id), Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.keystore.resolve(&KeyRef::Alias(alias)),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        f.keystore.unwrap(&blob, &ctx(), None),
+        Err(Error::InvalidCiphertext)
+    ));
+    assert!(
+        f.keystore.purge_due().unwrap().is_empty(),
+        "purging is idempotent"
+    );
+
+    // Gone for good: also after reopening the store.
+    let reopened = open(&f.db, f.clock.clone(), KeystoreConfig::default());
+    assert!(matches!(
+        reopened.unwrap(&blob, &ctx(), None),
+        Err(Error::InvalidCiphertext)
+    ));
+    assert!(matches!(reopened.resolve(&id), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn cancelled_deletion_keeps_the_key() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let blob = f.keystore.wrap(&id, b"k", &ctx()).unwrap().blob;
+    f.keystore.schedule_deletion(&id, 7).unwrap();
+    f.clock.advance(6 * DAY);
+    f.keystore.cancel_deletion(&id).unwrap();
+    f.clock.advance(30 * DAY);
+    assert!(f.keystore.purge_due().unwrap().is_empty());
+    f.keystore.enable_key(&id).unwrap();
+    let unwrapped = f.keystore.unwrap(&blob, &ctx(), None).unwrap();
+    assert_eq!(&*unwrapped.plaintext, b"k");
+    assert_eq!(objects_of(&key.id).len(), 1);
+}
+
+#[test]
+fn reconciliation_reports_missing_and_orphan_objects() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let blob = f.keystore.wrap(&id, b"k", &ctx()).unwrap().blob;
+    let healthy = f.keystore.create_key("", None).unwrap();
+
+    // The token loses one key's object; another object appears that no metadata knows.
+    token()
+        .destroy_key(&ObjectId::new(key.id.clone(), 1))
+        .unwrap();
+    let orphan = ObjectId::new(KeyId::generate(), 1);
+    token().generate_key(&orphan).unwrap();
+
+    let reopened = open(&f.db, f.clock.clone(), KeystoreConfig::default());
+    let report = reopened.reconcile().unwrap();
+    assert!(report.missing.contains(&ObjectId::new(key.id.clone(), 1)));
+    assert!(!report.missing.iter().any(|o| o.key_id == healthy.id));
+    assert!(report.orphans.contains(&orphan));
+    assert!(reopened.is_missing(&key.id, 1));
+
+    // The damaged key fails cleanly with UNAVAILABLE; the healthy one works.
+    let err = reopened
+        .unwrap(&blob, &ctx(), None)
+        .err()
+        .expect("must fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    let err = reopened.wrap(&id, b"k", &ctx()).err().expect("must fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    reopened
+        .wrap(&KeyRef::Id(healthy.id.clone()), b"k", &ctx())
+        .unwrap();
+    token().destroy_key(&orphan).unwrap();
+}
+
+#[test]
+fn the_wrap_limit_rotates_the_key() {
+    let f = fixture(KeystoreConfig {
+        max_wraps_per_version: 3,
+    });
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let mut blobs = Vec::new();
+    for i in 0..7u8 {
+        let wrapped = f.keystore.wrap(&id, &[i], &ctx()).unwrap();
+        assert_eq!(wrapped.key_version, u32::from(i / 3) + 1, "wrap {i}");
+        blobs.push(wrapped.blob);
+    }
+    assert_eq!(f.keystore.resolve(&id).unwrap().current_version(), 3);
+    for (i, blob) in blobs.iter().enumerate() {
+        assert_eq!(
+            &*f.keystore.unwrap(blob, &ctx(), None).unwrap().plaintext,
+            &[i as u8]
+        );
+    }
+    // Counts persist conservatively: a reopened store never starts below what was used.
+    let reopened = open(
+        &f.db,
+        f.clock.clone(),
+        KeystoreConfig {
+            max_wraps_per_version: 3,
+        },
+    );
+    let wrapped = reopened.wrap(&id, b"after restart", &ctx()).unwrap();
+    assert!(
+        wrapped.key_version >= 4,
+        "version 3 had a reservation, so a new version is used"
+    );
+}
