@@ -12,7 +12,7 @@
 //!   .. ciphertext || 16-byte GCM tag
 //! ```
 //! The IV is not part of the AAD because CloudHSM chooses it during `C_Encrypt`, after the
-//! AAD is fixed; GCM authenticates it anyway. A 64-byte DEK makes a 142-byte blob, well under
+//! AAD is fixed; GCM authenticates it anyway. A 64-byte DEK makes a 138-byte blob, well under
 //! the 1 KiB Kubernetes allows.
 
 use crate::error::{Error, Result};
@@ -73,6 +73,22 @@ impl Blob {
 
     /// Parses untrusted bytes. Every failure is [`Error::InvalidCiphertext`], so the reason
     /// is no oracle.
+    ///
+    /// ```
+    /// use wrapd::blob::Blob;
+    /// use wrapd::ids::KeyId;
+    ///
+    /// let blob = Blob {
+    ///     key_id: KeyId::generate(),
+    ///     key_version: 3,
+    ///     iv: [7; 12],
+    ///     ciphertext: vec![0; 32 + 16],
+    /// };
+    /// let bytes = blob.encode();
+    /// assert_eq!(Blob::parse(&bytes)?, blob);
+    /// assert!(Blob::parse(&bytes[..bytes.len() - 40]).is_err());
+    /// # Ok::<(), wrapd::Error>(())
+    /// ```
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         Self::parse_inner(bytes).ok_or(Error::InvalidCiphertext)
     }
@@ -128,7 +144,7 @@ mod tests {
         assert_eq!(&bytes[46..58], &[9; 12]);
         assert_eq!(bytes.len(), 58 + 48);
         // A 64-byte DEK stays far below the 1 KiB Kubernetes limit.
-        assert!(58 + 64 + TAG_LEN < 1024);
+        const { assert!(58 + 64 + TAG_LEN < 1024) };
     }
 
     #[test]

@@ -156,7 +156,21 @@ impl Config {
 
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // One line: "line N: message" (toml's own rendering spans several lines).
+            let line = e.span().map(|span| {
+                text.as_bytes()[..span.start.min(text.len())]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+                    + 1
+            });
+            let message = e.message().replace('\n', " ");
+            Error::Config(match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            })
+        })?;
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_owned()

@@ -46,6 +46,21 @@ impl EncryptionContext {
     }
 
     /// The canonical serialization (see the module docs).
+    ///
+    /// ```
+    /// use wrapd::context::EncryptionContext;
+    ///
+    /// let ctx = EncryptionContext::from_entries([
+    ///     ("tenant".to_owned(), "acme".to_owned()),
+    ///     ("app".to_owned(), "db".to_owned()),
+    /// ])?;
+    /// // u16 count, then (u16 len, key, u16 len, value) sorted by key bytes.
+    /// assert_eq!(
+    ///     ctx.serialize(),
+    ///     b"\x00\x02\x00\x03app\x00\x02db\x00\x06tenant\x00\x04acme"
+    /// );
+    /// # Ok::<(), wrapd::Error>(())
+    /// ```
     pub fn serialize(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.serialize_into(&mut out);

@@ -24,7 +24,7 @@
 //! | [`ids`] | key ids, aliases, key references |
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
-//! | [`bench`] | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
+//! | [`bench`](mod@bench) | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
 //! | [`client`] | the thin client: connecting to a daemon (no server dependencies) |
 //! | [`error`] | the crate's error type and its mapping to gRPC codes |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |

@@ -84,7 +84,7 @@ async fn lifecycle_states_and_deletion_windows() {
         .unwrap()
         .into_inner();
     assert_eq!(pending.state(), KeyState::PendingDeletion);
-    let date: SystemTime = pending.deletion_date.clone().unwrap().try_into().unwrap();
+    let date: SystemTime = pending.deletion_date.unwrap().try_into().unwrap();
     let week = Duration::from_secs(7 * 86_400);
     assert!(date >= before + week - Duration::from_secs(5) && date <= SystemTime::now() + week);
     assert_code(

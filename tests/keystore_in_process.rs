@@ -166,7 +166,7 @@ fn reconciliation_reports_missing_and_orphan_objects() {
         .err()
         .expect("must fail");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    let err = reopened.wrap(&id, b"k", &ctx()).err().expect("must fail");
+    let err = reopened.wrap(&id, b"k", &ctx()).expect_err("must fail");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     reopened
         .wrap(&KeyRef::Id(healthy.id.clone()), b"k", &ctx())

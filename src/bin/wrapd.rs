@@ -126,9 +126,10 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
         tracing::info!(dir = %setup.dir.display(), config = %setup.config.display(), "dev mode");
     }
     runtime()?.block_on(async {
+        let shutdown = shutdown_signal()?;
         let daemon = Daemon::open(config).await?;
         daemon
-            .serve(shutdown_signal(), |ready| {
+            .serve(shutdown, |ready| {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
                 // The ready line is the contract with supervisors and tests.

@@ -233,30 +233,20 @@ async fn health_task(keystore: Arc<Keystore>, health: HealthReporter) {
     }
 }
 
-/// Resolves on SIGTERM or ctrl-c.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
+/// Registers SIGTERM and SIGINT (ctrl-c) handlers now, and returns a future that resolves
+/// when either arrives. Registering before the ready line is printed means a supervisor's
+/// early SIGTERM is always a graceful shutdown, never the default kill.
+pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let register = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| Error::Internal(format!("cannot listen for {name}: {e}")))
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let mut term = register(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = register(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("ctrl-c: shutting down"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("ctrl-c: shutting down"),
-        () = term => tracing::info!("SIGTERM: shutting down"),
-    }
+    })
 }

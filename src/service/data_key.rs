@@ -39,7 +39,7 @@ fn done<T>(op: &str, started: Instant, result: &Result<T, Status>) {
 
 #[tonic::async_trait]
 impl DataKeyService for DataKeyApi {
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
+    #[instrument(level = "debug", skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn generate_data_key(
         &self,
         request: Request<GenerateDataKeyRequest>,
@@ -67,7 +67,7 @@ impl DataKeyService for DataKeyApi {
         result
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
+    #[instrument(level = "debug", skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<GenerateDataKeyRequest>,
@@ -93,7 +93,7 @@ impl DataKeyService for DataKeyApi {
         result
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
+    #[instrument(level = "debug", skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
         let started = Instant::now();
         let result = async {
@@ -114,7 +114,7 @@ impl DataKeyService for DataKeyApi {
         result
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request)))]
+    #[instrument(level = "debug", skip_all, fields(peer = %peer(&request)))]
     async fn unwrap(
         &self,
         request: Request<UnwrapRequest>,
@@ -141,7 +141,7 @@ impl DataKeyService for DataKeyApi {
         result
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), destination = %request.get_ref().destination_key_id))]
+    #[instrument(level = "debug", skip_all, fields(peer = %peer(&request), destination = %request.get_ref().destination_key_id))]
     async fn re_wrap(
         &self,
         request: Request<ReWrapRequest>,

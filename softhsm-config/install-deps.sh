@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what wrapd needs on a fresh Debian/Ubuntu machine, only when missing:
+# SoftHSM2 (the development and test token). Safe to run again.
+set -euo pipefail
+
+have_softhsm() {
+  for p in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libsofthsm2.so \
+           /usr/lib64/softhsm/libsofthsm2.so /usr/local/lib/softhsm/libsofthsm2.so; do
+    [ -e "$p" ] && return 0
+  done
+  return 1
+}
+
+if ! have_softhsm; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing softhsm2..." >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq softhsm2 >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
