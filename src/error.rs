@@ -26,6 +26,13 @@ pub enum Error {
     /// The key's state forbids the operation: disabled or pending deletion (FAILED_PRECONDITION).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller has no identity (UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this (PERMISSION_DENIED). The message never says whether the
+    /// key exists.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The token cannot serve right now: absent, device error, no free session (UNAVAILABLE).
     #[error("{0}")]
     Unavailable(String),
@@ -69,6 +76,8 @@ impl Error {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Pkcs11 { device_fault, .. } => {
                 if *device_fault {
                     Code::Unavailable

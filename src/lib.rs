@@ -31,11 +31,15 @@
 //!
 //! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl.rs` (CLI).
 
+#[cfg(feature = "client")]
+pub mod audit;
 pub mod blob;
 pub mod context;
 pub mod error;
 pub mod ids;
 
+#[cfg(feature = "server")]
+pub mod auth;
 #[cfg(feature = "server")]
 pub mod bench;
 #[cfg(feature = "client")]
@@ -48,6 +52,8 @@ pub mod dev;
 pub mod hsm;
 #[cfg(feature = "server")]
 pub mod keystore;
+#[cfg(feature = "server")]
+pub mod pki;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

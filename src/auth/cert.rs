@@ -1,0 +1,78 @@
+//! The principal named by a client certificate.
+
+use tonic::transport::CertificateDer;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::error::{Error, Result};
+
+/// The first URI SAN (as is), else the first DNS SAN (`dns:NAME`), else the subject CN
+/// (`cn:NAME`). A certificate naming nothing is [`Error::Unauthenticated`].
+pub fn principal_from_certificate(der: &CertificateDer<'_>) -> Result<String> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| Error::Unauthenticated("unparseable client certificate".into()))?;
+    let mut dns = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(uri) => return Ok((*uri).to_owned()),
+                GeneralName::DNSName(name) if dns.is_none() => dns = Some(format!("dns:{name}")),
+                _ => {}
+            }
+        }
+    }
+    if let Some(dns) = dns {
+        return Ok(dns);
+    }
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(|cn| format!("cn:{cn}"))
+        .ok_or_else(|| Error::Unauthenticated("the client certificate names no principal".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{ClientName, Validity, issue_client, new_ca};
+
+    fn principal(name: ClientName) -> String {
+        let ca = new_ca("test CA", Validity::days(1)).unwrap();
+        let pem = issue_client(&ca, &name, Validity::days(1)).unwrap();
+        let der = rustls_pemfile_der(&pem.cert);
+        principal_from_certificate(&der).unwrap()
+    }
+
+    fn rustls_pemfile_der(pem: &str) -> CertificateDer<'static> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        use base64::Engine;
+        CertificateDer::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn uri_then_dns_then_cn() {
+        assert_eq!(
+            principal(ClientName::Uri("spiffe://example.org/payments".into())),
+            "spiffe://example.org/payments"
+        );
+        assert_eq!(
+            principal(ClientName::Dns("svc.example.org".into())),
+            "dns:svc.example.org"
+        );
+        assert_eq!(
+            principal(ClientName::CommonName("alice".into())),
+            "cn:alice"
+        );
+    }
+
+    #[test]
+    fn garbage_is_unauthenticated() {
+        let err = principal_from_certificate(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+}

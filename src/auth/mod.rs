@@ -1,0 +1,108 @@
+//! Who is calling, and may they: identities from the transport, and the policy.
+//!
+//! - Unix socket: the peer's credentials (`SO_PEERCRED`) become principals
+//!   `unix:uid=N`, `unix:user=NAME`, `unix:gid=N`, `unix:group=NAME` (primary and
+//!   supplementary groups), see `unix.rs`.
+//! - TCP: mutual TLS is required at the handshake; the client certificate's first URI SAN
+//!   (e.g. a SPIFFE id) is the principal, else its first DNS SAN as `dns:NAME`, else its
+//!   subject CN as `cn:NAME`, see `cert.rs`.
+//!
+//! The policy (`policy.rs`) grants operations on keys to principals; everything else is
+//! denied.
+
+mod cert;
+mod policy;
+mod unix;
+
+use std::fmt;
+
+use tonic::Request;
+
+pub use cert::principal_from_certificate;
+pub use policy::{Operation, Policy, PolicyHandle, Target};
+pub use unix::unix_principals;
+
+use crate::error::{Error, Result};
+
+/// The transport a call came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The unix socket.
+    Unix,
+    /// TCP with mutual TLS.
+    Tcp,
+}
+
+impl Transport {
+    /// `unix` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unix => "unix",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Every principal the caller has; the first is the main one (logs, audit).
+    pub principals: Vec<String>,
+    /// How it connected.
+    pub transport: Transport,
+    /// Peer detail for the log: `pid=N` or the remote address.
+    pub peer: String,
+}
+
+impl Identity {
+    /// The main principal.
+    pub fn principal(&self) -> &str {
+        self.principals.first().map_or("", String::as_str)
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({} {})",
+            self.principal(),
+            self.transport.as_str(),
+            self.peer
+        )
+    }
+}
+
+/// The identity of a request's caller, from the connection it came in on.
+/// No identity is [`Error::Unauthenticated`].
+pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
+    if let Some(info) = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+    {
+        let cred = info.peer_cred.ok_or_else(|| {
+            Error::Unauthenticated("no peer credentials on the unix socket".into())
+        })?;
+        return Ok(Identity {
+            principals: unix_principals(cred.uid(), cred.gid()),
+            transport: Transport::Unix,
+            peer: cred
+                .pid()
+                .map_or_else(|| "pid=?".to_owned(), |pid| format!("pid={pid}")),
+        });
+    }
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+    let principal = principal_from_certificate(leaf)?;
+    Ok(Identity {
+        principals: vec![principal],
+        transport: Transport::Tcp,
+        peer: request
+            .remote_addr()
+            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+    })
+}
