@@ -5,12 +5,14 @@
 //! (`pin_env`), and is held in a zeroizing [`Pin`]. See `softhsm-config/*.toml` for
 //! commented examples.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::audit::FsyncPolicy;
 use crate::error::{Error, Result};
 use crate::hsm::{HsmConfig, HsmProfile, Pin};
 use crate::keystore::KeystoreConfig;
@@ -22,6 +24,9 @@ struct RawConfig {
     hsm: RawHsm,
     store: RawStore,
     unix: Option<RawUnix>,
+    tcp: Option<RawTcp>,
+    policy: Option<RawPolicyRef>,
+    audit: Option<RawAudit>,
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
@@ -63,6 +68,29 @@ struct RawUnix {
     path: PathBuf,
     #[serde(default = "default_socket_mode")]
     mode: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcp {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyRef {
+    file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: PathBuf,
+    #[serde(default)]
+    fsync: FsyncPolicy,
 }
 
 fn default_socket_mode() -> String {
@@ -123,6 +151,28 @@ pub struct UnixListenerConfig {
     pub mode: u32,
 }
 
+/// The TCP listener: mutual TLS, always.
+#[derive(Debug, Clone)]
+pub struct TcpListenerConfig {
+    /// Address to bind (port 0 picks a free port, reported in the ready line).
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// The audit log.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The JSON-lines file.
+    pub file: PathBuf,
+    /// When lines reach the disk.
+    pub fsync: FsyncPolicy,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -134,6 +184,12 @@ pub struct Config {
     pub sqlite: PathBuf,
     /// The unix socket listener.
     pub unix: Option<UnixListenerConfig>,
+    /// The TCP listener (mutual TLS).
+    pub tcp: Option<TcpListenerConfig>,
+    /// The policy file; `None` denies everything.
+    pub policy_file: Option<PathBuf>,
+    /// The audit log; `None` disables auditing (a warning at start-up).
+    pub audit: Option<AuditConfig>,
     /// Key store settings.
     pub keystore: KeystoreConfig,
     /// How often due deletions are carried out.
@@ -228,9 +284,25 @@ impl Config {
                 })
             })
             .transpose()?;
-        if unix.is_none() {
+        let tcp = raw
+            .tcp
+            .map(|t| {
+                Ok::<_, Error>(TcpListenerConfig {
+                    listen: t.listen.parse().map_err(|_| {
+                        Error::Config(format!(
+                            "tcp.listen {:?} is not an address like 127.0.0.1:8443",
+                            t.listen
+                        ))
+                    })?,
+                    cert: resolve(&t.cert),
+                    key: resolve(&t.key),
+                    client_ca: resolve(&t.client_ca),
+                })
+            })
+            .transpose()?;
+        if unix.is_none() && tcp.is_none() {
             return Err(Error::Config(
-                "no listener configured: add a [unix] section".into(),
+                "no listener configured: add a [unix] or [tcp] section".into(),
             ));
         }
         Ok(Self {
@@ -245,6 +317,12 @@ impl Config {
             softhsm2_conf: raw.hsm.softhsm2_conf.as_deref().map(resolve),
             sqlite: resolve(&raw.store.sqlite),
             unix,
+            tcp,
+            policy_file: raw.policy.map(|p| resolve(&p.file)),
+            audit: raw.audit.map(|a| AuditConfig {
+                file: resolve(&a.file),
+                fsync: a.fsync,
+            }),
             keystore: KeystoreConfig {
                 max_wraps_per_version: raw.keys.max_wraps_per_version,
             },

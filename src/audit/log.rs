@@ -59,6 +59,12 @@ struct State {
     prev: String,
 }
 
+/// Group commit: one `fdatasync` covers every line written before it started.
+struct SyncState {
+    file: Option<File>,
+    synced: u64,
+}
+
 /// The audit log. When a line cannot be written, [`AuditLog::append`] fails (the caller
 /// then fails the operation) and the log reports itself unhealthy until a write succeeds
 /// again (after the disk is fixed, or a reopen).
@@ -66,6 +72,7 @@ pub struct AuditLog {
     path: PathBuf,
     fsync: FsyncPolicy,
     state: Mutex<State>,
+    sync: Mutex<SyncState>,
     healthy: watch::Sender<bool>,
 }
 
@@ -104,6 +111,9 @@ impl AuditLog {
             .map_err(|e| Error::Config(format!("cannot read audit log {}: {e}", path.display())))?;
         let (seq, prev) = last.map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash));
         tracing::info!(path = %path.display(), seq, anchor = %prev, "audit log open");
+        let sync_file = file
+            .try_clone()
+            .map_err(|e| Error::Config(format!("audit log {}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_owned(),
             fsync,
@@ -111,6 +121,10 @@ impl AuditLog {
                 file: Some(file),
                 seq,
                 prev,
+            }),
+            sync: Mutex::new(SyncState {
+                file: Some(sync_file),
+                synced: seq,
             }),
             healthy: watch::channel(true).0,
         })
@@ -120,9 +134,11 @@ impl AuditLog {
     /// hash written, which is logged). On failure the log is unhealthy until it succeeds.
     pub fn reopen(&self) -> Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match open_append(&self.path) {
-            Ok(file) => {
+        match open_append(&self.path).and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((sync_file, file)) => {
                 state.file = Some(file);
+                let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+                sync.file = Some(sync_file);
                 tracing::info!(path = %self.path.display(), anchor = %state.prev, seq = state.seq, "audit log reopened");
                 self.healthy.send_replace(true);
                 Ok(())
@@ -137,8 +153,47 @@ impl AuditLog {
         }
     }
 
-    /// Appends one record. An error means the record is not in the log.
+    /// Appends one record and, with [`FsyncPolicy::Always`], waits until it is on disk
+    /// (concurrent callers share one `fdatasync`). An error means the record may not be
+    /// durable and the operation must fail.
     pub fn append(&self, entry: AuditEntry) -> Result<()> {
+        let seq = self.write(entry)?;
+        if self.fsync == FsyncPolicy::Always {
+            self.sync_through(seq)?;
+        }
+        Ok(())
+    }
+
+    fn sync_through(&self, seq: u64) -> Result<()> {
+        let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        if sync.synced >= seq {
+            return Ok(()); // another caller's fdatasync covered this line
+        }
+        // Everything written so far is covered by the sync below.
+        let target = self.state.lock().unwrap_or_else(|e| e.into_inner()).seq;
+        let result = match sync.file.as_ref() {
+            Some(file) => file.sync_data(),
+            None => Err(std::io::Error::other("not open")),
+        };
+        match result {
+            Ok(()) => {
+                sync.synced = target;
+                Ok(())
+            }
+            Err(e) => Err(self.failed(&e)),
+        }
+    }
+
+    fn failed(&self, e: &std::io::Error) -> Error {
+        if *self.healthy.borrow() {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: failing closed");
+        }
+        self.healthy.send_replace(false);
+        Error::Unavailable("the audit log cannot be written; key operations are refused".into())
+    }
+
+    /// Writes one line; returns its sequence number.
+    fn write(&self, entry: AuditEntry) -> Result<u64> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut record = AuditRecord {
             seq: state.seq + 1,
@@ -162,13 +217,9 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
         line.push(b'\n');
-        let fsync = self.fsync;
         let written = match state.file.as_mut() {
             None => Err(std::io::Error::other("not open")),
-            Some(file) => file.write_all(&line).and_then(|()| match fsync {
-                FsyncPolicy::Always => file.sync_data(),
-                FsyncPolicy::Never => Ok(()),
-            }),
+            Some(file) => file.write_all(&line),
         };
         match written {
             Ok(()) => {
@@ -178,17 +229,9 @@ impl AuditLog {
                     tracing::info!("audit log writable again");
                     self.healthy.send_replace(true);
                 }
-                Ok(())
+                Ok(record.seq)
             }
-            Err(e) => {
-                if *self.healthy.borrow() {
-                    tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: failing closed");
-                }
-                self.healthy.send_replace(false);
-                Err(Error::Unavailable(
-                    "the audit log cannot be written; key operations are refused".into(),
-                ))
-            }
+            Err(e) => Err(self.failed(&e)),
         }
     }
 

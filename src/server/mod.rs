@@ -12,21 +12,31 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::Server;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::server::Router;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
+use zeroize::Zeroizing;
 
 pub use logging::init_logging;
 pub use unix::bind_unix_socket;
 
-use crate::config::{Config, UnixListenerConfig};
+use crate::audit::AuditLog;
+use crate::auth::PolicyHandle;
+use crate::config::{Config, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
 use crate::hsm::Pkcs11Token;
 use crate::keystore::{Keystore, SqliteStore, SystemClock};
 use crate::proto::data_key_service_server::DataKeyServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::service::{DataKeyApi, KeyApi};
+use crate::service::{DataKeyApi, Gate, KeyApi};
 
 /// How long a graceful shutdown waits for in-flight calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,14 +49,19 @@ const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Ready {
     /// The unix socket path.
     pub socket: Option<PathBuf>,
+    /// The TCP address actually bound.
+    pub tcp: Option<SocketAddr>,
 }
 
 impl Ready {
-    /// The ready line printed on stdout: `wrapd ready socket=PATH`.
+    /// The ready line printed on stdout: `wrapd ready socket=PATH tcp=ADDR`.
     pub fn line(&self) -> String {
         let mut line = "wrapd ready".to_owned();
         if let Some(socket) = &self.socket {
             line.push_str(&format!(" socket={}", socket.display()));
+        }
+        if let Some(tcp) = &self.tcp {
+            line.push_str(&format!(" tcp={tcp}"));
         }
         line
     }
@@ -55,14 +70,17 @@ impl Ready {
 /// An opened daemon, ready to serve.
 pub struct Daemon {
     unix: Option<UnixListenerConfig>,
+    tcp: Option<TcpListenerConfig>,
     deletion_check_interval: Duration,
     token: Pkcs11Token,
     keystore: Arc<Keystore>,
+    policy: Arc<PolicyHandle>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl Daemon {
-    /// Opens the token (checking module, token label and PIN), the metadata store, and
-    /// reconciles them.
+    /// Opens the token (checking module, token label and PIN), the metadata store, the
+    /// policy and the audit log, and reconciles the store with the token.
     pub async fn open(config: Config) -> Result<Self> {
         tokio::task::spawn_blocking(move || Self::open_blocking(config))
             .await
@@ -74,10 +92,25 @@ impl Daemon {
             hsm,
             sqlite,
             unix,
+            tcp,
+            policy_file,
+            audit,
             keystore,
             deletion_check_interval,
             ..
         } = config;
+        if policy_file.is_none() {
+            tracing::warn!("no [policy] configured: every call will be denied");
+        }
+        let policy = Arc::new(PolicyHandle::load(policy_file)?);
+        tracing::info!(grants = policy.current().len(), "policy loaded");
+        let audit = match audit {
+            Some(audit) => Some(Arc::new(AuditLog::open(&audit.file, audit.fsync)?)),
+            None => {
+                tracing::warn!("no [audit] configured: key operations are not audited");
+                None
+            }
+        };
         let token = Pkcs11Token::open(hsm)?;
         let store = SqliteStore::open(&sqlite)?;
         let keystore = Keystore::open(
@@ -88,9 +121,12 @@ impl Daemon {
         )?;
         Ok(Self {
             unix,
+            tcp,
             deletion_check_interval,
             token,
             keystore: Arc::new(keystore),
+            policy,
+            audit,
         })
     }
 
@@ -99,15 +135,12 @@ impl Daemon {
         &self.keystore
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish
-    /// and closes the HSM sessions. `on_ready` runs once every listener is bound.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-        on_ready: impl FnOnce(&Ready),
-    ) -> Result<()> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        set_health(&health, ServingStatus::Serving).await;
+    fn router(
+        &self,
+        gate: &Arc<Gate>,
+        health: &HealthServer<impl Health>,
+        tls: Option<ServerTlsConfig>,
+    ) -> Result<Router> {
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -118,67 +151,169 @@ impl Daemon {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-
-        let router = Server::builder()
-            .add_service(health_service)
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| Error::Config(format!("tcp: TLS configuration: {e}")))?;
+        }
+        Ok(builder
+            .add_service(health.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(DataKeyServiceServer::new(DataKeyApi::new(
                 self.keystore.clone(),
+                gate.clone(),
             )))
-            .add_service(KeyServiceServer::new(KeyApi::new(self.keystore.clone())));
+            .add_service(KeyServiceServer::new(KeyApi::new(
+                self.keystore.clone(),
+                gate.clone(),
+            ))))
+    }
 
-        let unix = self
-            .unix
-            .clone()
-            .ok_or_else(|| Error::Config("no listener configured".into()))?;
-        let listener = bind_unix_socket(&unix.path, unix.mode)?;
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish
+    /// (up to 10 s) and closes the HSM sessions. `on_ready` runs once every listener is
+    /// bound. SIGHUP reloads the policy and reopens the audit log.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        on_ready: impl FnOnce(&Ready),
+    ) -> Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::Serving).await;
+        let gate = Arc::new(Gate::new(self.policy.clone(), self.audit.clone()));
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| Error::Internal(format!("cannot listen for SIGHUP: {e}")))?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let mut servers = JoinSet::new();
+        let mut ready = Ready {
+            socket: None,
+            tcp: None,
+        };
+        if let Some(unix) = &self.unix {
+            let listener = bind_unix_socket(&unix.path, unix.mode)?;
+            let router = self.router(&gate, &health_service, None)?;
+            servers.spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
+            );
+            ready.socket = Some(unix.path.clone());
+        }
+        if let Some(tcp) = &self.tcp {
+            let tls = tls_config(tcp)?;
+            let listener = TcpListener::bind(tcp.listen)
+                .await
+                .map_err(|e| Error::Config(format!("cannot bind {}: {e}", tcp.listen)))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Config(format!("tcp listener: {e}")))?;
+            let router = self.router(&gate, &health_service, Some(tls))?;
+            servers.spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
+            );
+            ready.tcp = Some(addr);
+        }
 
         let background = [
             tokio::spawn(deletion_task(
                 self.keystore.clone(),
                 self.deletion_check_interval,
             )),
-            tokio::spawn(health_task(self.keystore.clone(), health.clone())),
+            tokio::spawn(health_task(
+                self.keystore.clone(),
+                health.clone(),
+                self.audit.as_ref().map(|a| a.subscribe()),
+            )),
+            tokio::spawn(hangup_task(hangup, self.policy.clone(), self.audit.clone())),
         ];
 
-        on_ready(&Ready {
-            socket: Some(unix.path.clone()),
-        });
-        tracing::info!(socket = %unix.path.display(), "serving");
+        on_ready(&ready);
+        tracing::info!(socket = ?ready.socket, tcp = ?ready.tcp, "serving");
 
-        // Stop accepting on the signal, then give in-flight calls DRAIN_TIMEOUT to finish:
-        // a client that never reads its GOAWAY must not keep the daemon up forever.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server =
-            router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            });
-        tokio::pin!(server);
-        let served = tokio::select! {
-            served = &mut server => served,
-            () = shutdown => {
-                tracing::info!("draining in-flight calls");
-                let _ = stop_tx.send(());
-                match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
-                    Ok(served) => served,
-                    Err(_) => {
-                        tracing::warn!(seconds = DRAIN_TIMEOUT.as_secs(), "connections still open after the drain timeout; closing them");
-                        Ok(())
-                    }
-                }
+        // Stop accepting on the signal (or if a listener fails), then give in-flight calls
+        // DRAIN_TIMEOUT to finish: a client that never reads its GOAWAY must not keep the
+        // daemon up forever.
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("draining in-flight calls"),
+            Some(ended) = servers.join_next() => {
+                failure = Some(match ended {
+                    Ok(Ok(())) => Error::Internal("a listener stopped".into()),
+                    Ok(Err(e)) => Error::Internal(format!("listener: {e}")),
+                    Err(e) => Error::Internal(format!("listener task: {e}")),
+                });
             }
-        };
+        }
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                seconds = DRAIN_TIMEOUT.as_secs(),
+                "connections still open after the drain timeout; closing them"
+            );
+            servers.abort_all();
+        }
         for task in background {
             task.abort();
         }
         set_health(&health, ServingStatus::NotServing).await;
-        if let Err(err) = std::fs::remove_file(&unix.path) {
-            tracing::debug!(error = %err, "could not remove the socket file");
+        if let Some(unix) = &self.unix {
+            if let Err(err) = std::fs::remove_file(&unix.path) {
+                tracing::debug!(error = %err, "could not remove the socket file");
+            }
         }
         self.token.close();
         tracing::info!("stopped");
-        served.map_err(|e| Error::Internal(format!("server: {e}")))
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Mutual TLS for the TCP listener: our certificate, and client certificates required to
+/// chain to `client_ca` (rustls checks validity dates and the chain at the handshake).
+fn tls_config(tcp: &TcpListenerConfig) -> Result<ServerTlsConfig> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map(Zeroizing::new)
+            .map_err(|e| Error::Config(format!("tcp: cannot read {}: {e}", path.display())))
+    };
+    let cert = read(&tcp.cert)?;
+    let key = read(&tcp.key)?;
+    let ca = read(&tcp.client_ca)?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(&*cert, &*key))
+        .client_ca_root(Certificate::from_pem(&*ca)))
+}
+
+/// SIGHUP: reload the policy (a broken file keeps the old one) and reopen the audit log.
+async fn hangup_task(
+    mut hangup: tokio::signal::unix::Signal,
+    policy: Arc<PolicyHandle>,
+    audit: Option<Arc<AuditLog>>,
+) {
+    while hangup.recv().await.is_some() {
+        match policy.reload() {
+            Ok(grants) => tracing::info!(grants, "SIGHUP: policy reloaded"),
+            Err(err) => {
+                tracing::error!(error = %err, "SIGHUP: the new policy is invalid; the previous one stays in force")
+            }
+        }
+        if let Some(audit) = &audit {
+            if let Err(err) = audit.reopen() {
+                tracing::error!(error = %err, "SIGHUP: cannot reopen the audit log");
+            }
+        }
     }
 }
 
@@ -209,24 +344,46 @@ async fn deletion_task(keystore: Arc<Keystore>, interval: Duration) {
     }
 }
 
-/// Reports NOT_SERVING on the health service while the token does not answer.
-async fn health_task(keystore: Arc<Keystore>, health: HealthReporter) {
+/// Reports NOT_SERVING on the health service while the token does not answer or the audit
+/// log cannot be written.
+async fn health_task(
+    keystore: Arc<Keystore>,
+    health: HealthReporter,
+    mut audit: Option<watch::Receiver<bool>>,
+) {
     let mut ticker = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+    let mut token_ok = true;
     let mut serving = true;
     loop {
-        ticker.tick().await;
-        let ks = keystore.clone();
-        let ok = matches!(
-            tokio::task::spawn_blocking(move || ks.token().ping()).await,
-            Ok(Ok(()))
-        );
+        let audit_changed = async {
+            match audit.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ticker.tick() => {
+                let ks = keystore.clone();
+                token_ok = matches!(
+                    tokio::task::spawn_blocking(move || ks.token().ping()).await,
+                    Ok(Ok(()))
+                );
+            }
+            open = audit_changed => {
+                if !open {
+                    audit = None;
+                }
+            }
+        }
+        let audit_ok = audit.as_ref().is_none_or(|rx| *rx.borrow());
+        let ok = token_ok && audit_ok;
         if ok != serving {
             serving = ok;
             if ok {
-                tracing::info!("token reachable again: SERVING");
+                tracing::info!("SERVING again");
                 set_health(&health, ServingStatus::Serving).await;
             } else {
-                tracing::error!("token unreachable: NOT_SERVING");
+                tracing::error!(token_ok, audit_ok, "NOT_SERVING");
                 set_health(&health, ServingStatus::NotServing).await;
             }
         }

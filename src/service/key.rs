@@ -5,8 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{blocking, key_ref, optional_key_ref, peer};
-use crate::ids::{AliasName, KeyId};
+use super::{Call, Gate, blocking, key_ref, optional_key_ref, target_of};
+use crate::auth::{Operation, Target};
+use crate::ids::{AliasName, KeyId, KeyRef as KeyName};
 use crate::keystore::{KeyRecord, KeyState, Keystore};
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
@@ -17,13 +18,7 @@ use crate::proto::{
 /// The control-plane service.
 pub struct KeyApi {
     keystore: Arc<Keystore>,
-}
-
-impl KeyApi {
-    /// A service over `keystore`.
-    pub fn new(keystore: Arc<Keystore>) -> Self {
-        Self { keystore }
-    }
+    gate: Arc<Gate>,
 }
 
 /// The wire form of a key.
@@ -65,149 +60,265 @@ fn alias_name(s: &str) -> Result<AliasName, Status> {
 }
 
 impl KeyApi {
-    /// Runs a key store call that returns a key, answering with its metadata.
-    async fn key_call(
+    /// A service over `keystore`, guarded by `gate`.
+    pub fn new(keystore: Arc<Keystore>, gate: Arc<Gate>) -> Self {
+        Self { keystore, gate }
+    }
+
+    /// The common shape of the calls on one key that answer with its metadata.
+    async fn on_key(
         &self,
+        request: Request<KeyRef>,
+        op: Operation,
+        f: impl FnOnce(&Keystore, &KeyName) -> crate::Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let mut call = self.gate.begin(&request, op);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let key = key_ref(&request.get_ref().key_id)?;
+            call.key(key.to_string(), None);
+            self.gate
+                .check(&call, &target_of(&self.keystore, &key), None)?;
+            self.metadata(&mut call, move |ks| f(ks, &key)).await
+        }
+        .await;
+        self.gate.finish(call, result).await
+    }
+
+    /// Runs a key store call that returns a key, answering with its metadata.
+    async fn metadata(
+        &self,
+        call: &mut Call,
         f: impl FnOnce(&Keystore) -> crate::Result<Arc<KeyRecord>> + Send + 'static,
     ) -> Result<Response<KeyMetadata>, Status> {
         let metadata = blocking(&self.keystore, move |ks| {
             f(ks).map(|key| key_metadata(ks, &key))
         })
         .await?;
+        call.key(metadata.key_id.clone(), Some(metadata.current_version));
         Ok(Response::new(metadata))
+    }
+
+    /// Checks an alias operation: on the alias (and the key it names now), and on the key
+    /// it is to name.
+    fn check_alias(
+        &self,
+        call: &Call,
+        alias: &AliasName,
+        key: Option<&KeyName>,
+    ) -> Result<(), Status> {
+        self.gate.check(
+            call,
+            &target_of(&self.keystore, &KeyName::Alias(alias.clone())),
+            None,
+        )?;
+        if let Some(key) = key {
+            self.gate
+                .check(call, &target_of(&self.keystore, key), None)?;
+        }
+        Ok(())
     }
 }
 
 #[tonic::async_trait]
 impl KeyService for KeyApi {
-    #[instrument(skip_all, fields(peer = %peer(&request)))]
+    #[instrument(level = "debug", skip_all)]
     async fn create_key(
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let req = request.into_inner();
-        let alias = if req.alias.is_empty() {
-            None
-        } else {
-            Some(alias_name(&req.alias)?)
-        };
-        self.key_call(move |ks| ks.create_key(&req.description, alias.as_ref()))
+        let mut call = self.gate.begin(&request, Operation::CreateKey);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let alias = if req.alias.is_empty() {
+                None
+            } else {
+                Some(alias_name(&req.alias)?)
+            };
+            let target = match &alias {
+                Some(alias) => Target::Key(vec![alias.to_string()]),
+                None => Target::Any,
+            };
+            self.gate.check(&call, &target, None)?;
+            self.metadata(&mut call, move |ks| {
+                ks.create_key(&req.description, alias.as_ref())
+            })
             .await
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn describe_key(
         &self,
         request: Request<KeyRef>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let key = key_ref(&request.into_inner().key_id)?;
-        self.key_call(move |ks| ks.resolve(&key)).await
+        self.on_key(request, Operation::DescribeKey, |ks, key| ks.resolve(key))
+            .await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request)))]
+    #[instrument(level = "debug", skip_all)]
     async fn list_keys(
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let req = request.into_inner();
-        let response = blocking(&self.keystore, move |ks| {
-            let page = ks.list_keys(req.page_size, &req.page_token)?;
-            Ok(ListKeysResponse {
-                keys: page.items.iter().map(|k| key_metadata(ks, k)).collect(),
-                next_page_token: page.next_page_token,
+        let call = self.gate.begin(&request, Operation::ListKeys);
+        let result = async {
+            self.gate.check(&call, &Target::Any, None)?;
+            let req = request.into_inner();
+            let response = blocking(&self.keystore, move |ks| {
+                let page = ks.list_keys(req.page_size, &req.page_token)?;
+                Ok(ListKeysResponse {
+                    keys: page.items.iter().map(|k| key_metadata(ks, k)).collect(),
+                    next_page_token: page.next_page_token,
+                })
             })
-        })
-        .await?;
-        Ok(Response::new(response))
+            .await?;
+            Ok(Response::new(response))
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn rotate_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
-        let key = key_ref(&request.into_inner().key_id)?;
-        self.key_call(move |ks| ks.rotate_key(&key)).await
+        self.on_key(request, Operation::RotateKey, |ks, key| ks.rotate_key(key))
+            .await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn enable_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
-        let key = key_ref(&request.into_inner().key_id)?;
-        self.key_call(move |ks| ks.enable_key(&key)).await
+        self.on_key(request, Operation::EnableKey, |ks, key| ks.enable_key(key))
+            .await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn disable_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
-        let key = key_ref(&request.into_inner().key_id)?;
-        self.key_call(move |ks| ks.disable_key(&key)).await
+        self.on_key(request, Operation::DisableKey, |ks, key| {
+            ks.disable_key(key)
+        })
+        .await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
+    #[instrument(level = "debug", skip_all)]
     async fn schedule_key_deletion(
         &self,
         request: Request<ScheduleKeyDeletionRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let req = request.into_inner();
-        let key = key_ref(&req.key_id)?;
-        self.key_call(move |ks| ks.schedule_deletion(&key, req.pending_window_days))
+        let mut call = self.gate.begin(&request, Operation::ScheduleKeyDeletion);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let key = key_ref(&req.key_id)?;
+            call.key(key.to_string(), None);
+            self.gate
+                .check(&call, &target_of(&self.keystore, &key), None)?;
+            self.metadata(&mut call, move |ks| {
+                ks.schedule_deletion(&key, req.pending_window_days)
+            })
             .await
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), key = %request.get_ref().key_id))]
     async fn cancel_key_deletion(
         &self,
         request: Request<KeyRef>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let key = key_ref(&request.into_inner().key_id)?;
-        self.key_call(move |ks| ks.cancel_deletion(&key)).await
+        self.on_key(request, Operation::CancelKeyDeletion, |ks, key| {
+            ks.cancel_deletion(key)
+        })
+        .await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), alias = %request.get_ref().alias_name))]
+    #[instrument(level = "debug", skip_all)]
     async fn create_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let req = request.into_inner();
-        let alias = alias_name(&req.alias_name)?;
-        let key = key_ref(&req.key_id)?;
-        let created = blocking(&self.keystore, move |ks| ks.create_alias(&alias, &key)).await?;
-        Ok(Response::new(alias_message(created)))
+        let mut call = self.gate.begin(&request, Operation::CreateAlias);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let alias = alias_name(&req.alias_name)?;
+            let key = key_ref(&req.key_id)?;
+            call.key(key.to_string(), None);
+            self.check_alias(&call, &alias, Some(&key))?;
+            let created = blocking(&self.keystore, move |ks| ks.create_alias(&alias, &key)).await?;
+            call.key(created.1.to_string(), None);
+            Ok(Response::new(alias_message(created)))
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), alias = %request.get_ref().alias_name))]
+    #[instrument(level = "debug", skip_all)]
     async fn update_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let req = request.into_inner();
-        let alias = alias_name(&req.alias_name)?;
-        let key = key_ref(&req.key_id)?;
-        let updated = blocking(&self.keystore, move |ks| ks.update_alias(&alias, &key)).await?;
-        Ok(Response::new(alias_message(updated)))
+        let mut call = self.gate.begin(&request, Operation::UpdateAlias);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let alias = alias_name(&req.alias_name)?;
+            let key = key_ref(&req.key_id)?;
+            call.key(key.to_string(), None);
+            self.check_alias(&call, &alias, Some(&key))?;
+            let updated = blocking(&self.keystore, move |ks| ks.update_alias(&alias, &key)).await?;
+            call.key(updated.1.to_string(), None);
+            Ok(Response::new(alias_message(updated)))
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request), alias = %request.get_ref().alias_name))]
+    #[instrument(level = "debug", skip_all)]
     async fn delete_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let alias = alias_name(&request.into_inner().alias_name)?;
-        let deleted = blocking(&self.keystore, move |ks| ks.delete_alias(&alias)).await?;
-        Ok(Response::new(alias_message(deleted)))
+        let mut call = self.gate.begin(&request, Operation::DeleteAlias);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let alias = alias_name(&request.get_ref().alias_name)?;
+            self.check_alias(&call, &alias, None)?;
+            let deleted = blocking(&self.keystore, move |ks| ks.delete_alias(&alias)).await?;
+            call.key(deleted.1.to_string(), None);
+            Ok(Response::new(alias_message(deleted)))
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 
-    #[instrument(skip_all, fields(peer = %peer(&request)))]
+    #[instrument(level = "debug", skip_all)]
     async fn list_aliases(
         &self,
         request: Request<ListAliasesRequest>,
     ) -> Result<Response<ListAliasesResponse>, Status> {
-        let req = request.into_inner();
-        let key = optional_key_ref(&req.key_id)?;
-        let response = blocking(&self.keystore, move |ks| {
-            let page = ks.list_aliases(key.as_ref(), req.page_size, &req.page_token)?;
-            Ok(ListAliasesResponse {
-                aliases: page.items.into_iter().map(alias_message).collect(),
-                next_page_token: page.next_page_token,
+        let mut call = self.gate.begin(&request, Operation::ListAliases);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let key = optional_key_ref(&req.key_id)?;
+            let target = match &key {
+                Some(key) => {
+                    call.key(key.to_string(), None);
+                    target_of(&self.keystore, key)
+                }
+                None => Target::Any,
+            };
+            self.gate.check(&call, &target, None)?;
+            let response = blocking(&self.keystore, move |ks| {
+                let page = ks.list_aliases(key.as_ref(), req.page_size, &req.page_token)?;
+                Ok(ListAliasesResponse {
+                    aliases: page.items.into_iter().map(alias_message).collect(),
+                    next_page_token: page.next_page_token,
+                })
             })
-        })
-        .await?;
-        Ok(Response::new(response))
+            .await?;
+            Ok(Response::new(response))
+        }
+        .await;
+        self.gate.finish(call, result).await
     }
 }

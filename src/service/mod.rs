@@ -1,11 +1,13 @@
-//! The gRPC services of `wrapd.v1`: request validation, the call into the [`Keystore`] off
-//! the async executor, and the mapping of results to messages.
+//! The gRPC services of `wrapd.v1`: identity and policy checks, request validation, the
+//! call into the [`Keystore`] off the async executor, the audit line, and the mapping of
+//! results to messages.
 //!
 //! `data_key.rs` is the data plane (`DataKeyService`), `key.rs` the control plane
-//! (`KeyService`). Errors become `tonic::Status` through the one mapping in
-//! [`crate::error`].
+//! (`KeyService`), `gate.rs` the identity/policy/audit gate both pass through. Errors become
+//! `tonic::Status` through the one mapping in [`crate::error`].
 
 mod data_key;
+mod gate;
 mod key;
 
 use std::collections::HashMap;
@@ -14,8 +16,11 @@ use std::sync::Arc;
 use tonic::Status;
 
 pub use data_key::DataKeyApi;
-pub use key::KeyApi;
+pub use gate::{Call, Gate, code_name};
+pub use key::{KeyApi, key_metadata};
 
+use crate::auth::Target;
+use crate::blob::Blob;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
 use crate::ids::KeyRef;
@@ -52,22 +57,20 @@ fn optional_key_ref(s: &str) -> Result<Option<KeyRef>, Status> {
     }
 }
 
-/// Who called, for the log: the unix peer's uid/pid when known.
-fn peer<T>(request: &tonic::Request<T>) -> String {
-    #[cfg(unix)]
-    if let Some(info) = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-    {
-        if let Some(cred) = info.peer_cred {
-            return format!(
-                "unix:uid={} pid={}",
-                cred.uid(),
-                cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
-            );
-        }
+/// The policy target of a key reference: all the key's names when it exists, else the name
+/// as requested (so a denial looks the same either way).
+fn target_of(keystore: &Keystore, key: &KeyRef) -> Target {
+    match keystore.resolve(key) {
+        Ok(record) => Target::Key(
+            std::iter::once(record.id.to_string())
+                .chain(record.aliases.iter().map(ToString::to_string))
+                .collect(),
+        ),
+        Err(_) => Target::Key(vec![key.to_string()]),
     }
-    request
-        .remote_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
+/// The key a blob names, if the blob parses.
+fn blob_key(blob: &[u8]) -> Option<KeyRef> {
+    Blob::parse(blob).ok().map(|b| KeyRef::Id(b.key_id))
 }

@@ -20,6 +20,8 @@ pub struct DevDaemon {
     dir: TempDir,
     child: Option<Child>,
     pub socket: PathBuf,
+    /// The TCP (mutual TLS) address from the ready line.
+    pub tcp: std::net::SocketAddr,
     log_path: PathBuf,
     starts: usize,
     env: Vec<(String, String)>,
@@ -39,6 +41,7 @@ impl DevDaemon {
             .expect("temp dir");
         let mut daemon = Self {
             socket: dir.path().join("wrapd.sock"),
+            tcp: "0.0.0.0:0".parse().unwrap(),
             log_path: dir.path().join("daemon-0.log"),
             dir,
             child: None,
@@ -87,11 +90,11 @@ impl DevDaemon {
                     std::fs::read_to_string(&self.log_path).unwrap_or_default()
                 )
             });
-        assert_eq!(
-            line,
-            format!("wrapd ready socket={}", self.socket.display()),
-            "ready line"
-        );
+        let prefix = format!("wrapd ready socket={} tcp=", self.socket.display());
+        let tcp = line
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
+        self.tcp = tcp.parse().expect("tcp address in the ready line");
         self.child = Some(child);
     }
 
