@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
-use wrapd::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use wrapd::client::{DataKeyServiceClient, KeyServiceClient, TlsFiles, connect_tls, connect_unix};
 use wrapd::proto::{
     Alias, AliasRequest, CreateKeyRequest, GenerateDataKeyRequest, KeyMetadata, KeyRef, KeyState,
     ListAliasesRequest, ListKeysRequest, ReWrapRequest, ScheduleKeyDeletionRequest, UnwrapRequest,
@@ -22,7 +22,7 @@ use wrapd::proto::{
     about = "wrapctl: manage keys and data keys on a wrapd daemon"
 )]
 struct Cli {
-    /// The daemon's unix socket.
+    /// The daemon's unix socket (used unless --endpoint is given).
     #[arg(
         long,
         env = "WRAPD_SOCKET",
@@ -30,6 +30,33 @@ struct Cli {
         default_value = ".wrapd-dev/wrapd.sock"
     )]
     socket: PathBuf,
+    /// The daemon's TCP endpoint, e.g. https://127.0.0.1:8443 (mutual TLS).
+    #[arg(long, env = "WRAPD_ENDPOINT", global = true)]
+    endpoint: Option<String>,
+    /// CA certificate for --endpoint (PEM).
+    #[arg(
+        long,
+        env = "WRAPD_CA",
+        global = true,
+        default_value = ".wrapd-dev/pki/ca.pem"
+    )]
+    ca: PathBuf,
+    /// Client certificate for --endpoint (PEM).
+    #[arg(
+        long,
+        env = "WRAPD_CERT",
+        global = true,
+        default_value = ".wrapd-dev/pki/client.pem"
+    )]
+    cert: PathBuf,
+    /// Client key for --endpoint (PEM).
+    #[arg(
+        long,
+        env = "WRAPD_KEY",
+        global = true,
+        default_value = ".wrapd-dev/pki/client.key"
+    )]
+    key: PathBuf,
     /// Print machine-readable JSON (bytes as base64).
     #[arg(long, global = true)]
     json: bool,
@@ -48,6 +75,26 @@ enum Command {
     /// Generate, wrap, unwrap and re-wrap data keys.
     #[command(subcommand)]
     Datakey(DatakeyCommand),
+    /// Work with audit logs (offline).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit log's hash chain; report the first broken, edited, reordered or
+    /// missing line.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// What the first line must follow (default: whatever it names; 64 zeros for a new
+        /// log, the previous file's last hash after a rotation).
+        #[arg(long)]
+        anchor: Option<String>,
+        /// The hash the last line must have (a value recorded earlier: detects truncation).
+        #[arg(long)]
+        expect_last: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,16 +268,63 @@ async fn main() -> ExitCode {
     }
 }
 
+fn audit_verify(
+    file: &PathBuf,
+    anchor: Option<&str>,
+    expect_last: Option<&str>,
+) -> Result<Value, String> {
+    let reader = std::fs::File::open(file)
+        .map(std::io::BufReader::new)
+        .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    match wrapd::audit::verify(reader, anchor, expect_last) {
+        Ok(verified) => Ok(json!({
+            "status": "intact",
+            "records": verified.records,
+            "anchor": verified.anchor,
+            "last_hash": verified.last_hash,
+        })),
+        Err(broken) => Err(format!("{}: broken at {broken}", file.display())),
+    }
+}
+
 fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
+/// Where and how to reach the daemon.
+struct Target {
+    socket: PathBuf,
+    endpoint: Option<String>,
+    tls: TlsFiles,
+}
+
+async fn connect(target: &Target) -> Result<Channel, String> {
+    match &target.endpoint {
+        Some(endpoint) => connect_tls(endpoint, &target.tls).await,
+        None => connect_unix(&target.socket).await,
+    }
+    .map_err(|e| e.to_string())
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = connect_unix(&cli.socket).await.map_err(|e| e.to_string())?;
+    let target = Target {
+        socket: cli.socket,
+        endpoint: cli.endpoint,
+        tls: TlsFiles {
+            ca: cli.ca,
+            cert: cli.cert,
+            key: cli.key,
+        },
+    };
     let out = match cli.command {
-        Command::Keys(cmd) => keys(channel, cmd).await?,
-        Command::Aliases(cmd) => aliases(channel, cmd).await?,
-        Command::Datakey(cmd) => datakey(channel, cmd).await?,
+        Command::Audit(AuditCommand::Verify {
+            ref file,
+            ref anchor,
+            ref expect_last,
+        }) => audit_verify(file, anchor.as_deref(), expect_last.as_deref())?,
+        Command::Keys(cmd) => keys(connect(&target).await?, cmd).await?,
+        Command::Aliases(cmd) => aliases(connect(&target).await?, cmd).await?,
+        Command::Datakey(cmd) => datakey(connect(&target).await?, cmd).await?,
     };
     if cli.json {
         println!("{out}");

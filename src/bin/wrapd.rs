@@ -34,6 +34,9 @@ enum Command {
         #[arg(long, default_value = ".wrapd-dev")]
         state_dir: PathBuf,
     },
+    /// Issue certificates for mutual TLS: a CA, server and client certificates (rcgen).
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Measure a running daemon (ops/s, latency percentiles) against the raw PKCS#11 rate.
     Bench {
         /// The running daemon's configuration (socket and token).
@@ -52,6 +55,89 @@ enum Command {
         #[arg(long = "op", value_enum)]
         ops: Vec<BenchOp>,
     },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a CA (DIR/ca.pem, DIR/ca.key) unless one exists.
+    Init {
+        /// Where the CA lives.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a certificate signed by the CA in DIR (writes DIR/OUT.pem and DIR/OUT.key).
+    Issue {
+        /// Where the CA lives.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[command(subcommand)]
+        kind: IssueKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum IssueKind {
+    /// A server certificate for DNS names and IP addresses.
+    Server {
+        /// A DNS name or IP address (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// File name stem.
+        #[arg(long, default_value = "server")]
+        out: String,
+    },
+    /// A client certificate naming a principal: a URI SAN, a DNS SAN, or a common name.
+    Client {
+        /// URI SAN, e.g. spiffe://example.org/payments (principal: the URI).
+        #[arg(long, group = "principal")]
+        uri: Option<String>,
+        /// DNS SAN (principal: dns:NAME).
+        #[arg(long, group = "principal")]
+        dns: Option<String>,
+        /// Common name only (principal: cn:NAME).
+        #[arg(long, group = "principal")]
+        cn: Option<String>,
+        /// File name stem.
+        #[arg(long)]
+        out: String,
+    },
+}
+
+fn pki(command: PkiCommand) -> Result<()> {
+    use wrapd::pki::{self, ClientName, Validity};
+    match command {
+        PkiCommand::Init { dir, days } => {
+            pki::init(&dir, Validity::days(days))?;
+            println!("{}", dir.join("ca.pem").display());
+        }
+        PkiCommand::Issue { dir, days, kind } => {
+            let ca = pki::read(&dir, "ca")?;
+            let validity = Validity::days(days);
+            let (out, pem) = match kind {
+                IssueKind::Server { names, out } => {
+                    (out, pki::issue_server(&ca, &names, validity)?)
+                }
+                IssueKind::Client { uri, dns, cn, out } => {
+                    let name = match (uri, dns, cn) {
+                        (Some(uri), _, _) => ClientName::Uri(uri),
+                        (_, Some(dns), _) => ClientName::Dns(dns),
+                        (_, _, Some(cn)) => ClientName::CommonName(cn),
+                        _ => return Err(Error::Config("give --uri, --dns or --cn".into())),
+                    };
+                    (out, pki::issue_client(&ca, &name, validity)?)
+                }
+            };
+            let (cert, key) = pki::write(&dir, &out, &pem)?;
+            println!("{} {}", cert.display(), key.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -77,6 +163,7 @@ fn run(command: Command) -> Result<()> {
             dev::provision(&setup, &config)?;
             serve(config, Some(&setup))
         }
+        Command::Pki(command) => pki(command),
         Command::Bench {
             config,
             key,

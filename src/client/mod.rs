@@ -7,18 +7,72 @@ use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use zeroize::Zeroizing;
 
 pub use crate::proto::data_key_service_client::DataKeyServiceClient;
 pub use crate::proto::key_service_client::KeyServiceClient;
 
 /// Connection failures, with the address that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to wrapd at {address}: {source}")]
+#[error("cannot connect to wrapd at {address}: {reason}")]
 pub struct ConnectError {
     address: String,
-    #[source]
-    source: tonic::transport::Error,
+    reason: String,
+}
+
+impl ConnectError {
+    fn new(address: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        // tonic's transport errors hide their cause in `source()`; keep the whole chain.
+        Self {
+            address: address.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Files for a mutual-TLS connection (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA certificate(s) the server's certificate must chain to.
+    pub ca: PathBuf,
+    /// Our client certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// Opens a gRPC channel to `https://host:port` with mutual TLS.
+pub async fn connect_tls(endpoint: &str, files: &TlsFiles) -> Result<Channel, ConnectError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map(Zeroizing::new).map_err(|e| {
+            ConnectError::new(endpoint, format!("cannot read {}: {e}", path.display()))
+        })
+    };
+    let ca = read(&files.ca)?;
+    let cert = read(&files.cert)?;
+    let key = read(&files.key)?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&*ca))
+        .identity(Identity::from_pem(&*cert, &*key));
+    Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| ConnectError::new(endpoint, chain(&e)))?
+        .tls_config(tls)
+        .map_err(|e| ConnectError::new(endpoint, chain(&e)))?
+        .connect()
+        .await
+        .map_err(|e| ConnectError::new(endpoint, chain(&e)))
 }
 
 /// Opens a gRPC channel over the daemon's unix socket.
@@ -32,5 +86,5 @@ pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Channel, ConnectErro
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
-        .map_err(|source| ConnectError { address, source })
+        .map_err(|e| ConnectError::new(address, chain(&e)))
 }
