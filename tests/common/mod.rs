@@ -126,6 +126,35 @@ impl DevDaemon {
         }
     }
 
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    }
+
+    /// A mutual-TLS channel to the TCP listener with the client certificate `dir/stem.pem`
+    /// (CA: the dev CA unless `ca` is given).
+    pub async fn tls_channel(
+        &self,
+        dir: &Path,
+        stem: &str,
+        ca: Option<&Path>,
+    ) -> Result<Channel, wrapd::client::ConnectError> {
+        let files = wrapd::client::TlsFiles {
+            ca: ca.map_or_else(|| self.dir().join("pki/ca.pem"), Path::to_owned),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}.key")),
+        };
+        wrapd::client::connect_tls(&format!("https://{}", self.tcp), &files).await
+    }
+
+    /// Starts a stopped daemon again on the same state dir.
+    pub fn restart_stopped(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
     /// Stops (SIGTERM) and starts again on the same state dir.
     pub fn restart(&mut self) {
         let status = self.stop();
@@ -143,6 +172,15 @@ impl DevDaemon {
             .collect()
     }
 
+    /// The audit log's lines.
+    pub fn audit_lines(&self) -> Vec<wrapd::audit::AuditRecord> {
+        std::fs::read_to_string(self.dir().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line"))
+            .collect()
+    }
+
     /// The daemon's generated config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("wrapd.toml")
@@ -155,6 +193,20 @@ impl Drop for DevDaemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true, for at most 10 s (state changes that
+/// happen in the daemon's background, such as a SIGHUP reload).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,0 +1,345 @@
+//! The audit log over a real daemon: every RPC leaves a line with the right principal and
+//! outcome, tampering is caught by `wrapctl audit verify`, and an unwritable log fails closed.
+
+mod common;
+
+use std::process::Command;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::{DevDaemon, assert_code, ctx, eventually};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use wrapd::proto::{
+    AliasRequest, CreateKeyRequest, GenerateDataKeyRequest, KeyRef, ListAliasesRequest,
+    ListKeysRequest, ReWrapRequest, ScheduleKeyDeletionRequest, UnwrapRequest, WrapRequest,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_is_audited_and_tampering_is_caught() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let mut data = daemon.data().await;
+    // (operation, expected outcome), in call order.
+    let mut expected: Vec<(&str, &str)> = Vec::new();
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    let context = ctx(&[("tenant", "acme"), ("purpose", "audit")]);
+
+    let key = keys
+        .create_key(CreateKeyRequest {
+            description: "audited".into(),
+            alias: "alias/audited".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push(("CreateKey", "OK"));
+    keys.describe_key(KeyRef {
+        key_id: "alias/audited".into(),
+    })
+    .await
+    .unwrap();
+    expected.push(("DescribeKey", "OK"));
+    keys.list_keys(ListKeysRequest::default()).await.unwrap();
+    expected.push(("ListKeys", "OK"));
+    let generated = data
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: key.key_id.clone(),
+            encryption_context: context.clone(),
+            number_of_bytes: 32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push(generated.plaintext.clone());
+    expected.push(("GenerateDataKey", "OK"));
+    data.generate_data_key_without_plaintext(GenerateDataKeyRequest {
+        key_id: key.key_id.clone(),
+        encryption_context: context.clone(),
+        number_of_bytes: 16,
+    })
+    .await
+    .unwrap();
+    expected.push(("GenerateDataKeyWithoutPlaintext", "OK"));
+    let plaintext = b"audit me not 0xdeadbeef".to_vec();
+    secrets.push(plaintext.clone());
+    let wrapped = data
+        .wrap(WrapRequest {
+            key_id: key.key_id.clone(),
+            plaintext,
+            encryption_context: context.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push(("Wrap", "OK"));
+    data.unwrap(UnwrapRequest {
+        ciphertext_blob: generated.ciphertext_blob.clone(),
+        encryption_context: context.clone(),
+        key_id: String::new(),
+    })
+    .await
+    .unwrap();
+    expected.push(("Unwrap", "OK"));
+    assert_code(
+        data.unwrap(UnwrapRequest {
+            ciphertext_blob: wrapped.ciphertext_blob.clone(),
+            encryption_context: ctx(&[]),
+            key_id: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    expected.push(("Unwrap", "INVALID_ARGUMENT"));
+    data.re_wrap(ReWrapRequest {
+        ciphertext_blob: wrapped.ciphertext_blob.clone(),
+        source_encryption_context: context.clone(),
+        destination_key_id: String::new(),
+        destination_encryption_context: context.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("ReWrap", "OK"));
+    keys.rotate_key(KeyRef {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("RotateKey", "OK"));
+    keys.disable_key(KeyRef {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("DisableKey", "OK"));
+    keys.enable_key(KeyRef {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("EnableKey", "OK"));
+    keys.create_alias(AliasRequest {
+        alias_name: "alias/second".into(),
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("CreateAlias", "OK"));
+    assert_code(
+        keys.create_alias(AliasRequest {
+            alias_name: "alias/second".into(),
+            key_id: key.key_id.clone(),
+        })
+        .await,
+        Code::AlreadyExists,
+    );
+    expected.push(("CreateAlias", "ALREADY_EXISTS"));
+    keys.update_alias(AliasRequest {
+        alias_name: "alias/second".into(),
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("UpdateAlias", "OK"));
+    keys.list_aliases(ListAliasesRequest::default())
+        .await
+        .unwrap();
+    expected.push(("ListAliases", "OK"));
+    keys.delete_alias(AliasRequest {
+        alias_name: "alias/second".into(),
+        key_id: String::new(),
+    })
+    .await
+    .unwrap();
+    expected.push(("DeleteAlias", "OK"));
+    keys.schedule_key_deletion(ScheduleKeyDeletionRequest {
+        key_id: key.key_id.clone(),
+        pending_window_days: 7,
+    })
+    .await
+    .unwrap();
+    expected.push(("ScheduleKeyDeletion", "OK"));
+    keys.cancel_key_deletion(KeyRef {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    expected.push(("CancelKeyDeletion", "OK"));
+    assert_code(
+        keys.describe_key(KeyRef {
+            key_id: "alias/missing".into(),
+        })
+        .await,
+        Code::NotFound,
+    );
+    expected.push(("DescribeKey", "NOT_FOUND"));
+
+    let lines = daemon.audit_lines();
+    let got: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|r| (r.operation.as_str(), r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "one line per call, in order, with its outcome"
+    );
+    for (i, record) in lines.iter().enumerate() {
+        assert_eq!(record.seq, i as u64 + 1);
+        assert_eq!(record.principal, "unix:uid=0");
+        assert_eq!(record.transport, "unix");
+        assert!(!record.request_id.is_empty());
+    }
+    let generate = lines
+        .iter()
+        .find(|r| r.operation == "GenerateDataKey")
+        .unwrap();
+    assert_eq!(generate.key_id.as_deref(), Some(key.key_id.as_str()));
+    assert_eq!(generate.key_version, Some(1));
+    assert_eq!(generate.context_keys, ["purpose", "tenant"]);
+    assert_eq!(generate.context_hash.as_ref().unwrap().len(), 64);
+
+    // No plaintext, data key or context value in the file, in any common encoding.
+    let text = std::fs::read_to_string(daemon.dir().join("audit.log")).unwrap();
+    assert!(!text.contains("acme"), "a context value was logged");
+    for secret in &secrets {
+        for form in [
+            hex::encode(secret),
+            B64.encode(secret),
+            String::from_utf8_lossy(secret).into_owned(),
+        ] {
+            assert!(
+                !text.contains(&form),
+                "a secret reached the audit log as {form:?}"
+            );
+        }
+    }
+
+    // `wrapctl audit verify`: intact, then edited, deleted and reordered lines.
+    let verify = |content: &str| {
+        let path = daemon.dir().join("audit-copy.log");
+        std::fs::write(&path, content).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .args(["audit", "verify"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = verify(&text);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("records: {}", expected.len())),
+        "{out}"
+    );
+    let original: Vec<&str> = text.lines().collect();
+    let join = |l: &[&str]| l.join("\n") + "\n";
+
+    let mut edited = original.clone();
+    let changed = original[3].replace("\"outcome\":\"OK\"", "\"outcome\":\"PERMISSION_DENIED\"");
+    assert_ne!(changed, original[3]);
+    edited[3] = &changed;
+    let (ok, out) = verify(&join(&edited));
+    assert!(!ok && out.contains("line 4"), "edit: {out}");
+
+    let mut deleted = original.clone();
+    deleted.remove(5);
+    let (ok, out) = verify(&join(&deleted));
+    assert!(!ok && out.contains("line 6"), "deletion: {out}");
+
+    let mut reordered = original.clone();
+    reordered.swap(7, 8);
+    let (ok, out) = verify(&join(&reordered));
+    assert!(!ok && out.contains("line 8"), "reorder: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_fails_closed() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let data = daemon.data().await;
+    let health = HealthClient::new(daemon.channel().await);
+    let key = keys
+        .create_key(CreateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let audit = daemon.dir().join("audit.log");
+    let status = |mut health: HealthClient<tonic::transport::Channel>| async move {
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    let generate = || GenerateDataKeyRequest {
+        key_id: key.key_id.clone(),
+        ..Default::default()
+    };
+
+    for broken in ["directory", "device"] {
+        // Rotate the log away and put something unwritable in its place, then reopen.
+        std::fs::rename(&audit, daemon.dir().join(format!("audit.log.{broken}"))).unwrap();
+        match broken {
+            "directory" => std::fs::create_dir(&audit).unwrap(),
+            _ => std::os::unix::fs::symlink("/dev/full", &audit).unwrap(),
+        }
+        daemon.signal(libc::SIGHUP);
+        eventually("operations fail closed", || {
+            let mut data = data.clone();
+            let request = generate();
+            async move {
+                matches!(data.generate_data_key(request).await, Err(s) if s.code() == Code::Unavailable)
+            }
+        })
+        .await;
+        let refused = assert_code(
+            keys.rotate_key(KeyRef {
+                key_id: key.key_id.clone(),
+            })
+            .await,
+            Code::Unavailable,
+        );
+        assert!(refused.message().contains("audit"), "{}", refused.message());
+        eventually("health says NOT_SERVING", || {
+            let health = health.clone();
+            async move { status(health).await == ServingStatus::NotServing as i32 }
+        })
+        .await;
+
+        // Repair and reopen: service resumes, health follows.
+        if broken == "directory" {
+            std::fs::remove_dir(&audit).unwrap();
+        } else {
+            std::fs::remove_file(&audit).unwrap();
+        }
+        daemon.signal(libc::SIGHUP);
+        eventually("operations resume", || {
+            let mut data = data.clone();
+            let request = generate();
+            async move { data.generate_data_key(request).await.is_ok() }
+        })
+        .await;
+        eventually("health says SERVING", || {
+            let health = health.clone();
+            async move { status(health).await == ServingStatus::Serving as i32 }
+        })
+        .await;
+    }
+
+    // The rotated-away file and the new one each verify; the new one anchors to the old end.
+    let old = std::fs::read_to_string(daemon.dir().join("audit.log.directory")).unwrap();
+    let old = wrapd::audit::verify(old.as_bytes(), Some(wrapd::audit::GENESIS), None).unwrap();
+    let mid = std::fs::read_to_string(daemon.dir().join("audit.log.device")).unwrap();
+    let mid = wrapd::audit::verify(mid.as_bytes(), Some(&old.last_hash), None).unwrap();
+    let new = std::fs::read_to_string(&audit).unwrap();
+    wrapd::audit::verify(new.as_bytes(), Some(&mid.last_hash), None).unwrap();
+}
