@@ -235,6 +235,11 @@ impl AuditLog {
         }
     }
 
+    /// True when appends wait for `fdatasync` ([`FsyncPolicy::Always`]).
+    pub fn syncs(&self) -> bool {
+        self.fsync == FsyncPolicy::Always
+    }
+
     /// Whether the last write succeeded.
     pub fn is_healthy(&self) -> bool {
         *self.healthy.borrow()

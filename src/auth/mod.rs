@@ -15,12 +15,13 @@ mod policy;
 mod unix;
 
 use std::fmt;
+use std::sync::Arc;
 
 use tonic::Request;
 
 pub use cert::principal_from_certificate;
 pub use policy::{Operation, Policy, PolicyHandle, Target};
-pub use unix::unix_principals;
+pub use unix::{UnixNames, unix_principals};
 
 use crate::error::{Error, Result};
 
@@ -47,7 +48,7 @@ impl Transport {
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// Every principal the caller has; the first is the main one (logs, audit).
-    pub principals: Vec<String>,
+    pub principals: Arc<[String]>,
     /// How it connected.
     pub transport: Transport,
     /// Peer detail for the log: `pid=N` or the remote address.
@@ -75,7 +76,7 @@ impl fmt::Display for Identity {
 
 /// The identity of a request's caller, from the connection it came in on.
 /// No identity is [`Error::Unauthenticated`].
-pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
+pub fn identity_of<T>(request: &Request<T>, names: &UnixNames) -> Result<Identity> {
     if let Some(info) = request
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
@@ -84,7 +85,7 @@ pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
             Error::Unauthenticated("no peer credentials on the unix socket".into())
         })?;
         return Ok(Identity {
-            principals: unix_principals(cred.uid(), cred.gid()),
+            principals: names.principals(cred.uid(), cred.gid()),
             transport: Transport::Unix,
             peer: cred
                 .pid()
@@ -99,7 +100,7 @@ pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
         .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
     let principal = principal_from_certificate(leaf)?;
     Ok(Identity {
-        principals: vec![principal],
+        principals: vec![principal].into(),
         transport: Transport::Tcp,
         peer: request
             .remote_addr()

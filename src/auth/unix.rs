@@ -1,6 +1,52 @@
 //! Principals of a unix socket peer, from its uid and gid.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
+
+/// How long resolved names are reused: user and group lookups read `/etc/passwd` and
+/// `/etc/group` (or ask NSS), far too slow for every call. Membership changes take effect
+/// within this time.
+const NAMES_TTL: Duration = Duration::from_secs(60);
+
+/// Principals resolved at a time.
+struct Resolved {
+    at: Instant,
+    principals: Arc<[String]>,
+}
+
+/// A cache of [`unix_principals`] per (uid, gid).
+#[derive(Default)]
+pub struct UnixNames {
+    cache: Mutex<HashMap<(u32, u32), Resolved>>,
+}
+
+impl UnixNames {
+    /// The principals of (uid, gid), resolved at most once per [`NAMES_TTL`].
+    pub fn principals(&self, uid: u32, gid: u32) -> Arc<[String]> {
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = cache.get(&(uid, gid)) {
+            if now.duration_since(hit.at) < NAMES_TTL {
+                return hit.principals.clone();
+            }
+        }
+        if cache.len() > 10_000 {
+            cache.clear(); // bounded: a flood of distinct ids cannot grow it without end
+        }
+        let principals: Arc<[String]> = unix_principals(uid, gid).into();
+        cache.insert(
+            (uid, gid),
+            Resolved {
+                at: now,
+                principals: principals.clone(),
+            },
+        );
+        principals
+    }
+}
 
 /// `unix:uid=N`, `unix:user=NAME`, `unix:gid=N`, `unix:group=NAME` for the primary group and
 /// every supplementary group of the user. Names that do not resolve are left out.

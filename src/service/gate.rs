@@ -12,7 +12,7 @@ use rand::RngCore;
 use tonic::{Request, Status};
 
 use crate::audit::{AuditEntry, AuditLog, sha256_hex};
-use crate::auth::{Identity, Operation, PolicyHandle, Target, identity_of};
+use crate::auth::{Identity, Operation, PolicyHandle, Target, UnixNames, identity_of};
 use crate::context::EncryptionContext;
 use crate::error::Error;
 
@@ -20,6 +20,7 @@ use crate::error::Error;
 pub struct Gate {
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
+    names: UnixNames,
 }
 
 /// One call in progress: who, what, and what to write in the audit line.
@@ -78,13 +79,17 @@ fn request_id<T>(request: &Request<T>) -> String {
 impl Gate {
     /// A gate with this policy and (optional) audit log.
     pub fn new(policy: Arc<PolicyHandle>, audit: Option<Arc<AuditLog>>) -> Self {
-        Self { policy, audit }
+        Self {
+            policy,
+            audit,
+            names: UnixNames::default(),
+        }
     }
 
     /// Starts a call: identifies the caller (the error, if any, is reported by `check`).
     pub fn begin<T>(&self, request: &Request<T>, op: Operation) -> Call {
         Call {
-            identity: identity_of(request),
+            identity: identity_of(request, &self.names),
             op,
             request_id: request_id(request),
             started: Instant::now(),
@@ -183,11 +188,16 @@ impl Gate {
             error: result.as_ref().err().map(|s| s.message().to_owned()),
             latency_us,
         };
-        // The append may fdatasync: keep it off the async workers.
-        let written = tokio::task::spawn_blocking(move || audit.append(entry))
-            .await
-            .map_err(|e| Error::Internal(format!("audit task failed: {e}")))
-            .and_then(|r| r);
+        let written = if audit.syncs() {
+            // The append waits for fdatasync: keep it off the async workers.
+            tokio::task::spawn_blocking(move || audit.append(entry))
+                .await
+                .map_err(|e| Error::Internal(format!("audit task failed: {e}")))
+                .and_then(|r| r)
+        } else {
+            // A buffered append is one short write(2).
+            audit.append(entry)
+        };
         match written {
             Ok(()) => result,
             Err(err) => Err(Status::from(err)),
