@@ -419,6 +419,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_and_policy_are_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pin(dir.path());
+        for example in [
+            include_str!("../softhsm-config/softhsm.toml"),
+            include_str!("../softhsm-config/cloudhsm.toml"),
+        ] {
+            // Point the PIN at a file that exists here; everything else as shipped.
+            let text: String = example
+                .lines()
+                .map(|l| {
+                    if l.starts_with("pin_file") || l.starts_with("pin_env") {
+                        "pin_file = \"pin\""
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let config = Config::parse(&text, dir.path()).unwrap();
+            assert!(config.tcp.is_some() && config.audit.is_some() && config.policy_file.is_some());
+        }
+        let policy =
+            crate::auth::Policy::parse(include_str!("../softhsm-config/policy.toml")).unwrap();
+        assert_eq!(policy.len(), 3);
+    }
+
+    #[test]
     fn config_errors_do_not_echo_the_pin() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pin"), "s3cret-pin\n").unwrap();

@@ -9,14 +9,18 @@
 //! Requests flow one way, and a module only uses the ones below it:
 //!
 //! ```text
-//! server (listeners, health, shutdown)  ->  service (gRPC handlers, validation)
+//! server (listeners, health, shutdown)  ->  auth (identity)  ->  auth (policy)
+//!   ->  service (gRPC handlers, validation, audit)
 //!   ->  keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
 //! ```
 //!
 //! | module | what lives there |
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, unix listener, health, reflection, background tasks, graceful shutdown, logging |
-//! | [`service`] | `wrapd.v1.DataKeyService` and `wrapd.v1.KeyService` |
+//! | [`service`] | `wrapd.v1.DataKeyService` and `wrapd.v1.KeyService`, and the gate every call passes (identity, policy, audit line) |
+//! | [`auth`] | caller identities (unix peer credentials, client certificates) and the policy |
+//! | [`audit`] | the hash-chained audit log and its verifier (the verifier is client-side too) |
+//! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
 //! | [`keystore`] | key lifecycle and data-key operations; the [`keystore::MetadataStore`] boundary and its SQLite implementation |
 //! | [`hsm`] | the only PKCS#11 code: the [`hsm::Token`] trait, its cryptoki implementation, the session pool, dev token provisioning |
 //! | [`blob`] | the ciphertext blob format |
