@@ -24,7 +24,7 @@ pub struct UnixNames {
 }
 
 impl UnixNames {
-    /// The principals of (uid, gid), resolved at most once per [`NAMES_TTL`].
+    /// The principals of (uid, gid), resolved at most once a minute.
     pub fn principals(&self, uid: u32, gid: u32) -> Arc<[String]> {
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
