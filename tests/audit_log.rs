@@ -343,3 +343,70 @@ async fn an_unwritable_audit_log_fails_closed() {
     let new = std::fs::read_to_string(&audit).unwrap();
     wrapd::audit::verify(new.as_bytes(), Some(&mid.last_hash), None).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_audit_file_fails_closed() {
+    // Root ignores file modes; without CAP_DAC_OVERRIDE it obeys them like anyone else.
+    let daemon = DevDaemon::start_with(
+        &[],
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            "--",
+        ],
+    );
+    let mut keys = daemon.keys().await;
+    let key = keys
+        .create_key(CreateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let audit = daemon.dir().join("audit.log");
+    std::fs::set_permissions(&audit, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    daemon.signal(libc::SIGHUP);
+    // Poll with a read-only call, so nothing changes while the reopen is pending.
+    eventually("operations fail closed on a read-only audit file", || {
+        let mut keys = keys.clone();
+        let key_id = key.key_id.clone();
+        async move {
+            matches!(keys.describe_key(KeyRef { key_id }).await, Err(s) if s.code() == Code::Unavailable)
+        }
+    })
+    .await;
+    assert_code(
+        keys.rotate_key(KeyRef {
+            key_id: key.key_id.clone(),
+        })
+        .await,
+        Code::Unavailable,
+    );
+    let mut data = daemon.data().await;
+    assert_code(
+        data.generate_data_key(GenerateDataKeyRequest {
+            key_id: key.key_id.clone(),
+            ..Default::default()
+        })
+        .await,
+        Code::Unavailable,
+    );
+    // Nothing was done behind the log's back: the rotation was refused before it happened.
+    std::fs::set_permissions(&audit, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("operations resume", || {
+        let mut keys = keys.clone();
+        let key_id = key.key_id.clone();
+        async move { keys.describe_key(KeyRef { key_id }).await.is_ok() }
+    })
+    .await;
+    let described = keys
+        .describe_key(KeyRef {
+            key_id: key.key_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.current_version, 1);
+    let text = std::fs::read_to_string(&audit).unwrap();
+    wrapd::audit::verify(text.as_bytes(), Some(wrapd::audit::GENESIS), None).unwrap();
+}

@@ -25,6 +25,8 @@ pub struct DevDaemon {
     log_path: PathBuf,
     starts: usize,
     env: Vec<(String, String)>,
+    /// A command (and its arguments) the daemon runs under, e.g. `setpriv ...`.
+    wrapper: Vec<String>,
 }
 
 impl DevDaemon {
@@ -35,6 +37,11 @@ impl DevDaemon {
 
     /// Starts a daemon with extra environment variables (e.g. `RUST_LOG`).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(env, &[])
+    }
+
+    /// Starts a daemon under a wrapper command (`wrapper[0] wrapper[1..] wrapd dev ...`).
+    pub fn start_with(env: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("wrapd-test-")
             .tempdir()
@@ -50,6 +57,7 @@ impl DevDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         daemon.spawn();
         daemon
@@ -63,7 +71,14 @@ impl DevDaemon {
         self.log_path = self.dir.path().join(format!("daemon-{}.log", self.starts));
         self.starts += 1;
         let log = File::create(&self.log_path).expect("log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapd"));
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_wrapd"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_wrapd")),
+        };
         command
             .args(["dev", "--state-dir"])
             .arg(self.dir.path())
