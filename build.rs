@@ -4,7 +4,11 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/wrapd/v1/data_key.proto", "proto/wrapd/v1/key.proto"];
+    let files = [
+        "proto/wrapd/v1/data_key.proto",
+        "proto/wrapd/v1/key.proto",
+        "proto/kms/v2/api.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use crate::audit::FsyncPolicy;
 use crate::error::{Error, Result};
 use crate::hsm::{HsmConfig, HsmProfile, Pin};
+use crate::ids::KeyRef;
 use crate::keystore::KeystoreConfig;
 
 /// The file as written.
@@ -27,6 +28,7 @@ struct RawConfig {
     tcp: Option<RawTcp>,
     policy: Option<RawPolicyRef>,
     audit: Option<RawAudit>,
+    kms: Option<RawKms>,
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
@@ -91,6 +93,22 @@ struct RawAudit {
     file: PathBuf,
     #[serde(default)]
     fsync: FsyncPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKms {
+    path: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    mode: String,
+    key: String,
+    principal: String,
+    #[serde(default = "default_healthz_cache_ms")]
+    healthz_cache_ms: u64,
+}
+
+fn default_healthz_cache_ms() -> u64 {
+    10_000
 }
 
 fn default_socket_mode() -> String {
@@ -173,6 +191,19 @@ pub struct AuditConfig {
     pub fsync: FsyncPolicy,
 }
 
+/// The Kubernetes KMS v2 plugin endpoint.
+#[derive(Debug, Clone)]
+pub struct KmsConfig {
+    /// Its own unix socket.
+    pub socket: UnixListenerConfig,
+    /// The wrapd key (id or alias) that wraps the apiserver's DEKs.
+    pub key: KeyRef,
+    /// The policy principal the plugin acts as.
+    pub principal: String,
+    /// How long a successful (or failed) token round trip answers Status.
+    pub healthz_cache: Duration,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -190,6 +221,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// The audit log; `None` disables auditing (a warning at start-up).
     pub audit: Option<AuditConfig>,
+    /// The Kubernetes KMS v2 plugin endpoint.
+    pub kms: Option<KmsConfig>,
     /// Key store settings.
     pub keystore: KeystoreConfig,
     /// How often due deletions are carried out.
@@ -272,15 +305,27 @@ impl Config {
         let unix = raw
             .unix
             .map(|u| {
-                let mode = u32::from_str_radix(u.mode.trim_start_matches("0o"), 8)
-                    .ok()
-                    .filter(|m| *m <= 0o777)
-                    .ok_or_else(|| {
-                        Error::Config(format!("unix.mode {:?} is not an octal file mode", u.mode))
-                    })?;
                 Ok::<_, Error>(UnixListenerConfig {
                     path: resolve(&u.path),
-                    mode,
+                    mode: parse_mode("unix.mode", &u.mode)?,
+                })
+            })
+            .transpose()?;
+        let kms = raw
+            .kms
+            .map(|k| {
+                if k.principal.is_empty() {
+                    return Err(Error::Config("kms.principal must not be empty".into()));
+                }
+                Ok::<_, Error>(KmsConfig {
+                    socket: UnixListenerConfig {
+                        path: resolve(&k.path),
+                        mode: parse_mode("kms.mode", &k.mode)?,
+                    },
+                    key: KeyRef::parse(&k.key)
+                        .map_err(|e| Error::Config(format!("kms.key: {e}")))?,
+                    principal: k.principal,
+                    healthz_cache: Duration::from_millis(k.healthz_cache_ms),
                 })
             })
             .transpose()?;
@@ -319,6 +364,7 @@ impl Config {
             unix,
             tcp,
             policy_file: raw.policy.map(|p| resolve(&p.file)),
+            kms,
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),
                 fsync: a.fsync,
@@ -331,6 +377,13 @@ impl Config {
             log_format: raw.log.format,
         })
     }
+}
+
+fn parse_mode(field: &str, mode: &str) -> Result<u32> {
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| Error::Config(format!("{field} {mode:?} is not an octal file mode")))
 }
 
 impl Error {

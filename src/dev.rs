@@ -20,10 +20,16 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hsm::{Pin, provision_softhsm_token};
+use crate::ids::{AliasName, KeyRef};
+use crate::keystore::Keystore;
 use crate::pki;
 
 /// Label of the dev token.
 pub const DEV_TOKEN_LABEL: &str = "wrapd-dev";
+/// The key behind the dev KMS plugin socket.
+pub const KUBERNETES_ALIAS: &str = "alias/kubernetes";
+/// The policy principal the dev KMS plugin acts as.
+pub const KMS_PRINCIPAL: &str = "wrapd:kubernetes-kms";
 
 /// Where SoftHSM's module is usually installed; `WRAPD_PKCS11_MODULE` overrides.
 const SOFTHSM_MODULE_PATHS: &[&str] = &[
@@ -144,6 +150,12 @@ description = "dev: the invoking user may do everything, on the unix socket and 
 principals = ["unix:uid={uid}", "{principal}"]
 operations = ["all"]
 keys = ["*"]
+
+[[grant]]
+description = "dev: the Kubernetes KMS v2 plugin socket wraps and unwraps with alias/kubernetes"
+principals = ["{KMS_PRINCIPAL}"]
+operations = ["Wrap", "Unwrap"]
+keys = ["{KUBERNETES_ALIAS}"]
 "#
             )
             .as_bytes(),
@@ -181,6 +193,14 @@ listen = "127.0.0.1:0"
 cert = "pki/server.pem"
 key = "pki/server.key"
 client_ca = "pki/ca.pem"
+
+# The Kubernetes KMS v2 plugin, backed by {KUBERNETES_ALIAS} (created on first run).
+[kms]
+path = "kms.sock"
+mode = "0600"
+key = "{KUBERNETES_ALIAS}"
+principal = "{KMS_PRINCIPAL}"
+healthz_cache_ms = 5000
 
 [policy]
 file = "policy.toml"
@@ -225,6 +245,20 @@ pub fn provision(setup: &DevSetup, config: &Config) -> Result<()> {
         tracing::info!(label = %config.hsm.token_label, "created the dev token");
     }
     Ok(())
+}
+
+/// Creates the key behind the dev KMS plugin (`alias/kubernetes`) unless it exists.
+pub fn ensure_kubernetes_key(keystore: &Keystore) -> Result<()> {
+    let alias = AliasName::parse(KUBERNETES_ALIAS)?;
+    match keystore.resolve(&KeyRef::Alias(alias.clone())) {
+        Ok(_) => Ok(()),
+        Err(Error::NotFound(_)) => {
+            let key = keystore.create_key("Kubernetes KMS v2 plugin (wrapd dev)", Some(&alias))?;
+            tracing::info!(key_id = %key.id, alias = KUBERNETES_ALIAS, "created the dev Kubernetes key");
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {

@@ -32,6 +32,7 @@
 //! | [`client`] | the thin client: connecting to a daemon (no server dependencies) |
 //! | [`error`] | the crate's error type and its mapping to gRPC codes |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
+//! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`service::KmsApi`]) |
 //!
 //! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl.rs` (CLI).
 
@@ -70,7 +71,14 @@ pub use error::{Error, Result};
 pub mod proto {
     tonic::include_proto!("wrapd.v1");
 
-    /// The encoded file descriptor set of `wrapd.v1`, for gRPC reflection.
+    /// The encoded file descriptor set of `wrapd.v1` and `v2` (KMS), for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/wrapd_descriptor.bin"));
+}
+
+/// Code generated from `proto/kms/v2/api.proto`: the Kubernetes KMS v2 plugin API
+/// (package `v2`).
+#[allow(missing_docs, clippy::all)]
+pub mod kms_proto {
+    tonic::include_proto!("v2");
 }

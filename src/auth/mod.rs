@@ -32,6 +32,8 @@ pub enum Transport {
     Unix,
     /// TCP with mutual TLS.
     Tcp,
+    /// The Kubernetes KMS plugin socket (the caller acts as the configured principal).
+    Kms,
 }
 
 impl Transport {
@@ -40,6 +42,7 @@ impl Transport {
         match self {
             Self::Unix => "unix",
             Self::Tcp => "tcp",
+            Self::Kms => "kms",
         }
     }
 }
@@ -71,6 +74,30 @@ impl fmt::Display for Identity {
             self.transport.as_str(),
             self.peer
         )
+    }
+}
+
+/// The identity of a call on the KMS plugin socket: the configured principal, with the
+/// peer's uid and pid for the record.
+pub fn kms_identity<T>(request: &Request<T>, principal: &str) -> Identity {
+    let peer = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map_or_else(
+            || "?".to_owned(),
+            |cred| {
+                format!(
+                    "uid={} pid={}",
+                    cred.uid(),
+                    cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
+                )
+            },
+        );
+    Identity {
+        principals: vec![principal.to_owned()].into(),
+        transport: Transport::Kms,
+        peer,
     }
 }
 

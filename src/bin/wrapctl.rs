@@ -35,28 +35,28 @@ struct Cli {
     endpoint: Option<String>,
     /// CA certificate for --endpoint (PEM).
     #[arg(
-        long,
+        long = "tls-ca",
         env = "WRAPD_CA",
         global = true,
         default_value = ".wrapd-dev/pki/ca.pem"
     )]
-    ca: PathBuf,
+    tls_ca: PathBuf,
     /// Client certificate for --endpoint (PEM).
     #[arg(
-        long,
+        long = "tls-cert",
         env = "WRAPD_CERT",
         global = true,
         default_value = ".wrapd-dev/pki/client.pem"
     )]
-    cert: PathBuf,
+    tls_cert: PathBuf,
     /// Client key for --endpoint (PEM).
     #[arg(
-        long,
+        long = "tls-key",
         env = "WRAPD_KEY",
         global = true,
         default_value = ".wrapd-dev/pki/client.key"
     )]
-    key: PathBuf,
+    tls_key: PathBuf,
     /// Print machine-readable JSON (bytes as base64).
     #[arg(long, global = true)]
     json: bool,
@@ -311,9 +311,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         socket: cli.socket,
         endpoint: cli.endpoint,
         tls: TlsFiles {
-            ca: cli.ca,
-            cert: cli.cert,
-            key: cli.key,
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
         },
     };
     let out = match cli.command {
@@ -613,5 +613,16 @@ async fn datakey(channel: Channel, cmd: DatakeyCommand) -> Result<Value, String>
                 "key_version": r.key_version,
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches clashing argument names and other definition errors clap reports at runtime.
+        super::Cli::command().debug_assert();
     }
 }

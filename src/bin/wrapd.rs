@@ -215,6 +215,12 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
     runtime()?.block_on(async {
         let shutdown = shutdown_signal()?;
         let daemon = Daemon::open(config).await?;
+        if dev.is_some() {
+            let keystore = daemon.keystore().clone();
+            tokio::task::spawn_blocking(move || dev::ensure_kubernetes_key(&keystore))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+        }
         daemon
             .serve(shutdown, |ready| {
                 use std::io::Write;
@@ -225,4 +231,15 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
             })
             .await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches clashing argument names and other definition errors clap reports at runtime.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -23,6 +23,9 @@ use super::{HsmConfig, HsmProfile, ObjectId, Sealed, Token};
 use crate::blob::{IV_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
+/// At most one context re-initialization per this interval because of a missing object.
+const MISSING_RESET_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// CloudHSM refuses single-part GCM buffers above 16 KB.
 const CLOUDHSM_MAX_GCM_BYTES: usize = 16 * 1024;
 
@@ -42,6 +45,8 @@ struct Inner {
     /// garbled attributes) when objects change while other sessions use it; changes are rare
     /// control-plane operations, so queueing them costs nothing on the hot path.
     object_store: RwLock<()>,
+    /// When a missing object last made us re-initialize the context (see `handle`).
+    last_missing_reset: Mutex<Option<Instant>>,
 }
 
 /// Converts a cryptoki error: the one place that does. `device_fault` marks errors after
@@ -114,6 +119,7 @@ impl Pkcs11Token {
                 config,
                 handles: Mutex::new(HashMap::new()),
                 object_store: RwLock::new(()),
+                last_missing_reset: Mutex::new(None),
             }),
         };
         token.with_session(|_, _| Ok(())).map_err(|err| match err {
@@ -161,10 +167,27 @@ impl Pkcs11Token {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(err) => return Err(p11_error(err)),
         }
-        for slot in pkcs11.get_slots_with_token().map_err(p11_error)? {
-            let info = pkcs11.get_token_info(slot).map_err(p11_error)?;
-            if info.label() == config.token_label {
-                return Ok(Context { pkcs11, slot });
+        let found = pkcs11
+            .get_slots_with_token()
+            .map_err(p11_error)
+            .and_then(|slots| {
+                for slot in slots {
+                    let info = pkcs11.get_token_info(slot).map_err(p11_error)?;
+                    if info.label() == config.token_label {
+                        return Ok(Some(slot));
+                    }
+                }
+                Ok(None)
+            });
+        match found {
+            Ok(Some(slot)) => return Ok(Context { pkcs11, slot }),
+            Ok(None) => {
+                // Leave the library uninitialized for the next attempt.
+                let _ = pkcs11.finalize();
+            }
+            Err(err) => {
+                let _ = pkcs11.finalize();
+                return Err(err);
             }
         }
         Err(Error::Unavailable(format!(
@@ -248,13 +271,35 @@ impl Pkcs11Token {
                     .insert(object.clone(), *handle);
                 Ok(*handle)
             }
-            [] => Err(Error::Unavailable(format!(
-                "the token has no object for {object}: key material is missing (see the daemon log)"
-            ))),
+            [] => {
+                // The metadata says this object exists. Either it was lost, or the library's
+                // view of the token is stale (SoftHSM does not see a token directory that was
+                // moved away and back). A fresh context answers which, so retire this one,
+                // at most every MISSING_RESET_INTERVAL so that a really lost key cannot make
+                // every other call pay for re-initialization.
+                self.reset_for_missing(object);
+                Err(Error::Unavailable(format!(
+                    "the token has no object for {object}: key material is missing (see the daemon log)"
+                )))
+            }
             _ => Err(Error::Internal(format!(
                 "the token has {} objects for {object}",
                 found.len()
             ))),
+        }
+    }
+
+    fn reset_for_missing(&self, object: &ObjectId) {
+        let mut last = self
+            .inner
+            .last_missing_reset
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= MISSING_RESET_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::error!(object = %object, "key object not found in the token; re-initializing the PKCS#11 context");
+            self.clear_handles();
+            self.inner.pool.retire_context();
         }
     }
 

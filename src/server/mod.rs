@@ -30,13 +30,17 @@ pub use unix::bind_unix_socket;
 
 use crate::audit::AuditLog;
 use crate::auth::PolicyHandle;
-use crate::config::{Config, TcpListenerConfig, UnixListenerConfig};
+use crate::config::{Config, KmsConfig, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
 use crate::hsm::Pkcs11Token;
 use crate::keystore::{Keystore, SqliteStore, SystemClock};
+use crate::kms_proto::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::data_key_service_server::DataKeyServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::service::{DataKeyApi, Gate, KeyApi};
+use crate::service::{DataKeyApi, Gate, KeyApi, KmsApi};
+
+/// Largest message the KMS plugin socket decodes.
+const KMS_MAX_MESSAGE: usize = 64 * 1024;
 
 /// How long a graceful shutdown waits for in-flight calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,10 +55,12 @@ pub struct Ready {
     pub socket: Option<PathBuf>,
     /// The TCP address actually bound.
     pub tcp: Option<SocketAddr>,
+    /// The Kubernetes KMS v2 plugin socket.
+    pub kms: Option<PathBuf>,
 }
 
 impl Ready {
-    /// The ready line printed on stdout: `wrapd ready socket=PATH tcp=ADDR`.
+    /// The ready line printed on stdout: `wrapd ready socket=PATH tcp=ADDR kms=PATH`.
     pub fn line(&self) -> String {
         let mut line = "wrapd ready".to_owned();
         if let Some(socket) = &self.socket {
@@ -62,6 +68,9 @@ impl Ready {
         }
         if let Some(tcp) = &self.tcp {
             line.push_str(&format!(" tcp={tcp}"));
+        }
+        if let Some(kms) = &self.kms {
+            line.push_str(&format!(" kms={}", kms.display()));
         }
         line
     }
@@ -71,6 +80,7 @@ impl Ready {
 pub struct Daemon {
     unix: Option<UnixListenerConfig>,
     tcp: Option<TcpListenerConfig>,
+    kms: Option<KmsConfig>,
     deletion_check_interval: Duration,
     token: Pkcs11Token,
     keystore: Arc<Keystore>,
@@ -95,6 +105,7 @@ impl Daemon {
             tcp,
             policy_file,
             audit,
+            kms,
             keystore,
             deletion_check_interval,
             ..
@@ -122,6 +133,7 @@ impl Daemon {
         Ok(Self {
             unix,
             tcp,
+            kms,
             deletion_check_interval,
             token,
             keystore: Arc::new(keystore),
@@ -196,6 +208,7 @@ impl Daemon {
         let mut ready = Ready {
             socket: None,
             tcp: None,
+            kms: None,
         };
         if let Some(unix) = &self.unix {
             let listener = bind_unix_socket(&unix.path, unix.mode)?;
@@ -218,6 +231,25 @@ impl Daemon {
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
             );
             ready.tcp = Some(addr);
+        }
+
+        if let Some(kms) = &self.kms {
+            let listener = bind_unix_socket(&kms.socket.path, kms.socket.mode)?;
+            let api = KmsApi::new(
+                self.keystore.clone(),
+                gate.clone(),
+                kms.key.clone(),
+                kms.principal.clone(),
+                kms.healthz_cache,
+            );
+            // The KMS v2 API's messages are small: refuse anything far larger.
+            let service =
+                KeyManagementServiceServer::new(api).max_decoding_message_size(KMS_MAX_MESSAGE);
+            let router = Server::builder().add_service(service);
+            servers.spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
+            );
+            ready.kms = Some(kms.socket.path.clone());
         }
 
         let background = [
@@ -266,8 +298,9 @@ impl Daemon {
             task.abort();
         }
         set_health(&health, ServingStatus::NotServing).await;
-        if let Some(unix) = &self.unix {
-            if let Err(err) = std::fs::remove_file(&unix.path) {
+        let sockets = self.unix.iter().chain(self.kms.iter().map(|k| &k.socket));
+        for socket in sockets {
+            if let Err(err) = std::fs::remove_file(&socket.path) {
                 tracing::debug!(error = %err, "could not remove the socket file");
             }
         }

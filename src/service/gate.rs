@@ -99,6 +99,26 @@ impl Gate {
         }
     }
 
+    /// Starts a call for a caller identified by other means (the KMS plugin socket), with the
+    /// caller's own request id (the apiserver's uid).
+    pub fn begin_as<T>(
+        &self,
+        request: &Request<T>,
+        op: Operation,
+        identity: Identity,
+        request_id: &str,
+    ) -> Call {
+        let mut call = self.begin(request, op);
+        call.identity = Ok(identity);
+        if !request_id.is_empty()
+            && request_id.len() <= 128
+            && request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            call.request_id = request_id.to_owned();
+        }
+        call
+    }
+
     /// May this caller do this to `target`? Fails closed while the audit log is unwritable.
     pub fn check(
         &self,

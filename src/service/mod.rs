@@ -3,12 +3,14 @@
 //! results to messages.
 //!
 //! `data_key.rs` is the data plane (`DataKeyService`), `key.rs` the control plane
-//! (`KeyService`), `gate.rs` the identity/policy/audit gate both pass through. Errors become
+//! (`KeyService`), `kms.rs` the Kubernetes KMS v2 plugin (`v2.KeyManagementService`),
+//! `gate.rs` the identity/policy/audit gate they all pass through. Errors become
 //! `tonic::Status` through the one mapping in [`crate::error`].
 
 mod data_key;
 mod gate;
 mod key;
+mod kms;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tonic::Status;
 pub use data_key::DataKeyApi;
 pub use gate::{Call, Gate, code_name};
 pub use key::{KeyApi, key_metadata};
+pub use kms::KmsApi;
 
 use crate::auth::Target;
 use crate::blob::Blob;

@@ -67,6 +67,11 @@ impl DevDaemon {
         self.dir.path()
     }
 
+    /// The Kubernetes KMS v2 plugin socket.
+    pub fn kms_socket(&self) -> PathBuf {
+        self.dir.path().join("kms.sock")
+    }
+
     fn spawn(&mut self) {
         self.log_path = self.dir.path().join(format!("daemon-{}.log", self.starts));
         self.starts += 1;
@@ -106,9 +111,13 @@ impl DevDaemon {
                 )
             });
         let prefix = format!("wrapd ready socket={} tcp=", self.socket.display());
-        let tcp = line
+        let rest = line
             .strip_prefix(&prefix)
             .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
+        let kms = format!(" kms={}", self.kms_socket().display());
+        let tcp = rest
+            .strip_suffix(&kms)
+            .unwrap_or_else(|| panic!("no kms socket in the ready line {line:?}"));
         self.tcp = tcp.parse().expect("tcp address in the ready line");
         self.child = Some(child);
     }

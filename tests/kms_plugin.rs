@@ -1,0 +1,236 @@
+//! The Kubernetes KMS v2 plugin socket, driven by a client generated from the same proto as
+//! a kube-apiserver's: status, rotation, round trips, bad ciphertexts, an unavailable token.
+
+mod common;
+
+use common::{DevDaemon, assert_code, eventually};
+use tonic::Code;
+use tonic::transport::Channel;
+use wrapd::client::connect_unix;
+use wrapd::kms_proto::key_management_service_client::KeyManagementServiceClient;
+use wrapd::kms_proto::{DecryptRequest, EncryptRequest, StatusRequest, StatusResponse};
+use wrapd::proto::KeyRef;
+
+async fn kms(daemon: &DevDaemon) -> KeyManagementServiceClient<Channel> {
+    KeyManagementServiceClient::new(connect_unix(daemon.kms_socket()).await.unwrap())
+}
+
+async fn status(client: &mut KeyManagementServiceClient<Channel>) -> StatusResponse {
+    client.status(StatusRequest {}).await.unwrap().into_inner()
+}
+
+fn decrypt(ciphertext: &[u8], key_id: &str, uid: &str) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: ciphertext.to_vec(),
+        uid: uid.into(),
+        key_id: key_id.into(),
+        annotations: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_encrypt_decrypt_across_rotations() {
+    let daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    let mut keys = daemon.keys().await;
+    let key = keys
+        .describe_key(KeyRef {
+            key_id: "alias/kubernetes".into(),
+        })
+        .await
+        .expect("wrapd dev creates alias/kubernetes")
+        .into_inner();
+
+    let first = status(&mut client).await;
+    assert_eq!(first.version, "v2");
+    assert_eq!(first.healthz, "ok");
+    assert_eq!(first.key_id, format!("{}:1", key.key_id));
+
+    // Encrypt/decrypt across two rotations; every earlier ciphertext keeps decrypting.
+    let mut issued = Vec::new();
+    for round in 1..=3u32 {
+        let dek = vec![round as u8; 32];
+        let encrypted = client
+            .encrypt(EncryptRequest {
+                plaintext: dek.clone(),
+                uid: format!("uid-enc-{round}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(encrypted.key_id, format!("{}:{round}", key.key_id));
+        assert!(encrypted.ciphertext.len() < 1024 && encrypted.key_id.len() < 1024);
+        for name in encrypted.annotations.keys() {
+            assert!(
+                name.contains('.'),
+                "annotation keys are fully qualified: {name}"
+            );
+        }
+        issued.push((dek, encrypted));
+        if round < 3 {
+            keys.rotate_key(KeyRef {
+                key_id: "alias/kubernetes".into(),
+            })
+            .await
+            .unwrap();
+            let after = status(&mut client).await;
+            assert_eq!(
+                after.key_id,
+                format!("{}:{}", key.key_id, round + 1),
+                "key_id follows rotation"
+            );
+            assert_eq!(after.healthz, "ok");
+        }
+    }
+    for (i, (dek, encrypted)) in issued.iter().enumerate() {
+        let plaintext = client
+            .decrypt(decrypt(
+                &encrypted.ciphertext,
+                &encrypted.key_id,
+                &format!("uid-dec-{i}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext;
+        assert_eq!(&plaintext, dek);
+    }
+
+    // A corrupted ciphertext, a key_id that does not go with it, an unknown key_id.
+    let (_, encrypted) = &issued[0];
+    let mut corrupted = encrypted.ciphertext.clone();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0x01;
+    assert_code(
+        client
+            .decrypt(decrypt(&corrupted, &encrypted.key_id, "u"))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        client
+            .decrypt(decrypt(&encrypted.ciphertext, &issued[1].1.key_id, "u"))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        client
+            .decrypt(decrypt(
+                &encrypted.ciphertext,
+                "key/00000000000000000000000000000000:1",
+                "u",
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        client
+            .decrypt(decrypt(b"not a blob", &encrypted.key_id, "u"))
+            .await,
+        Code::InvalidArgument,
+    );
+    // Requests larger than the API allows.
+    assert_code(
+        client
+            .encrypt(EncryptRequest {
+                plaintext: vec![0; 4096],
+                uid: "big".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        client
+            .encrypt(EncryptRequest {
+                plaintext: vec![],
+                uid: "empty".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    let huge = client
+        .decrypt(decrypt(&vec![0; 200 * 1024], &encrypted.key_id, "huge"))
+        .await
+        .expect_err("an oversized message must be refused");
+    assert!(
+        matches!(
+            huge.code(),
+            Code::ResourceExhausted | Code::InvalidArgument | Code::OutOfRange
+        ),
+        "{huge:?}"
+    );
+
+    // The apiserver's uid is the audit request id, under the plugin's principal.
+    let audit = daemon.audit_lines();
+    let decrypted = audit
+        .iter()
+        .find(|r| r.request_id == "uid-dec-0")
+        .expect("uid audited");
+    assert_eq!(decrypted.operation, "Unwrap");
+    assert_eq!(decrypted.principal, wrapd::dev::KMS_PRINCIPAL);
+    assert_eq!(decrypted.transport, "kms");
+    assert_eq!(decrypted.outcome, "OK");
+    assert!(
+        audit.iter().any(|r| r.request_id == "uid-enc-3"
+            && r.operation == "Wrap"
+            && r.key_version == Some(3))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_not_ok_when_the_key_cannot_be_used() {
+    let mut daemon = DevDaemon::start();
+    // A short health cache so that the test sees changes quickly.
+    daemon.stop();
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        config.replace("healthz_cache_ms = 5000", "healthz_cache_ms = 50"),
+    )
+    .unwrap();
+    daemon.restart_stopped();
+    let mut client = kms(&daemon).await;
+    assert_eq!(status(&mut client).await.healthz, "ok");
+
+    // The token loses the key material (the object files disappear from the token dir):
+    // the round trip fails, healthz says why, and Encrypt is UNAVAILABLE.
+    let tokens = daemon.dir().join("tokens");
+    let moved = daemon.dir().join("tokens-away");
+    std::fs::rename(&tokens, &moved).unwrap();
+    eventually("healthz reports the token problem", || {
+        let mut client = client.clone();
+        async move { status(&mut client).await.healthz != "ok" }
+    })
+    .await;
+    let encrypted = client
+        .encrypt(EncryptRequest {
+            plaintext: vec![7; 32],
+            uid: "u".into(),
+        })
+        .await;
+    assert!(
+        encrypted.is_err(),
+        "encrypt must fail while the token is away"
+    );
+
+    // The token comes back: healthy again, without a restart.
+    std::fs::rename(&moved, &tokens).unwrap();
+    eventually("healthz is ok again", || {
+        let mut client = client.clone();
+        async move { status(&mut client).await.healthz == "ok" }
+    })
+    .await;
+
+    // A disabled key is not healthy either.
+    let mut keys = daemon.keys().await;
+    keys.disable_key(KeyRef {
+        key_id: "alias/kubernetes".into(),
+    })
+    .await
+    .unwrap();
+    eventually("healthz reports the disabled key", || {
+        let mut client = client.clone();
+        async move { status(&mut client).await.healthz.contains("disabled") }
+    })
+    .await;
+}
