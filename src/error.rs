@@ -41,10 +41,10 @@ pub enum Error {
     Pkcs11 {
         /// The PKCS#11 function that failed, e.g. `C_Encrypt`.
         function: String,
-        /// The return value (e.g. `DeviceError`) or the library error.
+        /// The return value (e.g. `CKR_DeviceError`) or the library error.
         rv: String,
-        /// True when the fault is in the token or its connection, so a retry may succeed.
-        device_fault: bool,
+        /// What failed: the device, the session, or the call itself.
+        fault: Pkcs11Fault,
     },
     /// The metadata store failed (INTERNAL).
     #[error("metadata store: {0}")]
@@ -55,6 +55,18 @@ pub enum Error {
     /// Anything else (INTERNAL).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Where a PKCS#11 failure lies, which decides what is retried and re-initialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pkcs11Fault {
+    /// The token, the library or the connection to the HSM: re-initialize the context
+    /// (UNAVAILABLE to callers).
+    Device,
+    /// One session is unusable: replace it (UNAVAILABLE to callers).
+    Session,
+    /// The call itself was refused (a bug or a misconfiguration: INTERNAL).
+    Call,
 }
 
 /// Shorthand used throughout the crate.
@@ -78,13 +90,10 @@ impl Error {
             Self::Unavailable(_) => Code::Unavailable,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Pkcs11 { device_fault, .. } => {
-                if *device_fault {
-                    Code::Unavailable
-                } else {
-                    Code::Internal
-                }
-            }
+            Self::Pkcs11 { fault, .. } => match fault {
+                Pkcs11Fault::Device | Pkcs11Fault::Session => Code::Unavailable,
+                Pkcs11Fault::Call => Code::Internal,
+            },
             Self::Store(_) | Self::Config(_) | Self::Internal(_) => Code::Internal,
         }
     }

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::error::Result;
 use crate::ids::KeyId;
 
-pub use pkcs11::Pkcs11Token;
+pub use pkcs11::{Fault, Pkcs11Token};
 pub use provision::provision_softhsm_token;
 
 /// One key version's object in the token: key id + version, stored as `CKA_ID`

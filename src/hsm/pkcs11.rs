@@ -5,7 +5,8 @@
 //! Object handles are cached per context (no `C_FindObjects` per request); a stale handle is
 //! looked up again once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -21,7 +22,7 @@ use zeroize::Zeroizing;
 use super::pool::{Context, Outcome, Pool};
 use super::{HsmConfig, HsmProfile, ObjectId, Sealed, Token};
 use crate::blob::{IV_LEN, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::error::{Error, Pkcs11Fault, Result};
 
 /// At most one context re-initialization per this interval because of a missing object.
 const MISSING_RESET_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -47,60 +48,77 @@ struct Inner {
     object_store: RwLock<()>,
     /// When a missing object last made us re-initialize the context (see `handle`).
     last_missing_reset: Mutex<Option<Instant>>,
+    /// Faults to inject into the next calls (fault tests).
+    faults: Mutex<VecDeque<Fault>>,
+    /// PKCS#11 contexts initialized so far (1 after start; +1 per re-initialization).
+    contexts: AtomicU64,
 }
 
-/// Converts a cryptoki error: the one place that does. `device_fault` marks errors after
-/// which the context should be re-initialized (token gone, device error, library state).
+/// A fault to inject into a coming PKCS#11 call, for fault tests: the call fails (or stalls)
+/// as if the token had done it, and the pool reacts as it would to the real thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `CKR_DEVICE_ERROR`: the context is retired and re-initialized.
+    DeviceError,
+    /// `CKR_SESSION_HANDLE_INVALID`: the session is dropped and replaced.
+    SessionInvalid,
+    /// The call holds its session this long before running (a slow HSM).
+    Stall(std::time::Duration),
+}
+
+/// Converts a cryptoki error: the one place that does. The fault kind decides what happens
+/// next: a device fault re-initializes the context, a session fault replaces the session.
 pub(super) fn p11_error(err: CkError) -> Error {
     match err {
         CkError::Pkcs11(rv, function) => Error::Pkcs11 {
             function: format!("C_{function:?}"),
             rv: format!("CKR_{rv:?}"),
-            device_fault: is_device_fault(rv),
+            fault: fault_of(rv),
         },
         CkError::LibraryLoading(e) => Error::Pkcs11 {
             function: "load module".to_owned(),
             rv: e.to_string(),
-            device_fault: true,
+            fault: Pkcs11Fault::Device,
         },
         other => Error::Pkcs11 {
             function: "cryptoki".to_owned(),
             rv: other.to_string(),
-            device_fault: false,
+            fault: Pkcs11Fault::Call,
         },
     }
 }
 
-fn is_device_fault(rv: RvError) -> bool {
-    matches!(
-        rv,
+fn fault_of(rv: RvError) -> Pkcs11Fault {
+    match rv {
         RvError::DeviceError
-            | RvError::DeviceMemory
-            | RvError::DeviceRemoved
-            | RvError::TokenNotPresent
-            | RvError::TokenNotRecognized
-            | RvError::CryptokiNotInitialized
-            | RvError::GeneralError
-            | RvError::FunctionFailed
-            | RvError::HostMemory
-            | RvError::SessionCount
-            | RvError::SlotIdInvalid
-    )
+        | RvError::DeviceMemory
+        | RvError::DeviceRemoved
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::CryptokiNotInitialized
+        | RvError::GeneralError
+        | RvError::FunctionFailed
+        | RvError::HostMemory
+        | RvError::SessionCount
+        | RvError::SlotIdInvalid => Pkcs11Fault::Device,
+        RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::UserNotLoggedIn => {
+            Pkcs11Fault::Session
+        }
+        _ => Pkcs11Fault::Call,
+    }
 }
 
 /// How a failed call affects its session.
 fn outcome_of(err: &Error) -> Outcome {
     match err {
         Error::Pkcs11 {
-            device_fault: true, ..
+            fault: Pkcs11Fault::Device,
+            ..
         } => Outcome::DeviceFault,
-        Error::Pkcs11 { rv, .. }
-            if rv == "CKR_SessionHandleInvalid"
-                || rv == "CKR_SessionClosed"
-                || rv == "CKR_UserNotLoggedIn" =>
-        {
-            Outcome::SessionBroken
-        }
+        Error::Pkcs11 {
+            fault: Pkcs11Fault::Session,
+            ..
+        } => Outcome::SessionBroken,
         _ => Outcome::Healthy,
     }
 }
@@ -120,14 +138,18 @@ impl Pkcs11Token {
                 handles: Mutex::new(HashMap::new()),
                 object_store: RwLock::new(()),
                 last_missing_reset: Mutex::new(None),
+                faults: Mutex::new(VecDeque::new()),
+                contexts: AtomicU64::new(0),
             }),
         };
-        token.with_session(|_, _| Ok(())).map_err(|err| match err {
-            Error::Pkcs11 { function, rv, .. } if rv == "CKR_PinIncorrect" => {
-                Error::Config(format!("{function}: the PIN is incorrect ({rv})"))
-            }
-            other => other,
-        })?;
+        token
+            .with_session(false, |_, _| Ok(()))
+            .map_err(|err| match err {
+                Error::Pkcs11 { function, rv, .. } if rv == "CKR_PinIncorrect" => {
+                    Error::Config(format!("{function}: the PIN is incorrect ({rv})"))
+                }
+                other => other,
+            })?;
         Ok(token)
     }
 
@@ -227,8 +249,32 @@ impl Pkcs11Token {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on a pooled session and returns the session with the call's outcome.
-    fn with_session<T>(&self, f: impl FnOnce(&Session, &Self) -> Result<T>) -> Result<T> {
+    /// Queues faults for the coming calls, one per call (fault tests).
+    pub fn inject(&self, fault: Fault, times: usize) {
+        let mut faults = self.inner.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// How many PKCS#11 contexts have been initialized (re-initializations show here).
+    pub fn contexts_initialized(&self) -> u64 {
+        self.inner.contexts.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on a pooled session. With `retry`, a call that failed because its session or
+    /// the device failed runs once more on a fresh session (after re-initialization for a
+    /// device fault); only idempotent calls may retry.
+    fn with_session<T>(&self, retry: bool, f: impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
+        match self.attempt(&f) {
+            Err(err) if retry && outcome_of(&err) != Outcome::Healthy => {
+                tracing::warn!(error = %err, "PKCS#11 call failed; retrying once on a fresh session");
+                self.attempt(&f)
+            }
+            other => other,
+        }
+    }
+
+    /// One checkout, call and checkin.
+    fn attempt<T>(&self, f: &impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
         let config = &self.inner.config;
         let deadline = Instant::now() + config.session_wait;
         let loan = self.inner.pool.checkout(
@@ -236,11 +282,34 @@ impl Pkcs11Token {
             || {
                 // A new context has new handles.
                 self.clear_handles();
-                Self::connect(config)
+                let context = Self::connect(config)?;
+                self.inner.contexts.fetch_add(1, Ordering::Relaxed);
+                Ok(context)
             },
             |context| Self::open_session(config, context),
         )?;
-        let result = f(&loan.session, self);
+        let fault = self
+            .inner
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let injected = |rv: &str, fault| Error::Pkcs11 {
+            function: "C_* (injected)".to_owned(),
+            rv: rv.to_owned(),
+            fault,
+        };
+        let result = match fault {
+            Some(Fault::DeviceError) => Err(injected("CKR_DeviceError", Pkcs11Fault::Device)),
+            Some(Fault::SessionInvalid) => {
+                Err(injected("CKR_SessionHandleInvalid", Pkcs11Fault::Session))
+            }
+            Some(Fault::Stall(duration)) => {
+                std::thread::sleep(duration);
+                f(&loan.session, self)
+            }
+            None => f(&loan.session, self),
+        };
         let outcome = match &result {
             Ok(_) => Outcome::Healthy,
             Err(err) => outcome_of(err),
@@ -400,7 +469,7 @@ impl Token for Pkcs11Token {
             Attribute::Label(format!("wrapd {object}").into_bytes()),
         ];
         let _exclusive = self.exclusive();
-        self.with_session(|session, _| {
+        self.with_session(false, |session, _| {
             let handle = session
                 .generate_key(&Mechanism::AesKeyGen, &template)
                 .map_err(p11_error)?;
@@ -415,7 +484,9 @@ impl Token for Pkcs11Token {
 
     fn encrypt(&self, object: &ObjectId, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
         let _shared = self.shared();
-        self.with_session(|session, this| this.seal(session, object, plaintext, aad))
+        self.with_session(true, |session, this| {
+            this.seal(session, object, plaintext, aad)
+        })
     }
 
     fn generate_and_encrypt(
@@ -425,7 +496,7 @@ impl Token for Pkcs11Token {
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, Sealed)> {
         let _shared = self.shared();
-        self.with_session(|session, this| {
+        self.with_session(true, |session, this| {
             let mut plaintext = Zeroizing::new(vec![0u8; len]);
             session
                 .generate_random_slice(&mut plaintext)
@@ -443,7 +514,7 @@ impl Token for Pkcs11Token {
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
         let _shared = self.shared();
-        self.with_session(|session, this| {
+        self.with_session(true, |session, this| {
             this.with_handle(session, object, |handle| {
                 let mut iv = iv.to_vec();
                 let params = GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8))
@@ -470,7 +541,7 @@ impl Token for Pkcs11Token {
 
     fn destroy_key(&self, object: &ObjectId) -> Result<()> {
         let _exclusive = self.exclusive();
-        self.with_session(|session, _| {
+        self.with_session(false, |session, _| {
             let template = [
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Id(object.cka_id()),
@@ -485,7 +556,7 @@ impl Token for Pkcs11Token {
 
     fn list_keys(&self) -> Result<Vec<ObjectId>> {
         let _shared = self.shared();
-        self.with_session(|session, _| {
+        self.with_session(true, |session, _| {
             let handles = session
                 .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
                 .map_err(p11_error)?;
@@ -510,6 +581,8 @@ impl Token for Pkcs11Token {
 
     fn ping(&self) -> Result<()> {
         let _shared = self.shared();
-        self.with_session(|session, _| session.get_session_info().map(|_| ()).map_err(p11_error))
+        self.with_session(false, |session, _| {
+            session.get_session_info().map(|_| ()).map_err(p11_error)
+        })
     }
 }

@@ -13,7 +13,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Pkcs11Fault, Result};
 
 /// A live PKCS#11 context and the slot of our token.
 #[derive(Clone)]
@@ -108,7 +108,7 @@ impl Pool {
                             let fault = matches!(
                                 err,
                                 Error::Pkcs11 {
-                                    device_fault: true,
+                                    fault: Pkcs11Fault::Device,
                                     ..
                                 }
                             );

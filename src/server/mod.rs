@@ -39,6 +39,10 @@ use crate::proto::data_key_service_server::DataKeyServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::service::{DataKeyApi, Gate, KeyApi, KmsApi};
 
+/// Largest request `wrapd.v1` decodes: the largest valid one (ReWrap with two 8 KiB contexts
+/// and a 4 KiB blob) is about 25 KiB, so anything far larger is refused before it costs memory.
+const API_MAX_MESSAGE: usize = 256 * 1024;
+
 /// Largest message the KMS plugin socket decodes.
 const KMS_MAX_MESSAGE: usize = 64 * 1024;
 
@@ -173,14 +177,14 @@ impl Daemon {
             .add_service(health.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(DataKeyServiceServer::new(DataKeyApi::new(
-                self.keystore.clone(),
-                gate.clone(),
-            )))
-            .add_service(KeyServiceServer::new(KeyApi::new(
-                self.keystore.clone(),
-                gate.clone(),
-            ))))
+            .add_service(
+                DataKeyServiceServer::new(DataKeyApi::new(self.keystore.clone(), gate.clone()))
+                    .max_decoding_message_size(API_MAX_MESSAGE),
+            )
+            .add_service(
+                KeyServiceServer::new(KeyApi::new(self.keystore.clone(), gate.clone()))
+                    .max_decoding_message_size(API_MAX_MESSAGE),
+            ))
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish

@@ -173,6 +173,13 @@ impl DevDaemon {
         wrapd::client::connect_tls(&format!("https://{}", self.tcp), &files).await
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
     /// Starts a stopped daemon again on the same state dir.
     pub fn restart_stopped(&mut self) {
         assert!(self.child.is_none(), "still running");

@@ -1,0 +1,138 @@
+//! Raw garbage, half-open connections and oversized messages on the unix socket and the TCP
+//! port neither crash the daemon nor starve other clients.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::{DevDaemon, create_key};
+use tonic::Code;
+use wrapd::proto::{GenerateDataKeyRequest, ListKeysRequest, UnwrapRequest, WrapRequest};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn garbage() -> Vec<Vec<u8>> {
+    let mut frames = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![0u8; 4096],
+        (0..=255u8).cycle().take(10_000).collect(),
+        // The HTTP/2 preface, then a frame header announcing a 16 MiB DATA frame.
+        [
+            H2_PREFACE,
+            &[0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ]
+        .concat(),
+        // The preface, then a SETTINGS frame with a broken length.
+        [
+            H2_PREFACE,
+            &[
+                0x00, 0x00, 0x05, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 1, 2, 3, 4, 5,
+            ],
+        ]
+        .concat(),
+        // A TLS ClientHello-looking record that lies about its length.
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00, 0xff, 0xfc],
+    ];
+    frames.push(H2_PREFACE.to_vec());
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_half_open_connections_do_not_hurt_other_clients() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = create_key(&mut keys, "").await;
+
+    // Half-open connections that never speak, on both listeners, held open throughout.
+    let idle_unix: Vec<_> = (0..64)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    let idle_tcp: Vec<_> = (0..64)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    // Garbage on both listeners.
+    for bytes in garbage() {
+        let mut unix = UnixStream::connect(&daemon.socket).unwrap();
+        let _ = unix.write_all(&bytes);
+        let mut tcp = TcpStream::connect(daemon.tcp).unwrap();
+        let _ = tcp.write_all(&bytes);
+        let kms = std::os::unix::net::UnixStream::connect(daemon.kms_socket());
+        if let Ok(mut kms) = kms {
+            let _ = kms.write_all(&bytes);
+        }
+    }
+
+    // Well-behaved clients are served, on every listener, within their deadline.
+    let mut data = daemon.data().await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        data.generate_data_key(GenerateDataKeyRequest {
+            key_id: key.key_id.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("unix client starved")
+    .unwrap();
+    let pki = daemon.dir().join("pki");
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        daemon.tls_channel(&pki, "client", None),
+    )
+    .await
+    .expect("TLS handshake starved")
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        wrapd::client::KeyServiceClient::new(tls).list_keys(ListKeysRequest::default()),
+    )
+    .await
+    .expect("TLS client starved")
+    .unwrap();
+
+    // Oversized messages are refused without harm.
+    let huge = data
+        .wrap(WrapRequest {
+            key_id: key.key_id.clone(),
+            plaintext: vec![0; 8 * 1024 * 1024],
+            encryption_context: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            huge.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{huge:?}"
+    );
+    let big_blob = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: vec![0x57; 1024 * 1024],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            big_blob.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{big_blob:?}"
+    );
+
+    drop(idle_unix);
+    drop(idle_tcp);
+    // Still alive and serving.
+    data.generate_data_key(GenerateDataKeyRequest {
+        key_id: key.key_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let log = daemon.log();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+}
