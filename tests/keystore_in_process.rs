@@ -208,3 +208,48 @@ fn the_wrap_limit_rotates_the_key() {
         "version 3 had a reservation, so a new version is used"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Against the real token: any change to a blob (bytes flipped anywhere, cut, extended)
+    /// or to its context fails authentication, with the one uniform error.
+    #[test]
+    fn any_mutation_fails_authentication(
+        flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 1u8..), 0..4),
+        cut in 0usize..3,
+        extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),
+        other_context in proptest::prelude::any::<bool>(),
+    ) {
+        static FIXTURE: OnceLock<(Fixture, Vec<u8>)> = OnceLock::new();
+        let (f, blob) = FIXTURE.get_or_init(|| {
+            let f = fixture(KeystoreConfig::default());
+            let key = f.keystore.create_key("", None).unwrap();
+            let blob = f.keystore.wrap(&KeyRef::Id(key.id.clone()), b"property", &ctx()).unwrap().blob;
+            (f, blob)
+        });
+        let mut mutated = blob.clone();
+        for (index, xor) in &flips {
+            let i = index.index(mutated.len());
+            mutated[i] ^= xor;
+        }
+        mutated.truncate(mutated.len() - cut);
+        mutated.extend(&extra);
+        let context = if other_context {
+            EncryptionContext::from_entries([("app".to_owned(), "other".to_owned())]).unwrap()
+        } else {
+            ctx()
+        };
+        let changed = mutated != *blob || other_context;
+        match f.keystore.unwrap(&mutated, &context, None) {
+            Ok(unwrapped) => {
+                proptest::prop_assert!(!changed, "a changed blob or context unwrapped");
+                proptest::prop_assert_eq!(&*unwrapped.plaintext, b"property");
+            }
+            Err(err) => {
+                proptest::prop_assert!(changed);
+                proptest::prop_assert!(matches!(err, Error::InvalidCiphertext), "{}", err);
+            }
+        }
+    }
+}
