@@ -34,6 +34,25 @@ enum Command {
         #[arg(long, default_value = ".wrapd-dev")]
         state_dir: PathBuf,
     },
+    /// Soak a running daemon: mixed GenerateDataKey/Unwrap/ReWrap from many clients while keys
+    /// rotate; prints errors, latency percentiles and the daemon's memory at start and end.
+    Soak {
+        /// The running daemon's configuration (its unix socket).
+        #[arg(long)]
+        config: PathBuf,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Keys to spread the load over.
+        #[arg(long, default_value_t = 4)]
+        keys: usize,
+        /// Milliseconds between rotations.
+        #[arg(long, default_value_t = 500)]
+        rotate_every_ms: u64,
+    },
     /// Issue certificates for mutual TLS: a CA, server and client certificates (rcgen).
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -164,6 +183,28 @@ fn run(command: Command) -> Result<()> {
             serve(config, Some(&setup))
         }
         Command::Pki(command) => pki(command),
+        Command::Soak {
+            config,
+            concurrency,
+            seconds,
+            keys,
+            rotate_every_ms,
+        } => {
+            let config = load(&config)?;
+            let options = bench::SoakOptions {
+                concurrency: concurrency.clamp(1, 1024),
+                duration: Duration::from_secs(seconds.max(1)),
+                keys: keys.clamp(1, 100),
+                rotate_every: Duration::from_millis(rotate_every_ms.max(10)),
+            };
+            let report = runtime()?.block_on(bench::soak(config, options))?;
+            print!("{}", bench::format_soak(&report));
+            if report.errors.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Internal("the soak saw errors".into()))
+            }
+        }
         Command::Bench {
             config,
             key,
