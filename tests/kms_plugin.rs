@@ -6,6 +6,9 @@ mod common;
 use common::{DevDaemon, assert_code, eventually};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use wrapd::client::connect_unix;
 use wrapd::kms_proto::key_management_service_client::KeyManagementServiceClient;
 use wrapd::kms_proto::{DecryptRequest, EncryptRequest, StatusRequest, StatusResponse};
@@ -212,12 +215,33 @@ async fn healthz_is_not_ok_when_the_key_cannot_be_used() {
         encrypted.is_err(),
         "encrypt must fail while the token is away"
     );
+    let health = HealthClient::new(daemon.channel().await);
+    let serving = |health: HealthClient<Channel>| async move {
+        let mut health = health;
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            .unwrap_or(false)
+    };
+    eventually("gRPC health says NOT_SERVING", || {
+        let health = health.clone();
+        async move { !serving(health).await }
+    })
+    .await;
 
     // The token comes back: healthy again, without a restart.
     std::fs::rename(&moved, &tokens).unwrap();
     eventually("healthz is ok again", || {
         let mut client = client.clone();
         async move { status(&mut client).await.healthz == "ok" }
+    })
+    .await;
+    eventually("gRPC health says SERVING again", || {
+        let health = health.clone();
+        async move { serving(health).await }
     })
     .await;
 

@@ -10,9 +10,10 @@ mod pkcs11;
 mod pool;
 mod provision;
 
+use std::cell::Cell;
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -21,6 +22,25 @@ use crate::ids::KeyId;
 
 pub use pkcs11::{Fault, Pkcs11Token};
 pub use provision::provision_softhsm_token;
+
+thread_local! {
+    /// The deadline of the call running on this thread, if its caller set one.
+    static CALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (on this thread) with the caller's deadline in force: a call waiting for a free
+/// session gives up at the earlier of this deadline and `session_wait`.
+pub fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
+    let previous = CALL_DEADLINE.replace(deadline);
+    let result = f();
+    CALL_DEADLINE.set(previous);
+    result
+}
+
+/// The deadline set by [`with_deadline`] on this thread.
+pub(crate) fn call_deadline() -> Option<Instant> {
+    CALL_DEADLINE.get()
+}
 
 /// One key version's object in the token: key id + version, stored as `CKA_ID`
 /// (`key/<hex>:<version>`) and in the `CKA_LABEL`.

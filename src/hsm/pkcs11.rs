@@ -276,7 +276,10 @@ impl Pkcs11Token {
     /// One checkout, call and checkin.
     fn attempt<T>(&self, f: &impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
         let config = &self.inner.config;
-        let deadline = Instant::now() + config.session_wait;
+        let mut deadline = Instant::now() + config.session_wait;
+        if let Some(caller) = super::call_deadline() {
+            deadline = deadline.min(caller);
+        }
         let loan = self.inner.pool.checkout(
             deadline,
             || {

@@ -177,6 +177,8 @@ pub struct Keystore {
     missing: RwLock<HashSet<ObjectId>>,
     /// Serializes control-plane changes so that the view follows the store in order.
     admin: Mutex<()>,
+    /// The health probe's blob (see `probe`).
+    probe: Mutex<Option<Vec<u8>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,6 +245,7 @@ impl Keystore {
             counters: Mutex::new(HashMap::new()),
             missing: RwLock::new(HashSet::new()),
             admin: Mutex::new(()),
+            probe: Mutex::new(None),
         };
         keystore.reload()?;
         keystore.reconcile()?;
@@ -292,6 +295,36 @@ impl Keystore {
         *self.missing.write().unwrap_or_else(|e| e.into_inner()) =
             report.missing.iter().cloned().collect();
         Ok(report)
+    }
+
+    /// A real check that the token can serve, for the health service: unwraps a probe blob
+    /// (made once, by one counted wrap with some enabled key) through the token, so that a
+    /// token that lost its objects shows as NOT_SERVING. Without any enabled key, a session
+    /// check. Token faults are errors; a probe key that was disabled or deleted is replaced.
+    pub fn probe(&self) -> Result<()> {
+        let context = EncryptionContext::default();
+        let cached = lock(&self.probe).clone();
+        if let Some(blob) = cached {
+            match self.unwrap(&blob, &context, None) {
+                Ok(_) => return Ok(()),
+                Err(err) if err.code() == tonic::Code::Unavailable => return Err(err),
+                Err(_) => *lock(&self.probe) = None, // the probe key changed state: replace it
+            }
+        }
+        let key = self
+            .read_view()
+            .keys
+            .values()
+            .filter(|k| k.state == KeyState::Enabled)
+            .min_by_key(|k| k.created_at)
+            .map(|k| k.id.clone());
+        let Some(id) = key else {
+            return self.token.ping();
+        };
+        let wrapped = self.wrap(&KeyRef::Id(id), b"wrapd health probe", &context)?;
+        self.unwrap(&wrapped.blob, &context, None)?;
+        *lock(&self.probe) = Some(wrapped.blob);
+        Ok(())
     }
 
     /// True when the version's token object was found missing at reconciliation.

@@ -50,7 +50,7 @@ const KMS_MAX_MESSAGE: usize = 64 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the health task checks the token.
-const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Where the daemon serves, reported once it is ready.
 #[derive(Debug, Clone)]
@@ -402,7 +402,7 @@ async fn health_task(
             _ = ticker.tick() => {
                 let ks = keystore.clone();
                 token_ok = matches!(
-                    tokio::task::spawn_blocking(move || ks.token().ping()).await,
+                    tokio::task::spawn_blocking(move || ks.probe()).await,
                     Ok(Ok(()))
                 );
             }

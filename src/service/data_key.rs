@@ -45,7 +45,7 @@ impl DataKeyService for DataKeyApi {
             call.context(&ctx);
             self.gate
                 .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let mut generated = blocking(&self.keystore, move |ks| {
+            let mut generated = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.generate_data_key(&key, req.number_of_bytes, &ctx)
             })
             .await?;
@@ -82,7 +82,7 @@ impl DataKeyService for DataKeyApi {
             call.context(&ctx);
             self.gate
                 .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let generated = blocking(&self.keystore, move |ks| {
+            let generated = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.generate_data_key(&key, req.number_of_bytes, &ctx)
             })
             .await?;
@@ -114,8 +114,10 @@ impl DataKeyService for DataKeyApi {
             call.context(&ctx);
             self.gate
                 .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let wrapped =
-                blocking(&self.keystore, move |ks| ks.wrap(&key, &plaintext, &ctx)).await?;
+            let wrapped = blocking(&self.keystore, call.deadline(), move |ks| {
+                ks.wrap(&key, &plaintext, &ctx)
+            })
+            .await?;
             call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
             Ok(Response::new(WrapResponse {
                 ciphertext_blob: wrapped.blob,
@@ -146,7 +148,7 @@ impl DataKeyService for DataKeyApi {
                     .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
             }
             let blob = req.ciphertext_blob;
-            let mut unwrapped = blocking(&self.keystore, move |ks| {
+            let mut unwrapped = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.unwrap(&blob, &ctx, expected.as_ref())
             })
             .await?;
@@ -189,7 +191,7 @@ impl DataKeyService for DataKeyApi {
                 )?;
             }
             let blob = req.ciphertext_blob;
-            let rewrapped = blocking(&self.keystore, move |ks| {
+            let rewrapped = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.rewrap(&blob, &source_ctx, destination.as_ref(), &destination_ctx)
             })
             .await?;

@@ -29,6 +29,7 @@ pub struct Call {
     op: Operation,
     request_id: String,
     started: Instant,
+    deadline: Option<Instant>,
     key_id: Option<String>,
     key_version: Option<u32>,
     context: Option<(Vec<String>, String)>,
@@ -49,6 +50,11 @@ impl Call {
             context.iter().map(|(k, _)| k.to_owned()).collect(),
             sha256_hex(&context.serialize()),
         ));
+    }
+
+    /// The caller's deadline, if it sent one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// The caller, for log fields.
@@ -93,6 +99,7 @@ impl Gate {
             op,
             request_id: request_id(request),
             started: Instant::now(),
+            deadline: super::deadline_of(request),
             key_id: None,
             key_version: None,
             context: None,

@@ -91,7 +91,7 @@ impl KeyApi {
         call: &mut Call,
         f: impl FnOnce(&Keystore) -> crate::Result<Arc<KeyRecord>> + Send + 'static,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let metadata = blocking(&self.keystore, move |ks| {
+        let metadata = blocking(&self.keystore, call.deadline(), move |ks| {
             f(ks).map(|key| key_metadata(ks, &key))
         })
         .await?;
@@ -167,7 +167,7 @@ impl KeyService for KeyApi {
         let result = async {
             self.gate.check(&call, &Target::Any, None)?;
             let req = request.into_inner();
-            let response = blocking(&self.keystore, move |ks| {
+            let response = blocking(&self.keystore, call.deadline(), move |ks| {
                 let page = ks.list_keys(req.page_size, &req.page_token)?;
                 Ok(ListKeysResponse {
                     keys: page.items.iter().map(|k| key_metadata(ks, k)).collect(),
@@ -243,7 +243,10 @@ impl KeyService for KeyApi {
             let key = key_ref(&req.key_id)?;
             call.key(key.to_string(), None);
             self.check_alias(&call, &alias, Some(&key))?;
-            let created = blocking(&self.keystore, move |ks| ks.create_alias(&alias, &key)).await?;
+            let created = blocking(&self.keystore, call.deadline(), move |ks| {
+                ks.create_alias(&alias, &key)
+            })
+            .await?;
             call.key(created.1.to_string(), None);
             Ok(Response::new(alias_message(created)))
         }
@@ -264,7 +267,10 @@ impl KeyService for KeyApi {
             let key = key_ref(&req.key_id)?;
             call.key(key.to_string(), None);
             self.check_alias(&call, &alias, Some(&key))?;
-            let updated = blocking(&self.keystore, move |ks| ks.update_alias(&alias, &key)).await?;
+            let updated = blocking(&self.keystore, call.deadline(), move |ks| {
+                ks.update_alias(&alias, &key)
+            })
+            .await?;
             call.key(updated.1.to_string(), None);
             Ok(Response::new(alias_message(updated)))
         }
@@ -282,7 +288,10 @@ impl KeyService for KeyApi {
             self.gate.check_some(&call)?;
             let alias = alias_name(&request.get_ref().alias_name)?;
             self.check_alias(&call, &alias, None)?;
-            let deleted = blocking(&self.keystore, move |ks| ks.delete_alias(&alias)).await?;
+            let deleted = blocking(&self.keystore, call.deadline(), move |ks| {
+                ks.delete_alias(&alias)
+            })
+            .await?;
             call.key(deleted.1.to_string(), None);
             Ok(Response::new(alias_message(deleted)))
         }
@@ -308,7 +317,7 @@ impl KeyService for KeyApi {
                 None => Target::Any,
             };
             self.gate.check(&call, &target, None)?;
-            let response = blocking(&self.keystore, move |ks| {
+            let response = blocking(&self.keystore, call.deadline(), move |ks| {
                 let page = ks.list_aliases(key.as_ref(), req.page_size, &req.page_token)?;
                 Ok(ListAliasesResponse {
                     aliases: page.items.into_iter().map(alias_message).collect(),

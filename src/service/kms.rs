@@ -81,7 +81,7 @@ impl KmsApi {
             }
         }
         let key = self.key.clone();
-        let healthz = match blocking(&self.keystore, move |ks| {
+        let healthz = match blocking(&self.keystore, None, move |ks| {
             let probe = Zeroizing::new(b"wrapd kms health probe".to_vec());
             let context = EncryptionContext::default();
             let wrapped = ks.wrap(&key, &probe, &context)?;
@@ -156,7 +156,7 @@ impl KeyManagementService for KmsApi {
                 Some(&EncryptionContext::default()),
             )?;
             let key = self.key.clone();
-            let wrapped = blocking(&self.keystore, move |ks| {
+            let wrapped = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.wrap(&key, &plaintext, &EncryptionContext::default())
             })
             .await?;
@@ -205,7 +205,7 @@ impl KeyManagementService for KmsApi {
                     .check(&call, &target_of(&self.keystore, &key), Some(&context))?;
             }
             let ciphertext = req.ciphertext;
-            let mut unwrapped = blocking(&self.keystore, move |ks| {
+            let mut unwrapped = blocking(&self.keystore, call.deadline(), move |ks| {
                 ks.unwrap(&ciphertext, &context, None)
             })
             .await?;

@@ -14,6 +14,7 @@ mod kms;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tonic::Status;
 
@@ -26,17 +27,20 @@ use crate::auth::Target;
 use crate::blob::Blob;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
+use crate::hsm::with_deadline;
 use crate::ids::KeyRef;
 use crate::keystore::Keystore;
 
-/// Runs a blocking key store call on tokio's blocking pool. A panic in it becomes INTERNAL
-/// for this request instead of taking the daemon down.
+/// Runs a blocking key store call on tokio's blocking pool, with the caller's deadline in
+/// force for HSM session waits. A panic in it becomes INTERNAL for this request instead of
+/// taking the daemon down.
 async fn blocking<T: Send + 'static>(
     keystore: &Arc<Keystore>,
+    deadline: Option<Instant>,
     f: impl FnOnce(&Keystore) -> Result<T> + Send + 'static,
 ) -> Result<T, Status> {
     let keystore = keystore.clone();
-    match tokio::task::spawn_blocking(move || f(&keystore)).await {
+    match tokio::task::spawn_blocking(move || with_deadline(deadline, || f(&keystore))).await {
         Ok(result) => result.map_err(Status::from),
         Err(join) => Err(Status::from(Error::Internal(format!(
             "key store task failed: {join}"
@@ -73,7 +77,50 @@ fn target_of(keystore: &Keystore, key: &KeyRef) -> Target {
     }
 }
 
+/// The caller's deadline from its `grpc-timeout` header (`<1..8 digits><H|M|S|m|u|n>`).
+fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
 /// The key a blob names, if the blob parses.
 fn blob_key(blob: &[u8]) -> Option<KeyRef> {
     Blob::parse(blob).ok().map(|b| KeyRef::Id(b.key_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> Option<Duration> {
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", value.parse().unwrap());
+        deadline_of(&request).map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert!(with_timeout("100m").unwrap() <= Duration::from_millis(100));
+        assert!(with_timeout("2S").unwrap() > Duration::from_millis(1500));
+        assert!(with_timeout("1H").unwrap() > Duration::from_secs(3500));
+        for bad in ["", "m", "123456789S", "10x", "-1S", "1.5S"] {
+            assert!(with_timeout(bad).is_none(), "{bad}");
+        }
+    }
 }
