@@ -143,7 +143,14 @@ async fn kill_dash_nine_loses_nothing_acknowledged() {
                     key_id: String::new(),
                 })
                 .await
-                .expect("an acknowledged blob no longer unwraps")
+                .unwrap_or_else(|s| {
+                    let log = daemon.log();
+                    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+                    panic!(
+                        "an acknowledged blob no longer unwraps: {s:?}\n{}",
+                        errors.join("\n")
+                    )
+                })
                 .into_inner();
             assert_eq!(&unwrapped.plaintext, plaintext);
         }

@@ -253,3 +253,29 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_rotation_interrupted_by_a_crash_leaves_no_duplicate_objects() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    // What a crash between C_GenerateKey and the metadata commit leaves behind.
+    token()
+        .generate_key(&ObjectId::new(key.id.clone(), 2))
+        .unwrap();
+    let report = f.keystore.reconcile().unwrap();
+    assert!(report.orphans.contains(&ObjectId::new(key.id.clone(), 2)));
+
+    // The next rotation reuses version 2 and replaces the orphan.
+    assert_eq!(f.keystore.rotate_key(&id).unwrap().current_version(), 2);
+    assert_eq!(objects_of(&key.id).len(), 2, "one object per version");
+    let wrapped = f.keystore.wrap(&id, b"after", &ctx()).unwrap();
+    assert_eq!(wrapped.key_version, 2);
+    assert_eq!(
+        &*f.keystore
+            .unwrap(&wrapped.blob, &ctx(), None)
+            .unwrap()
+            .plaintext,
+        b"after"
+    );
+}

@@ -24,35 +24,6 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// What a call contributes to its audit line; the log adds time, sequence and chain.
-#[derive(Debug, Clone, Default)]
-pub struct AuditEntry {
-    /// See [`AuditRecord`].
-    pub request_id: String,
-    /// See [`AuditRecord`].
-    pub principal: String,
-    /// See [`AuditRecord`].
-    pub transport: String,
-    /// See [`AuditRecord`].
-    pub peer: String,
-    /// See [`AuditRecord`].
-    pub operation: String,
-    /// See [`AuditRecord`].
-    pub key_id: Option<String>,
-    /// See [`AuditRecord`].
-    pub key_version: Option<u32>,
-    /// See [`AuditRecord`].
-    pub context_keys: Vec<String>,
-    /// See [`AuditRecord`].
-    pub context_hash: Option<String>,
-    /// See [`AuditRecord`].
-    pub outcome: String,
-    /// See [`AuditRecord`].
-    pub error: Option<String>,
-    /// See [`AuditRecord`].
-    pub latency_us: u64,
-}
-
 struct State {
     file: Option<File>,
     seq: u64,
@@ -153,11 +124,12 @@ impl AuditLog {
         }
     }
 
-    /// Appends one record and, with [`FsyncPolicy::Always`], waits until it is on disk
+    /// Appends one record (its `seq`, `time`, `prev` and `hash` are set here) and, with
+    /// [`FsyncPolicy::Always`], waits until it is on disk
     /// (concurrent callers share one `fdatasync`). An error means the record may not be
     /// durable and the operation must fail.
-    pub fn append(&self, entry: AuditEntry) -> Result<()> {
-        let seq = self.write(entry)?;
+    pub fn append(&self, record: AuditRecord) -> Result<()> {
+        let seq = self.write(record)?;
         if self.fsync == FsyncPolicy::Always {
             self.sync_through(seq)?;
         }
@@ -193,26 +165,11 @@ impl AuditLog {
     }
 
     /// Writes one line; returns its sequence number.
-    fn write(&self, entry: AuditEntry) -> Result<u64> {
+    fn write(&self, mut record: AuditRecord) -> Result<u64> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut record = AuditRecord {
-            seq: state.seq + 1,
-            time: prost_types::Timestamp::from(SystemTime::now()).to_string(),
-            request_id: entry.request_id,
-            principal: entry.principal,
-            transport: entry.transport,
-            peer: entry.peer,
-            operation: entry.operation,
-            key_id: entry.key_id,
-            key_version: entry.key_version,
-            context_keys: entry.context_keys,
-            context_hash: entry.context_hash,
-            outcome: entry.outcome,
-            error: entry.error,
-            latency_us: entry.latency_us,
-            prev: state.prev.clone(),
-            hash: String::new(),
-        };
+        record.seq = state.seq + 1;
+        record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
+        record.prev = state.prev.clone();
         record.hash = record.compute_hash();
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
@@ -256,8 +213,8 @@ mod tests {
     use super::*;
     use crate::audit::verify;
 
-    fn entry(op: &str) -> AuditEntry {
-        AuditEntry {
+    fn entry(op: &str) -> AuditRecord {
+        AuditRecord {
             request_id: "r".into(),
             principal: "unix:uid=0".into(),
             transport: "unix".into(),

@@ -23,13 +23,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 #[cfg(feature = "server")]
-pub use log::{AuditEntry, AuditLog, FsyncPolicy};
+pub use log::{AuditLog, FsyncPolicy};
 
 /// The anchor of a brand-new log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One audit line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One audit line. A call fills in everything but `seq`, `time`, `prev` and `hash`, which
+/// the log sets when it appends the line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditRecord {
     /// Sequence number, +1 per record.

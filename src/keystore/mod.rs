@@ -463,8 +463,12 @@ impl Keystore {
         let version = key.current_version().checked_add(1).ok_or_else(|| {
             Error::FailedPrecondition(format!("key {} has too many versions", key.id))
         })?;
-        self.token
-            .generate_key(&ObjectId::new(key.id.clone(), version))?;
+        let object = ObjectId::new(key.id.clone(), version);
+        // A crash between creating an object and committing its version leaves an orphan
+        // with this very CKA_ID. No blob can use it (blobs are only made after the commit),
+        // so clear it out rather than end up with two objects for one version.
+        self.token.destroy_key(&object)?;
+        self.token.generate_key(&object)?;
         self.store.add_version(
             &key.id,
             &VersionRecord {

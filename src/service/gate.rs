@@ -11,7 +11,7 @@ use std::time::Instant;
 use rand::RngCore;
 use tonic::{Request, Status};
 
-use crate::audit::{AuditEntry, AuditLog, sha256_hex};
+use crate::audit::{AuditLog, AuditRecord, sha256_hex};
 use crate::auth::{Identity, Operation, PolicyHandle, Target, UnixNames, identity_of};
 use crate::context::EncryptionContext;
 use crate::error::Error;
@@ -201,7 +201,7 @@ impl Gate {
             Some((keys, hash)) => (keys, Some(hash)),
             None => (Vec::new(), None),
         };
-        let entry = AuditEntry {
+        let entry = AuditRecord {
             request_id: call.request_id,
             principal,
             transport,
@@ -214,6 +214,7 @@ impl Gate {
             outcome,
             error: result.as_ref().err().map(|s| s.message().to_owned()),
             latency_us,
+            ..Default::default()
         };
         let written = if audit.syncs() {
             // The append waits for fdatasync: keep it off the async workers.

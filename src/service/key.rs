@@ -99,6 +99,34 @@ impl KeyApi {
         Ok(Response::new(metadata))
     }
 
+    /// CreateAlias and UpdateAlias: point an alias at a key.
+    async fn point_alias(
+        &self,
+        request: Request<AliasRequest>,
+        op: Operation,
+        f: impl FnOnce(&Keystore, &AliasName, &KeyName) -> crate::Result<(AliasName, KeyId)>
+        + Send
+        + 'static,
+    ) -> Result<Response<Alias>, Status> {
+        let mut call = self.gate.begin(&request, op);
+        let result = async {
+            self.gate.check_some(&call)?;
+            let req = request.into_inner();
+            let alias = alias_name(&req.alias_name)?;
+            let key = key_ref(&req.key_id)?;
+            call.key(key.to_string(), None);
+            self.check_alias(&call, &alias, Some(&key))?;
+            let pointed = blocking(&self.keystore, call.deadline(), move |ks| {
+                f(ks, &alias, &key)
+            })
+            .await?;
+            call.key(pointed.1.to_string(), None);
+            Ok(Response::new(alias_message(pointed)))
+        }
+        .await;
+        self.gate.finish(call, result).await
+    }
+
     /// Checks an alias operation: on the alias (and the key it names now), and on the key
     /// it is to name.
     fn check_alias(
@@ -230,52 +258,24 @@ impl KeyService for KeyApi {
         .await
     }
 
-    #[instrument(level = "debug", skip_all)]
     async fn create_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let mut call = self.gate.begin(&request, Operation::CreateAlias);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let alias = alias_name(&req.alias_name)?;
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            self.check_alias(&call, &alias, Some(&key))?;
-            let created = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.create_alias(&alias, &key)
-            })
-            .await?;
-            call.key(created.1.to_string(), None);
-            Ok(Response::new(alias_message(created)))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        self.point_alias(request, Operation::CreateAlias, |ks, alias, key| {
+            ks.create_alias(alias, key)
+        })
+        .await
     }
 
-    #[instrument(level = "debug", skip_all)]
     async fn update_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let mut call = self.gate.begin(&request, Operation::UpdateAlias);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let alias = alias_name(&req.alias_name)?;
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            self.check_alias(&call, &alias, Some(&key))?;
-            let updated = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.update_alias(&alias, &key)
-            })
-            .await?;
-            call.key(updated.1.to_string(), None);
-            Ok(Response::new(alias_message(updated)))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        self.point_alias(request, Operation::UpdateAlias, |ks, alias, key| {
+            ks.update_alias(alias, key)
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all)]
