@@ -184,12 +184,16 @@ async fn graceful_shutdown_under_load() {
                         ok += 1;
                     }
                     Err(status) => {
-                        // Refused cleanly: never a wrong answer or an internal error.
+                        // Refused cleanly: UNAVAILABLE from the daemon, or the connection
+                        // closing under the client (GOAWAY; the client library reports it with
+                        // a transport error as its source). Never an error the daemon made.
+                        let from_transport = std::error::Error::source(&status).is_some();
                         assert!(
-                            matches!(
-                                status.code(),
-                                Code::Unavailable | Code::Cancelled | Code::Unknown
-                            ),
+                            from_transport
+                                || matches!(
+                                    status.code(),
+                                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                                ),
                             "unexpected failure during shutdown: {status:?}"
                         );
                         refused += 1;
