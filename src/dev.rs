@@ -10,8 +10,7 @@
 //! production: see `softhsm-config/cloudhsm.toml` for that.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -19,6 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::files::write_new;
 use crate::hsm::{Pin, provision_softhsm_token};
 use crate::ids::{AliasName, KeyRef};
 use crate::keystore::Keystore;
@@ -259,19 +259,4 @@ pub fn ensure_kubernetes_key(keystore: &Keystore) -> Result<()> {
         }
         Err(err) => Err(err),
     }
-}
-
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| Error::Config(format!("cannot create {}: {e}", path.display())))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))?;
-    // create_new honours the umask; make the mode exact.
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::Config(format!("cannot chmod {}: {e}", path.display())))
 }

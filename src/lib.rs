@@ -54,6 +54,8 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod dev;
 #[cfg(feature = "server")]
+mod files;
+#[cfg(feature = "server")]
 pub mod hsm;
 #[cfg(feature = "server")]
 pub mod keystore;

@@ -6,9 +6,7 @@
 //! development and small deployments; in production, issue from your own PKI instead.
 
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,6 +18,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
+use crate::files::write_new;
 
 /// A certificate and its private key, both PEM. The key is zeroized on drop.
 pub struct Pem {
@@ -159,18 +158,6 @@ pub fn read(dir: &Path, stem: &str) -> Result<Pem> {
         cert: read(dir.join(format!("{stem}.pem")))?,
         key: Zeroizing::new(read(dir.join(format!("{stem}.key")))?),
     })
-}
-
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| pki_error(&format!("cannot create {}", path.display()), e))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| pki_error(&format!("cannot write {}", path.display()), e))
 }
 
 /// Creates `dir/ca.pem` and `dir/ca.key` unless they exist; returns the CA.

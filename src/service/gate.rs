@@ -25,7 +25,8 @@ pub struct Gate {
 
 /// One call in progress: who, what, and what to write in the audit line.
 pub struct Call {
-    identity: Result<Identity, Error>,
+    /// The caller, or why it has no identity.
+    identity: Result<Identity, String>,
     op: Operation,
     request_id: String,
     started: Instant,
@@ -95,7 +96,7 @@ impl Gate {
     /// Starts a call: identifies the caller (the error, if any, is reported by `check`).
     pub fn begin<T>(&self, request: &Request<T>, op: Operation) -> Call {
         Call {
-            identity: identity_of(request, &self.names),
+            identity: identity_of(request, &self.names).map_err(|e| e.to_string()),
             op,
             request_id: request_id(request),
             started: Instant::now(),
@@ -136,7 +137,7 @@ impl Gate {
         let identity = call
             .identity
             .as_ref()
-            .map_err(|e| Status::from(clone_error(e)))?;
+            .map_err(|reason| Status::from(Error::Unauthenticated(reason.clone())))?;
         if let Some(audit) = &self.audit {
             if !audit.is_healthy() {
                 return Err(Status::from(Error::Unavailable(
@@ -161,7 +162,7 @@ impl Gate {
         let identity = call
             .identity
             .as_ref()
-            .map_err(|e| Status::from(clone_error(e)))?;
+            .map_err(|reason| Status::from(Error::Unauthenticated(reason.clone())))?;
         if self
             .policy
             .current()
@@ -239,13 +240,6 @@ fn denied(op: Operation) -> Status {
         "not allowed to {} this key",
         op.name()
     )))
-}
-
-fn clone_error(err: &Error) -> Error {
-    match err {
-        Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
-        other => Error::Unauthenticated(other.to_string()),
-    }
 }
 
 /// The canonical gRPC name of a code (`INVALID_ARGUMENT`).
