@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what wrapd needs on a fresh Debian/Ubuntu machine, only when missing:
-# SoftHSM2 (the development and test token). Safe to run again.
+# SoftHSM2 (the development and test token) and the official AWS Encryption SDK for Python
+# (interop tests). Safe to run again.
 set -euo pipefail
 
 have_softhsm() {
@@ -20,3 +21,9 @@ if ! have_softhsm; then
 fi
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+# The official AWS Encryption SDK (Python), for the message-format interop tests.
+if ! python3 -c "import aws_encryption_sdk" 2>/dev/null; then
+  echo "installing aws-encryption-sdk (Python)..." >&2
+  python3 -m pip install --quiet --disable-pip-version-check "aws-encryption-sdk>=4,<5" >&2
+fi

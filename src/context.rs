@@ -82,6 +82,47 @@ impl EncryptionContext {
         }
     }
 
+    /// Parses a canonical serialization (as found in an Encryption SDK message header):
+    /// every field bounded by the input, no duplicate keys, entries in canonical order, UTF-8.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let bad = |what: &str| Error::invalid(format!("malformed encryption context: {what}"));
+        if bytes.is_empty() {
+            return Ok(Self::default());
+        }
+        let (count, mut rest) = bytes
+            .split_first_chunk::<2>()
+            .ok_or_else(|| bad("truncated count"))?;
+        let count = u16::from_be_bytes(*count);
+        if count == 0 {
+            return Err(bad("zero entries in a non-empty context"));
+        }
+        let field = |rest: &mut &[u8]| -> Result<String> {
+            let (len, tail) = rest
+                .split_first_chunk::<2>()
+                .ok_or_else(|| bad("truncated length"))?;
+            let (value, tail) = tail
+                .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+                .ok_or_else(|| bad("truncated field"))?;
+            *rest = tail;
+            String::from_utf8(value.to_vec()).map_err(|_| bad("not UTF-8"))
+        };
+        let mut map = BTreeMap::new();
+        let mut last: Option<String> = None;
+        for _ in 0..count {
+            let key = field(&mut rest)?;
+            let value = field(&mut rest)?;
+            if last.as_ref().is_some_and(|l| *l >= key) {
+                return Err(bad("entries not in canonical order or duplicated"));
+            }
+            last = Some(key.clone());
+            map.insert(key, value);
+        }
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self(map))
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
@@ -127,6 +168,23 @@ mod tests {
         let c = ctx(&[("é", ""), ("a", ""), ("Z", "")]).unwrap();
         let keys: Vec<_> = c.iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["Z", "a", "é"]);
+    }
+
+    #[test]
+    fn parse_inverts_serialize_and_rejects_junk() {
+        let c = ctx(&[("b", "2"), ("a", "1"), ("é", "")]).unwrap();
+        assert_eq!(EncryptionContext::parse(&c.serialize()).unwrap(), c);
+        assert!(EncryptionContext::parse(&[]).unwrap().is_empty());
+        for bad in [
+            &[0u8][..],
+            &[0, 0],
+            &[0, 1, 0, 5, b'a'],
+            &[0, 2, 0, 1, b'b', 0, 0, 0, 1, b'a', 0, 0],
+            &[0, 1, 0, 1, b'a', 0, 0, 9],
+            &[0, 1, 0, 1, 0xff, 0, 0],
+        ] {
+            assert!(EncryptionContext::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

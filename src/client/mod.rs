@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod message;
+
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};

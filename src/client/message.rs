@@ -1,0 +1,471 @@
+//! The AWS Encryption SDK message format, version 2, with the committing algorithm suite
+//! 0x0478 (`AES_256_GCM_HKDF_SHA512_COMMIT_KEY`): the container the thin client writes and
+//! reads around data encrypted locally with a DEK from wrapd.
+//!
+//! ```text
+//! header:  0x02 | suite u16 | message id [32] | context len u16 | context
+//!          | EDK count u16 | (provider id, provider info, ciphertext: u16 len + bytes)*
+//!          | content type 0x02 (framed) | frame length u32 | commitment key [32]
+//!          | header auth tag [16]        (AES-GCM, IV 0, AAD = the header before it)
+//! frames:  seq u32 | IV [12] | ciphertext [frame length] | tag [16]
+//! final:   0xFFFFFFFF | seq u32 | IV [12] | length u32 | ciphertext | tag [16]
+//! ```
+//! Keys: `derived = HKDF-SHA512(salt = message id, ikm = DEK, info = suite || "DERIVEKEY")`,
+//! `commitment = HKDF-SHA512(salt = message id, ikm = DEK, info = "COMMITKEY")`, both 32 bytes;
+//! decryption checks the commitment (constant time) before anything else. Frame IVs are the
+//! sequence number, big-endian, left-padded with zeros; frame AAD is
+//! `message id || "AWSKMSEncryptionClient Frame" (or "... Final Frame") || seq u32 || len u64`.
+//!
+//! This module is the format core (whole messages in memory); streaming, parallel frames,
+//! keyrings and `wrapctl encrypt/decrypt` build on it. Decrypting the signed suite 0x0578
+//! needs ECDSA P-384 verification and is refused for now.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use ring::hkdf::{HKDF_SHA512, KeyType, Salt};
+use zeroize::Zeroizing;
+
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+
+/// `AES_256_GCM_HKDF_SHA512_COMMIT_KEY`: what the client writes.
+pub const SUITE_COMMIT_KEY: u16 = 0x0478;
+/// `AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384` (not readable yet).
+pub const SUITE_COMMIT_KEY_ECDSA_P384: u16 = 0x0578;
+/// The default frame length.
+pub const DEFAULT_FRAME_LENGTH: u32 = 4096;
+/// The provider id wrapd's encrypted data keys carry.
+pub const PROVIDER_ID: &str = "wrapd";
+
+const VERSION: u8 = 0x02;
+const CONTENT_FRAMED: u8 = 0x02;
+const FINAL_FRAME: u32 = 0xFFFF_FFFF;
+const TAG_LEN: usize = 16;
+const IV_LEN: usize = 12;
+const FRAME_AAD: &[u8] = b"AWSKMSEncryptionClient Frame";
+const FINAL_FRAME_AAD: &[u8] = b"AWSKMSEncryptionClient Final Frame";
+
+/// One encrypted data key entry of a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptedDataKey {
+    /// Who can decrypt it (`wrapd`).
+    pub provider_id: String,
+    /// Which key (wrapd: the canonical key id).
+    pub provider_info: Vec<u8>,
+    /// The wrapped DEK (wrapd: the ciphertext blob).
+    pub ciphertext: Vec<u8>,
+}
+
+/// A parsed message header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The algorithm suite id.
+    pub suite: u16,
+    /// Random per message.
+    pub message_id: [u8; 32],
+    /// The encryption context, authenticated by the header tag.
+    pub context: EncryptionContext,
+    /// One entry per wrapping key.
+    pub data_keys: Vec<EncryptedDataKey>,
+    /// Plaintext bytes per frame.
+    pub frame_length: u32,
+    /// The key commitment.
+    pub commitment: [u8; 32],
+}
+
+fn bad(what: &str) -> Error {
+    Error::invalid(format!("not a valid encrypted message: {what}"))
+}
+
+struct Len32;
+
+impl KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+fn hkdf(message_id: &[u8; 32], dek: &[u8], info: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    Salt::new(HKDF_SHA512, message_id)
+        .extract(dek)
+        .expand(&[info], Len32)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .map_err(|_| Error::Internal("HKDF failed".into()))?;
+    Ok(out)
+}
+
+/// The derived data key and the commitment key of a message.
+fn derive(
+    suite: u16,
+    message_id: &[u8; 32],
+    dek: &[u8],
+) -> Result<(LessSafeKey, Zeroizing<[u8; 32]>)> {
+    if dek.len() != 32 {
+        return Err(Error::invalid("the data key must be 32 bytes"));
+    }
+    let mut info = suite.to_be_bytes().to_vec();
+    info.extend_from_slice(b"DERIVEKEY");
+    let derived = hkdf(message_id, dek, &info)?;
+    let commitment = hkdf(message_id, dek, b"COMMITKEY")?;
+    let key = UnboundKey::new(&AES_256_GCM, &derived[..])
+        .map_err(|_| Error::Internal("AES-GCM key".into()))?;
+    Ok((LessSafeKey::new(key), commitment))
+}
+
+fn push_field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    let len =
+        u16::try_from(bytes.len()).map_err(|_| Error::invalid("a header field is over 64 KiB"))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+impl Header {
+    /// The header bytes before the auth tag.
+    fn body(&self) -> Result<Vec<u8>> {
+        let mut out = vec![VERSION];
+        out.extend_from_slice(&self.suite.to_be_bytes());
+        out.extend_from_slice(&self.message_id);
+        push_field(&mut out, &self.context.serialize())?;
+        let count = u16::try_from(self.data_keys.len())
+            .map_err(|_| Error::invalid("too many data keys"))?;
+        if count == 0 {
+            return Err(Error::invalid(
+                "a message needs at least one encrypted data key",
+            ));
+        }
+        out.extend_from_slice(&count.to_be_bytes());
+        for key in &self.data_keys {
+            push_field(&mut out, key.provider_id.as_bytes())?;
+            push_field(&mut out, &key.provider_info)?;
+            push_field(&mut out, &key.ciphertext)?;
+        }
+        out.push(CONTENT_FRAMED);
+        out.extend_from_slice(&self.frame_length.to_be_bytes());
+        out.extend_from_slice(&self.commitment);
+        Ok(out)
+    }
+
+    /// Parses a header body (up to, not including, the auth tag); returns it and its length.
+    pub fn parse(bytes: &[u8]) -> Result<(Self, usize)> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.u8()? != VERSION {
+            return Err(bad("only message format version 2 is supported"));
+        }
+        let suite = r.u16()?;
+        if suite != SUITE_COMMIT_KEY && suite != SUITE_COMMIT_KEY_ECDSA_P384 {
+            return Err(bad(
+                "unsupported algorithm suite (only committing suites are read)",
+            ));
+        }
+        let message_id = r.array::<32>()?;
+        let context_len = usize::from(r.u16()?);
+        let context = EncryptionContext::parse(r.take(context_len)?)?;
+        let count = r.u16()?;
+        if count == 0 {
+            return Err(bad("no encrypted data keys"));
+        }
+        let mut data_keys = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let provider_id =
+                String::from_utf8(r.field()?.to_vec()).map_err(|_| bad("provider id"))?;
+            data_keys.push(EncryptedDataKey {
+                provider_id,
+                provider_info: r.field()?.to_vec(),
+                ciphertext: r.field()?.to_vec(),
+            });
+        }
+        if r.u8()? != CONTENT_FRAMED {
+            return Err(bad("only framed content is supported"));
+        }
+        let frame_length = r.u32()?;
+        if frame_length == 0 {
+            return Err(bad("zero frame length"));
+        }
+        let commitment = r.array::<32>()?;
+        Ok((
+            Self {
+                suite,
+                message_id,
+                context,
+                data_keys,
+                frame_length,
+                commitment,
+            },
+            r.at,
+        ))
+    }
+}
+
+/// A bounds-checked cursor over untrusted bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.bytes.len())
+            .ok_or_else(|| bad("truncated"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        self.take(N)?.try_into().map_err(|_| bad("truncated"))
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn field(&mut self) -> Result<&'a [u8]> {
+        let len = usize::from(self.u16()?);
+        self.take(len)
+    }
+}
+
+fn frame_nonce(seq: u32) -> Nonce {
+    let mut iv = [0u8; IV_LEN];
+    iv[8..].copy_from_slice(&seq.to_be_bytes());
+    Nonce::assume_unique_for_key(iv)
+}
+
+fn frame_aad(message_id: &[u8; 32], last: bool, seq: u32, len: usize) -> Vec<u8> {
+    let label = if last { FINAL_FRAME_AAD } else { FRAME_AAD };
+    let mut aad = Vec::with_capacity(32 + label.len() + 12);
+    aad.extend_from_slice(message_id);
+    aad.extend_from_slice(label);
+    aad.extend_from_slice(&seq.to_be_bytes());
+    aad.extend_from_slice(&(len as u64).to_be_bytes());
+    aad
+}
+
+/// Encrypts `plaintext` into a whole message under suite 0x0478.
+pub fn encrypt(
+    plaintext: &[u8],
+    dek: &[u8],
+    context: &EncryptionContext,
+    data_keys: Vec<EncryptedDataKey>,
+    frame_length: u32,
+) -> Result<Vec<u8>> {
+    // As the official SDKs require: a positive multiple of the AES block size.
+    if frame_length == 0 || frame_length % 16 != 0 {
+        return Err(Error::invalid(
+            "the frame length must be a positive multiple of 16",
+        ));
+    }
+    let mut message_id = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
+    let (key, commitment) = derive(SUITE_COMMIT_KEY, &message_id, dek)?;
+    let header = Header {
+        suite: SUITE_COMMIT_KEY,
+        message_id,
+        context: context.clone(),
+        data_keys,
+        frame_length,
+        commitment: *commitment,
+    };
+    let mut out = header.body()?;
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0; IV_LEN]),
+            Aad::from(&out[..]),
+            &mut [],
+        )
+        .map_err(|_| Error::Internal("AES-GCM".into()))?;
+    out.extend_from_slice(tag.as_ref());
+
+    // Full frames, then a final frame holding the rest (possibly empty).
+    let frame = frame_length as usize;
+    let full = plaintext.len() / frame;
+    let mut seq = 0u32;
+    for chunk in plaintext.chunks(frame).take(full) {
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid("too many frames"))?;
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&frame_nonce(seq).as_ref()[..]);
+        let mut buf = chunk.to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                frame_nonce(seq),
+                Aad::from(frame_aad(&message_id, false, seq, buf.len())),
+                &mut buf,
+            )
+            .map_err(|_| Error::Internal("AES-GCM".into()))?;
+        out.extend_from_slice(&buf);
+        out.extend_from_slice(tag.as_ref());
+    }
+    let rest = &plaintext[full * frame..];
+    seq = seq
+        .checked_add(1)
+        .ok_or_else(|| Error::invalid("too many frames"))?;
+    out.extend_from_slice(&FINAL_FRAME.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&frame_nonce(seq).as_ref()[..]);
+    out.extend_from_slice(&(rest.len() as u32).to_be_bytes());
+    let mut buf = rest.to_vec();
+    let tag = key
+        .seal_in_place_separate_tag(
+            frame_nonce(seq),
+            Aad::from(frame_aad(&message_id, true, seq, buf.len())),
+            &mut buf,
+        )
+        .map_err(|_| Error::Internal("AES-GCM".into()))?;
+    out.extend_from_slice(&buf);
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Decrypts a whole message. `unwrap_dek` gets the header and returns the plaintext DEK
+/// (from whichever data key entry it can unwrap). Nothing is returned unless the commitment,
+/// the header tag and every frame tag verify and the message ends exactly after its final
+/// frame.
+pub fn decrypt(
+    message: &[u8],
+    unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
+) -> Result<(Header, Zeroizing<Vec<u8>>)> {
+    let (header, body_len) = Header::parse(message)?;
+    if header.suite == SUITE_COMMIT_KEY_ECDSA_P384 {
+        return Err(bad("signed messages (suite 0x0578) cannot be read yet"));
+    }
+    let dek = unwrap_dek(&header)?;
+    let (key, commitment) = derive(header.suite, &header.message_id, &dek)?;
+    if !ring_eq(&commitment[..], &header.commitment) {
+        return Err(bad("the key commitment does not match"));
+    }
+    let mut r = Reader {
+        bytes: message,
+        at: body_len,
+    };
+    let tag = r.array::<TAG_LEN>()?;
+    key.open_in_place_separate_tag(
+        Nonce::assume_unique_for_key([0; IV_LEN]),
+        Aad::from(&message[..body_len]),
+        Tag::from(tag),
+        &mut [],
+        0..,
+    )
+    .map_err(|_| bad("the header does not authenticate"))?;
+
+    let mut plaintext = Zeroizing::new(Vec::new());
+    let mut expected = 1u32;
+    loop {
+        let first = r.u32()?;
+        let (last, seq) = if first == FINAL_FRAME {
+            (true, r.u32()?)
+        } else {
+            (false, first)
+        };
+        if seq != expected {
+            return Err(bad("frames out of order"));
+        }
+        let iv = r.array::<IV_LEN>()?;
+        if iv != *frame_nonce(seq).as_ref() {
+            return Err(bad("unexpected frame IV"));
+        }
+        let len = if last {
+            let len = r.u32()?;
+            if len > header.frame_length {
+                return Err(bad("final frame longer than the frame length"));
+            }
+            len as usize
+        } else {
+            header.frame_length as usize
+        };
+        let mut buf = r.take(len)?.to_vec();
+        let tag = r.array::<TAG_LEN>()?;
+        key.open_in_place_separate_tag(
+            frame_nonce(seq),
+            Aad::from(frame_aad(&header.message_id, last, seq, len)),
+            Tag::from(tag),
+            &mut buf,
+            0..,
+        )
+        .map_err(|_| bad("a frame does not authenticate"))?;
+        plaintext.extend_from_slice(&buf);
+        if last {
+            break;
+        }
+        expected = expected
+            .checked_add(1)
+            .ok_or_else(|| bad("too many frames"))?;
+    }
+    if r.at != message.len() {
+        return Err(bad("trailing bytes after the final frame"));
+    }
+    Ok((header, plaintext))
+}
+
+fn ring_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edk() -> EncryptedDataKey {
+        EncryptedDataKey {
+            provider_id: PROVIDER_ID.into(),
+            provider_info: b"key/00112233445566778899aabbccddeeff".to_vec(),
+            ciphertext: vec![7; 106],
+        }
+    }
+
+    fn ctx() -> EncryptionContext {
+        EncryptionContext::from_entries([("tenant".to_owned(), "acme".to_owned())]).unwrap()
+    }
+
+    #[test]
+    fn round_trips_at_frame_boundaries() {
+        let dek = [9u8; 32];
+        for len in [0usize, 1, 15, 16, 17, 32, 100] {
+            let plaintext: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let message = encrypt(&plaintext, &dek, &ctx(), vec![edk()], 16).unwrap();
+            assert!(encrypt(&plaintext, &dek, &ctx(), vec![edk()], 15).is_err());
+            let (header, out) = decrypt(&message, |h| {
+                assert_eq!(h.data_keys, vec![edk()]);
+                Ok(Zeroizing::new(dek.to_vec()))
+            })
+            .unwrap();
+            assert_eq!(&*out, &plaintext, "len {len}");
+            assert_eq!(header.context, ctx());
+            assert_eq!(header.frame_length, 16);
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_and_truncation_fails() {
+        let dek = [3u8; 32];
+        let message = encrypt(&[0x61; 40], &dek, &ctx(), vec![edk()], 16).unwrap();
+        let open = |m: &[u8]| decrypt(m, |_| Ok(Zeroizing::new(dek.to_vec())));
+        for i in 0..message.len() {
+            let mut bad = message.clone();
+            bad[i] ^= 0x01;
+            // Flipping a byte inside the EDK ciphertext changes the header: the tag catches it.
+            assert!(open(&bad).is_err(), "flip at {i}");
+        }
+        for len in 0..message.len() {
+            assert!(open(&message[..len]).is_err(), "truncated to {len}");
+        }
+        let mut longer = message.clone();
+        longer.push(0);
+        assert!(open(&longer).is_err());
+    }
+
+    #[test]
+    fn a_wrong_key_fails_on_the_commitment() {
+        let message = encrypt(b"x", &[1u8; 32], &ctx(), vec![edk()], 16).unwrap();
+        let err = decrypt(&message, |_| Ok(Zeroizing::new(vec![2u8; 32]))).unwrap_err();
+        assert!(err.to_string().contains("commitment"), "{err}");
+    }
+}
