@@ -16,9 +16,12 @@
 //! sequence number, big-endian, left-padded with zeros; frame AAD is
 //! `message id || "AWSKMSEncryptionClient Frame" (or "... Final Frame") || seq u32 || len u64`.
 //!
-//! This module is the format core (whole messages in memory); streaming, parallel frames,
-//! keyrings and `wrapctl encrypt/decrypt` build on it. Decrypting the signed suite 0x0578
+//! [`encrypt_stream`] and [`decrypt_stream`] hold one frame in memory at a time; the
+//! whole-message [`encrypt`] and [`decrypt`] wrap them. Parallel frames, keyrings and
+//! `wrapctl encrypt/decrypt` build on this. Decrypting the signed suite 0x0578
 //! needs ECDSA P-384 verification and is refused for now.
+
+use std::io::{Read, Write};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::hkdf::{HKDF_SHA512, KeyType, Salt};
@@ -33,6 +36,9 @@ pub const SUITE_COMMIT_KEY: u16 = 0x0478;
 pub const SUITE_COMMIT_KEY_ECDSA_P384: u16 = 0x0578;
 /// The default frame length.
 pub const DEFAULT_FRAME_LENGTH: u32 = 4096;
+/// Largest frame length read: one frame is held in memory, so a hostile header must not be
+/// able to ask for gigabytes.
+pub const MAX_READ_FRAME_LENGTH: u32 = 64 * 1024 * 1024;
 /// The provider id wrapd's encrypted data keys carry.
 pub const PROVIDER_ID: &str = "wrapd";
 
@@ -145,75 +151,15 @@ impl Header {
         out.extend_from_slice(&self.commitment);
         Ok(out)
     }
-
-    /// Parses a header body (up to, not including, the auth tag); returns it and its length.
-    pub fn parse(bytes: &[u8]) -> Result<(Self, usize)> {
-        let mut r = Reader { bytes, at: 0 };
-        if r.u8()? != VERSION {
-            return Err(bad("only message format version 2 is supported"));
-        }
-        let suite = r.u16()?;
-        if suite != SUITE_COMMIT_KEY && suite != SUITE_COMMIT_KEY_ECDSA_P384 {
-            return Err(bad(
-                "unsupported algorithm suite (only committing suites are read)",
-            ));
-        }
-        let message_id = r.array::<32>()?;
-        let context_len = usize::from(r.u16()?);
-        let context = EncryptionContext::parse(r.take(context_len)?)?;
-        let count = r.u16()?;
-        if count == 0 {
-            return Err(bad("no encrypted data keys"));
-        }
-        let mut data_keys = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            let provider_id =
-                String::from_utf8(r.field()?.to_vec()).map_err(|_| bad("provider id"))?;
-            data_keys.push(EncryptedDataKey {
-                provider_id,
-                provider_info: r.field()?.to_vec(),
-                ciphertext: r.field()?.to_vec(),
-            });
-        }
-        if r.u8()? != CONTENT_FRAMED {
-            return Err(bad("only framed content is supported"));
-        }
-        let frame_length = r.u32()?;
-        if frame_length == 0 {
-            return Err(bad("zero frame length"));
-        }
-        let commitment = r.array::<32>()?;
-        Ok((
-            Self {
-                suite,
-                message_id,
-                context,
-                data_keys,
-                frame_length,
-                commitment,
-            },
-            r.at,
-        ))
-    }
 }
 
-/// A bounds-checked cursor over untrusted bytes.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
+/// Where message bytes come from: a slice or a stream. Every read is exact; running out of
+/// input is an error ("truncated"), never a panic.
+trait Source {
+    fn take(&mut self, n: usize) -> Result<Vec<u8>>;
+    /// True when no byte is left.
+    fn at_end(&mut self) -> Result<bool>;
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.bytes.len())
-            .ok_or_else(|| bad("truncated"))?;
-        let out = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(out)
-    }
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         self.take(N)?.try_into().map_err(|_| bad("truncated"))
     }
@@ -226,9 +172,91 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_be_bytes(self.array()?))
     }
-    fn field(&mut self) -> Result<&'a [u8]> {
+    fn field(&mut self) -> Result<Vec<u8>> {
         let len = usize::from(self.u16()?);
         self.take(len)
+    }
+}
+
+/// A stream of message bytes that can record what it reads (the header, for its tag).
+struct StreamSource<R> {
+    inner: R,
+    recorded: Option<Vec<u8>>,
+}
+
+impl<R: Read> Source for StreamSource<R> {
+    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let read = (&mut self.inner)
+            .take(n as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::invalid(format!("cannot read the message: {e}")))?;
+        if read != n {
+            return Err(bad("truncated"));
+        }
+        if let Some(recorded) = &mut self.recorded {
+            recorded.extend_from_slice(&buf);
+        }
+        Ok(buf)
+    }
+
+    fn at_end(&mut self) -> Result<bool> {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.inner.read(&mut byte) {
+                Ok(n) => return Ok(n == 0),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::invalid(format!("cannot read the message: {e}"))),
+            }
+        }
+    }
+}
+
+impl Header {
+    /// Reads a header (up to, not including, its auth tag).
+    fn read(r: &mut impl Source) -> Result<Self> {
+        if r.u8()? != VERSION {
+            return Err(bad("only message format version 2 is supported"));
+        }
+        let suite = r.u16()?;
+        if suite != SUITE_COMMIT_KEY && suite != SUITE_COMMIT_KEY_ECDSA_P384 {
+            return Err(bad(
+                "unsupported algorithm suite (only committing suites are read)",
+            ));
+        }
+        let message_id = r.array::<32>()?;
+        let context_len = usize::from(r.u16()?);
+        let context = EncryptionContext::parse(&r.take(context_len)?)?;
+        let count = r.u16()?;
+        if count == 0 {
+            return Err(bad("no encrypted data keys"));
+        }
+        let mut data_keys = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let provider_id =
+                String::from_utf8(r.field()?).map_err(|_| bad("provider id is not UTF-8"))?;
+            data_keys.push(EncryptedDataKey {
+                provider_id,
+                provider_info: r.field()?,
+                ciphertext: r.field()?,
+            });
+        }
+        if r.u8()? != CONTENT_FRAMED {
+            return Err(bad("only framed content is supported"));
+        }
+        let frame_length = r.u32()?;
+        if frame_length == 0 || frame_length > MAX_READ_FRAME_LENGTH {
+            return Err(bad("frame length out of range (1 to 64 MiB is read)"));
+        }
+        let commitment = r.array::<32>()?;
+        Ok(Self {
+            suite,
+            message_id,
+            context,
+            data_keys,
+            frame_length,
+            commitment,
+        })
     }
 }
 
@@ -256,12 +284,36 @@ pub fn encrypt(
     data_keys: Vec<EncryptedDataKey>,
     frame_length: u32,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encrypt_stream(
+        &mut &plaintext[..],
+        &mut out,
+        dek,
+        context,
+        data_keys,
+        frame_length,
+    )?;
+    Ok(out)
+}
+
+/// Encrypts `input` onto `output` under suite 0x0478, holding one frame in memory: full
+/// frames while the input fills them, then a final frame with the rest (possibly empty).
+/// Returns the number of plaintext bytes.
+pub fn encrypt_stream(
+    input: &mut impl Read,
+    output: &mut impl Write,
+    dek: &[u8],
+    context: &EncryptionContext,
+    data_keys: Vec<EncryptedDataKey>,
+    frame_length: u32,
+) -> Result<u64> {
     // As the official SDKs require: a positive multiple of the AES block size.
     if frame_length == 0 || frame_length % 16 != 0 {
         return Err(Error::invalid(
             "the frame length must be a positive multiple of 16",
         ));
     }
+    let write_error = |e: std::io::Error| Error::invalid(format!("cannot write the message: {e}"));
     let mut message_id = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
     let (key, commitment) = derive(SUITE_COMMIT_KEY, &message_id, dek)?;
@@ -273,67 +325,95 @@ pub fn encrypt(
         frame_length,
         commitment: *commitment,
     };
-    let mut out = header.body()?;
+    let mut head = header.body()?;
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0; IV_LEN]),
-            Aad::from(&out[..]),
+            Aad::from(&head[..]),
             &mut [],
         )
         .map_err(|_| Error::Internal("AES-GCM".into()))?;
-    out.extend_from_slice(tag.as_ref());
+    head.extend_from_slice(tag.as_ref());
+    output.write_all(&head).map_err(write_error)?;
 
-    // Full frames, then a final frame holding the rest (possibly empty).
-    let frame = frame_length as usize;
-    let full = plaintext.len() / frame;
+    let mut buf = Zeroizing::new(vec![0u8; frame_length as usize]);
+    let mut total = 0u64;
     let mut seq = 0u32;
-    for chunk in plaintext.chunks(frame).take(full) {
+    loop {
+        let n = fill(input, &mut buf)?;
+        total += n as u64;
         seq = seq
             .checked_add(1)
+            .filter(|s| *s != FINAL_FRAME)
             .ok_or_else(|| Error::invalid("too many frames"))?;
-        out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(&frame_nonce(seq).as_ref()[..]);
-        let mut buf = chunk.to_vec();
+        let last = n < buf.len();
+        let mut frame = Vec::with_capacity(n + 40);
+        if last {
+            frame.extend_from_slice(&FINAL_FRAME.to_be_bytes());
+        }
+        frame.extend_from_slice(&seq.to_be_bytes());
+        frame.extend_from_slice(frame_nonce(seq).as_ref());
+        if last {
+            frame.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        let start = frame.len();
+        frame.extend_from_slice(&buf[..n]);
         let tag = key
             .seal_in_place_separate_tag(
                 frame_nonce(seq),
-                Aad::from(frame_aad(&message_id, false, seq, buf.len())),
-                &mut buf,
+                Aad::from(frame_aad(&message_id, last, seq, n)),
+                &mut frame[start..],
             )
             .map_err(|_| Error::Internal("AES-GCM".into()))?;
-        out.extend_from_slice(&buf);
-        out.extend_from_slice(tag.as_ref());
+        frame.extend_from_slice(tag.as_ref());
+        output.write_all(&frame).map_err(write_error)?;
+        if last {
+            return Ok(total);
+        }
     }
-    let rest = &plaintext[full * frame..];
-    seq = seq
-        .checked_add(1)
-        .ok_or_else(|| Error::invalid("too many frames"))?;
-    out.extend_from_slice(&FINAL_FRAME.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&frame_nonce(seq).as_ref()[..]);
-    out.extend_from_slice(&(rest.len() as u32).to_be_bytes());
-    let mut buf = rest.to_vec();
-    let tag = key
-        .seal_in_place_separate_tag(
-            frame_nonce(seq),
-            Aad::from(frame_aad(&message_id, true, seq, buf.len())),
-            &mut buf,
-        )
-        .map_err(|_| Error::Internal("AES-GCM".into()))?;
-    out.extend_from_slice(&buf);
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn fill(input: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::invalid(format!("cannot read the input: {e}"))),
+        }
+    }
+    Ok(filled)
 }
 
 /// Decrypts a whole message. `unwrap_dek` gets the header and returns the plaintext DEK
-/// (from whichever data key entry it can unwrap). Nothing is returned unless the commitment,
-/// the header tag and every frame tag verify and the message ends exactly after its final
-/// frame.
+/// (from whichever data key entry it can unwrap).
 pub fn decrypt(
     message: &[u8],
     unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
 ) -> Result<(Header, Zeroizing<Vec<u8>>)> {
-    let (header, body_len) = Header::parse(message)?;
+    let mut out = Zeroizing::new(Vec::new());
+    let header = decrypt_stream(&mut &message[..], &mut *out, unwrap_dek)?;
+    Ok((header, out))
+}
+
+/// Decrypts `input` onto `output`, one frame in memory at a time. Checks, in order: the key
+/// commitment, the header tag, then each frame's tag before its plaintext is written; at the
+/// end, that the final frame came and nothing follows it. A frame is written only once it
+/// authenticates, but a message cut short or altered later fails after earlier frames were
+/// written: callers writing to a file write to a temporary one and keep it only on success.
+pub fn decrypt_stream(
+    input: &mut impl Read,
+    output: &mut impl Write,
+    unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
+) -> Result<Header> {
+    let mut r = StreamSource {
+        inner: input,
+        recorded: Some(Vec::new()),
+    };
+    let header = Header::read(&mut r)?;
+    let header_bytes = r.recorded.take().unwrap_or_default();
     if header.suite == SUITE_COMMIT_KEY_ECDSA_P384 {
         return Err(bad("signed messages (suite 0x0578) cannot be read yet"));
     }
@@ -342,21 +422,16 @@ pub fn decrypt(
     if !ring_eq(&commitment[..], &header.commitment) {
         return Err(bad("the key commitment does not match"));
     }
-    let mut r = Reader {
-        bytes: message,
-        at: body_len,
-    };
     let tag = r.array::<TAG_LEN>()?;
     key.open_in_place_separate_tag(
         Nonce::assume_unique_for_key([0; IV_LEN]),
-        Aad::from(&message[..body_len]),
+        Aad::from(&header_bytes[..]),
         Tag::from(tag),
         &mut [],
         0..,
     )
     .map_err(|_| bad("the header does not authenticate"))?;
 
-    let mut plaintext = Zeroizing::new(Vec::new());
     let mut expected = 1u32;
     loop {
         let first = r.u32()?;
@@ -381,7 +456,7 @@ pub fn decrypt(
         } else {
             header.frame_length as usize
         };
-        let mut buf = r.take(len)?.to_vec();
+        let mut buf = Zeroizing::new(r.take(len)?);
         let tag = r.array::<TAG_LEN>()?;
         key.open_in_place_separate_tag(
             frame_nonce(seq),
@@ -391,7 +466,9 @@ pub fn decrypt(
             0..,
         )
         .map_err(|_| bad("a frame does not authenticate"))?;
-        plaintext.extend_from_slice(&buf);
+        output
+            .write_all(&buf)
+            .map_err(|e| Error::invalid(format!("cannot write the plaintext: {e}")))?;
         if last {
             break;
         }
@@ -399,10 +476,10 @@ pub fn decrypt(
             .checked_add(1)
             .ok_or_else(|| bad("too many frames"))?;
     }
-    if r.at != message.len() {
+    if !r.at_end()? {
         return Err(bad("trailing bytes after the final frame"));
     }
-    Ok((header, plaintext))
+    Ok(header)
 }
 
 fn ring_eq(a: &[u8], b: &[u8]) -> bool {
