@@ -78,6 +78,36 @@ enum Command {
     /// Work with audit logs (offline).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Encrypt a file into an AWS Encryption SDK message under one or more wrapd keys.
+    Encrypt {
+        /// Key id or alias (repeatable: the data key is wrapped under each).
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// Encryption context entry K=V (repeatable).
+        #[arg(long = "context", value_parser = parse_entry)]
+        context: Vec<(String, String)>,
+        /// Input file, or - for stdin.
+        #[arg(long)]
+        input: String,
+        /// Output file, or - for stdout.
+        #[arg(long)]
+        output: String,
+        /// Plaintext bytes per frame (a multiple of 16).
+        #[arg(long, default_value_t = wrapd::client::message::DEFAULT_FRAME_LENGTH)]
+        frame_length: u32,
+    },
+    /// Decrypt an AWS Encryption SDK message; a failed decrypt leaves no output file.
+    Decrypt {
+        /// Entry K=V the message's encryption context must contain (repeatable).
+        #[arg(long = "context", value_parser = parse_entry)]
+        context: Vec<(String, String)>,
+        /// Input file, or - for stdin.
+        #[arg(long)]
+        input: String,
+        /// Output file, or - for stdout.
+        #[arg(long)]
+        output: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -287,6 +317,174 @@ fn audit_verify(
     }
 }
 
+/// `wrapctl encrypt` and `wrapctl decrypt`: streaming, one frame in memory at a time.
+mod files {
+    use std::fs::File;
+    use std::io::{BufReader, BufWriter, Read, Write};
+    use std::path::{Path, PathBuf};
+
+    use serde_json::{Value, json};
+    use tonic::transport::Channel;
+    use wrapd::client::DataKeyServiceClient;
+    use wrapd::client::keyring::{Keyring, WrapdKey};
+    use wrapd::client::message;
+    use wrapd::context::EncryptionContext;
+
+    /// An output file written under a temporary name, renamed into place only on success.
+    struct Output {
+        target: Option<PathBuf>,
+        temp: Option<PathBuf>,
+    }
+
+    impl Output {
+        fn open(path: &str) -> Result<(Self, Box<dyn Write + Send>), String> {
+            if path == "-" {
+                return Ok((
+                    Output {
+                        target: None,
+                        temp: None,
+                    },
+                    Box::new(BufWriter::new(std::io::stdout())),
+                ));
+            }
+            let target = PathBuf::from(path);
+            let name = target
+                .file_name()
+                .ok_or_else(|| format!("{path} is not a file name"))?
+                .to_string_lossy()
+                .into_owned();
+            let temp = target.with_file_name(format!(".{name}.wrapctl-{}", std::process::id()));
+            let file = File::create(&temp)
+                .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+            Ok((
+                Output {
+                    target: Some(target),
+                    temp: Some(temp),
+                },
+                Box::new(BufWriter::new(file)),
+            ))
+        }
+
+        fn commit(mut self) -> Result<(), String> {
+            if let (Some(temp), Some(target)) = (self.temp.take(), &self.target) {
+                std::fs::rename(&temp, target)
+                    .map_err(|e| format!("cannot move the output into place: {e}"))?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Drop for Output {
+        fn drop(&mut self) {
+            // Not committed: leave nothing behind.
+            if let Some(temp) = &self.temp {
+                let _ = std::fs::remove_file(temp);
+            }
+        }
+    }
+
+    fn input(path: &str) -> Result<Box<dyn Read + Send>, String> {
+        if path == "-" {
+            Ok(Box::new(BufReader::new(std::io::stdin())))
+        } else {
+            let file =
+                File::open(Path::new(path)).map_err(|e| format!("cannot open {path}: {e}"))?;
+            Ok(Box::new(BufReader::new(file)))
+        }
+    }
+
+    pub async fn encrypt(
+        channel: Channel,
+        keys: Vec<String>,
+        context: Vec<(String, String)>,
+        input_path: &str,
+        output_path: &str,
+        frame_length: u32,
+    ) -> Result<Value, String> {
+        let context = EncryptionContext::from_entries(context).map_err(|e| e.to_string())?;
+        let keyring = Keyring::new(
+            keys.iter()
+                .map(|key_id| WrapdKey {
+                    client: DataKeyServiceClient::new(channel.clone()),
+                    key_id: key_id.clone(),
+                })
+                .collect(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut reader = input(input_path)?;
+        let (dek, entries) = keyring
+            .generate(&context)
+            .await
+            .map_err(|e| e.to_string())?;
+        let key_ids: Vec<String> = entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.provider_info).into_owned())
+            .collect();
+        let (output, mut writer) = Output::open(output_path)?;
+        let bytes = tokio::task::spawn_blocking(move || {
+            let n = message::encrypt_stream(
+                &mut reader,
+                &mut writer,
+                &dek,
+                &context,
+                entries,
+                frame_length,
+            )
+            .map_err(|e| e.to_string())?;
+            writer
+                .flush()
+                .map_err(|e| format!("cannot write the output: {e}"))?;
+            Ok::<_, String>(n)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        output.commit()?;
+        Ok(json!({ "status": "encrypted", "bytes": bytes, "key_ids": key_ids }))
+    }
+
+    pub async fn decrypt(
+        channel: Channel,
+        required: Vec<(String, String)>,
+        input_path: &str,
+        output_path: &str,
+    ) -> Result<Value, String> {
+        let keyring = Keyring::new(vec![WrapdKey {
+            client: DataKeyServiceClient::new(channel),
+            key_id: String::new(),
+        }])
+        .map_err(|e| e.to_string())?;
+        let mut reader = input(input_path)?;
+        let (output, mut writer) = Output::open(output_path)?;
+        let runtime = tokio::runtime::Handle::current();
+        let header = tokio::task::spawn_blocking(move || {
+            let header = message::decrypt_stream(&mut reader, &mut writer, |header| {
+                for (k, v) in &required {
+                    if header.context.get(k) != Some(v.as_str()) {
+                        return Err(wrapd::Error::invalid(format!(
+                            "the message's encryption context does not have {k}={v}"
+                        )));
+                    }
+                }
+                runtime.block_on(keyring.unwrap(header))
+            })
+            .map_err(|e| e.to_string())?;
+            writer
+                .flush()
+                .map_err(|e| format!("cannot write the output: {e}"))?;
+            Ok::<_, String>(header)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        output.commit()?;
+        let context: serde_json::Map<String, Value> = header
+            .context
+            .iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+            .collect();
+        Ok(json!({ "status": "decrypted", "encryption_context": context }))
+    }
+}
+
 fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
@@ -307,6 +505,11 @@ async fn connect(target: &Target) -> Result<Channel, String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    let cli_json = cli.json;
+    let writes_data_to_stdout = matches!(
+        &cli.command,
+        Command::Encrypt { output, .. } | Command::Decrypt { output, .. } if output == "-"
+    );
     let target = Target {
         socket: cli.socket,
         endpoint: cli.endpoint,
@@ -322,11 +525,28 @@ async fn run(cli: Cli) -> Result<(), String> {
             ref anchor,
             ref expect_last,
         }) => audit_verify(file, anchor.as_deref(), expect_last.as_deref())?,
+        Command::Encrypt {
+            keys,
+            context,
+            input,
+            output,
+            frame_length,
+        } => {
+            let channel = connect(&target).await?;
+            files::encrypt(channel, keys, context, &input, &output, frame_length).await?
+        }
+        Command::Decrypt {
+            context,
+            input,
+            output,
+        } => files::decrypt(connect(&target).await?, context, &input, &output).await?,
         Command::Keys(cmd) => keys(connect(&target).await?, cmd).await?,
         Command::Aliases(cmd) => aliases(connect(&target).await?, cmd).await?,
         Command::Datakey(cmd) => datakey(connect(&target).await?, cmd).await?,
     };
-    if cli.json {
+    if writes_data_to_stdout {
+        // stdout carries the data; the summary would corrupt it.
+    } else if cli_json {
         println!("{out}");
     } else {
         print_human(&out);

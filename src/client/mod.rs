@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod keyring;
 pub mod message;
 
 use hyper_util::rt::TokioIo;

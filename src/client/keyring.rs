@@ -1,0 +1,138 @@
+//! Keyrings: which wrapd keys protect a message's data key.
+//!
+//! Encryption asks the first key's daemon for a fresh DEK (`GenerateDataKey`) and wraps the
+//! same DEK under every other key (`Wrap`), each bound to the message's encryption context;
+//! each wrapped copy becomes an encrypted data key entry (provider `wrapd`, provider info =
+//! the canonical key id, ciphertext = the daemon's blob). Decryption offers each `wrapd`
+//! entry to each key's daemon (`Unwrap` with the message's context) until one answers.
+
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use super::message::{EncryptedDataKey, Header, PROVIDER_ID};
+use crate::client::DataKeyServiceClient;
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::proto::{GenerateDataKeyRequest, UnwrapRequest, WrapRequest};
+
+/// One wrapd key on one daemon.
+#[derive(Clone)]
+pub struct WrapdKey {
+    /// The daemon.
+    pub client: DataKeyServiceClient<Channel>,
+    /// Key id or alias.
+    pub key_id: String,
+}
+
+/// One or more wrapd keys, possibly on different daemons.
+#[derive(Clone)]
+pub struct Keyring {
+    keys: Vec<WrapdKey>,
+}
+
+fn call_error(what: &str, status: tonic::Status) -> Error {
+    let message = format!("{what}: {}", status.message());
+    match status.code() {
+        tonic::Code::NotFound => Error::NotFound(message),
+        tonic::Code::InvalidArgument => Error::InvalidArgument(message),
+        tonic::Code::FailedPrecondition => Error::FailedPrecondition(message),
+        tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+        tonic::Code::Unauthenticated => Error::Unauthenticated(message),
+        tonic::Code::Unavailable => Error::Unavailable(message),
+        _ => Error::Internal(message),
+    }
+}
+
+fn wire(context: &EncryptionContext) -> std::collections::HashMap<String, String> {
+    context
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+impl Keyring {
+    /// A keyring over these keys; the first generates the data keys.
+    pub fn new(keys: Vec<WrapdKey>) -> Result<Self> {
+        if keys.is_empty() {
+            return Err(Error::invalid("a keyring needs at least one key"));
+        }
+        Ok(Self { keys })
+    }
+
+    /// A fresh 32-byte DEK and its encrypted data key entries, one per key.
+    pub async fn generate(
+        &self,
+        context: &EncryptionContext,
+    ) -> Result<(Zeroizing<Vec<u8>>, Vec<EncryptedDataKey>)> {
+        let first = &self.keys[0];
+        let generated = first
+            .client
+            .clone()
+            .generate_data_key(GenerateDataKeyRequest {
+                key_id: first.key_id.clone(),
+                encryption_context: wire(context),
+                number_of_bytes: 32,
+            })
+            .await
+            .map_err(|s| call_error(&format!("GenerateDataKey with {}", first.key_id), s))?
+            .into_inner();
+        let dek = Zeroizing::new(generated.plaintext);
+        let mut entries = vec![EncryptedDataKey {
+            provider_id: PROVIDER_ID.to_owned(),
+            provider_info: generated.key_id.into_bytes(),
+            ciphertext: generated.ciphertext_blob,
+        }];
+        for key in &self.keys[1..] {
+            let wrapped = key
+                .client
+                .clone()
+                .wrap(WrapRequest {
+                    key_id: key.key_id.clone(),
+                    plaintext: dek.to_vec(),
+                    encryption_context: wire(context),
+                })
+                .await
+                .map_err(|s| call_error(&format!("Wrap with {}", key.key_id), s))?
+                .into_inner();
+            entries.push(EncryptedDataKey {
+                provider_id: PROVIDER_ID.to_owned(),
+                provider_info: wrapped.key_id.into_bytes(),
+                ciphertext: wrapped.ciphertext_blob,
+            });
+        }
+        Ok((dek, entries))
+    }
+
+    /// The DEK of a message: the first `wrapd` entry any of the keys' daemons unwraps.
+    pub async fn unwrap(&self, header: &Header) -> Result<Zeroizing<Vec<u8>>> {
+        let mut last = Error::NotFound("the message has no data key entry for wrapd".into());
+        for entry in header
+            .data_keys
+            .iter()
+            .filter(|e| e.provider_id == PROVIDER_ID)
+        {
+            for key in &self.keys {
+                match key
+                    .client
+                    .clone()
+                    .unwrap(UnwrapRequest {
+                        ciphertext_blob: entry.ciphertext.clone(),
+                        encryption_context: wire(&header.context),
+                        key_id: String::new(),
+                    })
+                    .await
+                {
+                    Ok(response) => {
+                        let dek = Zeroizing::new(response.into_inner().plaintext);
+                        if dek.len() == 32 {
+                            return Ok(dek);
+                        }
+                        last = Error::invalid("the unwrapped data key is not 32 bytes");
+                    }
+                    Err(status) => last = call_error("Unwrap", status),
+                }
+            }
+        }
+        Err(last)
+    }
+}

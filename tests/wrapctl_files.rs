@@ -1,0 +1,187 @@
+//! `wrapctl encrypt` / `wrapctl decrypt` against a real daemon: round trips under several
+//! keys, required context, tampering and truncation leaving no output file, pipes.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{DevDaemon, create_key};
+use wrapd::proto::KeyRef;
+
+fn wrapctl(daemon: &DevDaemon, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        pipe.write_all(bytes).unwrap();
+    }
+    drop(pipe);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.success(), out.stdout, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypt_and_decrypt_files() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    create_key(&mut keys, "alias/files-a").await;
+    create_key(&mut keys, "alias/files-b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.bin");
+    let data: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&plain, &data).unwrap();
+    let sealed = dir.path().join("sealed.esdk");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            "alias/files-a",
+            "--key",
+            "alias/files-b",
+            "--context",
+            "tenant=acme",
+            "--input",
+            &s(&plain),
+            "--output",
+            &s(&sealed),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let sealed_bytes = std::fs::read(&sealed).unwrap();
+    assert!(sealed_bytes.len() > data.len());
+    assert!(
+        !sealed_bytes.windows(64).any(|w| w == &data[1000..1064]),
+        "plaintext visible"
+    );
+
+    let back = dir.path().join("back.bin");
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &[
+            "decrypt",
+            "--context",
+            "tenant=acme",
+            "--input",
+            &s(&sealed),
+            "--output",
+            &s(&back),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // Multi-keyring: with the first key disabled, the second key's entry still opens it.
+    keys.disable_key(KeyRef {
+        key_id: "alias/files-a".into(),
+    })
+    .await
+    .unwrap();
+    let again = dir.path().join("again.bin");
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &["decrypt", "--input", &s(&sealed), "--output", &s(&again)],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&again).unwrap(), data);
+    keys.enable_key(KeyRef {
+        key_id: "alias/files-a".into(),
+    })
+    .await
+    .unwrap();
+
+    // A required context entry that the message lacks: refused, no output file.
+    let refused = dir.path().join("refused.bin");
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &[
+            "decrypt",
+            "--context",
+            "tenant=other",
+            "--input",
+            &s(&sealed),
+            "--output",
+            &s(&refused),
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("tenant=other"), "{err}");
+    assert!(!refused.exists());
+
+    // Tampered and truncated messages: refused, no output file, no temp file left.
+    for (name, bytes) in [
+        ("flipped", {
+            let mut b = sealed_bytes.clone();
+            let mid = b.len() / 2;
+            b[mid] ^= 1;
+            b
+        }),
+        (
+            "truncated",
+            sealed_bytes[..sealed_bytes.len() - 100].to_vec(),
+        ),
+        (
+            "cut-at-frame",
+            sealed_bytes[..sealed_bytes.len() / 3].to_vec(),
+        ),
+    ] {
+        let bad = dir.path().join(format!("{name}.esdk"));
+        std::fs::write(&bad, &bytes).unwrap();
+        let out = dir.path().join(format!("{name}.out"));
+        let (ok, _, err) = wrapctl(
+            &daemon,
+            &["decrypt", "--input", &s(&bad), "--output", &s(&out)],
+            None,
+        );
+        assert!(!ok, "{name} decrypted");
+        assert!(
+            err.starts_with("wrapctl: error:") && err.lines().count() == 1,
+            "{err}"
+        );
+        assert!(!out.exists(), "{name}: partial output left behind");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("wrapctl-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // Pipes: stdin to stdout both ways.
+    let (ok, piped, err) = wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            "alias/files-b",
+            "--input",
+            "-",
+            "--output",
+            "-",
+        ],
+        Some(b"through a pipe"),
+    );
+    assert!(ok, "{err}");
+    let (ok, plain_out, err) = wrapctl(
+        &daemon,
+        &["decrypt", "--input", "-", "--output", "-"],
+        Some(&piped),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(plain_out, b"through a pipe");
+}
