@@ -1,6 +1,6 @@
 //! The message format against the official AWS Encryption SDK (Python): files wrapd's format
-//! code writes decrypt with the official SDK, and files the official SDK writes (suite
-//! 0x0478) decrypt here. A static data key isolates the format from key management.
+//! code writes decrypt with the official SDK, and files the official SDK writes (suites
+//! 0x0478 and its default 0x0578, signed) decrypt here. A static data key isolates the format from key management.
 
 use std::path::Path;
 use std::process::Command;
@@ -72,10 +72,15 @@ fn wrapd_messages_decrypt_with_the_official_sdk() {
 fn official_sdk_messages_decrypt_with_wrapd() {
     let dir = tempfile::tempdir().unwrap();
     for (i, plaintext) in plaintexts().iter().enumerate() {
-        for frame in ["4096", "1024"] {
+        for (frame, suite) in [
+            ("4096", "0478"),
+            ("1024", "0478"),
+            ("4096", "0578"),
+            ("1024", "0578"),
+        ] {
             let (src, dst) = (
-                dir.path().join(format!("p{i}-{frame}")),
-                dir.path().join(format!("p{i}-{frame}.esdk")),
+                dir.path().join(format!("p{i}-{frame}-{suite}")),
+                dir.path().join(format!("p{i}-{frame}-{suite}.esdk")),
             );
             std::fs::write(&src, plaintext).unwrap();
             python(&[
@@ -84,7 +89,7 @@ fn official_sdk_messages_decrypt_with_wrapd() {
                 src.to_str().unwrap(),
                 dst.to_str().unwrap(),
                 frame,
-                "0478",
+                suite,
             ]);
             let encrypted = std::fs::read(&dst).unwrap();
             let (header, out) = message::decrypt(&encrypted, |h| {
@@ -94,7 +99,19 @@ fn official_sdk_messages_decrypt_with_wrapd() {
             .unwrap_or_else(|e| panic!("plaintext {i}, frame {frame}: {e}"));
             assert_eq!(&*out, plaintext, "plaintext {i}, frame {frame}");
             assert_eq!(header.context.get("tenant"), Some("acme"));
-            assert_eq!(header.suite, message::SUITE_COMMIT_KEY);
+            let expected_suite = if suite == "0578" {
+                message::SUITE_COMMIT_KEY_ECDSA_P384
+            } else {
+                message::SUITE_COMMIT_KEY
+            };
+            assert_eq!(header.suite, expected_suite);
+            if suite == "0578" {
+                // A changed signature byte (the message's last byte) is caught.
+                let mut forged = encrypted.clone();
+                let last = forged.len() - 1;
+                forged[last] ^= 1;
+                assert!(message::decrypt(&forged, |_| Ok(Zeroizing::new(DEK.to_vec()))).is_err());
+            }
         }
     }
 }

@@ -18,13 +18,17 @@
 //!
 //! [`encrypt_stream`] and [`decrypt_stream`] hold one frame in memory at a time; the
 //! whole-message [`encrypt`] and [`decrypt`] wrap them. Parallel frames, keyrings and
-//! `wrapctl encrypt/decrypt` build on this. Decrypting the signed suite 0x0578
-//! needs ECDSA P-384 verification and is refused for now.
+//! `wrapctl encrypt/decrypt` build on this. Messages of the signed suite 0x0578 (the
+//! official SDKs' default) are read too: the footer's ECDSA P-384 signature over header and
+//! body is checked with the key in the `aws-crypto-public-key` context entry.
 
 use std::io::{Read, Write};
 
+use p384::ecdsa::signature::hazmat::PrehashVerifier;
+use p384::ecdsa::{Signature, VerifyingKey};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::hkdf::{HKDF_SHA512, KeyType, Salt};
+use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
 use crate::context::EncryptionContext;
@@ -32,13 +36,15 @@ use crate::error::{Error, Result};
 
 /// `AES_256_GCM_HKDF_SHA512_COMMIT_KEY`: what the client writes.
 pub const SUITE_COMMIT_KEY: u16 = 0x0478;
-/// `AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384` (not readable yet).
+/// `AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384`: read (the official SDKs' default).
 pub const SUITE_COMMIT_KEY_ECDSA_P384: u16 = 0x0578;
 /// The default frame length.
 pub const DEFAULT_FRAME_LENGTH: u32 = 4096;
 /// Largest frame length read: one frame is held in memory, so a hostile header must not be
 /// able to ask for gigabytes.
 pub const MAX_READ_FRAME_LENGTH: u32 = 64 * 1024 * 1024;
+/// The context key under which signed messages carry their verification key.
+pub const PUBLIC_KEY_CONTEXT_KEY: &str = "aws-crypto-public-key";
 /// The provider id wrapd's encrypted data keys carry.
 pub const PROVIDER_ID: &str = "wrapd";
 
@@ -178,10 +184,12 @@ trait Source {
     }
 }
 
-/// A stream of message bytes that can record what it reads (the header, for its tag).
+/// A stream of message bytes that can record what it reads (the header, for its tag) and
+/// hash it (header and body, for the signature of signed suites).
 struct StreamSource<R> {
     inner: R,
     recorded: Option<Vec<u8>>,
+    hashed: Option<Sha384>,
 }
 
 impl<R: Read> Source for StreamSource<R> {
@@ -196,6 +204,9 @@ impl<R: Read> Source for StreamSource<R> {
         }
         if let Some(recorded) = &mut self.recorded {
             recorded.extend_from_slice(&buf);
+        }
+        if let Some(hashed) = &mut self.hashed {
+            hashed.update(&buf);
         }
         Ok(buf)
     }
@@ -411,12 +422,16 @@ pub fn decrypt_stream(
     let mut r = StreamSource {
         inner: input,
         recorded: Some(Vec::new()),
+        hashed: Some(Sha384::new()),
     };
     let header = Header::read(&mut r)?;
     let header_bytes = r.recorded.take().unwrap_or_default();
-    if header.suite == SUITE_COMMIT_KEY_ECDSA_P384 {
-        return Err(bad("signed messages (suite 0x0578) cannot be read yet"));
-    }
+    let signer = if header.suite == SUITE_COMMIT_KEY_ECDSA_P384 {
+        Some(signature_key(&header)?)
+    } else {
+        r.hashed = None;
+        None
+    };
     let dek = unwrap_dek(&header)?;
     let (key, commitment) = derive(header.suite, &header.message_id, &dek)?;
     if !ring_eq(&commitment[..], &header.commitment) {
@@ -476,10 +491,32 @@ pub fn decrypt_stream(
             .checked_add(1)
             .ok_or_else(|| bad("too many frames"))?;
     }
+    if let Some(key) = signer {
+        // The footer: the signature over everything before it (ECDSA P-384, SHA-384).
+        let digest = r.hashed.take().map(|h| h.finalize()).unwrap_or_default();
+        let signature = r.field()?;
+        let signature = Signature::from_der(&signature).map_err(|_| bad("malformed signature"))?;
+        key.verify_prehash(&digest, &signature)
+            .map_err(|_| bad("the signature does not verify"))?;
+    }
     if !r.at_end()? {
         return Err(bad("trailing bytes after the final frame"));
     }
     Ok(header)
+}
+
+/// The verification key of a signed message: its `aws-crypto-public-key` context entry,
+/// a base64 compressed P-384 point.
+fn signature_key(header: &Header) -> Result<VerifyingKey> {
+    use base64::Engine;
+    let encoded = header
+        .context
+        .get(PUBLIC_KEY_CONTEXT_KEY)
+        .ok_or_else(|| bad("a signed message without its public key"))?;
+    let point = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| bad("malformed public key"))?;
+    VerifyingKey::from_sec1_bytes(&point).map_err(|_| bad("malformed public key"))
 }
 
 fn ring_eq(a: &[u8], b: &[u8]) -> bool {
