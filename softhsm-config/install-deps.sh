@@ -22,8 +22,10 @@ fi
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
-# The official AWS Encryption SDK (Python), for the message-format interop tests.
-if ! python3 -c "import aws_encryption_sdk" 2>/dev/null; then
-  echo "installing aws-encryption-sdk (Python)..." >&2
-  python3 -m pip install --quiet --disable-pip-version-check "aws-encryption-sdk>=4,<5" >&2
+# The official AWS Encryption SDK (Python) and gRPC, for the interop tests and the example
+# master-key provider in examples/python.
+if ! python3 -c "import aws_encryption_sdk, grpc, grpc_tools" 2>/dev/null; then
+  echo "installing aws-encryption-sdk, grpcio, grpcio-tools (Python)..." >&2
+  python3 -m pip install --quiet --disable-pip-version-check \
+    "aws-encryption-sdk>=4,<5" grpcio grpcio-tools >&2
 fi

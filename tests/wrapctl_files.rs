@@ -185,3 +185,81 @@ async fn encrypt_and_decrypt_files() {
     assert!(ok, "{err}");
     assert_eq!(plain_out, b"through a pipe");
 }
+
+/// Both directions with the official AWS Encryption SDK (Python) and the example master-key
+/// provider in examples/python, against the same daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interoperates_with_the_official_python_sdk_through_wrapd() {
+    let daemon = DevDaemon::start();
+    create_key(&mut daemon.keys().await, "alias/interop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/wrapd_roundtrip.py");
+    let python = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "python: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, &data).unwrap();
+
+    // wrapctl encrypts, the official SDK decrypts (its provider calls wrapd's Unwrap).
+    let sealed = dir.path().join("by-wrapctl.esdk");
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            "alias/interop",
+            "--context",
+            "tenant=acme",
+            "--input",
+            &s(&plain),
+            "--output",
+            &s(&sealed),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let opened = dir.path().join("opened-by-python");
+    python(&["decrypt", &s(&daemon.socket), &s(&sealed), &s(&opened)]);
+    assert_eq!(std::fs::read(&opened).unwrap(), data);
+
+    // The official SDK encrypts (0x0478, and its default signed 0x0578), wrapctl decrypts.
+    for suite in ["0478", "0578"] {
+        let by_python = dir.path().join(format!("by-python-{suite}.esdk"));
+        python(&[
+            "encrypt",
+            &s(&daemon.socket),
+            "alias/interop",
+            suite,
+            &s(&plain),
+            &s(&by_python),
+        ]);
+        let back = dir.path().join(format!("back-{suite}"));
+        let (ok, _, err) = wrapctl(
+            &daemon,
+            &[
+                "decrypt",
+                "--context",
+                "tenant=acme",
+                "--input",
+                &s(&by_python),
+                "--output",
+                &s(&back),
+            ],
+            None,
+        );
+        assert!(ok, "{suite}: {err}");
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+    }
+}
