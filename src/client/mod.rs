@@ -1,4 +1,5 @@
-//! The thin client: connecting to a daemon and the generated gRPC clients.
+//! The thin client: connecting to a daemon, the generated gRPC clients, the AWS Encryption
+//! SDK message format (`message.rs`) and keyrings of wrapd keys (`keyring.rs`).
 //!
 //! It depends on nothing server-side (no PKCS#11, no SQLite), so applications can link it
 //! with `default-features = false, features = ["client"]`.
