@@ -16,8 +16,9 @@
 //! sequence number, big-endian, left-padded with zeros; frame AAD is
 //! `message id || "AWSKMSEncryptionClient Frame" (or "... Final Frame") || seq u32 || len u64`.
 //!
-//! [`encrypt_stream`] and [`decrypt_stream`] hold one frame in memory at a time; the
-//! whole-message [`encrypt`] and [`decrypt`] wrap them. Parallel frames, keyrings and
+//! [`encrypt_stream`] and [`decrypt_stream`] hold one batch of frames in memory at a time
+//! (at most 8 MiB of plaintext) and seal or open the frames of a batch in parallel on all
+//! cores; the whole-message [`encrypt`] and [`decrypt`] wrap them. Parallel frames, keyrings and
 //! `wrapctl encrypt/decrypt` build on this. Messages of the signed suite 0x0578 (the
 //! official SDKs' default) are read too: the footer's ECDSA P-384 signature over header and
 //! body is checked with the key in the `aws-crypto-public-key` context entry.
@@ -26,6 +27,7 @@ use std::io::{Read, Write};
 
 use p384::ecdsa::signature::hazmat::PrehashVerifier;
 use p384::ecdsa::{Signature, VerifyingKey};
+use rayon::prelude::*;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::hkdf::{HKDF_SHA512, KeyType, Salt};
 use sha2::{Digest, Sha384};
@@ -347,41 +349,75 @@ pub fn encrypt_stream(
     head.extend_from_slice(tag.as_ref());
     output.write_all(&head).map_err(write_error)?;
 
-    let mut buf = Zeroizing::new(vec![0u8; frame_length as usize]);
+    // Frames are read a batch at a time and sealed in parallel on all cores, then written
+    // in order: memory stays bounded by the batch, whatever the input size.
+    let batch = batch_frames(frame_length);
     let mut total = 0u64;
     let mut seq = 0u32;
     loop {
-        let n = fill(input, &mut buf)?;
-        total += n as u64;
-        seq = seq
-            .checked_add(1)
-            .filter(|s| *s != FINAL_FRAME)
-            .ok_or_else(|| Error::invalid("too many frames"))?;
-        let last = n < buf.len();
-        let mut frame = Vec::with_capacity(n + 40);
-        if last {
-            frame.extend_from_slice(&FINAL_FRAME.to_be_bytes());
+        let mut frames = Vec::with_capacity(batch);
+        let mut last = false;
+        while frames.len() < batch && !last {
+            let mut buf = Zeroizing::new(vec![0u8; frame_length as usize]);
+            let n = fill(input, &mut buf)?;
+            buf.truncate(n);
+            total += n as u64;
+            seq = seq
+                .checked_add(1)
+                .filter(|s| *s != FINAL_FRAME)
+                .ok_or_else(|| Error::invalid("too many frames"))?;
+            last = n < frame_length as usize;
+            frames.push((seq, last, buf));
         }
-        frame.extend_from_slice(&seq.to_be_bytes());
-        frame.extend_from_slice(frame_nonce(seq).as_ref());
-        if last {
-            frame.extend_from_slice(&(n as u32).to_be_bytes());
+        let sealed: Vec<Result<Vec<u8>>> = frames
+            .par_iter()
+            .map(|(seq, last, plaintext)| seal_frame(&key, &message_id, *seq, *last, plaintext))
+            .collect();
+        for frame in sealed {
+            output.write_all(&frame?).map_err(write_error)?;
         }
-        let start = frame.len();
-        frame.extend_from_slice(&buf[..n]);
-        let tag = key
-            .seal_in_place_separate_tag(
-                frame_nonce(seq),
-                Aad::from(frame_aad(&message_id, last, seq, n)),
-                &mut frame[start..],
-            )
-            .map_err(|_| Error::Internal("AES-GCM".into()))?;
-        frame.extend_from_slice(tag.as_ref());
-        output.write_all(&frame).map_err(write_error)?;
         if last {
             return Ok(total);
         }
     }
+}
+
+/// Frames per parallel batch: enough to keep every core busy, at most 8 MiB of plaintext.
+fn batch_frames(frame_length: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let by_memory = (8 * 1024 * 1024 / frame_length.max(1) as usize).max(1);
+    (cores * 8).clamp(1, 256).min(by_memory)
+}
+
+/// One serialized, sealed frame.
+fn seal_frame(
+    key: &LessSafeKey,
+    message_id: &[u8; 32],
+    seq: u32,
+    last: bool,
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    let n = plaintext.len();
+    let mut frame = Vec::with_capacity(n + 40);
+    if last {
+        frame.extend_from_slice(&FINAL_FRAME.to_be_bytes());
+    }
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.extend_from_slice(frame_nonce(seq).as_ref());
+    if last {
+        frame.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    let start = frame.len();
+    frame.extend_from_slice(plaintext);
+    let tag = key
+        .seal_in_place_separate_tag(
+            frame_nonce(seq),
+            Aad::from(frame_aad(message_id, last, seq, n)),
+            &mut frame[start..],
+        )
+        .map_err(|_| Error::Internal("AES-GCM".into()))?;
+    frame.extend_from_slice(tag.as_ref());
+    Ok(frame)
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
@@ -447,49 +483,68 @@ pub fn decrypt_stream(
     )
     .map_err(|_| bad("the header does not authenticate"))?;
 
+    // Frames are read a batch at a time (their framing checked in order), opened in
+    // parallel, and written in order once the whole batch authenticated.
+    let batch = batch_frames(header.frame_length);
     let mut expected = 1u32;
-    loop {
-        let first = r.u32()?;
-        let (last, seq) = if first == FINAL_FRAME {
-            (true, r.u32()?)
-        } else {
-            (false, first)
-        };
-        if seq != expected {
-            return Err(bad("frames out of order"));
-        }
-        let iv = r.array::<IV_LEN>()?;
-        if iv != *frame_nonce(seq).as_ref() {
-            return Err(bad("unexpected frame IV"));
-        }
-        let len = if last {
-            let len = r.u32()?;
-            if len > header.frame_length {
-                return Err(bad("final frame longer than the frame length"));
+    let mut done = false;
+    while !done {
+        let mut frames = Vec::with_capacity(batch);
+        while frames.len() < batch && !done {
+            let first = r.u32()?;
+            let (last, seq) = if first == FINAL_FRAME {
+                (true, r.u32()?)
+            } else {
+                (false, first)
+            };
+            if seq != expected {
+                return Err(bad("frames out of order"));
             }
-            len as usize
-        } else {
-            header.frame_length as usize
-        };
-        let mut buf = Zeroizing::new(r.take(len)?);
-        let tag = r.array::<TAG_LEN>()?;
-        key.open_in_place_separate_tag(
-            frame_nonce(seq),
-            Aad::from(frame_aad(&header.message_id, last, seq, len)),
-            Tag::from(tag),
-            &mut buf,
-            0..,
-        )
-        .map_err(|_| bad("a frame does not authenticate"))?;
-        output
-            .write_all(&buf)
-            .map_err(|e| Error::invalid(format!("cannot write the plaintext: {e}")))?;
-        if last {
-            break;
+            let iv = r.array::<IV_LEN>()?;
+            if iv != *frame_nonce(seq).as_ref() {
+                return Err(bad("unexpected frame IV"));
+            }
+            let len = if last {
+                let len = r.u32()?;
+                if len > header.frame_length {
+                    return Err(bad("final frame longer than the frame length"));
+                }
+                len as usize
+            } else {
+                header.frame_length as usize
+            };
+            let ciphertext = r.take(len)?;
+            let tag = r.array::<TAG_LEN>()?;
+            frames.push((seq, last, ciphertext, tag));
+            done = last;
+            if !done {
+                expected = expected
+                    .checked_add(1)
+                    .ok_or_else(|| bad("too many frames"))?;
+            }
         }
-        expected = expected
-            .checked_add(1)
-            .ok_or_else(|| bad("too many frames"))?;
+        let opened: Vec<Result<Zeroizing<Vec<u8>>>> = frames
+            .into_par_iter()
+            .map(|(seq, last, ciphertext, tag)| {
+                let mut buf = Zeroizing::new(ciphertext);
+                let len = buf.len();
+                key.open_in_place_separate_tag(
+                    frame_nonce(seq),
+                    Aad::from(frame_aad(&header.message_id, last, seq, len)),
+                    Tag::from(tag),
+                    &mut buf,
+                    0..,
+                )
+                .map_err(|_| bad("a frame does not authenticate"))?;
+                Ok(buf)
+            })
+            .collect();
+        let opened = opened.into_iter().collect::<Result<Vec<_>>>()?;
+        for plaintext in opened {
+            output
+                .write_all(&plaintext)
+                .map_err(|e| Error::invalid(format!("cannot write the plaintext: {e}")))?;
+        }
     }
     if let Some(key) = signer {
         // The footer: the signature over everything before it (ECDSA P-384, SHA-384).
@@ -555,6 +610,24 @@ mod tests {
             assert_eq!(header.context, ctx());
             assert_eq!(header.frame_length, 16);
         }
+    }
+
+    #[test]
+    fn many_batches_keep_frame_order() {
+        let dek = [5u8; 32];
+        let plaintext: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let message = encrypt(&plaintext, &dek, &ctx(), vec![edk()], 16).unwrap();
+        let (_, out) = decrypt(&message, |_| Ok(Zeroizing::new(dek.to_vec()))).unwrap();
+        assert_eq!(&*out, &plaintext);
+        // Swapping two frames in the middle of the body is caught.
+        let frame = 4 + 12 + 16 + 16;
+        let body = message.len() - (frame * (50_000 / 16)) - (4 + 4 + 12 + 4 + 50_000 % 16 + 16);
+        let mut swapped = message.clone();
+        let (a, b) = (body + 100 * frame, body + 101 * frame);
+        let first = swapped[a..a + frame].to_vec();
+        swapped.copy_within(b..b + frame, a);
+        swapped[b..b + frame].copy_from_slice(&first);
+        assert!(decrypt(&swapped, |_| Ok(Zeroizing::new(dek.to_vec()))).is_err());
     }
 
     #[test]
