@@ -621,7 +621,9 @@ mod tests {
         assert_eq!(&*out, &plaintext);
         // Swapping two frames in the middle of the body is caught.
         let frame = 4 + 12 + 16 + 16;
-        let body = message.len() - (frame * (50_000 / 16)) - (4 + 4 + 12 + 4 + 50_000 % 16 + 16);
+        // 50 000 is a multiple of 16: the final frame is empty.
+        let final_frame = 4 + 4 + 12 + 4 + 16;
+        let body = message.len() - frame * (50_000 / 16) - final_frame;
         let mut swapped = message.clone();
         let (a, b) = (body + 100 * frame, body + 101 * frame);
         let first = swapped[a..a + frame].to_vec();
