@@ -113,6 +113,45 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Encryption SDK messages: any plaintext and frame length round-trip; any changed,
+    /// removed or added byte fails, and nothing is returned.
+    #[test]
+    fn messages_round_trip_and_every_change_fails(
+        plaintext in proptest::collection::vec(any::<u8>(), 0..3000),
+        frames in 1u32..8,
+        index in any::<prop::sample::Index>(),
+        xor in 1u8..,
+        cut in 1usize..40,
+    ) {
+        use wrapd::client::message::{self, EncryptedDataKey};
+        let dek = [0x24u8; 32];
+        let context = EncryptionContext::from_entries([("k".to_owned(), "v".to_owned())]).unwrap();
+        let edk = EncryptedDataKey { provider_id: "wrapd".into(), provider_info: b"key/x".to_vec(), ciphertext: vec![1; 20] };
+        let sealed = message::encrypt(&plaintext, &dek, &context, vec![edk], frames * 16).unwrap();
+        let open = |m: &[u8]| message::decrypt(m, |_| Ok(zeroize::Zeroizing::new(dek.to_vec())));
+        let (header, out) = open(&sealed).unwrap();
+        prop_assert_eq!(&*out, &plaintext);
+        prop_assert_eq!(header.context, context);
+
+        let mut flipped = sealed.clone();
+        let i = index.index(flipped.len());
+        flipped[i] ^= xor;
+        prop_assert!(open(&flipped).is_err(), "flip at {} accepted", i);
+        prop_assert!(open(&sealed[..sealed.len().saturating_sub(cut)]).is_err());
+        let mut longer = sealed.clone();
+        longer.push(xor);
+        prop_assert!(open(&longer).is_err());
+    }
+
+    #[test]
+    fn message_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let _ = wrapd::client::message::decrypt(&bytes, |_| Ok(zeroize::Zeroizing::new(vec![0; 32])));
+    }
+}
+
 /// A valid audit chain of `n` records.
 fn chain(n: usize) -> Vec<String> {
     let mut prev = GENESIS.to_owned();
