@@ -320,7 +320,7 @@ fn audit_verify(
 /// `wrapctl encrypt` and `wrapctl decrypt`: streaming, one frame in memory at a time.
 mod files {
     use std::fs::File;
-    use std::io::{BufReader, BufWriter, Read, Write};
+    use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
     use std::path::{Path, PathBuf};
 
     use serde_json::{Value, json};
@@ -383,14 +383,24 @@ mod files {
         }
     }
 
+    /// Inputs at least this large get a progress bar (on a terminal).
+    const PROGRESS_FROM: u64 = 16 * 1024 * 1024;
+
     fn input(path: &str) -> Result<Box<dyn Read + Send>, String> {
         if path == "-" {
-            Ok(Box::new(BufReader::new(std::io::stdin())))
-        } else {
-            let file =
-                File::open(Path::new(path)).map_err(|e| format!("cannot open {path}: {e}"))?;
-            Ok(Box::new(BufReader::new(file)))
+            return Ok(Box::new(BufReader::new(std::io::stdin())));
         }
+        let file = File::open(Path::new(path)).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size >= PROGRESS_FROM && std::io::stderr().is_terminal() {
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let bar = indicatif::ProgressBar::new(size).with_style(style);
+            return Ok(Box::new(bar.wrap_read(BufReader::new(file))));
+        }
+        Ok(Box::new(BufReader::new(file)))
     }
 
     pub async fn encrypt(

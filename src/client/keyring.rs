@@ -5,6 +5,9 @@
 //! each wrapped copy becomes an encrypted data key entry (provider `wrapd`, provider info =
 //! the canonical key id, ciphertext = the daemon's blob). Decryption offers each `wrapd`
 //! entry to each key's daemon (`Unwrap` with the message's context) until one answers.
+//! Every call has a deadline (10 s) and is retried twice on UNAVAILABLE.
+
+use std::time::Duration;
 
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
@@ -43,6 +46,35 @@ fn call_error(what: &str, status: tonic::Status) -> Error {
     }
 }
 
+/// Per-attempt deadline of a keyring call, and how often an UNAVAILABLE answer is retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const ATTEMPTS: u32 = 3;
+
+/// Runs a call with a deadline, retrying UNAVAILABLE (the daemon's "retry later": token
+/// fault, busy sessions) with a short backoff.
+async fn retrying<T, F, Fut>(mut call: F) -> std::result::Result<T, tonic::Status>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call(CALL_TIMEOUT).await {
+            Err(status) if status.code() == tonic::Code::Unavailable && attempt < ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 fn wire(context: &EncryptionContext) -> std::collections::HashMap<String, String> {
     context
         .iter()
@@ -65,17 +97,18 @@ impl Keyring {
         context: &EncryptionContext,
     ) -> Result<(Zeroizing<Vec<u8>>, Vec<EncryptedDataKey>)> {
         let first = &self.keys[0];
-        let generated = first
-            .client
-            .clone()
-            .generate_data_key(GenerateDataKeyRequest {
+        let generated = retrying(|timeout| {
+            let mut client = first.client.clone();
+            let message = GenerateDataKeyRequest {
                 key_id: first.key_id.clone(),
                 encryption_context: wire(context),
                 number_of_bytes: 32,
-            })
-            .await
-            .map_err(|s| call_error(&format!("GenerateDataKey with {}", first.key_id), s))?
-            .into_inner();
+            };
+            async move { client.generate_data_key(request(message, timeout)).await }
+        })
+        .await
+        .map_err(|s| call_error(&format!("GenerateDataKey with {}", first.key_id), s))?
+        .into_inner();
         let dek = Zeroizing::new(generated.plaintext);
         let mut entries = vec![EncryptedDataKey {
             provider_id: PROVIDER_ID.to_owned(),
@@ -83,17 +116,18 @@ impl Keyring {
             ciphertext: generated.ciphertext_blob,
         }];
         for key in &self.keys[1..] {
-            let wrapped = key
-                .client
-                .clone()
-                .wrap(WrapRequest {
+            let wrapped = retrying(|timeout| {
+                let mut client = key.client.clone();
+                let message = WrapRequest {
                     key_id: key.key_id.clone(),
                     plaintext: dek.to_vec(),
                     encryption_context: wire(context),
-                })
-                .await
-                .map_err(|s| call_error(&format!("Wrap with {}", key.key_id), s))?
-                .into_inner();
+                };
+                async move { client.wrap(request(message, timeout)).await }
+            })
+            .await
+            .map_err(|s| call_error(&format!("Wrap with {}", key.key_id), s))?
+            .into_inner();
             entries.push(EncryptedDataKey {
                 provider_id: PROVIDER_ID.to_owned(),
                 provider_info: wrapped.key_id.into_bytes(),
@@ -112,16 +146,17 @@ impl Keyring {
             .filter(|e| e.provider_id == PROVIDER_ID)
         {
             for key in &self.keys {
-                match key
-                    .client
-                    .clone()
-                    .unwrap(UnwrapRequest {
+                let answer = retrying(|timeout| {
+                    let mut client = key.client.clone();
+                    let message = UnwrapRequest {
                         ciphertext_blob: entry.ciphertext.clone(),
                         encryption_context: wire(&header.context),
                         key_id: String::new(),
-                    })
-                    .await
-                {
+                    };
+                    async move { client.unwrap(request(message, timeout)).await }
+                })
+                .await;
+                match answer {
                     Ok(response) => {
                         let dek = Zeroizing::new(response.into_inner().plaintext);
                         if dek.len() == 32 {
@@ -134,5 +169,34 @@ impl Keyring {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn retries_unavailable_only() {
+        let calls = AtomicU32::new(0);
+        let result: std::result::Result<(), _> = retrying(|timeout| {
+            assert_eq!(timeout, CALL_TIMEOUT);
+            calls.fetch_add(1, Ordering::Relaxed);
+            async { Err(tonic::Status::unavailable("busy")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(calls.load(Ordering::Relaxed), ATTEMPTS);
+
+        calls.store(0, Ordering::Relaxed);
+        let result: std::result::Result<(), _> = retrying(|_| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            async { Err(tonic::Status::not_found("no such key")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
     }
 }
