@@ -403,6 +403,31 @@ mod files {
         Ok(Box::new(BufReader::new(file)))
     }
 
+    /// Runs a blocking stream transform from `input_path` to `output_path` off the async
+    /// executor; the output is flushed, and a file output is moved into place only if `f`
+    /// succeeded.
+    async fn transform<T: Send + 'static>(
+        input_path: &str,
+        output_path: &str,
+        f: impl FnOnce(&mut (dyn Read + Send), &mut (dyn Write + Send)) -> Result<T, String>
+        + Send
+        + 'static,
+    ) -> Result<T, String> {
+        let mut reader = input(input_path)?;
+        let (output, mut writer) = Output::open(output_path)?;
+        let result = tokio::task::spawn_blocking(move || {
+            let result = f(&mut *reader, &mut *writer)?;
+            writer
+                .flush()
+                .map_err(|e| format!("cannot write the output: {e}"))?;
+            Ok::<_, String>(result)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        output.commit()?;
+        Ok(result)
+    }
+
     pub async fn encrypt(
         channel: Channel,
         keys: Vec<String>,
@@ -421,7 +446,6 @@ mod files {
                 .collect(),
         )
         .map_err(|e| e.to_string())?;
-        let mut reader = input(input_path)?;
         let (dek, entries) = keyring
             .generate(&context)
             .await
@@ -430,25 +454,11 @@ mod files {
             .iter()
             .map(|e| String::from_utf8_lossy(&e.provider_info).into_owned())
             .collect();
-        let (output, mut writer) = Output::open(output_path)?;
-        let bytes = tokio::task::spawn_blocking(move || {
-            let n = message::encrypt_stream(
-                &mut reader,
-                &mut writer,
-                &dek,
-                &context,
-                entries,
-                frame_length,
-            )
-            .map_err(|e| e.to_string())?;
-            writer
-                .flush()
-                .map_err(|e| format!("cannot write the output: {e}"))?;
-            Ok::<_, String>(n)
+        let bytes = transform(input_path, output_path, move |reader, writer| {
+            message::encrypt_stream(reader, writer, &dek, &context, entries, frame_length)
+                .map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|e| e.to_string())??;
-        output.commit()?;
+        .await?;
         Ok(json!({ "status": "encrypted", "bytes": bytes, "key_ids": key_ids }))
     }
 
@@ -458,16 +468,11 @@ mod files {
         input_path: &str,
         output_path: &str,
     ) -> Result<Value, String> {
-        let keyring = Keyring::new(vec![WrapdKey {
-            client: DataKeyServiceClient::new(channel),
-            key_id: String::new(),
-        }])
-        .map_err(|e| e.to_string())?;
-        let mut reader = input(input_path)?;
-        let (output, mut writer) = Output::open(output_path)?;
+        let keyring = Keyring::for_decryption(vec![DataKeyServiceClient::new(channel)])
+            .map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Handle::current();
-        let header = tokio::task::spawn_blocking(move || {
-            let header = message::decrypt_stream(&mut reader, &mut writer, |header| {
+        let header = transform(input_path, output_path, move |reader, writer| {
+            message::decrypt_stream(reader, writer, |header| {
                 for (k, v) in &required {
                     if header.context.get(k) != Some(v.as_str()) {
                         return Err(wrapd::Error::invalid(format!(
@@ -477,15 +482,9 @@ mod files {
                 }
                 runtime.block_on(keyring.unwrap(header))
             })
-            .map_err(|e| e.to_string())?;
-            writer
-                .flush()
-                .map_err(|e| format!("cannot write the output: {e}"))?;
-            Ok::<_, String>(header)
+            .map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|e| e.to_string())??;
-        output.commit()?;
+        .await?;
         let context: serde_json::Map<String, Value> = header
             .context
             .iter()

@@ -91,6 +91,20 @@ impl Keyring {
         Ok(Self { keys })
     }
 
+    /// A keyring that only decrypts: it offers every `wrapd` entry to these daemons, whatever
+    /// key the entry names (each daemon's policy decides).
+    pub fn for_decryption(clients: Vec<DataKeyServiceClient<Channel>>) -> Result<Self> {
+        Self::new(
+            clients
+                .into_iter()
+                .map(|client| WrapdKey {
+                    client,
+                    key_id: String::new(),
+                })
+                .collect(),
+        )
+    }
+
     /// A fresh 32-byte DEK and its encrypted data key entries, one per key.
     pub async fn generate(
         &self,

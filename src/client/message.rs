@@ -313,8 +313,8 @@ pub fn encrypt(
 /// frames while the input fills them, then a final frame with the rest (possibly empty).
 /// Returns the number of plaintext bytes.
 pub fn encrypt_stream(
-    input: &mut impl Read,
-    output: &mut impl Write,
+    input: &mut (impl Read + ?Sized),
+    output: &mut (impl Write + ?Sized),
     dek: &[u8],
     context: &EncryptionContext,
     data_keys: Vec<EncryptedDataKey>,
@@ -421,7 +421,7 @@ fn seal_frame(
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-fn fill(input: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+fn fill(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match input.read(&mut buf[filled..]) {
@@ -451,8 +451,8 @@ pub fn decrypt(
 /// authenticates, but a message cut short or altered later fails after earlier frames were
 /// written: callers writing to a file write to a temporary one and keep it only on success.
 pub fn decrypt_stream(
-    input: &mut impl Read,
-    output: &mut impl Write,
+    input: &mut (impl Read + ?Sized),
+    output: &mut (impl Write + ?Sized),
     unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
 ) -> Result<Header> {
     let mut r = StreamSource {
