@@ -27,6 +27,23 @@ pub struct WrapdKey {
     pub key_id: String,
 }
 
+/// A fresh data key and its encrypted data key entries, one per wrapping key.
+pub struct DataKey {
+    /// The plaintext DEK (32 bytes).
+    pub dek: Zeroizing<Vec<u8>>,
+    /// The header entries: the DEK wrapped under each key of the keyring.
+    pub data_keys: Vec<EncryptedDataKey>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("dek", &"<redacted>")
+            .field("data_keys", &self.data_keys.len())
+            .finish()
+    }
+}
+
 /// One or more wrapd keys, possibly on different daemons.
 #[derive(Clone)]
 pub struct Keyring {
@@ -106,10 +123,7 @@ impl Keyring {
     }
 
     /// A fresh 32-byte DEK and its encrypted data key entries, one per key.
-    pub async fn generate(
-        &self,
-        context: &EncryptionContext,
-    ) -> Result<(Zeroizing<Vec<u8>>, Vec<EncryptedDataKey>)> {
+    pub async fn generate(&self, context: &EncryptionContext) -> Result<DataKey> {
         let first = &self.keys[0];
         let generated = retrying(|timeout| {
             let mut client = first.client.clone();
@@ -148,7 +162,10 @@ impl Keyring {
                 ciphertext: wrapped.ciphertext_blob,
             });
         }
-        Ok((dek, entries))
+        Ok(DataKey {
+            dek,
+            data_keys: entries,
+        })
     }
 
     /// The DEK of a message: the first `wrapd` entry any of the keys' daemons unwraps.

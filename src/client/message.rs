@@ -126,6 +126,22 @@ fn derive(
     Ok((LessSafeKey::new(key), commitment))
 }
 
+/// The derived data key and the commitment key of a message, as bytes: only for
+/// known-answer tests.
+#[doc(hidden)]
+pub fn derive_keys_for_tests(
+    suite: u16,
+    message_id: &[u8; 32],
+    dek: &[u8],
+) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>)> {
+    let mut info = suite.to_be_bytes().to_vec();
+    info.extend_from_slice(b"DERIVEKEY");
+    Ok((
+        hkdf(message_id, dek, &info)?,
+        hkdf(message_id, dek, b"COMMITKEY")?,
+    ))
+}
+
 fn push_field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     let len =
         u16::try_from(bytes.len()).map_err(|_| Error::invalid("a header field is over 64 KiB"))?;
@@ -161,15 +177,24 @@ impl Header {
     }
 }
 
-/// Where message bytes come from: a slice or a stream. Every read is exact; running out of
-/// input is an error ("truncated"), never a panic.
+/// Where message bytes come from. Every read is exact; running out of input is an error
+/// ("truncated"), never a panic.
 trait Source {
-    fn take(&mut self, n: usize) -> Result<Vec<u8>>;
+    /// Fills `buf` exactly.
+    fn read_into(&mut self, buf: &mut [u8]) -> Result<()>;
     /// True when no byte is left.
     fn at_end(&mut self) -> Result<bool>;
 
+    /// `n` bytes; only used for header fields, whose lengths are at most 64 KiB.
+    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        self.read_into(&mut buf)?;
+        Ok(buf)
+    }
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        self.take(N)?.try_into().map_err(|_| bad("truncated"))
+        let mut buf = [0u8; N];
+        self.read_into(&mut buf)?;
+        Ok(buf)
     }
     fn u8(&mut self) -> Result<u8> {
         Ok(self.array::<1>()?[0])
@@ -195,22 +220,18 @@ struct StreamSource<R> {
 }
 
 impl<R: Read> Source for StreamSource<R> {
-    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        let read = (&mut self.inner)
-            .take(n as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::invalid(format!("cannot read the message: {e}")))?;
-        if read != n {
-            return Err(bad("truncated"));
-        }
+    fn read_into(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => bad("truncated"),
+            _ => Error::invalid(format!("cannot read the message: {e}")),
+        })?;
         if let Some(recorded) = &mut self.recorded {
-            recorded.extend_from_slice(&buf);
+            recorded.extend_from_slice(buf);
         }
         if let Some(hashed) = &mut self.hashed {
-            hashed.update(&buf);
+            hashed.update(&*buf);
         }
-        Ok(buf)
+        Ok(())
     }
 
     fn at_end(&mut self) -> Result<bool> {
@@ -274,19 +295,41 @@ impl Header {
 }
 
 fn frame_nonce(seq: u32) -> Nonce {
-    let mut iv = [0u8; IV_LEN];
-    iv[8..].copy_from_slice(&seq.to_be_bytes());
-    Nonce::assume_unique_for_key(iv)
+    Nonce::assume_unique_for_key(frame_iv(seq))
 }
 
-fn frame_aad(message_id: &[u8; 32], last: bool, seq: u32, len: usize) -> Vec<u8> {
+fn frame_iv(seq: u32) -> [u8; IV_LEN] {
+    let mut iv = [0u8; IV_LEN];
+    iv[8..].copy_from_slice(&seq.to_be_bytes());
+    iv
+}
+
+/// A frame's AAD, on the stack: `message id || label || seq u32 || length u64`.
+struct FrameAad {
+    bytes: [u8; 32 + FINAL_FRAME_AAD.len() + 12],
+    len: usize,
+}
+
+impl AsRef<[u8]> for FrameAad {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn frame_aad(message_id: &[u8; 32], last: bool, seq: u32, len: usize) -> Aad<FrameAad> {
     let label = if last { FINAL_FRAME_AAD } else { FRAME_AAD };
-    let mut aad = Vec::with_capacity(32 + label.len() + 12);
-    aad.extend_from_slice(message_id);
-    aad.extend_from_slice(label);
-    aad.extend_from_slice(&seq.to_be_bytes());
-    aad.extend_from_slice(&(len as u64).to_be_bytes());
-    aad
+    let mut bytes = [0u8; 32 + FINAL_FRAME_AAD.len() + 12];
+    bytes[..32].copy_from_slice(message_id);
+    let mut at = 32;
+    for part in [
+        label,
+        &seq.to_be_bytes()[..],
+        &(len as u64).to_be_bytes()[..],
+    ] {
+        bytes[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    Aad::from(FrameAad { bytes, len: at })
 }
 
 /// Encrypts `plaintext` into a whole message under suite 0x0478.
@@ -297,7 +340,8 @@ pub fn encrypt(
     data_keys: Vec<EncryptedDataKey>,
     frame_length: u32,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
+    let frames = plaintext.len() / (frame_length.max(1) as usize) + 1;
+    let mut out = Vec::with_capacity(plaintext.len() + frames * 32 + 64 * 1024);
     encrypt_stream(
         &mut &plaintext[..],
         &mut out,
@@ -309,16 +353,46 @@ pub fn encrypt(
     Ok(out)
 }
 
-/// Encrypts `input` onto `output` under suite 0x0478, holding one frame in memory: full
-/// frames while the input fills them, then a final frame with the rest (possibly empty).
-/// Returns the number of plaintext bytes.
+/// Encrypts `input` onto `output` under suite 0x0478: full frames while the input fills
+/// them, then a final frame with the rest (possibly empty). Returns the number of plaintext
+/// bytes.
+///
+/// Memory stays bounded whatever the input size: the input is read a batch of frames at a
+/// time (about 1 MiB), the frames of a batch are sealed in parallel on the current rayon
+/// pool, and while one batch is sealed the calling thread writes the previous one and reads
+/// the next. On a one-thread pool everything runs in turn on that thread.
 pub fn encrypt_stream(
-    input: &mut (impl Read + ?Sized),
-    output: &mut (impl Write + ?Sized),
+    input: &mut (impl Read + Send + ?Sized),
+    output: &mut (impl Write + Send + ?Sized),
     dek: &[u8],
     context: &EncryptionContext,
     data_keys: Vec<EncryptedDataKey>,
     frame_length: u32,
+) -> Result<u64> {
+    let mut message_id = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
+    encrypt_stream_with_id(
+        input,
+        output,
+        dek,
+        context,
+        data_keys,
+        frame_length,
+        message_id,
+    )
+}
+
+/// [`encrypt_stream`] with a chosen message id: only for known-answer tests, since a message
+/// id must never repeat under one data key.
+#[doc(hidden)]
+pub fn encrypt_stream_with_id(
+    input: &mut (impl Read + Send + ?Sized),
+    output: &mut (impl Write + Send + ?Sized),
+    dek: &[u8],
+    context: &EncryptionContext,
+    data_keys: Vec<EncryptedDataKey>,
+    frame_length: u32,
+    message_id: [u8; 32],
 ) -> Result<u64> {
     // As the official SDKs require: a positive multiple of the AES block size.
     if frame_length == 0 || frame_length % 16 != 0 {
@@ -326,9 +400,6 @@ pub fn encrypt_stream(
             "the frame length must be a positive multiple of 16",
         ));
     }
-    let write_error = |e: std::io::Error| Error::invalid(format!("cannot write the message: {e}"));
-    let mut message_id = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
     let (key, commitment) = derive(SUITE_COMMIT_KEY, &message_id, dek)?;
     let header = Header {
         suite: SUITE_COMMIT_KEY,
@@ -349,75 +420,243 @@ pub fn encrypt_stream(
     head.extend_from_slice(tag.as_ref());
     output.write_all(&head).map_err(write_error)?;
 
-    // Frames are read a batch at a time and sealed in parallel on all cores, then written
-    // in order: memory stays bounded by the batch, whatever the input size.
-    let batch = batch_frames(frame_length);
-    let mut total = 0u64;
-    let mut seq = 0u32;
+    let layout = SealLayout::new(frame_length as usize);
+    let mut reader = BatchReader {
+        input,
+        next_seq: 1,
+        total: 0,
+    };
+    // Two batches alternate: one is sealed by the workers while the other is written out and
+    // refilled by the calling thread.
+    // The first batch is small, so that small messages do not pay for large buffers.
+    let mut current = SealBatch::new(
+        &layout,
+        layout.per_batch.min(first_batch_frames(layout.frame)),
+    );
+    let mut last = reader.read(&mut current, &layout)?;
+    if last {
+        // One batch: nothing to overlap.
+        current.seal(&key, &message_id, &layout)?;
+        output.write_all(current.sealed()).map_err(write_error)?;
+        return Ok(reader.total);
+    }
+    let mut spare = SealBatch::new(&layout, layout.per_batch);
+    let mut spare_sealed = false;
     loop {
-        let mut frames = Vec::with_capacity(batch);
-        let mut last = false;
-        while frames.len() < batch && !last {
-            let mut buf = Zeroizing::new(vec![0u8; frame_length as usize]);
-            let n = fill(input, &mut buf)?;
-            buf.truncate(n);
-            total += n as u64;
-            seq = seq
-                .checked_add(1)
-                .filter(|s| *s != FINAL_FRAME)
-                .ok_or_else(|| Error::invalid("too many frames"))?;
-            last = n < frame_length as usize;
-            frames.push((seq, last, buf));
+        let read_more = !last;
+        let (io, sealed) = rayon::join(
+            || -> Result<bool> {
+                if spare_sealed {
+                    output.write_all(spare.sealed()).map_err(write_error)?;
+                    if spare.capacity() < layout.per_batch {
+                        spare = SealBatch::new(&layout, layout.per_batch);
+                    }
+                }
+                if read_more {
+                    reader.read(&mut spare, &layout)
+                } else {
+                    Ok(true)
+                }
+            },
+            || current.seal(&key, &message_id, &layout),
+        );
+        sealed?;
+        let next_last = io?;
+        if !read_more {
+            output.write_all(current.sealed()).map_err(write_error)?;
+            return Ok(reader.total);
         }
-        let sealed: Vec<Result<Vec<u8>>> = frames
-            .par_iter()
-            .map(|(seq, last, plaintext)| seal_frame(&key, &message_id, *seq, *last, plaintext))
-            .collect();
-        for frame in sealed {
-            output.write_all(&frame?).map_err(write_error)?;
-        }
-        if last {
-            return Ok(total);
-        }
+        std::mem::swap(&mut current, &mut spare);
+        spare_sealed = true;
+        last = next_last;
     }
 }
 
-/// Frames per parallel batch: enough to keep every core busy, at most 8 MiB of plaintext.
-fn batch_frames(frame_length: u32) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let by_memory = (8 * 1024 * 1024 / frame_length.max(1) as usize).max(1);
-    (cores * 8).clamp(1, 256).min(by_memory)
+fn write_error(e: std::io::Error) -> Error {
+    Error::invalid(format!("cannot write the message: {e}"))
 }
 
-/// One serialized, sealed frame.
-fn seal_frame(
-    key: &LessSafeKey,
-    message_id: &[u8; 32],
-    seq: u32,
-    last: bool,
-    plaintext: &[u8],
-) -> Result<Vec<u8>> {
-    let n = plaintext.len();
-    let mut frame = Vec::with_capacity(n + 40);
-    if last {
-        frame.extend_from_slice(&FINAL_FRAME.to_be_bytes());
+/// Plaintext bytes per batch: large enough that handing a batch to the workers costs little,
+/// small enough to stay in the cores' caches.
+const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Batches smaller than this are sealed or opened on the calling thread: for small messages
+/// a hand-off to the workers costs more than it saves.
+const PARALLEL_FROM: usize = 64 * 1024;
+
+fn frames_per_batch(frame_length: usize) -> usize {
+    (BATCH_BYTES / frame_length.max(1)).max(1)
+}
+
+/// Frames in the first batch of a message: no more than a small message needs.
+fn first_batch_frames(frame_length: usize) -> usize {
+    (PARALLEL_FROM / frame_length.max(1)).max(1)
+}
+
+/// Where frames sit in an encryption batch buffer: `per_batch` regular slots of
+/// `seq | IV | plaintext→ciphertext | tag`, then room for the final frame.
+struct SealLayout {
+    frame: usize,
+    per_batch: usize,
+}
+
+impl SealLayout {
+    /// seq 4 + IV 12 before, tag 16 after.
+    const REGULAR_OVERHEAD: usize = 4 + IV_LEN + TAG_LEN;
+    /// Marker 4 + seq 4 + IV 12 + length 4 before, tag 16 after.
+    const FINAL_OVERHEAD: usize = 4 + 4 + IV_LEN + 4 + TAG_LEN;
+
+    fn new(frame: usize) -> Self {
+        Self {
+            frame,
+            per_batch: frames_per_batch(frame),
+        }
     }
-    frame.extend_from_slice(&seq.to_be_bytes());
-    frame.extend_from_slice(frame_nonce(seq).as_ref());
-    if last {
-        frame.extend_from_slice(&(n as u32).to_be_bytes());
+
+    fn slot(&self) -> usize {
+        self.frame + Self::REGULAR_OVERHEAD
     }
-    let start = frame.len();
-    frame.extend_from_slice(plaintext);
-    let tag = key
-        .seal_in_place_separate_tag(
-            frame_nonce(seq),
-            Aad::from(frame_aad(message_id, last, seq, n)),
-            &mut frame[start..],
-        )
-        .map_err(|_| Error::Internal("AES-GCM".into()))?;
-    frame.extend_from_slice(tag.as_ref());
-    Ok(frame)
+}
+
+/// One batch of frames on their way out: plaintext staged, then sealed into `slots`.
+struct SealBatch {
+    /// The batch's plaintext as read, contiguous.
+    staged: Zeroizing<Vec<u8>>,
+    /// Serialized frames; sealed in place.
+    slots: Zeroizing<Vec<u8>>,
+    /// Regular frames in this batch, and their first sequence number.
+    regular: usize,
+    first_seq: u32,
+    /// Plaintext length of the final frame, if this batch ends the message.
+    final_len: Option<usize>,
+    /// Bytes of `slots` in use.
+    len: usize,
+    /// The frame length.
+    frame: usize,
+}
+
+impl SealBatch {
+    /// A batch of up to `frames` frames.
+    fn new(layout: &SealLayout, frames: usize) -> Self {
+        Self {
+            staged: Zeroizing::new(vec![0u8; frames * layout.frame]),
+            slots: Zeroizing::new(vec![
+                0u8;
+                frames * layout.slot()
+                    + layout.frame
+                    + SealLayout::FINAL_OVERHEAD
+            ]),
+            regular: 0,
+            first_seq: 1,
+            final_len: None,
+            len: 0,
+            frame: layout.frame,
+        }
+    }
+
+    /// Frames this batch holds.
+    fn capacity(&self) -> usize {
+        self.staged.len() / self.frame
+    }
+
+    /// Copies each frame's plaintext into its slot and seals it there, frames in parallel.
+    fn seal(
+        &mut self,
+        key: &LessSafeKey,
+        message_id: &[u8; 32],
+        layout: &SealLayout,
+    ) -> Result<()> {
+        let (frame, slot) = (layout.frame, layout.slot());
+        let (regular, rest) = self.slots.split_at_mut(self.regular * slot);
+        let first_seq = self.first_seq;
+        let seal_one = |(i, (slot, plaintext)): (usize, (&mut [u8], &[u8]))| -> Result<()> {
+            // `regular` frames are below `FINAL_FRAME`: `BatchReader` checked.
+            let seq = first_seq + i as u32;
+            slot[..4].copy_from_slice(&seq.to_be_bytes());
+            slot[4..16].copy_from_slice(&frame_iv(seq));
+            let (body, tag) = slot[16..].split_at_mut(frame);
+            body.copy_from_slice(plaintext);
+            let sealed = key
+                .seal_in_place_separate_tag(
+                    frame_nonce(seq),
+                    frame_aad(message_id, false, seq, frame),
+                    body,
+                )
+                .map_err(|_| Error::Internal("AES-GCM".into()))?;
+            tag.copy_from_slice(sealed.as_ref());
+            Ok(())
+        };
+        if self.regular * frame >= PARALLEL_FROM {
+            regular
+                .par_chunks_mut(slot)
+                .zip(self.staged.par_chunks(frame))
+                .enumerate()
+                .try_for_each(seal_one)?;
+        } else {
+            regular
+                .chunks_mut(slot)
+                .zip(self.staged.chunks(frame))
+                .enumerate()
+                .try_for_each(seal_one)?;
+        }
+        if let Some(n) = self.final_len {
+            let seq = first_seq + self.regular as u32;
+            let plaintext = &self.staged[self.regular * frame..self.regular * frame + n];
+            rest[..4].copy_from_slice(&FINAL_FRAME.to_be_bytes());
+            rest[4..8].copy_from_slice(&seq.to_be_bytes());
+            rest[8..20].copy_from_slice(&frame_iv(seq));
+            rest[20..24].copy_from_slice(&(n as u32).to_be_bytes());
+            let (body, tail) = rest[24..].split_at_mut(n);
+            body.copy_from_slice(plaintext);
+            let sealed = key
+                .seal_in_place_separate_tag(
+                    frame_nonce(seq),
+                    frame_aad(message_id, true, seq, n),
+                    body,
+                )
+                .map_err(|_| Error::Internal("AES-GCM".into()))?;
+            tail[..TAG_LEN].copy_from_slice(sealed.as_ref());
+        }
+        Ok(())
+    }
+
+    /// The sealed frames of this batch.
+    fn sealed(&self) -> &[u8] {
+        &self.slots[..self.len]
+    }
+}
+
+/// Reads the plaintext of one batch at a time and numbers its frames.
+struct BatchReader<'a, R: ?Sized> {
+    input: &'a mut R,
+    next_seq: u32,
+    total: u64,
+}
+
+impl<R: Read + ?Sized> BatchReader<'_, R> {
+    /// Fills `batch` with up to one batch of plaintext; true if the input ended (the batch
+    /// then holds the final frame, possibly empty).
+    fn read(&mut self, batch: &mut SealBatch, layout: &SealLayout) -> Result<bool> {
+        let n = fill(self.input, &mut batch.staged)?;
+        self.total += n as u64;
+        let regular = n / layout.frame;
+        let last = n < batch.staged.len();
+        let frames = regular + usize::from(last);
+        // Sequence numbers run from 1 and must stay below the final-frame marker.
+        let next = u64::from(self.next_seq) + frames as u64;
+        if next > u64::from(FINAL_FRAME) {
+            return Err(Error::invalid("too many frames"));
+        }
+        batch.first_seq = self.next_seq;
+        self.next_seq = next as u32;
+        batch.regular = regular;
+        batch.final_len = last.then_some(n - regular * layout.frame);
+        batch.len = regular * layout.slot()
+            + batch
+                .final_len
+                .map_or(0, |len| len + SealLayout::FINAL_OVERHEAD);
+        Ok(last)
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
@@ -434,29 +673,44 @@ fn fill(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> Result<usize> {
     Ok(filled)
 }
 
+/// Parses a message's header without authenticating it, e.g. to unwrap its data key with
+/// an async keyring before calling [`decrypt`]. Nothing in it is authenticated until
+/// [`decrypt`] has checked the key commitment and the header tag.
+pub fn peek_header(message: &[u8]) -> Result<Header> {
+    Header::read(&mut StreamSource {
+        inner: message,
+        recorded: None,
+        hashed: None,
+    })
+}
+
 /// Decrypts a whole message. `unwrap_dek` gets the header and returns the plaintext DEK
 /// (from whichever data key entry it can unwrap).
 pub fn decrypt(
     message: &[u8],
     unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
 ) -> Result<(Header, Zeroizing<Vec<u8>>)> {
-    let mut out = Zeroizing::new(Vec::new());
+    let mut out = Zeroizing::new(Vec::with_capacity(message.len()));
     let header = decrypt_stream(&mut &message[..], &mut *out, unwrap_dek)?;
     Ok((header, out))
 }
 
-/// Decrypts `input` onto `output`, one frame in memory at a time. Checks, in order: the key
-/// commitment, the header tag, then each frame's tag before its plaintext is written; at the
-/// end, that the final frame came and nothing follows it. A frame is written only once it
-/// authenticates, but a message cut short or altered later fails after earlier frames were
-/// written: callers writing to a file write to a temporary one and keep it only on success.
+/// Decrypts `input` onto `output`. Checks, in order: the key commitment, the header tag,
+/// then each frame's tag before its plaintext is written; at the end, the signature of a
+/// signed suite, that the final frame came and that nothing follows it.
+///
+/// Frames are read a batch at a time (their framing checked in order), opened in parallel,
+/// and a batch is written only once every frame in it authenticated; while one batch is
+/// opened the calling thread writes the previous one and reads the next. A message cut
+/// short or altered later still fails after earlier batches were written: callers writing
+/// to a file write to a temporary one and keep it only on success (as `wrapctl` does).
 pub fn decrypt_stream(
-    input: &mut (impl Read + ?Sized),
-    output: &mut (impl Write + ?Sized),
+    input: &mut (impl Read + Send + ?Sized),
+    output: &mut (impl Write + Send + ?Sized),
     unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
 ) -> Result<Header> {
     let mut r = StreamSource {
-        inner: input,
+        inner: std::io::BufReader::with_capacity(64 * 1024, input),
         recorded: Some(Vec::new()),
         hashed: Some(Sha384::new()),
     };
@@ -470,7 +724,7 @@ pub fn decrypt_stream(
     };
     let dek = unwrap_dek(&header)?;
     let (key, commitment) = derive(header.suite, &header.message_id, &dek)?;
-    if !ring_eq(&commitment[..], &header.commitment) {
+    if !constant_time_eq(&commitment[..], &header.commitment) {
         return Err(bad("the key commitment does not match"));
     }
     let tag = r.array::<TAG_LEN>()?;
@@ -483,67 +737,46 @@ pub fn decrypt_stream(
     )
     .map_err(|_| bad("the header does not authenticate"))?;
 
-    // Frames are read a batch at a time (their framing checked in order), opened in
-    // parallel, and written in order once the whole batch authenticated.
-    let batch = batch_frames(header.frame_length);
-    let mut expected = 1u32;
-    let mut done = false;
-    while !done {
-        let mut frames = Vec::with_capacity(batch);
-        while frames.len() < batch && !done {
-            let first = r.u32()?;
-            let (last, seq) = if first == FINAL_FRAME {
-                (true, r.u32()?)
-            } else {
-                (false, first)
-            };
-            if seq != expected {
-                return Err(bad("frames out of order"));
+    let frame = header.frame_length as usize;
+    let per_batch = frames_per_batch(frame);
+    let mut frames = FrameReader {
+        source: &mut r,
+        frame,
+        expected: 1,
+    };
+    // The first batch is small, so that small messages do not pay for large buffers.
+    let mut current = OpenBatch::new(frame, per_batch.min(first_batch_frames(frame)));
+    if frames.read(&mut current)? {
+        // One batch: nothing to overlap.
+        current.open(&key, &header.message_id)?;
+        write_plaintext(output, &current)?;
+    } else {
+        let mut spare = OpenBatch::new(frame, per_batch);
+        let mut spare_opened = false;
+        loop {
+            let (io, opened) = rayon::join(
+                || -> Result<bool> {
+                    if spare_opened {
+                        write_plaintext(output, &spare)?;
+                        if spare.capacity() < per_batch {
+                            spare = OpenBatch::new(frame, per_batch);
+                        }
+                    }
+                    frames.read(&mut spare)
+                },
+                || current.open(&key, &header.message_id),
+            );
+            opened?;
+            let done = io?;
+            std::mem::swap(&mut current, &mut spare);
+            spare_opened = true;
+            if done {
+                // The final batch; unauthenticated bytes never reach `output`.
+                current.open(&key, &header.message_id)?;
+                write_plaintext(output, &spare)?;
+                write_plaintext(output, &current)?;
+                break;
             }
-            let iv = r.array::<IV_LEN>()?;
-            if iv != *frame_nonce(seq).as_ref() {
-                return Err(bad("unexpected frame IV"));
-            }
-            let len = if last {
-                let len = r.u32()?;
-                if len > header.frame_length {
-                    return Err(bad("final frame longer than the frame length"));
-                }
-                len as usize
-            } else {
-                header.frame_length as usize
-            };
-            let ciphertext = r.take(len)?;
-            let tag = r.array::<TAG_LEN>()?;
-            frames.push((seq, last, ciphertext, tag));
-            done = last;
-            if !done {
-                expected = expected
-                    .checked_add(1)
-                    .ok_or_else(|| bad("too many frames"))?;
-            }
-        }
-        let opened: Vec<Result<Zeroizing<Vec<u8>>>> = frames
-            .into_par_iter()
-            .map(|(seq, last, ciphertext, tag)| {
-                let mut buf = Zeroizing::new(ciphertext);
-                let len = buf.len();
-                key.open_in_place_separate_tag(
-                    frame_nonce(seq),
-                    Aad::from(frame_aad(&header.message_id, last, seq, len)),
-                    Tag::from(tag),
-                    &mut buf,
-                    0..,
-                )
-                .map_err(|_| bad("a frame does not authenticate"))?;
-                Ok(buf)
-            })
-            .collect();
-        let opened = opened.into_iter().collect::<Result<Vec<_>>>()?;
-        for plaintext in opened {
-            output
-                .write_all(&plaintext)
-                .map_err(|e| Error::invalid(format!("cannot write the plaintext: {e}")))?;
         }
     }
     if let Some(key) = signer {
@@ -560,6 +793,130 @@ pub fn decrypt_stream(
     Ok(header)
 }
 
+fn write_plaintext(output: &mut (impl Write + ?Sized), batch: &OpenBatch) -> Result<()> {
+    output
+        .write_all(batch.opened())
+        .map_err(|e| Error::invalid(format!("cannot write the plaintext: {e}")))
+}
+
+/// One frame of an [`OpenBatch`]: where its ciphertext sits and what authenticates it.
+struct FrameInfo {
+    seq: u32,
+    last: bool,
+    len: usize,
+    tag: [u8; TAG_LEN],
+}
+
+/// One batch of frames on their way in: ciphertexts side by side at `frame` strides,
+/// opened in place, so the plaintext of the batch ends up contiguous.
+struct OpenBatch {
+    data: Zeroizing<Vec<u8>>,
+    frames: Vec<FrameInfo>,
+    frame: usize,
+}
+
+impl OpenBatch {
+    fn new(frame: usize, per_batch: usize) -> Self {
+        Self {
+            data: Zeroizing::new(vec![0u8; frame * per_batch]),
+            frames: Vec::with_capacity(per_batch),
+            frame,
+        }
+    }
+
+    /// Frames this batch holds.
+    fn capacity(&self) -> usize {
+        self.data.len() / self.frame
+    }
+
+    fn open(&mut self, key: &LessSafeKey, message_id: &[u8; 32]) -> Result<()> {
+        let open_one = |(chunk, info): (&mut [u8], &FrameInfo)| {
+            key.open_in_place_separate_tag(
+                frame_nonce(info.seq),
+                frame_aad(message_id, info.last, info.seq, info.len),
+                Tag::from(info.tag),
+                &mut chunk[..info.len],
+                0..,
+            )
+            .map(|_| ())
+            .map_err(|_| bad("a frame does not authenticate"))
+        };
+        if self.frames.len() * self.frame >= PARALLEL_FROM {
+            self.data
+                .par_chunks_mut(self.frame)
+                .zip(self.frames.par_iter())
+                .try_for_each(open_one)
+        } else {
+            self.data
+                .chunks_mut(self.frame)
+                .zip(self.frames.iter())
+                .try_for_each(open_one)
+        }
+    }
+
+    /// The plaintext of the batch (every frame is full but a final one).
+    fn opened(&self) -> &[u8] {
+        let len = self.frames.iter().map(|f| f.len).sum::<usize>();
+        &self.data[..len]
+    }
+}
+
+/// Parses frames off the message in order, checking sequence numbers, IVs and lengths.
+struct FrameReader<'a, S> {
+    source: &'a mut S,
+    frame: usize,
+    expected: u32,
+}
+
+impl<S: Source> FrameReader<'_, S> {
+    /// Reads up to one batch of frames; true once the final frame was read.
+    fn read(&mut self, batch: &mut OpenBatch) -> Result<bool> {
+        batch.frames.clear();
+        while batch.frames.len() < batch.capacity() {
+            let r = &mut *self.source;
+            let first = r.u32()?;
+            let (last, seq) = if first == FINAL_FRAME {
+                (true, r.u32()?)
+            } else {
+                (false, first)
+            };
+            if seq != self.expected {
+                return Err(bad("frames out of order"));
+            }
+            if r.array::<IV_LEN>()? != frame_iv(seq) {
+                return Err(bad("unexpected frame IV"));
+            }
+            let len = if last {
+                let len = r.u32()? as usize;
+                if len > self.frame {
+                    return Err(bad("final frame longer than the frame length"));
+                }
+                len
+            } else {
+                self.frame
+            };
+            let at = batch.frames.len() * self.frame;
+            r.read_into(&mut batch.data[at..at + len])?;
+            let tag = r.array::<TAG_LEN>()?;
+            batch.frames.push(FrameInfo {
+                seq,
+                last,
+                len,
+                tag,
+            });
+            if last {
+                return Ok(true);
+            }
+            self.expected = self
+                .expected
+                .checked_add(1)
+                .filter(|s| *s != FINAL_FRAME)
+                .ok_or_else(|| bad("too many frames"))?;
+        }
+        Ok(false)
+    }
+}
+
 /// The verification key of a signed message: its `aws-crypto-public-key` context entry,
 /// a base64 compressed P-384 point.
 fn signature_key(header: &Header) -> Result<VerifyingKey> {
@@ -574,7 +931,7 @@ fn signature_key(header: &Header) -> Result<VerifyingKey> {
     VerifyingKey::from_sec1_bytes(&point).map_err(|_| bad("malformed public key"))
 }
 
-fn ring_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -630,6 +987,36 @@ mod tests {
         swapped.copy_within(b..b + frame, a);
         swapped[b..b + frame].copy_from_slice(&first);
         assert!(decrypt(&swapped, |_| Ok(Zeroizing::new(dek.to_vec()))).is_err());
+    }
+
+    #[test]
+    fn round_trips_across_batch_boundaries() {
+        // Default frames: a first batch of 16 frames (64 KiB), then batches of 256 (1 MiB).
+        let dek = [4u8; 32];
+        let (first, batch) = (64 * 1024, 1024 * 1024);
+        for len in [
+            first - 1,
+            first,
+            first + 1,
+            first + batch,
+            first + batch + 5,
+            first + 3 * batch + 3 * 4096 + 7,
+        ] {
+            let plaintext: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let message = encrypt(&plaintext, &dek, &ctx(), vec![edk()], 4096).unwrap();
+            let frames = len / 4096;
+            let expected_len = message.len() - frames * (4096 + 32) - (len % 4096 + 40);
+            assert_eq!(
+                peek_header(&message).unwrap().body().unwrap().len() + 16,
+                expected_len
+            );
+            let (_, out) = decrypt(&message, |_| Ok(Zeroizing::new(dek.to_vec()))).unwrap();
+            assert!(*out == plaintext, "len {len}");
+            // Cutting the message at any batch boundary is caught.
+            for cut in [expected_len + 16 * 4128, message.len() - 1] {
+                assert!(decrypt(&message[..cut], |_| Ok(Zeroizing::new(dek.to_vec()))).is_err());
+            }
+        }
     }
 
     #[test]

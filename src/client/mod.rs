@@ -1,11 +1,13 @@
 //! The thin client: connecting to a daemon, the generated gRPC clients, the AWS Encryption
-//! SDK message format (`message.rs`) and keyrings of wrapd keys (`keyring.rs`).
+//! SDK message format (`message.rs`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
+//! data key cache in front of them (`cache.rs`).
 //!
 //! It depends on nothing server-side (no PKCS#11, no SQLite), so applications can link it
 //! with `default-features = false, features = ["client"]`.
 
 use std::path::{Path, PathBuf};
 
+pub mod cache;
 pub mod keyring;
 pub mod message;
 

@@ -96,6 +96,9 @@ enum Command {
         #[arg(long, default_value_t = wrapd::client::message::DEFAULT_FRAME_LENGTH)]
         frame_length: u32,
     },
+    /// Measure thin-client throughput next to `openssl speed` (library, files, 1 KiB
+    /// messages with and without the data key cache).
+    Bench(bench::BenchArgs),
     /// Decrypt an AWS Encryption SDK message; a failed decrypt leaves no output file.
     Decrypt {
         /// Entry K=V the message's encryption context must contain (repeatable).
@@ -317,182 +320,8 @@ fn audit_verify(
     }
 }
 
-/// `wrapctl encrypt` and `wrapctl decrypt`: streaming, one frame in memory at a time.
-mod files {
-    use std::fs::File;
-    use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
-    use std::path::{Path, PathBuf};
-
-    use serde_json::{Value, json};
-    use tonic::transport::Channel;
-    use wrapd::client::DataKeyServiceClient;
-    use wrapd::client::keyring::{Keyring, WrapdKey};
-    use wrapd::client::message;
-    use wrapd::context::EncryptionContext;
-
-    /// An output file written under a temporary name, renamed into place only on success.
-    struct Output {
-        target: Option<PathBuf>,
-        temp: Option<PathBuf>,
-    }
-
-    impl Output {
-        fn open(path: &str) -> Result<(Self, Box<dyn Write + Send>), String> {
-            if path == "-" {
-                return Ok((
-                    Output {
-                        target: None,
-                        temp: None,
-                    },
-                    Box::new(BufWriter::new(std::io::stdout())),
-                ));
-            }
-            let target = PathBuf::from(path);
-            let name = target
-                .file_name()
-                .ok_or_else(|| format!("{path} is not a file name"))?
-                .to_string_lossy()
-                .into_owned();
-            let temp = target.with_file_name(format!(".{name}.wrapctl-{}", std::process::id()));
-            let file = File::create(&temp)
-                .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
-            Ok((
-                Output {
-                    target: Some(target),
-                    temp: Some(temp),
-                },
-                Box::new(BufWriter::new(file)),
-            ))
-        }
-
-        fn commit(mut self) -> Result<(), String> {
-            if let (Some(temp), Some(target)) = (self.temp.take(), &self.target) {
-                std::fs::rename(&temp, target)
-                    .map_err(|e| format!("cannot move the output into place: {e}"))?;
-            }
-            Ok(())
-        }
-    }
-
-    impl Drop for Output {
-        fn drop(&mut self) {
-            // Not committed: leave nothing behind.
-            if let Some(temp) = &self.temp {
-                let _ = std::fs::remove_file(temp);
-            }
-        }
-    }
-
-    /// Inputs at least this large get a progress bar (on a terminal).
-    const PROGRESS_FROM: u64 = 16 * 1024 * 1024;
-
-    fn input(path: &str) -> Result<Box<dyn Read + Send>, String> {
-        if path == "-" {
-            return Ok(Box::new(BufReader::new(std::io::stdin())));
-        }
-        let file = File::open(Path::new(path)).map_err(|e| format!("cannot open {path}: {e}"))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if size >= PROGRESS_FROM && std::io::stderr().is_terminal() {
-            let style = indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            let bar = indicatif::ProgressBar::new(size).with_style(style);
-            return Ok(Box::new(bar.wrap_read(BufReader::new(file))));
-        }
-        Ok(Box::new(BufReader::new(file)))
-    }
-
-    /// Runs a blocking stream transform from `input_path` to `output_path` off the async
-    /// executor; the output is flushed, and a file output is moved into place only if `f`
-    /// succeeded.
-    async fn transform<T: Send + 'static>(
-        input_path: &str,
-        output_path: &str,
-        f: impl FnOnce(&mut (dyn Read + Send), &mut (dyn Write + Send)) -> Result<T, String>
-        + Send
-        + 'static,
-    ) -> Result<T, String> {
-        let mut reader = input(input_path)?;
-        let (output, mut writer) = Output::open(output_path)?;
-        let result = tokio::task::spawn_blocking(move || {
-            let result = f(&mut *reader, &mut *writer)?;
-            writer
-                .flush()
-                .map_err(|e| format!("cannot write the output: {e}"))?;
-            Ok::<_, String>(result)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        output.commit()?;
-        Ok(result)
-    }
-
-    pub async fn encrypt(
-        channel: Channel,
-        keys: Vec<String>,
-        context: Vec<(String, String)>,
-        input_path: &str,
-        output_path: &str,
-        frame_length: u32,
-    ) -> Result<Value, String> {
-        let context = EncryptionContext::from_entries(context).map_err(|e| e.to_string())?;
-        let keyring = Keyring::new(
-            keys.iter()
-                .map(|key_id| WrapdKey {
-                    client: DataKeyServiceClient::new(channel.clone()),
-                    key_id: key_id.clone(),
-                })
-                .collect(),
-        )
-        .map_err(|e| e.to_string())?;
-        let (dek, entries) = keyring
-            .generate(&context)
-            .await
-            .map_err(|e| e.to_string())?;
-        let key_ids: Vec<String> = entries
-            .iter()
-            .map(|e| String::from_utf8_lossy(&e.provider_info).into_owned())
-            .collect();
-        let bytes = transform(input_path, output_path, move |reader, writer| {
-            message::encrypt_stream(reader, writer, &dek, &context, entries, frame_length)
-                .map_err(|e| e.to_string())
-        })
-        .await?;
-        Ok(json!({ "status": "encrypted", "bytes": bytes, "key_ids": key_ids }))
-    }
-
-    pub async fn decrypt(
-        channel: Channel,
-        required: Vec<(String, String)>,
-        input_path: &str,
-        output_path: &str,
-    ) -> Result<Value, String> {
-        let keyring = Keyring::for_decryption(vec![DataKeyServiceClient::new(channel)])
-            .map_err(|e| e.to_string())?;
-        let runtime = tokio::runtime::Handle::current();
-        let header = transform(input_path, output_path, move |reader, writer| {
-            message::decrypt_stream(reader, writer, |header| {
-                for (k, v) in &required {
-                    if header.context.get(k) != Some(v.as_str()) {
-                        return Err(wrapd::Error::invalid(format!(
-                            "the message's encryption context does not have {k}={v}"
-                        )));
-                    }
-                }
-                runtime.block_on(keyring.unwrap(header))
-            })
-            .map_err(|e| e.to_string())
-        })
-        .await?;
-        let context: serde_json::Map<String, Value> = header
-            .context
-            .iter()
-            .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
-            .collect();
-        Ok(json!({ "status": "decrypted", "encryption_context": context }))
-    }
-}
+mod bench;
+mod files;
 
 fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
@@ -505,6 +334,25 @@ struct Target {
     tls: TlsFiles,
 }
 
+impl Target {
+    /// The command-line flags that reach this target (for child `wrapctl` processes).
+    fn args(&self) -> Vec<String> {
+        let mut args = vec!["--socket".to_owned(), self.socket.display().to_string()];
+        if let Some(endpoint) = &self.endpoint {
+            for (flag, value) in [
+                ("--endpoint", endpoint.clone()),
+                ("--tls-ca", self.tls.ca.display().to_string()),
+                ("--tls-cert", self.tls.cert.display().to_string()),
+                ("--tls-key", self.tls.key.display().to_string()),
+            ] {
+                args.push(flag.to_owned());
+                args.push(value);
+            }
+        }
+        args
+    }
+}
+
 async fn connect(target: &Target) -> Result<Channel, String> {
     match &target.endpoint {
         Some(endpoint) => connect_tls(endpoint, &target.tls).await,
@@ -515,6 +363,7 @@ async fn connect(target: &Target) -> Result<Channel, String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let cli_json = cli.json;
+    let is_bench = matches!(&cli.command, Command::Bench(_));
     let writes_data_to_stdout = matches!(
         &cli.command,
         Command::Encrypt { output, .. } | Command::Decrypt { output, .. } if output == "-"
@@ -549,6 +398,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             input,
             output,
         } => files::decrypt(connect(&target).await?, context, &input, &output).await?,
+        Command::Bench(args) => {
+            let channel = if args.offline() {
+                None
+            } else {
+                Some(connect(&target).await?)
+            };
+            bench::run(args, channel, target.args()).await?
+        }
         Command::Keys(cmd) => keys(connect(&target).await?, cmd).await?,
         Command::Aliases(cmd) => aliases(connect(&target).await?, cmd).await?,
         Command::Datakey(cmd) => datakey(connect(&target).await?, cmd).await?,
@@ -557,6 +414,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         // stdout carries the data; the summary would corrupt it.
     } else if cli_json {
         println!("{out}");
+    } else if is_bench {
+        bench::print_table(&out);
     } else {
         print_human(&out);
     }
