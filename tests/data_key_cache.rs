@@ -69,7 +69,10 @@ async fn message_and_byte_limits_and_context_partitions() {
         blobs.push(blob(&seal(&cache, &a, b"small").await));
     }
     for (i, group) in blobs.chunks(3).enumerate() {
-        assert!(group.iter().all(|b| *b == group[0]), "group {i} shares one DEK");
+        assert!(
+            group.iter().all(|b| *b == group[0]),
+            "group {i} shares one DEK"
+        );
     }
     assert_ne!(blobs[0], blobs[3]);
     assert_ne!(blobs[3], blobs[6]);
