@@ -29,7 +29,7 @@
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
 //! | [`bench`](mod@bench) | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
-//! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]) |
+//! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]) |
 //! | [`error`] | the crate's error type and its mapping to gRPC codes |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
 //! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`service::KmsApi`]) |

@@ -70,7 +70,7 @@ fn open(v: &Vector, message: &[u8]) -> wrapd::Result<(Header, Zeroizing<Vec<u8>>
 #[test]
 fn key_derivation_and_commitment_match_the_vectors() {
     for v in vectors() {
-        let (derived, commitment) =
+        let [derived, commitment] =
             message::derive_keys_for_tests(v.suite, &v.message_id, &v.dek).unwrap();
         assert_eq!(&derived[..], &v.derived_key[..], "{}: derived key", v.name);
         assert_eq!(&commitment[..], &v.commitment[..], "{}: commitment", v.name);

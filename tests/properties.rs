@@ -146,6 +146,38 @@ proptest! {
         prop_assert!(open(&longer).is_err());
     }
 
+    /// Streaming over readers that hand out a few bytes at a time, and across batch
+    /// boundaries (frames of 16 bytes: a first batch of 4096 frames, then 65,536 a batch):
+    /// the stream functions agree with the whole-message ones.
+    #[test]
+    fn streams_read_in_small_pieces_round_trip(
+        len in prop_oneof![0usize..200, 65_000usize..70_000, 1_100_000usize..1_200_000],
+        piece in 1usize..5000,
+    ) {
+        use wrapd::client::message::{self, EncryptedDataKey};
+        struct Trickle<'a>(&'a [u8], usize);
+        impl std::io::Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.1.min(buf.len()).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let plaintext: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+        let dek = [0x77u8; 32];
+        let context = EncryptionContext::from_entries([("k".to_owned(), "v".to_owned())]).unwrap();
+        let edk = EncryptedDataKey { provider_id: "wrapd".into(), provider_info: b"key/x".to_vec(), ciphertext: vec![1; 20] };
+        let mut sealed = Vec::new();
+        let n = message::encrypt_stream(&mut Trickle(&plaintext, piece), &mut sealed, &dek, &context, vec![edk], 16).unwrap();
+        prop_assert_eq!(n, len as u64);
+        let mut opened = Vec::new();
+        message::decrypt_stream(&mut Trickle(&sealed, piece), &mut opened, |_| Ok(zeroize::Zeroizing::new(dek.to_vec()))).unwrap();
+        prop_assert!(opened == plaintext);
+        let (_, whole) = message::decrypt(&sealed, |_| Ok(zeroize::Zeroizing::new(dek.to_vec()))).unwrap();
+        prop_assert!(*whole == plaintext);
+    }
+
     #[test]
     fn message_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         let _ = wrapd::client::message::decrypt(&bytes, |_| Ok(zeroize::Zeroizing::new(vec![0; 32])));

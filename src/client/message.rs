@@ -126,20 +126,20 @@ fn derive(
     Ok((LessSafeKey::new(key), commitment))
 }
 
-/// The derived data key and the commitment key of a message, as bytes: only for
-/// known-answer tests.
+/// The derived data key and the commitment key of a message, in that order, as bytes: only
+/// for known-answer tests.
 #[doc(hidden)]
 pub fn derive_keys_for_tests(
     suite: u16,
     message_id: &[u8; 32],
     dek: &[u8],
-) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>)> {
+) -> Result<[Zeroizing<[u8; 32]>; 2]> {
     let mut info = suite.to_be_bytes().to_vec();
     info.extend_from_slice(b"DERIVEKEY");
-    Ok((
+    Ok([
         hkdf(message_id, dek, &info)?,
         hkdf(message_id, dek, b"COMMITKEY")?,
-    ))
+    ])
 }
 
 fn push_field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
