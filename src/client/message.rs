@@ -574,17 +574,7 @@ impl SealBatch {
             let seq = first_seq + i as u32;
             slot[..4].copy_from_slice(&seq.to_be_bytes());
             slot[4..16].copy_from_slice(&frame_iv(seq));
-            let (body, tag) = slot[16..].split_at_mut(frame);
-            body.copy_from_slice(plaintext);
-            let sealed = key
-                .seal_in_place_separate_tag(
-                    frame_nonce(seq),
-                    frame_aad(message_id, false, seq, frame),
-                    body,
-                )
-                .map_err(|_| Error::Internal("AES-GCM".into()))?;
-            tag.copy_from_slice(sealed.as_ref());
-            Ok(())
+            seal_into(key, message_id, seq, false, plaintext, &mut slot[16..])
         };
         if self.regular * frame >= PARALLEL_FROM {
             regular
@@ -606,16 +596,7 @@ impl SealBatch {
             rest[4..8].copy_from_slice(&seq.to_be_bytes());
             rest[8..20].copy_from_slice(&frame_iv(seq));
             rest[20..24].copy_from_slice(&(n as u32).to_be_bytes());
-            let (body, tail) = rest[24..].split_at_mut(n);
-            body.copy_from_slice(plaintext);
-            let sealed = key
-                .seal_in_place_separate_tag(
-                    frame_nonce(seq),
-                    frame_aad(message_id, true, seq, n),
-                    body,
-                )
-                .map_err(|_| Error::Internal("AES-GCM".into()))?;
-            tail[..TAG_LEN].copy_from_slice(sealed.as_ref());
+            seal_into(key, message_id, seq, true, plaintext, &mut rest[24..])?;
         }
         Ok(())
     }
@@ -624,6 +605,26 @@ impl SealBatch {
     fn sealed(&self) -> &[u8] {
         &self.slots[..self.len]
     }
+}
+
+/// Copies a frame's `plaintext` to the start of `out`, seals it there and puts the tag
+/// right after it.
+fn seal_into(
+    key: &LessSafeKey,
+    message_id: &[u8; 32],
+    seq: u32,
+    last: bool,
+    plaintext: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let n = plaintext.len();
+    let (body, tail) = out.split_at_mut(n);
+    body.copy_from_slice(plaintext);
+    let tag = key
+        .seal_in_place_separate_tag(frame_nonce(seq), frame_aad(message_id, last, seq, n), body)
+        .map_err(|_| Error::Internal("AES-GCM".into()))?;
+    tail[..TAG_LEN].copy_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// Reads the plaintext of one batch at a time and numbers its frames.

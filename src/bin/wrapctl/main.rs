@@ -86,12 +86,8 @@ enum Command {
         /// Encryption context entry K=V (repeatable).
         #[arg(long = "context", value_parser = parse_entry)]
         context: Vec<(String, String)>,
-        /// Input file, or - for stdin.
-        #[arg(long)]
-        input: String,
-        /// Output file, or - for stdout.
-        #[arg(long)]
-        output: String,
+        #[command(flatten)]
+        files: FileArgs,
         /// Plaintext bytes per frame (a multiple of 16).
         #[arg(long, default_value_t = wrapd::client::message::DEFAULT_FRAME_LENGTH)]
         frame_length: u32,
@@ -104,13 +100,20 @@ enum Command {
         /// Entry K=V the message's encryption context must contain (repeatable).
         #[arg(long = "context", value_parser = parse_entry)]
         context: Vec<(String, String)>,
-        /// Input file, or - for stdin.
-        #[arg(long)]
-        input: String,
-        /// Output file, or - for stdout.
-        #[arg(long)]
-        output: String,
+        #[command(flatten)]
+        files: FileArgs,
     },
+}
+
+/// Where `encrypt` and `decrypt` read and write.
+#[derive(Args)]
+struct FileArgs {
+    /// Input file, or - for stdin.
+    #[arg(long)]
+    input: String,
+    /// Output file, or - for stdout.
+    #[arg(long)]
+    output: String,
 }
 
 #[derive(Subcommand)]
@@ -366,7 +369,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let is_bench = matches!(&cli.command, Command::Bench(_));
     let writes_data_to_stdout = matches!(
         &cli.command,
-        Command::Encrypt { output, .. } | Command::Decrypt { output, .. } if output == "-"
+        Command::Encrypt { files, .. } | Command::Decrypt { files, .. } if files.output == "-"
     );
     let target = Target {
         socket: cli.socket,
@@ -386,18 +389,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Encrypt {
             keys,
             context,
-            input,
-            output,
+            files: io,
             frame_length,
         } => {
             let channel = connect(&target).await?;
-            files::encrypt(channel, keys, context, &input, &output, frame_length).await?
+            files::encrypt(channel, keys, context, &io.input, &io.output, frame_length).await?
         }
-        Command::Decrypt {
-            context,
-            input,
-            output,
-        } => files::decrypt(connect(&target).await?, context, &input, &output).await?,
+        Command::Decrypt { context, files: io } => {
+            files::decrypt(connect(&target).await?, context, &io.input, &io.output).await?
+        }
         Command::Bench(args) => {
             let channel = if args.offline() {
                 None
