@@ -518,12 +518,52 @@ impl SealLayout {
     }
 }
 
+/// A batch buffer that may hold plaintext. It is allocated zeroed (lazily, by the OS) and on
+/// drop zeroizes only the part ever handed out for writing, so a hostile header declaring
+/// 64 MiB frames costs no memory until frames actually arrive.
+struct Scratch {
+    buf: Vec<u8>,
+    dirty: usize,
+}
+
+impl Scratch {
+    fn new(len: usize) -> Self {
+        Self {
+            buf: vec![0u8; len],
+            dirty: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// `range` for writing; it is zeroized on drop.
+    fn area(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
+        self.dirty = self.dirty.max(range.end.min(self.buf.len()));
+        &mut self.buf[range]
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf[..self.dirty]);
+    }
+}
+
 /// One batch of frames on their way out: plaintext staged, then sealed into `slots`.
 struct SealBatch {
     /// The batch's plaintext as read, contiguous.
-    staged: Zeroizing<Vec<u8>>,
+    staged: Scratch,
     /// Serialized frames; sealed in place.
-    slots: Zeroizing<Vec<u8>>,
+    slots: Scratch,
     /// Regular frames in this batch, and their first sequence number.
     regular: usize,
     first_seq: u32,
@@ -539,13 +579,8 @@ impl SealBatch {
     /// A batch of up to `frames` frames.
     fn new(layout: &SealLayout, frames: usize) -> Self {
         Self {
-            staged: Zeroizing::new(vec![0u8; frames * layout.frame]),
-            slots: Zeroizing::new(vec![
-                0u8;
-                frames * layout.slot()
-                    + layout.frame
-                    + SealLayout::FINAL_OVERHEAD
-            ]),
+            staged: Scratch::new(frames * layout.frame),
+            slots: Scratch::new(frames * layout.slot() + layout.frame + SealLayout::FINAL_OVERHEAD),
             regular: 0,
             first_seq: 1,
             final_len: None,
@@ -567,7 +602,8 @@ impl SealBatch {
         layout: &SealLayout,
     ) -> Result<()> {
         let (frame, slot) = (layout.frame, layout.slot());
-        let (regular, rest) = self.slots.split_at_mut(self.regular * slot);
+        let len = self.len;
+        let (regular, rest) = self.slots.area(0..len).split_at_mut(self.regular * slot);
         let first_seq = self.first_seq;
         let seal_one = |(i, (slot, plaintext)): (usize, (&mut [u8], &[u8]))| -> Result<()> {
             // `regular` frames are below `FINAL_FRAME`: `BatchReader` checked.
@@ -638,7 +674,8 @@ impl<R: Read + ?Sized> BatchReader<'_, R> {
     /// Fills `batch` with up to one batch of plaintext; true if the input ended (the batch
     /// then holds the final frame, possibly empty).
     fn read(&mut self, batch: &mut SealBatch, layout: &SealLayout) -> Result<bool> {
-        let n = fill(self.input, &mut batch.staged)?;
+        let capacity = batch.staged.len();
+        let n = fill(self.input, batch.staged.area(0..capacity))?;
         self.total += n as u64;
         let regular = n / layout.frame;
         let last = n < batch.staged.len();
@@ -811,7 +848,7 @@ struct FrameInfo {
 /// One batch of frames on their way in: ciphertexts side by side at `frame` strides,
 /// opened in place, so the plaintext of the batch ends up contiguous.
 struct OpenBatch {
-    data: Zeroizing<Vec<u8>>,
+    data: Scratch,
     frames: Vec<FrameInfo>,
     frame: usize,
 }
@@ -819,7 +856,7 @@ struct OpenBatch {
 impl OpenBatch {
     fn new(frame: usize, per_batch: usize) -> Self {
         Self {
-            data: Zeroizing::new(vec![0u8; frame * per_batch]),
+            data: Scratch::new(frame * per_batch),
             frames: Vec::with_capacity(per_batch),
             frame,
         }
@@ -842,14 +879,14 @@ impl OpenBatch {
             .map(|_| ())
             .map_err(|_| bad("a frame does not authenticate"))
         };
-        if self.frames.len() * self.frame >= PARALLEL_FROM {
-            self.data
-                .par_chunks_mut(self.frame)
+        let used = self.frames.len() * self.frame;
+        let data = self.data.area(0..used);
+        if used >= PARALLEL_FROM {
+            data.par_chunks_mut(self.frame)
                 .zip(self.frames.par_iter())
                 .try_for_each(open_one)
         } else {
-            self.data
-                .chunks_mut(self.frame)
+            data.chunks_mut(self.frame)
                 .zip(self.frames.iter())
                 .try_for_each(open_one)
         }
@@ -897,7 +934,7 @@ impl<S: Source> FrameReader<'_, S> {
                 self.frame
             };
             let at = batch.frames.len() * self.frame;
-            r.read_into(&mut batch.data[at..at + len])?;
+            r.read_into(batch.data.area(at..at + len))?;
             let tag = r.array::<TAG_LEN>()?;
             batch.frames.push(FrameInfo {
                 seq,
