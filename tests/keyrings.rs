@@ -101,3 +101,108 @@ async fn a_message_decrypts_while_any_daemon_can_unwrap() {
         "{err:?}"
     );
 }
+
+fn wrapctl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.success(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapctl_wraps_under_keys_on_two_daemons() {
+    let mut a = DevDaemon::start();
+    let b = DevDaemon::start();
+    create_key(&mut a.keys().await, "alias/cli-a").await;
+    create_key(&mut b.keys().await, "alias/cli-b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(path("plain"), vec![7u8; 300_000]).unwrap();
+    let socket_a = a.socket.to_str().unwrap().to_owned();
+    let socket_b = b.socket.to_str().unwrap().to_owned();
+    let pki_b = b.dir().join("pki");
+    let pki = |f: &str| pki_b.join(f).to_str().unwrap().to_owned();
+    let key_b = format!("alias/cli-b@https://{}", b.tcp);
+    // Key a on the main daemon (unix socket), key b on daemon b over mutual TLS.
+    let (ok, err) = wrapctl(&[
+        "--socket",
+        &socket_a,
+        "--tls-ca",
+        &pki("ca.pem"),
+        "--tls-cert",
+        &pki("client.pem"),
+        "--tls-key",
+        &pki("client.key"),
+        "encrypt",
+        "--key",
+        "alias/cli-a",
+        "--key",
+        &key_b,
+        "--context",
+        "tenant=acme",
+        "--input",
+        &path("plain"),
+        "--output",
+        &path("sealed"),
+    ]);
+    assert!(ok, "{err}");
+    let header = message::peek_header(&std::fs::read(path("sealed")).unwrap()).unwrap();
+    assert_eq!(header.data_keys.len(), 2);
+    // A key on an unreachable daemon: a clear error, no output.
+    let (ok, err) = wrapctl(&[
+        "--socket",
+        &socket_a,
+        "encrypt",
+        "--key",
+        "alias/cli-a",
+        "--key",
+        "alias/cli-b@/nonexistent/wrapd.sock",
+        "--input",
+        &path("plain"),
+        "--output",
+        &path("never"),
+    ]);
+    assert!(!ok && err.contains("/nonexistent/wrapd.sock"), "{err}");
+    assert!(!dir.path().join("never").exists());
+    // Daemon b alone decrypts it.
+    let (ok, err) = wrapctl(&[
+        "--socket",
+        &socket_b,
+        "decrypt",
+        "--input",
+        &path("sealed"),
+        "--output",
+        &path("b"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(path("b")).unwrap(), vec![7u8; 300_000]);
+    // Daemon a stopped: with --daemon b the file still decrypts; without, a clear error.
+    a.stop();
+    let (ok, err) = wrapctl(&[
+        "--socket",
+        &socket_a,
+        "decrypt",
+        "--daemon",
+        &socket_b,
+        "--input",
+        &path("sealed"),
+        "--output",
+        &path("a-down"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(path("a-down")).unwrap(), vec![7u8; 300_000]);
+    let (ok, err) = wrapctl(&[
+        "--socket",
+        &socket_a,
+        "decrypt",
+        "--input",
+        &path("sealed"),
+        "--output",
+        &path("x"),
+    ]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+    assert!(!dir.path().join("x").exists());
+}

@@ -109,9 +109,9 @@ async fn transform<T: Send + 'static>(
     Ok(result)
 }
 
+/// Encrypts under `keys` (key id or alias, and the daemon that holds it).
 pub async fn encrypt(
-    channel: Channel,
-    keys: Vec<String>,
+    keys: Vec<(String, Channel)>,
     context: Vec<(String, String)>,
     input_path: &str,
     output_path: &str,
@@ -119,10 +119,10 @@ pub async fn encrypt(
 ) -> Result<Value, String> {
     let context = EncryptionContext::from_entries(context).map_err(|e| e.to_string())?;
     let keyring = Keyring::new(
-        keys.iter()
-            .map(|key_id| WrapdKey {
-                client: DataKeyServiceClient::new(channel.clone()),
-                key_id: key_id.clone(),
+        keys.into_iter()
+            .map(|(key_id, channel)| WrapdKey {
+                client: DataKeyServiceClient::new(channel),
+                key_id,
             })
             .collect(),
     )
@@ -151,14 +151,16 @@ pub async fn encrypt(
     Ok(json!({ "status": "encrypted", "bytes": bytes, "key_ids": key_ids }))
 }
 
+/// Decrypts with whichever of `daemons` unwraps a data key entry first.
 pub async fn decrypt(
-    channel: Channel,
+    daemons: Vec<Channel>,
     required: Vec<(String, String)>,
     input_path: &str,
     output_path: &str,
 ) -> Result<Value, String> {
-    let keyring = Keyring::for_decryption(vec![DataKeyServiceClient::new(channel)])
-        .map_err(|e| e.to_string())?;
+    let keyring =
+        Keyring::for_decryption(daemons.into_iter().map(DataKeyServiceClient::new).collect())
+            .map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Handle::current();
     let header = transform(input_path, output_path, move |reader, writer| {
         message::decrypt_stream(reader, writer, |header| {

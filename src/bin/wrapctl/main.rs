@@ -80,7 +80,9 @@ enum Command {
     Audit(AuditCommand),
     /// Encrypt a file into an AWS Encryption SDK message under one or more wrapd keys.
     Encrypt {
-        /// Key id or alias (repeatable: the data key is wrapped under each).
+        /// Key id or alias (repeatable: the data key is wrapped under each). KEY@DAEMON names
+        /// a key on another daemon: a unix socket path or an https:// URL (mutual TLS with
+        /// the --tls-* files).
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
         /// Encryption context entry K=V (repeatable).
@@ -100,6 +102,11 @@ enum Command {
         /// Entry K=V the message's encryption context must contain (repeatable).
         #[arg(long = "context", value_parser = parse_entry)]
         context: Vec<(String, String)>,
+        /// Another daemon to offer the message's data keys to if the first cannot unwrap
+        /// (repeatable): a unix socket path or an https:// URL. With --daemon, an unreachable
+        /// daemon is skipped as long as one is reachable.
+        #[arg(long = "daemon")]
+        daemons: Vec<String>,
         #[command(flatten)]
         files: FileArgs,
     },
@@ -356,6 +363,17 @@ impl Target {
     }
 }
 
+/// Connects to a daemon named on the command line: an https:// URL (mutual TLS with `tls`)
+/// or a unix socket path.
+async fn connect_daemon(daemon: &str, tls: &TlsFiles) -> Result<Channel, String> {
+    if daemon.starts_with("https://") {
+        connect_tls(daemon, tls).await
+    } else {
+        connect_unix(daemon).await
+    }
+    .map_err(|e| e.to_string())
+}
+
 async fn connect(target: &Target) -> Result<Channel, String> {
     match &target.endpoint {
         Some(endpoint) => connect_tls(endpoint, &target.tls).await,
@@ -392,11 +410,51 @@ async fn run(cli: Cli) -> Result<(), String> {
             files: io,
             frame_length,
         } => {
-            let channel = connect(&target).await?;
-            files::encrypt(channel, keys, context, &io.input, &io.output, frame_length).await?
+            // Several keys on one daemon share its connection.
+            let mut channels: HashMap<Option<String>, Channel> = HashMap::new();
+            let mut ring = Vec::new();
+            for spec in keys {
+                let (key, daemon) = match spec.split_once('@') {
+                    Some((key, daemon)) => (key.to_owned(), Some(daemon.to_owned())),
+                    None => (spec, None),
+                };
+                let channel = match channels.get(&daemon) {
+                    Some(channel) => channel.clone(),
+                    None => {
+                        let channel = match &daemon {
+                            None => connect(&target).await?,
+                            Some(daemon) => connect_daemon(daemon, &target.tls).await?,
+                        };
+                        channels.insert(daemon, channel.clone());
+                        channel
+                    }
+                };
+                ring.push((key, channel));
+            }
+            files::encrypt(ring, context, &io.input, &io.output, frame_length).await?
         }
-        Command::Decrypt { context, files: io } => {
-            files::decrypt(connect(&target).await?, context, &io.input, &io.output).await?
+        Command::Decrypt {
+            context,
+            daemons,
+            files: io,
+        } => {
+            let mut channels = Vec::new();
+            let mut failures = Vec::new();
+            match connect(&target).await {
+                Ok(channel) => channels.push(channel),
+                Err(e) if daemons.is_empty() => return Err(e),
+                Err(e) => failures.push(e),
+            }
+            for daemon in &daemons {
+                match connect_daemon(daemon, &target.tls).await {
+                    Ok(channel) => channels.push(channel),
+                    Err(e) => failures.push(e),
+                }
+            }
+            if channels.is_empty() {
+                return Err(failures.join("; "));
+            }
+            files::decrypt(channels, context, &io.input, &io.output).await?
         }
         Command::Bench(args) => {
             let channel = if args.offline() {
