@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Only the parts that need no daemon (baseline and library).
     #[arg(long)]
     offline: bool,
+    /// Seconds per `openssl speed` run.
+    #[arg(long, default_value_t = 3)]
+    openssl_seconds: u32,
 }
 
 impl BenchArgs {
@@ -72,8 +75,9 @@ fn gbps(bytes: u64, elapsed: Duration) -> f64 {
 }
 
 /// `openssl speed` AES-256-GCM at 16 KiB, in GB/s, on `processes` cores.
-fn openssl_speed(processes: usize) -> Option<f64> {
+fn openssl_speed(processes: usize, seconds: u32) -> Option<f64> {
     let mut cmd = Command::new("openssl");
+    let seconds = seconds.to_string();
     cmd.args([
         "speed",
         "-evp",
@@ -81,7 +85,7 @@ fn openssl_speed(processes: usize) -> Option<f64> {
         "-bytes",
         "16384",
         "-seconds",
-        "3",
+        &seconds,
     ]);
     if processes > 1 {
         cmd.args(["-multi", &processes.to_string()]);
@@ -508,9 +512,10 @@ pub async fn run(
     let mut rows = Vec::new();
     for processes in thread_counts(cores) {
         // Best of three, as for our own figures.
+        let seconds = args.openssl_seconds;
         let figure = tokio::task::spawn_blocking(move || {
             (0..3)
-                .filter_map(|_| openssl_speed(processes))
+                .filter_map(|_| openssl_speed(processes, seconds))
                 .max_by(f64::total_cmp)
         })
         .await
