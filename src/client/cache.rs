@@ -10,7 +10,8 @@
 //! - **Refreshed before expiry**: once a DEK has used three quarters of its age, messages or
 //!   bytes, the next caller starts a background refresh and goes on with the current DEK; the
 //!   fresh DEK takes over when the current one runs out, so callers do not wait on expiry as
-//!   long as traffic reaches the cache during that last quarter.
+//!   long as traffic reaches the cache during that last quarter. A failed refresh is logged
+//!   and not retried for a second.
 //! - **Unknown lengths bypass the cache** (a stream of unknown size could exceed the byte
 //!   limit), as do messages larger than `max_bytes`.
 //! - **Decryption** caches unwrapped DEKs by (encrypted data keys, context), for `max_age`.
@@ -120,7 +121,13 @@ struct Slot {
     /// A refreshed DEK, waiting for `current` to run out.
     next: Option<Entry>,
     last_used: Option<Instant>,
+    /// When a background refresh last failed: none is retried for [`REFRESH_BACKOFF`].
+    refresh_failed: Option<Instant>,
 }
+
+/// How long after a failed background refresh the next one may start, so that a daemon
+/// that is down is not asked again on every cache hit.
+const REFRESH_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The cache of one encryption context.
 struct Partition {
@@ -177,6 +184,9 @@ impl Partition {
                 }
             }
             let has_next = slot.next.is_some();
+            let backing_off = slot
+                .refresh_failed
+                .is_some_and(|at| now.saturating_duration_since(at) < REFRESH_BACKOFF);
             let Some(entry) = slot.current.as_mut() else {
                 return Use::Miss;
             };
@@ -185,7 +195,7 @@ impl Partition {
             let key = Arc::clone(&entry.key);
             // Start a refresh only if none is running (the refill lock is free) and none
             // is waiting.
-            let refresh = if !has_next && limits.nearly_spent(entry, now) {
+            let refresh = if !has_next && !backing_off && limits.nearly_spent(entry, now) {
                 Arc::clone(&self.refill).try_lock_owned().ok()
             } else {
                 None
@@ -300,7 +310,10 @@ impl CachingKeyring {
                 Ok(key) => partition.install(Arc::new(key), created, None),
                 // The current DEK stays in use until it runs out; the next caller after
                 // that asks the daemon itself and gets the error if it persists.
-                Err(e) => tracing::warn!(error = %e, "data key cache refresh failed"),
+                Err(e) => {
+                    lock(&partition.slot).refresh_failed = Some(Instant::now());
+                    tracing::warn!(error = %e, "data key cache refresh failed");
+                }
             }
         });
     }
@@ -454,6 +467,23 @@ mod tests {
             p.try_use(&limits, 1, now + Duration::from_secs(60)),
             Use::Miss
         ));
+    }
+
+    #[test]
+    fn no_refresh_right_after_a_failed_one() {
+        let limits = CacheLimits::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let p = partition();
+        // Nearly expired: every hit would start a refresh...
+        p.install(key(1), now, Some(1));
+        let late = now + Duration::from_secs(50);
+        lock(&p.slot).refresh_failed = Some(late);
+        // ...but not within a second of a failure.
+        assert_eq!(hit(p.try_use(&limits, 1, late)), (1, false));
+        assert_eq!(
+            hit(p.try_use(&limits, 1, late + REFRESH_BACKOFF)),
+            (1, true)
+        );
     }
 
     #[test]
