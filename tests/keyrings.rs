@@ -100,6 +100,12 @@ async fn a_message_decrypts_while_any_daemon_can_unwrap() {
         ),
         "{err:?}"
     );
+    // The error says why each entry failed.
+    let text = err.to_string();
+    assert!(
+        text.contains(&key_a.key_id) && text.contains(&key_b.key_id),
+        "{text}"
+    );
 }
 
 fn wrapctl(args: &[&str]) -> (bool, String) {

@@ -5,7 +5,9 @@
 //! each wrapped copy becomes an encrypted data key entry (provider `wrapd`, provider info =
 //! the canonical key id, ciphertext = the daemon's blob). Decryption offers each `wrapd`
 //! entry to each key's daemon (`Unwrap` with the message's context) until one answers.
-//! Every call has a deadline (10 s) and is retried twice on UNAVAILABLE.
+//! Every call has a deadline (10 s) and is retried twice on UNAVAILABLE; a daemon still
+//! unavailable after that is not asked about the remaining entries. When no entry unwraps,
+//! the error lists why each attempt failed.
 
 use std::time::Duration;
 
@@ -170,13 +172,19 @@ impl Keyring {
 
     /// The DEK of a message: the first `wrapd` entry any of the keys' daemons unwraps.
     pub async fn unwrap(&self, header: &Header) -> Result<Zeroizing<Vec<u8>>> {
-        let mut last = Error::NotFound("the message has no data key entry for wrapd".into());
+        let mut failures: Vec<String> = Vec::new();
+        let mut last_code = None;
+        // A daemon still UNAVAILABLE after its retries is not asked about further entries.
+        let mut down = vec![false; self.keys.len()];
         for entry in header
             .data_keys
             .iter()
             .filter(|e| e.provider_id == PROVIDER_ID)
         {
-            for key in &self.keys {
+            for (i, key) in self.keys.iter().enumerate() {
+                if down[i] {
+                    continue;
+                }
                 let answer = retrying(|timeout| {
                     let mut client = key.client.clone();
                     let message = UnwrapRequest {
@@ -187,19 +195,35 @@ impl Keyring {
                     async move { client.unwrap(request(message, timeout)).await }
                 })
                 .await;
+                let entry_key = String::from_utf8_lossy(&entry.provider_info);
                 match answer {
                     Ok(response) => {
                         let dek = Zeroizing::new(response.into_inner().plaintext);
                         if dek.len() == 32 {
                             return Ok(dek);
                         }
-                        last = Error::invalid("the unwrapped data key is not 32 bytes");
+                        last_code = Some(tonic::Code::InvalidArgument);
+                        failures.push(format!("{entry_key}: the data key is not 32 bytes"));
                     }
-                    Err(status) => last = call_error("Unwrap", status),
+                    Err(status) => {
+                        down[i] = status.code() == tonic::Code::Unavailable;
+                        last_code = Some(status.code());
+                        failures.push(format!("{entry_key}: {}", status.message()));
+                    }
                 }
             }
         }
-        Err(last)
+        match last_code {
+            None => Err(Error::NotFound(
+                "the message has no data key entry for wrapd".into(),
+            )),
+            // Every attempt, so the caller sees why each entry failed (the code is the last
+            // one's).
+            Some(code) => Err(call_error(
+                "Unwrap",
+                tonic::Status::new(code, failures.join("; ")),
+            )),
+        }
     }
 }
 
