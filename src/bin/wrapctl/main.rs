@@ -1,4 +1,8 @@
 //! `wrapctl`: the command-line client of wrapd.
+//!
+//! This file: the command line, connecting (`--socket`, `--endpoint`, `KEY@DAEMON`) and the
+//! key, alias, data key and audit commands. `files.rs`: `encrypt` / `decrypt` of files and
+//! pipes. `bench.rs`: `wrapctl bench`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
