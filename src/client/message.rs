@@ -117,17 +117,14 @@ fn derive(
     if dek.len() != 32 {
         return Err(Error::invalid("the data key must be 32 bytes"));
     }
-    let mut info = suite.to_be_bytes().to_vec();
-    info.extend_from_slice(b"DERIVEKEY");
-    let derived = hkdf(message_id, dek, &info)?;
-    let commitment = hkdf(message_id, dek, b"COMMITKEY")?;
+    let [derived, commitment] = derive_keys_for_tests(suite, message_id, dek)?;
     let key = UnboundKey::new(&AES_256_GCM, &derived[..])
         .map_err(|_| Error::Internal("AES-GCM key".into()))?;
     Ok((LessSafeKey::new(key), commitment))
 }
 
-/// The derived data key and the commitment key of a message, in that order, as bytes: only
-/// for known-answer tests.
+/// The derived data key and the commitment key of a message, in that order, as bytes
+/// ([`derive`] keys the cipher with the first). Public only for known-answer tests.
 #[doc(hidden)]
 pub fn derive_keys_for_tests(
     suite: u16,
@@ -426,49 +423,64 @@ fn encrypt_stream_with_id(
         next_seq: 1,
         total: 0,
     };
-    // Two batches alternate: one is sealed by the workers while the other is written out and
-    // refilled by the calling thread.
-    // The first batch is small, so that small messages do not pay for large buffers.
-    let mut current = SealBatch::new(
-        &layout,
-        layout.per_batch.min(first_batch_frames(layout.frame)),
-    );
-    let mut last = reader.read(&mut current, &layout)?;
-    if last {
+    let small = layout.per_batch.min(first_batch_frames(layout.frame));
+    pipeline(
+        SealBatch::new(&layout, small),
+        || SealBatch::new(&layout, layout.per_batch),
+        |batch| reader.read(batch, &layout),
+        |batch| batch.seal(&key, &message_id, &layout),
+        |batch| output.write_all(batch.sealed()).map_err(write_error),
+    )?;
+    Ok(reader.total)
+}
+
+/// The batch pipeline of encryption and decryption: `read` fills a batch (true once the input
+/// ended), `work` seals or opens it (in parallel on the rayon pool), `write` puts it out.
+/// Two batches alternate: while the workers `work` on one, the calling thread writes the
+/// previous one and reads the next (`rayon::join`; on a one-thread pool they run in turn).
+/// `first` is small, so that small messages do not pay for big buffers; `big` makes the
+/// other buffer, and replaces `first` once it has been written.
+fn pipeline<B: Send>(
+    mut first: B,
+    big: impl Fn() -> B + Sync,
+    mut read: impl FnMut(&mut B) -> Result<bool> + Send,
+    work: impl Fn(&mut B) -> Result<()> + Sync,
+    mut write: impl FnMut(&B) -> Result<()> + Send,
+) -> Result<()> {
+    if read(&mut first)? {
         // One batch: nothing to overlap.
-        current.seal(&key, &message_id, &layout)?;
-        output.write_all(current.sealed()).map_err(write_error)?;
-        return Ok(reader.total);
+        work(&mut first)?;
+        return write(&first);
     }
-    let mut spare = SealBatch::new(&layout, layout.per_batch);
-    let mut spare_sealed = false;
+    let mut current = first;
+    let mut spare = big();
+    // `spare` holds a worked batch not written yet; `small_spare`: that batch is `first`.
+    let (mut spare_worked, mut small_spare, mut rounds) = (false, false, 0u64);
     loop {
-        let read_more = !last;
-        let (io, sealed) = rayon::join(
+        let (io, worked) = rayon::join(
             || -> Result<bool> {
-                if spare_sealed {
-                    output.write_all(spare.sealed()).map_err(write_error)?;
-                    if spare.capacity() < layout.per_batch {
-                        spare = SealBatch::new(&layout, layout.per_batch);
+                if spare_worked {
+                    write(&spare)?;
+                    if small_spare {
+                        spare = big();
                     }
                 }
-                if read_more {
-                    reader.read(&mut spare, &layout)
-                } else {
-                    Ok(true)
-                }
+                read(&mut spare)
             },
-            || current.seal(&key, &message_id, &layout),
+            || work(&mut current),
         );
-        sealed?;
-        let next_last = io?;
-        if !read_more {
-            output.write_all(current.sealed()).map_err(write_error)?;
-            return Ok(reader.total);
-        }
+        worked?;
+        let done = io?;
         std::mem::swap(&mut current, &mut spare);
-        spare_sealed = true;
-        last = next_last;
+        spare_worked = true;
+        small_spare = rounds == 0;
+        rounds += 1;
+        if done {
+            // Only worked batches are written: nothing unauthenticated gets out.
+            work(&mut current)?;
+            write(&spare)?;
+            return write(&current);
+        }
     }
 }
 
@@ -573,8 +585,6 @@ struct SealBatch {
     final_len: Option<usize>,
     /// Bytes of `slots` in use.
     len: usize,
-    /// The frame length.
-    frame: usize,
 }
 
 impl SealBatch {
@@ -587,13 +597,7 @@ impl SealBatch {
             first_seq: 1,
             final_len: None,
             len: 0,
-            frame: layout.frame,
         }
-    }
-
-    /// Frames this batch holds.
-    fn capacity(&self) -> usize {
-        self.staged.len() / self.frame
     }
 
     /// Copies each frame's plaintext into its slot and seals it there, frames in parallel.
@@ -784,41 +788,13 @@ pub fn decrypt_stream(
         frame,
         expected: 1,
     };
-    // The first batch is small, so that small messages do not pay for large buffers.
-    let mut current = OpenBatch::new(frame, per_batch.min(first_batch_frames(frame)));
-    if frames.read(&mut current)? {
-        // One batch: nothing to overlap.
-        current.open(&key, &header.message_id)?;
-        write_plaintext(output, &current)?;
-    } else {
-        let mut spare = OpenBatch::new(frame, per_batch);
-        let mut spare_opened = false;
-        loop {
-            let (io, opened) = rayon::join(
-                || -> Result<bool> {
-                    if spare_opened {
-                        write_plaintext(output, &spare)?;
-                        if spare.capacity() < per_batch {
-                            spare = OpenBatch::new(frame, per_batch);
-                        }
-                    }
-                    frames.read(&mut spare)
-                },
-                || current.open(&key, &header.message_id),
-            );
-            opened?;
-            let done = io?;
-            std::mem::swap(&mut current, &mut spare);
-            spare_opened = true;
-            if done {
-                // The final batch; unauthenticated bytes never reach `output`.
-                current.open(&key, &header.message_id)?;
-                write_plaintext(output, &spare)?;
-                write_plaintext(output, &current)?;
-                break;
-            }
-        }
-    }
+    pipeline(
+        OpenBatch::new(frame, per_batch.min(first_batch_frames(frame))),
+        || OpenBatch::new(frame, per_batch),
+        |batch| frames.read(batch),
+        |batch| batch.open(&key, &header.message_id),
+        |batch| write_plaintext(output, batch),
+    )?;
     if let Some(key) = signer {
         // The footer: the signature over everything before it (ECDSA P-384, SHA-384).
         let digest = r.hashed.take().map(|h| h.finalize()).unwrap_or_default();
