@@ -9,13 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mib="${1:-1024}"
 shift || true
-./softhsm-config/install-deps.sh
 command -v openssl >/dev/null || apt-get install -y openssl
-cargo build --release --bins
-dir="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
-./target/release/wrapd dev --state-dir "$dir" > "$dir/ready" 2> "$dir/daemon.log" &
-pid=$!
-for _ in $(seq 100); do grep -q "wrapd ready" "$dir/ready" 2>/dev/null && break; sleep 0.1; done
-grep -q "wrapd ready" "$dir/ready" || { cat "$dir/daemon.log"; exit 1; }
+. softhsm-config/dev-daemon.sh
+start_dev_daemon
 ./target/release/wrapctl --socket "$dir/wrapd.sock" bench --mib "$mib" --dir "$dir" "$@"

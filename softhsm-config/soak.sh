@@ -8,14 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-180}"
 clients="${2:-32}"
-./softhsm-config/install-deps.sh
-cargo build --release --bins
-dir="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
-./target/release/wrapd dev --state-dir "$dir" > "$dir/ready" 2> "$dir/daemon.log" &
-pid=$!
-for _ in $(seq 100); do grep -q "wrapd ready" "$dir/ready" 2>/dev/null && break; sleep 0.1; done
-grep -q "wrapd ready" "$dir/ready" || { cat "$dir/daemon.log"; exit 1; }
+. softhsm-config/dev-daemon.sh
+start_dev_daemon
 ./target/release/wrapd soak --config "$dir/wrapd.toml" --seconds "$secs" --concurrency "$clients"
 kill -TERM "$pid"
 wait "$pid"

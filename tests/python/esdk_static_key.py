@@ -24,6 +24,8 @@ class StaticMasterKey(MasterKey):
     _config_class = StaticMasterKeyConfig
 
     DEK = b""
+    # What the encrypted data key entries carry (tests/vectors/generate.py sets its own).
+    EDK = b"static-edk"
 
     def __init__(self, **kwargs):  # pylint: disable=unused-argument
         self._dek = StaticMasterKey.DEK
@@ -32,10 +34,10 @@ class StaticMasterKey(MasterKey):
         return data_key.key_provider.provider_id == self.provider_id
 
     def _generate_data_key(self, algorithm, encryption_context=None):
-        return DataKey(key_provider=self.key_provider, data_key=self._dek, encrypted_data_key=b"static-edk")
+        return DataKey(key_provider=self.key_provider, data_key=self._dek, encrypted_data_key=StaticMasterKey.EDK)
 
     def _encrypt_data_key(self, data_key, algorithm, encryption_context=None):
-        return EncryptedDataKey(key_provider=self.key_provider, encrypted_data_key=b"static-edk")
+        return EncryptedDataKey(key_provider=self.key_provider, encrypted_data_key=StaticMasterKey.EDK)
 
     def _decrypt_data_key(self, encrypted_data_key, algorithm, encryption_context=None):
         return DataKey(

@@ -11,44 +11,20 @@ randomized.
     python3 tests/vectors/generate.py > tests/vectors/esdk-v2.json
 """
 import json
+import os
 import sys
 
 import aws_encryption_sdk
 import aws_encryption_sdk.internal.utils as sdk_utils
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
-from aws_encryption_sdk.key_providers.base import MasterKey, MasterKeyConfig
-from aws_encryption_sdk.structures import DataKey, EncryptedDataKey
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from esdk_static_key import StaticMasterKey  # noqa: E402  (the interop tests' master key)
+
 PROVIDER_INFO = b"key/00112233445566778899aabbccddeeff"
 EDK = bytes(range(100))
-
-
-class KatKeyConfig(MasterKeyConfig):
-    provider_id = "wrapd"
-
-
-class KatKey(MasterKey):
-    provider_id = "wrapd"
-    _config_class = KatKeyConfig
-    DEK = b""
-
-    def __init__(self, **kwargs):  # pylint: disable=unused-argument
-        pass
-
-    def owns_data_key(self, data_key):
-        return data_key.key_provider.provider_id == self.provider_id
-
-    def _generate_data_key(self, algorithm, encryption_context=None):
-        return DataKey(key_provider=self.key_provider, data_key=KatKey.DEK, encrypted_data_key=EDK)
-
-    def _encrypt_data_key(self, data_key, algorithm, encryption_context=None):
-        return EncryptedDataKey(key_provider=self.key_provider, encrypted_data_key=EDK)
-
-    def _decrypt_data_key(self, encrypted_data_key, algorithm, encryption_context=None):
-        return DataKey(key_provider=self.key_provider, data_key=KatKey.DEK,
-                       encrypted_data_key=encrypted_data_key.encrypted_data_key)
 
 
 def hkdf(message_id, dek, info):
@@ -76,13 +52,14 @@ def main():
     for i, (name, suite, frame, length, context) in enumerate(VECTORS):
         dek = bytes([0x10 + i] * 16 + [0xA0 + i] * 16)
         message_id = bytes((j * 7 + i) % 256 for j in range(32))
-        KatKey.DEK = dek
+        StaticMasterKey.DEK = dek
+        StaticMasterKey.EDK = EDK
         sdk_utils.message_id = lambda size, mid=message_id: mid[:size]
         algorithm = {
             "0478": Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
             "0578": Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
         }[suite]
-        key = KatKey(key_id=PROVIDER_INFO)
+        key = StaticMasterKey(key_id=PROVIDER_INFO)
         message, header = client.encrypt(source=plaintext(length), key_provider=key,
                                          encryption_context=context, frame_length=frame,
                                          algorithm=algorithm)
