@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{DevDaemon, assert_code, create_key, ctx};
+use common::{DevDaemon, assert_code, create_key, ctx, generate};
 use tonic::Code;
 use wrapd::proto::{
     GenerateDataKeyRequest, KeyRef, ReWrapRequest, ScheduleKeyDeletionRequest, UnwrapRequest,
@@ -152,15 +152,7 @@ async fn rotation_keeps_old_blobs_and_rewrap_moves_to_the_newest_version() {
     let key = create_key(&mut keys, "alias/rotating").await;
     let context = [("k", "v")];
 
-    let v1 = data
-        .generate_data_key(GenerateDataKeyRequest {
-            key_id: key.key_id.clone(),
-            encryption_context: ctx(&context),
-            number_of_bytes: 32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v1 = generate(&mut data, &key.key_id, &context).await;
     assert_eq!(v1.key_version, 1);
 
     let rotated = keys
@@ -231,15 +223,7 @@ async fn bad_input_gets_the_documented_codes() {
     let key = create_key(&mut keys, "alias/bad-input").await;
     let other = create_key(&mut keys, "alias/other").await;
     let context = [("tenant", "acme")];
-    let generated = data
-        .generate_data_key(GenerateDataKeyRequest {
-            key_id: key.key_id.clone(),
-            encryption_context: ctx(&context),
-            number_of_bytes: 32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let generated = generate(&mut data, &key.key_id, &context).await;
     let blob = generated.ciphertext_blob.clone();
 
     // Sizes.

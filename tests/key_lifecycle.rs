@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{DevDaemon, assert_code, create_key, ctx};
+use common::{DevDaemon, assert_code, create_key, ctx, generate};
 use tonic::Code;
 use wrapd::proto::{
     AliasRequest, GenerateDataKeyRequest, KeyRef, KeyState, ListAliasesRequest, ListKeysRequest,
@@ -313,27 +313,11 @@ async fn restart_keeps_keys_aliases_states_and_blobs() {
         b = create_key(&mut keys, "").await;
         c = create_key(&mut keys, "").await;
         for key in [&a.key_id, &b.key_id] {
-            let generated = data
-                .generate_data_key(GenerateDataKeyRequest {
-                    key_id: key.clone(),
-                    encryption_context: ctx(&[("run", "1")]),
-                    number_of_bytes: 32,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let generated = generate(&mut data, key, &[("run", "1")]).await;
             blobs.push((generated.ciphertext_blob, generated.plaintext));
         }
         keys.rotate_key(key_ref(&a.key_id)).await.unwrap();
-        let generated = data
-            .generate_data_key(GenerateDataKeyRequest {
-                key_id: a.key_id.clone(),
-                encryption_context: ctx(&[("run", "1")]),
-                number_of_bytes: 32,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let generated = generate(&mut data, &a.key_id, &[("run", "1")]).await;
         assert_eq!(generated.key_version, 2);
         blobs.push((generated.ciphertext_blob, generated.plaintext));
         keys.disable_key(key_ref(&b.key_id)).await.unwrap();

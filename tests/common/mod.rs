@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 use wrapd::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
-use wrapd::proto::{CreateKeyRequest, KeyMetadata};
+use wrapd::proto::{
+    CreateKeyRequest, GenerateDataKeyRequest, GenerateDataKeyResponse, KeyMetadata,
+};
 
 /// A `wrapd dev` daemon as a child process, its log captured to a file.
 pub struct DevDaemon {
@@ -239,6 +241,22 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A 32-byte data key under `key_id` and `context` (the call must succeed).
+pub async fn generate(
+    data: &mut DataKeyServiceClient<Channel>,
+    key_id: &str,
+    context: &[(&str, &str)],
+) -> GenerateDataKeyResponse {
+    data.generate_data_key(GenerateDataKeyRequest {
+        key_id: key_id.to_owned(),
+        encryption_context: ctx(context),
+        number_of_bytes: 32,
+    })
+    .await
+    .expect("GenerateDataKey")
+    .into_inner()
 }
 
 /// An encryption context from pairs.
