@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::audit::FsyncPolicy;
+use crate::audit::{FsyncPolicy, GapPolicy};
 use crate::error::{Error, Result};
 use crate::hsm::{HsmConfig, HsmProfile, Pin};
 use crate::ids::KeyRef;
@@ -189,6 +189,9 @@ pub struct AuditConfig {
     pub file: PathBuf,
     /// When lines reach the disk.
     pub fsync: FsyncPolicy,
+    /// What to do when the log does not reach the head recorded in the metadata store (not
+    /// in the file: set by `--accept-audit-gap`).
+    pub gaps: GapPolicy,
 }
 
 /// The Kubernetes KMS v2 plugin endpoint.
@@ -368,6 +371,7 @@ impl Config {
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),
                 fsync: a.fsync,
+                gaps: GapPolicy::Refuse,
             }),
             keystore: KeystoreConfig {
                 max_wraps_per_version: raw.keys.max_wraps_per_version,

@@ -410,3 +410,166 @@ async fn a_read_only_audit_file_fails_closed() {
     let text = std::fs::read_to_string(&audit).unwrap();
     wrapd::audit::verify(text.as_bytes(), Some(wrapd::audit::GENESIS), None).unwrap();
 }
+
+/// Security review finding 1: log rotation (move the file + SIGHUP, again and again) under
+/// 32 concurrent callers never hangs the daemon or fails a call, and the chain runs on
+/// across every file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_load_never_hangs_and_the_chain_spans_the_files() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = common::create_key(&mut keys, "").await.key_id;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..32 {
+        let mut data = daemon.data().await;
+        let (stop, key) = (stop.clone(), key.clone());
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let call = data.generate_data_key(GenerateDataKeyRequest {
+                    key_id: key.clone(),
+                    ..Default::default()
+                });
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(status)) => failed.push(format!("{status:?}")),
+                    Err(_) => failed.push("no answer within 10 s".to_owned()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let audit = daemon.dir().join("audit.log");
+    let rotations = 60;
+    for i in 0..rotations {
+        std::fs::rename(&audit, daemon.dir().join(format!("audit.log.{i}"))).unwrap();
+        daemon.signal(libc::SIGHUP);
+        let audit = audit.clone();
+        eventually("the daemon reopens its log", move || {
+            let exists = audit.exists();
+            async move { exists }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for caller in callers {
+        let (ok, failed) = tokio::time::timeout(Duration::from_secs(30), caller)
+            .await
+            .expect("every caller finishes")
+            .unwrap();
+        assert!(failed.is_empty(), "failed calls: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 0);
+    // The control plane answers too.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        keys.list_keys(ListKeysRequest::default()),
+    )
+    .await
+    .expect("ListKeys answers after the rotations")
+    .unwrap();
+
+    // Every file verifies, each anchored to the end of the one before.
+    let mut anchor = wrapd::audit::GENESIS.to_owned();
+    let mut records = 0;
+    for i in 0..=rotations {
+        let path = if i == rotations {
+            audit.clone()
+        } else {
+            daemon.dir().join(format!("audit.log.{i}"))
+        };
+        let text = std::fs::read_to_string(&path).unwrap();
+        let verified = wrapd::audit::verify(text.as_bytes(), Some(&anchor), None)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        records += verified.records;
+        anchor = verified.last_hash;
+    }
+    let generated = total + 1; // + CreateKey
+    assert!(
+        records >= generated + rotations as u64,
+        "{records} lines for {generated} calls and {rotations} reopen markers"
+    );
+}
+
+/// Security review finding 6: the daemon anchors its chain in the metadata store. A log
+/// whose tail was cut while it was stopped makes start-up fail with the way out; with
+/// `--accept-audit-gap` it starts and the gap is in the chain, where `wrapctl audit verify`
+/// reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_truncated_while_stopped_is_refused_then_recorded_as_a_gap() {
+    let mut daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    for _ in 0..3 {
+        keys.create_key(CreateKeyRequest::default()).await.unwrap();
+    }
+    drop(keys);
+    assert!(daemon.stop().success());
+    let audit = daemon.dir().join("audit.log");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let kept: String = text.lines().take(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&audit, kept).unwrap();
+
+    let refused = daemon.start_fails();
+    assert!(
+        refused.contains("does not reach the head") && refused.contains("--accept-audit-gap"),
+        "{refused}"
+    );
+
+    daemon.set_args(&["--accept-audit-gap"]);
+    daemon.restart_stopped();
+    let mut keys = daemon.keys().await;
+    keys.create_key(CreateKeyRequest::default()).await.unwrap();
+    let lines = daemon.audit_lines();
+    assert_eq!(lines[1].operation, wrapd::audit::GAP);
+    let verify = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .args(["audit", "verify"])
+            .arg(&audit)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let strict = verify(&[]);
+    assert!(!strict.status.success());
+    assert!(
+        String::from_utf8_lossy(&strict.stderr).contains("gap"),
+        "{}",
+        String::from_utf8_lossy(&strict.stderr)
+    );
+    assert!(verify(&["--allow-gaps"]).status.success());
+
+    // `wrapd audit head` prints what the store recorded; the file reaches it.
+    daemon.stop();
+    let head = Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .args(["audit", "head", "--config"])
+        .arg(daemon.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        head.status.success(),
+        "{}",
+        String::from_utf8_lossy(&head.stderr)
+    );
+    let head = String::from_utf8(head.stdout).unwrap();
+    let reached = verify(&["--allow-gaps", "--head", head.trim()]);
+    assert!(
+        reached.status.success(),
+        "{head}: {}",
+        String::from_utf8_lossy(&reached.stderr)
+    );
+    let last = daemon.audit_lines().last().unwrap().seq;
+    let beyond = format!("{}:{}", last + 5, "ab".repeat(32));
+    assert!(
+        !verify(&["--allow-gaps", "--head", &beyond])
+            .status
+            .success()
+    );
+}

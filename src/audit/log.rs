@@ -1,16 +1,32 @@
-//! The audit log writer: appends hash-chained lines, fails closed.
+//! The audit log writer: appends hash-chained lines, fails closed, anchors its chain in the
+//! metadata store.
+//!
+//! Locks, always taken in this order: `state` (the file lines are written to, the chain's
+//! tail), then `sync` (the file `fdatasync` runs on), then `written` (a leaf: the last line
+//! written). [`AuditLog::append`] takes `state` to write and then `sync` to wait for the
+//! disk, never both at once; [`AuditLog::reopen`] takes both, in that order. (The order was
+//! inverted once, and SIGHUP under load deadlocked the daemon: security review finding 1.)
+//!
+//! The chain head (seq + hash of the last durable line) is recorded in the metadata store
+//! ([`HeadStore`]) at open, at every reopen, every second by the daemon's background task
+//! ([`AuditLog::record_head`]) and at shutdown. At start-up the file must reach the recorded
+//! head; if it does not (a truncated tail, a file replaced or deleted while the daemon was
+//! stopped), the daemon refuses to start unless the operator accepts the gap, which is then
+//! written into the chain as an explicit [`GAP`] record that `wrapctl audit verify` reports.
+//! A torn last line (a crash with `fsync = "never"`, a partial write on ENOSPC) is cut off
+//! rather than glued to the next record.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{AuditRecord, GENESIS};
+use super::{AuditRecord, ChainHead, DAEMON_PRINCIPAL, GAP, GENESIS, REOPENED};
 use crate::error::{Error, Result};
 
 /// When lines reach the disk.
@@ -24,16 +40,42 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// Where the daemon records its chain head, outside the audit file (the metadata store).
+/// `chain` names the log (its absolute path), so that each daemon of a fleet keeps its own.
+pub trait HeadStore: Send + Sync + 'static {
+    /// The head recorded for `chain`, if any.
+    fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>>;
+    /// Records the head of `chain` (it only moves forward).
+    fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()>;
+}
+
+/// How [`AuditLog::open`] treats a log that does not reach its recorded head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GapPolicy {
+    /// Refuse to open (start-up fails with the reason and the way out).
+    #[default]
+    Refuse,
+    /// Write a [`GAP`] record saying what is missing, and continue.
+    Record,
+}
+
 struct State {
     file: Option<File>,
     seq: u64,
     prev: String,
+    /// Length of a regular file up to the end of its last complete line; `None` for a
+    /// device or pipe (nothing to cut).
+    len: Option<u64>,
+    /// A failed write may have left a partial line past `len`: cut it before the next one.
+    torn: bool,
 }
 
 /// Group commit: one `fdatasync` covers every line written before it started.
 struct SyncState {
     file: Option<File>,
     synced: u64,
+    /// The newest line known to be on disk (or written, with [`FsyncPolicy::Never`]).
+    durable: Option<ChainHead>,
 }
 
 /// The audit log. When a line cannot be written, [`AuditLog::append`] fails (the caller
@@ -41,10 +83,19 @@ struct SyncState {
 /// again (after the disk is fixed, or a reopen).
 pub struct AuditLog {
     path: PathBuf,
+    chain: String,
     fsync: FsyncPolicy,
     state: Mutex<State>,
     sync: Mutex<SyncState>,
+    written: Mutex<ChainHead>,
+    heads: Option<Arc<dyn HeadStore>>,
+    recorded: Mutex<u64>,
     healthy: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent at each step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -56,62 +107,266 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// The last record of a file that parses, if any.
-fn last_record(file: &mut File) -> std::io::Result<Option<AuditRecord>> {
-    if !file.metadata()?.is_file() {
-        return Ok(None); // a device or pipe: nothing to continue from
-    }
-    const TAIL: u64 = 64 * 1024;
+/// The longest audit line: records are small (the context's keys are bounded by the 8 KiB
+/// context limit), so a file whose last newline is further back than this is not a log.
+const MAX_LINE: u64 = 256 * 1024;
+
+/// Cuts a torn last line (bytes after the last newline) off a regular file; returns the
+/// length of the file afterwards and how many bytes were cut.
+fn cut_torn_tail(file: &mut File) -> std::io::Result<(u64, u64)> {
     let len = file.seek(SeekFrom::End(0))?;
-    file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+    if len == 0 {
+        return Ok((0, 0));
+    }
+    let start = len.saturating_sub(MAX_LINE);
+    file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
-    file.take(TAIL).read_to_end(&mut tail)?;
-    let text = String::from_utf8_lossy(&tail);
-    Ok(text
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str::<AuditRecord>(line).ok()))
+    file.take(MAX_LINE).read_to_end(&mut tail)?;
+    let keep = match tail.iter().rposition(|b| *b == b'\n') {
+        Some(i) => start + i as u64 + 1,
+        None if start == 0 => 0,
+        None => {
+            return Err(std::io::Error::other(
+                "no line end in the last 256 KiB: not an audit log",
+            ));
+        }
+    };
+    if keep < len {
+        file.set_len(keep)?;
+        file.sync_data()?;
+    }
+    Ok((keep, len - keep))
+}
+
+/// The last line of a file (after [`cut_torn_tail`]) as a record. `Err` if it does not
+/// parse: an edited log the daemon must not extend.
+fn last_record(file: &mut File, len: u64) -> std::io::Result<Option<AuditRecord>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(MAX_LINE);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(len - start).read_to_end(&mut tail)?;
+    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+    let line = match body.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None => body,
+    };
+    serde_json::from_slice(line)
+        .map(Some)
+        .map_err(|e| std::io::Error::other(format!("its last line is not an audit record ({e})")))
+}
+
+/// Whether the file (a regular file) holds the recorded head: the record with its seq and
+/// hash, or a first record that follows it directly.
+fn reaches(file: &File, head: &ChainHead) -> std::io::Result<bool> {
+    let mut reader = BufReader::new(file.try_clone()?);
+    reader.seek(SeekFrom::Start(0))?;
+    let mut first = true;
+    for line in reader.lines() {
+        let Ok(record) = serde_json::from_str::<AuditRecord>(&line?) else {
+            return Ok(false);
+        };
+        if first && record.prev == head.hash && head.seq.checked_add(1) == Some(record.seq) {
+            return Ok(true);
+        }
+        first = false;
+        if record.seq == head.seq {
+            return Ok(record.hash == head.hash);
+        }
+    }
+    Ok(false)
 }
 
 impl AuditLog {
-    /// Opens (creating, mode 0600) the log and continues its chain.
+    /// Opens (creating, mode 0600) the log without a head store (tests, tools).
     pub fn open(path: &Path, fsync: FsyncPolicy) -> Result<Self> {
-        let mut file = open_append(path)
-            .map_err(|e| Error::Config(format!("cannot open audit log {}: {e}", path.display())))?;
-        let last = last_record(&mut file)
-            .map_err(|e| Error::Config(format!("cannot read audit log {}: {e}", path.display())))?;
-        let (seq, prev) = last.map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash));
-        tracing::info!(path = %path.display(), seq, anchor = %prev, "audit log open");
-        let sync_file = file
-            .try_clone()
-            .map_err(|e| Error::Config(format!("audit log {}: {e}", path.display())))?;
-        Ok(Self {
+        Self::open_anchored(path, fsync, None, GapPolicy::Refuse)
+    }
+
+    /// Opens (creating, mode 0600) the log and continues its chain, checking it against the
+    /// head recorded in `heads` (see the module docs).
+    pub fn open_anchored(
+        path: &Path,
+        fsync: FsyncPolicy,
+        heads: Option<Arc<dyn HeadStore>>,
+        gaps: GapPolicy,
+    ) -> Result<Self> {
+        let config = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Config(format!("audit log {}: {what}: {e}", path.display()))
+        };
+        let mut file = open_append(path).map_err(|e| config("cannot open", &e))?;
+        let regular = file.metadata().map_err(|e| config("stat", &e))?.is_file();
+        let chain = std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_owned())
+            .display()
+            .to_string();
+        let mut len = None;
+        let mut last = None;
+        if regular {
+            let (kept, cut) = cut_torn_tail(&mut file).map_err(|e| config("cannot repair", &e))?;
+            if cut > 0 {
+                tracing::warn!(path = %path.display(), bytes = cut, "audit log: cut a torn last line (a write that never completed)");
+            }
+            last = last_record(&mut file, kept).map_err(|e| {
+                config(
+                    "refusing to extend it (check it with `wrapctl audit verify`, move it aside)",
+                    &e,
+                )
+            })?;
+            len = Some(kept);
+        }
+        let (seq, prev) = last
+            .as_ref()
+            .map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
+        let sync_file = file.try_clone().map_err(|e| config("cannot clone", &e))?;
+        let log = Self {
             path: path.to_owned(),
+            chain,
             fsync,
             state: Mutex::new(State {
                 file: Some(file),
                 seq,
-                prev,
+                prev: prev.clone(),
+                len,
+                torn: false,
             }),
             sync: Mutex::new(SyncState {
                 file: Some(sync_file),
                 synced: seq,
+                durable: None,
             }),
+            written: Mutex::new(ChainHead {
+                seq,
+                hash: prev.clone(),
+            }),
+            heads,
+            recorded: Mutex::new(0),
             healthy: watch::channel(true).0,
-        })
+        };
+        if regular {
+            log.check_head(seq, &prev, gaps)?;
+        }
+        tracing::info!(path = %path.display(), seq, anchor = %prev, "audit log open");
+        Ok(log)
     }
 
-    /// Reopens the file (after log rotation: the new file's first line anchors to the last
-    /// hash written, which is logged). On failure the log is unhealthy until it succeeds.
+    /// Start-up: the file must reach the head recorded in the store.
+    fn check_head(&self, seq: u64, last_hash: &str, gaps: GapPolicy) -> Result<()> {
+        let Some(heads) = &self.heads else {
+            return Ok(());
+        };
+        let recorded = heads.audit_head(&self.chain)?;
+        let Some(head) = recorded else {
+            if seq > 0 {
+                tracing::warn!(path = %self.path.display(), "no chain head recorded for this audit log yet: recording it from now on");
+            }
+            return self.record_head();
+        };
+        let reached = (seq == head.seq && last_hash == head.hash)
+            || (seq > head.seq && {
+                let state = lock(&self.state);
+                state
+                    .file
+                    .as_ref()
+                    .map(|f| reaches(f, &head))
+                    .transpose()
+                    .map_err(|e| Error::Config(format!("audit log: {e}")))?
+                    .unwrap_or(false)
+            });
+        if !reached {
+            let what = format!(
+                "the audit log {} ends at seq {seq} (hash {last_hash}) and does not reach the head recorded in the metadata store, seq {} (hash {}): lines were removed, or the file was replaced or deleted",
+                self.path.display(),
+                head.seq,
+                head.hash
+            );
+            match gaps {
+                GapPolicy::Refuse => {
+                    return Err(Error::Config(format!(
+                        "{what}. Keep the file for investigation; to go on, start wrapd with --accept-audit-gap, which records the gap in the log"
+                    )));
+                }
+                GapPolicy::Record => {
+                    tracing::error!("{what}; recording the gap (--accept-audit-gap)");
+                    // The gap record takes the number after the recorded head, so that
+                    // sequence numbers never repeat; it says what it skips.
+                    {
+                        let mut state = lock(&self.state);
+                        state.seq = state.seq.max(head.seq);
+                    }
+                    self.append(AuditRecord {
+                        request_id: format!("gap-{}-{}", head.seq, seq),
+                        principal: DAEMON_PRINCIPAL.to_owned(),
+                        transport: "internal".to_owned(),
+                        operation: GAP.to_owned(),
+                        outcome: "OK".to_owned(),
+                        error: Some(what),
+                        ..Default::default()
+                    })?;
+                }
+            }
+        }
+        self.record_head()
+    }
+
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reopens the file (after log rotation: the new file's first line, a [`REOPENED`]
+    /// record, anchors to the last hash of the old one). Lines already written to the old
+    /// file are synced before the swap. On failure the log is unhealthy until it succeeds.
     pub fn reopen(&self) -> Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match open_append(&self.path).and_then(|f| Ok((f.try_clone()?, f))) {
-            Ok((sync_file, file)) => {
+        let mut state = lock(&self.state);
+        if let Some(old) = &state.file {
+            if let Err(e) = old.sync_data() {
+                tracing::warn!(error = %e, "audit log: cannot sync the file being rotated away");
+            }
+        }
+        let opened = open_append(&self.path).and_then(|f| {
+            let len = if f.metadata()?.is_file() {
+                Some(f.metadata()?.len())
+            } else {
+                None
+            };
+            Ok((f.try_clone()?, f, len))
+        });
+        match opened {
+            Ok((sync_file, file, len)) => {
+                if len.is_some_and(|l| l > 0) {
+                    tracing::warn!(path = %self.path.display(), "audit log reopened onto a file that is not empty; appending to it");
+                }
                 state.file = Some(file);
-                let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
-                sync.file = Some(sync_file);
+                state.len = len;
+                state.torn = false;
+                {
+                    let mut sync = lock(&self.sync);
+                    sync.file = Some(sync_file);
+                    // Everything written before was synced above (or is lost with the
+                    // old file's disk, which a retry here could not help).
+                    sync.synced = state.seq;
+                    sync.durable = Some(lock(&self.written).clone());
+                }
                 tracing::info!(path = %self.path.display(), anchor = %state.prev, seq = state.seq, "audit log reopened");
-                self.healthy.send_replace(true);
+                let marker = AuditRecord {
+                    request_id: format!("reopen-{}", state.seq),
+                    principal: DAEMON_PRINCIPAL.to_owned(),
+                    transport: "internal".to_owned(),
+                    operation: REOPENED.to_owned(),
+                    outcome: "OK".to_owned(),
+                    ..Default::default()
+                };
+                let seq = self.write_locked(&mut state, marker)?;
+                drop(state);
+                if self.fsync == FsyncPolicy::Always {
+                    self.sync_through(seq)?;
+                }
+                if let Err(err) = self.record_head() {
+                    tracing::warn!(error = %err, "cannot record the audit chain head");
+                }
                 Ok(())
             }
             Err(e) => {
@@ -129,27 +384,32 @@ impl AuditLog {
     /// (concurrent callers share one `fdatasync`). An error means the record may not be
     /// durable and the operation must fail.
     pub fn append(&self, record: AuditRecord) -> Result<()> {
-        let seq = self.write(record)?;
+        let seq = {
+            let mut state = lock(&self.state);
+            self.write_locked(&mut state, record)?
+        };
         if self.fsync == FsyncPolicy::Always {
             self.sync_through(seq)?;
         }
         Ok(())
     }
 
+    /// Waits until line `seq` is on disk. Takes only the `sync` lock.
     fn sync_through(&self, seq: u64) -> Result<()> {
-        let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sync = lock(&self.sync);
         if sync.synced >= seq {
             return Ok(()); // another caller's fdatasync covered this line
         }
         // Everything written so far is covered by the sync below.
-        let target = self.state.lock().unwrap_or_else(|e| e.into_inner()).seq;
+        let target = lock(&self.written).clone();
         let result = match sync.file.as_ref() {
             Some(file) => file.sync_data(),
             None => Err(std::io::Error::other("not open")),
         };
         match result {
             Ok(()) => {
-                sync.synced = target;
+                sync.synced = target.seq;
+                sync.durable = Some(target);
                 Ok(())
             }
             Err(e) => Err(self.failed(&e)),
@@ -164,10 +424,13 @@ impl AuditLog {
         Error::Unavailable("the audit log cannot be written; key operations are refused".into())
     }
 
-    /// Writes one line; returns its sequence number.
-    fn write(&self, mut record: AuditRecord) -> Result<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        record.seq = state.seq + 1;
+    /// Writes one line with `state` held; returns its sequence number.
+    fn write_locked(&self, state: &mut State, mut record: AuditRecord) -> Result<u64> {
+        let seq = state
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| Error::Internal("audit sequence exhausted".into()))?;
+        record.seq = seq;
         record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
         record.prev = state.prev.clone();
         record.hash = record.compute_hash();
@@ -176,20 +439,84 @@ impl AuditLog {
         line.push(b'\n');
         let written = match state.file.as_mut() {
             None => Err(std::io::Error::other("not open")),
-            Some(file) => file.write_all(&line),
+            Some(file) => Self::write_line(file, state.len, &mut state.torn, &line),
         };
         match written {
             Ok(()) => {
-                state.seq = record.seq;
-                state.prev = record.hash;
+                if let Some(len) = &mut state.len {
+                    *len += line.len() as u64;
+                }
+                state.seq = seq;
+                state.prev = record.hash.clone();
+                {
+                    let mut written = lock(&self.written);
+                    written.seq = seq;
+                    written.hash = record.hash;
+                }
+                if self.fsync == FsyncPolicy::Never {
+                    lock(&self.sync).durable = Some(lock(&self.written).clone());
+                }
                 if !*self.healthy.borrow() {
                     tracing::info!("audit log writable again");
                     self.healthy.send_replace(true);
                 }
-                Ok(record.seq)
+                Ok(seq)
             }
             Err(e) => Err(self.failed(&e)),
         }
+    }
+
+    /// Writes `line` at the end of `file`. A partial line left by an earlier failed write is
+    /// cut first (`len` is where the last complete line ends), so that every record starts a
+    /// line of its own; a write that fails now is cut back at once if possible.
+    fn write_line(
+        file: &mut File,
+        len: Option<u64>,
+        torn: &mut bool,
+        line: &[u8],
+    ) -> std::io::Result<()> {
+        if *torn {
+            if let Some(len) = len {
+                file.set_len(len)?;
+            }
+            *torn = false;
+        }
+        let result = file.write_all(line);
+        if result.is_err() {
+            if let Some(len) = len {
+                *torn = file.set_len(len).is_err();
+            }
+        }
+        result
+    }
+
+    /// Records the newest durable line as the chain head in the store, if it moved.
+    /// The daemon calls this every second, and at reopen and shutdown.
+    pub fn record_head(&self) -> Result<()> {
+        let Some(heads) = &self.heads else {
+            return Ok(());
+        };
+        let head = {
+            let sync = lock(&self.sync);
+            match &sync.durable {
+                Some(head) => head.clone(),
+                None => lock(&self.written).clone(),
+            }
+        };
+        let mut recorded = lock(&self.recorded);
+        if head.seq == 0 || head.seq <= *recorded {
+            return Ok(());
+        }
+        heads.record_audit_head(&self.chain, &head)?;
+        *recorded = head.seq;
+        Ok(())
+    }
+
+    /// Syncs what was written and records the head (graceful shutdown).
+    pub fn close(&self) -> Result<()> {
+        let seq = lock(&self.state).seq;
+        self.sync_through(seq)?;
+        self.record_head()
     }
 
     /// True when appends wait for `fdatasync` ([`FsyncPolicy::Always`]).
@@ -224,6 +551,20 @@ mod tests {
         }
     }
 
+    /// An in-memory head store.
+    #[derive(Default)]
+    struct Heads(Mutex<std::collections::HashMap<String, ChainHead>>);
+
+    impl HeadStore for Heads {
+        fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>> {
+            Ok(lock(&self.0).get(chain).cloned())
+        }
+        fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()> {
+            lock(&self.0).insert(chain.to_owned(), head.clone());
+            Ok(())
+        }
+    }
+
     #[test]
     fn chain_continues_across_reopen_and_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -243,7 +584,9 @@ mod tests {
         log.reopen().unwrap();
         log.append(entry("ReWrap")).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
-        assert!(verify(new.as_bytes(), Some(&verified.last_hash), None).is_ok());
+        let after = verify(new.as_bytes(), Some(&verified.last_hash), None).unwrap();
+        assert_eq!(after.records, 2, "the reopen marker and the new line");
+        assert!(new.lines().next().unwrap().contains(REOPENED));
         assert!(verify(new.as_bytes(), Some(GENESIS), None).is_err());
     }
 
@@ -292,5 +635,105 @@ mod tests {
         let log = AuditLog::open(Path::new("/dev/full"), FsyncPolicy::Never).unwrap();
         assert!(log.append(entry("Wrap")).is_err());
         assert!(!log.is_healthy());
+    }
+
+    /// Security review finding 6: a torn last line is cut off, not glued to the next record.
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, FsyncPolicy::Always).unwrap();
+        log.append(entry("Wrap")).unwrap();
+        drop(log);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"seq\":2,\"time\":\"20").unwrap();
+        drop(file);
+        let log = AuditLog::open(&path, FsyncPolicy::Always).unwrap();
+        log.append(entry("Unwrap")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            verify(text.as_bytes(), Some(GENESIS), None)
+                .unwrap()
+                .records,
+            2
+        );
+    }
+
+    /// Security review finding 6: a log whose tail was cut while the daemon was stopped is
+    /// refused at start-up, and accepted only as an explicit, verifiable gap.
+    #[test]
+    fn a_truncated_log_is_refused_then_recorded_as_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let heads: Arc<dyn HeadStore> = Arc::new(Heads::default());
+        let log = AuditLog::open_anchored(
+            &path,
+            FsyncPolicy::Always,
+            Some(heads.clone()),
+            GapPolicy::Refuse,
+        )
+        .unwrap();
+        for op in ["a", "b", "c"] {
+            log.append(entry(op)).unwrap();
+        }
+        log.close().unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first_two: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, first_two).unwrap();
+
+        let refused = AuditLog::open_anchored(
+            &path,
+            FsyncPolicy::Always,
+            Some(heads.clone()),
+            GapPolicy::Refuse,
+        )
+        .err()
+        .expect("a truncated log is refused");
+        assert!(
+            refused.to_string().contains("--accept-audit-gap"),
+            "{refused}"
+        );
+
+        let log = AuditLog::open_anchored(
+            &path,
+            FsyncPolicy::Always,
+            Some(heads.clone()),
+            GapPolicy::Record,
+        )
+        .unwrap();
+        log.append(entry("d")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let verified = verify(text.as_bytes(), Some(GENESIS), None).unwrap();
+        assert_eq!(verified.gaps.len(), 1, "the gap is in the chain");
+        assert!(verified.gaps[0].1.contains("seq 3"), "{:?}", verified.gaps);
+        // A deleted file is refused the same way.
+        drop(log);
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            AuditLog::open_anchored(&path, FsyncPolicy::Always, Some(heads), GapPolicy::Refuse)
+                .is_err()
+        );
+    }
+
+    /// Security review finding 1: an acknowledged line written to the old file just before a
+    /// reopen is synced before the swap.
+    #[test]
+    fn reopen_syncs_the_old_file_and_records_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let heads: Arc<dyn HeadStore> = Arc::new(Heads::default());
+        let log = AuditLog::open_anchored(
+            &path,
+            FsyncPolicy::Always,
+            Some(heads.clone()),
+            GapPolicy::Refuse,
+        )
+        .unwrap();
+        log.append(entry("a")).unwrap();
+        std::fs::rename(&path, dir.path().join("old")).unwrap();
+        log.reopen().unwrap();
+        let head = heads.audit_head(&log.chain).unwrap().unwrap();
+        assert_eq!(head.seq, 2, "the reopen marker is the head");
     }
 }

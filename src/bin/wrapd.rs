@@ -27,13 +27,20 @@ enum Command {
         /// The TOML configuration (see softhsm-config/*.toml).
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        recovery: Recovery,
     },
     /// Serve a self-contained development setup: SoftHSM token, PIN, store and config in DIR.
     Dev {
         /// Where the dev token, PIN, store and config live (created on first run).
         #[arg(long, default_value = ".wrapd-dev")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        recovery: Recovery,
     },
+    /// Offline audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Soak a running daemon: mixed GenerateDataKey/Unwrap/ReWrap from many clients while keys
     /// rotate; prints errors, latency percentiles and the daemon's memory at start and end.
     Soak {
@@ -73,6 +80,37 @@ enum Command {
         /// Operations to measure (repeatable); default: unwrap and generate.
         #[arg(long = "op", value_enum)]
         ops: Vec<BenchOp>,
+    },
+}
+
+/// Operator decisions for a start-up that found something wrong (each is logged).
+#[derive(clap::Args)]
+struct Recovery {
+    /// Start although the audit log does not reach the chain head recorded in the metadata
+    /// store (lines removed, file replaced or deleted): the gap is written into the log as
+    /// an `AuditGap` record, which `wrapctl audit verify` reports.
+    #[arg(long)]
+    accept_audit_gap: bool,
+}
+
+impl Recovery {
+    fn apply(&self, config: &mut Config) {
+        if let Some(audit) = &mut config.audit {
+            if self.accept_audit_gap {
+                audit.gaps = wrapd::audit::GapPolicy::Record;
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the audit chain head recorded in the metadata store (`SEQ:HASH`), to check a
+    /// log with `wrapctl audit verify --head`.
+    Head {
+        /// The daemon's configuration (its store and audit log).
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -172,15 +210,35 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config } => {
-            let config = load(&config)?;
+        Command::Serve { config, recovery } => {
+            let mut config = load(&config)?;
+            recovery.apply(&mut config);
             serve(config, None)
         }
-        Command::Dev { state_dir } => {
+        Command::Dev {
+            state_dir,
+            recovery,
+        } => {
             let setup = dev::prepare(&state_dir)?;
-            let config = load(&setup.config)?;
+            let mut config = load(&setup.config)?;
+            recovery.apply(&mut config);
             dev::provision(&setup, &config)?;
             serve(config, Some(&setup))
+        }
+        Command::Audit(AuditCommand::Head { config }) => {
+            use wrapd::audit::HeadStore;
+            let config = Config::load(&config)?;
+            let audit = config
+                .audit
+                .ok_or_else(|| Error::Config("no [audit] in this configuration".into()))?;
+            let chain = std::path::absolute(&audit.file)
+                .map_err(|e| Error::Config(format!("{}: {e}", audit.file.display())))?;
+            let store = wrapd::keystore::SqliteStore::open(&config.sqlite)?;
+            match store.audit_head(&chain.display().to_string())? {
+                Some(head) => println!("{head}"),
+                None => return Err(Error::Config("no chain head recorded for this log".into())),
+            }
+            Ok(())
         }
         Command::Pki(command) => pki(command),
         Command::Soak {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
 use crate::ids::{AliasName, KeyId};
 
@@ -36,6 +37,11 @@ CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
 CREATE TABLE IF NOT EXISTS deleted_keys (
     id         TEXT PRIMARY KEY,
     deleted_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_heads (
+    chain TEXT PRIMARY KEY,
+    seq   INTEGER NOT NULL,
+    hash  TEXT NOT NULL
 );
 ";
 
@@ -435,6 +441,41 @@ impl MetadataStore for SqliteStore {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db_error)?;
         Self::aliases_from_rows(rows)
+    }
+}
+
+impl HeadStore for SqliteStore {
+    fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT seq, hash FROM audit_heads WHERE chain = ?1",
+                [chain],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+            )
+            .optional()
+            .map_err(db_error)?;
+        row.map(|(seq, hash)| {
+            Ok(ChainHead {
+                seq: u64::try_from(seq).map_err(|_| corrupt("audit head seq", &seq.to_string()))?,
+                hash,
+            })
+        })
+        .transpose()
+    }
+
+    fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()> {
+        let seq = i64::try_from(head.seq)
+            .map_err(|_| Error::Internal("audit sequence beyond the store's range".into()))?;
+        self.conn()
+            .execute(
+                "INSERT INTO audit_heads (chain, seq, hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
+                 WHERE excluded.seq > audit_heads.seq",
+                params![chain, seq, head.hash],
+            )
+            .map_err(db_error)?;
+        Ok(())
     }
 }
 

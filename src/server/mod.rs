@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 pub use logging::init_logging;
 pub use unix::bind_unix_socket;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, HeadStore};
 use crate::auth::PolicyHandle;
 use crate::config::{Config, KmsConfig, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
@@ -48,6 +48,9 @@ const KMS_MAX_MESSAGE: usize = 64 * 1024;
 
 /// How long a graceful shutdown waits for in-flight calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the audit chain head is recorded in the metadata store.
+const AUDIT_HEAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the health task checks the token.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -119,18 +122,23 @@ impl Daemon {
         }
         let policy = Arc::new(PolicyHandle::load(policy_file)?);
         tracing::info!(grants = policy.current().len(), "policy loaded");
+        let store = Arc::new(SqliteStore::open(&sqlite)?);
         let audit = match audit {
-            Some(audit) => Some(Arc::new(AuditLog::open(&audit.file, audit.fsync)?)),
+            Some(audit) => Some(Arc::new(AuditLog::open_anchored(
+                &audit.file,
+                audit.fsync,
+                Some(store.clone() as Arc<dyn HeadStore>),
+                audit.gaps,
+            )?)),
             None => {
                 tracing::warn!("no [audit] configured: key operations are not audited");
                 None
             }
         };
         let token = Pkcs11Token::open(hsm)?;
-        let store = SqliteStore::open(&sqlite)?;
         let keystore = Keystore::open(
             Arc::new(token.clone()),
-            Arc::new(store),
+            store,
             Arc::new(SystemClock),
             keystore,
         )?;
@@ -267,6 +275,7 @@ impl Daemon {
                 self.audit.as_ref().map(|a| a.subscribe()),
             )),
             tokio::spawn(hangup_task(hangup, self.policy.clone(), self.audit.clone())),
+            tokio::spawn(audit_head_task(self.audit.clone())),
         ];
 
         on_ready(&ready);
@@ -306,6 +315,14 @@ impl Daemon {
         for socket in sockets {
             if let Err(err) = std::fs::remove_file(&socket.path) {
                 tracing::debug!(error = %err, "could not remove the socket file");
+            }
+        }
+        if let Some(audit) = &self.audit {
+            let audit = audit.clone();
+            match tokio::task::spawn_blocking(move || audit.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(error = %err, "closing the audit log"),
+                Err(err) => tracing::error!(error = %err, "closing the audit log"),
             }
         }
         self.token.close();
@@ -350,6 +367,22 @@ async fn hangup_task(
             if let Err(err) = audit.reopen() {
                 tracing::error!(error = %err, "SIGHUP: cannot reopen the audit log");
             }
+        }
+    }
+}
+
+/// Records the audit chain's head in the metadata store every second (see
+/// [`AuditLog::record_head`]): start-up then detects a log that lost lines up to then.
+async fn audit_head_task(audit: Option<Arc<AuditLog>>) {
+    let Some(audit) = audit else { return };
+    let mut ticker = tokio::time::interval(AUDIT_HEAD_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let log = audit.clone();
+        match tokio::task::spawn_blocking(move || log.record_head()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "cannot record the audit chain head"),
+            Err(err) => tracing::warn!(error = %err, "audit head task failed"),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct DevDaemon {
     env: Vec<(String, String)>,
     /// A command (and its arguments) the daemon runs under, e.g. `setpriv ...`.
     wrapper: Vec<String>,
+    /// Extra arguments after `wrapd dev --state-dir DIR`.
+    args: Vec<String>,
 }
 
 impl DevDaemon {
@@ -60,6 +62,7 @@ impl DevDaemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            args: Vec::new(),
         };
         daemon.spawn();
         daemon
@@ -89,6 +92,7 @@ impl DevDaemon {
         command
             .args(["dev", "--state-dir"])
             .arg(self.dir.path())
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -186,6 +190,44 @@ impl DevDaemon {
     pub fn restart_stopped(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
+    }
+
+    /// Sets the extra arguments of the next starts (`wrapd dev --state-dir DIR ARGS`).
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Runs `wrapd dev` on the (stopped) daemon's state dir, expecting it to fail at
+    /// start-up; returns its stderr.
+    pub fn start_fails(&self) -> String {
+        assert!(self.child.is_none(), "still running");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapd"));
+        command
+            .args(["dev", "--state-dir"])
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn wrapd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("wrapd started although it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "wrapd should have failed at start-up");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        stderr
     }
 
     /// Stops (SIGTERM) and starts again on the same state dir.

@@ -141,6 +141,14 @@ enum AuditCommand {
         /// The hash the last line must have (a value recorded earlier: detects truncation).
         #[arg(long)]
         expect_last: Option<String>,
+        /// A chain head recorded earlier, `SEQ:HASH` (`wrapd audit head` prints the one in
+        /// the metadata store): the file must reach it.
+        #[arg(long)]
+        head: Option<String>,
+        /// Succeed although the log holds `AuditGap` records (gaps an operator accepted at
+        /// start-up); they are still listed.
+        #[arg(long)]
+        allow_gaps: bool,
     },
 }
 
@@ -319,17 +327,49 @@ fn audit_verify(
     file: &PathBuf,
     anchor: Option<&str>,
     expect_last: Option<&str>,
+    head: Option<&str>,
+    allow_gaps: bool,
 ) -> Result<Value, String> {
+    let head = head
+        .map(|h| {
+            wrapd::audit::ChainHead::parse(h)
+                .ok_or_else(|| format!("--head must be SEQ:HASH (64 hex digits), not {h:?}"))
+        })
+        .transpose()?;
     let reader = std::fs::File::open(file)
         .map(std::io::BufReader::new)
         .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
-    match wrapd::audit::verify(reader, anchor, expect_last) {
-        Ok(verified) => Ok(json!({
-            "status": "intact",
-            "records": verified.records,
-            "anchor": verified.anchor,
-            "last_hash": verified.last_hash,
-        })),
+    let options = wrapd::audit::VerifyOptions {
+        anchor,
+        expect_last,
+        head: head.as_ref(),
+    };
+    match wrapd::audit::verify_with(reader, &options) {
+        Ok(verified) => {
+            let gaps: Vec<Value> = verified
+                .gaps
+                .iter()
+                .map(|(line, what)| json!({ "line": line, "missing": what }))
+                .collect();
+            if !gaps.is_empty() && !allow_gaps {
+                let first = &verified.gaps[0];
+                return Err(format!(
+                    "{}: the chain is linked, but holds {} accepted gap(s); first at line {}: {} (--allow-gaps to accept)",
+                    file.display(),
+                    gaps.len(),
+                    first.0,
+                    first.1
+                ));
+            }
+            Ok(json!({
+                "status": if gaps.is_empty() { "intact" } else { "intact-with-gaps" },
+                "records": verified.records,
+                "anchor": verified.anchor,
+                "last_seq": verified.last_seq,
+                "last_hash": verified.last_hash,
+                "gaps": gaps,
+            }))
+        }
         Err(broken) => Err(format!("{}: broken at {broken}", file.display())),
     }
 }
@@ -407,7 +447,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             ref file,
             ref anchor,
             ref expect_last,
-        }) => audit_verify(file, anchor.as_deref(), expect_last.as_deref())?,
+            ref head,
+            allow_gaps,
+        }) => audit_verify(
+            file,
+            anchor.as_deref(),
+            expect_last.as_deref(),
+            head.as_deref(),
+            allow_gaps,
+        )?,
         Command::Encrypt {
             keys,
             context,
