@@ -121,7 +121,8 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
         }
     }
     let (uid, user) = invoking_user();
-    let principal = format!("spiffe://wrapd-dev/user/{user}");
+    let uri = format!("spiffe://wrapd-dev/user/{user}");
+    let principal = format!("tls:uri={uri}");
     let pki_dir = dir.join("pki");
     if !pki_dir.join("client.pem").exists() {
         let validity = pki::Validity::days(365);
@@ -134,7 +135,7 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
                 &pki::issue_server(&ca, &names, validity)?,
             )?;
         }
-        let client = pki::issue_client(&ca, &pki::ClientName::Uri(principal.clone()), validity)?;
+        let client = pki::issue_client(&ca, &pki::ClientName::Uri(uri), validity)?;
         pki::write(&pki_dir, "client", &client)?;
     }
     let policy = dir.join("policy.toml");

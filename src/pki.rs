@@ -51,11 +51,11 @@ impl Validity {
 /// How a client certificate names its principal (see [`crate::auth`]).
 #[derive(Debug, Clone)]
 pub enum ClientName {
-    /// A URI SAN, e.g. `spiffe://example.org/payments`; the principal is the URI.
+    /// A URI SAN, e.g. `spiffe://example.org/payments`; the principal is `tls:uri=URI`.
     Uri(String),
-    /// A DNS SAN; the principal is `dns:NAME`.
+    /// A DNS SAN; the principal is `tls:dns=NAME`.
     Dns(String),
-    /// Only a subject common name; the principal is `cn:NAME`.
+    /// Only a subject common name; the principal is `tls:cn=NAME`.
     CommonName(String),
 }
 

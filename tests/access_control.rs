@@ -14,7 +14,8 @@ use tonic::Code;
 use wrapd::client::{DataKeyServiceClient, KeyServiceClient};
 use wrapd::pki::{self, ClientName, Validity};
 use wrapd::proto::{
-    AliasRequest, CreateKeyRequest, GenerateDataKeyRequest, KeyRef, ListKeysRequest,
+    AliasRequest, CreateKeyRequest, GenerateDataKeyRequest, KeyRef, ListKeysRequest, ReWrapRequest,
+    UnwrapRequest,
 };
 
 /// Issues a client certificate from the daemon's dev CA into `dir/stem.{pem,key}`.
@@ -168,13 +169,16 @@ async fn mutual_tls_matrix() {
     assert!(
         audit
             .iter()
-            .any(|r| r.principal == "spiffe://wrapd-dev/user/root"
+            .any(|r| r.principal == "tls:uri=spiffe://wrapd-dev/user/root"
                 && r.transport == "tcp"
                 && r.outcome == "OK")
     );
-    assert!(audit.iter().any(
-        |r| r.principal == "spiffe://example.org/stranger" && r.outcome == "PERMISSION_DENIED"
-    ));
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.principal == "tls:uri=spiffe://example.org/stranger"
+                && r.outcome == "PERMISSION_DENIED")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +259,7 @@ async fn policy_grants_globs_aliases_context_and_reload() {
     let policy_path = daemon.dir().join("policy.toml");
     let narrow = r#"
 [[grant]]
-principals = ["spiffe://wrapd-dev/user/*"]
+principals = ["tls:uri=spiffe://wrapd-dev/user/*"]
 operations = ["admin"]
 keys = ["*"]
 
@@ -378,4 +382,119 @@ require_context = { tenant = "acme" }
             .await,
         Code::PermissionDenied,
     );
+}
+
+/// Writes `policy` (plus the dev TLS client's full rights) and waits until it is in force.
+async fn narrow_policy(daemon: &DevDaemon, policy: &str) {
+    let full = format!(
+        "{policy}\n[[grant]]\nprincipals = [\"tls:uri=spiffe://wrapd-dev/user/*\"]\noperations = [\"all\"]\nkeys = [\"*\"]\n"
+    );
+    let reloads = || daemon.log().matches("policy reloaded").count();
+    let before = reloads();
+    std::fs::write(daemon.dir().join("policy.toml"), full).unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("the new policy is in force", || {
+        let done = reloads() > before;
+        async move { done }
+    })
+    .await;
+}
+
+/// Security review finding 4: an admin scoped to `alias/team-a-*` cannot re-point
+/// `alias/billing-prod` at team A's key, even when billing's key also has a team-a alias.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_changes_are_authorized_on_the_alias_itself() {
+    let daemon = DevDaemon::start();
+    let mut admin = KeyServiceClient::new(
+        daemon
+            .tls_channel(&daemon.dir().join("pki"), "client", None)
+            .await
+            .unwrap(),
+    );
+    let billing = create_key(&mut admin, "alias/billing-prod").await;
+    admin
+        .create_alias(AliasRequest {
+            alias_name: "alias/team-a-shared".into(),
+            key_id: billing.key_id.clone(),
+        })
+        .await
+        .unwrap();
+    let team_a = create_key(&mut admin, "alias/team-a-main").await;
+    narrow_policy(
+        &daemon,
+        "[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"admin\"]\nkeys = [\"alias/team-a-*\"]\n",
+    )
+    .await;
+    let mut keys = daemon.keys().await;
+    let repoint = |alias: &str, key: &str| AliasRequest {
+        alias_name: alias.into(),
+        key_id: key.into(),
+    };
+    assert_code(
+        keys.update_alias(repoint("alias/billing-prod", &team_a.key_id))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        keys.delete_alias(repoint("alias/billing-prod", "")).await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        keys.create_alias(repoint("alias/billing-new", &team_a.key_id))
+            .await,
+        Code::PermissionDenied,
+    );
+    let described = admin
+        .describe_key(KeyRef {
+            key_id: "alias/billing-prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.key_id, billing.key_id, "the alias did not move");
+    // Within its own names the admin still works.
+    keys.create_alias(repoint("alias/team-a-extra", &team_a.key_id))
+        .await
+        .unwrap();
+}
+
+/// Security review finding 5: ReWrap needs ReWrapFrom on the source key; ReWrapTo on a
+/// scratch key the caller can read does not let it pull other keys' blobs over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_needs_rights_on_both_ends() {
+    let daemon = DevDaemon::start();
+    let channel = daemon
+        .tls_channel(&daemon.dir().join("pki"), "client", None)
+        .await
+        .unwrap();
+    let mut admin = KeyServiceClient::new(channel.clone());
+    let mut admin_data = wrapd::client::DataKeyServiceClient::new(channel);
+    create_key(&mut admin, "alias/secret").await;
+    create_key(&mut admin, "alias/scratch").await;
+    let secret = common::generate(&mut admin_data, "alias/secret", &[]).await;
+    let grants = "[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"ReWrapTo\", \"Unwrap\"]\nkeys = [\"*\"]\n";
+    let grants = grants.replace("keys = [\"*\"]", "keys = [\"alias/scratch\"]");
+    narrow_policy(&daemon, &format!("{grants}\n[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"ReWrapTo\"]\nkeys = [\"*\"]\n")).await;
+    let mut data = daemon.data().await;
+    let rewrap = || ReWrapRequest {
+        ciphertext_blob: secret.ciphertext_blob.clone(),
+        destination_key_id: "alias/scratch".into(),
+        ..Default::default()
+    };
+    assert_code(data.re_wrap(rewrap()).await, Code::PermissionDenied);
+    narrow_policy(
+        &daemon,
+        &format!("{grants}\n[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"ReWrapFrom\"]\nkeys = [\"alias/secret\"]\n"),
+    )
+    .await;
+    let moved = data.re_wrap(rewrap()).await.unwrap().into_inner();
+    let opened = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: moved.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(opened.plaintext, secret.plaintext);
 }

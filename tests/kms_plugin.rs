@@ -258,3 +258,113 @@ async fn healthz_is_not_ok_when_the_key_cannot_be_used() {
     })
     .await;
 }
+
+async fn encrypt(
+    client: &mut KeyManagementServiceClient<Channel>,
+    dek: &[u8],
+) -> (Vec<u8>, String) {
+    let encrypted = client
+        .encrypt(EncryptRequest {
+            plaintext: dek.to_vec(),
+            uid: "uid-enc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (encrypted.ciphertext, encrypted.key_id)
+}
+
+/// Security review finding 8a: the plugin binds its blobs to a reserved context, so a
+/// principal with Unwrap on the key over the main API cannot open the apiserver's DEK seeds,
+/// and no main-API caller can name the reserved context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_api_callers_cannot_unwrap_the_plugins_blobs() {
+    let daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    let (blob, _) = encrypt(&mut client, &[7u8; 32]).await;
+    // The dev user may do everything on every key over the main API.
+    let mut data = daemon.data().await;
+    let unwrap = |context: &[(&str, &str)]| wrapd::proto::UnwrapRequest {
+        ciphertext_blob: blob.clone(),
+        encryption_context: common::ctx(context),
+        key_id: String::new(),
+    };
+    assert_code(data.unwrap(unwrap(&[])).await, Code::InvalidArgument);
+    let reserved = assert_code(
+        data.unwrap(unwrap(&[("wrapd:purpose", "kubernetes-kms-v2")]))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        reserved.message().contains("reserved"),
+        "{}",
+        reserved.message()
+    );
+    assert_code(
+        data.generate_data_key(wrapd::proto::GenerateDataKeyRequest {
+            key_id: "alias/kubernetes".into(),
+            encryption_context: common::ctx(&[("wrapd:x", "y")]),
+            number_of_bytes: 32,
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+}
+
+/// Security review finding 8b: after `alias/kubernetes` is re-pointed to another key, the
+/// plugin still decrypts every blob it issued under the old key (the shipped policy grants
+/// the plugin only `alias/kubernetes`), and encrypts under the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_issued_before_the_alias_moved_still_decrypt() {
+    let daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    let (old_blob, old_key_id) = encrypt(&mut client, &[1u8; 32]).await;
+    let mut keys = daemon.keys().await;
+    let new_key = common::create_key(&mut keys, "").await;
+    keys.update_alias(wrapd::proto::AliasRequest {
+        alias_name: "alias/kubernetes".into(),
+        key_id: new_key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    let plaintext = client
+        .decrypt(decrypt(&old_blob, &old_key_id, "uid-dec"))
+        .await
+        .expect("a blob the plugin issued before the alias moved")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plaintext, [1u8; 32]);
+    let (new_blob, new_key_id) = encrypt(&mut client, &[2u8; 32]).await;
+    assert_eq!(new_key_id, format!("{}:1", new_key.key_id));
+    let back = client
+        .decrypt(decrypt(&new_blob, &new_key_id, "uid-dec-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+    assert_eq!(back, [2u8; 32]);
+}
+
+/// Security review finding 8c: Status is not healthy while the audit log fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_unhealthy_while_the_audit_log_fails_closed() {
+    let daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    assert_eq!(status(&mut client).await.healthz, "ok");
+    let audit = daemon.dir().join("audit.log");
+    std::fs::rename(&audit, daemon.dir().join("audit.log.1")).unwrap();
+    std::fs::create_dir(&audit).unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("healthz reports the audit log", || {
+        let mut client = client.clone();
+        async move { status(&mut client).await.healthz.contains("audit log") }
+    })
+    .await;
+    std::fs::remove_dir(&audit).unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("healthz recovers", || {
+        let mut client = client.clone();
+        async move { status(&mut client).await.healthz == "ok" }
+    })
+    .await;
+}

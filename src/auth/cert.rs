@@ -5,8 +5,10 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::error::{Error, Result};
 
-/// The first URI SAN (as is), else the first DNS SAN (`dns:NAME`), else the subject CN
-/// (`cn:NAME`). A certificate naming nothing is [`Error::Unauthenticated`].
+/// `tls:uri=` + the first URI SAN, else `tls:dns=` + the first DNS SAN, else `tls:cn=` +
+/// the subject CN. The `tls:` namespace means no certificate field can name a principal of
+/// another transport (`unix:uid=0`, `wrapd:…`): security review finding 3.
+/// A certificate naming nothing is [`Error::Unauthenticated`].
 pub fn principal_from_certificate(der: &CertificateDer<'_>) -> Result<String> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|_| Error::Unauthenticated("unparseable client certificate".into()))?;
@@ -14,8 +16,10 @@ pub fn principal_from_certificate(der: &CertificateDer<'_>) -> Result<String> {
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
-                GeneralName::URI(uri) => return Ok((*uri).to_owned()),
-                GeneralName::DNSName(name) if dns.is_none() => dns = Some(format!("dns:{name}")),
+                GeneralName::URI(uri) => return Ok(format!("tls:uri={uri}")),
+                GeneralName::DNSName(name) if dns.is_none() => {
+                    dns = Some(format!("tls:dns={name}"))
+                }
                 _ => {}
             }
         }
@@ -27,7 +31,7 @@ pub fn principal_from_certificate(der: &CertificateDer<'_>) -> Result<String> {
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
-        .map(|cn| format!("cn:{cn}"))
+        .map(|cn| format!("tls:cn={cn}"))
         .ok_or_else(|| Error::Unauthenticated("the client certificate names no principal".into()))
 }
 
@@ -57,16 +61,26 @@ mod tests {
     fn uri_then_dns_then_cn() {
         assert_eq!(
             principal(ClientName::Uri("spiffe://example.org/payments".into())),
-            "spiffe://example.org/payments"
+            "tls:uri=spiffe://example.org/payments"
         );
         assert_eq!(
             principal(ClientName::Dns("svc.example.org".into())),
-            "dns:svc.example.org"
+            "tls:dns=svc.example.org"
         );
         assert_eq!(
             principal(ClientName::CommonName("alice".into())),
-            "cn:alice"
+            "tls:cn=alice"
         );
+    }
+
+    /// Security review finding 3: a certificate cannot pose as a local user or as wrapd.
+    #[test]
+    fn a_certificate_cannot_name_a_unix_or_internal_principal() {
+        for uri in ["unix:uid=0", "wrapd:kubernetes-kms"] {
+            let p = principal(ClientName::Uri(uri.into()));
+            assert_eq!(p, format!("tls:uri={uri}"));
+            assert!(!p.starts_with("unix:") && !p.starts_with("wrapd:"));
+        }
     }
 
     #[test]

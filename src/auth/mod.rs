@@ -3,9 +3,11 @@
 //! - Unix socket: the peer's credentials (`SO_PEERCRED`) become principals
 //!   `unix:uid=N`, `unix:user=NAME`, `unix:gid=N`, `unix:group=NAME` (primary and
 //!   supplementary groups), see `unix.rs`.
-//! - TCP: mutual TLS is required at the handshake; the client certificate's first URI SAN
-//!   (e.g. a SPIFFE id) is the principal, else its first DNS SAN as `dns:NAME`, else its
-//!   subject CN as `cn:NAME`, see `cert.rs`.
+//! - TCP: mutual TLS is required at the handshake; the principal is `tls:uri=` + the client
+//!   certificate's first URI SAN (e.g. a SPIFFE id), else `tls:dns=` + its first DNS SAN,
+//!   else `tls:cn=` + its subject CN, see `cert.rs`. Each transport has its own namespace
+//!   (`unix:`, `tls:`, and `wrapd:` for the daemon's own principals), so no certificate can
+//!   pose as a local user.
 //!
 //! The policy (`policy.rs`) grants operations on keys to principals; everything else is
 //! denied.

@@ -3,7 +3,7 @@
 //! ```toml
 //! [[grant]]
 //! description = "payments service: data keys under its own keys, for tenant acme only"
-//! principals = ["spiffe://example.org/payments", "unix:group=payments"]
+//! principals = ["tls:uri=spiffe://example.org/payments", "unix:group=payments"]
 //! operations = ["data-plane"]            # RPC names, or "data-plane", "admin", "all"
 //! keys = ["alias/payments-*"]           # globs over key ids and aliases
 //! require_context = { tenant = "acme" } # entries the encryption context must contain
@@ -30,7 +30,10 @@ use crate::error::{Error, Result};
 
 macro_rules! operations {
     ($($name:ident: $data_plane:expr),* $(,)?) => {
-        /// Every RPC that the policy can grant.
+        /// Every RPC, and what the policy can grant. `ReWrap` is the RPC; its permission is split
+/// (security review finding 5), as AWS KMS splits `ReEncryptFrom` / `ReEncryptTo`: the
+/// caller needs `ReWrapFrom` on the source key and `ReWrapTo` on the destination key, so
+/// that a right to re-wrap into a scratch key never covers every source.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[allow(missing_docs)]
         pub enum Operation { $($name),* }
@@ -58,6 +61,8 @@ operations! {
     Wrap: true,
     Unwrap: true,
     ReWrap: true,
+    ReWrapFrom: true,
+    ReWrapTo: true,
     CreateKey: false,
     DescribeKey: false,
     ListKeys: false,
@@ -145,11 +150,17 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
         )));
     }
     let mut set = HashSet::new();
+    let grantable = || Operation::ALL.iter().filter(|o| **o != Operation::ReWrap);
     for name in names {
         match name.as_str() {
-            "all" => set.extend(Operation::ALL),
-            "data-plane" => set.extend(Operation::ALL.iter().filter(|o| o.is_data_plane())),
-            "admin" => set.extend(Operation::ALL.iter().filter(|o| !o.is_data_plane())),
+            "all" => set.extend(grantable()),
+            "data-plane" => set.extend(grantable().filter(|o| o.is_data_plane())),
+            "admin" => set.extend(grantable().filter(|o| !o.is_data_plane())),
+            "ReWrap" => {
+                return Err(Error::Config(format!(
+                    "grant {index}: \"ReWrap\" is split: grant \"ReWrapFrom\" on the keys blobs may come from and \"ReWrapTo\" on the keys they may go to"
+                )));
+            }
             other => {
                 let op = Operation::ALL
                     .iter()
@@ -166,6 +177,40 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
     Ok(set)
 }
 
+/// The principal namespaces, one per way of calling (security review finding 3): a
+/// principal of one can never be produced by another. TLS principals are built by wrapd
+/// from certificate fields (`tls:uri=`, `tls:dns=`, `tls:cn=`), so no certificate can name a
+/// `unix:` or internal `wrapd:` principal.
+pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "wrapd:"];
+
+/// Checks that a principal pattern can match a principal of some namespace. Forms from
+/// before the namespaces (`spiffe://…`, `dns:…`, `cn:…`) are refused with what to write.
+fn check_principal_pattern(pattern: &str, index: usize) -> Result<()> {
+    let literal = pattern
+        .find(['*', '?', '[', '{'])
+        .map_or(pattern, |i| &pattern[..i]);
+    let fits = PRINCIPAL_NAMESPACES
+        .iter()
+        .any(|ns| ns.starts_with(literal) || literal.starts_with(ns));
+    if fits {
+        return Ok(());
+    }
+    let instead = if pattern.contains("://") {
+        format!("tls:uri={pattern}")
+    } else if let Some(name) = pattern.strip_prefix("dns:") {
+        format!("tls:dns={name}")
+    } else if let Some(name) = pattern.strip_prefix("cn:") {
+        format!("tls:cn={name}")
+    } else {
+        return Err(Error::Config(format!(
+            "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=) or wrapd: (internal)"
+        )));
+    };
+    Err(Error::Config(format!(
+        "grant {index}: principal {pattern:?} can no longer match (certificate principals are namespaced): write {instead:?}"
+    )))
+}
+
 impl Policy {
     /// Parses policy text (TOML, see the module docs).
     pub fn parse(text: &str) -> Result<Self> {
@@ -177,6 +222,9 @@ impl Policy {
             .enumerate()
             .map(|(i, g)| {
                 let index = i + 1;
+                for pattern in &g.principals {
+                    check_principal_pattern(pattern, index)?;
+                }
                 Ok(Grant {
                     principals: glob_set(&g.principals, "principals", index)?,
                     operations: operations(&g.operations, index)?,
@@ -298,13 +346,13 @@ mod tests {
     const POLICY: &str = r#"
         [[grant]]
         description = "payments: data plane on its keys, tenant acme only"
-        principals = ["spiffe://example.org/payments"]
+        principals = ["tls:uri=spiffe://example.org/payments"]
         operations = ["data-plane"]
         keys = ["alias/payments-*"]
         require_context = { tenant = "acme" }
 
         [[grant]]
-        principals = ["unix:group=ops", "cn:admin-*"]
+        principals = ["unix:group=ops", "tls:cn=admin-*"]
         operations = ["admin"]
         keys = ["*"]
 
@@ -330,10 +378,10 @@ mod tests {
     #[test]
     fn every_operation_is_granted_and_denied_somewhere() {
         let policy = Policy::parse(POLICY).unwrap();
-        let payments = who("spiffe://example.org/payments");
+        let payments = who("tls:uri=spiffe://example.org/payments");
         let key = names(&["key/aa", "alias/payments-db"]);
         let acme = ctx(&[("tenant", "acme"), ("extra", "ok")]);
-        for op in Operation::ALL {
+        for op in Operation::ALL.iter().filter(|o| **o != Operation::ReWrap) {
             // Data plane: payments yes (with context), ops group no.
             // Admin: ops group yes, payments no.
             let data = op.is_data_plane();
@@ -348,7 +396,7 @@ mod tests {
                 "{op:?}"
             );
             assert_eq!(
-                policy.allows(&who("cn:admin-bob"), *op, &Target::Any, None),
+                policy.allows(&who("tls:cn=admin-bob"), *op, &Target::Any, None),
                 !data,
                 "{op:?}"
             );
@@ -362,7 +410,7 @@ mod tests {
     #[test]
     fn globs_aliases_and_context() {
         let policy = Policy::parse(POLICY).unwrap();
-        let payments = who("spiffe://example.org/payments");
+        let payments = who("tls:uri=spiffe://example.org/payments");
         let acme = ctx(&[("tenant", "acme")]);
         let op = Operation::GenerateDataKey;
         // The grant follows the alias: any key currently named alias/payments-*.
@@ -388,6 +436,53 @@ mod tests {
         assert!(!policy.allows(&reader, Operation::DescribeKey, &Target::Any, None));
         assert!(policy.allows_some(&reader, Operation::Unwrap));
         assert!(!policy.allows_some(&reader, Operation::Wrap));
+    }
+
+    /// Security review finding 3: a policy written for un-namespaced certificate principals
+    /// fails to load and says what to write instead.
+    #[test]
+    fn principals_of_no_namespace_are_refused_with_the_fix() {
+        let grant = |p: &str| {
+            format!("[[grant]]\nprincipals = [{p:?}]\noperations = [\"all\"]\nkeys = [\"*\"]")
+        };
+        for (old, fix) in [
+            ("spiffe://example.org/x", "tls:uri=spiffe://example.org/x"),
+            ("dns:svc.example.org", "tls:dns=svc.example.org"),
+            ("cn:alice", "tls:cn=alice"),
+        ] {
+            let err = Policy::parse(&grant(old)).unwrap_err().to_string();
+            assert!(err.contains(fix), "{err}");
+        }
+        assert!(Policy::parse(&grant("unx:uid=0")).is_err());
+        for ok in [
+            "*",
+            "unix:uid=0",
+            "tls:*",
+            "t*",
+            "wrapd:kubernetes-kms",
+            "tls:uri=spiffe://x/*",
+        ] {
+            assert!(Policy::parse(&grant(ok)).is_ok(), "{ok}");
+        }
+    }
+
+    /// Security review finding 5: ReWrap is granted per end.
+    #[test]
+    fn rewrap_is_granted_per_end() {
+        let err = Policy::parse(
+            "[[grant]]\nprincipals = [\"unix:uid=1\"]\noperations = [\"ReWrap\"]\nkeys = [\"*\"]",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ReWrapFrom"), "{err}");
+        let policy = Policy::parse(
+            "[[grant]]\nprincipals = [\"unix:uid=1\"]\noperations = [\"ReWrapTo\"]\nkeys = [\"*\"]\n\
+             [[grant]]\nprincipals = [\"unix:uid=1\"]\noperations = [\"ReWrapFrom\"]\nkeys = [\"alias/mine\"]",
+        )
+        .unwrap();
+        let me = who("unix:uid=1");
+        assert!(policy.allows(&me, Operation::ReWrapTo, &names(&["key/scratch"]), None));
+        assert!(!policy.allows(&me, Operation::ReWrapFrom, &names(&["key/other"]), None));
+        assert!(policy.allows(&me, Operation::ReWrapFrom, &names(&["alias/mine"]), None));
     }
 
     #[test]

@@ -151,13 +151,13 @@ enum IssueKind {
     },
     /// A client certificate naming a principal: a URI SAN, a DNS SAN, or a common name.
     Client {
-        /// URI SAN, e.g. spiffe://example.org/payments (principal: the URI).
+        /// URI SAN, e.g. spiffe://example.org/payments (principal: tls:uri=URI).
         #[arg(long, group = "principal")]
         uri: Option<String>,
-        /// DNS SAN (principal: dns:NAME).
+        /// DNS SAN (principal: tls:dns=NAME).
         #[arg(long, group = "principal")]
         dns: Option<String>,
-        /// Common name only (principal: cn:NAME).
+        /// Common name only (principal: tls:cn=NAME).
         #[arg(long, group = "principal")]
         cn: Option<String>,
         /// File name stem.

@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 use crate::error::Result;
 use crate::ids::KeyId;
 
-pub use pkcs11::{Fault, Pkcs11Token};
+#[cfg(feature = "fault-injection")]
+pub use pkcs11::Fault;
+pub use pkcs11::Pkcs11Token;
 pub use provision::provision_softhsm_token;
 
 thread_local! {

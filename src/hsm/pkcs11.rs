@@ -5,7 +5,9 @@
 //! Object handles are cached per context (no `C_FindObjects` per request); a stale handle is
 //! looked up again once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+#[cfg(feature = "fault-injection")]
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
@@ -49,13 +51,20 @@ struct Inner {
     /// When a missing object last made us re-initialize the context (see `handle`).
     last_missing_reset: Mutex<Option<Instant>>,
     /// Faults to inject into the next calls (fault tests).
+    #[cfg(feature = "fault-injection")]
     faults: Mutex<VecDeque<Fault>>,
+    /// How long every call stalls (`WRAPD_FAULT_STALL_MS`, fault tests).
+    #[cfg(feature = "fault-injection")]
+    stall_every_call: Option<std::time::Duration>,
     /// PKCS#11 contexts initialized so far (1 after start; +1 per re-initialization).
     contexts: AtomicU64,
 }
 
 /// A fault to inject into a coming PKCS#11 call, for fault tests: the call fails (or stalls)
-/// as if the token had done it, and the pool reacts as it would to the real thing.
+/// as if the token had done it, and the pool reacts as it would to the real thing. Only
+/// with the `fault-injection` feature (security review finding 12: the hook must not cost
+/// production calls a global lock).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// `CKR_DEVICE_ERROR`: the context is retired and re-initialized.
@@ -138,7 +147,13 @@ impl Pkcs11Token {
                 handles: Mutex::new(HashMap::new()),
                 object_store: RwLock::new(()),
                 last_missing_reset: Mutex::new(None),
+                #[cfg(feature = "fault-injection")]
                 faults: Mutex::new(VecDeque::new()),
+                #[cfg(feature = "fault-injection")]
+                stall_every_call: std::env::var("WRAPD_FAULT_STALL_MS")
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .map(std::time::Duration::from_millis),
                 contexts: AtomicU64::new(0),
             }),
         };
@@ -250,6 +265,7 @@ impl Pkcs11Token {
     }
 
     /// Queues faults for the coming calls, one per call (fault tests).
+    #[cfg(feature = "fault-injection")]
     pub fn inject(&self, fault: Fault, times: usize) {
         let mut faults = self.inner.faults.lock().unwrap_or_else(|e| e.into_inner());
         faults.extend(std::iter::repeat_n(fault, times));
@@ -291,6 +307,24 @@ impl Pkcs11Token {
             },
             |context| Self::open_session(config, context),
         )?;
+        let result = self.call_with_faults(|| f(&loan.session, self));
+        let outcome = match &result {
+            Ok(_) => Outcome::Healthy,
+            Err(err) => outcome_of(err),
+        };
+        if outcome == Outcome::DeviceFault {
+            self.clear_handles();
+        }
+        self.inner.pool.checkin(loan, outcome);
+        result
+    }
+
+    /// Runs one PKCS#11 call, or the fault queued for it.
+    #[cfg(feature = "fault-injection")]
+    fn call_with_faults<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        if let Some(stall) = self.inner.stall_every_call {
+            std::thread::sleep(stall);
+        }
         let fault = self
             .inner
             .faults
@@ -302,26 +336,23 @@ impl Pkcs11Token {
             rv: rv.to_owned(),
             fault,
         };
-        let result = match fault {
+        match fault {
             Some(Fault::DeviceError) => Err(injected("CKR_DeviceError", Pkcs11Fault::Device)),
             Some(Fault::SessionInvalid) => {
                 Err(injected("CKR_SessionHandleInvalid", Pkcs11Fault::Session))
             }
             Some(Fault::Stall(duration)) => {
                 std::thread::sleep(duration);
-                f(&loan.session, self)
+                call()
             }
-            None => f(&loan.session, self),
-        };
-        let outcome = match &result {
-            Ok(_) => Outcome::Healthy,
-            Err(err) => outcome_of(err),
-        };
-        if outcome == Outcome::DeviceFault {
-            self.clear_handles();
+            None => call(),
         }
-        self.inner.pool.checkin(loan, outcome);
-        result
+    }
+
+    /// Runs one PKCS#11 call (no fault hook in this build).
+    #[cfg(not(feature = "fault-injection"))]
+    fn call_with_faults<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        call()
     }
 
     /// The handle of `object`, from the cache or one `C_FindObjects`.

@@ -6,9 +6,11 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use zeroize::Zeroizing;
 
-use super::{Gate, blob_key, blocking, context, key_ref, optional_key_ref, target_of};
+use super::{Gate, blob_key, caller_context, optional_key_ref, target_of};
 use crate::auth::Operation;
-use crate::keystore::Keystore;
+use crate::error::Result;
+use crate::ids::KeyRef;
+use crate::keystore::{GeneratedKey, Keystore};
 use crate::proto::data_key_service_server::DataKeyService;
 use crate::proto::{
     GenerateDataKeyRequest, GenerateDataKeyResponse, GenerateDataKeyWithoutPlaintextResponse,
@@ -26,6 +28,32 @@ impl DataKeyApi {
     pub fn new(keystore: Arc<Keystore>, gate: Arc<Gate>) -> Self {
         Self { keystore, gate }
     }
+
+    /// GenerateDataKey and GenerateDataKeyWithoutPlaintext: the same job.
+    async fn generate(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+        op: Operation,
+    ) -> Result<GeneratedKey, Status> {
+        let call = self.gate.begin(&request, op);
+        let req = request.into_inner();
+        self.gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check_some(call, call.op())?;
+                let key = KeyRef::parse(&req.key_id)?;
+                call.key(key.to_string(), None);
+                let ctx = caller_context(req.encryption_context)?;
+                call.context(&ctx);
+                gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+                let generated = ks.generate_data_key(&key, req.number_of_bytes, &ctx)?;
+                call.key(
+                    generated.wrapped.key_id.to_string(),
+                    Some(generated.wrapped.key_version),
+                );
+                Ok(generated)
+            })
+            .await
+    }
 }
 
 #[tonic::async_trait]
@@ -35,34 +63,14 @@ impl DataKeyService for DataKeyApi {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let mut call = self.gate.begin(&request, Operation::GenerateDataKey);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            let ctx = context(req.encryption_context)?;
-            call.context(&ctx);
-            self.gate
-                .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let mut generated = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.generate_data_key(&key, req.number_of_bytes, &ctx)
-            })
-            .await?;
-            call.key(
-                generated.wrapped.key_id.to_string(),
-                Some(generated.wrapped.key_version),
-            );
-            Ok(Response::new(GenerateDataKeyResponse {
-                // Moved, not copied; the response buffer is beyond our reach once sent.
-                plaintext: std::mem::take(&mut *generated.plaintext),
-                ciphertext_blob: generated.wrapped.blob,
-                key_id: generated.wrapped.key_id.to_string(),
-                key_version: generated.wrapped.key_version,
-            }))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        let mut generated = self.generate(request, Operation::GenerateDataKey).await?;
+        Ok(Response::new(GenerateDataKeyResponse {
+            // Moved, not copied; the response buffer is beyond our reach once sent.
+            plaintext: std::mem::take(&mut *generated.plaintext),
+            ciphertext_blob: generated.wrapped.blob,
+            key_id: generated.wrapped.key_id.to_string(),
+            key_version: generated.wrapped.key_version,
+        }))
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -70,63 +78,41 @@ impl DataKeyService for DataKeyApi {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let mut call = self
-            .gate
-            .begin(&request, Operation::GenerateDataKeyWithoutPlaintext);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            let ctx = context(req.encryption_context)?;
-            call.context(&ctx);
-            self.gate
-                .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let generated = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.generate_data_key(&key, req.number_of_bytes, &ctx)
-            })
+        let generated = self
+            .generate(request, Operation::GenerateDataKeyWithoutPlaintext)
             .await?;
-            call.key(
-                generated.wrapped.key_id.to_string(),
-                Some(generated.wrapped.key_version),
-            );
-            // `generated.plaintext` is zeroized when dropped here.
-            Ok(Response::new(GenerateDataKeyWithoutPlaintextResponse {
-                ciphertext_blob: generated.wrapped.blob,
-                key_id: generated.wrapped.key_id.to_string(),
-                key_version: generated.wrapped.key_version,
-            }))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        // `generated.plaintext` is zeroized when dropped here.
+        Ok(Response::new(GenerateDataKeyWithoutPlaintextResponse {
+            ciphertext_blob: generated.wrapped.blob,
+            key_id: generated.wrapped.key_id.to_string(),
+            key_version: generated.wrapped.key_version,
+        }))
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
-        let mut call = self.gate.begin(&request, Operation::Wrap);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let plaintext = Zeroizing::new(req.plaintext);
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            let ctx = context(req.encryption_context)?;
-            call.context(&ctx);
-            self.gate
-                .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            let wrapped = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.wrap(&key, &plaintext, &ctx)
+        let call = self.gate.begin(&request, Operation::Wrap);
+        let req = request.into_inner();
+        let plaintext = Zeroizing::new(req.plaintext);
+        let wrapped = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check_some(call, call.op())?;
+                let key = KeyRef::parse(&req.key_id)?;
+                call.key(key.to_string(), None);
+                let ctx = caller_context(req.encryption_context)?;
+                call.context(&ctx);
+                gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+                let wrapped = ks.wrap(&key, &plaintext, &ctx)?;
+                call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
+                Ok(wrapped)
             })
             .await?;
-            call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
-            Ok(Response::new(WrapResponse {
-                ciphertext_blob: wrapped.blob,
-                key_id: wrapped.key_id.to_string(),
-                key_version: wrapped.key_version,
-            }))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(WrapResponse {
+            ciphertext_blob: wrapped.blob,
+            key_id: wrapped.key_id.to_string(),
+            key_version: wrapped.key_version,
+        }))
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -134,33 +120,30 @@ impl DataKeyService for DataKeyApi {
         &self,
         request: Request<UnwrapRequest>,
     ) -> Result<Response<UnwrapResponse>, Status> {
-        let mut call = self.gate.begin(&request, Operation::Unwrap);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let expected = optional_key_ref(&req.key_id)?;
-            let ctx = context(req.encryption_context)?;
-            call.context(&ctx);
-            // An unparseable blob names no key: it fails as invalid below.
-            if let Some(key) = blob_key(&req.ciphertext_blob) {
-                call.key(key.to_string(), None);
-                self.gate
-                    .check(&call, &target_of(&self.keystore, &key), Some(&ctx))?;
-            }
-            let blob = req.ciphertext_blob;
-            let mut unwrapped = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.unwrap(&blob, &ctx, expected.as_ref())
+        let call = self.gate.begin(&request, Operation::Unwrap);
+        let req = request.into_inner();
+        let mut unwrapped = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check_some(call, call.op())?;
+                let expected = optional_key_ref(&req.key_id)?;
+                let ctx = caller_context(req.encryption_context)?;
+                call.context(&ctx);
+                // An unparseable blob names no key: it fails as invalid below.
+                if let Some(key) = blob_key(&req.ciphertext_blob) {
+                    call.key(key.to_string(), None);
+                    gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+                }
+                let unwrapped = ks.unwrap(&req.ciphertext_blob, &ctx, expected.as_ref())?;
+                call.key(unwrapped.key_id.to_string(), Some(unwrapped.key_version));
+                Ok(unwrapped)
             })
             .await?;
-            call.key(unwrapped.key_id.to_string(), Some(unwrapped.key_version));
-            Ok(Response::new(UnwrapResponse {
-                plaintext: std::mem::take(&mut *unwrapped.plaintext),
-                key_id: unwrapped.key_id.to_string(),
-                key_version: unwrapped.key_version,
-            }))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(UnwrapResponse {
+            plaintext: std::mem::take(&mut *unwrapped.plaintext),
+            key_id: unwrapped.key_id.to_string(),
+            key_version: unwrapped.key_version,
+        }))
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -168,46 +151,55 @@ impl DataKeyService for DataKeyApi {
         &self,
         request: Request<ReWrapRequest>,
     ) -> Result<Response<ReWrapResponse>, Status> {
-        let mut call = self.gate.begin(&request, Operation::ReWrap);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let destination = optional_key_ref(&req.destination_key_id)?;
-            let source_ctx = context(req.source_encryption_context)?;
-            let destination_ctx = context(req.destination_encryption_context)?;
-            call.context(&destination_ctx);
-            // Both ends are checked: the source with its context, the destination with its.
-            let source = blob_key(&req.ciphertext_blob);
-            if let Some(source) = &source {
-                self.gate
-                    .check(&call, &target_of(&self.keystore, source), Some(&source_ctx))?;
-            }
-            if let Some(to) = destination.as_ref().or(source.as_ref()) {
-                call.key(to.to_string(), None);
-                self.gate.check(
-                    &call,
-                    &target_of(&self.keystore, to),
-                    Some(&destination_ctx),
+        let call = self.gate.begin(&request, Operation::ReWrap);
+        let req = request.into_inner();
+        let rewrapped = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check_some(call, Operation::ReWrapFrom)?;
+                let destination = optional_key_ref(&req.destination_key_id)?;
+                let source_ctx = caller_context(req.source_encryption_context)?;
+                let destination_ctx = caller_context(req.destination_encryption_context)?;
+                call.context(&destination_ctx);
+                // Each end needs its own permission (security review finding 5): ReWrapFrom
+                // on the source with its context, ReWrapTo on the destination with its.
+                let source = blob_key(&req.ciphertext_blob);
+                if let Some(source) = &source {
+                    gate.check_as(
+                        call,
+                        Operation::ReWrapFrom,
+                        &target_of(ks, source),
+                        Some(&source_ctx),
+                    )?;
+                }
+                if let Some(to) = destination.as_ref().or(source.as_ref()) {
+                    call.key(to.to_string(), None);
+                    gate.check_as(
+                        call,
+                        Operation::ReWrapTo,
+                        &target_of(ks, to),
+                        Some(&destination_ctx),
+                    )?;
+                }
+                let rewrapped = ks.rewrap(
+                    &req.ciphertext_blob,
+                    &source_ctx,
+                    destination.as_ref(),
+                    &destination_ctx,
                 )?;
-            }
-            let blob = req.ciphertext_blob;
-            let rewrapped = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.rewrap(&blob, &source_ctx, destination.as_ref(), &destination_ctx)
+                call.key(
+                    rewrapped.wrapped.key_id.to_string(),
+                    Some(rewrapped.wrapped.key_version),
+                );
+                Ok(rewrapped)
             })
             .await?;
-            call.key(
-                rewrapped.wrapped.key_id.to_string(),
-                Some(rewrapped.wrapped.key_version),
-            );
-            Ok(Response::new(ReWrapResponse {
-                ciphertext_blob: rewrapped.wrapped.blob,
-                source_key_id: rewrapped.source_key_id.to_string(),
-                key_id: rewrapped.wrapped.key_id.to_string(),
-                key_version: rewrapped.wrapped.key_version,
-                source_key_version: rewrapped.source_key_version,
-            }))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(ReWrapResponse {
+            ciphertext_blob: rewrapped.wrapped.blob,
+            source_key_id: rewrapped.source_key_id.to_string(),
+            key_id: rewrapped.wrapped.key_id.to_string(),
+            key_version: rewrapped.wrapped.key_version,
+            source_key_version: rewrapped.source_key_version,
+        }))
     }
 }

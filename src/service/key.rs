@@ -5,8 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{Call, Gate, blocking, key_ref, optional_key_ref, target_of};
+use super::{Call, Gate, optional_key_ref, target_of};
 use crate::auth::{Operation, Target};
+use crate::error::Result;
 use crate::ids::{AliasName, KeyId, KeyRef as KeyName};
 use crate::keystore::{KeyRecord, KeyState, Keystore};
 use crate::proto::key_service_server::KeyService;
@@ -55,10 +56,6 @@ fn alias_message((alias, key): (AliasName, KeyId)) -> Alias {
     }
 }
 
-fn alias_name(s: &str) -> Result<AliasName, Status> {
-    AliasName::parse(s).map_err(Status::from)
-}
-
 impl KeyApi {
     /// A service over `keystore`, guarded by `gate`.
     pub fn new(keystore: Arc<Keystore>, gate: Arc<Gate>) -> Self {
@@ -70,82 +67,75 @@ impl KeyApi {
         &self,
         request: Request<KeyRef>,
         op: Operation,
-        f: impl FnOnce(&Keystore, &KeyName) -> crate::Result<Arc<KeyRecord>> + Send + 'static,
+        f: impl FnOnce(&Keystore, &KeyName) -> Result<Arc<KeyRecord>> + Send + 'static,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let mut call = self.gate.begin(&request, op);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let key = key_ref(&request.get_ref().key_id)?;
+        let call = self.gate.begin(&request, op);
+        let key_id = request.into_inner().key_id;
+        self.metadata(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyName::parse(&key_id)?;
             call.key(key.to_string(), None);
-            self.gate
-                .check(&call, &target_of(&self.keystore, &key), None)?;
-            self.metadata(&mut call, move |ks| f(ks, &key)).await
-        }
-        .await;
-        self.gate.finish(call, result).await
+            gate.check(call, &target_of(ks, &key), None)?;
+            f(ks, &key)
+        })
+        .await
     }
 
-    /// Runs a key store call that returns a key, answering with its metadata.
+    /// Runs a job that returns a key, answering with its metadata.
     async fn metadata(
         &self,
-        call: &mut Call,
-        f: impl FnOnce(&Keystore) -> crate::Result<Arc<KeyRecord>> + Send + 'static,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<Arc<KeyRecord>> + Send + 'static,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let metadata = blocking(&self.keystore, call.deadline(), move |ks| {
-            f(ks).map(|key| key_metadata(ks, &key))
-        })
-        .await?;
-        call.key(metadata.key_id.clone(), Some(metadata.current_version));
+        let metadata = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                let key = job(gate, ks, call)?;
+                let metadata = key_metadata(ks, &key);
+                call.key(metadata.key_id.clone(), Some(metadata.current_version));
+                Ok(metadata)
+            })
+            .await?;
         Ok(Response::new(metadata))
     }
 
-    /// CreateAlias and UpdateAlias: point an alias at a key.
-    async fn point_alias(
+    /// Runs an alias job, answering with the alias and its key.
+    async fn alias(
         &self,
-        request: Request<AliasRequest>,
-        op: Operation,
-        f: impl FnOnce(&Keystore, &AliasName, &KeyName) -> crate::Result<(AliasName, KeyId)>
-        + Send
-        + 'static,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<(AliasName, KeyId)> + Send + 'static,
     ) -> Result<Response<Alias>, Status> {
-        let mut call = self.gate.begin(&request, op);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let alias = alias_name(&req.alias_name)?;
-            let key = key_ref(&req.key_id)?;
-            call.key(key.to_string(), None);
-            self.check_alias(&call, &alias, Some(&key))?;
-            let pointed = blocking(&self.keystore, call.deadline(), move |ks| {
-                f(ks, &alias, &key)
+        let pointed = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                let pointed = job(gate, ks, call)?;
+                call.key(pointed.1.to_string(), None);
+                Ok(pointed)
             })
             .await?;
-            call.key(pointed.1.to_string(), None);
-            Ok(Response::new(alias_message(pointed)))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(alias_message(pointed)))
     }
+}
 
-    /// Checks an alias operation: on the alias (and the key it names now), and on the key
-    /// it is to name.
-    fn check_alias(
-        &self,
-        call: &Call,
-        alias: &AliasName,
-        key: Option<&KeyName>,
-    ) -> Result<(), Status> {
-        self.gate.check(
-            call,
-            &target_of(&self.keystore, &KeyName::Alias(alias.clone())),
-            None,
-        )?;
-        if let Some(key) = key {
-            self.gate
-                .check(call, &target_of(&self.keystore, key), None)?;
-        }
-        Ok(())
+/// Checks an alias operation (security review finding 4): on the alias's own name, never on
+/// the other names of the key it points at, and on every key involved: the key it names now
+/// (if any) and the key it is to name (if given). As in AWS KMS, each is required.
+fn check_alias(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &Call,
+    alias: &AliasName,
+    new_key: Option<&KeyName>,
+) -> Result<()> {
+    gate.check(call, &Target::Key(vec![alias.to_string()]), None)?;
+    let current = KeyName::Alias(alias.clone());
+    if ks.resolve(&current).is_ok() {
+        gate.check(call, &target_of(ks, &current), None)?;
     }
+    if let Some(key) = new_key {
+        gate.check(call, &target_of(ks, key), None)?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -155,27 +145,23 @@ impl KeyService for KeyApi {
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let mut call = self.gate.begin(&request, Operation::CreateKey);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
+        let call = self.gate.begin(&request, Operation::CreateKey);
+        let req = request.into_inner();
+        self.metadata(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
             let alias = if req.alias.is_empty() {
                 None
             } else {
-                Some(alias_name(&req.alias)?)
+                Some(AliasName::parse(&req.alias)?)
             };
             let target = match &alias {
                 Some(alias) => Target::Key(vec![alias.to_string()]),
                 None => Target::Any,
             };
-            self.gate.check(&call, &target, None)?;
-            self.metadata(&mut call, move |ks| {
-                ks.create_key(&req.description, alias.as_ref())
-            })
-            .await
-        }
-        .await;
-        self.gate.finish(call, result).await
+            gate.check(call, &target, None)?;
+            ks.create_key(&req.description, alias.as_ref())
+        })
+        .await
     }
 
     async fn describe_key(
@@ -192,10 +178,11 @@ impl KeyService for KeyApi {
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
         let call = self.gate.begin(&request, Operation::ListKeys);
-        let result = async {
-            self.gate.check(&call, &Target::Any, None)?;
-            let req = request.into_inner();
-            let response = blocking(&self.keystore, call.deadline(), move |ks| {
+        let req = request.into_inner();
+        let response = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check(call, &Target::Any, None)?;
                 let page = ks.list_keys(req.page_size, &req.page_token)?;
                 Ok(ListKeysResponse {
                     keys: page.items.iter().map(|k| key_metadata(ks, k)).collect(),
@@ -203,10 +190,7 @@ impl KeyService for KeyApi {
                 })
             })
             .await?;
-            Ok(Response::new(response))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(response))
     }
 
     async fn rotate_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
@@ -231,21 +215,16 @@ impl KeyService for KeyApi {
         &self,
         request: Request<ScheduleKeyDeletionRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let mut call = self.gate.begin(&request, Operation::ScheduleKeyDeletion);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let key = key_ref(&req.key_id)?;
+        let call = self.gate.begin(&request, Operation::ScheduleKeyDeletion);
+        let req = request.into_inner();
+        self.metadata(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyName::parse(&req.key_id)?;
             call.key(key.to_string(), None);
-            self.gate
-                .check(&call, &target_of(&self.keystore, &key), None)?;
-            self.metadata(&mut call, move |ks| {
-                ks.schedule_deletion(&key, req.pending_window_days)
-            })
-            .await
-        }
-        .await;
-        self.gate.finish(call, result).await
+            gate.check(call, &target_of(ks, &key), None)?;
+            ks.schedule_deletion(&key, req.pending_window_days)
+        })
+        .await
     }
 
     async fn cancel_key_deletion(
@@ -258,22 +237,38 @@ impl KeyService for KeyApi {
         .await
     }
 
+    #[instrument(level = "debug", skip_all)]
     async fn create_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        self.point_alias(request, Operation::CreateAlias, |ks, alias, key| {
-            ks.create_alias(alias, key)
+        let call = self.gate.begin(&request, Operation::CreateAlias);
+        let req = request.into_inner();
+        self.alias(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&req.alias_name)?;
+            let key = KeyName::parse(&req.key_id)?;
+            call.key(key.to_string(), None);
+            check_alias(gate, ks, call, &alias, Some(&key))?;
+            ks.create_alias(&alias, &key)
         })
         .await
     }
 
+    #[instrument(level = "debug", skip_all)]
     async fn update_alias(
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        self.point_alias(request, Operation::UpdateAlias, |ks, alias, key| {
-            ks.update_alias(alias, key)
+        let call = self.gate.begin(&request, Operation::UpdateAlias);
+        let req = request.into_inner();
+        self.alias(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&req.alias_name)?;
+            let key = KeyName::parse(&req.key_id)?;
+            call.key(key.to_string(), None);
+            check_alias(gate, ks, call, &alias, Some(&key))?;
+            ks.update_alias(&alias, &key)
         })
         .await
     }
@@ -283,20 +278,15 @@ impl KeyService for KeyApi {
         &self,
         request: Request<AliasRequest>,
     ) -> Result<Response<Alias>, Status> {
-        let mut call = self.gate.begin(&request, Operation::DeleteAlias);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let alias = alias_name(&request.get_ref().alias_name)?;
-            self.check_alias(&call, &alias, None)?;
-            let deleted = blocking(&self.keystore, call.deadline(), move |ks| {
-                ks.delete_alias(&alias)
-            })
-            .await?;
-            call.key(deleted.1.to_string(), None);
-            Ok(Response::new(alias_message(deleted)))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        let call = self.gate.begin(&request, Operation::DeleteAlias);
+        let req = request.into_inner();
+        self.alias(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&req.alias_name)?;
+            check_alias(gate, ks, call, &alias, None)?;
+            ks.delete_alias(&alias)
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -304,20 +294,21 @@ impl KeyService for KeyApi {
         &self,
         request: Request<ListAliasesRequest>,
     ) -> Result<Response<ListAliasesResponse>, Status> {
-        let mut call = self.gate.begin(&request, Operation::ListAliases);
-        let result = async {
-            self.gate.check_some(&call)?;
-            let req = request.into_inner();
-            let key = optional_key_ref(&req.key_id)?;
-            let target = match &key {
-                Some(key) => {
-                    call.key(key.to_string(), None);
-                    target_of(&self.keystore, key)
-                }
-                None => Target::Any,
-            };
-            self.gate.check(&call, &target, None)?;
-            let response = blocking(&self.keystore, call.deadline(), move |ks| {
+        let call = self.gate.begin(&request, Operation::ListAliases);
+        let req = request.into_inner();
+        let response = self
+            .gate
+            .run(&self.keystore, call, move |gate, ks, call| {
+                gate.check_some(call, call.op())?;
+                let key = optional_key_ref(&req.key_id)?;
+                let target = match &key {
+                    Some(key) => {
+                        call.key(key.to_string(), None);
+                        target_of(ks, key)
+                    }
+                    None => Target::Any,
+                };
+                gate.check(call, &target, None)?;
                 let page = ks.list_aliases(key.as_ref(), req.page_size, &req.page_token)?;
                 Ok(ListAliasesResponse {
                     aliases: page.items.into_iter().map(alias_message).collect(),
@@ -325,9 +316,6 @@ impl KeyService for KeyApi {
                 })
             })
             .await?;
-            Ok(Response::new(response))
-        }
-        .await;
-        self.gate.finish(call, result).await
+        Ok(Response::new(response))
     }
 }

@@ -1,6 +1,6 @@
-//! The gRPC services of `wrapd.v1`: identity and policy checks, request validation, the
-//! call into the [`Keystore`] off the async executor, the audit line, and the mapping of
-//! results to messages.
+//! The gRPC services of `wrapd.v1` and the KMS v2 plugin: each handler takes the request
+//! apart, hands [`Gate::run`] one job (validation, policy checks, the [`Keystore`] call),
+//! which runs with its audit line off the async executor, and maps the result to a message.
 //!
 //! `data_key.rs` is the data plane (`DataKeyService`), `key.rs` the control plane
 //! (`KeyService`), `kms.rs` the Kubernetes KMS v2 plugin (`v2.KeyManagementService`),
@@ -13,10 +13,7 @@ mod key;
 mod kms;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tonic::Status;
 
 pub use data_key::DataKeyApi;
 pub use gate::{Call, Gate, code_name};
@@ -27,40 +24,32 @@ use crate::auth::Target;
 use crate::blob::Blob;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
-use crate::hsm::with_deadline;
 use crate::ids::KeyRef;
 use crate::keystore::Keystore;
 
-/// Runs a blocking key store call on tokio's blocking pool, with the caller's deadline in
-/// force for HSM session waits. A panic in it becomes INTERNAL for this request instead of
-/// taking the daemon down.
-async fn blocking<T: Send + 'static>(
-    keystore: &Arc<Keystore>,
-    deadline: Option<Instant>,
-    f: impl FnOnce(&Keystore) -> Result<T> + Send + 'static,
-) -> Result<T, Status> {
-    let keystore = keystore.clone();
-    match tokio::task::spawn_blocking(move || with_deadline(deadline, || f(&keystore))).await {
-        Ok(result) => result.map_err(Status::from),
-        Err(join) => Err(Status::from(Error::Internal(format!(
-            "key store task failed: {join}"
-        )))),
+/// Encryption-context keys with this prefix are reserved for wrapd's own bindings (the
+/// KMS plugin binds its blobs with one), so that no caller of the main API can produce or
+/// open a blob bound that way (security review finding 8).
+pub const RESERVED_CONTEXT_PREFIX: &str = "wrapd:";
+
+/// A caller's encryption context: valid, and without reserved keys.
+fn caller_context(entries: HashMap<String, String>) -> Result<EncryptionContext> {
+    if let Some(key) = entries
+        .keys()
+        .find(|k| k.starts_with(RESERVED_CONTEXT_PREFIX))
+    {
+        return Err(Error::invalid(format!(
+            "encryption context key {key:?}: keys starting with {RESERVED_CONTEXT_PREFIX:?} are reserved"
+        )));
     }
+    EncryptionContext::new(entries)
 }
 
-fn context(entries: HashMap<String, String>) -> Result<EncryptionContext, Status> {
-    EncryptionContext::new(entries).map_err(Status::from)
-}
-
-fn key_ref(s: &str) -> Result<KeyRef, Status> {
-    KeyRef::parse(s).map_err(Status::from)
-}
-
-fn optional_key_ref(s: &str) -> Result<Option<KeyRef>, Status> {
+fn optional_key_ref(s: &str) -> Result<Option<KeyRef>> {
     if s.is_empty() {
         Ok(None)
     } else {
-        key_ref(s).map(Some)
+        KeyRef::parse(s).map(Some)
     }
 }
 
