@@ -317,8 +317,12 @@ impl Config {
         let kms = raw
             .kms
             .map(|k| {
-                if k.principal.is_empty() {
-                    return Err(Error::Config("kms.principal must not be empty".into()));
+                // An internal principal: no socket peer or certificate can take one.
+                if k.principal.len() <= "wrapd:".len() || !k.principal.starts_with("wrapd:") {
+                    return Err(Error::Config(format!(
+                        "kms.principal {:?} must be an internal principal, wrapd:NAME (e.g. \"wrapd:kubernetes-kms\")",
+                        k.principal
+                    )));
                 }
                 Ok::<_, Error>(KmsConfig {
                     socket: UnixListenerConfig {
@@ -375,6 +379,7 @@ impl Config {
             }),
             keystore: KeystoreConfig {
                 max_wraps_per_version: raw.keys.max_wraps_per_version,
+                adopt_unknown_versions: false,
             },
             deletion_check_interval: Duration::from_secs(raw.keys.deletion_check_interval_secs),
             log_filter: raw.log.filter.unwrap_or_else(|| "info".to_owned()),

@@ -178,6 +178,7 @@ fn reconciliation_reports_missing_and_orphan_objects() {
 fn the_wrap_limit_rotates_the_key() {
     let f = fixture(KeystoreConfig {
         max_wraps_per_version: 3,
+        ..Default::default()
     });
     let key = f.keystore.create_key("", None).unwrap();
     let id = KeyRef::Id(key.id.clone());
@@ -200,6 +201,7 @@ fn the_wrap_limit_rotates_the_key() {
         f.clock.clone(),
         KeystoreConfig {
             max_wraps_per_version: 3,
+            ..Default::default()
         },
     );
     let wrapped = reopened.wrap(&id, b"after restart", &ctx()).unwrap();
@@ -255,27 +257,89 @@ proptest::proptest! {
 }
 
 #[test]
-fn a_rotation_interrupted_by_a_crash_leaves_no_duplicate_objects() {
+fn a_rotation_interrupted_by_a_crash_is_adopted_not_destroyed() {
+    use wrapd::keystore::MetadataStore;
     let f = fixture(KeystoreConfig::default());
     let key = f.keystore.create_key("", None).unwrap();
     let id = KeyRef::Id(key.id.clone());
-    // What a crash between C_GenerateKey and the metadata commit leaves behind.
+    // What a crash between C_GenerateKey and the metadata commit leaves behind: the
+    // version recorded as pending, and its object.
+    SqliteStore::open(&f.db)
+        .unwrap()
+        .begin_version(&key.id, 2)
+        .unwrap();
     token()
         .generate_key(&ObjectId::new(key.id.clone(), 2))
         .unwrap();
-    let report = f.keystore.reconcile().unwrap();
-    assert!(report.orphans.contains(&ObjectId::new(key.id.clone(), 2)));
 
-    // The next rotation reuses version 2 and replaces the orphan.
-    assert_eq!(f.keystore.rotate_key(&id).unwrap().current_version(), 2);
-    assert_eq!(objects_of(&key.id).len(), 2, "one object per version");
-    let wrapped = f.keystore.wrap(&id, b"after", &ctx()).unwrap();
-    assert_eq!(wrapped.key_version, 2);
+    // Start-up adopts it as version 2 (unwrap-only); the next wrap rotates to version 3.
+    let reopened = open(&f.db, f.clock.clone(), KeystoreConfig::default());
+    assert_eq!(reopened.resolve(&id).unwrap().current_version(), 2);
+    let wrapped = reopened.wrap(&id, b"after", &ctx()).unwrap();
+    assert_eq!(wrapped.key_version, 3);
+    assert_eq!(objects_of(&key.id).len(), 3, "one object per version");
     assert_eq!(
-        &*f.keystore
+        &*reopened
             .unwrap(&wrapped.blob, &ctx(), None)
             .unwrap()
             .plaintext,
         b"after"
     );
+}
+
+/// Security review finding 7: after the metadata store is restored from a backup older
+/// than the token, start-up refuses with the way out instead of a later rotation
+/// destroying live key material; with `adopt_unknown_versions` the versions come back and
+/// their blobs unwrap, and rotation goes past them.
+#[test]
+fn a_restored_metadata_backup_never_costs_key_material() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let Fixture {
+        _dir: dir,
+        db,
+        clock,
+        keystore,
+    } = f;
+    drop(keystore); // the last connection checkpoints the WAL into the file
+    let backup = dir.path().join("backup.db");
+    std::fs::copy(&db, &backup).unwrap();
+
+    let keystore = open(&db, clock.clone(), KeystoreConfig::default());
+    keystore.rotate_key(&id).unwrap();
+    let blob = keystore.wrap(&id, b"live under v2", &ctx()).unwrap();
+    assert_eq!(blob.key_version, 2);
+    drop(keystore);
+    std::fs::copy(&backup, &db).unwrap();
+
+    let refused = Keystore::open(
+        token(),
+        Arc::new(SqliteStore::open(&db).unwrap()),
+        clock.clone(),
+        KeystoreConfig::default(),
+    )
+    .err()
+    .expect("versions the metadata does not know are a start-up error");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!("{}:2", key.id)) && message.contains("--adopt-unknown-versions"),
+        "{message}"
+    );
+    assert_eq!(objects_of(&key.id).len(), 2, "nothing was destroyed");
+
+    let keystore = open(
+        &db,
+        clock,
+        KeystoreConfig {
+            adopt_unknown_versions: true,
+            ..Default::default()
+        },
+    );
+    keystore.rotate_key(&id).unwrap();
+    assert_eq!(
+        &*keystore.unwrap(&blob.blob, &ctx(), None).unwrap().plaintext,
+        b"live under v2"
+    );
+    assert_eq!(keystore.resolve(&id).unwrap().current_version(), 3);
 }

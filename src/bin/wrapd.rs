@@ -91,10 +91,16 @@ struct Recovery {
     /// an `AuditGap` record, which `wrapctl audit verify` reports.
     #[arg(long)]
     accept_audit_gap: bool,
+    /// Start although the token holds versions of known keys that the metadata store does
+    /// not list (a store restored from an older backup): add them to the metadata, as
+    /// unwrap-only versions, instead of refusing. No key material is ever destroyed.
+    #[arg(long)]
+    adopt_unknown_versions: bool,
 }
 
 impl Recovery {
     fn apply(&self, config: &mut Config) {
+        config.keystore.adopt_unknown_versions = self.adopt_unknown_versions;
         if let Some(audit) = &mut config.audit {
             if self.accept_audit_gap {
                 audit.gaps = wrapd::audit::GapPolicy::Record;

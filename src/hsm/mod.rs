@@ -112,6 +112,8 @@ pub trait Token: Send + Sync + 'static {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>>;
+    /// Whether the token holds an object for `object` (one `C_FindObjects`).
+    fn contains(&self, object: &ObjectId) -> Result<bool>;
     /// Destroys the object; an object that is already gone is not an error.
     fn destroy_key(&self, object: &ObjectId) -> Result<()>;
     /// Every wrapd key object in the token (objects with other `CKA_ID`s are skipped).

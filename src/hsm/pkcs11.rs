@@ -573,6 +573,20 @@ impl Token for Pkcs11Token {
         })
     }
 
+    fn contains(&self, object: &ObjectId) -> Result<bool> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Id(object.cka_id()),
+            ];
+            Ok(!session
+                .find_objects(&template)
+                .map_err(p11_error)?
+                .is_empty())
+        })
+    }
+
     fn destroy_key(&self, object: &ObjectId) -> Result<()> {
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {

@@ -95,8 +95,16 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn all_keys(&self) -> Result<Vec<KeyRecord>>;
     /// Keys in creation order after `after`, at most `limit`, with the cursor of each.
     fn list_keys(&self, after: &Cursor, limit: usize) -> Result<Vec<(Cursor, KeyRecord)>>;
-    /// Appends a version.
+    /// Appends a version (and forgets it as pending, see [`MetadataStore::begin_version`]).
     fn add_version(&self, id: &KeyId, version: &VersionRecord) -> Result<()>;
+    /// Records, before its key object is generated, that a version is being added: after a
+    /// crash before [`MetadataStore::add_version`], this proves the object in the token is
+    /// wrapd's own unfinished rotation, not key material the metadata lost.
+    fn begin_version(&self, id: &KeyId, version: u32) -> Result<()>;
+    /// Versions begun and never added.
+    fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>>;
+    /// Forgets a pending version.
+    fn end_version(&self, id: &KeyId, version: u32) -> Result<()>;
     /// Sets the state and deletion date.
     fn set_state(
         &self,

@@ -87,12 +87,17 @@ pub struct KeystoreConfig {
     /// Wraps allowed per key version before the key is rotated automatically. Random 96-bit
     /// GCM IVs bound a key to 2^32 encryptions; the default, 2^30, stays well below.
     pub max_wraps_per_version: u64,
+    /// Add versions found in the token that the metadata does not know (a metadata store
+    /// restored from a backup older than the token) instead of refusing to start. Set by
+    /// `--adopt-unknown-versions`, never by the file.
+    pub adopt_unknown_versions: bool,
 }
 
 impl Default for KeystoreConfig {
     fn default() -> Self {
         Self {
             max_wraps_per_version: 1 << 30,
+            adopt_unknown_versions: false,
         }
     }
 }
@@ -248,8 +253,71 @@ impl Keystore {
             probe: Mutex::new(None),
         };
         keystore.reload()?;
-        keystore.reconcile()?;
+        let report = keystore.reconcile()?;
+        keystore.settle_unknown_versions(&report)?;
         Ok(keystore)
+    }
+
+    /// Start-up: what to do with objects in the token that are versions of known keys the
+    /// metadata does not list (security review finding 7). Key material is never destroyed:
+    /// an object left by this daemon's own unfinished rotation (its version was recorded as
+    /// pending) is adopted; any other is an error naming the way out, unless
+    /// [`KeystoreConfig::adopt_unknown_versions`] is set. Adopted versions unwrap their
+    /// blobs but take no new wraps (their wrap counts are unknown): the next wrap rotates.
+    fn settle_unknown_versions(&self, report: &ReconcileReport) -> Result<()> {
+        let pending: HashSet<(KeyId, u32)> = self.store.pending_versions()?.into_iter().collect();
+        let mut unknown = Vec::new();
+        for object in &report.orphans {
+            let Some(key) = self.read_view().keys.get(&object.key_id).cloned() else {
+                continue; // a key no metadata knows: reported as an orphan
+            };
+            if key.versions.iter().any(|v| v.version == object.version) {
+                continue;
+            }
+            if pending.contains(&(object.key_id.clone(), object.version)) {
+                tracing::warn!(object = %object, "adopting the key object of a rotation interrupted by a crash (it takes no new wraps)");
+                self.adopt(&key.id, object.version)?;
+            } else {
+                unknown.push(object.clone());
+            }
+        }
+        for (id, version) in &pending {
+            if !report
+                .orphans
+                .contains(&ObjectId::new(id.clone(), *version))
+            {
+                self.store.end_version(id, *version)?; // never generated, or adopted above
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+        if !self.config.adopt_unknown_versions {
+            return Err(Error::Config(format!(
+                "the token holds key versions the metadata store does not know: {}. The store is older than the token (restored from a backup?) or was edited; blobs may exist under these versions, so nothing was destroyed. Restore the newest metadata backup, or start with --adopt-unknown-versions to add them to the metadata (they unwrap their blobs; new wraps go to a fresh version)",
+                names.join(", ")
+            )));
+        }
+        for object in unknown {
+            tracing::warn!(object = %object, "adopting a key version the metadata did not know (--adopt-unknown-versions)");
+            self.adopt(&object.key_id, object.version)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a version whose object exists in the token, as used up for wrapping.
+    fn adopt(&self, id: &KeyId, version: u32) -> Result<()> {
+        self.store.add_version(
+            id,
+            &VersionRecord {
+                version,
+                created_at: self.clock.now(),
+                wraps_reserved: self.config.max_wraps_per_version,
+            },
+        )?;
+        self.refresh(id)?;
+        Ok(())
     }
 
     /// The token below (health checks, benchmarks).
@@ -464,10 +532,25 @@ impl Keystore {
             Error::FailedPrecondition(format!("key {} has too many versions", key.id))
         })?;
         let object = ObjectId::new(key.id.clone(), version);
-        // A crash between creating an object and committing its version leaves an orphan
-        // with this very CKA_ID. No blob can use it (blobs are only made after the commit),
-        // so clear it out rather than end up with two objects for one version.
-        self.token.destroy_key(&object)?;
+        // Never destroy an object the metadata cannot prove is an orphan (security review
+        // finding 7): after a metadata restore, this CKA_ID can be live key material.
+        if self.token.contains(&object)? {
+            let ours = self
+                .store
+                .pending_versions()?
+                .contains(&(key.id.clone(), version));
+            if ours {
+                // This daemon generated it for this very version and never committed it.
+                self.adopt(&key.id, version)?;
+                return self
+                    .refresh(&key.id)?
+                    .ok_or_else(|| Error::Internal("key vanished after rotate".into()));
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "the token already holds key material for {object} that the metadata store does not know (restored from an older backup?); nothing was destroyed: restart wrapd to see the reconciliation report"
+            )));
+        }
+        self.store.begin_version(&key.id, version)?;
         self.token.generate_key(&object)?;
         self.store.add_version(
             &key.id,

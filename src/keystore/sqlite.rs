@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS deleted_keys (
     id         TEXT PRIMARY KEY,
     deleted_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending_versions (
+    key_id  TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
 CREATE TABLE IF NOT EXISTS audit_heads (
     chain TEXT PRIMARY KEY,
     seq   INTEGER NOT NULL,
@@ -307,7 +312,52 @@ impl MetadataStore for SqliteStore {
             ],
         )
         .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM pending_versions WHERE key_id = ?1 AND version = ?2",
+            params![id.as_str(), version.version],
+        )
+        .map_err(db_error)?;
         tx.commit().map_err(db_error)
+    }
+
+    fn begin_version(&self, id: &KeyId, version: u32) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT OR IGNORE INTO pending_versions (key_id, version) VALUES (?1, ?2)",
+                params![id.as_str(), version],
+            )
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>> {
+        let conn = self.conn();
+        let mut statement = conn
+            .prepare("SELECT key_id, version FROM pending_versions ORDER BY key_id, version")
+            .map_err(db_error)?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+            })
+            .map_err(db_error)?;
+        rows.map(|row| {
+            let (id, version) = row.map_err(db_error)?;
+            Ok((
+                KeyId::parse(&id).map_err(|_| corrupt("key id", &id))?,
+                version,
+            ))
+        })
+        .collect()
+    }
+
+    fn end_version(&self, id: &KeyId, version: u32) -> Result<()> {
+        self.conn()
+            .execute(
+                "DELETE FROM pending_versions WHERE key_id = ?1 AND version = ?2",
+                params![id.as_str(), version],
+            )
+            .map_err(db_error)?;
+        Ok(())
     }
 
     fn set_state(
