@@ -244,8 +244,9 @@ impl<R: Read> Source for StreamSource<R> {
 }
 
 impl Header {
-    /// Reads a header (up to, not including, its auth tag).
-    fn read(r: &mut impl Source) -> Result<Self> {
+    /// Reads a header (up to, not including, its auth tag), refusing more than
+    /// `max_data_keys` encrypted data keys.
+    fn read(r: &mut impl Source, max_data_keys: u16) -> Result<Self> {
         if r.u8()? != VERSION {
             return Err(bad("only message format version 2 is supported"));
         }
@@ -261,6 +262,11 @@ impl Header {
         let count = r.u16()?;
         if count == 0 {
             return Err(bad("no encrypted data keys"));
+        }
+        if count > max_data_keys {
+            return Err(Error::invalid(format!(
+                "the message has {count} encrypted data keys, more than the {max_data_keys} allowed (max_encrypted_data_keys)"
+            )));
         }
         let mut data_keys = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
@@ -717,15 +723,35 @@ fn fill(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> Result<usize> {
     Ok(filled)
 }
 
+/// Limits on what decryption accepts, as the official SDKs' client settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecryptLimits {
+    /// Most encrypted data keys a message may carry (each may cost a daemon call, so a
+    /// hostile message must not name thousands). The official SDKs'
+    /// `max_encrypted_data_keys`; default 10.
+    pub max_encrypted_data_keys: u16,
+}
+
+impl Default for DecryptLimits {
+    fn default() -> Self {
+        Self {
+            max_encrypted_data_keys: 10,
+        }
+    }
+}
+
 /// Parses a message's header without authenticating it, e.g. to unwrap its data key with
 /// an async keyring before calling [`decrypt`]. Nothing in it is authenticated until
 /// [`decrypt`] has checked the key commitment and the header tag.
 pub fn peek_header(message: &[u8]) -> Result<Header> {
-    Header::read(&mut StreamSource {
-        inner: message,
-        recorded: None,
-        hashed: None,
-    })
+    Header::read(
+        &mut StreamSource {
+            inner: message,
+            recorded: None,
+            hashed: None,
+        },
+        DecryptLimits::default().max_encrypted_data_keys,
+    )
 }
 
 /// Decrypts a whole message. `unwrap_dek` gets the header and returns the plaintext DEK
@@ -753,12 +779,22 @@ pub fn decrypt_stream(
     output: &mut (impl Write + Send + ?Sized),
     unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
 ) -> Result<Header> {
+    decrypt_stream_with(input, output, DecryptLimits::default(), unwrap_dek)
+}
+
+/// [`decrypt_stream`] with other [`DecryptLimits`] than the defaults.
+pub fn decrypt_stream_with(
+    input: &mut (impl Read + Send + ?Sized),
+    output: &mut (impl Write + Send + ?Sized),
+    limits: DecryptLimits,
+    unwrap_dek: impl FnOnce(&Header) -> Result<Zeroizing<Vec<u8>>>,
+) -> Result<Header> {
     let mut r = StreamSource {
         inner: std::io::BufReader::with_capacity(64 * 1024, input),
         recorded: Some(Vec::new()),
         hashed: Some(Sha384::new()),
     };
-    let header = Header::read(&mut r)?;
+    let header = Header::read(&mut r, limits.max_encrypted_data_keys)?;
     let header_bytes = r.recorded.take().unwrap_or_default();
     let signer = if header.suite == SUITE_COMMIT_KEY_ECDSA_P384 {
         Some(signature_key(&header)?)
@@ -955,6 +991,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// Security review finding 9: decryption refuses more encrypted data keys than allowed
+    /// (default 10), before any of them reaches a keyring.
+    #[test]
+    fn more_encrypted_data_keys_than_allowed_are_refused() {
+        let dek = [7u8; 32];
+        let eleven = vec![edk(); 11];
+        let message = encrypt(b"x", &dek, &ctx(), eleven, 16).unwrap();
+        let mut called = false;
+        let err = decrypt(&message, |_| {
+            called = true;
+            Ok(Zeroizing::new(dek.to_vec()))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_encrypted_data_keys"), "{err}");
+        assert!(!called, "no data key was offered to the keyring");
+        let mut out = Vec::new();
+        let limits = DecryptLimits {
+            max_encrypted_data_keys: 11,
+        };
+        decrypt_stream_with(&mut &message[..], &mut out, limits, |_| {
+            Ok(Zeroizing::new(dek.to_vec()))
+        })
+        .unwrap();
+        assert_eq!(out, b"x");
+    }
+
     fn edk() -> EncryptedDataKey {
         EncryptedDataKey {
             provider_id: PROVIDER_ID.into(),
@@ -1093,11 +1155,14 @@ mod tests {
                 hex(&v["message_id"]).try_into().unwrap(),
             )
             .unwrap();
-            let header_len = Header::read(&mut StreamSource {
-                inner: &expected[..],
-                recorded: None,
-                hashed: None,
-            })
+            let header_len = Header::read(
+                &mut StreamSource {
+                    inner: &expected[..],
+                    recorded: None,
+                    hashed: None,
+                },
+                10,
+            )
             .unwrap()
             .body()
             .unwrap()

@@ -61,6 +61,17 @@ pub struct TlsFiles {
 
 /// Opens a gRPC channel to `https://host:port` with mutual TLS.
 pub async fn connect_tls(endpoint: &str, files: &TlsFiles) -> Result<Channel, ConnectError> {
+    // tonic would speak plaintext to an http:// endpoint, TLS files notwithstanding
+    // (security review finding 9): only https:// is a mutual-TLS endpoint.
+    if !endpoint
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Err(ConnectError::new(
+            endpoint,
+            "a mutual-TLS endpoint must be an https:// URL".to_owned(),
+        ));
+    }
     let read = |path: &PathBuf| {
         std::fs::read(path).map(Zeroizing::new).map_err(|e| {
             ConnectError::new(endpoint, format!("cannot read {}: {e}", path.display()))
@@ -93,4 +104,23 @@ pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Channel, ConnectErro
         }))
         .await
         .map_err(|e| ConnectError::new(address, chain(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Security review finding 9: a mutual-TLS connection never falls back to plaintext.
+    #[tokio::test]
+    async fn connect_tls_refuses_a_plaintext_endpoint() {
+        let files = TlsFiles {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: "/nonexistent/client.pem".into(),
+            key: "/nonexistent/client.key".into(),
+        };
+        for endpoint in ["http://127.0.0.1:1", "127.0.0.1:1", "unix:/x"] {
+            let err = connect_tls(endpoint, &files).await.unwrap_err();
+            assert!(err.to_string().contains("https://"), "{endpoint}: {err}");
+        }
+    }
 }

@@ -12,9 +12,12 @@ use wrapd::client::message;
 use wrapd::context::EncryptionContext;
 
 /// An output file written under a temporary name, renamed into place only on success.
+/// The temporary file is created exclusively (`O_EXCL`: no symlink is followed), mode 0600,
+/// under an unpredictable name, in the target's directory (security review finding 9); it
+/// is removed when not committed.
 struct Output {
     target: Option<PathBuf>,
-    temp: Option<PathBuf>,
+    temp: Option<tempfile::TempPath>,
 }
 
 impl Output {
@@ -34,9 +37,15 @@ impl Output {
             .ok_or_else(|| format!("{path} is not a file name"))?
             .to_string_lossy()
             .into_owned();
-        let temp = target.with_file_name(format!(".{name}.wrapctl-{}", std::process::id()));
-        let file =
-            File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+        let dir = match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.wrapctl-"))
+            .tempfile_in(&dir)
+            .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
+        let (file, temp) = temp.into_parts();
         Ok((
             Output {
                 target: Some(target),
@@ -48,19 +57,10 @@ impl Output {
 
     fn commit(mut self) -> Result<(), String> {
         if let (Some(temp), Some(target)) = (self.temp.take(), &self.target) {
-            std::fs::rename(&temp, target)
-                .map_err(|e| format!("cannot move the output into place: {e}"))?;
+            temp.persist(target)
+                .map_err(|e| format!("cannot move the output into place: {}", e.error))?;
         }
         Ok(())
-    }
-}
-
-impl Drop for Output {
-    fn drop(&mut self) {
-        // Not committed: leave nothing behind.
-        if let Some(temp) = &self.temp {
-            let _ = std::fs::remove_file(temp);
-        }
     }
 }
 
@@ -155,6 +155,7 @@ pub async fn encrypt(
 pub async fn decrypt(
     daemons: Vec<Channel>,
     required: Vec<(String, String)>,
+    limits: message::DecryptLimits,
     input_path: &str,
     output_path: &str,
 ) -> Result<Value, String> {
@@ -163,7 +164,7 @@ pub async fn decrypt(
             .map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Handle::current();
     let header = transform(input_path, output_path, move |reader, writer| {
-        message::decrypt_stream(reader, writer, |header| {
+        message::decrypt_stream_with(reader, writer, limits, |header| {
             for (k, v) in &required {
                 if header.context.get(k) != Some(v.as_str()) {
                     return Err(wrapd::Error::invalid(format!(
@@ -182,4 +183,44 @@ pub async fn decrypt(
         .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
         .collect();
     Ok(json!({ "status": "decrypted", "encryption_context": context }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Security review finding 9: the plaintext goes to an exclusive, private, unpredictably
+    /// named file in the target's directory, and a symlink planted at the target is replaced,
+    /// never followed.
+    #[test]
+    fn output_is_private_exclusive_and_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        let target = dir.path().join("out");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let path = target.to_str().unwrap();
+
+        let (first, mut writer) = Output::open(path).unwrap();
+        let (second, _) = Output::open(path).unwrap();
+        let temp = first.temp.as_ref().unwrap().to_path_buf();
+        assert_ne!(temp, second.temp.as_ref().unwrap().to_path_buf());
+        assert_eq!(temp.parent(), Some(dir.path()));
+        let mode = std::fs::metadata(&temp).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(second);
+
+        writer.write_all(b"plaintext").unwrap();
+        writer.flush().unwrap();
+        drop(writer);
+        first.commit().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        let meta = std::fs::symlink_metadata(&target).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(std::fs::read(&target).unwrap(), b"plaintext");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 2, "no temporary file is left behind");
+    }
 }

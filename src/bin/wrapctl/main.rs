@@ -111,6 +111,10 @@ enum Command {
         /// daemon is skipped as long as one is reachable.
         #[arg(long = "daemon")]
         daemons: Vec<String>,
+        /// Refuse messages with more encrypted data keys than this (as the official SDKs'
+        /// max_encrypted_data_keys).
+        #[arg(long, default_value_t = 10)]
+        max_encrypted_data_keys: u16,
         #[command(flatten)]
         files: FileArgs,
     },
@@ -488,6 +492,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Decrypt {
             context,
             daemons,
+            max_encrypted_data_keys,
             files: io,
         } => {
             let mut channels = Vec::new();
@@ -506,7 +511,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             if channels.is_empty() {
                 return Err(failures.join("; "));
             }
-            files::decrypt(channels, context, &io.input, &io.output).await?
+            let limits = wrapd::client::message::DecryptLimits {
+                max_encrypted_data_keys,
+            };
+            files::decrypt(channels, context, limits, &io.input, &io.output).await?
         }
         Command::Bench(args) => {
             let channel = if args.offline() {
