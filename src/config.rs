@@ -14,9 +14,11 @@ use zeroize::Zeroizing;
 
 use crate::audit::{FsyncPolicy, GapPolicy};
 use crate::error::{Error, Result};
+use crate::hardening::LockMemory;
 use crate::hsm::{HsmConfig, HsmProfile, Pin};
 use crate::ids::KeyRef;
 use crate::keystore::KeystoreConfig;
+use crate::server::Limits;
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -33,6 +35,32 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    process: ProcessConfig,
+}
+
+/// `[process]`: how the daemon treats its own process.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// `wrapd serve` refuses to run as root unless this is true (`wrapd dev` only warns).
+    #[serde(default)]
+    pub allow_root: bool,
+    /// Lock memory so secrets never reach swap (see [`crate::hardening`]).
+    #[serde(default)]
+    pub lock_memory: LockMemory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_concurrent_streams: Option<u32>,
+    tcp_keepalive_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +133,56 @@ struct RawKms {
     principal: String,
     #[serde(default = "default_healthz_cache_ms")]
     healthz_cache_ms: u64,
+}
+
+/// `[limits]`, each within a sane range (defaults: [`Limits::default`]).
+fn limits(raw: &RawLimits) -> Result<Limits> {
+    let defaults = Limits::default();
+    let ranged =
+        |name: &str, value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>| {
+            let value = value.unwrap_or(default);
+            if range.contains(&value) {
+                Ok(value)
+            } else {
+                Err(Error::Config(format!(
+                    "limits.{name} must be {} to {}",
+                    range.start(),
+                    range.end()
+                )))
+            }
+        };
+    Ok(Limits {
+        max_connections: ranged(
+            "max_connections",
+            raw.max_connections.map(|v| v as u64),
+            defaults.max_connections as u64,
+            1..=1_000_000,
+        )? as usize,
+        handshake_timeout: Duration::from_millis(ranged(
+            "handshake_timeout_ms",
+            raw.handshake_timeout_ms,
+            defaults.handshake_timeout.as_millis() as u64,
+            100..=300_000,
+        )?),
+        idle_timeout: Duration::from_millis(ranged(
+            "idle_timeout_ms",
+            raw.idle_timeout_ms,
+            defaults.idle_timeout.as_millis() as u64,
+            100..=86_400_000,
+        )?),
+        max_concurrent_streams: ranged(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams.map(u64::from),
+            u64::from(defaults.max_concurrent_streams),
+            1..=10_000,
+        )? as u32,
+        tcp_keepalive: Duration::from_secs(ranged(
+            "tcp_keepalive_secs",
+            raw.tcp_keepalive_secs,
+            defaults.tcp_keepalive.as_secs(),
+            1..=7_200,
+        )?),
+    })
 }
 
 fn default_healthz_cache_ms() -> u64 {
@@ -234,6 +312,13 @@ pub struct Config {
     pub log_filter: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Connection limits of every listener.
+    pub limits: Limits,
+    /// Process settings (root, memory locking).
+    pub process: ProcessConfig,
+    /// The environment variable the PIN came from, if any: the daemon wipes it from its
+    /// environment once read.
+    pub pin_env: Option<String>,
 }
 
 impl Config {
@@ -377,6 +462,9 @@ impl Config {
                 fsync: a.fsync,
                 gaps: GapPolicy::Refuse,
             }),
+            limits: limits(&raw.limits)?,
+            process: raw.process,
+            pin_env: raw.hsm.pin_env,
             keystore: KeystoreConfig {
                 max_wraps_per_version: raw.keys.max_wraps_per_version,
                 adopt_unknown_versions: false,

@@ -28,6 +28,7 @@
 //! | [`ids`] | key ids, aliases, key references |
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
+//! | [`hardening`] | process hardening at start-up: no core dumps, locked memory, the PIN's environment variable wiped |
 //! | [`bench`](mod@bench) | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
 //! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]) |
 //! | [`error`] | the crate's error type and its mapping to gRPC codes |
@@ -55,6 +56,8 @@ pub mod config;
 pub mod dev;
 #[cfg(feature = "server")]
 mod files;
+#[cfg(feature = "server")]
+pub mod hardening;
 #[cfg(feature = "server")]
 pub mod hsm;
 #[cfg(feature = "server")]

@@ -136,3 +136,71 @@ async fn garbage_and_half_open_connections_do_not_hurt_other_clients() {
     let log = daemon.log();
     assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
 }
+
+/// Sets `[limits]` in the daemon's config (applies from the next start).
+fn set_limits(daemon: &DevDaemon, limits: &str) {
+    let path = daemon.config_path();
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{config}\n[limits]\n{limits}\n")).unwrap();
+}
+
+/// Security review finding 2: under a low open-file limit, a flood of idle TCP connections
+/// that never start a handshake neither starves the unix socket nor stays open: the TCP
+/// listener's cap leaves room for the other listeners, and idle sockets are closed after
+/// the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_tcp_connections_is_capped_and_closed() {
+    use tokio::io::AsyncReadExt;
+
+    let mut daemon = DevDaemon::start_with(&[], &["prlimit", "--nofile=200:200", "--"]);
+    assert!(daemon.stop().success());
+    set_limits(
+        &daemon,
+        "handshake_timeout_ms = 1000\nidle_timeout_ms = 1500",
+    );
+    daemon.restart_stopped();
+    assert!(
+        daemon.log().contains("lowers the connection cap"),
+        "the cap follows the open-file limit"
+    );
+
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        match tokio::net::TcpStream::connect(daemon.tcp).await {
+            Ok(stream) => flood.push(stream),
+            Err(_) => break,
+        }
+    }
+    assert!(flood.len() >= 150, "{} connections", flood.len());
+    // The unix socket still serves, on new connections, while the flood is open.
+    let mut keys = daemon.keys().await;
+    let key = common::create_key(&mut keys, "").await;
+    let mut data = daemon.data().await;
+    common::generate(&mut data, &key.key_id, &[]).await;
+
+    // Every flooding socket is closed by the daemon: over the cap at once, the others when
+    // the handshake timeout passes.
+    let closed = futures_closed(&mut flood).await;
+    assert_eq!(closed, flood.len(), "every idle socket was closed");
+    // And the TCP listener serves again.
+    let channel = daemon
+        .tls_channel(&daemon.dir().join("pki"), "client", None)
+        .await
+        .unwrap();
+    wrapd::client::KeyServiceClient::new(channel)
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap();
+
+    async fn futures_closed(flood: &mut [tokio::net::TcpStream]) -> usize {
+        let mut closed = 0;
+        for stream in flood {
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+                _ => {}
+            }
+        }
+        closed
+    }
+}

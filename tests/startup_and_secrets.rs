@@ -107,6 +107,80 @@ fn bad_start_ups_fail_with_one_clear_line() {
     ));
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.join("pin")).unwrap(), pin);
+
+    // Security review finding 10: `wrapd serve` refuses root unless the config allows it.
+    if nix::unistd::geteuid().is_root() {
+        assert!(
+            good.contains("allow_root = true"),
+            "a dev config made by root allows root"
+        );
+        let err = serve_must_fail(&write(
+            "no-root.toml",
+            &good.replace("allow_root = true", "allow_root = false"),
+        ));
+        assert!(err.contains("refusing to run as root"), "{err}");
+    }
+}
+
+/// Security review finding 10: the running daemon cannot dump core, keeps its memory out of
+/// swap (as root, which has CAP_IPC_LOCK), and says so in its log.
+#[test]
+fn the_daemon_process_is_hardened() {
+    let daemon = DevDaemon::start();
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("process hardened"))
+        .unwrap_or_else(|| panic!("no hardening line in:\n{log}"));
+    assert!(line.contains("dumpable=false"), "{line}");
+    assert!(line.contains("core_limit=0"), "{line}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(line.contains("memory_locked=true"), "{line}");
+        assert!(locked_kib > 0, "VmLck {locked_kib} kB");
+    }
+}
+
+/// Security review finding 10: a PIN given in an environment variable is wiped from the
+/// daemon's environment once read (`/proc/PID/environ` shows neither name nor value).
+#[test]
+fn the_pin_variable_is_wiped_from_the_environment() {
+    let mut daemon = DevDaemon::start();
+    assert!(daemon.stop().success());
+    let pin = std::fs::read_to_string(daemon.dir().join("pin")).unwrap();
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        config.replace("pin_file = \"pin\"", "pin_env = \"WRAPD_TEST_PIN\""),
+    )
+    .unwrap();
+    daemon.set_env("WRAPD_TEST_PIN", pin.trim());
+    daemon.restart_stopped();
+    let environ = std::fs::read(format!("/proc/{}/environ", daemon.pid())).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        !environ.contains(pin.trim()),
+        "the PIN is still in the environment"
+    );
+    assert!(
+        !environ.contains("WRAPD_TEST_PIN="),
+        "the variable is still set"
+    );
+    assert!(
+        environ.contains("PATH="),
+        "the rest of the environment is intact"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! Who is calling, and may they: identities from the transport, and the policy.
 //!
-//! - Unix socket: the peer's credentials (`SO_PEERCRED`) become principals
-//!   `unix:uid=N`, `unix:user=NAME`, `unix:gid=N`, `unix:group=NAME` (primary and
-//!   supplementary groups), see `unix.rs`.
+//! - Unix socket: the peer's credentials and groups (`SO_PEERCRED`, `SO_PEERGROUPS`) become
+//!   principals `unix:uid=N`, `unix:user=NAME`, `unix:gid=N`, `unix:group=NAME` (primary and
+//!   supplementary groups, as the kernel reports them at connect time), see `unix.rs`.
 //! - TCP: mutual TLS is required at the handshake; the principal is `tls:uri=` + the client
 //!   certificate's first URI SAN (e.g. a SPIFFE id), else `tls:dns=` + its first DNS SAN,
 //!   else `tls:cn=` + its subject CN, see `cert.rs`. Each transport has its own namespace
@@ -23,7 +23,7 @@ use tonic::Request;
 
 pub use cert::principal_from_certificate;
 pub use policy::{Operation, Policy, PolicyHandle, Target};
-pub use unix::{UnixNames, unix_principals};
+pub use unix::{UnixNames, UnixPeer};
 
 use crate::error::{Error, Result};
 
@@ -82,20 +82,16 @@ impl fmt::Display for Identity {
 /// The identity of a call on the KMS plugin socket: the configured principal, with the
 /// peer's uid and pid for the record.
 pub fn kms_identity<T>(request: &Request<T>, principal: &str) -> Identity {
-    let peer = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map_or_else(
-            || "?".to_owned(),
-            |cred| {
-                format!(
-                    "uid={} pid={}",
-                    cred.uid(),
-                    cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
-                )
-            },
-        );
+    let peer = unix_peer(request).map_or_else(
+        || "?".to_owned(),
+        |peer| {
+            format!(
+                "uid={} pid={}",
+                peer.uid,
+                peer.pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            )
+        },
+    );
     Identity {
         principals: vec![principal.to_owned()].into(),
         transport: Transport::Kms,
@@ -103,21 +99,26 @@ pub fn kms_identity<T>(request: &Request<T>, principal: &str) -> Identity {
     }
 }
 
+/// The unix peer of a request that came in on a unix socket.
+fn unix_peer<T>(request: &Request<T>) -> Option<&UnixPeer> {
+    request
+        .extensions()
+        .get::<Option<UnixPeer>>()
+        .and_then(Option::as_ref)
+}
+
 /// The identity of a request's caller, from the connection it came in on.
 /// No identity is [`Error::Unauthenticated`].
-pub fn identity_of<T>(request: &Request<T>, names: &UnixNames) -> Result<Identity> {
-    if let Some(info) = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-    {
-        let cred = info.peer_cred.ok_or_else(|| {
+pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
+    if let Some(connection) = request.extensions().get::<Option<UnixPeer>>() {
+        let peer = connection.as_ref().ok_or_else(|| {
             Error::Unauthenticated("no peer credentials on the unix socket".into())
         })?;
         return Ok(Identity {
-            principals: names.principals(cred.uid(), cred.gid()),
+            principals: peer.principals.clone(),
             transport: Transport::Unix,
-            peer: cred
-                .pid()
+            peer: peer
+                .pid
                 .map_or_else(|| "pid=?".to_owned(), |pid| format!("pid={pid}")),
         });
     }

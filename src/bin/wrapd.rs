@@ -294,9 +294,14 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Loads the config, starts logging and points SoftHSM at its config file.
+/// Loads the config, wipes the PIN's environment variable, starts logging and points
+/// SoftHSM at its config file.
 fn load(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
+    if let Some(var) = &config.pin_env {
+        // SAFETY: no other thread exists yet (the tokio runtime is built later).
+        unsafe { wrapd::hardening::scrub_env_var(var) };
+    }
     init_logging(&config.log_filter, config.log_format);
     if let Some(conf) = &config.softhsm2_conf {
         // SAFETY: no other thread exists yet (the tokio runtime is built after this), so
@@ -317,6 +322,16 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
     if let Some(setup) = dev {
         tracing::info!(dir = %setup.dir.display(), config = %setup.config.display(), "dev mode");
     }
+    if wrapd::hardening::is_root() {
+        if dev.is_some() {
+            tracing::warn!("running as root: fine for a dev setup, never in production");
+        } else if !config.process.allow_root {
+            return Err(Error::Config(
+                "refusing to run as root: run wrapd as its own user (see softhsm-config/cloudhsm.toml), or set [process] allow_root = true".into(),
+            ));
+        }
+    }
+    wrapd::hardening::harden(config.process.lock_memory)?;
     runtime()?.block_on(async {
         let shutdown = shutdown_signal()?;
         let daemon = Daemon::open(config).await?;

@@ -4,6 +4,7 @@
 //!
 //! `unix.rs` binds the unix socket; `logging.rs` sets up `tracing`.
 
+mod listen;
 mod logging;
 mod unix;
 
@@ -17,19 +18,20 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::Server;
 use tonic::transport::server::Router;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 use zeroize::Zeroizing;
 
+pub use listen::Limits;
 pub use logging::init_logging;
 pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};
-use crate::auth::PolicyHandle;
+use crate::auth::{PolicyHandle, UnixNames};
 use crate::config::{Config, KmsConfig, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
 use crate::hsm::Pkcs11Token;
@@ -45,6 +47,9 @@ const API_MAX_MESSAGE: usize = 256 * 1024;
 
 /// Largest message the KMS plugin socket decodes.
 const KMS_MAX_MESSAGE: usize = 64 * 1024;
+
+/// Largest HTTP/2 header list a connection may send (gRPC metadata is small).
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// How long a graceful shutdown waits for in-flight calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,6 +94,7 @@ pub struct Daemon {
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
     deletion_check_interval: Duration,
+    limits: Limits,
     token: Pkcs11Token,
     keystore: Arc<Keystore>,
     policy: Arc<PolicyHandle>,
@@ -115,6 +121,7 @@ impl Daemon {
             kms,
             keystore,
             deletion_check_interval,
+            limits,
             ..
         } = config;
         if policy_file.is_none() {
@@ -147,6 +154,7 @@ impl Daemon {
             tcp,
             kms,
             deletion_check_interval,
+            limits,
             token,
             keystore: Arc::new(keystore),
             policy,
@@ -159,11 +167,22 @@ impl Daemon {
         &self.keystore
     }
 
+    /// A server builder with the HTTP/2 limits (see `listen.rs`).
+    fn builder(limits: &Limits) -> Server {
+        Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_header_list_size(MAX_HEADER_LIST)
+            // Streams a client may open and reset before the server answers them, and
+            // streams a client may make the server reset (the "rapid reset" budgets).
+            .http2_max_pending_accept_reset_streams(Some(20))
+            .http2_max_local_error_reset_streams(Some(256))
+    }
+
     fn router(
         &self,
         gate: &Arc<Gate>,
         health: &HealthServer<impl Health>,
-        tls: Option<ServerTlsConfig>,
+        limits: &Limits,
     ) -> Result<Router> {
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -175,13 +194,7 @@ impl Daemon {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| Error::Config(format!("tcp: TLS configuration: {e}")))?;
-        }
-        Ok(builder
+        Ok(Self::builder(limits)
             .add_service(health.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -222,26 +235,33 @@ impl Daemon {
             tcp: None,
             kms: None,
         };
+        let listeners = [self.unix.is_some(), self.tcp.is_some(), self.kms.is_some()];
+        let limits = self
+            .limits
+            .fitted_to_fd_limit(listeners.iter().filter(|l| **l).count());
+        let names = Arc::new(UnixNames::default());
+        let mut acceptors = Vec::new();
         if let Some(unix) = &self.unix {
             let listener = bind_unix_socket(&unix.path, unix.mode)?;
-            let router = self.router(&gate, &health_service, None)?;
-            servers.spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
-            );
+            let router = self.router(&gate, &health_service, &limits)?;
+            let (incoming, acceptor) =
+                listen::unix_incoming(listener, names.clone(), &limits, "unix");
+            acceptors.push(acceptor);
+            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
             ready.socket = Some(unix.path.clone());
         }
         if let Some(tcp) = &self.tcp {
-            let tls = tls_config(tcp)?;
+            let tls = tls_acceptor(tcp)?;
             let listener = TcpListener::bind(tcp.listen)
                 .await
                 .map_err(|e| Error::Config(format!("cannot bind {}: {e}", tcp.listen)))?;
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::Config(format!("tcp listener: {e}")))?;
-            let router = self.router(&gate, &health_service, Some(tls))?;
-            servers.spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped()),
-            );
+            let router = self.router(&gate, &health_service, &limits)?;
+            let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
+            acceptors.push(acceptor);
+            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
             ready.tcp = Some(addr);
         }
 
@@ -257,10 +277,10 @@ impl Daemon {
             // The KMS v2 API's messages are small: refuse anything far larger.
             let service =
                 KeyManagementServiceServer::new(api).max_decoding_message_size(KMS_MAX_MESSAGE);
-            let router = Server::builder().add_service(service);
-            servers.spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
-            );
+            let router = Self::builder(&limits).add_service(service);
+            let (incoming, acceptor) = listen::unix_incoming(listener, names, &limits, "kms");
+            acceptors.push(acceptor);
+            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
             ready.kms = Some(kms.socket.path.clone());
         }
 
@@ -296,6 +316,9 @@ impl Daemon {
             }
         }
         let _ = stop_tx.send(true);
+        for acceptor in &acceptors {
+            acceptor.abort(); // stop accepting
+        }
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             while servers.join_next().await.is_some() {}
         })
@@ -336,18 +359,42 @@ impl Daemon {
 
 /// Mutual TLS for the TCP listener: our certificate, and client certificates required to
 /// chain to `client_ca` (rustls checks validity dates and the chain at the handshake).
-fn tls_config(tcp: &TcpListenerConfig) -> Result<ServerTlsConfig> {
+fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    use tokio_rustls::rustls::{RootCertStore, ServerConfig, crypto};
+
     let read = |path: &PathBuf| {
         std::fs::read(path)
             .map(Zeroizing::new)
             .map_err(|e| Error::Config(format!("tcp: cannot read {}: {e}", path.display())))
     };
-    let cert = read(&tcp.cert)?;
-    let key = read(&tcp.key)?;
-    let ca = read(&tcp.client_ca)?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(&*cert, &*key))
-        .client_ca_root(Certificate::from_pem(&*ca)))
+    let pem = |path: &PathBuf, e: &dyn std::fmt::Display| {
+        Error::Config(format!("tcp: {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(&tcp.cert)?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem(&tcp.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&tcp.key)?).map_err(|e| pem(&tcp.key, &e))?;
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(&tcp.client_ca)?) {
+        roots
+            .add(ca.map_err(|e| pem(&tcp.client_ca, &e))?)
+            .map_err(|e| pem(&tcp.client_ca, &e))?;
+    }
+    let provider = Arc::new(crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| pem(&tcp.client_ca, &e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("tcp: TLS: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("tcp: TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// SIGHUP: reload the policy (a broken file keeps the old one) and reopen the audit log.

@@ -16,7 +16,7 @@ use rand::RngCore;
 use tonic::{Request, Status};
 
 use crate::audit::{AuditLog, AuditRecord, sha256_hex};
-use crate::auth::{Identity, Operation, PolicyHandle, Target, UnixNames, identity_of};
+use crate::auth::{Identity, Operation, PolicyHandle, Target, identity_of};
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
 use crate::hsm::with_deadline;
@@ -26,7 +26,6 @@ use crate::keystore::Keystore;
 pub struct Gate {
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
-    names: UnixNames,
 }
 
 /// One call in progress: who, what, and what to write in the audit line.
@@ -97,17 +96,13 @@ fn request_id<T>(request: &Request<T>) -> String {
 impl Gate {
     /// A gate with this policy and (optional) audit log.
     pub fn new(policy: Arc<PolicyHandle>, audit: Option<Arc<AuditLog>>) -> Self {
-        Self {
-            policy,
-            audit,
-            names: UnixNames::default(),
-        }
+        Self { policy, audit }
     }
 
     /// Starts a call: identifies the caller (the error, if any, is reported by `check`).
     pub fn begin<T>(&self, request: &Request<T>, op: Operation) -> Call {
         Call {
-            identity: identity_of(request, &self.names).map_err(|e| e.to_string()),
+            identity: identity_of(request).map_err(|e| e.to_string()),
             op,
             request_id: request_id(request),
             started: Instant::now(),

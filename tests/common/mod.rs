@@ -192,6 +192,17 @@ impl DevDaemon {
         self.spawn();
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Sets an environment variable for the next starts.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Sets the extra arguments of the next starts (`wrapd dev --state-dir DIR ARGS`).
     pub fn set_args(&mut self, args: &[&str]) {
         self.args = args.iter().map(|s| s.to_string()).collect();
