@@ -16,7 +16,7 @@
 //!
 //! | module | what lives there |
 //! |---|---|
-//! | [`server`] | the daemon: opening the token and store, unix listener, health, reflection, background tasks, graceful shutdown, logging |
+//! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
 //! | [`service`] | `wrapd.v1.DataKeyService` and `wrapd.v1.KeyService`, and the gate every call passes (identity, policy, audit line) |
 //! | [`auth`] | caller identities (unix peer credentials, client certificates) and the policy |
 //! | [`audit`] | the hash-chained audit log and its verifier (the verifier is client-side too) |
