@@ -435,10 +435,18 @@ async fn rotation_under_load_never_hangs_and_the_chain_spans_the_files() {
                     key_id: key.clone(),
                     ..Default::default()
                 });
+                // A caller stops at its first failure (a stuck or dead daemon must fail
+                // the test, not make it spin).
                 match tokio::time::timeout(Duration::from_secs(10), call).await {
                     Ok(Ok(_)) => ok += 1,
-                    Ok(Err(status)) => failed.push(format!("{status:?}")),
-                    Err(_) => failed.push("no answer within 10 s".to_owned()),
+                    Ok(Err(status)) => {
+                        failed.push(format!("{status:?}"));
+                        break;
+                    }
+                    Err(_) => {
+                        failed.push("no answer within 10 s".to_owned());
+                        break;
+                    }
                 }
             }
             (ok, failed)

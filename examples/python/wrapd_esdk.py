@@ -76,9 +76,10 @@ class WrapdMasterKey(MasterKey):
     def __init__(self, **kwargs):  # pylint: disable=unused-argument
         pb2, pb2_grpc = _load_stubs()
         self._pb2 = pb2
-        # Over a unix socket, gRPC would send the socket path as :authority, which HTTP/2
-        # servers may refuse; any plain host name will do.
-        channel = grpc.insecure_channel(self.config.target, options=[("grpc.default_authority", "localhost")])
+        # Default options: over a unix socket gRPC sends the socket path as :authority,
+        # which plain HTTP/2 servers refuse, but wrapd rewrites it on its unix sockets, so
+        # no grpc.default_authority is needed (issue 10).
+        channel = grpc.insecure_channel(self.config.target)
         self._stub = pb2_grpc.DataKeyServiceStub(channel)
 
     def owns_data_key(self, data_key):

@@ -35,6 +35,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use super::authority::Rewritten;
 use crate::auth::{UnixNames, UnixPeer};
 
 /// Limits applied to every listener (`[limits]` in the config).
@@ -203,7 +204,10 @@ impl Connected for Guarded<TcpStream> {
     }
 }
 
-impl Connected for Guarded<UnixStream> {
+/// A unix socket connection: its header blocks pass the `:authority` rewriter.
+pub type UnixConnection = Guarded<Rewritten<UnixStream>>;
+
+impl Connected for UnixConnection {
     type ConnectInfo = Option<UnixPeer>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -316,13 +320,14 @@ pub fn tls_incoming(
     (ReceiverStream::new(rx), task)
 }
 
-/// Serves unix socket connections from `listener`, each with its [`UnixPeer`].
+/// Serves unix socket connections from `listener`, each with its [`UnixPeer`] and its
+/// `:authority` rewriter (see `authority.rs`).
 pub fn unix_incoming(
     listener: UnixListener,
     names: Arc<UnixNames>,
     limits: &Limits,
     what: &'static str,
-) -> (Incoming<Guarded<UnixStream>>, JoinHandle<()>) {
+) -> (Incoming<UnixConnection>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let limits = limits.clone();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -343,10 +348,10 @@ pub fn unix_incoming(
             if tx.is_closed() {
                 return;
             }
-            let mut guarded = Guarded::new(stream, limits.idle_timeout, permit);
+            let mut guarded = Guarded::new(Rewritten::new(stream), limits.idle_timeout, permit);
             let (names, tx) = (names.clone(), tx.clone());
             tokio::spawn(async move {
-                guarded.peer = peer_of(&guarded.inner, &names);
+                guarded.peer = peer_of(guarded.inner.get_ref(), &names);
                 let _ = tx.send(Ok(guarded)).await;
             });
         }

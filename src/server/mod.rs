@@ -4,6 +4,7 @@
 //!
 //! `unix.rs` binds the unix socket; `logging.rs` sets up `tracing`.
 
+mod authority;
 mod listen;
 mod logging;
 mod unix;
@@ -26,6 +27,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 use zeroize::Zeroizing;
 
+pub use authority::{AuthorityRewriter, RewriteError};
 pub use listen::Limits;
 pub use logging::init_logging;
 pub use unix::bind_unix_socket;
