@@ -10,14 +10,23 @@
 //!
 //! It works on the client-to-server byte stream: the connection preface and every frame but
 //! HEADERS and CONTINUATION pass through untouched, streamed as they arrive. A header block
-//! (HEADERS plus its CONTINUATIONs) is collected whole, decoded with an HPACK decoder that
-//! mirrors the client's encoder, rewritten, and re-encoded with an HPACK encoder whose
-//! dynamic table h2's decoder mirrors, then sent as HEADERS (and CONTINUATION frames if it
-//! no longer fits one frame), with its END_STREAM and priority kept and its padding
-//! dropped. Both HPACK states therefore stay consistent however the client indexes, evicts
-//! or resizes its table. Malformed input is an error: the connection is closed, as h2 would
-//! close it for a compression error. TCP connections are not touched: there a malformed
-//! authority is still refused by h2.
+//! (HEADERS plus its CONTINUATIONs) is collected whole and decoded with an HPACK decoder that
+//! mirrors the client's encoder.
+//!
+//! - The first header block of a connection decides. If its `:authority` is acceptable (a
+//!   tonic, Go or Java client naming a host), the block goes on verbatim and the connection
+//!   becomes transparent: from then on bytes are not even looked at, which costs nothing.
+//!   A conforming client sends one authority per channel; a later bad one is refused by h2
+//!   as it would be anyway.
+//! - Otherwise every header block of the connection is transcoded: decoded, rewritten, and
+//!   re-encoded with an HPACK encoder whose dynamic table h2's decoder mirrors, then sent as
+//!   HEADERS (and CONTINUATION frames if it no longer fits one frame), with its END_STREAM
+//!   and priority kept and its padding dropped. Both HPACK states stay consistent however
+//!   the client indexes, evicts or resizes its table.
+//!
+//! Malformed input is an error: the connection is closed, as h2 would close it for a
+//! compression error. TCP connections are not touched: there a malformed authority is still
+//! refused by h2.
 
 use std::io;
 use std::pin::Pin;
@@ -67,6 +76,19 @@ struct Block {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as received (headers and payloads), to pass on verbatim.
+    raw: Vec<u8>,
+}
+
+/// What the rewriter does with the connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until the first header block: parse, and decide on it.
+    Deciding,
+    /// Every header block is decoded, rewritten and re-encoded.
+    Transcoding,
+    /// Bytes pass through unlooked at.
+    Transparent,
 }
 
 /// Where the parser is in the client's byte stream.
@@ -88,10 +110,13 @@ enum State {
 
 /// Rewrites the `:authority` of every request on one connection (see the module docs).
 pub struct AuthorityRewriter {
+    mode: Mode,
     state: State,
     /// Bytes of an incomplete frame header or header-frame payload.
     partial: Vec<u8>,
     block: Option<Block>,
+    /// The frame header of the HEADERS or CONTINUATION frame being collected.
+    raw_header: [u8; FRAME_HEADER],
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
 }
@@ -101,9 +126,11 @@ impl Default for AuthorityRewriter {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(TABLE_SIZE);
         Self {
+            mode: Mode::Deciding,
             state: State::Preface(0),
             partial: Vec::new(),
             block: None,
+            raw_header: [0; FRAME_HEADER],
             decoder,
             encoder: Encoder::new(),
         }
@@ -127,9 +154,18 @@ fn frame_header(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32)
 }
 
 impl AuthorityRewriter {
+    /// Whether the connection's bytes now pass through unlooked at (see the module docs).
+    pub fn is_transparent(&self) -> bool {
+        self.mode == Mode::Transparent
+    }
+
     /// Takes bytes from the client and appends what h2 should read to `out`.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
         while !input.is_empty() {
+            if self.mode == Mode::Transparent {
+                out.extend_from_slice(input);
+                return Ok(());
+            }
             match self.state {
                 State::Preface(seen) => {
                     let n = input.len().min(PREFACE.len() - seen);
@@ -199,6 +235,8 @@ impl AuthorityRewriter {
                 if len > MAX_BLOCK {
                     return Err(RewriteError("header frame too large"));
                 }
+                self.raw_header = [0; FRAME_HEADER];
+                self.raw_header.copy_from_slice(header);
                 self.state = if len == 0 {
                     State::Header
                 } else {
@@ -263,6 +301,7 @@ impl AuthorityRewriter {
                 flags,
                 priority,
                 fragment: Vec::new(),
+                raw: Vec::new(),
             });
             &rest[..rest.len() - pad]
         } else {
@@ -279,6 +318,10 @@ impl AuthorityRewriter {
             return Err(RewriteError("header block too large"));
         }
         block.fragment.extend_from_slice(fragment);
+        if self.mode == Mode::Deciding {
+            block.raw.extend_from_slice(&self.raw_header);
+            block.raw.extend_from_slice(payload);
+        }
         if flags & END_HEADERS != 0 {
             let block = self.block.take().ok_or(RewriteError("no header block"))?;
             self.emit(block, out)?;
@@ -301,10 +344,22 @@ impl AuthorityRewriter {
         if decoded > MAX_DECODED {
             return Err(RewriteError("the header list is too large"));
         }
+        let mut rewritten = false;
         for (name, value) in &mut headers {
             if name == b":authority" && !acceptable(value) {
                 *value = REPLACEMENT.to_vec();
+                rewritten = true;
             }
+        }
+        if self.mode == Mode::Deciding {
+            if !rewritten {
+                // h2's decoder has seen exactly what the client's encoder sent: from here on
+                // the connection needs nothing from us.
+                out.extend_from_slice(&block.raw);
+                self.mode = Mode::Transparent;
+                return Ok(());
+            }
+            self.mode = Mode::Transcoding;
         }
         let mut encoded = Vec::with_capacity(block.fragment.len() + 16);
         self.encoder
@@ -392,6 +447,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewritten<S> {
             }
             if this.failed {
                 return Poll::Ready(Err(io::ErrorKind::InvalidData.into()));
+            }
+            if this.rewriter.is_transparent() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut scratch = ReadBuf::new(&mut this.scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut scratch) {
@@ -520,7 +578,10 @@ mod tests {
             match kind {
                 HEADERS => {
                     assert!(current.is_none());
-                    assert_eq!(flags & PADDED, 0);
+                    if flags & PADDED != 0 {
+                        let pad = usize::from(payload[0]);
+                        payload = &payload[1..payload.len() - pad];
+                    }
                     if flags & PRIORITY != 0 {
                         payload = &payload[5..];
                     }
@@ -576,19 +637,43 @@ mod tests {
 
     #[test]
     fn a_header_list_that_decodes_too_large_is_refused() {
-        // One 4000-byte header in the table, then a block of one-byte references to it.
+        // A transcoded connection (a path as authority), one 4000-byte header in the table,
+        // then a block of one-byte references to it.
         let mut encoder = Encoder::new();
         let big = vec![b'v'; 4000];
-        let first = encoder.encode([(&b"x-big"[..], &big[..])]);
+        let first = encoder.encode([
+            (&b":authority"[..], &b"/run/x.sock"[..]),
+            (&b"x-big"[..], &big[..]),
+        ]);
         let mut input = PREFACE.to_vec();
         input.extend(client_frames(&first, 1, true, 0, false, &[]));
-        let index = 62u8 | 0x80; // the first dynamic entry
+        let index = 62u8 | 0x80; // the newest dynamic entry
         input.extend(client_frames(&vec![index; 300], 3, true, 0, false, &[]));
         let mut out = Vec::new();
         let err = AuthorityRewriter::default()
             .feed(&input, &mut out)
             .unwrap_err();
         assert_eq!(err, RewriteError("the header list is too large"));
+    }
+
+    #[test]
+    fn a_connection_whose_first_authority_is_fine_becomes_transparent() {
+        let mut encoder = Encoder::new();
+        let block = encoder.encode(
+            request("wrapd.invalid", "r")
+                .iter()
+                .map(|(n, v)| (&n[..], &v[..])),
+        );
+        let mut input = PREFACE.to_vec();
+        // Padded and with priority: passed on verbatim all the same.
+        input.extend(client_frames(&block, 1, true, 3, true, &[5]));
+        let mut rewriter = AuthorityRewriter::default();
+        let mut out = Vec::new();
+        rewriter.feed(&input, &mut out).unwrap();
+        assert_eq!(out, input, "verbatim");
+        assert!(rewriter.is_transparent());
+        rewriter.feed(b"anything at all", &mut out).unwrap();
+        assert!(out.ends_with(b"anything at all"));
     }
 
     #[test]
@@ -608,7 +693,8 @@ mod tests {
         /// Rewritten header blocks decode (as h2 decodes them) to the client's headers,
         /// except `:authority`, over many blocks on one connection (so the client's dynamic
         /// table fills and evicts), whatever the framing and however the bytes arrive;
-        /// other frames pass through unchanged.
+        /// other frames pass through unchanged. (A connection whose first authority is fine
+        /// passes through verbatim.)
         #[test]
         fn rewritten_blocks_decode_to_the_same_headers_but_the_authority(
             requests in proptest::collection::vec(
@@ -623,6 +709,8 @@ mod tests {
             let mut input = PREFACE.to_vec();
             let data_frame = [0u8, 0, 5, 0, 0, 0, 0, 0, 1, b'h', b'e', b'l', b'l', b'o'];
             let mut expected = Vec::new();
+            // The first block decides: a good authority makes the connection transparent.
+            let transcoding = !acceptable(requests[0].0.as_bytes());
             for (i, (authority, id, end_stream, pad, priority, splits)) in requests.iter().enumerate() {
                 let headers = request(authority, id);
                 let mut block = Vec::new();
@@ -634,7 +722,7 @@ mod tests {
                 let stream = 2 * i as u32 + 1;
                 input.extend(client_frames(&block, stream, *end_stream, *pad, *priority, splits));
                 input.extend_from_slice(&data_frame);
-                let authority = if acceptable(authority.as_bytes()) { authority.as_str() } else { "localhost" };
+                let authority = if transcoding && !acceptable(authority.as_bytes()) { "localhost" } else { authority.as_str() };
                 expected.push((stream, (if *end_stream { END_STREAM } else { 0 }) | (if *priority { PRIORITY } else { 0 }), request(authority, id)));
             }
             let mut rewriter = AuthorityRewriter::default();
