@@ -258,7 +258,7 @@ pub fn ensure_kubernetes_key(keystore: &Keystore) -> Result<()> {
     let alias = AliasName::parse(KUBERNETES_ALIAS)?;
     match keystore.resolve(&KeyRef::Alias(alias.clone())) {
         Ok(_) => Ok(()),
-        Err(Error::NotFound(_)) => {
+        Err(Error::AliasNotFound(_)) => {
             let key = keystore.create_key("Kubernetes KMS v2 plugin (wrapd dev)", Some(&alias))?;
             tracing::info!(key_id = %key.id, alias = KUBERNETES_ALIAS, "created the dev Kubernetes key");
             Ok(())

@@ -1,4 +1,8 @@
-//! The crate's one error type and its one mapping to `tonic::Status` (DESIGN.md §4).
+//! The crate's one error type, and its transport-neutral classification ([`ErrorKind`]).
+//!
+//! Every front end maps an [`ErrorKind`] to its own wire form in one place: the gRPC
+//! services to `tonic::Status` codes (`front::grpc::status`, the table of docs/DESIGN.md §4),
+//! the AWS KMS API to error types and HTTP statuses, the KMS v2 plugin to gRPC codes.
 //!
 //! Messages in [`Error`] reach callers, so they never contain key bytes, plaintext or PINs;
 //! the PKCS#11 cause of a device fault is kept for the log and replaced by a generic message
@@ -10,49 +14,74 @@ use std::fmt;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A request field is malformed or out of range (INVALID_ARGUMENT).
+    /// A request field is malformed or out of range.
     #[error("{0}")]
     InvalidArgument(String),
     /// A ciphertext blob did not unwrap: tampered, truncated, wrong context or wrong key.
-    /// Always the same message, so that the reason is no oracle (INVALID_ARGUMENT).
+    /// Always the same message, so that the reason is no oracle.
     #[error("the ciphertext is invalid, or does not match the key or encryption context")]
     InvalidCiphertext,
-    /// The key or alias does not exist (NOT_FOUND).
-    #[error("{0}")]
-    NotFound(String),
-    /// The object to create exists already, such as a duplicate alias (ALREADY_EXISTS).
+    /// No key has this id.
+    #[error("key {0} not found")]
+    KeyNotFound(String),
+    /// No alias has this name.
+    #[error("alias {0} not found")]
+    AliasNotFound(String),
+    /// The object to create exists already, such as a duplicate alias.
     #[error("{0}")]
     AlreadyExists(String),
-    /// The key's state forbids the operation: disabled or pending deletion (FAILED_PRECONDITION).
+    /// The key's state forbids the operation: disabled, pending deletion, or (later) pending
+    /// import. The message names the key and the state.
     #[error("{0}")]
-    FailedPrecondition(String),
-    /// The caller has no identity (UNAUTHENTICATED).
+    WrongState(String),
+    /// A limit was reached: versions of a key, wraps of a version while it rotates.
+    #[error("{0}")]
+    LimitReached(String),
+    /// The caller has no identity.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The caller may not do this (PERMISSION_DENIED). The message never says whether the
-    /// key exists.
+    /// The caller may not do this. The message never says whether the key exists.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The token cannot serve right now: absent, device error, no free session (UNAVAILABLE).
+    /// The token or the audit log cannot serve right now: absent, device error, no free
+    /// session, key material missing, audit log unwritable.
     #[error("{0}")]
     Unavailable(String),
-    /// A PKCS#11 call failed. `function` is the PKCS#11 function, `rv` its return value.
-    #[error("PKCS#11 {function} failed: {rv}")]
+    /// A PKCS#11 function failed: the function and its return value, as values.
+    #[cfg(feature = "server")]
+    #[error("PKCS#11 C_{function:?} failed: {rv}")]
     Pkcs11 {
-        /// The PKCS#11 function that failed, e.g. `C_Encrypt`.
-        function: String,
-        /// The return value (e.g. `CKR_DeviceError`) or the library error.
-        rv: String,
+        /// The PKCS#11 function that failed.
+        function: cryptoki::context::Function,
+        /// Its return value.
+        rv: cryptoki::error::RvError,
         /// What failed: the device, the session, or the call itself.
         fault: Pkcs11Fault,
     },
-    /// The metadata store failed (INTERNAL).
+    /// The PKCS#11 library failed outside a PKCS#11 function (loading the module, a check
+    /// of the cryptoki crate), or a fault injected by the test hook.
+    #[error("PKCS#11 library: {message}")]
+    Pkcs11Library {
+        /// What happened.
+        message: String,
+        /// What failed: the device, the session, or the call itself.
+        fault: Pkcs11Fault,
+    },
+    /// A daemon answered a client call with an error (thin client side).
+    #[error("{message}")]
+    Remote {
+        /// What the daemon's answer means.
+        kind: ErrorKind,
+        /// The call and the daemon's message.
+        message: String,
+    },
+    /// The metadata store failed.
     #[error("metadata store: {0}")]
     Store(String),
     /// The configuration is invalid; only returned at start-up.
     #[error("configuration: {0}")]
     Config(String),
-    /// Anything else (INTERNAL).
+    /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -60,13 +89,48 @@ pub enum Error {
 /// Where a PKCS#11 failure lies, which decides what is retried and re-initialized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pkcs11Fault {
-    /// The token, the library or the connection to the HSM: re-initialize the context
-    /// (UNAVAILABLE to callers).
+    /// The token, the library or the connection to the HSM: re-initialize the context.
     Device,
-    /// One session is unusable: replace it (UNAVAILABLE to callers).
+    /// One session is unusable: replace it.
     Session,
-    /// The call itself was refused (a bug or a misconfiguration: INTERNAL).
+    /// The call itself was refused (a bug or a misconfiguration).
     Call,
+}
+
+impl Pkcs11Fault {
+    fn kind(self) -> ErrorKind {
+        match self {
+            Self::Device | Self::Session => ErrorKind::Unavailable,
+            Self::Call => ErrorKind::Internal,
+        }
+    }
+}
+
+/// What an error means to a caller, whatever the transport. Each front end maps it to its
+/// wire form (gRPC code, AWS error type and HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Bad input (gRPC INVALID_ARGUMENT).
+    InvalidArgument,
+    /// A blob that does not unwrap (gRPC INVALID_ARGUMENT, one message for every cause).
+    InvalidCiphertext,
+    /// No such key or alias (NOT_FOUND).
+    NotFound,
+    /// It exists already (ALREADY_EXISTS).
+    AlreadyExists,
+    /// The key's state forbids it (FAILED_PRECONDITION).
+    WrongState,
+    /// A limit was reached (FAILED_PRECONDITION).
+    LimitReached,
+    /// No identity (UNAUTHENTICATED).
+    Unauthenticated,
+    /// Not allowed (PERMISSION_DENIED).
+    PermissionDenied,
+    /// Retry later: token, session or audit log (UNAVAILABLE).
+    Unavailable,
+    /// Everything else; details only in the log (INTERNAL).
+    Internal,
 }
 
 /// Shorthand used throughout the crate.
@@ -78,44 +142,34 @@ impl Error {
         Self::InvalidArgument(message.to_string())
     }
 
-    /// The gRPC code this error maps to (DESIGN.md §4).
-    #[cfg(any(feature = "server", feature = "client"))]
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
+    /// What the error means to a caller.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::InvalidArgument(_) | Self::InvalidCiphertext => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Pkcs11 { fault, .. } => match fault {
-                Pkcs11Fault::Device | Pkcs11Fault::Session => Code::Unavailable,
-                Pkcs11Fault::Call => Code::Internal,
-            },
-            Self::Store(_) | Self::Config(_) | Self::Internal(_) => Code::Internal,
+            Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Self::InvalidCiphertext => ErrorKind::InvalidCiphertext,
+            Self::KeyNotFound(_) | Self::AliasNotFound(_) => ErrorKind::NotFound,
+            Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Self::WrongState(_) => ErrorKind::WrongState,
+            Self::LimitReached(_) => ErrorKind::LimitReached,
+            Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+            #[cfg(feature = "server")]
+            Self::Pkcs11 { fault, .. } => fault.kind(),
+            Self::Pkcs11Library { fault, .. } => fault.kind(),
+            Self::Remote { kind, .. } => *kind,
+            Self::Store(_) | Self::Config(_) | Self::Internal(_) => ErrorKind::Internal,
         }
     }
-}
 
-impl From<Error> for tonic::Status {
-    fn from(err: Error) -> Self {
-        let code = err.code();
-        let message = match code {
-            tonic::Code::Internal => {
-                tracing::error!(error = %err, "internal error");
-                "internal error (see the daemon log)".to_owned()
-            }
-            tonic::Code::Unavailable => {
-                tracing::warn!(error = %err, "token unavailable");
-                match &err {
-                    Error::Unavailable(message) => message.clone(),
-                    _ => "the key store is unavailable, retry later".to_owned(),
-                }
-            }
-            _ => err.to_string(),
-        };
-        tonic::Status::new(code, message)
+    /// The message a caller gets: the error's own, except for internal errors and device
+    /// faults, whose detail stays in the log.
+    pub fn public_message(&self) -> String {
+        match (self.kind(), self) {
+            (ErrorKind::Internal, _) => "internal error (see the daemon log)".to_owned(),
+            (ErrorKind::Unavailable, Self::Unavailable(message)) => message.clone(),
+            (ErrorKind::Unavailable, _) => "the key store is unavailable, retry later".to_owned(),
+            _ => self.to_string(),
+        }
     }
 }

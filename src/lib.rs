@@ -2,23 +2,27 @@
 //!
 //! Master keys are generated inside a PKCS#11 token and never leave it; wrapd generates,
 //! wraps, unwraps and re-wraps data keys for callers over gRPC. See `README.md` for running
-//! it and `../shared/DESIGN.md` for the contract.
+//! it and `docs/DESIGN.md` for the contract.
 //!
 //! # Layout
 //!
-//! Requests flow one way, and a module only uses the ones below it:
+//! Requests flow one way, and a module only uses the ones below it (`tests/architecture.rs`
+//! enforces it):
 //!
 //! ```text
-//! server (listeners, health, shutdown)  ->  auth (identity)  ->  auth (policy)
-//!   ->  service (gRPC handlers, validation, audit)
-//!   ->  keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
+//! server (listeners: accept loops, limits, unix peers, TLS)
+//!   -> front (gRPC services, KMS v2 plugin: decode, build the Call, map results and errors)
+//!   -> ops (the operation layer: validation, policy, key store call, audit line; one job)
+//!   -> keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
+//! beside them: auth (identities from connection records, policy), audit (the log)
 //! ```
 //!
 //! | module | what lives there |
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
-//! | [`service`] | `wrapd.v1.DataKeyService` and `wrapd.v1.KeyService`, and the gate every call passes (identity, policy, audit line) |
-//! | [`auth`] | caller identities (unix peer credentials, client certificates) and the policy |
+//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), and the error-to-status mapping |
+//! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the KMS plugin's rules |
+//! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
 //! | [`audit`] | the hash-chained audit log and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
 //! | [`keystore`] | key lifecycle and data-key operations; the [`keystore::MetadataStore`] boundary and its SQLite implementation |
@@ -31,9 +35,9 @@
 //! | [`hardening`] | process hardening at start-up: no core dumps, locked memory, the PIN's environment variable wiped |
 //! | [`bench`](mod@bench) | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
 //! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]) |
-//! | [`error`] | the crate's error type and its mapping to gRPC codes |
+//! | [`error`] | the crate's error type and its transport-neutral [`error::ErrorKind`] |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
-//! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`service::KmsApi`]) |
+//! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`front::grpc::KmsApi`]) |
 //!
 //! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl.rs` (CLI).
 
@@ -57,17 +61,19 @@ pub mod dev;
 #[cfg(feature = "server")]
 mod files;
 #[cfg(feature = "server")]
+pub mod front;
+#[cfg(feature = "server")]
 pub mod hardening;
 #[cfg(feature = "server")]
 pub mod hsm;
 #[cfg(feature = "server")]
 pub mod keystore;
 #[cfg(feature = "server")]
+pub mod ops;
+#[cfg(feature = "server")]
 pub mod pki;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "server")]
-pub mod service;
 
 pub use error::{Error, Result};
 

@@ -60,13 +60,13 @@ fn the_daemon_core_rides_out_token_faults() {
     // Faults that outlast the retry: UNAVAILABLE (callers may retry), then service resumes.
     token.inject(Fault::DeviceError, 2);
     let err = unwraps(&keystore).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");
     assert!(!err.to_string().contains("survivor"));
     assert_eq!(unwraps(&keystore).unwrap(), b"survivor");
     token.inject(Fault::SessionInvalid, 2);
     assert_eq!(
-        keystore.wrap(&key, b"x", &ctx).unwrap_err().code(),
-        tonic::Code::Unavailable
+        keystore.wrap(&key, b"x", &ctx).unwrap_err().kind(),
+        wrapd::error::ErrorKind::Unavailable
     );
     keystore.wrap(&key, b"x", &ctx).unwrap();
 
@@ -81,7 +81,7 @@ fn the_daemon_core_rides_out_token_faults() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     let waited = keystore.wrap(&key, b"fast", &ctx).unwrap_err();
-    assert_eq!(waited.code(), tonic::Code::Unavailable);
+    assert_eq!(waited.kind(), wrapd::error::ErrorKind::Unavailable);
     assert!(waited.to_string().contains("busy"), "{waited}");
     for call in slow {
         call.join().unwrap().expect("the stalled calls complete");
@@ -95,8 +95,8 @@ fn the_daemon_core_rides_out_token_faults() {
         keystore
             .create_key("during a fault", None)
             .unwrap_err()
-            .code(),
-        tonic::Code::Unavailable
+            .kind(),
+        wrapd::error::ErrorKind::Unavailable
     );
     let report = keystore.reconcile().unwrap();
     assert!(report.missing.is_empty(), "{report:?}");

@@ -95,8 +95,8 @@ async fn a_message_decrypts_while_any_daemon_can_unwrap() {
     let err = decrypt(&keyring, &sealed).await.unwrap_err();
     assert!(
         matches!(
-            err,
-            wrapd::Error::FailedPrecondition(_) | wrapd::Error::Unavailable(_)
+            err.kind(),
+            wrapd::error::ErrorKind::WrongState | wrapd::error::ErrorKind::Unavailable
         ),
         "{err:?}"
     );

@@ -98,10 +98,13 @@ fn scheduled_deletion_destroys_the_key_material_when_due() {
     f.clock.advance(Duration::from_secs(2));
     assert_eq!(f.keystore.purge_due().unwrap(), vec![key.id.clone()]);
     assert!(objects_of(&key.id).is_empty(), "token objects destroyed");
-    assert!(matches!(f.keystore.resolve(&id), Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.keystore.resolve(&id),
+        Err(Error::KeyNotFound(_))
+    ));
     assert!(matches!(
         f.keystore.resolve(&KeyRef::Alias(alias)),
-        Err(Error::NotFound(_))
+        Err(Error::AliasNotFound(_))
     ));
     assert!(matches!(
         f.keystore.unwrap(&blob, &ctx(), None),
@@ -118,7 +121,7 @@ fn scheduled_deletion_destroys_the_key_material_when_due() {
         reopened.unwrap(&blob, &ctx(), None),
         Err(Error::InvalidCiphertext)
     ));
-    assert!(matches!(reopened.resolve(&id), Err(Error::NotFound(_))));
+    assert!(matches!(reopened.resolve(&id), Err(Error::KeyNotFound(_))));
 }
 
 #[test]
@@ -165,9 +168,9 @@ fn reconciliation_reports_missing_and_orphan_objects() {
         .unwrap(&blob, &ctx(), None)
         .err()
         .expect("must fail");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");
     let err = reopened.wrap(&id, b"k", &ctx()).expect_err("must fail");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");
     reopened
         .wrap(&KeyRef::Id(healthy.id.clone()), b"k", &ctx())
         .unwrap();

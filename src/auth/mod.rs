@@ -17,9 +17,8 @@ mod policy;
 mod unix;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
-
-use tonic::Request;
 
 pub use cert::principal_from_certificate;
 pub use policy::{Operation, Policy, PolicyHandle, Target};
@@ -39,7 +38,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// `unix` or `tcp`.
+    /// `unix`, `tcp` or `kms`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Unix => "unix",
@@ -79,10 +78,54 @@ impl fmt::Display for Identity {
     }
 }
 
-/// The identity of a call on the KMS plugin socket: the configured principal, with the
+/// What a transport knows about a caller's connection, before authentication: the record
+/// each front end builds from its connection, for [`authenticate`].
+#[derive(Debug, Clone, Copy)]
+pub enum Connection<'a> {
+    /// A unix socket peer; `None` when the kernel gave no credentials.
+    Unix(Option<&'a UnixPeer>),
+    /// A mutual-TLS client: its leaf certificate (DER), verified at the handshake, and its
+    /// address.
+    Tls {
+        /// The client's leaf certificate, if it sent one.
+        leaf: Option<&'a [u8]>,
+        /// The client's address.
+        remote: Option<SocketAddr>,
+    },
+}
+
+/// The authenticator: the identity of a caller from its connection record. No identity is
+/// [`Error::Unauthenticated`].
+pub fn authenticate(connection: Connection<'_>) -> Result<Identity> {
+    match connection {
+        Connection::Unix(peer) => {
+            let peer = peer.ok_or_else(|| {
+                Error::Unauthenticated("no peer credentials on the unix socket".into())
+            })?;
+            Ok(Identity {
+                principals: peer.principals.clone(),
+                transport: Transport::Unix,
+                peer: peer
+                    .pid
+                    .map_or_else(|| "pid=?".to_owned(), |pid| format!("pid={pid}")),
+            })
+        }
+        Connection::Tls { leaf, remote } => {
+            let leaf =
+                leaf.ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+            Ok(Identity {
+                principals: vec![principal_from_certificate(leaf)?].into(),
+                transport: Transport::Tcp,
+                peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+            })
+        }
+    }
+}
+
+/// The identity of the KMS plugin: its configured internal principal, with the socket
 /// peer's uid and pid for the record.
-pub fn kms_identity<T>(request: &Request<T>, principal: &str) -> Identity {
-    let peer = unix_peer(request).map_or_else(
+pub fn kms_plugin_identity(principal: &str, peer: Option<&UnixPeer>) -> Identity {
+    let peer = peer.map_or_else(
         || "?".to_owned(),
         |peer| {
             format!(
@@ -97,43 +140,4 @@ pub fn kms_identity<T>(request: &Request<T>, principal: &str) -> Identity {
         transport: Transport::Kms,
         peer,
     }
-}
-
-/// The unix peer of a request that came in on a unix socket.
-fn unix_peer<T>(request: &Request<T>) -> Option<&UnixPeer> {
-    request
-        .extensions()
-        .get::<Option<UnixPeer>>()
-        .and_then(Option::as_ref)
-}
-
-/// The identity of a request's caller, from the connection it came in on.
-/// No identity is [`Error::Unauthenticated`].
-pub fn identity_of<T>(request: &Request<T>) -> Result<Identity> {
-    if let Some(connection) = request.extensions().get::<Option<UnixPeer>>() {
-        let peer = connection.as_ref().ok_or_else(|| {
-            Error::Unauthenticated("no peer credentials on the unix socket".into())
-        })?;
-        return Ok(Identity {
-            principals: peer.principals.clone(),
-            transport: Transport::Unix,
-            peer: peer
-                .pid
-                .map_or_else(|| "pid=?".to_owned(), |pid| format!("pid={pid}")),
-        });
-    }
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
-    let principal = principal_from_certificate(leaf)?;
-    Ok(Identity {
-        principals: vec![principal].into(),
-        transport: Transport::Tcp,
-        peer: request
-            .remote_addr()
-            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
-    })
 }

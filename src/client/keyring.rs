@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::message::{EncryptedDataKey, Header, PROVIDER_ID};
 use crate::client::DataKeyServiceClient;
 use crate::context::EncryptionContext;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::proto::{GenerateDataKeyRequest, UnwrapRequest, WrapRequest};
 
 /// One wrapd key on one daemon.
@@ -53,15 +53,20 @@ pub struct Keyring {
 }
 
 fn call_error(what: &str, status: tonic::Status) -> Error {
-    let message = format!("{what}: {}", status.message());
-    match status.code() {
-        tonic::Code::NotFound => Error::NotFound(message),
-        tonic::Code::InvalidArgument => Error::InvalidArgument(message),
-        tonic::Code::FailedPrecondition => Error::FailedPrecondition(message),
-        tonic::Code::PermissionDenied => Error::PermissionDenied(message),
-        tonic::Code::Unauthenticated => Error::Unauthenticated(message),
-        tonic::Code::Unavailable => Error::Unavailable(message),
-        _ => Error::Internal(message),
+    use tonic::Code;
+    let kind = match status.code() {
+        Code::NotFound => ErrorKind::NotFound,
+        Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+        Code::AlreadyExists => ErrorKind::AlreadyExists,
+        Code::FailedPrecondition => ErrorKind::WrongState,
+        Code::PermissionDenied => ErrorKind::PermissionDenied,
+        Code::Unauthenticated => ErrorKind::Unauthenticated,
+        Code::Unavailable | Code::DeadlineExceeded => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    };
+    Error::Remote {
+        kind,
+        message: format!("{what}: {}", status.message()),
     }
 }
 
@@ -214,9 +219,10 @@ impl Keyring {
             }
         }
         match last_code {
-            None => Err(Error::NotFound(
-                "the message has no data key entry for wrapd".into(),
-            )),
+            None => Err(Error::Remote {
+                kind: ErrorKind::NotFound,
+                message: "the message has no data key entry for wrapd".into(),
+            }),
             // Every attempt, so the caller sees why each entry failed (the code is the last
             // one's).
             Some(code) => Err(call_error(

@@ -80,18 +80,16 @@ pub enum Fault {
 pub(super) fn p11_error(err: CkError) -> Error {
     match err {
         CkError::Pkcs11(rv, function) => Error::Pkcs11 {
-            function: format!("C_{function:?}"),
-            rv: format!("CKR_{rv:?}"),
+            function,
+            rv,
             fault: fault_of(rv),
         },
-        CkError::LibraryLoading(e) => Error::Pkcs11 {
-            function: "load module".to_owned(),
-            rv: e.to_string(),
+        CkError::LibraryLoading(e) => Error::Pkcs11Library {
+            message: format!("cannot load the module: {e}"),
             fault: Pkcs11Fault::Device,
         },
-        other => Error::Pkcs11 {
-            function: "cryptoki".to_owned(),
-            rv: other.to_string(),
+        other => Error::Pkcs11Library {
+            message: other.to_string(),
             fault: Pkcs11Fault::Call,
         },
     }
@@ -120,20 +118,23 @@ fn fault_of(rv: RvError) -> Pkcs11Fault {
 /// How a failed call affects its session.
 fn outcome_of(err: &Error) -> Outcome {
     match err {
-        Error::Pkcs11 {
-            fault: Pkcs11Fault::Device,
-            ..
-        } => Outcome::DeviceFault,
-        Error::Pkcs11 {
-            fault: Pkcs11Fault::Session,
-            ..
-        } => Outcome::SessionBroken,
+        Error::Pkcs11 { fault, .. } | Error::Pkcs11Library { fault, .. } => match fault {
+            Pkcs11Fault::Device => Outcome::DeviceFault,
+            Pkcs11Fault::Session => Outcome::SessionBroken,
+            Pkcs11Fault::Call => Outcome::Healthy,
+        },
         _ => Outcome::Healthy,
     }
 }
 
 fn is_stale_handle(err: &Error) -> bool {
-    matches!(err, Error::Pkcs11 { rv, .. } if rv == "CKR_ObjectHandleInvalid" || rv == "CKR_KeyHandleInvalid")
+    matches!(
+        err,
+        Error::Pkcs11 {
+            rv: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+            ..
+        }
+    )
 }
 
 impl Pkcs11Token {
@@ -160,9 +161,11 @@ impl Pkcs11Token {
         token
             .with_session(false, |_, _| Ok(()))
             .map_err(|err| match err {
-                Error::Pkcs11 { function, rv, .. } if rv == "CKR_PinIncorrect" => {
-                    Error::Config(format!("{function}: the PIN is incorrect ({rv})"))
-                }
+                Error::Pkcs11 {
+                    function,
+                    rv: rv @ RvError::PinIncorrect,
+                    ..
+                } => Error::Config(format!("C_{function:?}: the PIN is incorrect ({rv})")),
                 other => other,
             })?;
         Ok(token)
@@ -331,15 +334,14 @@ impl Pkcs11Token {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
-        let injected = |rv: &str, fault| Error::Pkcs11 {
-            function: "C_* (injected)".to_owned(),
-            rv: rv.to_owned(),
+        let injected = |rv: &str, fault| Error::Pkcs11Library {
+            message: format!("{rv} (injected)"),
             fault,
         };
         match fault {
-            Some(Fault::DeviceError) => Err(injected("CKR_DeviceError", Pkcs11Fault::Device)),
+            Some(Fault::DeviceError) => Err(injected("CKR_DEVICE_ERROR", Pkcs11Fault::Device)),
             Some(Fault::SessionInvalid) => {
-                Err(injected("CKR_SessionHandleInvalid", Pkcs11Fault::Session))
+                Err(injected("CKR_SESSION_HANDLE_INVALID", Pkcs11Fault::Session))
             }
             Some(Fault::Stall(duration)) => {
                 std::thread::sleep(duration);

@@ -110,6 +110,9 @@ impl Pool {
                                 Error::Pkcs11 {
                                     fault: Pkcs11Fault::Device,
                                     ..
+                                } | Error::Pkcs11Library {
+                                    fault: Pkcs11Fault::Device,
+                                    ..
                                 }
                             );
                             let mut state = self.lock();

@@ -122,7 +122,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
     /// Creates an alias; [`crate::Error::AlreadyExists`] if taken.
     fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
-    /// Re-points an alias; [`crate::Error::NotFound`] if it does not exist.
+    /// Re-points an alias; [`crate::Error::AliasNotFound`] if it does not exist.
     fn update_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
     /// Deletes an alias, returning the key it pointed at.
     fn delete_alias(&self, alias: &AliasName) -> Result<Option<KeyId>>;

@@ -25,7 +25,7 @@ pub use sqlite::SqliteStore;
 
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};
 use crate::context::EncryptionContext;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hsm::{ObjectId, Token};
 use crate::ids::{AliasName, KeyId, KeyRef};
 
@@ -222,11 +222,8 @@ fn encode_page_token(prefix: &str, cursor: &Cursor) -> String {
 fn usable(key: &KeyRecord) -> Result<()> {
     match key.state {
         KeyState::Enabled => Ok(()),
-        KeyState::Disabled => Err(Error::FailedPrecondition(format!(
-            "key {} is disabled",
-            key.id
-        ))),
-        KeyState::PendingDeletion => Err(Error::FailedPrecondition(format!(
+        KeyState::Disabled => Err(Error::WrongState(format!("key {} is disabled", key.id))),
+        KeyState::PendingDeletion => Err(Error::WrongState(format!(
             "key {} is pending deletion",
             key.id
         ))),
@@ -375,7 +372,7 @@ impl Keystore {
         if let Some(blob) = cached {
             match self.unwrap(&blob, &context, None) {
                 Ok(_) => return Ok(()),
-                Err(err) if err.code() == tonic::Code::Unavailable => return Err(err),
+                Err(err) if err.kind() == ErrorKind::Unavailable => return Err(err),
                 Err(_) => *lock(&self.probe) = None, // the probe key changed state: replace it
             }
         }
@@ -433,12 +430,12 @@ impl Keystore {
             KeyRef::Alias(alias) => view
                 .aliases
                 .get(alias)
-                .ok_or_else(|| Error::NotFound(format!("alias {alias} not found")))?,
+                .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?,
         };
         view.keys
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("key {id} not found")))
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))
     }
 
     // ---- control plane -------------------------------------------------------------------
@@ -528,9 +525,10 @@ impl Keystore {
 
     /// Adds a version to `key`. Caller holds the admin lock.
     fn add_version(&self, key: &KeyRecord) -> Result<Arc<KeyRecord>> {
-        let version = key.current_version().checked_add(1).ok_or_else(|| {
-            Error::FailedPrecondition(format!("key {} has too many versions", key.id))
-        })?;
+        let version = key
+            .current_version()
+            .checked_add(1)
+            .ok_or_else(|| Error::LimitReached(format!("key {} has too many versions", key.id)))?;
         let object = ObjectId::new(key.id.clone(), version);
         // Never destroy an object the metadata cannot prove is an orphan (security review
         // finding 7): after a metadata restore, this CKA_ID can be live key material.
@@ -546,7 +544,7 @@ impl Keystore {
                     .refresh(&key.id)?
                     .ok_or_else(|| Error::Internal("key vanished after rotate".into()));
             }
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "the token already holds key material for {object} that the metadata store does not know (restored from an older backup?); nothing was destroyed: restart wrapd to see the reconciliation report"
             )));
         }
@@ -579,7 +577,7 @@ impl Keystore {
         let _admin = lock(&self.admin);
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "key {} is pending deletion; cancel the deletion first",
                 key.id
             )));
@@ -601,7 +599,7 @@ impl Keystore {
         let _admin = lock(&self.admin);
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "key {} is already pending deletion",
                 key.id
             )));
@@ -619,7 +617,7 @@ impl Keystore {
         let _admin = lock(&self.admin);
         let key = self.resolve(key)?;
         if key.state != KeyState::PendingDeletion {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "key {} is not pending deletion",
                 key.id
             )));
@@ -687,7 +685,7 @@ impl Keystore {
         let key = self
             .store
             .delete_alias(alias)?
-            .ok_or_else(|| Error::NotFound(format!("alias {alias} not found")))?;
+            .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?;
         self.refresh_aliases()?;
         self.refresh(&key)?;
         Ok((alias.clone(), key))

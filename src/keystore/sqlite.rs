@@ -186,7 +186,7 @@ impl SqliteStore {
             .map_err(db_error)?;
         found
             .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("key {id} not found")))
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))
     }
 
     fn insert_alias(tx: &Transaction<'_>, alias: &AliasName, key: &KeyId) -> Result<()> {
@@ -374,7 +374,7 @@ impl MetadataStore for SqliteStore {
             )
             .map_err(db_error)?;
         if changed == 0 {
-            return Err(Error::NotFound(format!("key {id} not found")));
+            return Err(Error::KeyNotFound(id.to_string()));
         }
         Ok(())
     }
@@ -450,7 +450,7 @@ impl MetadataStore for SqliteStore {
             )
             .map_err(db_error)?;
         if changed == 0 {
-            return Err(Error::NotFound(format!("alias {alias} not found")));
+            return Err(Error::AliasNotFound(alias.to_string()));
         }
         tx.commit().map_err(db_error)
     }

@@ -37,33 +37,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use super::authority::Rewritten;
 use crate::auth::{UnixNames, UnixPeer};
-
-/// Limits applied to every listener (`[limits]` in the config).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Most open connections per listener.
-    pub max_connections: usize,
-    /// Longest a TLS handshake may take.
-    pub handshake_timeout: Duration,
-    /// A connection with no traffic for this long is closed.
-    pub idle_timeout: Duration,
-    /// Most concurrent HTTP/2 streams (calls) per connection.
-    pub max_concurrent_streams: u32,
-    /// TCP keepalive idle time (dead peers are found after it plus a few probes).
-    pub tcp_keepalive: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 1024,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
-            max_concurrent_streams: 128,
-            tcp_keepalive: Duration::from_secs(60),
-        }
-    }
-}
+use crate::config::Limits;
 
 /// File descriptors kept free for everything but client connections (the token library,
 /// the store, the audit and log files, a connection being accepted and closed).

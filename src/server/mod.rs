@@ -28,20 +28,20 @@ use tonic_health::server::HealthReporter;
 use zeroize::Zeroizing;
 
 pub use authority::{AuthorityRewriter, RewriteError};
-pub use listen::Limits;
 pub use logging::init_logging;
 pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};
 use crate::auth::{PolicyHandle, UnixNames};
-use crate::config::{Config, KmsConfig, TcpListenerConfig, UnixListenerConfig};
+use crate::config::{Config, KmsConfig, Limits, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
+use crate::front::grpc::{DataKeyApi, KeyApi, KmsApi};
 use crate::hsm::Pkcs11Token;
 use crate::keystore::{Keystore, SqliteStore, SystemClock};
 use crate::kms_proto::key_management_service_server::KeyManagementServiceServer;
+use crate::ops::{Gate, KmsPlugin, Ops};
 use crate::proto::data_key_service_server::DataKeyServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::service::{DataKeyApi, Gate, KeyApi, KmsApi};
 
 /// Largest request `wrapd.v1` decodes: the largest valid one (ReWrap with two 8 KiB contexts
 /// and a 4 KiB blob) is about 25 KiB, so anything far larger is refused before it costs memory.
@@ -182,7 +182,7 @@ impl Daemon {
 
     fn router(
         &self,
-        gate: &Arc<Gate>,
+        ops: &Ops,
         health: &HealthServer<impl Health>,
         limits: &Limits,
     ) -> Result<Router> {
@@ -201,11 +201,11 @@ impl Daemon {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                DataKeyServiceServer::new(DataKeyApi::new(self.keystore.clone(), gate.clone()))
+                DataKeyServiceServer::new(DataKeyApi::new(ops.clone()))
                     .max_decoding_message_size(API_MAX_MESSAGE),
             )
             .add_service(
-                KeyServiceServer::new(KeyApi::new(self.keystore.clone(), gate.clone()))
+                KeyServiceServer::new(KeyApi::new(ops.clone()))
                     .max_decoding_message_size(API_MAX_MESSAGE),
             ))
     }
@@ -221,6 +221,7 @@ impl Daemon {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let gate = Arc::new(Gate::new(self.policy.clone(), self.audit.clone()));
+        let ops = Ops::new(self.keystore.clone(), gate);
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| Error::Internal(format!("cannot listen for SIGHUP: {e}")))?;
 
@@ -245,7 +246,7 @@ impl Daemon {
         let mut acceptors = Vec::new();
         if let Some(unix) = &self.unix {
             let listener = bind_unix_socket(&unix.path, unix.mode)?;
-            let router = self.router(&gate, &health_service, &limits)?;
+            let router = self.router(&ops, &health_service, &limits)?;
             let (incoming, acceptor) =
                 listen::unix_incoming(listener, names.clone(), &limits, "unix");
             acceptors.push(acceptor);
@@ -260,7 +261,7 @@ impl Daemon {
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::Config(format!("tcp listener: {e}")))?;
-            let router = self.router(&gate, &health_service, &limits)?;
+            let router = self.router(&ops, &health_service, &limits)?;
             let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
             acceptors.push(acceptor);
             servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
@@ -269,13 +270,8 @@ impl Daemon {
 
         if let Some(kms) = &self.kms {
             let listener = bind_unix_socket(&kms.socket.path, kms.socket.mode)?;
-            let api = KmsApi::new(
-                self.keystore.clone(),
-                gate.clone(),
-                kms.key.clone(),
-                kms.principal.clone(),
-                kms.healthz_cache,
-            );
+            let plugin = KmsPlugin::new(ops.clone(), kms.key.clone(), kms.healthz_cache);
+            let api = KmsApi::new(plugin, kms.principal.clone());
             // The KMS v2 API's messages are small: refuse anything far larger.
             let service =
                 KeyManagementServiceServer::new(api).max_decoding_message_size(KMS_MAX_MESSAGE);

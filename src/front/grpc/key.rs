@@ -1,0 +1,224 @@
+//! `wrapd.v1.KeyService`: the lifecycle of master keys and their aliases.
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{call_of, status};
+use crate::auth::Operation;
+use crate::keystore::KeyState;
+use crate::ops::{AliasEntry, KeyView, Ops};
+use crate::proto::key_service_server::KeyService;
+use crate::proto::{
+    self, Alias, AliasRequest, CreateKeyRequest, KeyMetadata, KeyRef, ListAliasesRequest,
+    ListAliasesResponse, ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest,
+};
+
+/// The control-plane service.
+pub struct KeyApi {
+    ops: Ops,
+}
+
+/// The wire form of a key.
+pub fn key_metadata(view: &KeyView) -> KeyMetadata {
+    let key = &view.key;
+    KeyMetadata {
+        key_id: key.id.to_string(),
+        state: match key.state {
+            KeyState::Enabled => proto::KeyState::Enabled,
+            KeyState::Disabled => proto::KeyState::Disabled,
+            KeyState::PendingDeletion => proto::KeyState::PendingDeletion,
+        } as i32,
+        description: key.description.clone(),
+        current_version: key.current_version(),
+        aliases: key.aliases.iter().map(ToString::to_string).collect(),
+        created_at: Some(key.created_at.into()),
+        deletion_date: key.deletion_date.map(Into::into),
+        versions: view
+            .versions
+            .iter()
+            .map(|v| proto::KeyVersion {
+                version: v.version,
+                created_at: Some(v.created_at.into()),
+                wrap_count: v.wrap_count,
+                available: v.available,
+            })
+            .collect(),
+    }
+}
+
+fn alias_message((alias, key): AliasEntry) -> Alias {
+    Alias {
+        alias_name: alias.to_string(),
+        key_id: key.to_string(),
+    }
+}
+
+fn metadata(view: crate::Result<KeyView>) -> Result<Response<KeyMetadata>, Status> {
+    view.map(|v| Response::new(key_metadata(&v)))
+        .map_err(status)
+}
+
+fn alias(entry: crate::Result<AliasEntry>) -> Result<Response<Alias>, Status> {
+    entry
+        .map(|e| Response::new(alias_message(e)))
+        .map_err(status)
+}
+
+impl KeyApi {
+    /// The service over `ops`.
+    pub fn new(ops: Ops) -> Self {
+        Self { ops }
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    #[instrument(level = "debug", skip_all)]
+    async fn create_key(
+        &self,
+        request: Request<CreateKeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::CreateKey);
+        let req = request.into_inner();
+        metadata(self.ops.create_key(call, req.description, req.alias).await)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn describe_key(
+        &self,
+        request: Request<KeyRef>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::DescribeKey);
+        metadata(
+            self.ops
+                .describe_key(call, request.into_inner().key_id)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let call = call_of(&request, Operation::ListKeys);
+        let req = request.into_inner();
+        let page = self
+            .ops
+            .list_keys(call, req.page_size, req.page_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListKeysResponse {
+            keys: page.items.iter().map(key_metadata).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn rotate_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::RotateKey);
+        metadata(self.ops.rotate_key(call, request.into_inner().key_id).await)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn enable_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::EnableKey);
+        metadata(self.ops.enable_key(call, request.into_inner().key_id).await)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn disable_key(&self, request: Request<KeyRef>) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::DisableKey);
+        metadata(
+            self.ops
+                .disable_key(call, request.into_inner().key_id)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn schedule_key_deletion(
+        &self,
+        request: Request<ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::ScheduleKeyDeletion);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .schedule_key_deletion(call, req.key_id, req.pending_window_days)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn cancel_key_deletion(
+        &self,
+        request: Request<KeyRef>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::CancelKeyDeletion);
+        metadata(
+            self.ops
+                .cancel_key_deletion(call, request.into_inner().key_id)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn create_alias(
+        &self,
+        request: Request<AliasRequest>,
+    ) -> Result<Response<Alias>, Status> {
+        let call = call_of(&request, Operation::CreateAlias);
+        let req = request.into_inner();
+        alias(
+            self.ops
+                .create_alias(call, req.alias_name, req.key_id)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn update_alias(
+        &self,
+        request: Request<AliasRequest>,
+    ) -> Result<Response<Alias>, Status> {
+        let call = call_of(&request, Operation::UpdateAlias);
+        let req = request.into_inner();
+        alias(
+            self.ops
+                .update_alias(call, req.alias_name, req.key_id)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn delete_alias(
+        &self,
+        request: Request<AliasRequest>,
+    ) -> Result<Response<Alias>, Status> {
+        let call = call_of(&request, Operation::DeleteAlias);
+        alias(
+            self.ops
+                .delete_alias(call, request.into_inner().alias_name)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_aliases(
+        &self,
+        request: Request<ListAliasesRequest>,
+    ) -> Result<Response<ListAliasesResponse>, Status> {
+        let call = call_of(&request, Operation::ListAliases);
+        let req = request.into_inner();
+        let page = self
+            .ops
+            .list_aliases(call, req.key_id, req.page_size, req.page_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListAliasesResponse {
+            aliases: page.items.into_iter().map(alias_message).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,9 @@
+//! The front ends: each decodes its wire format, builds an [`crate::ops::Call`] from its
+//! connection (through the [`crate::auth::authenticate`] authenticator), calls the
+//! operation layer ([`crate::ops::Ops`]) and maps the result and the error to its own wire
+//! format. Only here (and in the listeners and the client) does wrapd speak a transport.
+//!
+//! - [`grpc`]: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService` and the Kubernetes KMS v2
+//!   plugin (`v2.KeyManagementService`), on tonic.
+
+pub mod grpc;

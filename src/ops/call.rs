@@ -1,0 +1,97 @@
+//! One call in progress: who, what, and what its audit line will say.
+
+use std::time::Instant;
+
+use rand::RngCore;
+
+use crate::audit::sha256_hex;
+use crate::auth::{Identity, Operation};
+use crate::context::EncryptionContext;
+
+/// A call, as a front end hands it to the operation layer: the caller (or why it has none),
+/// the operation, the request id and the caller's deadline. The operation adds the key and
+/// context it acted on, for the audit line.
+pub struct Call {
+    pub(super) identity: Result<Identity, String>,
+    pub(super) op: Operation,
+    pub(super) request_id: String,
+    pub(super) started: Instant,
+    pub(super) deadline: Option<Instant>,
+    pub(super) key_id: Option<String>,
+    pub(super) key_version: Option<u32>,
+    pub(super) context: Option<(Vec<String>, String)>,
+}
+
+impl Call {
+    /// A call of `op` by `identity` (or an unauthenticated one, with the reason).
+    /// `request_id` is the caller's (kept if it is 1..=128 printable ASCII characters),
+    /// else a random one is made; `deadline` bounds waits for an HSM session.
+    pub fn new(
+        identity: Result<Identity, String>,
+        op: Operation,
+        request_id: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let request_id = request_id
+            .filter(|id| {
+                !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+            })
+            .map_or_else(
+                || {
+                    let mut bytes = [0u8; 12];
+                    rand::rng().fill_bytes(&mut bytes);
+                    hex::encode(bytes)
+                },
+                str::to_owned,
+            );
+        Self {
+            identity,
+            op,
+            request_id,
+            started: Instant::now(),
+            deadline,
+            key_id: None,
+            key_version: None,
+            context: None,
+        }
+    }
+
+    /// Records the key (and version) acted on, for the audit line.
+    pub fn key(&mut self, key_id: impl Into<String>, version: Option<u32>) {
+        self.key_id = Some(key_id.into());
+        if version.is_some() {
+            self.key_version = version;
+        }
+    }
+
+    /// Records the encryption context (its keys and hash; never the values).
+    pub fn context(&mut self, context: &EncryptionContext) {
+        self.context = Some((
+            context.iter().map(|(k, _)| k.to_owned()).collect(),
+            sha256_hex(&context.serialize()),
+        ));
+    }
+
+    /// The operation.
+    pub fn op(&self) -> Operation {
+        self.op
+    }
+
+    /// The caller's deadline, if it sent one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The request id (the caller's or a random one).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The caller, for log fields.
+    pub fn who(&self) -> String {
+        match &self.identity {
+            Ok(identity) => identity.to_string(),
+            Err(_) => "unauthenticated".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The gate every call passes: policy checks, and the audit line.
+//!
+//! [`Gate::run`] takes a [`Call`] and a job (validation, [`Gate::check`] before touching a
+//! key, the key store operation) and runs the job and then the audit append (for successes,
+//! failures and denials alike) as one task on the blocking pool. The caller cannot cancel
+//! it: when a deadline fires or a client resets its stream, the front end drops its future,
+//! but the task runs on and writes its line, so no state change ever goes unaudited
+//! (security review finding 11). It is one thread hand-off per call. If the audit line
+//! cannot be written, the caller gets [`Error::Unavailable`] instead of the result: the log
+//! fails closed. Each call is logged once, here.
+
+use std::sync::Arc;
+
+use super::Call;
+use crate::audit::{AuditLog, AuditRecord};
+use crate::auth::{Operation, PolicyHandle, Target};
+use crate::context::EncryptionContext;
+use crate::error::{Error, ErrorKind, Result};
+use crate::hsm::with_deadline;
+use crate::keystore::Keystore;
+
+/// Policy and audit for every front end. Share it in an `Arc`.
+pub struct Gate {
+    policy: Arc<PolicyHandle>,
+    audit: Option<Arc<AuditLog>>,
+}
+
+impl Gate {
+    /// A gate with this policy and (optional) audit log.
+    pub fn new(policy: Arc<PolicyHandle>, audit: Option<Arc<AuditLog>>) -> Self {
+        Self { policy, audit }
+    }
+
+    /// May this caller do the call's operation to `target`? Fails closed while the audit log
+    /// is unwritable.
+    pub fn check(
+        &self,
+        call: &Call,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+    ) -> Result<()> {
+        self.check_as(call, call.op, target, context)
+    }
+
+    /// Like [`Gate::check`], for a permission other than the RPC's own (ReWrap's two ends).
+    pub fn check_as(
+        &self,
+        call: &Call,
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+    ) -> Result<()> {
+        let identity = call
+            .identity
+            .as_ref()
+            .map_err(|reason| Error::Unauthenticated(reason.clone()))?;
+        if !self.audit_healthy() {
+            return Err(Error::Unavailable(
+                "the audit log cannot be written; key operations are refused".into(),
+            ));
+        }
+        if self
+            .policy
+            .current()
+            .allows(&identity.principals, op, target, context)
+        {
+            Ok(())
+        } else {
+            Err(denied(op))
+        }
+    }
+
+    /// For a call whose key cannot be known yet (or at all: an unparseable blob): allowed to
+    /// go on (and fail on its input) only if the caller may do `op` on some key.
+    pub fn check_some(&self, call: &Call, op: Operation) -> Result<()> {
+        let identity = call
+            .identity
+            .as_ref()
+            .map_err(|reason| Error::Unauthenticated(reason.clone()))?;
+        if self.policy.current().allows_some(&identity.principals, op) {
+            Ok(())
+        } else {
+            Err(denied(op))
+        }
+    }
+
+    /// False while the audit log cannot be written (calls are refused, health and the KMS
+    /// plugin's healthz say so).
+    pub fn audit_healthy(&self) -> bool {
+        self.audit.as_ref().is_none_or(|audit| audit.is_healthy())
+    }
+
+    /// Runs `job` and then writes the call's audit line, as one task on the blocking pool
+    /// that the caller cannot cancel (see the module docs). The caller's deadline bounds the
+    /// wait for an HSM session.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        keystore: &Arc<Keystore>,
+        mut call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let gate = self.clone();
+        let keystore = keystore.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = with_deadline(call.deadline, || job(&gate, &keystore, &mut call));
+            gate.finish(call, result)
+        });
+        match task.await {
+            Ok(result) => result,
+            // A panic in the job: INTERNAL for this request, not a dead daemon.
+            Err(join) => Err(Error::Internal(format!("key store task failed: {join}"))),
+        }
+    }
+
+    /// Ends a call: logs it, writes its audit line (blocking until it is durable), then
+    /// returns the result, or [`Error::Unavailable`] if the line could not be written.
+    fn finish<R>(&self, call: Call, result: Result<R>) -> Result<R> {
+        let latency_us = u64::try_from(call.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let outcome = match &result {
+            Ok(_) => "OK",
+            Err(err) => outcome_name(err.kind()),
+        };
+        match &result {
+            Ok(_) => tracing::debug!(op = call.op.name(), who = %call.who(), latency_us, "ok"),
+            Err(err) if err.kind() == ErrorKind::Internal => {
+                tracing::error!(op = call.op.name(), who = %call.who(), latency_us,
+                    error = %err, "failed: internal error");
+            }
+            Err(err) if err.kind() == ErrorKind::Unavailable => {
+                tracing::warn!(op = call.op.name(), who = %call.who(), latency_us,
+                    error = %err, "failed: unavailable");
+            }
+            Err(err) => tracing::info!(op = call.op.name(), who = %call.who(), latency_us,
+                outcome, message = %err, "failed"),
+        }
+        let Some(audit) = &self.audit else {
+            return result;
+        };
+        let (principal, transport, peer) = match &call.identity {
+            Ok(id) => (
+                id.principal().to_owned(),
+                id.transport.as_str().to_owned(),
+                id.peer.clone(),
+            ),
+            Err(_) => (String::new(), String::new(), String::new()),
+        };
+        let (context_keys, context_hash) = match call.context {
+            Some((keys, hash)) => (keys, Some(hash)),
+            None => (Vec::new(), None),
+        };
+        let entry = AuditRecord {
+            request_id: call.request_id,
+            principal,
+            transport,
+            peer,
+            operation: call.op.name().to_owned(),
+            key_id: call.key_id,
+            key_version: call.key_version,
+            context_keys,
+            context_hash,
+            outcome: outcome.to_owned(),
+            error: result.as_ref().err().map(Error::public_message),
+            latency_us,
+            ..Default::default()
+        };
+        match audit.append(entry) {
+            Ok(()) => result,
+            Err(err) => Err(err),
+        }
+    }
+}
+
+fn denied(op: Operation) -> Error {
+    // The same message whether or not the key exists.
+    Error::PermissionDenied(format!("not allowed to {} this key", op.name()))
+}
+
+/// The audit log's name of an outcome: the gRPC code name of docs/DESIGN.md §4, whatever the
+/// transport, so that the log reads the same for every front end.
+pub fn outcome_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext => "INVALID_ARGUMENT",
+        ErrorKind::NotFound => "NOT_FOUND",
+        ErrorKind::AlreadyExists => "ALREADY_EXISTS",
+        ErrorKind::WrongState | ErrorKind::LimitReached => "FAILED_PRECONDITION",
+        ErrorKind::Unauthenticated => "UNAUTHENTICATED",
+        ErrorKind::PermissionDenied => "PERMISSION_DENIED",
+        ErrorKind::Unavailable => "UNAVAILABLE",
+        _ => "INTERNAL",
+    }
+}

@@ -1,0 +1,225 @@
+//! The operations of the Kubernetes KMS v2 plugin, backed by one wrapd key.
+//!
+//! - Encrypt wraps the apiserver's DEK seed under the newest version of the key, bound to
+//!   the reserved encryption context [`KMS_CONTEXT`] that no other caller can supply (its
+//!   `wrapd:` prefix is refused from them), so a principal with Unwrap on the key over the
+//!   main API still cannot open the apiserver's DEK seeds. The KMS key id of a blob is
+//!   `key/<hex>:<version>`; no annotations are needed.
+//! - Decrypt accepts every blob the plugin ever issued: of every version of the key, and of
+//!   keys the configured alias pointed at before it was re-pointed. Such a blob is
+//!   authorized by the plugin's grant on its configured key, because only the plugin can
+//!   make a blob bound to [`KMS_CONTEXT`] (security review finding 8). Blobs from before the
+//!   reserved context (bound to the empty context) still decrypt, checked against the
+//!   policy on the blob's own key. The request's key id must be the one Encrypt returned
+//!   with that ciphertext.
+//! - Status: the current KMS key id (a rotation changes it, so the apiserver uses a new
+//!   DEK), and healthz `ok` only while the audit log is writable and a real wrap + unwrap
+//!   round trip through the token succeeded within `healthz_cache`; otherwise the reason.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use super::{Call, Ops, target_of};
+use crate::auth::Target;
+use crate::blob::Blob;
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::ids::KeyRef;
+use crate::keystore::Keystore;
+
+/// Largest DEK (seed) Encrypt takes: its ciphertext stays under the 1 KiB the API allows.
+pub const MAX_PLAINTEXT: usize = 512;
+/// Largest ciphertext and key id Decrypt takes (the API's limits).
+pub const MAX_CIPHERTEXT: usize = 1024;
+/// Largest total size of the annotations Decrypt takes.
+pub const MAX_ANNOTATIONS: usize = 32 * 1024;
+/// The encryption context every blob of the plugin is bound to: one reserved entry.
+pub const KMS_CONTEXT: (&str, &str) = ("wrapd:purpose", "kubernetes-kms-v2");
+
+/// The plugin's reserved context.
+fn kms_context() -> EncryptionContext {
+    EncryptionContext::from_entries([(KMS_CONTEXT.0.to_owned(), KMS_CONTEXT.1.to_owned())])
+        // Two short valid strings: cannot fail.
+        .unwrap_or_default()
+}
+
+/// `key/<hex>:<version>`, the KMS key id of a key version.
+fn kms_key_id(key_id: &impl std::fmt::Display, version: u32) -> String {
+    format!("{key_id}:{version}")
+}
+
+/// The policy target of a Decrypt of a blob the plugin issued: the configured key's names
+/// and the blob key's own, so the plugin's grant on its configured key (e.g. on
+/// `alias/kubernetes`) covers blobs of keys the alias pointed at before.
+fn issued_by_plugin(ks: &Keystore, configured: &KeyRef, blob_key: &KeyRef) -> Target {
+    let mut names = vec![configured.to_string()];
+    for target in [target_of(ks, configured), target_of(ks, blob_key)] {
+        if let Target::Key(more) = target {
+            names.extend(more);
+        }
+    }
+    Target::Key(names)
+}
+
+/// The KMS v2 plugin's operations over one configured key.
+pub struct KmsPlugin {
+    ops: Ops,
+    key: KeyRef,
+    healthz_cache: Duration,
+    health: Mutex<Option<(Instant, String)>>,
+}
+
+/// What Encrypt returns: the blob and its KMS key id.
+#[derive(Debug)]
+pub struct KmsCiphertext {
+    /// The wrapd blob.
+    pub ciphertext: Vec<u8>,
+    /// `key/<hex>:<version>`.
+    pub key_id: String,
+}
+
+impl KmsPlugin {
+    /// The plugin over `key`.
+    pub fn new(ops: Ops, key: KeyRef, healthz_cache: Duration) -> Self {
+        Self {
+            ops,
+            key,
+            healthz_cache,
+            health: Mutex::new(None),
+        }
+    }
+
+    /// The current KMS key id and healthz (`ok`, or why not).
+    pub async fn status(&self) -> (String, String) {
+        match self.ops.keystore().resolve(&self.key) {
+            Ok(key) => (
+                kms_key_id(&key.id, key.current_version()),
+                self.healthz().await,
+            ),
+            Err(_) => (
+                String::new(),
+                format!("the configured key {} does not exist", self.key),
+            ),
+        }
+    }
+
+    /// "ok", or why not: from the cache, or a fresh round trip through the token.
+    async fn healthz(&self) -> String {
+        if !self.ops.gate().audit_healthy() {
+            return "the audit log cannot be written; key operations are refused".to_owned();
+        }
+        if let Some((at, healthz)) = &*self.health.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < self.healthz_cache {
+                return healthz.clone();
+            }
+        }
+        let key = self.key.clone();
+        let keystore = self.ops.keystore().clone();
+        let probe = tokio::task::spawn_blocking(move || -> Result<()> {
+            let probe = Zeroizing::new(b"wrapd kms health probe".to_vec());
+            let context = kms_context();
+            let wrapped = keystore.wrap(&key, &probe, &context)?;
+            let back = keystore.unwrap(&wrapped.blob, &context, None)?;
+            if back.plaintext == probe {
+                Ok(())
+            } else {
+                Err(Error::Internal(
+                    "the round trip returned other bytes".into(),
+                ))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Internal(format!("health probe task: {e}"))));
+        let healthz = match probe {
+            Ok(()) => "ok".to_owned(),
+            Err(err) => format!("{:?}: {}", err.kind(), err.public_message()),
+        };
+        if healthz != "ok" {
+            tracing::warn!(%healthz, "KMS plugin health probe failed");
+        }
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), healthz.clone()));
+        healthz
+    }
+
+    /// Wraps a DEK seed (1..=[`MAX_PLAINTEXT`] bytes) under the configured key.
+    pub async fn encrypt(
+        &self,
+        call: Call,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<KmsCiphertext> {
+        let key = self.key.clone();
+        let wrapped = self
+            .ops
+            .run(call, move |gate, ks, call| {
+                if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT {
+                    return Err(Error::invalid(format!(
+                        "plaintext must be 1 to {MAX_PLAINTEXT} bytes"
+                    )));
+                }
+                let context = kms_context();
+                call.key(key.to_string(), None);
+                call.context(&context);
+                gate.check(call, &target_of(ks, &key), Some(&context))?;
+                let wrapped = ks.wrap(&key, &plaintext, &context)?;
+                call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
+                Ok(wrapped)
+            })
+            .await?;
+        Ok(KmsCiphertext {
+            key_id: kms_key_id(&wrapped.key_id, wrapped.key_version),
+            ciphertext: wrapped.blob,
+        })
+    }
+
+    /// Unwraps a blob the plugin issued; `key_id` must be the one Encrypt returned with it,
+    /// `annotations` the total size of the request's annotations.
+    pub async fn decrypt(
+        &self,
+        call: Call,
+        ciphertext: Vec<u8>,
+        key_id: String,
+        annotations: usize,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let configured = self.key.clone();
+        let unwrapped = self
+            .ops
+            .run(call, move |gate, ks, call| {
+                if ciphertext.is_empty()
+                    || ciphertext.len() > MAX_CIPHERTEXT
+                    || key_id.len() > MAX_CIPHERTEXT
+                    || annotations > MAX_ANNOTATIONS
+                {
+                    return Err(Error::invalid(
+                        "ciphertext, key_id or annotations out of the KMS v2 size limits",
+                    ));
+                }
+                let blob = Blob::parse(&ciphertext)?;
+                if key_id != kms_key_id(&blob.key_id, blob.key_version) {
+                    return Err(Error::InvalidCiphertext);
+                }
+                let key = KeyRef::Id(blob.key_id.clone());
+                call.key(key.to_string(), Some(blob.key_version));
+                let context = kms_context();
+                call.context(&context);
+                gate.check(
+                    call,
+                    &issued_by_plugin(ks, &configured, &key),
+                    Some(&context),
+                )?;
+                match ks.unwrap(&ciphertext, &context, None) {
+                    Err(Error::InvalidCiphertext) => {}
+                    other => return other,
+                }
+                // A blob from before the reserved context: the policy on its own key decides.
+                let legacy = EncryptionContext::default();
+                call.context(&legacy);
+                gate.check(call, &target_of(ks, &key), Some(&legacy))?;
+                ks.unwrap(&ciphertext, &legacy, None)
+            })
+            .await?;
+        Ok(unwrapped.plaintext)
+    }
+}

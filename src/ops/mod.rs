@@ -1,0 +1,509 @@
+//! The operation layer: every key operation, once, for every front end.
+//!
+//! A front end (the gRPC services, the Kubernetes KMS v2 plugin, and next the AWS KMS JSON
+//! API) decodes its request, builds a [`Call`] (the caller's identity from its connection,
+//! a request id, a deadline) and calls a method of [`Ops`] with plain values. The method
+//! validates them, checks the policy, runs the key store operation and writes the audit
+//! line, all as one job the caller cannot cancel ([`Gate::run`]), and returns a domain
+//! value or an [`Error`] whose [`crate::error::ErrorKind`] the front end maps to its wire
+//! format. Nothing here knows a transport: no module below the front ends imports tonic.
+//!
+//! `call.rs` is the call record, `gate.rs` the policy checks, the job runner and the audit
+//! line, `kms.rs` the operations of the Kubernetes KMS v2 plugin.
+
+mod call;
+mod gate;
+mod kms;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use zeroize::Zeroizing;
+
+pub use call::Call;
+pub use gate::{Gate, outcome_name};
+pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
+
+use crate::auth::{Operation, Target};
+use crate::blob::Blob;
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::ids::{AliasName, KeyId, KeyRef};
+use crate::keystore::{GeneratedKey, KeyRecord, Keystore, Page, Rewrapped, Unwrapped, Wrapped};
+
+/// Encryption-context keys with this prefix are reserved for wrapd's own bindings (the
+/// KMS plugin binds its blobs with one), so that no caller can produce or open a blob bound
+/// that way (security review finding 8).
+pub const RESERVED_CONTEXT_PREFIX: &str = "wrapd:";
+
+/// A key as callers see it: its record and, per version, what only the key store knows.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    /// The key.
+    pub key: Arc<KeyRecord>,
+    /// Its versions, oldest first.
+    pub versions: Vec<VersionView>,
+}
+
+/// One version of a [`KeyView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionView {
+    /// The version number.
+    pub version: u32,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// Wraps made with it (an upper bound after a restart).
+    pub wrap_count: u64,
+    /// False when its key material was missing from the token at start-up.
+    pub available: bool,
+}
+
+impl KeyView {
+    fn of(keystore: &Keystore, key: Arc<KeyRecord>) -> Self {
+        let versions = key
+            .versions
+            .iter()
+            .map(|v| VersionView {
+                version: v.version,
+                created_at: v.created_at,
+                wrap_count: keystore.wrap_count(&key, v),
+                available: !keystore.is_missing(&key.id, v.version),
+            })
+            .collect();
+        Self { key, versions }
+    }
+}
+
+/// An alias and the key it names.
+pub type AliasEntry = (AliasName, KeyId);
+
+/// The key operations, for every front end. Cheap to clone.
+#[derive(Clone)]
+pub struct Ops {
+    keystore: Arc<Keystore>,
+    gate: Arc<Gate>,
+}
+
+/// A caller's encryption context: valid, and without reserved keys.
+fn caller_context(entries: HashMap<String, String>) -> Result<EncryptionContext> {
+    if let Some(key) = entries
+        .keys()
+        .find(|k| k.starts_with(RESERVED_CONTEXT_PREFIX))
+    {
+        return Err(Error::invalid(format!(
+            "encryption context key {key:?}: keys starting with {RESERVED_CONTEXT_PREFIX:?} are reserved"
+        )));
+    }
+    EncryptionContext::new(entries)
+}
+
+fn optional_key_ref(s: &str) -> Result<Option<KeyRef>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        KeyRef::parse(s).map(Some)
+    }
+}
+
+/// The policy target of a key reference: all the key's names when it exists, else the name
+/// as requested (so a denial looks the same either way).
+fn target_of(keystore: &Keystore, key: &KeyRef) -> Target {
+    match keystore.resolve(key) {
+        Ok(record) => Target::Key(
+            std::iter::once(record.id.to_string())
+                .chain(record.aliases.iter().map(ToString::to_string))
+                .collect(),
+        ),
+        Err(_) => Target::Key(vec![key.to_string()]),
+    }
+}
+
+/// The key a blob names, if the blob parses.
+fn blob_key(blob: &[u8]) -> Option<KeyRef> {
+    Blob::parse(blob).ok().map(|b| KeyRef::Id(b.key_id))
+}
+
+/// Checks an alias operation (security review finding 4): on the alias's own name, never on
+/// the other names of the key it points at, and on every key involved: the key it names now
+/// (if any) and the key it is to name (if given). As in AWS KMS, each is required.
+fn check_alias(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &Call,
+    alias: &AliasName,
+    new_key: Option<&KeyRef>,
+) -> Result<()> {
+    gate.check(call, &Target::Key(vec![alias.to_string()]), None)?;
+    let current = KeyRef::Alias(alias.clone());
+    if ks.resolve(&current).is_ok() {
+        gate.check(call, &target_of(ks, &current), None)?;
+    }
+    if let Some(key) = new_key {
+        gate.check(call, &target_of(ks, key), None)?;
+    }
+    Ok(())
+}
+
+impl Ops {
+    /// The operations on `keystore`, guarded by `gate`.
+    pub fn new(keystore: Arc<Keystore>, gate: Arc<Gate>) -> Self {
+        Self { keystore, gate }
+    }
+
+    /// The key store (status answers that need no call, benchmarks).
+    pub fn keystore(&self) -> &Arc<Keystore> {
+        &self.keystore
+    }
+
+    /// The gate (health).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.gate.run(&self.keystore, call, job).await
+    }
+
+    // ---- data plane ----------------------------------------------------------------------
+
+    /// A data key of `number_of_bytes` (0 means 32) under `key_id`, in plaintext and wrapped
+    /// (GenerateDataKey, GenerateDataKeyWithoutPlaintext: the call's operation says which).
+    pub async fn generate_data_key(
+        &self,
+        call: Call,
+        key_id: String,
+        context: HashMap<String, String>,
+        number_of_bytes: u32,
+    ) -> Result<GeneratedKey> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            let ctx = caller_context(context)?;
+            call.context(&ctx);
+            gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+            let generated = ks.generate_data_key(&key, number_of_bytes, &ctx)?;
+            call.key(
+                generated.wrapped.key_id.to_string(),
+                Some(generated.wrapped.key_version),
+            );
+            Ok(generated)
+        })
+        .await
+    }
+
+    /// Wraps caller-supplied plaintext under `key_id`.
+    pub async fn wrap(
+        &self,
+        call: Call,
+        key_id: String,
+        plaintext: Zeroizing<Vec<u8>>,
+        context: HashMap<String, String>,
+    ) -> Result<Wrapped> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            let ctx = caller_context(context)?;
+            call.context(&ctx);
+            gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+            let wrapped = ks.wrap(&key, &plaintext, &ctx)?;
+            call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
+            Ok(wrapped)
+        })
+        .await
+    }
+
+    /// Unwraps a blob; `key_id`, if not empty, must name the key it is wrapped under.
+    pub async fn unwrap(
+        &self,
+        call: Call,
+        blob: Vec<u8>,
+        context: HashMap<String, String>,
+        key_id: String,
+    ) -> Result<Unwrapped> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let expected = optional_key_ref(&key_id)?;
+            let ctx = caller_context(context)?;
+            call.context(&ctx);
+            // An unparseable blob names no key: it fails as invalid below.
+            if let Some(key) = blob_key(&blob) {
+                call.key(key.to_string(), None);
+                gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+            }
+            let unwrapped = ks.unwrap(&blob, &ctx, expected.as_ref())?;
+            call.key(unwrapped.key_id.to_string(), Some(unwrapped.key_version));
+            Ok(unwrapped)
+        })
+        .await
+    }
+
+    /// Re-wraps a blob under the newest version of `destination_key_id` (empty: the source
+    /// key). Needs `ReWrapFrom` on the source and `ReWrapTo` on the destination (security
+    /// review finding 5).
+    pub async fn rewrap(
+        &self,
+        call: Call,
+        blob: Vec<u8>,
+        source_context: HashMap<String, String>,
+        destination_key_id: String,
+        destination_context: HashMap<String, String>,
+    ) -> Result<Rewrapped> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, Operation::ReWrapFrom)?;
+            let destination = optional_key_ref(&destination_key_id)?;
+            let source_ctx = caller_context(source_context)?;
+            let destination_ctx = caller_context(destination_context)?;
+            call.context(&destination_ctx);
+            let source = blob_key(&blob);
+            if let Some(source) = &source {
+                gate.check_as(
+                    call,
+                    Operation::ReWrapFrom,
+                    &target_of(ks, source),
+                    Some(&source_ctx),
+                )?;
+            }
+            if let Some(to) = destination.as_ref().or(source.as_ref()) {
+                call.key(to.to_string(), None);
+                gate.check_as(
+                    call,
+                    Operation::ReWrapTo,
+                    &target_of(ks, to),
+                    Some(&destination_ctx),
+                )?;
+            }
+            let rewrapped =
+                ks.rewrap(&blob, &source_ctx, destination.as_ref(), &destination_ctx)?;
+            call.key(
+                rewrapped.wrapped.key_id.to_string(),
+                Some(rewrapped.wrapped.key_version),
+            );
+            Ok(rewrapped)
+        })
+        .await
+    }
+
+    // ---- control plane -------------------------------------------------------------------
+
+    /// Runs a job that returns a key, answering with its view.
+    async fn key_job(
+        &self,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<KeyView> {
+        self.run(call, move |gate, ks, call| {
+            let key = job(gate, ks, call)?;
+            call.key(key.id.to_string(), Some(key.current_version()));
+            Ok(KeyView::of(ks, key))
+        })
+        .await
+    }
+
+    /// The common shape of the operations on one named key.
+    async fn on_key(
+        &self,
+        call: Call,
+        key_id: String,
+        f: impl FnOnce(&Keystore, &KeyRef) -> Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<KeyView> {
+        self.key_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            gate.check(call, &target_of(ks, &key), None)?;
+            f(ks, &key)
+        })
+        .await
+    }
+
+    /// Creates a key, optionally with an alias (empty: none).
+    pub async fn create_key(
+        &self,
+        call: Call,
+        description: String,
+        alias: String,
+    ) -> Result<KeyView> {
+        self.key_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = if alias.is_empty() {
+                None
+            } else {
+                Some(AliasName::parse(&alias)?)
+            };
+            let target = match &alias {
+                Some(alias) => Target::Key(vec![alias.to_string()]),
+                None => Target::Any,
+            };
+            gate.check(call, &target, None)?;
+            ks.create_key(&description, alias.as_ref())
+        })
+        .await
+    }
+
+    /// A key, by id or alias.
+    pub async fn describe_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.resolve(key)).await
+    }
+
+    /// Adds a version to a key.
+    pub async fn rotate_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.rotate_key(key))
+            .await
+    }
+
+    /// Enables a disabled key.
+    pub async fn enable_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.enable_key(key))
+            .await
+    }
+
+    /// Disables a key.
+    pub async fn disable_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.disable_key(key))
+            .await
+    }
+
+    /// Schedules a key's destruction after `days` (7..=30; 0 means 30).
+    pub async fn schedule_key_deletion(
+        &self,
+        call: Call,
+        key_id: String,
+        days: u32,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| ks.schedule_deletion(key, days))
+            .await
+    }
+
+    /// Cancels a scheduled deletion (the key comes back disabled).
+    pub async fn cancel_key_deletion(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.cancel_deletion(key))
+            .await
+    }
+
+    /// Keys in creation order, one page at a time.
+    pub async fn list_keys(
+        &self,
+        call: Call,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<Page<KeyView>> {
+        self.run(call, move |gate, ks, call| {
+            gate.check(call, &Target::Any, None)?;
+            let page = ks.list_keys(page_size, &page_token)?;
+            Ok(Page {
+                items: page.items.into_iter().map(|k| KeyView::of(ks, k)).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
+    }
+
+    /// Runs an alias job.
+    async fn alias_job(
+        &self,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<AliasEntry> + Send + 'static,
+    ) -> Result<AliasEntry> {
+        self.run(call, move |gate, ks, call| {
+            let entry = job(gate, ks, call)?;
+            call.key(entry.1.to_string(), None);
+            Ok(entry)
+        })
+        .await
+    }
+
+    /// Creates an alias for a key.
+    pub async fn create_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+    ) -> Result<AliasEntry> {
+        self.alias_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&alias_name)?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            check_alias(gate, ks, call, &alias, Some(&key))?;
+            ks.create_alias(&alias, &key)
+        })
+        .await
+    }
+
+    /// Points an existing alias at another key.
+    pub async fn update_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+    ) -> Result<AliasEntry> {
+        self.alias_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&alias_name)?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            check_alias(gate, ks, call, &alias, Some(&key))?;
+            ks.update_alias(&alias, &key)
+        })
+        .await
+    }
+
+    /// Deletes an alias.
+    pub async fn delete_alias(&self, call: Call, alias_name: String) -> Result<AliasEntry> {
+        self.alias_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&alias_name)?;
+            check_alias(gate, ks, call, &alias, None)?;
+            ks.delete_alias(&alias)
+        })
+        .await
+    }
+
+    /// Aliases sorted by name, optionally only those of one key (empty: all).
+    pub async fn list_aliases(
+        &self,
+        call: Call,
+        key_id: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<Page<AliasEntry>> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = optional_key_ref(&key_id)?;
+            let target = match &key {
+                Some(key) => {
+                    call.key(key.to_string(), None);
+                    target_of(ks, key)
+                }
+                None => Target::Any,
+            };
+            gate.check(call, &target, None)?;
+            ks.list_aliases(key.as_ref(), page_size, &page_token)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_context_keys_are_refused() {
+        let entries = |k: &str| HashMap::from([(k.to_owned(), "v".to_owned())]);
+        let err = caller_context(entries("wrapd:purpose")).unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        assert!(caller_context(entries("tenant")).is_ok());
+        assert!(
+            caller_context(entries("wrapd")).is_ok(),
+            "only the prefix with its colon"
+        );
+    }
+}
