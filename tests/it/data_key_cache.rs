@@ -1,7 +1,7 @@
 //! The thin client's data key cache against a real daemon: the daemon's audit log counts
 //! the GenerateDataKey and Unwrap calls the cache let through.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

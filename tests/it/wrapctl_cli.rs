@@ -1,7 +1,7 @@
 //! `wrapctl` end to end: every command against a real daemon, over the unix socket and over
 //! mutual TLS, with `--json` output.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

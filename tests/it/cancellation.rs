@@ -4,7 +4,7 @@
 //! (`WRAPD_FAULT_STALL_MS`, feature `fault-injection`), its callers with deadlines far
 //! shorter than that.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The Kubernetes KMS v2 plugin socket, driven by a client generated from the same proto as
 //! a kube-apiserver's: status, rotation, round trips, bad ciphertexts, an unavailable token.
 
-mod common;
+use crate::common;
 
 use common::{DevDaemon, assert_code, eventually};
 use tonic::Code;

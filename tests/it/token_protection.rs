@@ -1,9 +1,9 @@
 //! The master keys are really protected: checked through PKCS#11 itself, outside the daemon.
 //!
-//! This file holds a single test because it points SoftHSM at the daemon's token through the
-//! `SOFTHSM2_CONF` environment variable of this test process.
+//! The PKCS#11 part runs in a child process of the test binary (`common::run_isolated`): it
+//! points SoftHSM at the daemon's token through `SOFTHSM2_CONF`.
 
-mod common;
+use crate::common;
 
 use common::{DevDaemon, create_key};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -25,9 +25,24 @@ async fn key_objects_are_sensitive_and_never_extractable() {
     .unwrap();
     drop(keys);
     assert!(daemon.stop().success());
+    common::run_isolated(
+        "token_protection::isolated_inspection",
+        &[
+            ("WRAPD_TEST_STATE_DIR", &daemon.dir().display().to_string()),
+            ("WRAPD_TEST_KEY_ID", &key.key_id),
+        ],
+    );
+}
 
-    let dir = daemon.dir().to_owned();
-    // SAFETY: the only test in this binary; no other thread reads the environment now.
+#[test]
+#[ignore = "runs in its own process: see key_objects_are_sensitive_and_never_extractable"]
+fn isolated_inspection() {
+    if !common::isolated() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(std::env::var("WRAPD_TEST_STATE_DIR").unwrap());
+    let key_id = std::env::var("WRAPD_TEST_KEY_ID").unwrap();
+    // SAFETY: the only test in this process; no other thread reads the environment now.
     unsafe { std::env::set_var("SOFTHSM2_CONF", dir.join("softhsm2.conf")) };
     let module = wrapd::dev::find_softhsm_module().unwrap();
     let pkcs11 = Pkcs11::new(module).unwrap();
@@ -47,7 +62,7 @@ async fn key_objects_are_sensitive_and_never_extractable() {
         .unwrap();
 
     for version in [1, 2] {
-        let id = format!("{}:{version}", key.key_id);
+        let id = format!("{key_id}:{version}");
         let handles = session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),

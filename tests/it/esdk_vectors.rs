@@ -28,7 +28,7 @@ struct Vector {
 }
 
 fn vectors() -> Vec<Vector> {
-    let file: Value = serde_json::from_str(include_str!("vectors/esdk-v2.json")).unwrap();
+    let file: Value = serde_json::from_str(include_str!("../vectors/esdk-v2.json")).unwrap();
     let hex = |v: &Value| hex::decode(v.as_str().unwrap()).unwrap();
     file["vectors"]
         .as_array()

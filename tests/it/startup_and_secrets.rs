@@ -1,7 +1,7 @@
 //! Start-up failures end with one clear error line and a non-zero exit (never a panic), and
 //! no secret ever reaches the daemon's log, even at the most verbose level.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,8 @@
 //! adapter: invalid sessions are replaced, device errors re-initialize the context, callers
 //! beyond the session cap wait and then get UNAVAILABLE, and service resumes by itself.
 //!
-//! One test in this file: it points SoftHSM at its token through `SOFTHSM2_CONF`.
+//! The test runs in a child process of the test binary (`common::run_isolated`): it points
+//! SoftHSM at a token of its own through `SOFTHSM2_CONF` and re-initializes PKCS#11.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,12 +14,23 @@ use wrapd::hsm::{Fault, Pkcs11Token};
 use wrapd::ids::KeyRef;
 use wrapd::keystore::{Keystore, KeystoreConfig, ManualClock, SqliteStore};
 
+use crate::common;
+
 #[test]
 fn the_daemon_core_rides_out_token_faults() {
+    common::run_isolated("faults::isolated_token_faults", &[]);
+}
+
+#[test]
+#[ignore = "runs in its own process: see the_daemon_core_rides_out_token_faults"]
+fn isolated_token_faults() {
+    if !common::isolated() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let setup = wrapd::dev::prepare(dir.path()).unwrap();
     let mut config = Config::load(&setup.config).unwrap();
-    // SAFETY: the only test in this binary, before SoftHSM is loaded.
+    // SAFETY: the only test in this process, before SoftHSM is loaded.
     unsafe { std::env::set_var("SOFTHSM2_CONF", config.softhsm2_conf.as_ref().unwrap()) };
     wrapd::dev::provision(&setup, &config).unwrap();
     config.hsm.max_sessions = 2;

@@ -3,7 +3,7 @@
 //! with its versions, metadata and token agree, and the SQLite store is intact. And a
 //! graceful shutdown under load finishes what is in flight and refuses the rest cleanly.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

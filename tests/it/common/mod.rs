@@ -282,6 +282,40 @@ impl Drop for DevDaemon {
     }
 }
 
+/// Runs the ignored test `test` (its full path, e.g. `faults::isolated_token_faults`) of this
+/// test binary in a child process, with `env`, and fails with its output unless it passed:
+/// for tests that need process-global PKCS#11 state of their own. The child sees
+/// [`isolated`] true.
+pub fn run_isolated(test: &str, env: &[(&str, &str)]) {
+    let out = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WRAPD_TEST_ISOLATED", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the test binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{test} in its own process:\n{text}"
+    );
+}
+
+/// True in a child process started by [`run_isolated`] (an isolated test run directly
+/// returns at once).
+pub fn isolated() -> bool {
+    std::env::var_os("WRAPD_TEST_ISOLATED").is_some()
+}
+
 /// Polls `check` every 20 ms until it returns true, for at most 10 s (state changes that
 /// happen in the daemon's background, such as a SIGHUP reload).
 pub async fn eventually<F, Fut>(what: &str, mut check: F)

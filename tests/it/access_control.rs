@@ -1,7 +1,7 @@
 //! Access control over real sockets: the mutual-TLS matrix, unix peer identities, and the
 //! policy (operations, globs, aliases, required context, SIGHUP reload).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

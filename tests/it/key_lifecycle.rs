@@ -1,7 +1,7 @@
 //! KeyService against a real daemon: lifecycle, aliases, pagination, restart persistence,
 //! health and reflection.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};

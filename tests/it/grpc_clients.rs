@@ -6,7 +6,7 @@
 //! evicts), through `unix:///path`, `unix:/path`, a percent-encoded and an empty authority,
 //! and a long socket path. On TCP, a malformed authority is still refused.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! Raw garbage, half-open connections and oversized messages on the unix socket and the TCP
 //! port neither crash the daemon nor starve other clients.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;

@@ -1,7 +1,7 @@
 //! `wrapctl encrypt` / `wrapctl decrypt` against a real daemon: round trips under several
 //! keys, required context, tampering and truncation leaving no output file, pipes.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

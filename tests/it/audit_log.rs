@@ -1,7 +1,7 @@
 //! The audit log over a real daemon: every RPC leaves a line with the right principal and
 //! outcome, tampering is caught by `wrapctl audit verify`, and an unwritable log fails closed.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

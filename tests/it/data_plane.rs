@@ -1,7 +1,7 @@
 //! DataKeyService against a real daemon on a real SoftHSM token: round trips, rotation,
 //! ReWrap, and every kind of bad input with its gRPC code.
 
-mod common;
+use crate::common;
 
 use common::{DevDaemon, assert_code, create_key, ctx, generate};
 use tonic::Code;

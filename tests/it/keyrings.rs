@@ -2,7 +2,7 @@
 //! the unix socket, one over TCP with mutual TLS), and a message decrypts while any one of
 //! them can unwrap: with a key disabled, with a daemon down, and not at all once both fail.
 
-mod common;
+use crate::common;
 
 use common::{DevDaemon, create_key};
 use wrapd::client::DataKeyServiceClient;

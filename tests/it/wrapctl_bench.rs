@@ -1,7 +1,7 @@
 //! `wrapctl bench` runs every part against a real daemon and reports every figure (a smoke
 //! test with tiny sizes: the figures themselves are for people, not assertions).
 
-mod common;
+use crate::common;
 
 use common::DevDaemon;
 
