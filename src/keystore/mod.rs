@@ -11,6 +11,8 @@
 //!
 //! Every method blocks (token and database calls): run them off the async executor.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod metadata;
 mod sqlite;
 
@@ -123,12 +125,31 @@ pub struct Unwrapped {
     pub key_version: u32,
 }
 
+impl std::fmt::Debug for Unwrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unwrapped")
+            .field("plaintext", &"<redacted>")
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
 /// A fresh data key, in plaintext and wrapped.
 pub struct GeneratedKey {
     /// The data key; zeroized on drop.
     pub plaintext: Zeroizing<Vec<u8>>,
     /// The same key wrapped.
     pub wrapped: Wrapped,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedKey")
+            .field("plaintext", &"<redacted>")
+            .field("wrapped", &self.wrapped)
+            .finish()
+    }
 }
 
 /// A ReWrap result.
@@ -917,5 +938,113 @@ impl Keystore {
             source_key_id: source.key_id.clone(),
             source_key_version: source.key_version,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::memory::MemoryToken;
+
+    fn keystore(max_wraps: u64) -> (Keystore, Arc<MemoryToken>) {
+        let token = Arc::new(MemoryToken::default());
+        let keystore = Keystore::open(
+            token.clone(),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            Arc::new(SystemClock),
+            KeystoreConfig {
+                max_wraps_per_version: max_wraps,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (keystore, token)
+    }
+
+    fn ctx(value: &str) -> EncryptionContext {
+        EncryptionContext::from_entries([("tenant".to_owned(), value.to_owned())]).unwrap()
+    }
+
+    #[test]
+    fn rotation_keeps_every_version_unwrapping() {
+        let (ks, _) = keystore(1 << 30);
+        let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        let old = ks.wrap(&key, b"v1", &ctx("a")).unwrap();
+        ks.rotate_key(&key).unwrap();
+        let new = ks.wrap(&key, b"v2", &ctx("a")).unwrap();
+        assert_eq!((old.key_version, new.key_version), (1, 2));
+        assert_eq!(
+            &*ks.unwrap(&old.blob, &ctx("a"), None).unwrap().plaintext,
+            b"v1"
+        );
+        assert_eq!(
+            &*ks.unwrap(&new.blob, &ctx("a"), None).unwrap().plaintext,
+            b"v2"
+        );
+        assert!(matches!(
+            ks.unwrap(&old.blob, &ctx("b"), None),
+            Err(Error::InvalidCiphertext)
+        ));
+    }
+
+    #[test]
+    fn a_disabled_key_is_in_the_wrong_state_for_the_data_plane() {
+        let (ks, _) = keystore(1 << 30);
+        let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        let blob = ks.wrap(&key, b"x", &ctx("a")).unwrap().blob;
+        ks.disable_key(&key).unwrap();
+        assert!(matches!(
+            ks.wrap(&key, b"x", &ctx("a")),
+            Err(Error::WrongState(_))
+        ));
+        assert!(matches!(
+            ks.unwrap(&blob, &ctx("a"), None),
+            Err(Error::WrongState(_))
+        ));
+        ks.schedule_deletion(&key, 7).unwrap();
+        assert!(matches!(ks.enable_key(&key), Err(Error::WrongState(_))));
+        ks.cancel_deletion(&key).unwrap();
+        ks.enable_key(&key).unwrap();
+        ks.unwrap(&blob, &ctx("a"), None).unwrap();
+    }
+
+    #[test]
+    fn the_wrap_limit_rotates_before_it_is_passed() {
+        let (ks, _) = keystore(2);
+        let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        let versions: Vec<u32> = (0..5)
+            .map(|_| ks.wrap(&key, b"x", &ctx("a")).unwrap().key_version)
+            .collect();
+        assert_eq!(versions, [1, 1, 2, 2, 3]);
+    }
+
+    #[test]
+    fn rotation_never_replaces_key_material_the_metadata_does_not_know() {
+        let (ks, token) = keystore(1 << 30);
+        let record = ks.create_key("", None).unwrap();
+        let key = KeyRef::Id(record.id.clone());
+        // Key material for version 2 that no metadata records (a restored backup).
+        token
+            .generate_key(&ObjectId::new(record.id.clone(), 2))
+            .unwrap();
+        assert!(matches!(ks.rotate_key(&key), Err(Error::WrongState(_))));
+        assert!(
+            token
+                .contains(&ObjectId::new(record.id.clone(), 2))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_names_are_typed_not_found() {
+        let (ks, _) = keystore(1 << 30);
+        assert!(matches!(
+            ks.resolve(&KeyRef::parse("alias/none").unwrap()),
+            Err(Error::AliasNotFound(_))
+        ));
+        assert!(matches!(
+            ks.resolve(&KeyRef::Id(KeyId::generate())),
+            Err(Error::KeyNotFound(_))
+        ));
     }
 }

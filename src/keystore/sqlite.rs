@@ -533,90 +533,32 @@ impl HeadStore for SqliteStore {
 mod tests {
     use super::*;
 
-    fn record(state: KeyState) -> KeyRecord {
-        let now = from_millis(to_millis(SystemTime::now()));
-        KeyRecord {
+    crate::metadata_store_conformance!(SqliteStore::in_memory().unwrap());
+
+    #[test]
+    fn a_file_store_keeps_everything_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let key = KeyRecord {
             id: KeyId::generate(),
-            description: "test".into(),
-            state,
-            created_at: now,
+            description: "durable".into(),
+            state: KeyState::Enabled,
+            created_at: from_millis(to_millis(SystemTime::now())),
             deletion_date: None,
             versions: vec![VersionRecord {
                 version: 1,
-                created_at: now,
+                created_at: from_millis(to_millis(SystemTime::now())),
                 wraps_reserved: 0,
             }],
             aliases: vec![],
-        }
-    }
-
-    #[test]
-    fn keys_aliases_and_pages() {
-        let store = SqliteStore::in_memory().unwrap();
-        let a = record(KeyState::Enabled);
-        let b = record(KeyState::Enabled);
-        let alias = AliasName::parse("alias/a").unwrap();
-        store.create_key(&a, Some(&alias)).unwrap();
-        assert!(matches!(
-            store.create_key(&b, Some(&alias)),
-            Err(Error::AlreadyExists(_))
-        ));
-        // The failed transaction left nothing behind.
-        assert!(store.key(&b.id).unwrap().is_none());
-        store.create_key(&b, None).unwrap();
-
-        let loaded = store.key(&a.id).unwrap().unwrap();
-        assert_eq!(loaded.aliases, vec![alias.clone()]);
-        assert_eq!(loaded.current_version(), 1);
-
-        let page = store.list_keys(&Cursor::default(), 1).unwrap();
-        assert_eq!(page.len(), 1);
-        assert_eq!(page[0].1.id, a.id);
-        let next = store.list_keys(&page[0].0, 10).unwrap();
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].1.id, b.id);
-
-        store.update_alias(&alias, &b.id).unwrap();
-        assert_eq!(store.delete_alias(&alias).unwrap(), Some(b.id.clone()));
-        assert_eq!(store.delete_alias(&alias).unwrap(), None);
-    }
-
-    #[test]
-    fn deletion_due_and_cascade() {
-        let store = SqliteStore::in_memory().unwrap();
-        let key = record(KeyState::Enabled);
-        store
-            .create_key(&key, Some(&AliasName::parse("alias/x").unwrap()))
+        };
+        SqliteStore::open(&path)
+            .unwrap()
+            .create_key(&key, None)
             .unwrap();
-        let when = SystemTime::now() + Duration::from_secs(3600);
-        store
-            .set_state(&key.id, KeyState::PendingDeletion, Some(when))
-            .unwrap();
-        assert!(
-            store
-                .keys_due_for_deletion(SystemTime::now())
-                .unwrap()
-                .is_empty()
-        );
         assert_eq!(
-            store.keys_due_for_deletion(when).unwrap(),
-            vec![key.id.clone()]
-        );
-        store.delete_key(&key.id, when).unwrap();
-        assert!(store.key(&key.id).unwrap().is_none());
-        assert!(store.all_aliases().unwrap().is_empty());
-    }
-
-    #[test]
-    fn wrap_reservations_only_grow() {
-        let store = SqliteStore::in_memory().unwrap();
-        let key = record(KeyState::Enabled);
-        store.create_key(&key, None).unwrap();
-        store.reserve_wraps(&key.id, 1, 4096).unwrap();
-        store.reserve_wraps(&key.id, 1, 10).unwrap();
-        assert_eq!(
-            store.key(&key.id).unwrap().unwrap().versions[0].wraps_reserved,
-            4096
+            SqliteStore::open(&path).unwrap().key(&key.id).unwrap(),
+            Some(key)
         );
     }
 }

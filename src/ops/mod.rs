@@ -494,6 +494,159 @@ impl Ops {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Identity, Policy, PolicyHandle, Transport};
+    use crate::error::ErrorKind;
+    use crate::hsm::memory::MemoryToken;
+    use crate::keystore::{KeystoreConfig, SqliteStore, SystemClock};
+
+    /// Operations over an in-memory token with `policy`, and a call maker for `unix:uid=7`.
+    fn ops(policy: &str) -> Ops {
+        let keystore = Keystore::open(
+            Arc::new(MemoryToken::default()),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            Arc::new(SystemClock),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let policy = PolicyHandle::fixed(Policy::parse(policy).unwrap());
+        Ops::new(
+            Arc::new(keystore),
+            Arc::new(Gate::new(Arc::new(policy), None)),
+        )
+    }
+
+    fn call(op: Operation) -> Call {
+        let identity = Identity {
+            principals: vec!["unix:uid=7".to_owned()].into(),
+            transport: Transport::Unix,
+            peer: "pid=1".into(),
+        };
+        Call::new(Ok(identity), op, None, None)
+    }
+
+    const ADMIN: &str =
+        "[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"all\"]\nkeys = [\"*\"]\n";
+
+    #[tokio::test]
+    async fn reserved_context_keys_are_refused_on_every_data_plane_call() {
+        let ops = ops(ADMIN);
+        let key = ops
+            .create_key(call(Operation::CreateKey), String::new(), "alias/k".into())
+            .await
+            .unwrap();
+        let reserved = HashMap::from([("wrapd:purpose".to_owned(), "x".to_owned())]);
+        let err = ops
+            .generate_data_key(
+                call(Operation::GenerateDataKey),
+                "alias/k".into(),
+                reserved.clone(),
+                0,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        let blob = ops
+            .wrap(
+                call(Operation::Wrap),
+                key.key.id.to_string(),
+                Zeroizing::new(b"x".to_vec()),
+                HashMap::new(),
+            )
+            .await
+            .unwrap()
+            .blob;
+        let err = ops
+            .unwrap(call(Operation::Unwrap), blob, reserved, String::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn an_alias_is_authorized_on_its_own_name() {
+        let ops = ops(ADMIN);
+        let billing = ops
+            .create_key(
+                call(Operation::CreateKey),
+                String::new(),
+                "alias/billing".into(),
+            )
+            .await
+            .unwrap();
+        ops.create_alias(
+            call(Operation::CreateAlias),
+            "alias/team-a-x".into(),
+            billing.key.id.to_string(),
+        )
+        .await
+        .unwrap();
+        let scoped = Ops::new(
+            ops.keystore().clone(),
+            Arc::new(Gate::new(
+                Arc::new(PolicyHandle::fixed(
+                    Policy::parse("[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"admin\"]\nkeys = [\"alias/team-a-*\"]\n")
+                        .unwrap(),
+                )),
+                None,
+            )),
+        );
+        let err = scoped
+            .delete_alias(call(Operation::DeleteAlias), "alias/billing".into())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        scoped
+            .delete_alias(call(Operation::DeleteAlias), "alias/team-a-x".into())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn rewrap_needs_both_ends() {
+        let ops = ops(
+            "[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"CreateKey\", \"Wrap\", \"ReWrapTo\"]\nkeys = [\"*\"]\n",
+        );
+        ops.create_key(call(Operation::CreateKey), String::new(), "alias/a".into())
+            .await
+            .unwrap();
+        let blob = ops
+            .wrap(
+                call(Operation::Wrap),
+                "alias/a".into(),
+                Zeroizing::new(b"x".to_vec()),
+                HashMap::new(),
+            )
+            .await
+            .unwrap()
+            .blob;
+        let err = ops
+            .rewrap(
+                call(Operation::ReWrap),
+                blob,
+                HashMap::new(),
+                "alias/a".into(),
+                HashMap::new(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn an_unauthenticated_call_is_refused_before_anything() {
+        let ops = ops(ADMIN);
+        let anonymous = Call::new(
+            Err("no credentials".into()),
+            Operation::ListKeys,
+            None,
+            None,
+        );
+        let err = ops
+            .list_keys(anonymous, 0, String::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+    }
 
     #[test]
     fn reserved_context_keys_are_refused() {

@@ -166,8 +166,7 @@ fn reconciliation_reports_missing_and_orphan_objects() {
     // The damaged key fails cleanly with UNAVAILABLE; the healthy one works.
     let err = reopened
         .unwrap(&blob, &ctx(), None)
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");
     let err = reopened.wrap(&id, b"k", &ctx()).expect_err("must fail");
     assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");

@@ -1,0 +1,255 @@
+//! The [`MetadataStore`] (and audit [`HeadStore`]) contract, written once and run against
+//! every backend: SQLite now, PostgreSQL next. A backend's test module calls
+//! [`metadata_store_conformance!`](crate::metadata_store_conformance) with an expression that
+//! makes a fresh, empty store.
+//!
+//! Times are compared at millisecond precision: backends keep at least that much.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+use crate::audit::{ChainHead, HeadStore};
+use crate::error::{Error, ErrorKind};
+use crate::ids::{AliasName, KeyId};
+
+/// What a backend under test is.
+pub trait Store: MetadataStore + HeadStore {}
+impl<T: MetadataStore + HeadStore> Store for T {}
+
+fn millis(t: SystemTime) -> SystemTime {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn record(state: KeyState) -> KeyRecord {
+    let now = millis(SystemTime::now());
+    KeyRecord {
+        id: KeyId::generate(),
+        description: "test".into(),
+        state,
+        created_at: now,
+        deletion_date: None,
+        versions: vec![VersionRecord {
+            version: 1,
+            created_at: now,
+            wraps_reserved: 0,
+        }],
+        aliases: vec![],
+    }
+}
+
+fn alias(name: &str) -> AliasName {
+    AliasName::parse(name).unwrap()
+}
+
+/// Keys round-trip, a taken alias fails the whole creation, pages follow creation order.
+pub fn keys_aliases_and_pages(store: &impl Store) {
+    let a = record(KeyState::Enabled);
+    let b = record(KeyState::Enabled);
+    store.create_key(&a, Some(&alias("alias/a"))).unwrap();
+    assert!(matches!(
+        store.create_key(&b, Some(&alias("alias/a"))),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(store.key(&b.id).unwrap().is_none(), "nothing half-made");
+    store.create_key(&b, None).unwrap();
+
+    let loaded = store.key(&a.id).unwrap().unwrap();
+    assert_eq!(loaded.aliases, vec![alias("alias/a")]);
+    assert_eq!(
+        KeyRecord {
+            aliases: vec![],
+            ..loaded
+        },
+        a,
+        "every field round-trips"
+    );
+    assert_eq!(store.all_keys().unwrap().len(), 2);
+
+    let page = store.list_keys(&Cursor::default(), 1).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].1.id, a.id);
+    let next = store.list_keys(&page[0].0, 10).unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].1.id, b.id);
+    assert!(store.list_keys(&next[0].0, 10).unwrap().is_empty());
+}
+
+/// Aliases: create, re-point, list (all or per key, sorted, paged), delete.
+pub fn aliases(store: &impl Store) {
+    let a = record(KeyState::Enabled);
+    let b = record(KeyState::Enabled);
+    store.create_key(&a, None).unwrap();
+    store.create_key(&b, None).unwrap();
+    store.create_alias(&alias("alias/z"), &a.id).unwrap();
+    store.create_alias(&alias("alias/m"), &a.id).unwrap();
+    assert!(matches!(
+        store.create_alias(&alias("alias/m"), &b.id),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        store.create_alias(&alias("alias/x"), &KeyId::generate()),
+        Err(e) if e.kind() == ErrorKind::NotFound
+    ));
+    assert!(matches!(
+        store.update_alias(&alias("alias/none"), &a.id),
+        Err(Error::AliasNotFound(_))
+    ));
+    store.update_alias(&alias("alias/z"), &b.id).unwrap();
+    let all = store.list_aliases(None, &Cursor::default(), 10).unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (alias("alias/m"), a.id.clone()),
+            (alias("alias/z"), b.id.clone())
+        ]
+    );
+    let of_b = store
+        .list_aliases(Some(&b.id), &Cursor::default(), 10)
+        .unwrap();
+    assert_eq!(of_b, vec![(alias("alias/z"), b.id.clone())]);
+    let after_m = store
+        .list_aliases(None, &Cursor("alias/m".into()), 10)
+        .unwrap();
+    assert_eq!(after_m.len(), 1);
+    assert_eq!(
+        store.key(&b.id).unwrap().unwrap().aliases,
+        vec![alias("alias/z")]
+    );
+    assert_eq!(
+        store.delete_alias(&alias("alias/z")).unwrap(),
+        Some(b.id.clone())
+    );
+    assert_eq!(store.delete_alias(&alias("alias/z")).unwrap(), None);
+    assert_eq!(store.all_aliases().unwrap().len(), 1);
+}
+
+/// States and deletion: due dates, deletion cascades to versions and aliases.
+pub fn deletion_due_and_cascade(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, Some(&alias("alias/x"))).unwrap();
+    let when = millis(SystemTime::now() + Duration::from_secs(3600));
+    store
+        .set_state(&key.id, KeyState::PendingDeletion, Some(when))
+        .unwrap();
+    let loaded = store.key(&key.id).unwrap().unwrap();
+    assert_eq!(loaded.state, KeyState::PendingDeletion);
+    assert_eq!(loaded.deletion_date, Some(when));
+    assert!(
+        store
+            .keys_due_for_deletion(SystemTime::now())
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.keys_due_for_deletion(when).unwrap(),
+        vec![key.id.clone()]
+    );
+    assert!(matches!(
+        store.set_state(&KeyId::generate(), KeyState::Disabled, None),
+        Err(Error::KeyNotFound(_))
+    ));
+    store.delete_key(&key.id, when).unwrap();
+    assert!(store.key(&key.id).unwrap().is_none());
+    assert!(store.all_aliases().unwrap().is_empty());
+}
+
+/// Versions: appended in order; a pending version is remembered until added or ended.
+pub fn versions_and_pending_versions(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, None).unwrap();
+    store.begin_version(&key.id, 2).unwrap();
+    store.begin_version(&key.id, 2).unwrap(); // idempotent
+    assert_eq!(store.pending_versions().unwrap(), vec![(key.id.clone(), 2)]);
+    let v2 = VersionRecord {
+        version: 2,
+        created_at: millis(SystemTime::now()),
+        wraps_reserved: 0,
+    };
+    store.add_version(&key.id, &v2).unwrap();
+    assert!(
+        store.pending_versions().unwrap().is_empty(),
+        "added: no longer pending"
+    );
+    let loaded = store.key(&key.id).unwrap().unwrap();
+    assert_eq!(loaded.versions.len(), 2);
+    assert_eq!(loaded.versions[1], v2);
+    assert_eq!(loaded.current_version(), 2);
+    store.begin_version(&key.id, 3).unwrap();
+    store.end_version(&key.id, 3).unwrap();
+    assert!(store.pending_versions().unwrap().is_empty());
+}
+
+/// Wrap reservations only ever grow.
+pub fn wrap_reservations_only_grow(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, None).unwrap();
+    store.reserve_wraps(&key.id, 1, 4096).unwrap();
+    store.reserve_wraps(&key.id, 1, 10).unwrap();
+    assert_eq!(
+        store.key(&key.id).unwrap().unwrap().versions[0].wraps_reserved,
+        4096
+    );
+}
+
+/// Audit chain heads: one per chain, only moving forward.
+pub fn audit_heads_only_move_forward(store: &impl Store) {
+    let head = |seq, c: char| ChainHead {
+        seq,
+        hash: c.to_string().repeat(64),
+    };
+    assert_eq!(store.audit_head("/var/log/a").unwrap(), None);
+    store
+        .record_audit_head("/var/log/a", &head(5, 'a'))
+        .unwrap();
+    store
+        .record_audit_head("/var/log/a", &head(3, 'b'))
+        .unwrap();
+    store
+        .record_audit_head("/var/log/b", &head(1, 'c'))
+        .unwrap();
+    assert_eq!(store.audit_head("/var/log/a").unwrap(), Some(head(5, 'a')));
+    assert_eq!(store.audit_head("/var/log/b").unwrap(), Some(head(1, 'c')));
+    store
+        .record_audit_head("/var/log/a", &head(9, 'd'))
+        .unwrap();
+    assert_eq!(store.audit_head("/var/log/a").unwrap(), Some(head(9, 'd')));
+}
+
+/// Generates the conformance tests for a backend: `$make` makes a fresh, empty store.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! metadata_store_conformance {
+    ($make:expr) => {
+        mod conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::keystore::conformance as suite;
+
+            #[test]
+            fn keys_aliases_and_pages() {
+                suite::keys_aliases_and_pages(&$make);
+            }
+            #[test]
+            fn aliases() {
+                suite::aliases(&$make);
+            }
+            #[test]
+            fn deletion_due_and_cascade() {
+                suite::deletion_due_and_cascade(&$make);
+            }
+            #[test]
+            fn versions_and_pending_versions() {
+                suite::versions_and_pending_versions(&$make);
+            }
+            #[test]
+            fn wrap_reservations_only_grow() {
+                suite::wrap_reservations_only_grow(&$make);
+            }
+            #[test]
+            fn audit_heads_only_move_forward() {
+                suite::audit_heads_only_move_forward(&$make);
+            }
+        }
+    };
+}
