@@ -12,6 +12,10 @@
 //!
 //! What cannot be zeroized is listed in `SECURITY.md` (bytes inside the HTTP/2 and TLS
 //! buffers of tonic, hyper and rustls; the PKCS#11 library's own copies).
+//!
+//! One of the crate's marked syscall spots: `unsafe` is allowed here, each block with its
+//! `// SAFETY:` comment.
+#![allow(unsafe_code)]
 
 use std::ffi::CStr;
 

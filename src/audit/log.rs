@@ -20,9 +20,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -91,11 +92,6 @@ pub struct AuditLog {
     heads: Option<Arc<dyn HeadStore>>,
     recorded: Mutex<u64>,
     healthy: watch::Sender<bool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its data consistent at each step.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -266,7 +262,7 @@ impl AuditLog {
         };
         let reached = (seq == head.seq && last_hash == head.hash)
             || (seq > head.seq && {
-                let state = lock(&self.state);
+                let state = self.state.lock();
                 state
                     .file
                     .as_ref()
@@ -293,7 +289,7 @@ impl AuditLog {
                     // The gap record takes the number after the recorded head, so that
                     // sequence numbers never repeat; it says what it skips.
                     {
-                        let mut state = lock(&self.state);
+                        let mut state = self.state.lock();
                         state.seq = state.seq.max(head.seq);
                     }
                     self.append(AuditRecord {
@@ -320,7 +316,7 @@ impl AuditLog {
     /// record, anchors to the last hash of the old one). Lines already written to the old
     /// file are synced before the swap. On failure the log is unhealthy until it succeeds.
     pub fn reopen(&self) -> Result<()> {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if let Some(old) = &state.file {
             if let Err(e) = old.sync_data() {
                 tracing::warn!(error = %e, "audit log: cannot sync the file being rotated away");
@@ -343,12 +339,12 @@ impl AuditLog {
                 state.len = len;
                 state.torn = false;
                 {
-                    let mut sync = lock(&self.sync);
+                    let mut sync = self.sync.lock();
                     sync.file = Some(sync_file);
                     // Everything written before was synced above (or is lost with the
                     // old file's disk, which a retry here could not help).
                     sync.synced = state.seq;
-                    sync.durable = Some(lock(&self.written).clone());
+                    sync.durable = Some(self.written.lock().clone());
                 }
                 tracing::info!(path = %self.path.display(), anchor = %state.prev, seq = state.seq, "audit log reopened");
                 let marker = AuditRecord {
@@ -385,7 +381,7 @@ impl AuditLog {
     /// durable and the operation must fail.
     pub fn append(&self, record: AuditRecord) -> Result<()> {
         let seq = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             self.write_locked(&mut state, record)?
         };
         if self.fsync == FsyncPolicy::Always {
@@ -396,12 +392,12 @@ impl AuditLog {
 
     /// Waits until line `seq` is on disk. Takes only the `sync` lock.
     fn sync_through(&self, seq: u64) -> Result<()> {
-        let mut sync = lock(&self.sync);
+        let mut sync = self.sync.lock();
         if sync.synced >= seq {
             return Ok(()); // another caller's fdatasync covered this line
         }
         // Everything written so far is covered by the sync below.
-        let target = lock(&self.written).clone();
+        let target = self.written.lock().clone();
         let result = match sync.file.as_ref() {
             Some(file) => file.sync_data(),
             None => Err(std::io::Error::other("not open")),
@@ -449,12 +445,12 @@ impl AuditLog {
                 state.seq = seq;
                 state.prev = record.hash.clone();
                 {
-                    let mut written = lock(&self.written);
+                    let mut written = self.written.lock();
                     written.seq = seq;
                     written.hash = record.hash;
                 }
                 if self.fsync == FsyncPolicy::Never {
-                    lock(&self.sync).durable = Some(lock(&self.written).clone());
+                    self.sync.lock().durable = Some(self.written.lock().clone());
                 }
                 if !*self.healthy.borrow() {
                     tracing::info!("audit log writable again");
@@ -497,13 +493,13 @@ impl AuditLog {
             return Ok(());
         };
         let head = {
-            let sync = lock(&self.sync);
+            let sync = self.sync.lock();
             match &sync.durable {
                 Some(head) => head.clone(),
-                None => lock(&self.written).clone(),
+                None => self.written.lock().clone(),
             }
         };
-        let mut recorded = lock(&self.recorded);
+        let mut recorded = self.recorded.lock();
         if head.seq == 0 || head.seq <= *recorded {
             return Ok(());
         }
@@ -514,7 +510,7 @@ impl AuditLog {
 
     /// Syncs what was written and records the head (graceful shutdown).
     pub fn close(&self) -> Result<()> {
-        let seq = lock(&self.state).seq;
+        let seq = self.state.lock().seq;
         self.sync_through(seq)?;
         self.record_head()
     }
@@ -557,10 +553,10 @@ mod tests {
 
     impl HeadStore for Heads {
         fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>> {
-            Ok(lock(&self.0).get(chain).cloned())
+            Ok(self.0.lock().get(chain).cloned())
         }
         fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()> {
-            lock(&self.0).insert(chain.to_owned(), head.clone());
+            self.0.lock().insert(chain.to_owned(), head.clone());
             Ok(())
         }
     }

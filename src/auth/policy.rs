@@ -20,8 +20,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
@@ -291,11 +292,11 @@ impl Policy {
 }
 
 /// The policy in force, reloadable (SIGHUP). A policy file that fails to load leaves the
-/// previous policy in force.
+/// previous policy in force. Readers never wait: the policy is swapped atomically.
 #[derive(Debug)]
 pub struct PolicyHandle {
     path: Option<PathBuf>,
-    current: RwLock<Arc<Policy>>,
+    current: ArcSwap<Policy>,
 }
 
 impl PolicyHandle {
@@ -307,7 +308,7 @@ impl PolicyHandle {
         };
         Ok(Self {
             path,
-            current: RwLock::new(Arc::new(policy)),
+            current: ArcSwap::from_pointee(policy),
         })
     }
 
@@ -315,16 +316,13 @@ impl PolicyHandle {
     pub fn fixed(policy: Policy) -> Self {
         Self {
             path: None,
-            current: RwLock::new(Arc::new(policy)),
+            current: ArcSwap::from_pointee(policy),
         }
     }
 
     /// The policy in force.
     pub fn current(&self) -> Arc<Policy> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.load_full()
     }
 
     /// Re-reads the file. On error the old policy stays in force and the error is returned.
@@ -334,7 +332,7 @@ impl PolicyHandle {
         };
         let policy = Policy::load(path)?;
         let grants = policy.len();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.current.store(Arc::new(policy));
         Ok(grants)
     }
 }

@@ -1,10 +1,11 @@
 //! Principals of a unix socket peer, from the credentials and groups the kernel reports.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Group, Uid, User};
+use parking_lot::Mutex;
 
 /// How long resolved names are reused: user and group lookups read `/etc/passwd` and
 /// `/etc/group` (or ask NSS), far too slow for every connection. Renames take effect within
@@ -43,7 +44,7 @@ fn cached(
     resolve: impl FnOnce(u32) -> Option<String>,
 ) -> Option<String> {
     let now = Instant::now();
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = cache.lock();
     if let Some(hit) = cache.get(&id) {
         if now.duration_since(hit.at) < NAMES_TTL {
             return hit.name.clone();

@@ -296,6 +296,7 @@ fn run(command: Command) -> Result<()> {
 
 /// Loads the config, wipes the PIN's environment variable, starts logging and points
 /// SoftHSM at its config file.
+#[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
 fn load(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
     if let Some(var) = &config.pin_env {

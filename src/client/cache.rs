@@ -22,10 +22,11 @@
 //! message id).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -143,12 +144,6 @@ struct Unwrapped {
     last_used: Mutex<Instant>,
 }
 
-/// A poisoned lock only means another thread panicked mid-update of counters; the cache
-/// stays usable (worst case an entry is used once more or refreshed once more).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 enum Use {
     /// Use this DEK; `refresh` holds the refill lock if a background refresh should start.
     Hit {
@@ -162,7 +157,7 @@ impl Partition {
     /// Takes one message of `len` bytes from the current DEK if it allows it, promoting a
     /// refreshed DEK when the current one ran out.
     fn try_use(&self, limits: &CacheLimits, len: u64, now: Instant) -> Use {
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot.lock();
         slot.last_used = Some(now);
         loop {
             let usable = |e: &Entry| {
@@ -211,7 +206,7 @@ impl Partition {
             messages: u64::from(used.is_some()),
             bytes: used.unwrap_or(0),
         };
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot.lock();
         if used.is_some() || slot.current.is_none() {
             slot.current = Some(entry);
         } else {
@@ -311,7 +306,7 @@ impl CachingKeyring {
                 // The current DEK stays in use until it runs out; the next caller after
                 // that asks the daemon itself and gets the error if it persists.
                 Err(e) => {
-                    lock(&partition.slot).refresh_failed = Some(Instant::now());
+                    partition.slot.lock().refresh_failed = Some(Instant::now());
                     tracing::warn!(error = %e, "data key cache refresh failed");
                 }
             }
@@ -321,14 +316,14 @@ impl CachingKeyring {
     fn partition(&self, context: &EncryptionContext) -> Arc<Partition> {
         let s = &self.shared;
         let id = context.serialize();
-        let mut partitions = lock(&s.partitions);
+        let mut partitions = s.partitions.lock();
         if let Some(p) = partitions.get(&id) {
             return Arc::clone(p);
         }
         if partitions.len() >= s.limits.capacity {
             let oldest = partitions
                 .iter()
-                .min_by_key(|(_, p)| lock(&p.slot).last_used)
+                .min_by_key(|(_, p)| p.slot.lock().last_used)
                 .map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 partitions.remove(&oldest);
@@ -349,11 +344,11 @@ impl CachingKeyring {
         let s = &self.shared;
         let id = unwrap_id(header);
         let entry = {
-            let mut map = lock(&s.unwrapped);
+            let mut map = s.unwrapped.lock();
             if !map.contains_key(&id) && map.len() >= s.limits.capacity {
                 let oldest = map
                     .iter()
-                    .min_by_key(|(_, u)| *lock(&u.last_used))
+                    .min_by_key(|(_, u)| *u.last_used.lock())
                     .map(|(k, _)| *k);
                 if let Some(oldest) = oldest {
                     map.remove(&oldest);
@@ -369,8 +364,10 @@ impl CachingKeyring {
         };
         let cached = |entry: &Unwrapped| {
             let now = Instant::now();
-            *lock(&entry.last_used) = now;
-            lock(&entry.dek)
+            *entry.last_used.lock() = now;
+            entry
+                .dek
+                .lock()
                 .as_ref()
                 .filter(|(_, at)| now.saturating_duration_since(*at) < s.limits.max_age)
                 .map(|(dek, _)| Zeroizing::new(dek.to_vec()))
@@ -387,7 +384,7 @@ impl CachingKeyring {
         s.misses.fetch_add(1, Ordering::Relaxed);
         let at = Instant::now();
         let dek = s.keyring.unwrap(header).await?;
-        *lock(&entry.dek) = Some((Zeroizing::new(dek.to_vec()), at));
+        *entry.dek.lock() = Some((Zeroizing::new(dek.to_vec()), at));
         Ok(dek)
     }
 }
@@ -477,7 +474,7 @@ mod tests {
         // Nearly expired: every hit would start a refresh...
         p.install(key(1), now, Some(1));
         let late = now + Duration::from_secs(50);
-        lock(&p.slot).refresh_failed = Some(late);
+        p.slot.lock().refresh_failed = Some(late);
         // ...but not within a second of a failure.
         assert_eq!(hit(p.try_use(&limits, 1, late)), (1, false));
         assert_eq!(

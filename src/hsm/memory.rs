@@ -4,8 +4,8 @@
 //! stand-in for the HSM in integration tests, which run on real SoftHSM tokens.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
+use parking_lot::Mutex;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
@@ -31,7 +31,7 @@ impl Default for MemoryToken {
 
 impl MemoryToken {
     fn key<T>(&self, object: &ObjectId, f: impl FnOnce(&LessSafeKey) -> Result<T>) -> Result<T> {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.lock();
         let key = keys
             .get(object)
             .ok_or_else(|| Error::Unavailable(format!("the token has no object for {object}")))?;
@@ -53,7 +53,6 @@ impl Token for MemoryToken {
             .map_err(|_| Error::Internal("AES-256 key".into()))?;
         self.keys
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .insert(object.clone(), LessSafeKey::new(key));
         Ok(())
     }
@@ -112,29 +111,16 @@ impl Token for MemoryToken {
     }
 
     fn contains(&self, object: &ObjectId) -> Result<bool> {
-        Ok(self
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(object))
+        Ok(self.keys.lock().contains_key(object))
     }
 
     fn destroy_key(&self, object: &ObjectId) -> Result<()> {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(object);
+        self.keys.lock().remove(object);
         Ok(())
     }
 
     fn list_keys(&self) -> Result<Vec<ObjectId>> {
-        let mut objects: Vec<ObjectId> = self
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut objects: Vec<ObjectId> = self.keys.lock().keys().cloned().collect();
         objects.sort();
         Ok(objects)
     }

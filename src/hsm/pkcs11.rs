@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 #[cfg(feature = "fault-injection")]
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -19,6 +19,7 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::{AuthPin, Ulong};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use zeroize::Zeroizing;
 
 use super::pool::{Context, Outcome, Pool};
@@ -188,11 +189,7 @@ impl Pkcs11Token {
     }
 
     fn clear_handles(&self) {
-        self.inner
-            .handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.inner.handles.lock().clear();
     }
 
     fn connect(config: &HsmConfig) -> Result<Context> {
@@ -253,24 +250,18 @@ impl Pkcs11Token {
     /// Shared use of the object store (see `Inner::object_store`). Taken before a session
     /// is checked out, never while holding one, so it cannot deadlock with the pool.
     fn shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.inner
-            .object_store
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner.object_store.read()
     }
 
     /// Exclusive use of the object store, to create or destroy objects.
     fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.inner
-            .object_store
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner.object_store.write()
     }
 
     /// Queues faults for the coming calls, one per call (fault tests).
     #[cfg(feature = "fault-injection")]
     pub fn inject(&self, fault: Fault, times: usize) {
-        let mut faults = self.inner.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self.inner.faults.lock();
         faults.extend(std::iter::repeat_n(fault, times));
     }
 
@@ -328,12 +319,7 @@ impl Pkcs11Token {
         if let Some(stall) = self.inner.stall_every_call {
             std::thread::sleep(stall);
         }
-        let fault = self
-            .inner
-            .faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front();
+        let fault = self.inner.faults.lock().pop_front();
         let injected = |rv: &str, fault| Error::Pkcs11Library {
             message: format!("{rv} (injected)"),
             fault,
@@ -369,11 +355,7 @@ impl Pkcs11Token {
         let found = session.find_objects(&template).map_err(p11_error)?;
         match found.as_slice() {
             [handle] => {
-                self.inner
-                    .handles
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(object.clone(), *handle);
+                self.inner.handles.lock().insert(object.clone(), *handle);
                 Ok(*handle)
             }
             [] => {
@@ -395,11 +377,7 @@ impl Pkcs11Token {
     }
 
     fn reset_for_missing(&self, object: &ObjectId) {
-        let mut last = self
-            .inner
-            .last_missing_reset
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut last = self.inner.last_missing_reset.lock();
         if last.is_none_or(|at| at.elapsed() >= MISSING_RESET_INTERVAL) {
             *last = Some(Instant::now());
             tracing::error!(object = %object, "key object not found in the token; re-initializing the PKCS#11 context");
@@ -409,20 +387,11 @@ impl Pkcs11Token {
     }
 
     fn cached(&self, object: &ObjectId) -> Option<ObjectHandle> {
-        self.inner
-            .handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(object)
-            .copied()
+        self.inner.handles.lock().get(object).copied()
     }
 
     fn forget(&self, object: &ObjectId) {
-        self.inner
-            .handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(object);
+        self.inner.handles.lock().remove(object);
     }
 
     /// Runs `op` with the object's handle; on a stale handle, looks it up again once.
@@ -509,11 +478,7 @@ impl Token for Pkcs11Token {
             let handle = session
                 .generate_key(&Mechanism::AesKeyGen, &template)
                 .map_err(p11_error)?;
-            self.inner
-                .handles
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(object.clone(), handle);
+            self.inner.handles.lock().insert(object.clone(), handle);
             Ok(())
         })
     }

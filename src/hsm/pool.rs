@@ -6,12 +6,12 @@
 //! the next checkout, once every old session is back, finalizes it and initializes a new one,
 //! which is how CloudHSM fails over and how a token that came back is picked up again.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Pkcs11Fault, Result};
 
@@ -72,9 +72,7 @@ impl Pool {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the state inconsistent (every update
-        // is a single assignment), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Checks out a session, opening one (and the context) when needed, waiting until
@@ -143,11 +141,7 @@ impl Pool {
                     self.max_sessions
                 )));
             }
-            state = self
-                .freed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            self.freed.wait_for(&mut state, deadline - now);
         }
     }
 

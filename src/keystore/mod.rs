@@ -17,9 +17,10 @@ mod metadata;
 mod sqlite;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
 pub use metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
@@ -72,14 +73,14 @@ impl ManualClock {
 
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
-        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = self.0.lock();
         *now += by;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.0.lock()
     }
 }
 
@@ -205,11 +206,6 @@ pub struct Keystore {
     admin: Mutex<()>,
     /// The health probe's blob (see `probe`).
     probe: Mutex<Option<Vec<u8>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its data consistent at each step.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn page_size(requested: u32) -> Result<usize> {
@@ -346,7 +342,7 @@ impl Keystore {
     fn reload(&self) -> Result<()> {
         let keys = self.store.all_keys()?;
         let aliases = self.store.all_aliases()?;
-        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        let mut view = self.view.write();
         view.keys = keys
             .into_iter()
             .map(|k| (k.id.clone(), Arc::new(k)))
@@ -378,8 +374,7 @@ impl Keystore {
         }
         report.missing.sort();
         report.orphans.sort();
-        *self.missing.write().unwrap_or_else(|e| e.into_inner()) =
-            report.missing.iter().cloned().collect();
+        *self.missing.write() = report.missing.iter().cloned().collect();
         Ok(report)
     }
 
@@ -389,12 +384,12 @@ impl Keystore {
     /// check. Token faults are errors; a probe key that was disabled or deleted is replaced.
     pub fn probe(&self) -> Result<()> {
         let context = EncryptionContext::default();
-        let cached = lock(&self.probe).clone();
+        let cached = self.probe.lock().clone();
         if let Some(blob) = cached {
             match self.unwrap(&blob, &context, None) {
                 Ok(_) => return Ok(()),
                 Err(err) if err.kind() == ErrorKind::Unavailable => return Err(err),
-                Err(_) => *lock(&self.probe) = None, // the probe key changed state: replace it
+                Err(_) => *self.probe.lock() = None, // the probe key changed state: replace it
             }
         }
         let key = self
@@ -409,7 +404,7 @@ impl Keystore {
         };
         let wrapped = self.wrap(&KeyRef::Id(id), b"wrapd health probe", &context)?;
         self.unwrap(&wrapped.blob, &context, None)?;
-        *lock(&self.probe) = Some(wrapped.blob);
+        *self.probe.lock() = Some(wrapped.blob);
         Ok(())
     }
 
@@ -417,18 +412,17 @@ impl Keystore {
     pub fn is_missing(&self, key_id: &KeyId, version: u32) -> bool {
         self.missing
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .contains(&ObjectId::new(key_id.clone(), version))
     }
 
-    fn read_view(&self) -> std::sync::RwLockReadGuard<'_, View> {
-        self.view.read().unwrap_or_else(|e| e.into_inner())
+    fn read_view(&self) -> parking_lot::RwLockReadGuard<'_, View> {
+        self.view.read()
     }
 
     /// Re-reads one key from the store into the view.
     fn refresh(&self, id: &KeyId) -> Result<Option<Arc<KeyRecord>>> {
         let record = self.store.key(id)?.map(Arc::new);
-        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        let mut view = self.view.write();
         match &record {
             Some(r) => view.keys.insert(id.clone(), r.clone()),
             None => view.keys.remove(id),
@@ -438,8 +432,7 @@ impl Keystore {
 
     fn refresh_aliases(&self) -> Result<()> {
         let aliases = self.store.all_aliases()?;
-        self.view.write().unwrap_or_else(|e| e.into_inner()).aliases =
-            aliases.into_iter().collect();
+        self.view.write().aliases = aliases.into_iter().collect();
         Ok(())
     }
 
@@ -472,7 +465,7 @@ impl Keystore {
                 "description is longer than {MAX_DESCRIPTION_LEN} bytes"
             )));
         }
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         if let Some(alias) = alias {
             if self.read_view().aliases.contains_key(alias) {
                 return Err(Error::AlreadyExists(format!(
@@ -538,7 +531,7 @@ impl Keystore {
 
     /// Adds a version; new wraps use it.
     pub fn rotate_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         usable(&key)?;
         self.add_version(&key)
@@ -595,7 +588,7 @@ impl Keystore {
     }
 
     fn set_state(&self, key: &KeyRef, state: KeyState) -> Result<Arc<KeyRecord>> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
             return Err(Error::WrongState(format!(
@@ -617,7 +610,7 @@ impl Keystore {
                 "pending_window_days must be between 7 and 30",
             ));
         }
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
             return Err(Error::WrongState(format!(
@@ -635,7 +628,7 @@ impl Keystore {
 
     /// Cancels a scheduled deletion; the key comes back disabled, as in AWS KMS.
     pub fn cancel_deletion(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state != KeyState::PendingDeletion {
             return Err(Error::WrongState(format!(
@@ -655,7 +648,7 @@ impl Keystore {
         let now = self.clock.now();
         let mut purged = Vec::new();
         for id in self.store.keys_due_for_deletion(now)? {
-            let _admin = lock(&self.admin);
+            let _admin = self.admin.lock();
             let Some(key) = self.store.key(&id)? else {
                 continue;
             };
@@ -669,7 +662,7 @@ impl Keystore {
             self.store.delete_key(&id, now)?;
             self.refresh(&id)?;
             self.refresh_aliases()?;
-            lock(&self.counters).retain(|object, _| object.key_id != id);
+            self.counters.lock().retain(|object, _| object.key_id != id);
             tracing::warn!(key_id = %id, versions = key.versions.len(), "key destroyed");
             purged.push(id);
         }
@@ -678,7 +671,7 @@ impl Keystore {
 
     /// Creates an alias for a key.
     pub fn create_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         self.store.create_alias(alias, &key.id)?;
         self.refresh_aliases()?;
@@ -688,7 +681,7 @@ impl Keystore {
 
     /// Points an existing alias at another key.
     pub fn update_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         let old = self.read_view().aliases.get(alias).cloned();
         self.store.update_alias(alias, &key.id)?;
@@ -702,7 +695,7 @@ impl Keystore {
 
     /// Deletes an alias, returning the key it pointed at.
     pub fn delete_alias(&self, alias: &AliasName) -> Result<(AliasName, KeyId)> {
-        let _admin = lock(&self.admin);
+        let _admin = self.admin.lock();
         let key = self
             .store
             .delete_alias(alias)?
@@ -830,7 +823,7 @@ impl Keystore {
             if self.count_wrap(&record, version)? {
                 return Ok((record, version));
             }
-            let _admin = lock(&self.admin);
+            let _admin = self.admin.lock();
             // Another caller may have rotated while we waited for the lock.
             let current = self.resolve(&KeyRef::Id(record.id.clone()))?;
             if current.current_version() == version {
@@ -844,7 +837,7 @@ impl Keystore {
     /// Counts one wrap with `version`; false when the version has reached its limit.
     fn count_wrap(&self, key: &KeyRecord, version: u32) -> Result<bool> {
         let object = ObjectId::new(key.id.clone(), version);
-        let mut counters = lock(&self.counters);
+        let mut counters = self.counters.lock();
         let counter = counters.entry(object).or_insert_with(|| {
             // After a restart, count from the persisted reservation: it may over-count the
             // wraps done before, never under-count them.
@@ -872,7 +865,8 @@ impl Keystore {
 
     /// Wraps used so far with a version in this process's view (for DescribeKey).
     pub fn wrap_count(&self, key: &KeyRecord, version: &VersionRecord) -> u64 {
-        lock(&self.counters)
+        self.counters
+            .lock()
             .get(&ObjectId::new(key.id.clone(), version.version))
             .map_or(version.wraps_reserved, |c| c.used)
     }

@@ -1,9 +1,9 @@
 //! [`MetadataStore`] on an embedded SQLite file (WAL, `synchronous=FULL`, foreign keys on).
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
@@ -116,7 +116,7 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // rusqlite rolls back an unfinished transaction on drop, so a panic elsewhere while
         // holding the lock leaves the connection usable.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.conn.lock()
     }
 
     fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>> {

@@ -16,9 +16,9 @@
 //!   DEK), and healthz `ok` only while the audit log is writable and a real wrap + unwrap
 //!   round trip through the token succeeded within `healthz_cache`; otherwise the reason.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use zeroize::Zeroizing;
 
 use super::{Call, Ops, target_of};
@@ -110,7 +110,7 @@ impl KmsPlugin {
         if !self.ops.gate().audit_healthy() {
             return "the audit log cannot be written; key operations are refused".to_owned();
         }
-        if let Some((at, healthz)) = &*self.health.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((at, healthz)) = &*self.health.lock() {
             if at.elapsed() < self.healthz_cache {
                 return healthz.clone();
             }
@@ -139,8 +139,7 @@ impl KmsPlugin {
         if healthz != "ok" {
             tracing::warn!(%healthz, "KMS plugin health probe failed");
         }
-        *self.health.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((Instant::now(), healthz.clone()));
+        *self.health.lock() = Some((Instant::now(), healthz.clone()));
         healthz
     }
 

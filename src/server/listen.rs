@@ -46,6 +46,7 @@ const RESERVED_FDS: u64 = 64;
 impl Limits {
     /// The limits with `max_connections` lowered so that `listeners` listeners at their cap
     /// stay within the process's open-file limit.
+    #[allow(unsafe_code)] // getrlimit(2); see the SAFETY comment
     pub fn fitted_to_fd_limit(&self, listeners: usize) -> Self {
         let mut fitted = self.clone();
         let mut limit = libc::rlimit {
@@ -359,6 +360,7 @@ fn peer_of(stream: &UnixStream, names: &UnixNames) -> Option<UnixPeer> {
 
 /// The peer process's supplementary groups at connect time (`SO_PEERGROUPS`, Linux 4.13+):
 /// its real groups, not what `/etc/group` says today (security review finding 9).
+#[allow(unsafe_code)] // getsockopt(2); see the SAFETY comment
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
     let mut groups: Vec<libc::gid_t> = vec![0; 64];
     loop {

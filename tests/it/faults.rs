@@ -23,6 +23,7 @@ fn the_daemon_core_rides_out_token_faults() {
 
 #[test]
 #[ignore = "runs in its own process: see the_daemon_core_rides_out_token_faults"]
+#[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
 fn isolated_token_faults() {
     if !common::isolated() {
         return;

@@ -15,6 +15,7 @@ use wrapd::keystore::{Keystore, KeystoreConfig, ManualClock, SqliteStore};
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// One SoftHSM token per test process (PKCS#11 is initialized once per process).
+#[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
 fn token() -> Arc<Pkcs11Token> {
     static TOKEN: OnceLock<(TempDir, Arc<Pkcs11Token>)> = OnceLock::new();
     TOKEN
@@ -164,9 +165,7 @@ fn reconciliation_reports_missing_and_orphan_objects() {
     assert!(reopened.is_missing(&key.id, 1));
 
     // The damaged key fails cleanly with UNAVAILABLE; the healthy one works.
-    let err = reopened
-        .unwrap(&blob, &ctx(), None)
-        .expect_err("must fail");
+    let err = reopened.unwrap(&blob, &ctx(), None).expect_err("must fail");
     assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");
     let err = reopened.wrap(&id, b"k", &ctx()).expect_err("must fail");
     assert_eq!(err.kind(), wrapd::error::ErrorKind::Unavailable, "{err}");

@@ -36,6 +36,7 @@ async fn key_objects_are_sensitive_and_never_extractable() {
 
 #[test]
 #[ignore = "runs in its own process: see key_objects_are_sensitive_and_never_extractable"]
+#[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
 fn isolated_inspection() {
     if !common::isolated() {
         return;

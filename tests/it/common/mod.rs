@@ -142,6 +142,7 @@ impl DevDaemon {
     }
 
     /// Sends SIGTERM and waits for a clean exit.
+    #[allow(unsafe_code)] // kill(2); see the SAFETY comment
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill(2) on our own child's pid has no memory effects.
@@ -157,6 +158,7 @@ impl DevDaemon {
     }
 
     /// Sends a signal to the daemon.
+    #[allow(unsafe_code)] // kill(2); see the SAFETY comment
     pub fn signal(&self, signal: libc::c_int) {
         let child = self.child.as_ref().expect("daemon running");
         // SAFETY: kill(2) on our own child's pid has no memory effects.
