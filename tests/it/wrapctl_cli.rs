@@ -210,3 +210,55 @@ fn unreachable_daemon_is_a_clear_error() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// `wrapctl`'s exit code says what failed: 3 not found, 6 unavailable, 2 usage, 4 denied,
+/// 5 an invalid ciphertext, 7 a key in the wrong state.
+#[test]
+fn exit_codes_say_what_failed() {
+    let daemon = DevDaemon::start();
+    let code = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(code(&["keys", "describe", "alias/nope"]), Some(3));
+    let unreachable = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .args(["--socket", "/nonexistent/wrapd.sock", "keys", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(6));
+    assert_eq!(
+        code(&["datakey", "unwrap", "--blob", "not base64!"]),
+        Some(2)
+    );
+    assert_eq!(code(&["keys", "frobnicate"]), Some(2));
+    let ctl = Ctl {
+        daemon: &daemon,
+        tls: false,
+    };
+    let key = ctl.ok(&["keys", "create"]);
+    let id = text(&key, "key_id");
+    let wrapped = ctl.ok(&["datakey", "wrap", &id, "--plaintext", "c2VjcmV0"]);
+    let blob = text(&wrapped, "ciphertext_blob");
+    assert_eq!(
+        code(&["datakey", "unwrap", "--blob", &blob, "--context", "a=b"]),
+        Some(5)
+    );
+    ctl.ok(&["keys", "disable", &id]);
+    assert_eq!(code(&["datakey", "unwrap", "--blob", &blob]), Some(7));
+    std::fs::write(daemon.dir().join("policy.toml"), "").unwrap();
+    daemon.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while code(&["keys", "list"]) != Some(4) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an empty policy denies"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

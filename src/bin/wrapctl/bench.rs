@@ -554,8 +554,10 @@ pub async fn run(
     Ok(json!({ "cores": cores, "rows": rows }))
 }
 
-/// Prints the rows of [`run`] as two tables (bulk throughput, small messages).
-pub fn print_table(result: &Value) {
+/// The rows of [`run`] as two tables (bulk throughput, small messages).
+pub fn table_text(result: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let rows = result["rows"].as_array().cloned().unwrap_or_default();
     let openssl = |threads: &Value| {
         rows.iter()
@@ -566,8 +568,9 @@ pub fn print_table(result: &Value) {
             .and_then(|r| r["encrypt_gbps"].as_f64())
     };
     let figure = |v: &Value| v.as_f64().map_or("-".to_owned(), |g| format!("{g:.2}"));
-    println!("cores: {}", result["cores"]);
-    println!(
+    let _ = writeln!(out, "cores: {}", result["cores"]);
+    let _ = writeln!(
+        out,
         "{:<42} {:>7} {:>13} {:>13} {:>14}",
         "bulk", "threads", "encrypt GB/s", "decrypt GB/s", "enc vs openssl"
     );
@@ -578,7 +581,8 @@ pub fn print_table(result: &Value) {
             }
             _ => String::new(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<42} {:>7} {:>13} {:>13} {:>14}",
             r["part"].as_str().unwrap_or(""),
             r["threads"],
@@ -589,12 +593,14 @@ pub fn print_table(result: &Value) {
     }
     let small: Vec<&Value> = rows.iter().filter(|r| r.get("cache").is_some()).collect();
     if !small.is_empty() {
-        println!(
+        let _ = writeln!(
+            out,
             "\n{:<42} {:>7} {:>13} {:>13} {:>14}",
             "small messages", "cache", "messages/s", "p50 µs", "p99 µs"
         );
         for r in small {
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<42} {:>7} {:>13.0} {:>13} {:>14}",
                 r["part"].as_str().unwrap_or(""),
                 if r["cache"] == true { "on" } else { "off" },
@@ -603,5 +609,17 @@ pub fn print_table(result: &Value) {
                 r["p99_us"]
             );
         }
+    }
+    out
+}
+
+/// `wrapctl bench`'s result: its rows as JSON, its tables for people.
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+pub struct BenchReport(pub Value);
+
+impl crate::output::Report for BenchReport {
+    fn human(&self) -> String {
+        table_text(&self.0)
     }
 }

@@ -4,12 +4,15 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use serde::Serialize;
 use tonic::transport::Channel;
 use wrapd::client::DataKeyServiceClient;
 use wrapd::client::keyring::{Keyring, WrapdKey};
 use wrapd::client::message;
 use wrapd::context::EncryptionContext;
+
+use crate::error::CliError;
+use crate::output::{ErasedReport, Report, fields};
 
 /// An output file written under a temporary name, renamed into place only on success.
 /// The temporary file is created exclusively (`O_EXCL`: no symlink is followed), mode 0600,
@@ -64,6 +67,45 @@ impl Output {
     }
 }
 
+/// `wrapctl encrypt`'s result.
+#[derive(Serialize)]
+struct Encrypted {
+    status: &'static str,
+    bytes: u64,
+    key_ids: Vec<String>,
+}
+
+impl Report for Encrypted {
+    fn human(&self) -> String {
+        fields(&[
+            ("status", self.status.to_owned()),
+            ("bytes", self.bytes.to_string()),
+            ("key_ids", self.key_ids.join(", ")),
+        ])
+    }
+}
+
+/// `wrapctl decrypt`'s result.
+#[derive(Serialize)]
+struct Decrypted {
+    status: &'static str,
+    encryption_context: std::collections::BTreeMap<String, String>,
+}
+
+impl Report for Decrypted {
+    fn human(&self) -> String {
+        let context: Vec<String> = self
+            .encryption_context
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        fields(&[
+            ("status", self.status.to_owned()),
+            ("encryption_context", context.join(" ")),
+        ])
+    }
+}
+
 /// Inputs at least this large get a progress bar (on a terminal).
 const PROGRESS_FROM: u64 = 16 * 1024 * 1024;
 
@@ -90,10 +132,10 @@ fn input(path: &str) -> Result<Box<dyn Read + Send>, String> {
 async fn transform<T: Send + 'static>(
     input_path: &str,
     output_path: &str,
-    f: impl FnOnce(&mut (dyn Read + Send), &mut (dyn Write + Send)) -> Result<T, String>
+    f: impl FnOnce(&mut (dyn Read + Send), &mut (dyn Write + Send)) -> Result<T, CliError>
     + Send
     + 'static,
-) -> Result<T, String> {
+) -> Result<T, CliError> {
     let mut reader = input(input_path)?;
     let (output, mut writer) = Output::open(output_path)?;
     let result = tokio::task::spawn_blocking(move || {
@@ -101,10 +143,10 @@ async fn transform<T: Send + 'static>(
         writer
             .flush()
             .map_err(|e| format!("cannot write the output: {e}"))?;
-        Ok::<_, String>(result)
+        Ok::<_, CliError>(result)
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| CliError::from(e.to_string()))??;
     output.commit()?;
     Ok(result)
 }
@@ -116,8 +158,8 @@ pub async fn encrypt(
     input_path: &str,
     output_path: &str,
     frame_length: u32,
-) -> Result<Value, String> {
-    let context = EncryptionContext::from_entries(context).map_err(|e| e.to_string())?;
+) -> Result<Box<dyn ErasedReport>, CliError> {
+    let context = EncryptionContext::from_entries(context)?;
     let keyring = Keyring::new(
         keys.into_iter()
             .map(|(key_id, channel)| WrapdKey {
@@ -125,12 +167,8 @@ pub async fn encrypt(
                 key_id,
             })
             .collect(),
-    )
-    .map_err(|e| e.to_string())?;
-    let data_key = keyring
-        .generate(&context)
-        .await
-        .map_err(|e| e.to_string())?;
+    )?;
+    let data_key = keyring.generate(&context).await?;
     let key_ids: Vec<String> = data_key
         .data_keys
         .iter()
@@ -145,10 +183,14 @@ pub async fn encrypt(
             data_key.data_keys,
             frame_length,
         )
-        .map_err(|e| e.to_string())
+        .map_err(CliError::from)
     })
     .await?;
-    Ok(json!({ "status": "encrypted", "bytes": bytes, "key_ids": key_ids }))
+    Ok(Box::new(Encrypted {
+        status: "encrypted",
+        bytes,
+        key_ids,
+    }))
 }
 
 /// Decrypts with whichever of `daemons` unwraps a data key entry first.
@@ -158,10 +200,9 @@ pub async fn decrypt(
     limits: message::DecryptLimits,
     input_path: &str,
     output_path: &str,
-) -> Result<Value, String> {
+) -> Result<Box<dyn ErasedReport>, CliError> {
     let keyring =
-        Keyring::for_decryption(daemons.into_iter().map(DataKeyServiceClient::new).collect())
-            .map_err(|e| e.to_string())?;
+        Keyring::for_decryption(daemons.into_iter().map(DataKeyServiceClient::new).collect())?;
     let runtime = tokio::runtime::Handle::current();
     let header = transform(input_path, output_path, move |reader, writer| {
         message::decrypt_stream_with(reader, writer, limits, |header| {
@@ -174,15 +215,17 @@ pub async fn decrypt(
             }
             runtime.block_on(keyring.unwrap(header))
         })
-        .map_err(|e| e.to_string())
+        .map_err(CliError::from)
     })
     .await?;
-    let context: serde_json::Map<String, Value> = header
-        .context
-        .iter()
-        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
-        .collect();
-    Ok(json!({ "status": "decrypted", "encryption_context": context }))
+    Ok(Box::new(Decrypted {
+        status: "decrypted",
+        encryption_context: header
+            .context
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    }))
 }
 
 #[cfg(test)]

@@ -1,0 +1,235 @@
+//! `wrapctl keys`: the lifecycle of master keys.
+
+use clap::Subcommand;
+use serde::Serialize;
+use tonic::transport::Channel;
+use wrapd::client::KeyServiceClient;
+use wrapd::proto::{
+    CreateKeyRequest, KeyMetadata, KeyRef, KeyState, ListKeysRequest, ScheduleKeyDeletionRequest,
+};
+
+use crate::error::CliError;
+use crate::output::{ErasedReport, Report, fields, table};
+
+/// `wrapctl keys ...`
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key (AES-256 in the token), optionally with an alias.
+    Create {
+        /// Free-text description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// An alias to create with it (alias/NAME).
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// List keys (all pages, or one page with --page-size/--page-token).
+    List {
+        /// Keys per page.
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        /// Start from this page token (prints only that page).
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Describe a key by id or alias.
+    Describe {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Add a new version to a key.
+    Rotate {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Enable a key.
+    Enable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Disable a key.
+    Disable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Schedule a key's destruction after 7 to 30 days.
+    ScheduleDeletion {
+        /// Key id or alias.
+        key: String,
+        /// Waiting period in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion (the key comes back disabled).
+    CancelDeletion {
+        /// Key id or alias.
+        key: String,
+    },
+}
+
+/// A key, as printed.
+#[derive(Serialize)]
+pub struct Key {
+    key_id: String,
+    state: &'static str,
+    description: String,
+    current_version: u32,
+    aliases: Vec<String>,
+    created_at: Option<String>,
+    deletion_date: Option<String>,
+    versions: Vec<Version>,
+}
+
+/// A key version, as printed.
+#[derive(Serialize)]
+struct Version {
+    version: u32,
+    created_at: Option<String>,
+    wrap_count: u64,
+    available: bool,
+}
+
+fn timestamp(t: &Option<prost_types::Timestamp>) -> Option<String> {
+    t.as_ref().map(ToString::to_string)
+}
+
+impl From<&KeyMetadata> for Key {
+    fn from(k: &KeyMetadata) -> Self {
+        Self {
+            key_id: k.key_id.clone(),
+            state: KeyState::try_from(k.state).map_or("UNKNOWN", |s| s.as_str_name()),
+            description: k.description.clone(),
+            current_version: k.current_version,
+            aliases: k.aliases.clone(),
+            created_at: timestamp(&k.created_at),
+            deletion_date: timestamp(&k.deletion_date),
+            versions: k
+                .versions
+                .iter()
+                .map(|v| Version {
+                    version: v.version,
+                    created_at: timestamp(&v.created_at),
+                    wrap_count: v.wrap_count,
+                    available: v.available,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Report for Key {
+    fn human(&self) -> String {
+        let mut text = fields(&[
+            ("key_id", self.key_id.clone()),
+            ("state", self.state.to_owned()),
+            ("description", self.description.clone()),
+            ("current_version", self.current_version.to_string()),
+            ("aliases", self.aliases.join(", ")),
+            ("created_at", self.created_at.clone().unwrap_or_default()),
+            (
+                "deletion_date",
+                self.deletion_date.clone().unwrap_or_default(),
+            ),
+        ]);
+        text.push('\n');
+        text.push_str(&table(
+            ["VERSION", "CREATED", "WRAPS", "AVAILABLE"],
+            self.versions.iter().map(|v| {
+                [
+                    v.version.to_string(),
+                    v.created_at.clone().unwrap_or_default(),
+                    v.wrap_count.to_string(),
+                    v.available.to_string(),
+                ]
+            }),
+        ));
+        text
+    }
+}
+
+/// A list of keys, as printed.
+#[derive(Serialize)]
+struct KeyList {
+    keys: Vec<Key>,
+    next_page_token: String,
+}
+
+impl Report for KeyList {
+    fn human(&self) -> String {
+        let mut text = table(
+            ["KEY ID", "STATE", "VERSION", "ALIASES", "DESCRIPTION"],
+            self.keys.iter().map(|k| {
+                [
+                    k.key_id.clone(),
+                    k.state.to_owned(),
+                    k.current_version.to_string(),
+                    k.aliases.join(","),
+                    k.description.clone(),
+                ]
+            }),
+        );
+        if !self.next_page_token.is_empty() {
+            text.push_str(&format!(
+                "\nnext page: --page-token {}",
+                self.next_page_token
+            ));
+        }
+        text
+    }
+}
+
+/// Runs a `keys` command.
+pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedReport>, CliError> {
+    let mut client = KeyServiceClient::new(channel);
+    let key_ref = |key: String| KeyRef { key_id: key };
+    let metadata = match cmd {
+        KeysCommand::Create { description, alias } => {
+            client
+                .create_key(CreateKeyRequest {
+                    description,
+                    alias: alias.unwrap_or_default(),
+                })
+                .await
+        }
+        KeysCommand::Describe { key } => client.describe_key(key_ref(key)).await,
+        KeysCommand::Rotate { key } => client.rotate_key(key_ref(key)).await,
+        KeysCommand::Enable { key } => client.enable_key(key_ref(key)).await,
+        KeysCommand::Disable { key } => client.disable_key(key_ref(key)).await,
+        KeysCommand::ScheduleDeletion { key, days } => {
+            client
+                .schedule_key_deletion(ScheduleKeyDeletionRequest {
+                    key_id: key,
+                    pending_window_days: days,
+                })
+                .await
+        }
+        KeysCommand::CancelDeletion { key } => client.cancel_key_deletion(key_ref(key)).await,
+        KeysCommand::List {
+            page_size,
+            page_token,
+        } => {
+            let one_page = page_token.is_some();
+            let mut token = page_token.unwrap_or_default();
+            let mut keys = Vec::new();
+            loop {
+                let page = client
+                    .list_keys(ListKeysRequest {
+                        page_size,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                keys.extend(page.keys.iter().map(Key::from));
+                token = page.next_page_token;
+                if token.is_empty() || one_page {
+                    break;
+                }
+            }
+            return Ok(Box::new(KeyList {
+                keys,
+                next_page_token: if one_page { token } else { String::new() },
+            }));
+        }
+    };
+    Ok(Box::new(Key::from(&metadata?.into_inner())))
+}
