@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! Requests flow one way, and a module only uses the ones below it (`tests/architecture.rs`
+//! Requests flow one way, and a module only uses the ones below it (`tests/it/architecture.rs`
 //! enforces it):
 //!
 //! ```text
