@@ -644,7 +644,12 @@ impl Keystore {
 
     /// Destroys the keys whose deletion date has passed: token objects first, then the
     /// metadata. Safe to repeat after a crash (destroying a missing object is no error).
-    pub fn purge_due(&self) -> Result<Vec<KeyId>> {
+    /// `before_destroy` runs for each key before anything of it is destroyed (the daemon
+    /// writes the key's audit line there); if it fails, the key is left alone.
+    pub fn purge_due(
+        &self,
+        before_destroy: impl Fn(&KeyRecord) -> Result<()>,
+    ) -> Result<Vec<KeyId>> {
         let now = self.clock.now();
         let mut purged = Vec::new();
         for id in self.store.keys_due_for_deletion(now)? {
@@ -655,6 +660,7 @@ impl Keystore {
             if key.state != KeyState::PendingDeletion || key.deletion_date.is_none_or(|d| d > now) {
                 continue; // cancelled meanwhile
             }
+            before_destroy(&key)?;
             for v in &key.versions {
                 self.token
                     .destroy_key(&ObjectId::new(id.clone(), v.version))?;
@@ -1027,6 +1033,40 @@ mod tests {
                 .contains(&ObjectId::new(record.id.clone(), 2))
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn a_due_key_is_destroyed_only_after_its_hook_succeeds() {
+        let token = Arc::new(MemoryToken::default());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let ks = Keystore::open(
+            token.clone(),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let id = ks.create_key("", None).unwrap().id.clone();
+        ks.schedule_deletion(&KeyRef::Id(id.clone()), 7).unwrap();
+        clock.advance(Duration::from_secs(8 * 86_400));
+        let object = ObjectId::new(id.clone(), 1);
+        let refused = ks.purge_due(|_| Err(Error::Unavailable("audit log down".into())));
+        assert!(refused.is_err());
+        assert!(
+            token.contains(&object).unwrap(),
+            "nothing destroyed unaudited"
+        );
+        let seen = Mutex::new(Vec::new());
+        let purged = ks
+            .purge_due(|key| {
+                assert!(token.contains(&object).unwrap(), "the hook runs first");
+                seen.lock().push(key.id.clone());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(purged, vec![id.clone()]);
+        assert_eq!(*seen.lock(), vec![id]);
+        assert!(!token.contains(&object).unwrap());
     }
 
     #[test]

@@ -90,6 +90,26 @@ impl Gate {
         self.audit.as_ref().is_none_or(|audit| audit.is_healthy())
     }
 
+    /// Writes an audit line for something the daemon does on its own (no caller), as the
+    /// internal principal `wrapd:daemon`. Blocks until the line is durable; an error means
+    /// the action must not happen.
+    pub fn record_internal(&self, operation: &str, key_id: &str, version: u32) -> Result<()> {
+        tracing::info!(operation, key_id, "internal operation");
+        let Some(audit) = &self.audit else {
+            return Ok(());
+        };
+        audit.append(AuditRecord {
+            request_id: format!("{operation}-{key_id}"),
+            principal: crate::audit::DAEMON_PRINCIPAL.to_owned(),
+            transport: "internal".to_owned(),
+            operation: operation.to_owned(),
+            key_id: Some(key_id.to_owned()),
+            key_version: Some(version),
+            outcome: "OK".to_owned(),
+            ..Default::default()
+        })
+    }
+
     /// Runs `job` and then writes the call's audit line, as one task on the blocking pool
     /// that the caller cannot cancel (see the module docs). The caller's deadline bounds the
     /// wait for an HSM session.

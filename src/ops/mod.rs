@@ -75,6 +75,9 @@ impl KeyView {
     }
 }
 
+/// The audit operation of a scheduled deletion carried out.
+pub const DESTROY_KEY: &str = "DestroyKey";
+
 /// An alias and the key it names.
 pub type AliasEntry = (AliasName, KeyId);
 
@@ -167,6 +170,17 @@ impl Ops {
         job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         self.gate.run(&self.keystore, call, job).await
+    }
+
+    /// Carries out the scheduled deletions that are due. Each key's `DestroyKey` audit line
+    /// (principal `wrapd:daemon`) is written before its material is destroyed; while the
+    /// audit log cannot be written, nothing is destroyed. Blocks (the background task runs
+    /// it on the blocking pool).
+    pub fn purge_due(&self) -> Result<Vec<KeyId>> {
+        self.keystore.purge_due(|key| {
+            self.gate
+                .record_internal(DESTROY_KEY, key.id.as_str(), key.current_version())
+        })
     }
 
     // ---- data plane ----------------------------------------------------------------------
@@ -426,15 +440,8 @@ impl Ops {
         alias_name: String,
         key_id: String,
     ) -> Result<AliasEntry> {
-        self.alias_job(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let alias = AliasName::parse(&alias_name)?;
-            let key = KeyRef::parse(&key_id)?;
-            call.key(key.to_string(), None);
-            check_alias(gate, ks, call, &alias, Some(&key))?;
-            ks.create_alias(&alias, &key)
-        })
-        .await
+        self.point_alias(call, alias_name, key_id, Keystore::create_alias)
+            .await
     }
 
     /// Points an existing alias at another key.
@@ -444,13 +451,25 @@ impl Ops {
         alias_name: String,
         key_id: String,
     ) -> Result<AliasEntry> {
+        self.point_alias(call, alias_name, key_id, Keystore::update_alias)
+            .await
+    }
+
+    /// CreateAlias and UpdateAlias: the same checks, then `point`.
+    async fn point_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+        point: fn(&Keystore, &AliasName, &KeyRef) -> Result<AliasEntry>,
+    ) -> Result<AliasEntry> {
         self.alias_job(call, move |gate, ks, call| {
             gate.check_some(call, call.op())?;
             let alias = AliasName::parse(&alias_name)?;
             let key = KeyRef::parse(&key_id)?;
             call.key(key.to_string(), None);
             check_alias(gate, ks, call, &alias, Some(&key))?;
-            ks.update_alias(&alias, &key)
+            point(ks, &alias, &key)
         })
         .await
     }

@@ -283,10 +283,7 @@ impl Daemon {
         }
 
         let background = [
-            tokio::spawn(deletion_task(
-                self.keystore.clone(),
-                self.deletion_check_interval,
-            )),
+            tokio::spawn(deletion_task(ops.clone(), self.deletion_check_interval)),
             tokio::spawn(health_task(
                 self.keystore.clone(),
                 health.clone(),
@@ -442,13 +439,14 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// Destroys keys whose deletion date has passed, at start and then every `interval`.
-async fn deletion_task(keystore: Arc<Keystore>, interval: Duration) {
+/// Destroys keys whose deletion date has passed (each audited first), at start and then
+/// every `interval`.
+async fn deletion_task(ops: Ops, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let ks = keystore.clone();
-        match tokio::task::spawn_blocking(move || ks.purge_due()).await {
+        let ops = ops.clone();
+        match tokio::task::spawn_blocking(move || ops.purge_due()).await {
             Ok(Ok(purged)) if !purged.is_empty() => {
                 tracing::info!(count = purged.len(), "scheduled deletions carried out");
             }

@@ -93,11 +93,17 @@ fn scheduled_deletion_destroys_the_key_material_when_due() {
 
     f.keystore.schedule_deletion(&id, 7).unwrap();
     f.clock.advance(7 * DAY - Duration::from_secs(1));
-    assert!(f.keystore.purge_due().unwrap().is_empty(), "not due yet");
+    assert!(
+        f.keystore.purge_due(|_| Ok(())).unwrap().is_empty(),
+        "not due yet"
+    );
     assert_eq!(objects_of(&key.id).len(), 2);
 
     f.clock.advance(Duration::from_secs(2));
-    assert_eq!(f.keystore.purge_due().unwrap(), vec![key.id.clone()]);
+    assert_eq!(
+        f.keystore.purge_due(|_| Ok(())).unwrap(),
+        vec![key.id.clone()]
+    );
     assert!(objects_of(&key.id).is_empty(), "token objects destroyed");
     assert!(matches!(
         f.keystore.resolve(&id),
@@ -112,7 +118,7 @@ fn scheduled_deletion_destroys_the_key_material_when_due() {
         Err(Error::InvalidCiphertext)
     ));
     assert!(
-        f.keystore.purge_due().unwrap().is_empty(),
+        f.keystore.purge_due(|_| Ok(())).unwrap().is_empty(),
         "purging is idempotent"
     );
 
@@ -135,7 +141,7 @@ fn cancelled_deletion_keeps_the_key() {
     f.clock.advance(6 * DAY);
     f.keystore.cancel_deletion(&id).unwrap();
     f.clock.advance(30 * DAY);
-    assert!(f.keystore.purge_due().unwrap().is_empty());
+    assert!(f.keystore.purge_due(|_| Ok(())).unwrap().is_empty());
     f.keystore.enable_key(&id).unwrap();
     let unwrapped = f.keystore.unwrap(&blob, &ctx(), None).unwrap();
     assert_eq!(&*unwrapped.plaintext, b"k");
