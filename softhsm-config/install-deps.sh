@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what wrapd needs on a fresh Debian/Ubuntu machine, only when missing:
-# SoftHSM2 (the development and test token) and the official AWS Encryption SDK for Python
-# (interop tests). Safe to run again.
+# SoftHSM2 (the development and test token), and the real clients the interop tests drive:
+# the distribution's AWS CLI (/usr/bin/aws), boto3, the official AWS Encryption SDK for
+# Python and its CLI, grpcio. Safe to run again.
 set -euo pipefail
 
 have_softhsm() {
@@ -12,20 +13,26 @@ have_softhsm() {
   return 1
 }
 
-if ! have_softhsm; then
+packages=()
+have_softhsm || packages+=(softhsm2)
+# The AWS CLI as the distribution ships it (Debian 12: 2.9), at /usr/bin/aws; a pip-installed
+# `aws` elsewhere on PATH is not what the tests mean to drive.
+[ -x /usr/bin/aws ] || packages+=(awscli)
+if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing softhsm2..." >&2
+  echo "installing ${packages[*]}..." >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq softhsm2 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 # The official AWS Encryption SDK (Python) and gRPC, for the interop tests and the example
 # master-key provider in examples/python.
-if ! python3 -c "import aws_encryption_sdk, grpc, grpc_tools" 2>/dev/null; then
-  echo "installing aws-encryption-sdk, grpcio, grpcio-tools (Python)..." >&2
+# boto3 and the Encryption SDK's CLI for the AWS KMS API tests (the CLI 4.x needs the SDK 3.x).
+if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools" 2>/dev/null; then
+  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools (Python)..." >&2
   python3 -m pip install --quiet --disable-pip-version-check \
-    "aws-encryption-sdk>=4,<5" grpcio grpcio-tools >&2
+    "aws-encryption-sdk>=3.1,<4" "aws-encryption-sdk-cli>=4,<5" "boto3>=1.34" grpcio grpcio-tools >&2
 fi

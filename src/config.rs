@@ -30,6 +30,7 @@ struct RawConfig {
     policy: Option<RawPolicyRef>,
     audit: Option<RawAudit>,
     kms: Option<RawKms>,
+    aws: Option<RawAws>,
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
@@ -132,6 +133,27 @@ struct RawKms {
     principal: String,
     #[serde(default = "default_healthz_cache_ms")]
     healthz_cache_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    region: String,
+    account: String,
+    #[serde(default, rename = "access_key")]
+    access_keys: Vec<RawAccessKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessKey {
+    id: String,
+    secret_file: Option<PathBuf>,
+    secret_env: Option<String>,
+    principal: Option<String>,
 }
 
 /// `[limits]`, each within a sane range (defaults: [`Limits::default`]).
@@ -311,6 +333,44 @@ pub struct KmsConfig {
     pub healthz_cache: Duration,
 }
 
+/// The AWS KMS-compatible JSON API (`[aws]`): HTTPS, SigV4 access keys.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    /// Address to bind (port 0 picks a free port, reported in the ready line).
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// The region in ARNs and in the SigV4 credential scope.
+    pub region: String,
+    /// The 12-digit account id in ARNs.
+    pub account: String,
+    /// The access keys requests may be signed with.
+    pub access_keys: Vec<AwsAccessKey>,
+}
+
+/// One access key of the AWS KMS API (`[[aws.access_key]]`).
+#[derive(Clone)]
+pub struct AwsAccessKey {
+    /// The access key id (`AKIA…`), 16 to 128 of A-Z a-z 0-9.
+    pub id: String,
+    /// The secret access key; never logged.
+    pub secret: Zeroizing<String>,
+    /// The principal requests signed with it act as (besides `aws:access-key=ID`).
+    pub principal: Option<String>,
+}
+
+impl std::fmt::Debug for AwsAccessKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsAccessKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("principal", &self.principal)
+            .finish()
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -330,6 +390,11 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// The Kubernetes KMS v2 plugin endpoint.
     pub kms: Option<KmsConfig>,
+    /// The AWS KMS-compatible JSON API.
+    pub aws: Option<AwsConfig>,
+    /// Environment variables secrets were read from (PIN, access key secrets): the daemon
+    /// wipes them from its environment once read.
+    pub secret_envs: Vec<String>,
     /// Key store settings.
     pub keystore: KeystoreConfig,
     /// How often due deletions are carried out.
@@ -463,6 +528,11 @@ impl Config {
                 })
             })
             .transpose()?;
+        let mut secret_envs: Vec<String> = raw.hsm.pin_env.iter().cloned().collect();
+        let aws = raw
+            .aws
+            .map(|a| aws_config(a, &resolve, &mut secret_envs))
+            .transpose()?;
         if unix.is_none() && tcp.is_none() {
             return Err(Error::Config(
                 "no listener configured: add a [unix] or [tcp] section".into(),
@@ -483,6 +553,8 @@ impl Config {
             tcp,
             policy_file: raw.policy.map(|p| resolve(&p.file)),
             kms,
+            aws,
+            secret_envs,
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),
                 fsync: a.fsync,
@@ -500,6 +572,107 @@ impl Config {
             log_format: raw.log.format,
         })
     }
+}
+
+/// `[aws]`: addresses, names and access keys checked, secrets read.
+fn aws_config(
+    raw: RawAws,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    secret_envs: &mut Vec<String>,
+) -> Result<AwsConfig> {
+    let listen = raw.listen.parse().map_err(|_| {
+        Error::Config(format!(
+            "aws.listen {:?} is not an address like 127.0.0.1:4443",
+            raw.listen
+        ))
+    })?;
+    let region_ok = !raw.region.is_empty()
+        && raw.region.len() <= 32
+        && raw
+            .region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !region_ok {
+        return Err(Error::Config(format!(
+            "aws.region {:?} is not a region name like us-east-1",
+            raw.region
+        )));
+    }
+    if raw.account.len() != 12 || !raw.account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::Config(format!(
+            "aws.account {:?} must be 12 digits",
+            raw.account
+        )));
+    }
+    let mut access_keys: Vec<AwsAccessKey> = Vec::new();
+    for (i, key) in raw.access_keys.into_iter().enumerate() {
+        let at = format!("aws.access_key[{}]", i + 1);
+        let id_ok =
+            (16..=128).contains(&key.id.len()) && key.id.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !id_ok {
+            return Err(Error::Config(format!(
+                "{at}.id {:?} must be 16 to 128 of A-Z a-z 0-9",
+                key.id
+            )));
+        }
+        if access_keys.iter().any(|k| k.id == key.id) {
+            return Err(Error::Config(format!(
+                "{at}.id {:?} is listed twice",
+                key.id
+            )));
+        }
+        let secret = match (&key.secret_file, &key.secret_env) {
+            (Some(file), None) => {
+                let path = resolve(file);
+                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                    Error::Config(format!("{at}: cannot read {}: {e}", path.display()))
+                })?);
+                Zeroizing::new(text.trim().to_owned())
+            }
+            (None, Some(var)) => {
+                let value =
+                    Zeroizing::new(std::env::var(var).map_err(|_| {
+                        Error::Config(format!("{at}.secret_env: {var} is not set"))
+                    })?);
+                secret_envs.push(var.clone());
+                Zeroizing::new(value.trim().to_owned())
+            }
+            _ => {
+                return Err(Error::Config(format!(
+                    "{at}: set exactly one of secret_file and secret_env (secrets are never inline)"
+                )));
+            }
+        };
+        // AWS secret access keys are 40 characters; the SigV4 verifier holds at most 40.
+        if !(16..=40).contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Config(format!(
+                "{at}: the secret must be 16 to 40 printable ASCII characters"
+            )));
+        }
+        if let Some(principal) = &key.principal {
+            let namespaced = ["unix:", "tls:", "aws:"]
+                .iter()
+                .any(|ns| principal.len() > ns.len() && principal.starts_with(ns));
+            if !namespaced {
+                return Err(Error::Config(format!(
+                    "{at}.principal {principal:?} must be a unix:, tls: or aws: principal (wrapd: principals are the daemon's own)"
+                )));
+            }
+        }
+        access_keys.push(AwsAccessKey {
+            id: key.id,
+            secret,
+            principal: key.principal,
+        });
+    }
+    Ok(AwsConfig {
+        listen,
+        cert: resolve(&raw.cert),
+        key: resolve(&raw.key),
+        region: raw.region,
+        account: raw.account,
+        access_keys,
+    })
 }
 
 fn parse_mode(field: &str, mode: &str) -> Result<u32> {

@@ -5,7 +5,10 @@
 //! (`pki/`: `ca.pem`, `server.pem`/`.key` for localhost, `client.pem`/`.key` naming the
 //! invoking user as `spiffe://wrapd-dev/user/NAME`), a policy granting that user everything
 //! (`policy.toml`), and a daemon config (`wrapd.toml`) using all of it with a SQLite store,
-//! an audit log, the unix socket `wrapd.sock` and mutual TLS on `127.0.0.1` (a free port).
+//! an audit log, the unix socket `wrapd.sock`, mutual TLS on `127.0.0.1` (a free port), and
+//! the AWS KMS-compatible API on `127.0.0.1` (a free port) with an access key for the
+//! invoking user acting as the dev client certificate's principal (`aws/credentials`,
+//! `aws/secret`; `aws/config` is rewritten at each start with that run's endpoint).
 //! Later runs reuse everything, so keys and blobs survive restarts. Nothing here is meant for
 //! production: see `softhsm-config/cloudhsm.toml` for that.
 
@@ -18,7 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::files::write_new;
+use crate::files::{write_new, write_replace};
 use crate::hsm::{Pin, provision_softhsm_token};
 use crate::ids::{AliasName, KeyRef};
 use crate::keystore::Keystore;
@@ -30,6 +33,12 @@ pub const DEV_TOKEN_LABEL: &str = "wrapd-dev";
 pub const KUBERNETES_ALIAS: &str = "alias/kubernetes";
 /// The policy principal the dev KMS plugin acts as.
 pub const KMS_PRINCIPAL: &str = "wrapd:kubernetes-kms";
+/// The region of the dev AWS KMS API (in ARNs and the SigV4 scope).
+pub const AWS_REGION: &str = "us-east-1";
+/// The account of the dev AWS KMS API's ARNs.
+pub const AWS_ACCOUNT: &str = "111122223333";
+/// The profile of `DIR/aws/credentials` and `DIR/aws/config`.
+pub const AWS_PROFILE: &str = "wrapd-dev";
 
 /// Where SoftHSM's module is usually installed; `WRAPD_PKCS11_MODULE` overrides.
 const SOFTHSM_MODULE_PATHS: &[&str] = &[
@@ -51,6 +60,31 @@ pub struct DevSetup {
     pub config: PathBuf,
     /// The SO PIN file.
     pub so_pin: PathBuf,
+}
+
+impl DevSetup {
+    /// The AWS shared config file (`DIR/aws/config`), rewritten at each start with the
+    /// endpoint of that run.
+    pub fn aws_config_file(&self) -> PathBuf {
+        self.dir.join("aws").join("config")
+    }
+
+    /// The AWS shared credentials file (`DIR/aws/credentials`, mode 0600).
+    pub fn aws_credentials_file(&self) -> PathBuf {
+        self.dir.join("aws").join("credentials")
+    }
+
+    /// Writes `DIR/aws/config`: profile `wrapd-dev` with the region, the endpoint of this
+    /// run and the dev CA, so that `AWS_CONFIG_FILE=DIR/aws/config
+    /// AWS_SHARED_CREDENTIALS_FILE=DIR/aws/credentials AWS_PROFILE=wrapd-dev aws kms …`
+    /// works (AWS CLI versions before 2.13 ignore `endpoint_url`: pass `--endpoint-url`).
+    pub fn write_aws_config(&self, endpoint: &str) -> Result<()> {
+        let text = format!(
+            "# Written by `wrapd dev` at each start (the port changes).\n[profile {AWS_PROFILE}]\nregion = {AWS_REGION}\nendpoint_url = {endpoint}\nca_bundle = {}\n",
+            self.dir.join("pki").join("ca.pem").display()
+        );
+        write_replace(&self.aws_config_file(), text.as_bytes(), 0o644)
+    }
 }
 
 /// The uid and user name of whoever runs `wrapd dev`.
@@ -163,8 +197,21 @@ keys = ["{KUBERNETES_ALIAS}"]
             0o600,
         )?;
     }
+    let aws_section = aws_credentials(&dir, &principal)?;
     let config = dir.join("wrapd.toml");
-    if !config.exists() {
+    if config.exists() {
+        // A state directory from before the AWS KMS API: add it.
+        let text = fs::read_to_string(&config)
+            .map_err(|e| io(&format!("cannot read {}", config.display()), e))?;
+        if !text.contains("\n[aws]") {
+            let mut file = fs::OpenOptions::new()
+                .append(true)
+                .open(&config)
+                .map_err(|e| io(&format!("cannot open {}", config.display()), e))?;
+            std::io::Write::write_all(&mut file, format!("\n{aws_section}").as_bytes())
+                .map_err(|e| io(&format!("cannot write {}", config.display()), e))?;
+        }
+    } else {
         let module = find_softhsm_module()?;
         write_new(
             &config,
@@ -203,6 +250,7 @@ key = "{KUBERNETES_ALIAS}"
 principal = "{KMS_PRINCIPAL}"
 healthz_cache_ms = 5000
 
+{aws_section}
 [policy]
 file = "policy.toml"
 
@@ -232,6 +280,80 @@ filter = "info"
         so_pin: dir.join("so-pin"),
         dir,
     })
+}
+
+/// Creates (once) the dev access key of the AWS KMS API for the invoking user: its secret
+/// in `aws/secret` and the AWS shared credentials file `aws/credentials` (both 0600).
+/// Returns the `[aws]` config section that serves it, acting as `principal`.
+fn aws_credentials(dir: &Path, principal: &str) -> Result<String> {
+    let aws = dir.join("aws");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&aws)
+        .map_err(|e| Error::Config(format!("cannot create {}: {e}", aws.display())))?;
+    let (id_file, secret_file, credentials) = (
+        aws.join("access-key-id"),
+        aws.join("secret"),
+        aws.join("credentials"),
+    );
+    if !secret_file.exists() {
+        const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut random = Zeroizing::new([0u8; 56]);
+        rand::rng().fill_bytes(&mut *random);
+        let id: String = std::iter::once('A')
+            .chain("KIA".chars())
+            .chain(
+                random[..16]
+                    .iter()
+                    .map(|b| UPPER[usize::from(*b) % 32] as char),
+            )
+            .collect();
+        let secret = Zeroizing::new(
+            random[16..]
+                .iter()
+                .map(|b| SECRET[usize::from(*b) % 64] as char)
+                .collect::<String>(),
+        );
+        // An id without a secret is what an interrupted first run leaves: start over.
+        let _ = fs::remove_file(&id_file);
+        let _ = fs::remove_file(&credentials);
+        write_new(&id_file, id.as_bytes(), 0o600)?;
+        write_new(&secret_file, secret.as_bytes(), 0o600)?;
+    }
+    let read = |path: &Path| {
+        fs::read_to_string(path)
+            .map(Zeroizing::new)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    if !credentials.exists() {
+        let (id, secret) = (read(&id_file)?, read(&secret_file)?);
+        let text = Zeroizing::new(format!(
+            "# Written by `wrapd dev`: the dev access key of the AWS KMS API (acts as {principal}).\n[{AWS_PROFILE}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            id.trim(),
+            secret.trim()
+        ));
+        write_new(&credentials, text.as_bytes(), 0o600)?;
+    }
+    let id = read(&id_file)?;
+    Ok(format!(
+        r#"# The AWS KMS-compatible API (HTTPS + SigV4) on a free port of localhost (see the ready
+# line). Credentials: aws/credentials, profile {AWS_PROFILE}; aws/config is rewritten at each start.
+[aws]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server.key"
+region = "{AWS_REGION}"
+account = "{AWS_ACCOUNT}"
+
+[[aws.access_key]]
+id = "{id}"
+secret_file = "aws/secret"
+principal = "{principal}"
+"#,
+        id = id.trim()
+    ))
 }
 
 /// Creates the dev token if it does not exist yet. `SOFTHSM2_CONF` must already point at

@@ -21,6 +21,12 @@ pub enum Error {
     /// Always the same message, so that the reason is no oracle.
     #[error("the ciphertext is invalid, or does not match the key or encryption context")]
     InvalidCiphertext,
+    /// A blob is wrapped under another key than the one the caller named (AWS KMS's
+    /// `IncorrectKeyException`). The same message as [`Error::InvalidCiphertext`]: the key a
+    /// blob names is in its clear header, but the gRPC API keeps one message for every
+    /// unwrap failure.
+    #[error("the ciphertext is invalid, or does not match the key or encryption context")]
+    IncorrectKey,
     /// No key has this id.
     #[error("key {0} not found")]
     KeyNotFound(String),
@@ -30,8 +36,11 @@ pub enum Error {
     /// The object to create exists already, such as a duplicate alias.
     #[error("{0}")]
     AlreadyExists(String),
-    /// The key's state forbids the operation: disabled, pending deletion, or (later) pending
-    /// import. The message names the key and the state.
+    /// The key is disabled. The message names the key.
+    #[error("{0}")]
+    Disabled(String),
+    /// The key's state forbids the operation: pending deletion, or (later) pending import.
+    /// The message names the key and the state.
     #[error("{0}")]
     WrongState(String),
     /// A limit was reached: versions of a key, wraps of a version while it rotates.
@@ -115,6 +124,11 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A blob that does not unwrap (gRPC INVALID_ARGUMENT, one message for every cause).
     InvalidCiphertext,
+    /// A blob under another key than the one named (gRPC INVALID_ARGUMENT, the same message
+    /// as [`ErrorKind::InvalidCiphertext`]).
+    IncorrectKey,
+    /// The key is disabled (FAILED_PRECONDITION).
+    Disabled,
     /// No such key or alias (NOT_FOUND).
     NotFound,
     /// It exists already (ALREADY_EXISTS).
@@ -149,6 +163,8 @@ impl Error {
             Self::InvalidCiphertext => ErrorKind::InvalidCiphertext,
             Self::KeyNotFound(_) | Self::AliasNotFound(_) => ErrorKind::NotFound,
             Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Self::IncorrectKey => ErrorKind::IncorrectKey,
+            Self::Disabled(_) => ErrorKind::Disabled,
             Self::WrongState(_) => ErrorKind::WrongState,
             Self::LimitReached(_) => ErrorKind::LimitReached,
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,

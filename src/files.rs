@@ -13,6 +13,12 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     write_new_with(path, mode, |file| file.write_all(contents))
 }
 
+/// Writes `path` with `contents` and exactly `mode`, replacing it atomically if it exists
+/// (files wrapd rewrites, such as the dev AWS config with each run's port).
+pub(crate) fn write_replace(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    write_file(path, mode, true, |file| file.write_all(contents))
+}
+
 /// Creates `path` (failing if it exists) with what `write` writes and exactly `mode`.
 ///
 /// The contents go to a temporary file in the same directory (created exclusively, mode
@@ -22,6 +28,15 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 pub(crate) fn write_new_with(
     path: &Path,
     mode: u32,
+    write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    write_file(path, mode, false, write)
+}
+
+fn write_file(
+    path: &Path,
+    mode: u32,
+    replace: bool,
     write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
 ) -> Result<()> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
@@ -42,8 +57,13 @@ pub(crate) fn write_new_with(
         })
         .and_then(|()| temp.as_file().sync_all())
         .map_err(|e| fail("cannot write", &e))?;
-    temp.persist_noclobber(path)
-        .map_err(|e| fail("cannot create", &e.error))?;
+    if replace {
+        temp.persist(path)
+            .map_err(|e| fail("cannot replace", &e.error))?;
+    } else {
+        temp.persist_noclobber(path)
+            .map_err(|e| fail("cannot create", &e.error))?;
+    }
     // The new directory entry is durable too.
     if let Ok(dir) = fs::File::open(dir) {
         let _ = dir.sync_all();

@@ -41,12 +41,19 @@ pub struct AuditRecord {
     pub request_id: String,
     /// The caller's main principal (empty if unauthenticated).
     pub principal: String,
-    /// `unix` or `tcp`.
+    /// `unix`, `tcp`, `kms`, `aws-kms` or `internal`.
     pub transport: String,
     /// `pid=N` or the remote address.
     pub peer: String,
-    /// The RPC name.
+    /// The RPC name (the policy operation).
     pub operation: String,
+    /// The front end's own name of the call when it differs from `operation`, e.g.
+    /// `TrentService.Decrypt` on the AWS KMS API (whose `operation` is `Unwrap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_operation: Option<String>,
+    /// The AWS access key id a request was signed with (AWS KMS API only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
     /// The key acted on, when known.
     pub key_id: Option<String>,
     /// Its version, when known.

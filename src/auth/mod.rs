@@ -5,9 +5,13 @@
 //!   supplementary groups, as the kernel reports them at connect time), see `unix.rs`.
 //! - TCP: mutual TLS is required at the handshake; the principal is `tls:uri=` + the client
 //!   certificate's first URI SAN (e.g. a SPIFFE id), else `tls:dns=` + its first DNS SAN,
-//!   else `tls:cn=` + its subject CN, see `cert.rs`. Each transport has its own namespace
-//!   (`unix:`, `tls:`, and `wrapd:` for the daemon's own principals), so no certificate can
-//!   pose as a local user.
+//!   else `tls:cn=` + its subject CN, see `cert.rs`.
+//! - The AWS KMS JSON API: a SigV4 signature that verifies with a configured access key;
+//!   the principal is the one the config says the key acts as, plus `aws:access-key=ID`.
+//!
+//! Each transport has its own namespace (`unix:`, `tls:`, `aws:`, and `wrapd:` for the
+//! daemon's own principals), so no certificate can pose as a local user. Only the
+//! configuration can make an access key act as a `unix:` or `tls:` principal.
 //!
 //! The policy (`policy.rs`) grants operations on keys to principals; everything else is
 //! denied.
@@ -35,15 +39,18 @@ pub enum Transport {
     Tcp,
     /// The Kubernetes KMS plugin socket (the caller acts as the configured principal).
     Kms,
+    /// The AWS KMS JSON API: HTTPS with SigV4 access keys.
+    AwsKms,
 }
 
 impl Transport {
-    /// `unix`, `tcp` or `kms`.
+    /// `unix`, `tcp`, `kms` or `aws-kms`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Unix => "unix",
             Self::Tcp => "tcp",
             Self::Kms => "kms",
+            Self::AwsKms => "aws-kms",
         }
     }
 }
@@ -57,6 +64,8 @@ pub struct Identity {
     pub transport: Transport,
     /// Peer detail for the log: `pid=N` or the remote address.
     pub peer: String,
+    /// The AWS access key id the request was signed with (AWS KMS API only).
+    pub access_key: Option<String>,
 }
 
 impl Identity {
@@ -75,6 +84,29 @@ impl fmt::Display for Identity {
             self.transport.as_str(),
             self.peer
         )
+    }
+}
+
+/// A caller without an identity: why, and what the transport knows of it anyway, for the
+/// audit line of the refused call.
+#[derive(Debug, Clone, Default)]
+pub struct Refusal {
+    /// Why the caller has no identity.
+    pub reason: String,
+    /// The transport, when known.
+    pub transport: Option<Transport>,
+    /// Peer detail (the remote address).
+    pub peer: String,
+    /// The access key id a refused AWS request claimed, if any.
+    pub access_key: Option<String>,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            ..Self::default()
+        }
     }
 }
 
@@ -108,6 +140,7 @@ pub fn authenticate(connection: Connection<'_>) -> Result<Identity> {
                 peer: peer
                     .pid
                     .map_or_else(|| "pid=?".to_owned(), |pid| format!("pid={pid}")),
+                access_key: None,
             })
         }
         Connection::Tls { leaf, remote } => {
@@ -117,6 +150,7 @@ pub fn authenticate(connection: Connection<'_>) -> Result<Identity> {
                 principals: vec![principal_from_certificate(leaf)?].into(),
                 transport: Transport::Tcp,
                 peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+                access_key: None,
             })
         }
     }
@@ -139,5 +173,31 @@ pub fn kms_plugin_identity(principal: &str, peer: Option<&UnixPeer>) -> Identity
         principals: vec![principal.to_owned()].into(),
         transport: Transport::Kms,
         peer,
+        access_key: None,
+    }
+}
+
+/// The principal every AWS access key has, whatever else it acts as: `aws:access-key=ID`.
+pub fn access_key_principal(access_key_id: &str) -> String {
+    format!("aws:access-key={access_key_id}")
+}
+
+/// The identity of an AWS KMS API caller whose SigV4 signature verified with `access_key_id`:
+/// the principal the key acts as (from the config), if any, then `aws:access-key=ID`.
+pub fn aws_identity(
+    access_key_id: &str,
+    acts_as: Option<&str>,
+    remote: Option<SocketAddr>,
+) -> Identity {
+    let principals: Vec<String> = acts_as
+        .map(str::to_owned)
+        .into_iter()
+        .chain(std::iter::once(access_key_principal(access_key_id)))
+        .collect();
+    Identity {
+        principals: principals.into(),
+        transport: Transport::AwsKms,
+        peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        access_key: Some(access_key_id.to_owned()),
     }
 }

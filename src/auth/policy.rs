@@ -76,6 +76,11 @@ operations! {
     UpdateAlias: false,
     DeleteAlias: false,
     ListAliases: false,
+    GenerateRandom: true,
+    EnableKeyRotation: false,
+    DisableKeyRotation: false,
+    TagResource: false,
+    UntagResource: false,
 }
 
 /// What a call acts on.
@@ -182,7 +187,7 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
 /// principal of one can never be produced by another. TLS principals are built by wrapd
 /// from certificate fields (`tls:uri=`, `tls:dns=`, `tls:cn=`), so no certificate can name a
 /// `unix:` or internal `wrapd:` principal.
-pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "wrapd:"];
+pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "aws:", "wrapd:"];
 
 /// Checks that a principal pattern can match a principal of some namespace. Forms from
 /// before the namespaces (`spiffe://…`, `dns:…`, `cn:…`) are refused with what to write.
@@ -204,7 +209,7 @@ fn check_principal_pattern(pattern: &str, index: usize) -> Result<()> {
         format!("tls:cn={name}")
     } else {
         return Err(Error::Config(format!(
-            "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=) or wrapd: (internal)"
+            "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=), aws: (AWS access keys: aws:access-key=ID) or wrapd: (internal)"
         )));
     };
     Err(Error::Config(format!(

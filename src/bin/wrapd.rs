@@ -294,12 +294,12 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Loads the config, wipes the PIN's environment variable, starts logging and points
+/// Loads the config, wipes the secrets' environment variables (PIN, access keys), starts logging and points
 /// SoftHSM at its config file.
 #[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
 fn load(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
-    if let Some(var) = &config.pin_env {
+    for var in &config.secret_envs {
         // SAFETY: no other thread exists yet (the tokio runtime is built later).
         unsafe { wrapd::hardening::scrub_env_var(var) };
     }
@@ -345,6 +345,11 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
         daemon
             .serve(shutdown, |ready| {
                 use std::io::Write;
+                if let (Some(setup), Some(aws)) = (dev, ready.aws) {
+                    if let Err(err) = setup.write_aws_config(&format!("https://{aws}")) {
+                        tracing::warn!(error = %err, "cannot write the dev AWS config file");
+                    }
+                }
                 let mut out = std::io::stdout().lock();
                 // The ready line is the contract with supervisors and tests.
                 let _ = writeln!(out, "{}", ready.line());

@@ -5,5 +5,7 @@
 //!
 //! - [`grpc`]: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService` and the Kubernetes KMS v2
 //!   plugin (`v2.KeyManagementService`), on tonic.
+//! - [`aws`]: the AWS KMS-compatible JSON API (`TrentService`), over HTTPS with SigV4.
 
+pub mod aws;
 pub mod grpc;

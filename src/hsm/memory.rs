@@ -38,7 +38,7 @@ impl MemoryToken {
         f(key)
     }
 
-    fn random(&self, buf: &mut [u8]) -> Result<()> {
+    fn fill(&self, buf: &mut [u8]) -> Result<()> {
         self.rng
             .fill(buf)
             .map_err(|_| Error::Internal("no randomness".into()))
@@ -48,7 +48,7 @@ impl MemoryToken {
 impl Token for MemoryToken {
     fn generate_key(&self, object: &ObjectId) -> Result<()> {
         let mut bytes = Zeroizing::new([0u8; 32]);
-        self.random(&mut *bytes)?;
+        self.fill(&mut *bytes)?;
         let key = UnboundKey::new(&AES_256_GCM, &*bytes)
             .map_err(|_| Error::Internal("AES-256 key".into()))?;
         self.keys
@@ -59,7 +59,7 @@ impl Token for MemoryToken {
 
     fn encrypt(&self, object: &ObjectId, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
         let mut iv = [0u8; IV_LEN];
-        self.random(&mut iv)?;
+        self.fill(&mut iv)?;
         self.key(object, |key| {
             let mut ciphertext = plaintext.to_vec();
             key.seal_in_place_append_tag(
@@ -79,9 +79,15 @@ impl Token for MemoryToken {
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, Sealed)> {
         let mut plaintext = Zeroizing::new(vec![0u8; len]);
-        self.random(&mut plaintext)?;
+        self.fill(&mut plaintext)?;
         let sealed = self.encrypt(object, &plaintext, aad)?;
         Ok((plaintext, sealed))
+    }
+
+    fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        let mut bytes = Zeroizing::new(vec![0u8; len]);
+        self.fill(&mut bytes)?;
+        Ok(bytes)
     }
 
     fn decrypt(

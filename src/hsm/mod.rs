@@ -107,6 +107,8 @@ pub trait Token: Send + Sync + 'static {
         len: usize,
         aad: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, Sealed)>;
+    /// `len` random bytes from the token's generator (`C_GenerateRandom`).
+    fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>>;
     /// AES-256-GCM decryption. A tag mismatch is [`crate::Error::InvalidCiphertext`].
     fn decrypt(
         &self,

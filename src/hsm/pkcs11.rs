@@ -507,6 +507,17 @@ impl Token for Pkcs11Token {
         })
     }
 
+    fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let mut bytes = Zeroizing::new(vec![0u8; len]);
+            session
+                .generate_random_slice(&mut bytes)
+                .map_err(p11_error)?;
+            Ok(bytes)
+        })
+    }
+
     fn decrypt(
         &self,
         object: &ObjectId,

@@ -239,7 +239,7 @@ fn encode_page_token(prefix: &str, cursor: &Cursor) -> String {
 fn usable(key: &KeyRecord) -> Result<()> {
     match key.state {
         KeyState::Enabled => Ok(()),
-        KeyState::Disabled => Err(Error::WrongState(format!("key {} is disabled", key.id))),
+        KeyState::Disabled => Err(Error::Disabled(format!("key {} is disabled", key.id))),
         KeyState::PendingDeletion => Err(Error::WrongState(format!(
             "key {} is pending deletion",
             key.id
@@ -376,6 +376,11 @@ impl Keystore {
         report.orphans.sort();
         *self.missing.write() = report.missing.iter().cloned().collect();
         Ok(report)
+    }
+
+    /// `len` random bytes from the token's generator.
+    pub fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        self.token.random(len)
     }
 
     /// A real check that the token can serve, for the health service: unwraps a probe blob
@@ -888,7 +893,7 @@ impl Keystore {
         let blob = Blob::parse(blob)?;
         if let Some(expected) = expected {
             if self.resolve(expected)?.id != blob.key_id {
-                return Err(Error::InvalidCiphertext);
+                return Err(Error::IncorrectKey);
             }
         }
         // A blob naming an unknown (or destroyed) key, or a version the key never had, is
@@ -988,18 +993,18 @@ mod tests {
     }
 
     #[test]
-    fn a_disabled_key_is_in_the_wrong_state_for_the_data_plane() {
+    fn a_disabled_key_is_refused_as_disabled_by_the_data_plane() {
         let (ks, _) = keystore(1 << 30);
         let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
         let blob = ks.wrap(&key, b"x", &ctx("a")).unwrap().blob;
         ks.disable_key(&key).unwrap();
         assert!(matches!(
             ks.wrap(&key, b"x", &ctx("a")),
-            Err(Error::WrongState(_))
+            Err(Error::Disabled(_))
         ));
         assert!(matches!(
             ks.unwrap(&blob, &ctx("a"), None),
-            Err(Error::WrongState(_))
+            Err(Error::Disabled(_))
         ));
         ks.schedule_deletion(&key, 7).unwrap();
         assert!(matches!(ks.enable_key(&key), Err(Error::WrongState(_))));

@@ -5,14 +5,14 @@ use std::time::Instant;
 use rand::RngCore;
 
 use crate::audit::sha256_hex;
-use crate::auth::{Identity, Operation};
+use crate::auth::{Identity, Operation, Refusal};
 use crate::context::EncryptionContext;
 
 /// A call, as a front end hands it to the operation layer: the caller (or why it has none),
 /// the operation, the request id and the caller's deadline. The operation adds the key and
 /// context it acted on, for the audit line.
 pub struct Call {
-    pub(super) identity: Result<Identity, String>,
+    pub(super) identity: Result<Identity, Refusal>,
     pub(super) op: Operation,
     pub(super) request_id: String,
     pub(super) started: Instant,
@@ -20,6 +20,7 @@ pub struct Call {
     pub(super) key_id: Option<String>,
     pub(super) key_version: Option<u32>,
     pub(super) context: Option<(Vec<String>, String)>,
+    pub(super) api_operation: Option<String>,
 }
 
 impl Call {
@@ -27,7 +28,7 @@ impl Call {
     /// `request_id` is the caller's (kept if it is 1..=128 printable ASCII characters),
     /// else a random one is made; `deadline` bounds waits for an HSM session.
     pub fn new(
-        identity: Result<Identity, String>,
+        identity: Result<Identity, Refusal>,
         op: Operation,
         request_id: Option<&str>,
         deadline: Option<Instant>,
@@ -53,7 +54,15 @@ impl Call {
             key_id: None,
             key_version: None,
             context: None,
+            api_operation: None,
         }
+    }
+
+    /// Names the call as its front end knows it, for the audit line (e.g.
+    /// `TrentService.Decrypt`, whose policy operation is `Unwrap`).
+    pub fn with_api_operation(mut self, name: impl Into<String>) -> Self {
+        self.api_operation = Some(name.into());
+        self
     }
 
     /// Records the key (and version) acted on, for the audit line.

@@ -53,7 +53,7 @@ impl Gate {
         let identity = call
             .identity
             .as_ref()
-            .map_err(|reason| Error::Unauthenticated(reason.clone()))?;
+            .map_err(|refusal| Error::Unauthenticated(refusal.reason.clone()))?;
         if !self.audit_healthy() {
             return Err(Error::Unavailable(
                 "the audit log cannot be written; key operations are refused".into(),
@@ -76,7 +76,7 @@ impl Gate {
         let identity = call
             .identity
             .as_ref()
-            .map_err(|reason| Error::Unauthenticated(reason.clone()))?;
+            .map_err(|refusal| Error::Unauthenticated(refusal.reason.clone()))?;
         if self.policy.current().allows_some(&identity.principals, op) {
             Ok(())
         } else {
@@ -156,13 +156,22 @@ impl Gate {
         let Some(audit) = &self.audit else {
             return result;
         };
-        let (principal, transport, peer) = match &call.identity {
+        let (principal, transport, peer, access_key_id) = match &call.identity {
             Ok(id) => (
                 id.principal().to_owned(),
                 id.transport.as_str().to_owned(),
                 id.peer.clone(),
+                id.access_key.clone(),
             ),
-            Err(_) => (String::new(), String::new(), String::new()),
+            Err(refusal) => (
+                String::new(),
+                refusal
+                    .transport
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default(),
+                refusal.peer.clone(),
+                refusal.access_key.clone(),
+            ),
         };
         let (context_keys, context_hash) = match call.context {
             Some((keys, hash)) => (keys, Some(hash)),
@@ -174,6 +183,8 @@ impl Gate {
             transport,
             peer,
             operation: call.op.name().to_owned(),
+            api_operation: call.api_operation,
+            access_key_id,
             key_id: call.key_id,
             key_version: call.key_version,
             context_keys,
@@ -199,10 +210,14 @@ fn denied(op: Operation) -> Error {
 /// transport, so that the log reads the same for every front end.
 pub fn outcome_name(kind: ErrorKind) -> &'static str {
     match kind {
-        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext => "INVALID_ARGUMENT",
+        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext | ErrorKind::IncorrectKey => {
+            "INVALID_ARGUMENT"
+        }
         ErrorKind::NotFound => "NOT_FOUND",
         ErrorKind::AlreadyExists => "ALREADY_EXISTS",
-        ErrorKind::WrongState | ErrorKind::LimitReached => "FAILED_PRECONDITION",
+        ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
+            "FAILED_PRECONDITION"
+        }
         ErrorKind::Unauthenticated => "UNAUTHENTICATED",
         ErrorKind::PermissionDenied => "PERMISSION_DENIED",
         ErrorKind::Unavailable => "UNAVAILABLE",

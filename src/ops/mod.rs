@@ -75,6 +75,9 @@ impl KeyView {
     }
 }
 
+/// Most bytes one GenerateRandom call returns (as in AWS KMS).
+pub const MAX_RANDOM_BYTES: u32 = 1024;
+
 /// The audit operation of a scheduled deletion carried out.
 pub const DESTROY_KEY: &str = "DestroyKey";
 
@@ -261,6 +264,9 @@ impl Ops {
     /// Re-wraps a blob under the newest version of `destination_key_id` (empty: the source
     /// key). Needs `ReWrapFrom` on the source and `ReWrapTo` on the destination (security
     /// review finding 5).
+    ///
+    /// `source_key_id`, if not empty, must name the key the blob is wrapped under (AWS KMS's
+    /// `SourceKeyId`), else [`Error::IncorrectKey`].
     pub async fn rewrap(
         &self,
         call: Call,
@@ -268,10 +274,12 @@ impl Ops {
         source_context: HashMap<String, String>,
         destination_key_id: String,
         destination_context: HashMap<String, String>,
+        source_key_id: String,
     ) -> Result<Rewrapped> {
         self.run(call, move |gate, ks, call| {
             gate.check_some(call, Operation::ReWrapFrom)?;
             let destination = optional_key_ref(&destination_key_id)?;
+            let expected_source = optional_key_ref(&source_key_id)?;
             let source_ctx = caller_context(source_context)?;
             let destination_ctx = caller_context(destination_context)?;
             call.context(&destination_ctx);
@@ -293,6 +301,11 @@ impl Ops {
                     Some(&destination_ctx),
                 )?;
             }
+            if let (Some(expected), Some(source)) = (&expected_source, &source) {
+                if ks.resolve(expected)?.id.to_string() != source.to_string() {
+                    return Err(Error::IncorrectKey);
+                }
+            }
             let rewrapped =
                 ks.rewrap(&blob, &source_ctx, destination.as_ref(), &destination_ctx)?;
             call.key(
@@ -302,6 +315,44 @@ impl Ops {
             Ok(rewrapped)
         })
         .await
+    }
+
+    /// `number_of_bytes` (1..=1024) random bytes from the token's generator. It names no key,
+    /// so a grant needs `keys = ["*"]`.
+    pub async fn generate_random(
+        &self,
+        call: Call,
+        number_of_bytes: u32,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            if !(1..=MAX_RANDOM_BYTES).contains(&number_of_bytes) {
+                return Err(Error::invalid(format!(
+                    "number of random bytes must be 1 to {MAX_RANDOM_BYTES}"
+                )));
+            }
+            gate.check(call, &Target::Any, None)?;
+            ks.random(number_of_bytes as usize)
+        })
+        .await
+    }
+
+    /// Audits a call its front end refuses before any operation (a bad signature, an
+    /// unknown access key, a malformed parameter) with `outcome`, so that every call has
+    /// its audit line. Returns `outcome`, unless the call is refused for a reason that comes
+    /// first: no identity, an operation the caller may do on no key, the audit log
+    /// unwritable.
+    pub async fn reject(&self, call: Call, outcome: Error) -> Error {
+        let result = self
+            .run(call, move |gate, _, call| {
+                gate.check_some(call, call.op())?;
+                Err::<(), _>(outcome)
+            })
+            .await;
+        match result {
+            Err(err) => err,
+            Ok(()) => Error::Internal("a rejected call passed".into()),
+        }
     }
 
     // ---- control plane -------------------------------------------------------------------
@@ -539,6 +590,7 @@ mod tests {
             principals: vec!["unix:uid=7".to_owned()].into(),
             transport: Transport::Unix,
             peer: "pid=1".into(),
+            access_key: None,
         };
         Call::new(Ok(identity), op, None, None)
     }
@@ -645,6 +697,7 @@ mod tests {
                 HashMap::new(),
                 "alias/a".into(),
                 HashMap::new(),
+                String::new(),
             )
             .await
             .unwrap_err();
@@ -655,7 +708,7 @@ mod tests {
     async fn an_unauthenticated_call_is_refused_before_anything() {
         let ops = ops(ADMIN);
         let anonymous = Call::new(
-            Err("no credentials".into()),
+            Err(String::from("no credentials").into()),
             Operation::ListKeys,
             None,
             None,

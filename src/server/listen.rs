@@ -171,6 +171,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 }
 
+impl Guarded<TcpStream> {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.inner.peer_addr().ok()
+    }
+}
+
 impl Connected for Guarded<TcpStream> {
     type ConnectInfo = TcpConnectInfo;
 

@@ -5,6 +5,7 @@
 //! `unix.rs` binds the unix socket; `logging.rs` sets up `tracing`.
 
 mod authority;
+mod http;
 mod listen;
 mod logging;
 mod unix;
@@ -33,8 +34,9 @@ pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};
 use crate::auth::{PolicyHandle, UnixNames};
-use crate::config::{Config, KmsConfig, Limits, TcpListenerConfig, UnixListenerConfig};
+use crate::config::{AwsConfig, Config, KmsConfig, Limits, TcpListenerConfig, UnixListenerConfig};
 use crate::error::{Error, Result};
+use crate::front::aws::AwsApi;
 use crate::front::grpc::{DataKeyApi, KeyApi, KmsApi};
 use crate::hsm::Pkcs11Token;
 use crate::keystore::{Keystore, SqliteStore, SystemClock};
@@ -71,10 +73,13 @@ pub struct Ready {
     pub tcp: Option<SocketAddr>,
     /// The Kubernetes KMS v2 plugin socket.
     pub kms: Option<PathBuf>,
+    /// The AWS KMS API's address.
+    pub aws: Option<SocketAddr>,
 }
 
 impl Ready {
-    /// The ready line printed on stdout: `wrapd ready socket=PATH tcp=ADDR kms=PATH`.
+    /// The ready line printed on stdout:
+    /// `wrapd ready socket=PATH tcp=ADDR kms=PATH aws=https://ADDR`.
     pub fn line(&self) -> String {
         let mut line = "wrapd ready".to_owned();
         if let Some(socket) = &self.socket {
@@ -86,6 +91,9 @@ impl Ready {
         if let Some(kms) = &self.kms {
             line.push_str(&format!(" kms={}", kms.display()));
         }
+        if let Some(aws) = &self.aws {
+            line.push_str(&format!(" aws=https://{aws}"));
+        }
         line
     }
 }
@@ -95,6 +103,7 @@ pub struct Daemon {
     unix: Option<UnixListenerConfig>,
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
+    aws: Option<AwsConfig>,
     deletion_check_interval: Duration,
     limits: Limits,
     token: Pkcs11Token,
@@ -121,6 +130,7 @@ impl Daemon {
             policy_file,
             audit,
             kms,
+            aws,
             keystore,
             deletion_check_interval,
             limits,
@@ -155,6 +165,7 @@ impl Daemon {
             unix,
             tcp,
             kms,
+            aws,
             deletion_check_interval,
             limits,
             token,
@@ -237,8 +248,14 @@ impl Daemon {
             socket: None,
             tcp: None,
             kms: None,
+            aws: None,
         };
-        let listeners = [self.unix.is_some(), self.tcp.is_some(), self.kms.is_some()];
+        let listeners = [
+            self.unix.is_some(),
+            self.tcp.is_some(),
+            self.kms.is_some(),
+            self.aws.is_some(),
+        ];
         let limits = self
             .limits
             .fitted_to_fd_limit(listeners.iter().filter(|l| **l).count());
@@ -250,7 +267,9 @@ impl Daemon {
             let (incoming, acceptor) =
                 listen::unix_incoming(listener, names.clone(), &limits, "unix");
             acceptors.push(acceptor);
-            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+            servers.spawn(listener_result(
+                router.serve_with_incoming_shutdown(incoming, stopped()),
+            ));
             ready.socket = Some(unix.path.clone());
         }
         if let Some(tcp) = &self.tcp {
@@ -264,7 +283,9 @@ impl Daemon {
             let router = self.router(&ops, &health_service, &limits)?;
             let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
             acceptors.push(acceptor);
-            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+            servers.spawn(listener_result(
+                router.serve_with_incoming_shutdown(incoming, stopped()),
+            ));
             ready.tcp = Some(addr);
         }
 
@@ -278,8 +299,30 @@ impl Daemon {
             let router = Self::builder(&limits).add_service(service);
             let (incoming, acceptor) = listen::unix_incoming(listener, names, &limits, "kms");
             acceptors.push(acceptor);
-            servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+            servers.spawn(listener_result(
+                router.serve_with_incoming_shutdown(incoming, stopped()),
+            ));
             ready.kms = Some(kms.socket.path.clone());
+        }
+
+        if let Some(aws) = &self.aws {
+            let tls = server_tls_acceptor("aws", &aws.cert, &aws.key)?;
+            let listener = TcpListener::bind(aws.listen)
+                .await
+                .map_err(|e| Error::Config(format!("cannot bind {}: {e}", aws.listen)))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Config(format!("aws listener: {e}")))?;
+            let api = Arc::new(AwsApi::new(ops.clone(), aws));
+            let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
+            acceptors.push(acceptor);
+            servers.spawn(listener_result(http::serve(
+                incoming,
+                api,
+                limits.handshake_timeout,
+                stopped(),
+            )));
+            ready.aws = Some(addr);
         }
 
         let background = [
@@ -294,7 +337,7 @@ impl Daemon {
         ];
 
         on_ready(&ready);
-        tracing::info!(socket = ?ready.socket, tcp = ?ready.tcp, "serving");
+        tracing::info!(socket = ?ready.socket, tcp = ?ready.tcp, kms = ?ready.kms, aws = ?ready.aws, "serving");
 
         // Stop accepting on the signal (or if a listener fails), then give in-flight calls
         // DRAIN_TIMEOUT to finish: a client that never reads its GOAWAY must not keep the
@@ -389,6 +432,43 @@ fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
         .with_single_cert(certs, key)
         .map_err(|e| Error::Config(format!("tcp: TLS certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A listener's end, as text (the gRPC and HTTP servers have different error types).
+async fn listener_result<E: std::fmt::Display>(
+    served: impl Future<Output = std::result::Result<(), E>>,
+) -> std::result::Result<(), String> {
+    served.await.map_err(|e| e.to_string())
+}
+
+/// Server-only TLS (no client certificates: the AWS KMS API authenticates each request with
+/// SigV4), HTTP/1.1.
+fn server_tls_acceptor(what: &str, cert: &PathBuf, key: &PathBuf) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{ServerConfig, crypto};
+
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map(Zeroizing::new)
+            .map_err(|e| Error::Config(format!("{what}: cannot read {}: {e}", path.display())))
+    };
+    let pem = |path: &PathBuf, e: &dyn std::fmt::Display| {
+        Error::Config(format!("{what}: {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| pem(key, &e))?;
+    let provider = Arc::new(crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("{what}: TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| Error::Config(format!("{what}: TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -206,6 +206,7 @@ fn chain(n: usize) -> Vec<String> {
                 latency_us: seq,
                 prev: prev.clone(),
                 hash: String::new(),
+                ..Default::default()
             };
             record.hash = record.compute_hash();
             prev = record.hash.clone();

@@ -104,9 +104,12 @@ impl From<wrapd::Error> for CliError {
             ErrorKind::PermissionDenied | ErrorKind::Unauthenticated => Failure::Denied,
             ErrorKind::InvalidArgument
             | ErrorKind::InvalidCiphertext
+            | ErrorKind::IncorrectKey
             | ErrorKind::AlreadyExists => Failure::Invalid,
             ErrorKind::Unavailable => Failure::Unavailable,
-            ErrorKind::WrongState | ErrorKind::LimitReached => Failure::WrongState,
+            ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
+                Failure::WrongState
+            }
             _ => Failure::Other,
         };
         Self::new(failure, err.to_string())

@@ -138,6 +138,7 @@ impl DataKeyService for DataKeyApi {
                 req.source_encryption_context,
                 req.destination_key_id,
                 req.destination_encryption_context,
+                String::new(),
             )
             .await
             .map_err(status)?;

@@ -18,17 +18,21 @@ pub use data_key::DataKeyApi;
 pub use key::{KeyApi, key_metadata};
 pub use kms_plugin::KmsApi;
 
-use crate::auth::{Connection, Operation, UnixPeer, authenticate};
+use crate::auth::{Connection, Operation, Refusal, UnixPeer, authenticate};
 use crate::error::{Error, ErrorKind};
 use crate::ops::Call;
 
 /// The gRPC code of an error kind (docs/DESIGN.md §4).
 pub fn code_of(kind: ErrorKind) -> Code {
     match kind {
-        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext => Code::InvalidArgument,
+        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext | ErrorKind::IncorrectKey => {
+            Code::InvalidArgument
+        }
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::WrongState | ErrorKind::LimitReached => Code::FailedPrecondition,
+        ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
+            Code::FailedPrecondition
+        }
         ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Unavailable => Code::Unavailable,
@@ -65,7 +69,7 @@ pub fn call_of<T>(request: &Request<T>, op: Operation) -> Call {
         }
     };
     Call::new(
-        identity.map_err(|e| e.to_string()),
+        identity.map_err(|e| Refusal::from(e.to_string())),
         op,
         request_id(request),
         deadline_of(request),

@@ -1,0 +1,302 @@
+//! Request bodies of the AWS KMS JSON API, as the AWS SDKs send them (PascalCase members,
+//! blobs in base64). Unknown members are refused (`ValidationException`): a parameter
+//! wrapd would not honour is never silently dropped. The members that make no sense for
+//! wrapd but are harmless are accepted and documented where they are read (`GrantTokens`:
+//! wrapd has no grants, its policy file decides).
+//!
+//! The members are the AWS KMS API's own, documented in its API reference.
+
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::error::AwsError;
+
+/// A base64 blob member that holds no secret (ciphertexts).
+#[derive(Debug, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Blob(String);
+
+impl Blob {
+    /// The decoded bytes, or a `ValidationException` naming the member.
+    pub fn decode(&self, member: &str) -> Result<Vec<u8>, AwsError> {
+        STANDARD
+            .decode(&self.0)
+            .map_err(|_| AwsError::validation(format!("{member} is not valid base64")))
+    }
+}
+
+/// A base64 blob member that holds a secret (plaintext): zeroized when dropped.
+#[derive(Default, Deserialize)]
+#[serde(transparent)]
+pub struct SecretBlob(Zeroizing<String>);
+
+impl SecretBlob {
+    /// The decoded bytes, zeroizing.
+    pub fn decode(&self, member: &str) -> Result<Zeroizing<Vec<u8>>, AwsError> {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(self.0.len() * 3 / 4 + 3));
+        STANDARD
+            .decode_vec(self.0.as_bytes(), &mut bytes)
+            .map_err(|_| AwsError::validation(format!("{member} is not valid base64")))?;
+        Ok(bytes)
+    }
+}
+
+impl std::fmt::Debug for SecretBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// An encryption context member.
+pub type Context = Option<HashMap<String, String>>;
+
+/// One tag.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Tag {
+    /// Its key.
+    pub tag_key: String,
+    /// Its value.
+    pub tag_value: String,
+}
+
+/// `CreateKey`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CreateKey {
+    pub description: Option<String>,
+    pub key_usage: Option<String>,
+    pub key_spec: Option<String>,
+    pub customer_master_key_spec: Option<String>,
+    pub origin: Option<String>,
+    pub policy: Option<String>,
+    pub bypass_policy_lockout_safety_check: Option<bool>,
+    pub tags: Option<Vec<Tag>>,
+    pub multi_region: Option<bool>,
+    pub custom_key_store_id: Option<String>,
+    pub xks_key_id: Option<String>,
+}
+
+/// The operations that take one key and nothing else (`DescribeKey`, `EnableKey`, …).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct KeyOnly {
+    pub key_id: String,
+    /// Accepted, not used: wrapd has no grants.
+    pub grant_tokens: Option<Vec<String>>,
+}
+
+/// `EnableKeyRotation`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct EnableKeyRotation {
+    pub key_id: String,
+    pub rotation_period_in_days: Option<u32>,
+}
+
+/// `ListKeys`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListKeys {
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+}
+
+/// `ListAliases`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListAliases {
+    pub key_id: Option<String>,
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+}
+
+/// `ListKeyRotations` and `ListResourceTags`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListOfKey {
+    pub key_id: String,
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+}
+
+/// `CreateAlias`, `UpdateAlias`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct PointAlias {
+    pub alias_name: String,
+    pub target_key_id: String,
+}
+
+/// `DeleteAlias`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DeleteAlias {
+    pub alias_name: String,
+}
+
+/// `ScheduleKeyDeletion`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ScheduleKeyDeletion {
+    pub key_id: String,
+    pub pending_window_in_days: Option<u32>,
+}
+
+/// `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GenerateDataKey {
+    pub key_id: String,
+    pub encryption_context: Context,
+    pub number_of_bytes: Option<u32>,
+    pub key_spec: Option<String>,
+    /// Accepted, not used: wrapd has no grants.
+    pub grant_tokens: Option<Vec<String>>,
+    pub dry_run: Option<bool>,
+    pub recipient: Option<serde_json::Value>,
+}
+
+/// `Encrypt`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Encrypt {
+    pub key_id: String,
+    pub plaintext: SecretBlob,
+    pub encryption_context: Context,
+    pub encryption_algorithm: Option<String>,
+    /// Accepted, not used: wrapd has no grants.
+    pub grant_tokens: Option<Vec<String>>,
+    pub dry_run: Option<bool>,
+}
+
+/// `Decrypt`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Decrypt {
+    pub ciphertext_blob: Blob,
+    pub encryption_context: Context,
+    pub key_id: Option<String>,
+    pub encryption_algorithm: Option<String>,
+    /// Accepted, not used: wrapd has no grants.
+    pub grant_tokens: Option<Vec<String>>,
+    pub dry_run: Option<bool>,
+    pub recipient: Option<serde_json::Value>,
+}
+
+/// `ReEncrypt`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ReEncrypt {
+    pub ciphertext_blob: Blob,
+    pub source_encryption_context: Context,
+    pub source_key_id: Option<String>,
+    pub destination_key_id: String,
+    pub destination_encryption_context: Context,
+    pub source_encryption_algorithm: Option<String>,
+    pub destination_encryption_algorithm: Option<String>,
+    /// Accepted, not used: wrapd has no grants.
+    pub grant_tokens: Option<Vec<String>>,
+    pub dry_run: Option<bool>,
+}
+
+/// `GenerateRandom`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GenerateRandom {
+    pub number_of_bytes: Option<u32>,
+    pub custom_key_store_id: Option<String>,
+    pub recipient: Option<serde_json::Value>,
+}
+
+/// `TagResource`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct TagResource {
+    pub key_id: String,
+    pub tags: Vec<Tag>,
+}
+
+/// `UntagResource`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UntagResource {
+    pub key_id: String,
+    pub tag_keys: Vec<String>,
+}
+
+/// Parses a request body (empty means `{}`): malformed JSON is a `SerializationException`,
+/// a missing, unknown or mistyped member a `ValidationException`.
+pub fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AwsError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::from_slice(b"{}").map_err(data_error);
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => data_error(e),
+        _ => AwsError::new(
+            "SerializationException",
+            http::StatusCode::BAD_REQUEST,
+            "the request body is not valid JSON",
+        ),
+    })
+}
+
+fn data_error(e: serde_json::Error) -> AwsError {
+    // serde's message names the member ("unknown field `Foo`", "missing field `KeyId`")
+    // and never echoes a value.
+    let message = e.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_owned();
+    AwsError::validation(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_member_is_a_validation_error_naming_it() {
+        let err = parse::<KeyOnly>(br#"{"KeyId":"x","Frobnicate":true}"#).unwrap_err();
+        assert_eq!(err.code, "ValidationException");
+        assert!(err.message.contains("Frobnicate"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_missing_member_is_a_validation_error() {
+        let err = parse::<KeyOnly>(b"{}").unwrap_err();
+        assert_eq!(err.code, "ValidationException");
+        assert!(err.message.contains("KeyId"), "{}", err.message);
+    }
+
+    #[test]
+    fn malformed_json_is_a_serialization_error() {
+        let err = parse::<KeyOnly>(b"{\"KeyId\":").unwrap_err();
+        assert_eq!(err.code, "SerializationException");
+    }
+
+    #[test]
+    fn an_empty_body_is_an_empty_object() {
+        let req = parse::<ListKeys>(b"").unwrap();
+        assert!(req.limit.is_none());
+    }
+
+    #[test]
+    fn a_plaintext_member_decodes_and_a_bad_one_is_refused() {
+        let req = parse::<Encrypt>(br#"{"KeyId":"k","Plaintext":"aGVsbG8="}"#).unwrap();
+        assert_eq!(&**req.plaintext.decode("Plaintext").unwrap(), b"hello");
+        let req = parse::<Encrypt>(br#"{"KeyId":"k","Plaintext":"!!"}"#).unwrap();
+        assert_eq!(
+            req.plaintext.decode("Plaintext").unwrap_err().code,
+            "ValidationException"
+        );
+    }
+}

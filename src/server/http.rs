@@ -1,0 +1,103 @@
+//! The HTTPS listener of the AWS KMS JSON API: HTTP/1.1 (what the AWS SDKs speak to KMS)
+//! over the same TLS accept loop as the gRPC listener (`listen.rs`: connection cap,
+//! handshake timeout, idle timeout, keepalive), without client certificates: callers
+//! authenticate each request with SigV4 instead.
+//!
+//! Each connection is served by hyper; a request's body is read up to
+//! [`crate::front::aws::MAX_BODY`] bytes (larger: 413) before the front end sees it, since
+//! the signature covers the body. Headers must arrive within the handshake timeout.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming as Body;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio_stream::StreamExt;
+
+use super::listen::{Incoming, TlsConnection};
+use crate::front::aws::{AwsApi, AwsError, MAX_BODY};
+
+/// Largest request head (request line and headers) read.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Serves `api` on the connections of `incoming` until `stopped` resolves; then lets the
+/// requests in flight finish (the caller bounds the wait).
+pub async fn serve(
+    mut incoming: Incoming<TlsConnection>,
+    api: Arc<AwsApi>,
+    header_timeout: Duration,
+    stopped: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stopped);
+    loop {
+        let connection = tokio::select! {
+            () = &mut stopped => break,
+            next = incoming.next() => match next {
+                Some(Ok(connection)) => connection,
+                Some(Err(err)) => {
+                    tracing::debug!(error = %err, "AWS KMS API: connection failed");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let remote = connection.get_ref().0.remote_addr();
+        let api = api.clone();
+        let service = service_fn(move |request: Request<Body>| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(answer(&api, request, remote).await) }
+        });
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEAD);
+        let served = http1.serve_connection(TokioIo::new(connection), service);
+        let watched = graceful.watch(served);
+        tokio::spawn(async move {
+            if let Err(err) = watched.await {
+                tracing::debug!(error = %err, "AWS KMS API: connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Reads the body (bounded) and hands the request to the API.
+async fn answer(
+    api: &AwsApi,
+    request: Request<Body>,
+    remote: Option<SocketAddr>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            let too_large = err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let error = if too_large {
+                AwsError::new(
+                    "ValidationException",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {MAX_BODY} bytes"),
+                )
+            } else {
+                AwsError::validation("the request body could not be read")
+            };
+            return error.response("-").map(Full::new);
+        }
+    };
+    api.handle(Request::from_parts(parts, body), remote)
+        .await
+        .map(Full::new)
+}
