@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(blob context config policy audit_verify message authority)
+[ ${#targets[@]} -gt 0 ] || targets=(blob context config policy audit_verify message authority aws_request)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${secs}s"

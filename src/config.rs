@@ -643,10 +643,10 @@ fn aws_config(
                 )));
             }
         };
-        // AWS secret access keys are 40 characters; the SigV4 verifier holds at most 40.
-        if !(16..=40).contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        // AWS secret access keys are 40 characters, and the SigV4 verifier takes exactly 40.
+        if secret.len() != 40 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Error::Config(format!(
-                "{at}: the secret must be 16 to 40 printable ASCII characters"
+                "{at}: the secret must be 40 printable ASCII characters, as AWS secret access keys are"
             )));
         }
         if let Some(principal) = &key.principal {
@@ -802,5 +802,79 @@ mod tests {
         let bad = GOOD.replace("[store]", "[store]\nbogus = 1");
         let err = Config::parse(&bad, dir.path()).unwrap_err().to_string();
         assert!(!err.contains("s3cret-pin"), "{err}");
+    }
+
+    const AWS: &str = r#"
+        [aws]
+        listen = "127.0.0.1:0"
+        cert = "server.pem"
+        key = "server.key"
+        region = "eu-west-3"
+        account = "111122223333"
+
+        [[aws.access_key]]
+        id = "AKIAEXAMPLEEXAMPLE00"
+        secret_file = "aws-secret"
+        principal = "tls:uri=spiffe://example.org/app"
+    "#;
+
+    fn aws_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write_pin(dir.path());
+        std::fs::write(
+            dir.path().join("aws-secret"),
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_aws_access_key_reads_its_secret_from_a_file() {
+        let dir = aws_dir();
+        let config = Config::parse(&format!("{GOOD}{AWS}"), dir.path()).unwrap();
+        let aws = config.aws.unwrap();
+        assert_eq!(aws.region, "eu-west-3");
+        let key = &aws.access_keys[0];
+        assert_eq!(
+            key.secret.as_str(),
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+        );
+        assert!(
+            !format!("{key:?}").contains("EXAMPLEKEY"),
+            "Debug redacts the secret"
+        );
+    }
+
+    #[test]
+    fn an_inline_aws_secret_is_refused() {
+        let dir = aws_dir();
+        let inline = AWS.replace(
+            "secret_file = \"aws-secret\"",
+            "secret = \"wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY\"",
+        );
+        let err = Config::parse(&format!("{GOOD}{inline}"), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret"), "{err}");
+        assert!(
+            !err.contains("EXAMPLEKEY"),
+            "the error does not echo the secret: {err}"
+        );
+    }
+
+    #[test]
+    fn an_access_key_cannot_act_as_an_internal_principal() {
+        let dir = aws_dir();
+        let internal = AWS.replace("tls:uri=spiffe://example.org/app", "wrapd:daemon");
+        let err = Config::parse(&format!("{GOOD}{internal}"), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("wrapd:"), "{err}");
+    }
+
+    #[test]
+    fn an_aws_account_is_twelve_digits() {
+        let dir = aws_dir();
+        let bad = AWS.replace("111122223333", "12345");
+        assert!(Config::parse(&format!("{GOOD}{bad}"), dir.path()).is_err());
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! ```text
 //! server (listeners: accept loops, limits, unix peers, TLS)
-//!   -> front (gRPC services, KMS v2 plugin: decode, build the Call, map results and errors)
+//!   -> front (gRPC services, KMS v2 plugin, AWS KMS JSON API: decode, build the Call, map
+//!      results and errors)
 //!   -> ops (the operation layer: validation, policy, key store call, audit line; one job)
 //!   -> keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
 //! beside them: auth (identities from connection records, policy), audit (the log)
@@ -20,7 +21,7 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
-//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), and the error-to-status mapping |
+//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: SigV4, ARNs, AWS error types), and each one's error mapping |
 //! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the KMS plugin's rules |
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
 //! | [`audit`] | the hash-chained audit log and its verifier (the verifier is client-side too) |

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use super::message::{EncryptedDataKey, Header, PROVIDER_ID};
+use super::message::{AWS_KMS_PROVIDER_ID, EncryptedDataKey, Header, PROVIDER_ID};
 use crate::client::DataKeyServiceClient;
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
@@ -25,8 +25,49 @@ use crate::proto::{GenerateDataKeyRequest, UnwrapRequest, WrapRequest};
 pub struct WrapdKey {
     /// The daemon.
     pub client: DataKeyServiceClient<Channel>,
-    /// Key id or alias.
+    /// Key id or alias, or its AWS KMS ARN (then the entries are `aws-kms` ones).
     pub key_id: String,
+}
+
+impl WrapdKey {
+    /// The name the gRPC API takes (`key/…` or `alias/…`), and the ARN prefix
+    /// (`arn:aws:kms:REGION:ACCOUNT:`) when the key was named by an ARN.
+    fn names(&self) -> (&str, Option<&str>) {
+        match split_arn(&self.key_id) {
+            Some((prefix, resource)) => (resource, Some(prefix)),
+            None => (&self.key_id, None),
+        }
+    }
+
+    /// The entry for a blob this key's daemon made under `key_id` (canonical).
+    fn entry(&self, key_id: String, blob: Vec<u8>) -> EncryptedDataKey {
+        match self.names().1 {
+            Some(prefix) => EncryptedDataKey {
+                provider_id: AWS_KMS_PROVIDER_ID.to_owned(),
+                provider_info: format!("{prefix}{key_id}").into_bytes(),
+                ciphertext: blob,
+            },
+            None => EncryptedDataKey {
+                provider_id: PROVIDER_ID.to_owned(),
+                provider_info: key_id.into_bytes(),
+                ciphertext: blob,
+            },
+        }
+    }
+}
+
+/// Splits an AWS KMS ARN into its prefix (`arn:PARTITION:kms:REGION:ACCOUNT:`) and its
+/// resource (`key/…` or `alias/…`).
+pub fn split_arn(arn: &str) -> Option<(&str, &str)> {
+    if !arn.starts_with("arn:") {
+        return None;
+    }
+    let mut colons = arn.match_indices(':').map(|(i, _)| i);
+    let end = colons.nth(4)?;
+    let (prefix, resource) = arn.split_at(end + 1);
+    let service = prefix.split(':').nth(2)?;
+    (service == "kms" && (resource.starts_with("key/") || resource.starts_with("alias/")))
+        .then_some((prefix, resource))
 }
 
 /// A fresh data key and its encrypted data key entries, one per wrapping key.
@@ -135,7 +176,7 @@ impl Keyring {
         let generated = retrying(|timeout| {
             let mut client = first.client.clone();
             let message = GenerateDataKeyRequest {
-                key_id: first.key_id.clone(),
+                key_id: first.names().0.to_owned(),
                 encryption_context: wire(context),
                 number_of_bytes: 32,
             };
@@ -145,16 +186,12 @@ impl Keyring {
         .map_err(|s| call_error(&format!("GenerateDataKey with {}", first.key_id), s))?
         .into_inner();
         let dek = Zeroizing::new(generated.plaintext);
-        let mut entries = vec![EncryptedDataKey {
-            provider_id: PROVIDER_ID.to_owned(),
-            provider_info: generated.key_id.into_bytes(),
-            ciphertext: generated.ciphertext_blob,
-        }];
+        let mut entries = vec![first.entry(generated.key_id, generated.ciphertext_blob)];
         for key in &self.keys[1..] {
             let wrapped = retrying(|timeout| {
                 let mut client = key.client.clone();
                 let message = WrapRequest {
-                    key_id: key.key_id.clone(),
+                    key_id: key.names().0.to_owned(),
                     plaintext: dek.to_vec(),
                     encryption_context: wire(context),
                 };
@@ -163,11 +200,7 @@ impl Keyring {
             .await
             .map_err(|s| call_error(&format!("Wrap with {}", key.key_id), s))?
             .into_inner();
-            entries.push(EncryptedDataKey {
-                provider_id: PROVIDER_ID.to_owned(),
-                provider_info: wrapped.key_id.into_bytes(),
-                ciphertext: wrapped.ciphertext_blob,
-            });
+            entries.push(key.entry(wrapped.key_id, wrapped.ciphertext_blob));
         }
         Ok(DataKey {
             dek,
@@ -175,7 +208,8 @@ impl Keyring {
         })
     }
 
-    /// The DEK of a message: the first `wrapd` entry any of the keys' daemons unwraps.
+    /// The DEK of a message: the first `wrapd` or `aws-kms` entry any of the keys' daemons
+    /// unwraps.
     pub async fn unwrap(&self, header: &Header) -> Result<Zeroizing<Vec<u8>>> {
         let mut failures: Vec<String> = Vec::new();
         let mut last_code = None;
@@ -184,7 +218,7 @@ impl Keyring {
         for entry in header
             .data_keys
             .iter()
-            .filter(|e| e.provider_id == PROVIDER_ID)
+            .filter(|e| e.provider_id == PROVIDER_ID || e.provider_id == AWS_KMS_PROVIDER_ID)
         {
             for (i, key) in self.keys.iter().enumerate() {
                 if down[i] {
@@ -221,7 +255,8 @@ impl Keyring {
         match last_code {
             None => Err(Error::Remote {
                 kind: ErrorKind::NotFound,
-                message: "the message has no data key entry for wrapd".into(),
+                message: "the message has no data key entry for wrapd (provider wrapd or aws-kms)"
+                    .into(),
             }),
             // Every attempt, so the caller sees why each entry failed (the code is the last
             // one's).
@@ -238,6 +273,32 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    #[test]
+    fn an_aws_kms_arn_splits_into_prefix_and_wrapd_name() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let arn = format!("arn:aws:kms:us-east-1:111122223333:key/{hex}");
+        assert_eq!(
+            split_arn(&arn),
+            Some((
+                "arn:aws:kms:us-east-1:111122223333:",
+                &*format!("key/{hex}")
+            ))
+        );
+        assert_eq!(
+            split_arn("arn:aws:kms:us-east-1:111122223333:alias/app"),
+            Some(("arn:aws:kms:us-east-1:111122223333:", "alias/app"))
+        );
+        for not_kms in [
+            "key/abc",
+            "alias/app",
+            "arn:aws:s3:::bucket/key/x",
+            "arn:aws:kms:us-east-1",
+            "arn:aws:kms:us-east-1:111122223333:grant/x",
+        ] {
+            assert_eq!(split_arn(not_kms), None, "{not_kms}");
+        }
+    }
 
     #[tokio::test]
     async fn retries_unavailable_only() {

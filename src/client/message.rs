@@ -50,6 +50,10 @@ pub const PUBLIC_KEY_CONTEXT_KEY: &str = "aws-crypto-public-key";
 /// The provider id wrapd's encrypted data keys carry.
 pub const PROVIDER_ID: &str = "wrapd";
 
+/// The provider id of the entries the official Encryption SDKs' KMS keyrings write (provider
+/// info = the key's ARN); wrapd's AWS KMS API unwraps their blobs.
+pub const AWS_KMS_PROVIDER_ID: &str = "aws-kms";
+
 const VERSION: u8 = 0x02;
 const CONTENT_FRAMED: u8 = 0x02;
 const FINAL_FRAME: u32 = 0xFFFF_FFFF;

@@ -11,6 +11,7 @@ mod common;
 mod access_control;
 mod architecture;
 mod audit_log;
+mod aws_kms_api;
 #[cfg(feature = "fault-injection")]
 mod cancellation;
 mod crash_safety;

@@ -195,10 +195,6 @@ pub async fn verify(
     }
 }
 
-/// The longest secret access key accepted: AWS's are 40 characters, and the verifier's
-/// key type holds no more.
-pub const MAX_SECRET_LEN: usize = 40;
-
 /// The day's signing key of the access key a request names (the verifier's callback).
 fn signing_key(
     keys: &AccessKeys,

@@ -24,6 +24,8 @@ pub struct DevDaemon {
     pub socket: PathBuf,
     /// The TCP (mutual TLS) address from the ready line.
     pub tcp: std::net::SocketAddr,
+    /// The AWS KMS API's URL from the ready line (`https://127.0.0.1:PORT`).
+    pub aws: String,
     log_path: PathBuf,
     starts: usize,
     env: Vec<(String, String)>,
@@ -53,6 +55,7 @@ impl DevDaemon {
         let mut daemon = Self {
             socket: dir.path().join("wrapd.sock"),
             tcp: "0.0.0.0:0".parse().unwrap(),
+            aws: String::new(),
             log_path: dir.path().join("daemon-0.log"),
             dir,
             child: None,
@@ -120,11 +123,13 @@ impl DevDaemon {
         let rest = line
             .strip_prefix(&prefix)
             .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
-        let kms = format!(" kms={}", self.kms_socket().display());
-        let tcp = rest
-            .strip_suffix(&kms)
-            .unwrap_or_else(|| panic!("no kms socket in the ready line {line:?}"));
+        let kms = format!(" kms={} aws=", self.kms_socket().display());
+        let (tcp, aws) = rest
+            .split_once(&kms)
+            .unwrap_or_else(|| panic!("no kms socket and aws URL in the ready line {line:?}"));
         self.tcp = tcp.parse().expect("tcp address in the ready line");
+        assert!(aws.starts_with("https://127.0.0.1:"), "{line}");
+        self.aws = aws.to_owned();
         self.child = Some(child);
     }
 

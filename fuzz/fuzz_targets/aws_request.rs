@@ -1,0 +1,71 @@
+//! The AWS KMS API's parsing of untrusted requests: the JSON body of every operation, the
+//! `KeyId` forms, and the SigV4 headers (`Authorization`, `X-Amz-Date`) with the body, up to
+//! and including the signature check. None may panic, whatever the bytes. The input is split
+//! at the first two NUL bytes into the `Authorization` value, the `X-Amz-Date` value and the
+//! body.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use wrapd::front::aws::{AccessKeys, Arns, model, sigv4};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut parts = data.splitn(3, |b| *b == 0);
+    let (authorization, date, body) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+
+    let _ = model::parse::<model::CreateKey>(body);
+    let _ = model::parse::<model::KeyOnly>(body);
+    let _ = model::parse::<model::ListAliases>(body);
+    let _ = model::parse::<model::ScheduleKeyDeletion>(body);
+    let _ = model::parse::<model::GenerateDataKey>(body);
+    let _ = model::parse::<model::ReEncrypt>(body);
+    if let Ok(encrypt) = model::parse::<model::Encrypt>(body) {
+        let _ = encrypt.plaintext.decode("Plaintext");
+    }
+    if let Ok(decrypt) = model::parse::<model::Decrypt>(body) {
+        let _ = decrypt.ciphertext_blob.decode("CiphertextBlob");
+        if let Some(key) = decrypt.key_id {
+            let _ = Arns::new("us-east-1", "111122223333").key_ref(&key);
+        }
+    }
+    let _ = Arns::new("us-east-1", "111122223333").key_ref(&String::from_utf8_lossy(body));
+
+    let mut request = http::Request::post("https://127.0.0.1/")
+        .header("host", "127.0.0.1")
+        .header("x-amz-target", "TrentService.ListKeys");
+    if let Ok(value) = http::HeaderValue::from_bytes(authorization) {
+        request = request.header("authorization", value);
+    }
+    if let Ok(value) = http::HeaderValue::from_bytes(date) {
+        request = request.header("x-amz-date", value);
+    }
+    let Ok(request) = request.body(()) else {
+        return;
+    };
+    let (parts, ()) = request.into_parts();
+    let keys = Arc::new(AccessKeys::default());
+    let now = sigv4::parse_amz_date(&String::from_utf8_lossy(date)).unwrap_or_else(chrono::Utc::now);
+    let _ = runtime().block_on(sigv4::verify(
+        &keys,
+        "us-east-1",
+        "111122223333",
+        &parts,
+        Bytes::copy_from_slice(body),
+        now,
+    ));
+});

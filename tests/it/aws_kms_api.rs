@@ -1,0 +1,640 @@
+//! The AWS KMS-compatible API (issue 13) driven by the real clients nobody here wrote: the
+//! distribution's AWS CLI (`/usr/bin/aws`), boto3, the official AWS Encryption SDK for
+//! Python with its KMS master-key provider and its `aws-encryption-cli`, each pointed at a
+//! `wrapd dev` daemon by the standard endpoint and credential settings only.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use wrapd::proto::{UnwrapRequest, WrapRequest};
+
+use crate::common::{DevDaemon, ctx, eventually};
+
+/// The AWS CLI as Debian ships it (2.9: no `AWS_ENDPOINT_URL`, so `--endpoint-url`).
+const AWS_CLI: &str = "/usr/bin/aws";
+
+fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
+}
+
+/// The environment every AWS client gets: the dev profile's files, the dev CA (the
+/// environment's `AWS_CA_BUNDLE` would win over the profile's `ca_bundle`), and nothing
+/// from the machine's own AWS setup.
+fn aws_env(daemon: &DevDaemon, command: &mut Command) {
+    let dir = daemon.dir();
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("AWS_CONFIG_FILE", dir.join("aws/config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws/credentials"))
+        .env("AWS_PROFILE", "wrapd-dev")
+        .env("AWS_CA_BUNDLE", dir.join("pki/ca.pem"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL_KMS", &daemon.aws)
+        .env("WRAPD_AWS_URL", &daemon.aws);
+}
+
+/// Runs `aws kms ARGS` and returns its JSON output, or its stderr on failure.
+fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
+    let mut command = Command::new(AWS_CLI);
+    aws_env(daemon, &mut command);
+    let out = command
+        .args(["kms", "--endpoint-url", &daemon.aws, "--output", "json"])
+        .args(args)
+        .output()
+        .expect("run /usr/bin/aws (softhsm-config/install-deps.sh installs it)");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}")))
+}
+
+#[track_caller]
+fn aws_ok(daemon: &DevDaemon, args: &[&str]) -> Value {
+    aws_cli(daemon, args).unwrap_or_else(|err| panic!("aws kms {args:?}: {err}"))
+}
+
+/// Runs a boto3 scenario of `tests/python/aws_kms_boto3.py`; returns its JSON line.
+fn boto3(daemon: &DevDaemon, scenario: &str, env: &[(&str, &str)]) -> Value {
+    let mut command = Command::new("python3");
+    aws_env(daemon, &mut command);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command
+        .arg(python_script("aws_kms_boto3.py"))
+        .arg(scenario)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "boto3 scenario {scenario} failed:\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("the scenario's JSON line")
+}
+
+fn b64(value: &Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().expect("a base64 string"))
+        .unwrap()
+}
+
+fn create_key(daemon: &DevDaemon) -> Value {
+    aws_ok(daemon, &["create-key", "--description", "test"])["KeyMetadata"].clone()
+}
+
+#[test]
+fn the_aws_cli_generates_a_data_key_that_decrypts_only_with_its_context() {
+    let daemon = DevDaemon::start();
+    let key = create_key(&daemon);
+    let arn = key["Arn"].as_str().unwrap();
+    aws_ok(
+        &daemon,
+        &[
+            "create-alias",
+            "--alias-name",
+            "alias/cli",
+            "--target-key-id",
+            arn,
+        ],
+    );
+    let generated = aws_ok(
+        &daemon,
+        &[
+            "generate-data-key",
+            "--key-id",
+            "alias/cli",
+            "--key-spec",
+            "AES_256",
+            "--encryption-context",
+            "tenant=acme",
+        ],
+    );
+    assert_eq!(generated["KeyId"], arn);
+    let blob = daemon.dir().join("blob");
+    std::fs::write(&blob, b64(&generated["CiphertextBlob"])).unwrap();
+    let blob_arg = format!("fileb://{}", blob.display());
+    let decrypted = aws_ok(
+        &daemon,
+        &[
+            "decrypt",
+            "--ciphertext-blob",
+            &blob_arg,
+            "--encryption-context",
+            "tenant=acme",
+        ],
+    );
+    assert_eq!(decrypted["Plaintext"], generated["Plaintext"]);
+    assert_eq!(decrypted["KeyId"], arn);
+    let wrong = aws_cli(
+        &daemon,
+        &[
+            "decrypt",
+            "--ciphertext-blob",
+            &blob_arg,
+            "--encryption-context",
+            "tenant=other",
+        ],
+    )
+    .unwrap_err();
+    assert!(wrong.contains("InvalidCiphertextException"), "{wrong}");
+}
+
+#[test]
+fn the_aws_cli_encrypts_re_encrypts_and_decrypts() {
+    let daemon = DevDaemon::start();
+    let (first, second) = (create_key(&daemon), create_key(&daemon));
+    let (a, b) = (
+        first["Arn"].as_str().unwrap(),
+        second["Arn"].as_str().unwrap(),
+    );
+    let plaintext = daemon.dir().join("plain");
+    std::fs::write(&plaintext, b"the launch codes").unwrap();
+    let encrypted = aws_ok(
+        &daemon,
+        &[
+            "encrypt",
+            "--key-id",
+            first["KeyId"].as_str().unwrap(),
+            "--plaintext",
+            &format!("fileb://{}", plaintext.display()),
+        ],
+    );
+    assert_eq!(encrypted["KeyId"], a);
+    let blob = daemon.dir().join("blob");
+    std::fs::write(&blob, b64(&encrypted["CiphertextBlob"])).unwrap();
+    let re = aws_ok(
+        &daemon,
+        &[
+            "re-encrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", blob.display()),
+            "--destination-key-id",
+            b,
+        ],
+    );
+    assert_eq!(
+        (re["SourceKeyId"].as_str(), re["KeyId"].as_str()),
+        (Some(a), Some(b))
+    );
+    std::fs::write(&blob, b64(&re["CiphertextBlob"])).unwrap();
+    let decrypted = aws_ok(
+        &daemon,
+        &[
+            "decrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", blob.display()),
+        ],
+    );
+    assert_eq!(decrypted["KeyId"], b);
+    assert_eq!(b64(&decrypted["Plaintext"]), b"the launch codes");
+}
+
+#[test]
+fn the_aws_cli_manages_the_key_lifecycle() {
+    let daemon = DevDaemon::start();
+    let key = create_key(&daemon);
+    let arn = key["Arn"].as_str().unwrap();
+    assert_eq!(key["KeyState"], "Enabled");
+    let listed = aws_ok(&daemon, &["list-keys"]);
+    assert!(
+        listed["Keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["KeyArn"] == arn),
+        "{listed}"
+    );
+    aws_ok(
+        &daemon,
+        &[
+            "create-alias",
+            "--alias-name",
+            "alias/life",
+            "--target-key-id",
+            arn,
+        ],
+    );
+    let aliases = aws_ok(&daemon, &["list-aliases", "--key-id", arn]);
+    assert_eq!(
+        aliases["Aliases"][0]["AliasName"], "alias/life",
+        "{aliases}"
+    );
+    aws_ok(&daemon, &["disable-key", "--key-id", "alias/life"]);
+    let described = aws_ok(&daemon, &["describe-key", "--key-id", "alias/life"]);
+    assert_eq!(described["KeyMetadata"]["KeyState"], "Disabled");
+    assert_eq!(described["KeyMetadata"]["Enabled"], false);
+    aws_ok(&daemon, &["enable-key", "--key-id", arn]);
+    let scheduled = aws_ok(
+        &daemon,
+        &[
+            "schedule-key-deletion",
+            "--key-id",
+            arn,
+            "--pending-window-in-days",
+            "7",
+        ],
+    );
+    assert_eq!(scheduled["KeyState"], "PendingDeletion");
+    let described = aws_ok(&daemon, &["describe-key", "--key-id", arn]);
+    assert_eq!(described["KeyMetadata"]["KeyState"], "PendingDeletion");
+    assert!(
+        described["KeyMetadata"]["DeletionDate"].is_string(),
+        "{described}"
+    );
+}
+
+#[test]
+fn boto3_drives_every_operation() {
+    let daemon = DevDaemon::start();
+    let facts = boto3(&daemon, "operations", &[]);
+    // Every call is in the audit log, as an aws-kms call by the dev access key.
+    let lines = daemon.audit_lines();
+    let aws: Vec<_> = lines.iter().filter(|l| l.transport == "aws-kms").collect();
+    assert!(aws.len() > 30, "{} aws-kms audit lines", aws.len());
+    let access_key = std::fs::read_to_string(daemon.dir().join("aws/access-key-id")).unwrap();
+    assert!(
+        aws.iter()
+            .all(|l| l.access_key_id.as_deref() == Some(access_key.trim()))
+    );
+    let decrypt = aws
+        .iter()
+        .find(|l| l.api_operation.as_deref() == Some("TrentService.Decrypt"))
+        .expect("a Decrypt line");
+    assert_eq!(decrypt.operation, "Unwrap");
+    assert!(
+        decrypt
+            .principal
+            .starts_with("tls:uri=spiffe://wrapd-dev/user/")
+    );
+    assert!(
+        facts["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("arn:aws:kms:us-east-1:111122223333:key/")
+    );
+}
+
+#[test]
+fn boto3_pages_through_keys_and_aliases_one_at_a_time() {
+    let daemon = DevDaemon::start();
+    let facts = boto3(&daemon, "pagination", &[]);
+    // 3 keys made by the scenario + the dev Kubernetes key.
+    assert_eq!(facts["pages"], 4, "{facts}");
+}
+
+#[test]
+fn boto3_sees_each_error_type_with_its_http_status() {
+    let daemon = DevDaemon::start();
+    let statuses = boto3(&daemon, "errors", &[]);
+    let expected = [
+        ("NotFoundException", 404),
+        ("InvalidCiphertextException", 400),
+        ("IncorrectKeyException", 400),
+        ("ValidationException", 400),
+        ("AlreadyExistsException", 409),
+        ("UnsupportedOperationException", 400),
+        ("DisabledException", 409),
+        ("KMSInvalidStateException", 409),
+    ];
+    for (code, status) in expected {
+        assert_eq!(statuses[code], status, "{code}: {statuses}");
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_is_a_dependency_timeout() {
+    let daemon = DevDaemon::start();
+    let audit = daemon.dir().join("audit.log");
+    std::fs::rename(&audit, daemon.dir().join("audit.log.old")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &audit).unwrap();
+    daemon.signal(libc::SIGHUP);
+    let data = daemon.data().await;
+    eventually("operations fail closed", || {
+        let mut data = data.clone();
+        async move {
+            data.wrap(WrapRequest {
+                key_id: "alias/kubernetes".into(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+        }
+    })
+    .await;
+    let facts = boto3(&daemon, "unavailable", &[]);
+    assert_eq!(
+        facts["code"],
+        serde_json::json!(["DependencyTimeoutException", 503])
+    );
+}
+
+#[test]
+fn bad_signatures_unknown_keys_unsigned_and_skewed_requests_are_refused_and_audited() {
+    let daemon = DevDaemon::start();
+    let facts = boto3(&daemon, "auth", &[]);
+    let refused: Vec<_> = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.transport == "aws-kms" && l.outcome == "UNAUTHENTICATED")
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.api_operation.as_deref() == Some("TrentService.ListKeys"))
+    );
+    assert!(refused.iter().all(|l| l.principal.is_empty()));
+    let claimed: Vec<_> = refused.iter().map(|l| l.access_key_id.clone()).collect();
+    let real = facts["access_key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        claimed,
+        [
+            Some(real.clone()),
+            Some("AKIAUNKNOWNUNKNOWN00".to_owned()),
+            None,
+            Some(real)
+        ]
+    );
+}
+
+#[test]
+fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
+    let mut daemon = DevDaemon::start();
+    let key = create_key(&daemon);
+    // A second access key, acting as a principal the dev policy grants nothing.
+    let dir = daemon.dir().to_owned();
+    std::fs::write(
+        dir.join("aws/outsider-secret"),
+        "outsider-secret-0123456789abcdef01234567",
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    config.push_str(
+        "\n[[aws.access_key]]\nid = \"AKIAOUTSIDER00000000\"\nsecret_file = \"aws/outsider-secret\"\nprincipal = \"tls:uri=spiffe://elsewhere/outsider\"\n",
+    );
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    let credentials = dir.join("aws/outsider-credentials");
+    std::fs::write(
+        &credentials,
+        "[outsider]\naws_access_key_id = AKIAOUTSIDER00000000\naws_secret_access_key = outsider-secret-0123456789abcdef01234567\n",
+    )
+    .unwrap();
+    let codes = boto3(
+        &daemon,
+        "denied",
+        &[
+            ("AWS_SHARED_CREDENTIALS_FILE", credentials.to_str().unwrap()),
+            ("AWS_PROFILE", "outsider"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("WRAPD_EXISTING_KEY", key["Arn"].as_str().unwrap()),
+        ],
+    );
+    assert_eq!(codes["existing"], codes["missing"]);
+    let denied = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.outcome == "PERMISSION_DENIED")
+        .count();
+    assert_eq!(denied, 4);
+}
+
+#[tokio::test]
+async fn a_blob_from_either_api_unwraps_through_the_other() {
+    let daemon = DevDaemon::start();
+    let key = create_key(&daemon);
+    let arn = key["Arn"].as_str().unwrap();
+    let mut data = daemon.data().await;
+    // KMS API -> gRPC.
+    let generated = aws_ok(
+        &daemon,
+        &[
+            "generate-data-key",
+            "--key-id",
+            arn,
+            "--number-of-bytes",
+            "32",
+            "--encryption-context",
+            "app=cross",
+        ],
+    );
+    let unwrapped = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: b64(&generated["CiphertextBlob"]),
+            encryption_context: ctx(&[("app", "cross")]),
+            key_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, b64(&generated["Plaintext"]));
+    assert_eq!(
+        format!("key/{}", key["KeyId"].as_str().unwrap()),
+        unwrapped.key_id
+    );
+    // gRPC -> KMS API.
+    let wrapped = data
+        .wrap(WrapRequest {
+            key_id: unwrapped.key_id.clone(),
+            plaintext: b"from grpc".to_vec(),
+            encryption_context: ctx(&[("app", "cross")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let blob = daemon.dir().join("grpc-blob");
+    std::fs::write(&blob, &wrapped.ciphertext_blob).unwrap();
+    let decrypted = aws_ok(
+        &daemon,
+        &[
+            "decrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", blob.display()),
+            "--encryption-context",
+            "app=cross",
+        ],
+    );
+    assert_eq!(b64(&decrypted["Plaintext"]), b"from grpc");
+    assert_eq!(decrypted["KeyId"], arn);
+}
+
+/// Runs the official SDK's KMS master-key provider (`aws_kms_esdk.py`).
+fn esdk(daemon: &DevDaemon, args: &[&str]) {
+    let mut command = Command::new("python3");
+    aws_env(daemon, &mut command);
+    let out = command
+        .arg(python_script("aws_kms_esdk.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the official Encryption SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wrapctl(daemon: &DevDaemon, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wrapctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sample(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let path = dir.join("plain.bin");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+#[test]
+fn the_official_encryption_sdk_with_a_kms_keyring_round_trips_through_wrapd() {
+    let daemon = DevDaemon::start();
+    let arn = create_key(&daemon)["Arn"].as_str().unwrap().to_owned();
+    let (plain, data) = sample(daemon.dir());
+    let (enc, dec) = (daemon.dir().join("esdk.enc"), daemon.dir().join("esdk.dec"));
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    esdk(
+        &daemon,
+        &["encrypt", &arn, &s(&plain), &s(&enc), "tenant=acme"],
+    );
+    esdk(
+        &daemon,
+        &["decrypt", &arn, &s(&enc), &s(&dec), "tenant=acme"],
+    );
+    assert_eq!(std::fs::read(&dec).unwrap(), data);
+}
+
+#[test]
+fn official_encryption_sdk_messages_decrypt_with_wrapctl() {
+    let daemon = DevDaemon::start();
+    let arn = create_key(&daemon)["Arn"].as_str().unwrap().to_owned();
+    let (plain, data) = sample(daemon.dir());
+    let (enc, dec) = (
+        daemon.dir().join("esdk.enc"),
+        daemon.dir().join("wrapctl.dec"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    esdk(
+        &daemon,
+        &["encrypt", &arn, &s(&plain), &s(&enc), "tenant=acme"],
+    );
+    wrapctl(
+        &daemon,
+        &[
+            "decrypt",
+            "--context",
+            "tenant=acme",
+            "--input",
+            &s(&enc),
+            "--output",
+            &s(&dec),
+        ],
+    );
+    assert_eq!(std::fs::read(&dec).unwrap(), data);
+}
+
+#[test]
+fn wrapctl_files_for_a_key_arn_decrypt_with_the_official_encryption_sdk() {
+    let daemon = DevDaemon::start();
+    let arn = create_key(&daemon)["Arn"].as_str().unwrap().to_owned();
+    let (plain, data) = sample(daemon.dir());
+    let (enc, dec) = (
+        daemon.dir().join("wrapctl.enc"),
+        daemon.dir().join("esdk.dec"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            &arn,
+            "--context",
+            "tenant=acme",
+            "--input",
+            &s(&plain),
+            "--output",
+            &s(&enc),
+        ],
+    );
+    esdk(
+        &daemon,
+        &["decrypt", &arn, &s(&enc), &s(&dec), "tenant=acme"],
+    );
+    assert_eq!(std::fs::read(&dec).unwrap(), data);
+}
+
+#[test]
+fn the_aws_encryption_cli_round_trips_and_its_files_decrypt_with_wrapctl() {
+    let daemon = DevDaemon::start();
+    let arn = create_key(&daemon)["Arn"].as_str().unwrap().to_owned();
+    let (plain, data) = sample(daemon.dir());
+    let (enc, dec) = (daemon.dir().join("cli.enc"), daemon.dir().join("cli.dec"));
+    let cli = |mode: &str, input: &Path, output: &Path| {
+        let mut command = Command::new("aws-encryption-cli");
+        aws_env(&daemon, &mut command);
+        let out = command
+            .args([mode, "--input"])
+            .arg(input)
+            .arg("--output")
+            .arg(output)
+            .args(["--wrapping-keys", &format!("key={arn}")])
+            .args(["--encryption-context", "tenant=acme"])
+            .args(["--metadata-output", "/dev/null"])
+            .args(["--commitment-policy", "require-encrypt-require-decrypt"])
+            .output()
+            .expect("aws-encryption-cli (softhsm-config/install-deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "aws-encryption-cli {mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli("--encrypt", &plain, &enc);
+    cli("--decrypt", &enc, &dec);
+    assert_eq!(std::fs::read(&dec).unwrap(), data);
+    let mine = daemon.dir().join("wrapctl.dec");
+    wrapctl(
+        &daemon,
+        &[
+            "decrypt",
+            "--context",
+            "tenant=acme",
+            "--input",
+            enc.to_str().unwrap(),
+            "--output",
+            mine.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&mine).unwrap(), data);
+}

@@ -1,0 +1,208 @@
+"""boto3 (the official AWS SDK for Python) against wrapd's AWS KMS API.
+
+Usage: aws_kms_boto3.py SCENARIO
+Environment: WRAPD_AWS_URL (the endpoint), AWS_CA_BUNDLE (the dev CA), and the dev
+credentials (AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE). Each scenario asserts what it
+proves and prints one JSON line of facts for the Rust test to check further.
+"""
+
+import base64
+import datetime
+import json
+import os
+import sys
+from unittest import mock
+
+import boto3
+import botocore
+import botocore.auth
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+URL = os.environ["WRAPD_AWS_URL"]
+NO_RETRIES = Config(retries={"max_attempts": 1, "mode": "standard"})
+
+
+def kms(**kwargs):
+    return boto3.client(
+        "kms", endpoint_url=URL, region_name="us-east-1", config=kwargs.pop("config", NO_RETRIES), **kwargs
+    )
+
+
+def error_code(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except ClientError as err:
+        return err.response["Error"]["Code"], err.response["ResponseMetadata"]["HTTPStatusCode"]
+    raise AssertionError(f"{call.__name__} succeeded")
+
+
+def operations():
+    c = kms()
+    k1 = c.create_key(Description="first")["KeyMetadata"]
+    k2 = c.create_key(Description="second", KeyUsage="ENCRYPT_DECRYPT", KeySpec="SYMMETRIC_DEFAULT")["KeyMetadata"]
+    arn1, arn2 = k1["Arn"], k2["Arn"]
+    assert arn1 == f"arn:aws:kms:us-east-1:111122223333:key/{k1['KeyId']}", k1
+    assert k1["KeyState"] == "Enabled" and k1["Enabled"] is True and k1["KeySpec"] == "SYMMETRIC_DEFAULT", k1
+    assert isinstance(k1["CreationDate"], datetime.datetime), k1
+
+    c.create_alias(AliasName="alias/boto", TargetKeyId=k1["KeyId"])
+    for form in [k1["KeyId"], arn1, "alias/boto", "arn:aws:kms:us-east-1:111122223333:alias/boto"]:
+        assert c.describe_key(KeyId=form)["KeyMetadata"]["Arn"] == arn1, form
+    aliases = c.list_aliases(KeyId=arn1)["Aliases"]
+    assert [a["AliasName"] for a in aliases] == ["alias/boto"], aliases
+    assert aliases[0]["AliasArn"] == "arn:aws:kms:us-east-1:111122223333:alias/boto", aliases
+    c.update_alias(AliasName="alias/boto", TargetKeyId=arn2)
+    assert c.describe_key(KeyId="alias/boto")["KeyMetadata"]["Arn"] == arn2
+    c.update_alias(AliasName="alias/boto", TargetKeyId=arn1)
+
+    ctx = {"tenant": "acme", "purpose": "boto3"}
+    gdk = c.generate_data_key(KeyId="alias/boto", NumberOfBytes=32, EncryptionContext=ctx)
+    assert gdk["KeyId"] == arn1 and len(gdk["Plaintext"]) == 32, gdk["KeyId"]
+    wo = c.generate_data_key_without_plaintext(KeyId=arn1, KeySpec="AES_128", EncryptionContext=ctx)
+    assert "Plaintext" not in wo and wo["KeyId"] == arn1
+    assert len(c.decrypt(CiphertextBlob=wo["CiphertextBlob"], EncryptionContext=ctx)["Plaintext"]) == 16
+    dec = c.decrypt(CiphertextBlob=gdk["CiphertextBlob"], EncryptionContext=ctx, KeyId=arn1)
+    assert dec["Plaintext"] == gdk["Plaintext"] and dec["KeyId"] == arn1, dec["KeyId"]
+    assert dec["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+
+    enc = c.encrypt(KeyId=k1["KeyId"], Plaintext=b"attack at dawn", EncryptionContext=ctx)
+    assert enc["KeyId"] == arn1
+    re = c.re_encrypt(
+        CiphertextBlob=enc["CiphertextBlob"],
+        SourceEncryptionContext=ctx,
+        SourceKeyId=arn1,
+        DestinationKeyId=arn2,
+        DestinationEncryptionContext={"tenant": "acme"},
+    )
+    assert re["SourceKeyId"] == arn1 and re["KeyId"] == arn2, re
+    back = c.decrypt(CiphertextBlob=re["CiphertextBlob"], EncryptionContext={"tenant": "acme"})
+    assert back["Plaintext"] == b"attack at dawn" and back["KeyId"] == arn2
+
+    r1, r2 = (c.generate_random(NumberOfBytes=64)["Plaintext"] for _ in range(2))
+    assert len(r1) == 64 and r1 != r2
+
+    old_blob = gdk["CiphertextBlob"]
+    assert c.rotate_key_on_demand(KeyId=arn1)["KeyId"] == arn1
+    rotations = c.list_key_rotations(KeyId=arn1)["Rotations"]
+    assert len(rotations) == 1 and rotations[0]["RotationType"] == "ON_DEMAND", rotations
+    assert c.decrypt(CiphertextBlob=old_blob, EncryptionContext=ctx)["Plaintext"] == gdk["Plaintext"]
+    assert c.get_key_rotation_status(KeyId=arn1)["KeyRotationEnabled"] is False
+
+    c.disable_key(KeyId=arn2)
+    assert c.describe_key(KeyId=arn2)["KeyMetadata"]["KeyState"] == "Disabled"
+    c.enable_key(KeyId=arn2)
+    sched = c.schedule_key_deletion(KeyId=arn2, PendingWindowInDays=7)
+    assert sched["KeyState"] == "PendingDeletion" and sched["PendingWindowInDays"] == 7, sched
+    meta = c.describe_key(KeyId=arn2)["KeyMetadata"]
+    assert meta["KeyState"] == "PendingDeletion" and "DeletionDate" in meta, meta
+    assert c.cancel_key_deletion(KeyId=arn2)["KeyId"] == arn2
+    assert c.describe_key(KeyId=arn2)["KeyMetadata"]["KeyState"] == "Disabled"
+
+    listed = {k["KeyArn"] for k in c.list_keys()["Keys"]}
+    assert {arn1, arn2} <= listed, listed
+    c.delete_alias(AliasName="alias/boto")
+    assert error_code(c.describe_key, KeyId="alias/boto")[0] == "NotFoundException"
+    print(json.dumps({"key": arn1, "blob": base64.b64encode(old_blob).decode()}))
+
+
+def pagination():
+    c = kms()
+    made = {c.create_key(Description=f"page {i}")["KeyMetadata"]["Arn"] for i in range(3)}
+    seen, marker, pages = [], None, 0
+    while True:
+        args = {"Limit": 1} | ({"Marker": marker} if marker else {})
+        page = c.list_keys(**args)
+        pages += 1
+        assert len(page["Keys"]) == 1, page
+        seen += [k["KeyArn"] for k in page["Keys"]]
+        if not page["Truncated"]:
+            assert "NextMarker" not in page
+            break
+        marker = page["NextMarker"]
+    assert made <= set(seen) and len(seen) == len(set(seen)) == pages, seen
+    # The SDK's own paginator follows the same markers.
+    paged = [k["KeyArn"] for p in c.get_paginator("list_keys").paginate(PaginationConfig={"PageSize": 1}) for k in p["Keys"]]
+    assert paged == seen, (paged, seen)
+    for i in range(2):
+        c.create_alias(AliasName=f"alias/page-{i}", TargetKeyId=sorted(made)[i])
+    aliases = [a["AliasName"] for p in c.get_paginator("list_aliases").paginate(PaginationConfig={"PageSize": 1}) for a in p["Aliases"]]
+    assert {"alias/page-0", "alias/page-1"} <= set(aliases) and aliases == sorted(aliases), aliases
+    print(json.dumps({"pages": pages}))
+
+
+def errors():
+    c = kms()
+    found = {}
+    key = c.create_key()["KeyMetadata"]["Arn"]
+    other = c.create_key()["KeyMetadata"]["Arn"]
+    blob = c.encrypt(KeyId=key, Plaintext=b"x")["CiphertextBlob"]
+    found["NotFoundException"] = error_code(c.describe_key, KeyId="0" * 32)
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    found["InvalidCiphertextException"] = error_code(c.decrypt, CiphertextBlob=tampered)
+    found["IncorrectKeyException"] = error_code(c.decrypt, CiphertextBlob=blob, KeyId=other)
+    found["ValidationException"] = error_code(c.generate_data_key, KeyId=key, NumberOfBytes=32, KeySpec="AES_256")
+    c.create_alias(AliasName="alias/taken", TargetKeyId=key)
+    found["AlreadyExistsException"] = error_code(c.create_alias, AliasName="alias/taken", TargetKeyId=other)
+    found["UnsupportedOperationException"] = error_code(c.create_key, Origin="EXTERNAL")
+    c.disable_key(KeyId=key)
+    found["DisabledException"] = error_code(c.encrypt, KeyId=key, Plaintext=b"x")
+    c.enable_key(KeyId=key)
+    c.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+    found["KMSInvalidStateException"] = error_code(c.decrypt, CiphertextBlob=blob)
+    for code, (got, _) in found.items():
+        assert got == code, (code, got)
+    print(json.dumps({code: status for code, (_, status) in found.items()}))
+
+
+def unavailable():
+    """The audit log cannot be written (the Rust test broke it): DependencyTimeoutException."""
+    c = kms()
+    print(json.dumps({"code": error_code(c.list_keys)}))
+
+
+def denied():
+    """Run with a profile whose principal has no grant: denied whether or not the key exists."""
+    c = kms()
+    existing = os.environ["WRAPD_EXISTING_KEY"]
+    codes = {
+        "existing": error_code(c.describe_key, KeyId=existing)[0],
+        "missing": error_code(c.describe_key, KeyId="f" * 32)[0],
+        "generate_existing": error_code(c.generate_data_key, KeyId=existing, NumberOfBytes=32)[0],
+        "generate_missing": error_code(c.generate_data_key, KeyId="f" * 32, NumberOfBytes=32)[0],
+    }
+    assert set(codes.values()) == {"AccessDeniedException"}, codes
+    print(json.dumps(codes))
+
+
+def auth():
+    real = boto3.Session().get_credentials()
+    found = {}
+    wrong_secret = kms(aws_access_key_id=real.access_key, aws_secret_access_key="A" * 40)
+    found["wrong_secret"] = error_code(wrong_secret.list_keys)[0]
+    unknown = kms(aws_access_key_id="AKIAUNKNOWNUNKNOWN00", aws_secret_access_key=real.secret_key)
+    found["unknown_key"] = error_code(unknown.list_keys)[0]
+    unsigned = kms(config=Config(signature_version=botocore.UNSIGNED, retries={"max_attempts": 1}))
+    found["unsigned"] = error_code(unsigned.list_keys)[0]
+    skewed = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) + datetime.timedelta(minutes=10)
+    with mock.patch.object(botocore.auth, "get_current_datetime", return_value=skewed):
+        found["ten_minutes_off"] = error_code(kms().list_keys)[0]
+    expected = {
+        "wrong_secret": "InvalidSignatureException",
+        "unknown_key": "UnrecognizedClientException",
+        "unsigned": "MissingAuthenticationTokenException",
+        "ten_minutes_off": "InvalidSignatureException",
+    }
+    assert found == expected, found
+    print(json.dumps({"access_key": real.access_key}))
+
+
+if __name__ == "__main__":
+    {
+        "operations": operations,
+        "pagination": pagination,
+        "errors": errors,
+        "unavailable": unavailable,
+        "denied": denied,
+        "auth": auth,
+    }[sys.argv[1]]()
