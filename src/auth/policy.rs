@@ -79,8 +79,8 @@ operations! {
     GenerateRandom: true,
     EnableKeyRotation: false,
     DisableKeyRotation: false,
-    TagResource: false,
-    UntagResource: false,
+    TagKey: false,
+    UntagKey: false,
 }
 
 /// What a call acts on.

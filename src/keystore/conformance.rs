@@ -7,7 +7,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+use super::metadata::{
+    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord,
+};
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, ErrorKind};
 use crate::ids::{AliasName, KeyId};
@@ -33,8 +35,11 @@ fn record(state: KeyState) -> KeyRecord {
             version: 1,
             created_at: now,
             wraps_reserved: 0,
+            automatic: false,
         }],
         aliases: vec![],
+        rotation: None,
+        tags: Default::default(),
     }
 }
 
@@ -165,6 +170,7 @@ pub fn versions_and_pending_versions(store: &impl Store) {
         version: 2,
         created_at: millis(SystemTime::now()),
         wraps_reserved: 0,
+        automatic: true,
     };
     store.add_version(&key.id, &v2).unwrap();
     assert!(
@@ -178,6 +184,47 @@ pub fn versions_and_pending_versions(store: &impl Store) {
     store.begin_version(&key.id, 3).unwrap();
     store.end_version(&key.id, 3).unwrap();
     assert!(store.pending_versions().unwrap().is_empty());
+}
+
+/// A rotation schedule and tags round-trip, are replaced whole, and go with the key.
+pub fn rotation_schedules_and_tags(store: &impl Store) {
+    let mut key = record(KeyState::Enabled);
+    key.tags.insert("team".into(), "payments".into());
+    key.rotation = Some(RotationSchedule {
+        period_days: 90,
+        next: millis(SystemTime::now() + Duration::from_secs(90 * 86_400)),
+    });
+    store.create_key(&key, None).unwrap();
+    assert_eq!(
+        store.key(&key.id).unwrap().unwrap(),
+        key,
+        "created with both"
+    );
+
+    let later = RotationSchedule {
+        period_days: 365,
+        next: millis(SystemTime::now() + Duration::from_secs(365 * 86_400)),
+    };
+    store.set_rotation(&key.id, Some(&later)).unwrap();
+    let tags = [("env".to_owned(), "prod".to_owned())]
+        .into_iter()
+        .collect();
+    store.set_tags(&key.id, &tags).unwrap();
+    let loaded = store.key(&key.id).unwrap().unwrap();
+    assert_eq!(loaded.rotation, Some(later));
+    assert_eq!(loaded.tags, tags, "tags are replaced, not merged");
+
+    store.set_rotation(&key.id, None).unwrap();
+    assert_eq!(store.key(&key.id).unwrap().unwrap().rotation, None);
+    let unknown = KeyId::generate();
+    assert_eq!(
+        store.set_tags(&unknown, &tags).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.set_rotation(&unknown, None).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 /// Wrap reservations only ever grow.
@@ -241,6 +288,10 @@ macro_rules! metadata_store_conformance {
             #[test]
             fn versions_and_pending_versions() {
                 suite::versions_and_pending_versions(&$make);
+            }
+            #[test]
+            fn rotation_schedules_and_tags() {
+                suite::rotation_schedules_and_tags(&$make);
             }
             #[test]
             fn wrap_reservations_only_grow() {

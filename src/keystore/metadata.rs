@@ -5,6 +5,7 @@
 //! default; a shared PostgreSQL store for several daemons on one HSM cluster is meant to be a
 //! second implementation of this trait, nothing more.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use crate::error::Result;
@@ -52,6 +53,18 @@ pub struct VersionRecord {
     /// Wraps reserved for this version so far: an upper bound on the wraps made with it,
     /// persisted in blocks so that a crash never under-counts.
     pub wraps_reserved: u64,
+    /// True when the daemon made it on the key's rotation schedule, false when a caller
+    /// asked (or for the first version).
+    pub automatic: bool,
+}
+
+/// A key's automatic rotation: every `period_days`, next at `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationSchedule {
+    /// Days between rotations (90 to 2560, as in AWS KMS).
+    pub period_days: u32,
+    /// When the next rotation is due.
+    pub next: SystemTime,
 }
 
 /// A key as stored.
@@ -71,6 +84,10 @@ pub struct KeyRecord {
     pub versions: Vec<VersionRecord>,
     /// Aliases pointing at the key, sorted.
     pub aliases: Vec<AliasName>,
+    /// Automatic rotation, when enabled.
+    pub rotation: Option<RotationSchedule>,
+    /// The key's tags (sorted by key).
+    pub tags: BTreeMap<String, String>,
 }
 
 impl KeyRecord {
@@ -105,6 +122,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>>;
     /// Forgets a pending version.
     fn end_version(&self, id: &KeyId, version: u32) -> Result<()>;
+    /// Sets (or, with `None`, turns off) the key's automatic rotation.
+    fn set_rotation(&self, id: &KeyId, rotation: Option<&RotationSchedule>) -> Result<()>;
+    /// Replaces the key's tags.
+    fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()>;
     /// Sets the state and deletion date.
     fn set_state(
         &self,

@@ -16,14 +16,14 @@ pub(crate) mod conformance;
 mod metadata;
 mod sqlite;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
-pub use metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+pub use metadata::{Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord};
 pub use sqlite::SqliteStore;
 
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};
@@ -34,6 +34,46 @@ use crate::ids::{AliasName, KeyId, KeyRef};
 
 /// Largest data key GenerateDataKey makes, in bytes.
 pub const MAX_DATA_KEY_LEN: u32 = 64;
+
+/// Automatic rotation periods, in days (as in AWS KMS).
+pub const ROTATION_PERIOD_DAYS: std::ops::RangeInclusive<u32> = 90..=2560;
+
+/// Most tags on one key (as in AWS KMS).
+pub const MAX_TAGS: usize = 50;
+
+/// `current` with `changes` added (or, with `remove`, the tags they name removed), checked.
+fn checked_tags(
+    current: &BTreeMap<String, String>,
+    changes: &BTreeMap<String, String>,
+    remove: bool,
+) -> Result<BTreeMap<String, String>> {
+    let mut updated = current.clone();
+    for (name, value) in changes {
+        if name.is_empty() || name.chars().count() > 128 || name.starts_with("aws:") {
+            return Err(Error::invalid(
+                "a tag key is 1 to 128 characters and does not start with aws:",
+            ));
+        }
+        if remove {
+            updated.remove(name);
+        } else {
+            if value.chars().count() > 256 {
+                return Err(Error::invalid("a tag value is at most 256 characters"));
+            }
+            updated.insert(name.clone(), value.clone());
+        }
+    }
+    if updated.len() > MAX_TAGS {
+        return Err(Error::LimitReached(format!(
+            "a key has at most {MAX_TAGS} tags"
+        )));
+    }
+    Ok(updated)
+}
+
+fn days_of(days: u32) -> Duration {
+    Duration::from_secs(u64::from(days) * 86_400)
+}
 /// Data key length when the request says 0.
 pub const DEFAULT_DATA_KEY_LEN: u32 = 32;
 /// Longest key description, in bytes.
@@ -328,6 +368,7 @@ impl Keystore {
                 version,
                 created_at: self.clock.now(),
                 wraps_reserved: self.config.max_wraps_per_version,
+                automatic: false,
             },
         )?;
         self.refresh(id)?;
@@ -465,6 +506,17 @@ impl Keystore {
         description: &str,
         alias: Option<&AliasName>,
     ) -> Result<Arc<KeyRecord>> {
+        self.create_key_tagged(description, alias, &BTreeMap::new())
+    }
+
+    /// Creates a key with tags (checked as [`Keystore::tag_key`] checks them).
+    pub fn create_key_tagged(
+        &self,
+        description: &str,
+        alias: Option<&AliasName>,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Arc<KeyRecord>> {
+        let tags = checked_tags(&BTreeMap::new(), tags, false)?;
         if description.len() > MAX_DESCRIPTION_LEN {
             return Err(Error::invalid(format!(
                 "description is longer than {MAX_DESCRIPTION_LEN} bytes"
@@ -494,8 +546,11 @@ impl Keystore {
                 version: 1,
                 created_at: now,
                 wraps_reserved: 0,
+                automatic: false,
             }],
             aliases: alias.into_iter().cloned().collect(),
+            rotation: None,
+            tags,
         };
         if let Err(err) = self.store.create_key(&record, alias) {
             if let Err(cleanup) = self.token.destroy_key(&object) {
@@ -539,11 +594,102 @@ impl Keystore {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         usable(&key)?;
-        self.add_version(&key)
+        self.add_version(&key, false)
     }
 
-    /// Adds a version to `key`. Caller holds the admin lock.
-    fn add_version(&self, key: &KeyRecord) -> Result<Arc<KeyRecord>> {
+    /// Turns automatic rotation on (every `period_days`, 90 to 2560, the first one
+    /// `period_days` from now) or, with `None`, off. The key must be enabled (as in AWS KMS).
+    pub fn set_rotation(&self, key: &KeyRef, period_days: Option<u32>) -> Result<Arc<KeyRecord>> {
+        let _admin = self.admin.lock();
+        let key = self.resolve(key)?;
+        usable(&key)?;
+        let schedule = match period_days {
+            Some(days) if ROTATION_PERIOD_DAYS.contains(&days) => Some(RotationSchedule {
+                period_days: days,
+                next: self.clock.now() + days_of(days),
+            }),
+            Some(_) => {
+                return Err(Error::invalid(format!(
+                    "the rotation period must be {} to {} days",
+                    ROTATION_PERIOD_DAYS.start(),
+                    ROTATION_PERIOD_DAYS.end()
+                )));
+            }
+            None => None,
+        };
+        self.store.set_rotation(&key.id, schedule.as_ref())?;
+        tracing::info!(key_id = %key.id, period_days, "automatic rotation set");
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished".into()))
+    }
+
+    /// Adds tags to a key (replacing the values of tags it has), or with `remove`, removes
+    /// the tags named by `tags`' keys. Tag keys are 1 to 128 characters and do not start
+    /// with `aws:` (reserved, as in AWS KMS), values at most 256; a key has at most 50 tags.
+    pub fn tag_key(
+        &self,
+        key: &KeyRef,
+        tags: &BTreeMap<String, String>,
+        remove: bool,
+    ) -> Result<Arc<KeyRecord>> {
+        let _admin = self.admin.lock();
+        let key = self.resolve(key)?;
+        if key.state == KeyState::PendingDeletion {
+            return Err(Error::WrongState(format!(
+                "key {} is pending deletion",
+                key.id
+            )));
+        }
+        let updated = checked_tags(&key.tags, tags, remove)?;
+        self.store.set_tags(&key.id, &updated)?;
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished".into()))
+    }
+
+    /// Rotates every enabled key whose automatic rotation is due, each after `before`
+    /// returns (the audit line; an error there skips the key until the next pass). Disabled
+    /// keys wait until they are enabled again. Returns the keys rotated.
+    pub fn rotate_due(&self, before: impl Fn(&KeyRecord) -> Result<()>) -> Result<Vec<KeyId>> {
+        let now = self.clock.now();
+        let due: Vec<Arc<KeyRecord>> = self
+            .read_view()
+            .keys
+            .values()
+            .filter(|k| k.state == KeyState::Enabled)
+            .filter(|k| k.rotation.is_some_and(|r| r.next <= now))
+            .cloned()
+            .collect();
+        let mut rotated = Vec::new();
+        for key in due {
+            let _admin = self.admin.lock();
+            // Re-read under the lock: another path may have changed it.
+            let Some(key) = self.read_view().keys.get(&key.id).cloned() else {
+                continue;
+            };
+            let Some(schedule) = key.rotation.filter(|r| r.next <= now) else {
+                continue;
+            };
+            if key.state != KeyState::Enabled {
+                continue;
+            }
+            before(&key)?;
+            self.add_version(&key, true)?;
+            // The next one a period after this one (not a burst of catch-up rotations
+            // after a long stop).
+            let next = RotationSchedule {
+                period_days: schedule.period_days,
+                next: now + days_of(schedule.period_days),
+            };
+            self.store.set_rotation(&key.id, Some(&next))?;
+            self.refresh(&key.id)?;
+            rotated.push(key.id.clone());
+        }
+        Ok(rotated)
+    }
+
+    /// Adds a version to `key` (`automatic`: on its rotation schedule). Caller holds the
+    /// admin lock.
+    fn add_version(&self, key: &KeyRecord, automatic: bool) -> Result<Arc<KeyRecord>> {
         let version = key
             .current_version()
             .checked_add(1)
@@ -575,9 +721,10 @@ impl Keystore {
                 version,
                 created_at: self.clock.now(),
                 wraps_reserved: 0,
+                automatic,
             },
         )?;
-        tracing::info!(key_id = %key.id, version, "key rotated");
+        tracing::info!(key_id = %key.id, version, automatic, "key rotated");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after rotate".into()))
     }
@@ -839,7 +986,7 @@ impl Keystore {
             let current = self.resolve(&KeyRef::Id(record.id.clone()))?;
             if current.current_version() == version {
                 tracing::info!(key_id = %record.id, version, "wrap limit reached: rotating automatically");
-                self.add_version(&current)?;
+                self.add_version(&current, true)?;
             }
         }
         Err(Error::Unavailable("the key is being rotated; retry".into()))
@@ -968,6 +1115,81 @@ mod tests {
 
     fn ctx(value: &str) -> EncryptionContext {
         EncryptionContext::from_entries([("tenant".to_owned(), value.to_owned())]).unwrap()
+    }
+
+    #[test]
+    fn automatic_rotation_adds_a_version_when_due_and_schedules_the_next() {
+        let token = Arc::new(MemoryToken::default());
+        // Whole milliseconds: the store keeps that much.
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        let clock = Arc::new(ManualClock::new(start));
+        let ks = Keystore::open(
+            token,
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        assert_eq!(
+            ks.set_rotation(&key, Some(89)).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        let scheduled = ks.set_rotation(&key, Some(90)).unwrap();
+        assert_eq!(scheduled.rotation.unwrap().next, start + days_of(90));
+        let audited = std::sync::atomic::AtomicUsize::new(0);
+        let count = |_: &KeyRecord| {
+            audited.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+
+        clock.advance(days_of(89));
+        assert!(ks.rotate_due(count).unwrap().is_empty(), "not due yet");
+        clock.advance(days_of(2));
+        assert_eq!(ks.rotate_due(count).unwrap().len(), 1);
+        let rotated = ks.resolve(&key).unwrap();
+        assert_eq!(rotated.current_version(), 2);
+        assert!(rotated.versions[1].automatic);
+        assert_eq!(rotated.rotation.unwrap().next, clock.now() + days_of(90));
+        assert!(ks.rotate_due(count).unwrap().is_empty(), "once per period");
+        assert_eq!(
+            audited.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "each rotation audited first"
+        );
+
+        // A disabled key waits; turned off, nothing rotates.
+        ks.disable_key(&key).unwrap();
+        clock.advance(days_of(91));
+        assert!(ks.rotate_due(count).unwrap().is_empty());
+        ks.enable_key(&key).unwrap();
+        ks.set_rotation(&key, None).unwrap();
+        clock.advance(days_of(400));
+        assert!(ks.rotate_due(count).unwrap().is_empty());
+        assert_eq!(ks.resolve(&key).unwrap().current_version(), 2);
+    }
+
+    #[test]
+    fn tags_are_added_replaced_and_removed() {
+        let (ks, _) = keystore(1 << 30);
+        let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        let tags = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        ks.tag_key(&key, &tags(&[("team", "a"), ("env", "dev")]), false)
+            .unwrap();
+        ks.tag_key(&key, &tags(&[("env", "prod")]), false).unwrap();
+        let tagged = ks.tag_key(&key, &tags(&[("team", "")]), true).unwrap();
+        assert_eq!(tagged.tags, tags(&[("env", "prod")]));
+        assert_eq!(
+            ks.tag_key(&key, &tags(&[("aws:reserved", "x")]), false)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidArgument
+        );
     }
 
     #[test]

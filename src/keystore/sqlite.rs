@@ -1,17 +1,20 @@
 //! [`MetadataStore`] on an embedded SQLite file (WAL, `synchronous=FULL`, foreign keys on).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::metadata::{Cursor, KeyRecord, KeyState, MetadataStore, VersionRecord};
+use super::metadata::{
+    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord,
+};
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -47,6 +50,19 @@ CREATE TABLE IF NOT EXISTS audit_heads (
     chain TEXT PRIMARY KEY,
     seq   INTEGER NOT NULL,
     hash  TEXT NOT NULL
+);
+";
+
+/// Schema 2: automatic rotation (schedule per key, how each version was made) and tags.
+const MIGRATION_2: &str = "
+ALTER TABLE keys ADD COLUMN rotation_period_days INTEGER;
+ALTER TABLE keys ADD COLUMN next_rotation INTEGER;
+ALTER TABLE key_versions ADD COLUMN automatic INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS key_tags (
+    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    tag_key   TEXT NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
 );
 ";
 
@@ -105,9 +121,15 @@ impl SqliteStore {
                 "metadata store schema {version} is newer than this wrapd ({SCHEMA_VERSION})"
             )));
         }
+        // Schema 1 is created idempotently; later versions are migrations, each applied
+        // once in one transaction with the version bump.
         conn.execute_batch(SCHEMA).map_err(db_error)?;
-        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+        if version < 2 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"
+            ))
             .map_err(db_error)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -122,7 +144,9 @@ impl SqliteStore {
     fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>> {
         let row = conn
             .query_row(
-                "SELECT description, state, created_at, deletion_date FROM keys WHERE id = ?1",
+                "SELECT description, state, created_at, deletion_date, rotation_period_days,
+                        next_rotation
+                 FROM keys WHERE id = ?1",
                 [id],
                 |row| {
                     Ok((
@@ -130,17 +154,38 @@ impl SqliteStore {
                         row.get::<_, String>(1)?,
                         row.get::<_, i64>(2)?,
                         row.get::<_, Option<i64>>(3)?,
+                        row.get::<_, Option<u32>>(4)?,
+                        row.get::<_, Option<i64>>(5)?,
                     ))
                 },
             )
             .optional()
             .map_err(db_error)?;
-        let Some((description, state, created_at, deletion_date)) = row else {
+        let Some((description, state, created_at, deletion_date, period, next)) = row else {
             return Ok(None);
+        };
+        let rotation = match (period, next) {
+            (Some(period_days), Some(next)) => Some(RotationSchedule {
+                period_days,
+                next: from_millis(next),
+            }),
+            _ => None,
         };
         let mut stmt = conn
             .prepare_cached(
-                "SELECT version, created_at, wraps_reserved FROM key_versions
+                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = ?1 ORDER BY tag_key",
+            )
+            .map_err(db_error)?;
+        let tags = stmt
+            .query_map([id], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<BTreeMap<_, _>>>()
+            .map_err(db_error)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT version, created_at, wraps_reserved, automatic FROM key_versions
                  WHERE key_id = ?1 ORDER BY version",
             )
             .map_err(db_error)?;
@@ -150,6 +195,7 @@ impl SqliteStore {
                     version: row.get(0)?,
                     created_at: from_millis(row.get(1)?),
                     wraps_reserved: row.get::<_, i64>(2)?.max(0) as u64,
+                    automatic: row.get::<_, i64>(3)? != 0,
                 })
             })
             .map_err(db_error)?
@@ -174,7 +220,39 @@ impl SqliteStore {
             deletion_date: deletion_date.map(from_millis),
             versions,
             aliases,
+            rotation,
+            tags,
         }))
+    }
+
+    fn write_rotation(
+        tx: &Transaction<'_>,
+        id: &KeyId,
+        rotation: Option<&RotationSchedule>,
+    ) -> Result<()> {
+        tx.execute(
+            "UPDATE keys SET rotation_period_days = ?2, next_rotation = ?3 WHERE id = ?1",
+            params![
+                id.as_str(),
+                rotation.map(|r| r.period_days),
+                rotation.map(|r| to_millis(r.next))
+            ],
+        )
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn write_tags(tx: &Transaction<'_>, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
+        tx.execute("DELETE FROM key_tags WHERE key_id = ?1", [id.as_str()])
+            .map_err(db_error)?;
+        for (key, value) in tags {
+            tx.execute(
+                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), key, value],
+            )
+            .map_err(db_error)?;
+        }
+        Ok(())
     }
 
     fn key_exists(tx: &Transaction<'_>, id: &KeyId) -> Result<()> {
@@ -234,17 +312,20 @@ impl MetadataStore for SqliteStore {
         .map_err(db_error)?;
         for v in &key.versions {
             tx.execute(
-                "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved, automatic)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     key.id.as_str(),
                     v.version,
                     to_millis(v.created_at),
-                    v.wraps_reserved as i64
+                    v.wraps_reserved as i64,
+                    v.automatic
                 ],
             )
             .map_err(db_error)?;
         }
+        Self::write_rotation(&tx, &key.id, key.rotation.as_ref())?;
+        Self::write_tags(&tx, &key.id, &key.tags)?;
         if let Some(alias) = alias {
             Self::insert_alias(&tx, alias, &key.id)?;
         }
@@ -302,13 +383,14 @@ impl MetadataStore for SqliteStore {
         let tx = conn.transaction().map_err(db_error)?;
         Self::key_exists(&tx, id)?;
         tx.execute(
-            "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved)
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved, automatic)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 id.as_str(),
                 version.version,
                 to_millis(version.created_at),
-                version.wraps_reserved as i64
+                version.wraps_reserved as i64,
+                version.automatic
             ],
         )
         .map_err(db_error)?;
@@ -317,6 +399,22 @@ impl MetadataStore for SqliteStore {
             params![id.as_str(), version.version],
         )
         .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    }
+
+    fn set_rotation(&self, id: &KeyId, rotation: Option<&RotationSchedule>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, id)?;
+        Self::write_rotation(&tx, id, rotation)?;
+        tx.commit().map_err(db_error)
+    }
+
+    fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, id)?;
+        Self::write_tags(&tx, id, tags)?;
         tx.commit().map_err(db_error)
     }
 
@@ -536,6 +634,32 @@ mod tests {
     crate::metadata_store_conformance!(SqliteStore::in_memory().unwrap());
 
     #[test]
+    fn a_schema_1_store_is_migrated_and_keeps_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO keys (id, description, state, created_at)
+                   VALUES ('key/0123456789abcdef0123456789abcdef', 'old', 'ENABLED', 1000);
+                 INSERT INTO key_versions (key_id, version, created_at)
+                   VALUES ('key/0123456789abcdef0123456789abcdef', 1, 1000);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let id = KeyId::parse("key/0123456789abcdef0123456789abcdef").unwrap();
+        let key = store.key(&id).unwrap().unwrap();
+        assert_eq!(key.description, "old");
+        assert!(key.rotation.is_none() && key.tags.is_empty() && !key.versions[0].automatic);
+        drop(store);
+        // Opening again does not migrate twice.
+        SqliteStore::open(&path).unwrap();
+    }
+
+    #[test]
     fn a_file_store_keeps_everything_across_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.db");
@@ -549,8 +673,11 @@ mod tests {
                 version: 1,
                 created_at: from_millis(to_millis(SystemTime::now())),
                 wraps_reserved: 0,
+                automatic: false,
             }],
             aliases: vec![],
+            rotation: None,
+            tags: BTreeMap::new(),
         };
         SqliteStore::open(&path)
             .unwrap()

@@ -57,6 +57,8 @@ pub struct VersionView {
     pub wrap_count: u64,
     /// False when its key material was missing from the token at start-up.
     pub available: bool,
+    /// Made on the key's rotation schedule (or at the wrap limit), not by a caller.
+    pub automatic: bool,
 }
 
 impl KeyView {
@@ -69,11 +71,15 @@ impl KeyView {
                 created_at: v.created_at,
                 wrap_count: keystore.wrap_count(&key, v),
                 available: !keystore.is_missing(&key.id, v.version),
+                automatic: v.automatic,
             })
             .collect();
         Self { key, versions }
     }
 }
+
+/// The automatic rotation period when a caller names none (as in AWS KMS).
+pub const DEFAULT_ROTATION_DAYS: u32 = 365;
 
 /// Most bytes one GenerateRandom call returns (as in AWS KMS).
 pub const MAX_RANDOM_BYTES: u32 = 1024;
@@ -388,12 +394,13 @@ impl Ops {
         .await
     }
 
-    /// Creates a key, optionally with an alias (empty: none).
+    /// Creates a key, optionally with an alias (empty: none) and tags.
     pub async fn create_key(
         &self,
         call: Call,
         description: String,
         alias: String,
+        tags: std::collections::BTreeMap<String, String>,
     ) -> Result<KeyView> {
         self.key_job(call, move |gate, ks, call| {
             gate.check_some(call, call.op())?;
@@ -407,7 +414,7 @@ impl Ops {
                 None => Target::Any,
             };
             gate.check(call, &target, None)?;
-            ks.create_key(&description, alias.as_ref())
+            ks.create_key_tagged(&description, alias.as_ref(), &tags)
         })
         .await
     }
@@ -450,6 +457,40 @@ impl Ops {
     pub async fn cancel_key_deletion(&self, call: Call, key_id: String) -> Result<KeyView> {
         self.on_key(call, key_id, |ks, key| ks.cancel_deletion(key))
             .await
+    }
+
+    /// Turns automatic rotation on (`period_days`; 0 means 365) or, with `None`, off.
+    pub async fn set_key_rotation(
+        &self,
+        call: Call,
+        key_id: String,
+        period_days: Option<u32>,
+    ) -> Result<KeyView> {
+        let period = period_days.map(|d| if d == 0 { DEFAULT_ROTATION_DAYS } else { d });
+        self.on_key(call, key_id, move |ks, key| ks.set_rotation(key, period))
+            .await
+    }
+
+    /// Adds tags, or with `remove`, removes the tags named by the keys of `tags`.
+    pub async fn tag_key(
+        &self,
+        call: Call,
+        key_id: String,
+        tags: std::collections::BTreeMap<String, String>,
+        remove: bool,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| ks.tag_key(key, &tags, remove))
+            .await
+    }
+
+    /// Carries out the automatic rotations that are due, each audited first as a
+    /// `RotateKey` by `wrapd:daemon`. Blocks (the background task runs it on the blocking
+    /// pool).
+    pub fn rotate_due(&self) -> Result<Vec<KeyId>> {
+        self.keystore.rotate_due(|key| {
+            self.gate
+                .record_internal("RotateKey", key.id.as_str(), key.current_version() + 1)
+        })
     }
 
     /// Keys in creation order, one page at a time.
@@ -602,7 +643,12 @@ mod tests {
     async fn reserved_context_keys_are_refused_on_every_data_plane_call() {
         let ops = ops(ADMIN);
         let key = ops
-            .create_key(call(Operation::CreateKey), String::new(), "alias/k".into())
+            .create_key(
+                call(Operation::CreateKey),
+                String::new(),
+                "alias/k".into(),
+                Default::default(),
+            )
             .await
             .unwrap();
         let reserved = HashMap::from([("wrapd:purpose".to_owned(), "x".to_owned())]);
@@ -641,6 +687,7 @@ mod tests {
                 call(Operation::CreateKey),
                 String::new(),
                 "alias/billing".into(),
+                Default::default(),
             )
             .await
             .unwrap();
@@ -677,9 +724,14 @@ mod tests {
         let ops = ops(
             "[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"CreateKey\", \"Wrap\", \"ReWrapTo\"]\nkeys = [\"*\"]\n",
         );
-        ops.create_key(call(Operation::CreateKey), String::new(), "alias/a".into())
-            .await
-            .unwrap();
+        ops.create_key(
+            call(Operation::CreateKey),
+            String::new(),
+            "alias/a".into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
         let blob = ops
             .wrap(
                 call(Operation::Wrap),

@@ -326,7 +326,7 @@ impl Daemon {
         }
 
         let background = [
-            tokio::spawn(deletion_task(ops.clone(), self.deletion_check_interval)),
+            tokio::spawn(maintenance_task(ops.clone(), self.deletion_check_interval)),
             tokio::spawn(health_task(
                 self.keystore.clone(),
                 health.clone(),
@@ -519,12 +519,21 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// Destroys keys whose deletion date has passed (each audited first), at start and then
-/// every `interval`.
-async fn deletion_task(ops: Ops, interval: Duration) {
+/// Destroys keys whose deletion date has passed and rotates keys whose automatic rotation
+/// is due (each audited first), at start and then every `interval`.
+async fn maintenance_task(ops: Ops, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
+        let rotating = ops.clone();
+        match tokio::task::spawn_blocking(move || rotating.rotate_due()).await {
+            Ok(Ok(rotated)) if !rotated.is_empty() => {
+                tracing::info!(count = rotated.len(), "automatic rotations carried out");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "automatic rotation failed; will retry"),
+            Err(err) => tracing::error!(error = %err, "rotation task failed"),
+        }
         let ops = ops.clone();
         match tokio::task::spawn_blocking(move || ops.purge_due()).await {
             Ok(Ok(purged)) if !purged.is_empty() => {

@@ -433,3 +433,71 @@ async fn health_and_reflection_are_served() {
         );
     }
 }
+
+#[tokio::test]
+async fn automatic_rotation_is_scheduled_and_turned_off_over_grpc() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = create_key(&mut keys, "alias/scheduled").await;
+    let too_short = keys
+        .enable_key_rotation(wrapd::proto::EnableKeyRotationRequest {
+            key_id: key.key_id.clone(),
+            rotation_period_days: 30,
+        })
+        .await;
+    assert_code(too_short, Code::InvalidArgument);
+    let before = SystemTime::now();
+    let on = keys
+        .enable_key_rotation(wrapd::proto::EnableKeyRotationRequest {
+            key_id: "alias/scheduled".into(),
+            rotation_period_days: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(on.rotation_period_days, 365, "0 means the default period");
+    let next: SystemTime = on.next_rotation.unwrap().try_into().unwrap();
+    let due_in = next.duration_since(before).unwrap();
+    assert!(
+        due_in >= Duration::from_secs(364 * 86_400) && due_in <= Duration::from_secs(366 * 86_400)
+    );
+    let off = keys
+        .disable_key_rotation(key_ref(&key.key_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(off.rotation_period_days, 0);
+    assert!(off.next_rotation.is_none());
+}
+
+#[tokio::test]
+async fn tags_are_set_and_removed_over_grpc() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = create_key(&mut keys, "").await;
+    let tagged = keys
+        .tag_key(wrapd::proto::TagKeyRequest {
+            key_id: key.key_id.clone(),
+            tags: ctx(&[("team", "payments"), ("env", "prod")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tagged.tags, ctx(&[("team", "payments"), ("env", "prod")]));
+    let untagged = keys
+        .untag_key(wrapd::proto::UntagKeyRequest {
+            key_id: key.key_id.clone(),
+            tag_keys: vec!["team".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(untagged.tags, ctx(&[("env", "prod")]));
+    let reserved = keys
+        .tag_key(wrapd::proto::TagKeyRequest {
+            key_id: key.key_id,
+            tags: ctx(&[("aws:x", "y")]),
+        })
+        .await;
+    assert_code(reserved, Code::InvalidArgument);
+}

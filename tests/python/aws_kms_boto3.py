@@ -88,6 +88,19 @@ def operations():
     assert len(rotations) == 1 and rotations[0]["RotationType"] == "ON_DEMAND", rotations
     assert c.decrypt(CiphertextBlob=old_blob, EncryptionContext=ctx)["Plaintext"] == gdk["Plaintext"]
     assert c.get_key_rotation_status(KeyId=arn1)["KeyRotationEnabled"] is False
+    c.enable_key_rotation(KeyId=arn1, RotationPeriodInDays=90)
+    status = c.get_key_rotation_status(KeyId=arn1)
+    assert status["KeyRotationEnabled"] is True and status["RotationPeriodInDays"] == 90, status
+    assert status["NextRotationDate"] > datetime.datetime.now(datetime.timezone.utc), status
+    c.disable_key_rotation(KeyId=arn1)
+    assert c.get_key_rotation_status(KeyId=arn1)["KeyRotationEnabled"] is False
+
+    tagged = c.create_key(Tags=[{"TagKey": "team", "TagValue": "payments"}])["KeyMetadata"]["Arn"]
+    c.tag_resource(KeyId=tagged, Tags=[{"TagKey": "env", "TagValue": "prod"}, {"TagKey": "team", "TagValue": "billing"}])
+    tags = c.list_resource_tags(KeyId=tagged)["Tags"]
+    assert tags == [{"TagKey": "env", "TagValue": "prod"}, {"TagKey": "team", "TagValue": "billing"}], tags
+    c.untag_resource(KeyId=tagged, TagKeys=["team"])
+    assert c.list_resource_tags(KeyId=tagged)["Tags"] == [{"TagKey": "env", "TagValue": "prod"}]
 
     c.disable_key(KeyId=arn2)
     assert c.describe_key(KeyId=arn2)["KeyMetadata"]["KeyState"] == "Disabled"
@@ -100,7 +113,7 @@ def operations():
     assert c.describe_key(KeyId=arn2)["KeyMetadata"]["KeyState"] == "Disabled"
 
     listed = {k["KeyArn"] for k in c.list_keys()["Keys"]}
-    assert {arn1, arn2} <= listed, listed
+    assert {arn1, arn2, tagged} <= listed, listed
     c.delete_alias(AliasName="alias/boto")
     assert error_code(c.describe_key, KeyId="alias/boto")[0] == "NotFoundException"
     print(json.dumps({"key": arn1, "blob": base64.b64encode(old_blob).decode()}))

@@ -5,7 +5,8 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use wrapd::client::KeyServiceClient;
 use wrapd::proto::{
-    CreateKeyRequest, KeyMetadata, KeyRef, KeyState, ListKeysRequest, ScheduleKeyDeletionRequest,
+    CreateKeyRequest, EnableKeyRotationRequest, KeyMetadata, KeyRef, KeyState, ListKeysRequest,
+    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
 };
 
 use crate::error::CliError;
@@ -65,6 +66,35 @@ pub enum KeysCommand {
         /// Key id or alias.
         key: String,
     },
+    /// Turn on automatic rotation: a new version every --period-days (90 to 2560).
+    EnableRotation {
+        /// Key id or alias.
+        key: String,
+        /// Days between rotations.
+        #[arg(long, default_value_t = 365)]
+        period_days: u32,
+    },
+    /// Turn automatic rotation off.
+    DisableRotation {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Add tags (KEY=VALUE), replacing the values of existing ones.
+    Tag {
+        /// Key id or alias.
+        key: String,
+        /// Tags, KEY=VALUE.
+        #[arg(required = true, value_parser = crate::parse_entry)]
+        tags: Vec<(String, String)>,
+    },
+    /// Remove tags by name.
+    Untag {
+        /// Key id or alias.
+        key: String,
+        /// Tag keys.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 /// A key, as printed.
@@ -77,6 +107,9 @@ pub struct Key {
     aliases: Vec<String>,
     created_at: Option<String>,
     deletion_date: Option<String>,
+    rotation_period_days: Option<u32>,
+    next_rotation: Option<String>,
+    tags: std::collections::BTreeMap<String, String>,
     versions: Vec<Version>,
 }
 
@@ -87,6 +120,7 @@ struct Version {
     created_at: Option<String>,
     wrap_count: u64,
     available: bool,
+    automatic: bool,
 }
 
 fn timestamp(t: &Option<prost_types::Timestamp>) -> Option<String> {
@@ -103,6 +137,9 @@ impl From<&KeyMetadata> for Key {
             aliases: k.aliases.clone(),
             created_at: timestamp(&k.created_at),
             deletion_date: timestamp(&k.deletion_date),
+            rotation_period_days: (k.rotation_period_days > 0).then_some(k.rotation_period_days),
+            next_rotation: timestamp(&k.next_rotation),
+            tags: k.tags.clone().into_iter().collect(),
             versions: k
                 .versions
                 .iter()
@@ -111,6 +148,7 @@ impl From<&KeyMetadata> for Key {
                     created_at: timestamp(&v.created_at),
                     wrap_count: v.wrap_count,
                     available: v.available,
+                    automatic: v.automatic,
                 })
                 .collect(),
         }
@@ -130,16 +168,32 @@ impl Report for Key {
                 "deletion_date",
                 self.deletion_date.clone().unwrap_or_default(),
             ),
+            (
+                "rotation",
+                match (self.rotation_period_days, &self.next_rotation) {
+                    (Some(days), Some(next)) => format!("every {days} days, next {next}"),
+                    _ => "off".to_owned(),
+                },
+            ),
+            (
+                "tags",
+                self.tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
         ]);
         text.push('\n');
         text.push_str(&table(
-            ["VERSION", "CREATED", "WRAPS", "AVAILABLE"],
+            ["VERSION", "CREATED", "WRAPS", "AVAILABLE", "AUTOMATIC"],
             self.versions.iter().map(|v| {
                 [
                     v.version.to_string(),
                     v.created_at.clone().unwrap_or_default(),
                     v.wrap_count.to_string(),
                     v.available.to_string(),
+                    v.automatic.to_string(),
                 ]
             }),
         ));
@@ -204,6 +258,31 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
                 .await
         }
         KeysCommand::CancelDeletion { key } => client.cancel_key_deletion(key_ref(key)).await,
+        KeysCommand::EnableRotation { key, period_days } => {
+            client
+                .enable_key_rotation(EnableKeyRotationRequest {
+                    key_id: key,
+                    rotation_period_days: period_days,
+                })
+                .await
+        }
+        KeysCommand::DisableRotation { key } => client.disable_key_rotation(key_ref(key)).await,
+        KeysCommand::Tag { key, tags } => {
+            client
+                .tag_key(TagKeyRequest {
+                    key_id: key,
+                    tags: tags.into_iter().collect(),
+                })
+                .await
+        }
+        KeysCommand::Untag { key, names } => {
+            client
+                .untag_key(UntagKeyRequest {
+                    key_id: key,
+                    tag_keys: names,
+                })
+                .await
+        }
         KeysCommand::List {
             page_size,
             page_token,

@@ -21,7 +21,9 @@
 //! | `GenerateRandom` | `GenerateRandom` (names no key: a grant needs `keys = ["*"]`) |
 //! | `CreateKey`, `DescribeKey`, `ListKeys`, `EnableKey`, `DisableKey`, `ScheduleKeyDeletion`, `CancelKeyDeletion`, `CreateAlias`, `UpdateAlias`, `DeleteAlias`, `ListAliases` | the same name |
 //! | `RotateKeyOnDemand` | `RotateKey` |
-//! | `ListKeyRotations`, `GetKeyRotationStatus` | `DescribeKey` |
+//! | `EnableKeyRotation`, `DisableKeyRotation` | the same names |
+//! | `TagResource` / `UntagResource` | `TagKey` / `UntagKey` |
+//! | `ListKeyRotations`, `GetKeyRotationStatus`, `ListResourceTags` | `DescribeKey` |
 //!
 //! What wrapd does not offer is refused, never ignored: key policies (`Policy`: the policy
 //! file decides), other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
@@ -188,6 +190,11 @@ impl AwsApi {
             "RotateKeyOnDemand" => self.rotate_key_on_demand(call, body).await,
             "ListKeyRotations" => self.list_key_rotations(call, body).await,
             "GetKeyRotationStatus" => self.get_key_rotation_status(call, body).await,
+            "EnableKeyRotation" => self.set_key_rotation(call, body, true).await,
+            "DisableKeyRotation" => self.set_key_rotation(call, body, false).await,
+            "TagResource" => self.tag_resource(call, body).await,
+            "UntagResource" => self.untag_resource(call, body).await,
+            "ListResourceTags" => self.list_resource_tags(call, body).await,
             "CreateAlias" => self.point_alias(call, body, false).await,
             "UpdateAlias" => self.point_alias(call, body, true).await,
             "DeleteAlias" => self.delete_alias(call, body).await,
@@ -285,9 +292,15 @@ impl AwsApi {
         let (call, req) = self.parse::<model::CreateKey>(call, body).await?;
         let refusal = create_key_refusal(&req);
         let call = self.check(call, refusal).await?;
+        let tags = tag_map(req.tags.unwrap_or_default());
         let view = self
             .ops
-            .create_key(call, req.description.unwrap_or_default(), String::new())
+            .create_key(
+                call,
+                req.description.unwrap_or_default(),
+                String::new(),
+                tags,
+            )
             .await?;
         Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
     }
@@ -342,24 +355,15 @@ impl AwsApi {
 
     async fn list_key_rotations(&self, call: Call, body: &[u8]) -> Answer {
         let (call, req) = self.parse::<model::ListOfKey>(call, body).await?;
-        let limit = match limit(req.limit) {
-            Ok(limit) => limit,
+        let (limit, start) = match list_position(req.limit, req.marker.as_deref()) {
+            Ok(position) => position,
             Err(err) => return Err(self.reject(call, err).await),
-        };
-        let start = match req.marker.as_deref().map(str::parse::<usize>) {
-            None => 0,
-            Some(Ok(start)) => start,
-            Some(Err(_)) => {
-                return Err(self
-                    .reject(call, AwsError::validation("invalid Marker"))
-                    .await);
-            }
         };
         let (call, key) = self.key_param(call, &req.key_id).await?;
         let view = self.ops.describe_key(call, key).await?;
         let arn = self.arns.key_arn(&view.key.id);
-        // Every version after the first is a rotation, on demand (wrapd rotates only when
-        // asked, through either API).
+        // Every version after the first is a rotation: on the key's schedule (or at a
+        // version's wrap limit), or asked for.
         let rotations: Vec<Value> = view
             .versions
             .iter()
@@ -368,7 +372,7 @@ impl AwsApi {
                 json!({
                     "KeyId": arn,
                     "RotationDate": epoch(v.created_at),
-                    "RotationType": "ON_DEMAND",
+                    "RotationType": if v.automatic { "AUTOMATIC" } else { "ON_DEMAND" },
                 })
             })
             .collect();
@@ -379,10 +383,69 @@ impl AwsApi {
         let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
         let (call, key) = self.key_param(call, &req.key_id).await?;
         let view = self.ops.describe_key(call, key).await?;
-        Ok(json!({
+        let mut answer = json!({
             "KeyId": self.arns.key_arn(&view.key.id),
-            "KeyRotationEnabled": false,
-        }))
+            "KeyRotationEnabled": view.key.rotation.is_some(),
+        });
+        if let Some(rotation) = view.key.rotation {
+            answer["RotationPeriodInDays"] = json!(rotation.period_days);
+            answer["NextRotationDate"] = json!(epoch(rotation.next));
+        }
+        Ok(answer)
+    }
+
+    async fn set_key_rotation(&self, call: Call, body: &[u8], enable: bool) -> Answer {
+        let (call, key_id, period) = if enable {
+            let (call, req) = self.parse::<model::EnableKeyRotation>(call, body).await?;
+            let period = req
+                .rotation_period_in_days
+                .unwrap_or(crate::ops::DEFAULT_ROTATION_DAYS);
+            (call, req.key_id, Some(period))
+        } else {
+            let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
+            (call, req.key_id, None)
+        };
+        let (call, key) = self.key_param(call, &key_id).await?;
+        self.ops.set_key_rotation(call, key, period).await?;
+        Ok(json!({}))
+    }
+
+    async fn tag_resource(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self.parse::<model::TagResource>(call, body).await?;
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        self.ops
+            .tag_key(call, key, tag_map(req.tags), false)
+            .await?;
+        Ok(json!({}))
+    }
+
+    async fn untag_resource(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self.parse::<model::UntagResource>(call, body).await?;
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        let names = req
+            .tag_keys
+            .into_iter()
+            .map(|k| (k, String::new()))
+            .collect();
+        self.ops.tag_key(call, key, names, true).await?;
+        Ok(json!({}))
+    }
+
+    async fn list_resource_tags(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self.parse::<model::ListOfKey>(call, body).await?;
+        let (limit, start) = match list_position(req.limit, req.marker.as_deref()) {
+            Ok(position) => position,
+            Err(err) => return Err(self.reject(call, err).await),
+        };
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        let view = self.ops.describe_key(call, key).await?;
+        let tags: Vec<Value> = view
+            .key
+            .tags
+            .iter()
+            .map(|(k, v)| json!({ "TagKey": k, "TagValue": v }))
+            .collect();
+        page(tags, start, limit, "Tags")
     }
 
     async fn list_keys(&self, call: Call, body: &[u8]) -> Answer {
@@ -629,7 +692,13 @@ impl AwsApi {
 pub fn policy_operation(target: &str) -> Option<Operation> {
     Some(match target {
         "CreateKey" => Operation::CreateKey,
-        "DescribeKey" | "ListKeyRotations" | "GetKeyRotationStatus" => Operation::DescribeKey,
+        "DescribeKey" | "ListKeyRotations" | "GetKeyRotationStatus" | "ListResourceTags" => {
+            Operation::DescribeKey
+        }
+        "EnableKeyRotation" => Operation::EnableKeyRotation,
+        "DisableKeyRotation" => Operation::DisableKeyRotation,
+        "TagResource" => Operation::TagKey,
+        "UntagResource" => Operation::UntagKey,
         "ListKeys" => Operation::ListKeys,
         "EnableKey" => Operation::EnableKey,
         "DisableKey" => Operation::DisableKey,
@@ -680,9 +749,6 @@ fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
             "Policy: key policies are not supported; wrapd's policy file decides who may use a key",
         );
     }
-    if req.tags.as_ref().is_some_and(|t| !t.is_empty()) {
-        return not("Tags are not supported yet");
-    }
     if req.multi_region == Some(true) {
         return not("MultiRegion: wrapd keys live in one HSM cluster");
     }
@@ -712,6 +778,25 @@ fn data_plane_refusal(
         ));
     }
     None
+}
+
+/// A listing's `Limit` and the index its `Marker` names (in-memory listings).
+fn list_position(
+    limit_param: Option<u32>,
+    marker: Option<&str>,
+) -> Result<(usize, usize), AwsError> {
+    let limit = limit(limit_param)?;
+    let start = match marker.map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(start)) => start,
+        Some(Err(_)) => return Err(AwsError::validation("invalid Marker")),
+    };
+    Ok((limit, start))
+}
+
+/// Tags as the API sends them, as a map (a repeated key: the last value wins).
+fn tag_map(tags: Vec<model::Tag>) -> std::collections::BTreeMap<String, String> {
+    tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect()
 }
 
 /// `Limit`: 1 to 1000, default 100.

@@ -9,8 +9,9 @@ use crate::keystore::KeyState;
 use crate::ops::{AliasEntry, KeyView, Ops};
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    self, Alias, AliasRequest, CreateKeyRequest, KeyMetadata, KeyRef, ListAliasesRequest,
-    ListAliasesResponse, ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest,
+    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest, KeyMetadata, KeyRef,
+    ListAliasesRequest, ListAliasesResponse, ListKeysRequest, ListKeysResponse,
+    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
 };
 
 /// The control-plane service.
@@ -41,8 +42,12 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
                 created_at: Some(v.created_at.into()),
                 wrap_count: v.wrap_count,
                 available: v.available,
+                automatic: v.automatic,
             })
             .collect(),
+        rotation_period_days: key.rotation.map_or(0, |r| r.period_days),
+        next_rotation: key.rotation.map(|r| r.next.into()),
+        tags: key.tags.clone().into_iter().collect(),
     }
 }
 
@@ -74,13 +79,73 @@ impl KeyApi {
 #[tonic::async_trait]
 impl KeyService for KeyApi {
     #[instrument(level = "debug", skip_all)]
+    async fn enable_key_rotation(
+        &self,
+        request: Request<EnableKeyRotationRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::EnableKeyRotation);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .set_key_rotation(call, req.key_id, Some(req.rotation_period_days))
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn disable_key_rotation(
+        &self,
+        request: Request<KeyRef>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::DisableKeyRotation);
+        metadata(
+            self.ops
+                .set_key_rotation(call, request.into_inner().key_id, None)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn tag_key(
+        &self,
+        request: Request<TagKeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::TagKey);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .tag_key(call, req.key_id, req.tags.into_iter().collect(), false)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn untag_key(
+        &self,
+        request: Request<UntagKeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::UntagKey);
+        let req = request.into_inner();
+        let names = req
+            .tag_keys
+            .into_iter()
+            .map(|k| (k, String::new()))
+            .collect();
+        metadata(self.ops.tag_key(call, req.key_id, names, true).await)
+    }
+
+    #[instrument(level = "debug", skip_all)]
     async fn create_key(
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let call = call_of(&request, Operation::CreateKey);
         let req = request.into_inner();
-        metadata(self.ops.create_key(call, req.description, req.alias).await)
+        metadata(
+            self.ops
+                .create_key(call, req.description, req.alias, Default::default())
+                .await,
+        )
     }
 
     #[instrument(level = "debug", skip_all)]
