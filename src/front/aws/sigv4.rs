@@ -288,6 +288,69 @@ mod tests {
         parse_amz_date("20261123T100000Z").unwrap()
     }
 
+    /// A request botocore signed (tests/vectors/sigv4_fixture.py), as parts and body.
+    fn botocore_request(
+        edit: impl FnOnce(&mut http::HeaderMap, &mut String),
+    ) -> (Arc<AccessKeys>, http::request::Parts, Bytes) {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/vectors/sigv4-kms.json")).unwrap();
+        let mut builder = http::Request::post("/");
+        for (name, value) in fixture["headers"].as_object().unwrap() {
+            builder = builder.header(name.as_str(), value.as_str().unwrap());
+        }
+        let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+        let mut body = fixture["body"].as_str().unwrap().to_owned();
+        edit(&mut parts.headers, &mut body);
+        let keys = Arc::new(AccessKeys::new([AwsAccessKey {
+            id: fixture["access_key"].as_str().unwrap().into(),
+            secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
+            principal: None,
+        }]));
+        (keys, parts, Bytes::from(body))
+    }
+
+    #[tokio::test]
+    async fn a_request_signed_by_botocore_verifies() {
+        let (keys, parts, body) = botocore_request(|_, _| {});
+        let key = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+            .await
+            .unwrap();
+        assert_eq!(key, "AKIAIOSFODNN7EXAMPLE");
+    }
+
+    #[tokio::test]
+    async fn a_signed_request_with_another_operation_or_body_does_not_verify() {
+        let (keys, parts, body) = botocore_request(|headers, _| {
+            headers.insert("x-amz-target", "TrentService.Encrypt".parse().unwrap());
+        });
+        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+            .await
+            .unwrap_err();
+        assert_eq!(err.error.code, "InvalidSignatureException");
+        let (keys, parts, body) = botocore_request(|_, body| body.push(' '));
+        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+            .await
+            .unwrap_err();
+        assert_eq!(err.error.code, "InvalidSignatureException");
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_target_is_not_signed_is_refused() {
+        // The operation header is required among the signed headers when present.
+        let (keys, parts, body) = botocore_request(|headers, _| {
+            let auth = headers["authorization"].to_str().unwrap().replace(
+                "SignedHeaders=content-type;host;x-amz-date;x-amz-target",
+                "SignedHeaders=content-type;host;x-amz-date",
+            );
+            headers.insert("authorization", auth.parse().unwrap());
+        });
+        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+            .await
+            .unwrap_err();
+        assert_ne!(err.claimed_key, None);
+        assert!(err.error.message.contains("x-amz-target"), "{err:?}");
+    }
+
     #[tokio::test]
     async fn a_request_dated_ten_minutes_off_is_refused_before_its_signature() {
         let parts = signed("20261123T101000Z");
