@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what wrapd needs on a fresh Debian/Ubuntu machine, only when missing:
 # SoftHSM2 (the development and test token), and the real clients the interop tests drive:
-# the distribution's AWS CLI (/usr/bin/aws), boto3, the official AWS Encryption SDK for
+# the distribution's AWS CLI (/usr/bin/aws) and PostgreSQL server, boto3, the official AWS Encryption SDK for
 # Python and its CLI, grpcio. Safe to run again.
 set -euo pipefail
 
@@ -18,6 +18,8 @@ have_softhsm || packages+=(softhsm2)
 # The AWS CLI as the distribution ships it (Debian 12: 2.9), at /usr/bin/aws; a pip-installed
 # `aws` elsewhere on PATH is not what the tests mean to drive.
 [ -x /usr/bin/aws ] || packages+=(awscli)
+# A real PostgreSQL server for the fleet tests (they run initdb and postgres themselves).
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || packages+=(postgresql)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -89,7 +89,12 @@ fn default_session_wait_ms() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
-    sqlite: PathBuf,
+    sqlite: Option<PathBuf>,
+    postgres: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    instance: Option<String>,
+    resync_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +338,113 @@ pub struct KmsConfig {
     pub healthz_cache: Duration,
 }
 
+/// The metadata store (`[store]`): an SQLite file for one daemon, or PostgreSQL for a fleet.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// `sqlite = "path"`.
+    Sqlite(PathBuf),
+    /// `postgres = "postgresql://user@host:port/db"`.
+    Postgres {
+        /// Where, who, and this daemon's instance name.
+        options: crate::keystore::PostgresOptions,
+        /// How often the in-memory view is re-read in full, besides notifications.
+        resync_interval: Duration,
+    },
+}
+
+impl StoreConfig {
+    /// This daemon's instance name in a fleet (`None` for SQLite).
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres { options, .. } => Some(&options.instance),
+        }
+    }
+}
+
+/// `[store]`: exactly one backend; the PostgreSQL password from a file or an environment
+/// variable.
+fn store_config(
+    raw: RawStore,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    secret_envs: &mut Vec<String>,
+) -> Result<StoreConfig> {
+    match (raw.sqlite, raw.postgres) {
+        (Some(path), None) => {
+            let fleet_only = raw.password_file.is_some()
+                || raw.password_env.is_some()
+                || raw.instance.is_some()
+                || raw.resync_interval_ms.is_some();
+            if fleet_only {
+                return Err(Error::Config(
+                    "store: password_file, password_env, instance and resync_interval_ms are for postgres".into(),
+                ));
+            }
+            Ok(StoreConfig::Sqlite(resolve(&path)))
+        }
+        (None, Some(url)) => {
+            let password = match (&raw.password_file, &raw.password_env) {
+                (Some(file), None) => {
+                    let path = resolve(file);
+                    let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                        Error::Config(format!("store.password_file {}: {e}", path.display()))
+                    })?);
+                    Some(Zeroizing::new(
+                        text.trim_end_matches(['\n', '\r']).to_owned(),
+                    ))
+                }
+                (None, Some(var)) => {
+                    let value = std::env::var(var).map_err(|_| {
+                        Error::Config(format!("store.password_env: {var} is not set"))
+                    })?;
+                    secret_envs.push(var.clone());
+                    Some(Zeroizing::new(value))
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(Error::Config(
+                        "store: set at most one of password_file and password_env".into(),
+                    ));
+                }
+            };
+            let instance = match raw.instance {
+                Some(name) => name,
+                None => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "wrapd".to_owned()),
+            };
+            let instance_ok = !instance.is_empty()
+                && instance.len() <= 64
+                && instance
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !instance_ok {
+                return Err(Error::Config(format!(
+                    "store.instance {instance:?} must be 1 to 64 of A-Z a-z 0-9 - _ ."
+                )));
+            }
+            let resync_ms = raw.resync_interval_ms.unwrap_or(10_000);
+            if !(100..=3_600_000).contains(&resync_ms) {
+                return Err(Error::Config(
+                    "store.resync_interval_ms must be 100 to 3600000".into(),
+                ));
+            }
+            Ok(StoreConfig::Postgres {
+                options: crate::keystore::PostgresOptions {
+                    url,
+                    password,
+                    instance,
+                },
+                resync_interval: Duration::from_millis(resync_ms),
+            })
+        }
+        _ => Err(Error::Config(
+            "store: set exactly one of sqlite = \"path\" and postgres = \"postgresql://…\"".into(),
+        )),
+    }
+}
+
 /// The AWS KMS-compatible JSON API (`[aws]`): HTTPS, SigV4 access keys.
 #[derive(Debug, Clone)]
 pub struct AwsConfig {
@@ -378,8 +490,8 @@ pub struct Config {
     pub hsm: HsmConfig,
     /// Exported as `SOFTHSM2_CONF` before the module loads (SoftHSM only).
     pub softhsm2_conf: Option<PathBuf>,
-    /// SQLite metadata file.
-    pub sqlite: PathBuf,
+    /// The metadata store.
+    pub store: StoreConfig,
     /// The unix socket listener.
     pub unix: Option<UnixListenerConfig>,
     /// The TCP listener (mutual TLS).
@@ -533,6 +645,7 @@ impl Config {
             .aws
             .map(|a| aws_config(a, &resolve, &mut secret_envs))
             .transpose()?;
+        let store = store_config(raw.store, &resolve, &mut secret_envs)?;
         if unix.is_none() && tcp.is_none() {
             return Err(Error::Config(
                 "no listener configured: add a [unix] or [tcp] section".into(),
@@ -548,7 +661,7 @@ impl Config {
                 session_wait: Duration::from_millis(raw.hsm.session_wait_ms),
             },
             softhsm2_conf: raw.hsm.softhsm2_conf.as_deref().map(resolve),
-            sqlite: resolve(&raw.store.sqlite),
+            store,
             unix,
             tcp,
             policy_file: raw.policy.map(|p| resolve(&p.file)),
@@ -744,7 +857,9 @@ mod tests {
         write_pin(dir.path());
         let config = Config::parse(GOOD, dir.path()).unwrap();
         assert_eq!(config.hsm.pin.expose(), "1234");
-        assert_eq!(config.sqlite, dir.path().join("wrapd.db"));
+        assert!(
+            matches!(&config.store, StoreConfig::Sqlite(path) if *path == dir.path().join("wrapd.db"))
+        );
         let unix = config.unix.unwrap();
         assert_eq!(unix.mode, 0o660);
         assert_eq!(config.hsm.max_sessions, 8);

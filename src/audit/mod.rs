@@ -54,6 +54,9 @@ pub struct AuditRecord {
     /// The AWS access key id a request was signed with (AWS KMS API only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
+    /// The daemon that wrote the line, in a fleet (`[store] instance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// The key acted on, when known.
     pub key_id: Option<String>,
     /// Its version, when known.

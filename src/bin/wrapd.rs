@@ -41,6 +41,20 @@ enum Command {
     /// Offline audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Move a single daemon's metadata (keys, versions, wrap counts, aliases, rotation
+    /// schedules, tags) from its SQLite file into an empty PostgreSQL database, to run it as
+    /// the first daemon of a fleet. Stop the daemon first.
+    MigrateStore {
+        /// `sqlite:PATH`
+        #[arg(long)]
+        from: String,
+        /// `postgres:postgresql://user@host:port/db`
+        #[arg(long)]
+        to: String,
+        /// The environment variable holding the database password, if it needs one.
+        #[arg(long)]
+        password_env: Option<String>,
+    },
     /// Soak a running daemon: mixed GenerateDataKey/Unwrap/ReWrap from many clients while keys
     /// rotate; prints errors, latency percentiles and the daemon's memory at start and end.
     Soak {
@@ -239,14 +253,55 @@ fn run(command: Command) -> Result<()> {
                 .ok_or_else(|| Error::Config("no [audit] in this configuration".into()))?;
             let chain = std::path::absolute(&audit.file)
                 .map_err(|e| Error::Config(format!("{}: {e}", audit.file.display())))?;
-            let store = wrapd::keystore::SqliteStore::open(&config.sqlite)?;
-            match store.audit_head(&chain.display().to_string())? {
+            let chain = chain.display().to_string();
+            let head = match &config.store {
+                wrapd::config::StoreConfig::Sqlite(path) => {
+                    wrapd::keystore::SqliteStore::open(path)?.audit_head(&chain)?
+                }
+                wrapd::config::StoreConfig::Postgres { options, .. } => {
+                    wrapd::keystore::PostgresStore::open(options)?
+                        .audit_head(&format!("{}:{chain}", options.instance))?
+                }
+            };
+            match head {
                 Some(head) => println!("{head}"),
                 None => return Err(Error::Config("no chain head recorded for this log".into())),
             }
             Ok(())
         }
         Command::Pki(command) => pki(command),
+        Command::MigrateStore {
+            from,
+            to,
+            password_env,
+        } => {
+            init_logging("info", wrapd::config::LogFormat::Text);
+            let path = from
+                .strip_prefix("sqlite:")
+                .ok_or_else(|| Error::Config("--from must be sqlite:PATH".into()))?;
+            let url = to
+                .strip_prefix("postgres:")
+                .ok_or_else(|| Error::Config("--to must be postgres:postgresql://…".into()))?;
+            let password = password_env
+                .map(|var| {
+                    std::env::var(&var)
+                        .map(zeroize::Zeroizing::new)
+                        .map_err(|_| Error::Config(format!("{var} is not set")))
+                })
+                .transpose()?;
+            if !std::path::Path::new(path).exists() {
+                return Err(Error::Config(format!("{path} does not exist")));
+            }
+            let source = wrapd::keystore::SqliteStore::open(std::path::Path::new(path))?;
+            let target = wrapd::keystore::PostgresStore::open(&wrapd::keystore::PostgresOptions {
+                url: url.to_owned(),
+                password,
+                instance: "migrate-store".into(),
+            })?;
+            let (keys, aliases) = wrapd::keystore::copy_metadata(&source, &target)?;
+            println!("migrated {keys} keys and {aliases} aliases into PostgreSQL");
+            Ok(())
+        }
         Command::Soak {
             config,
             concurrency,

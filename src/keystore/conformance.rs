@@ -164,7 +164,7 @@ pub fn versions_and_pending_versions(store: &impl Store) {
     let key = record(KeyState::Enabled);
     store.create_key(&key, None).unwrap();
     store.begin_version(&key.id, 2).unwrap();
-    store.begin_version(&key.id, 2).unwrap(); // idempotent
+    store.begin_version(&key.id, 2).unwrap(); // resumed
     assert_eq!(store.pending_versions().unwrap(), vec![(key.id.clone(), 2)]);
     let v2 = VersionRecord {
         version: 2,
@@ -228,14 +228,35 @@ pub fn rotation_schedules_and_tags(store: &impl Store) {
 }
 
 /// Wrap reservations only ever grow.
-pub fn wrap_reservations_only_grow(store: &impl Store) {
+pub fn wrap_blocks_never_overlap(store: &impl Store) {
     let key = record(KeyState::Enabled);
     store.create_key(&key, None).unwrap();
-    store.reserve_wraps(&key.id, 1, 4096).unwrap();
-    store.reserve_wraps(&key.id, 1, 10).unwrap();
+    assert_eq!(store.claim_wraps(&key.id, 1, 4096).unwrap(), 4096);
+    assert_eq!(store.claim_wraps(&key.id, 1, 4096).unwrap(), 8192);
     assert_eq!(
         store.key(&key.id).unwrap().unwrap().versions[0].wraps_reserved,
-        4096
+        8192
+    );
+    assert_eq!(
+        store.claim_wraps(&key.id, 9, 1).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+/// A version number is claimed once: claiming it again is a resumption; a version that
+/// exists cannot be claimed.
+pub fn version_claims(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, None).unwrap();
+    assert_eq!(
+        store.begin_version(&key.id, 1).unwrap_err().kind(),
+        ErrorKind::AlreadyExists,
+        "version 1 exists"
+    );
+    assert!(!store.begin_version(&key.id, 2).unwrap(), "a new claim");
+    assert!(
+        store.begin_version(&key.id, 2).unwrap(),
+        "our own claim, resumed"
     );
 }
 
@@ -294,8 +315,12 @@ macro_rules! metadata_store_conformance {
                 suite::rotation_schedules_and_tags(&$make);
             }
             #[test]
-            fn wrap_reservations_only_grow() {
-                suite::wrap_reservations_only_grow(&$make);
+            fn wrap_blocks_never_overlap() {
+                suite::wrap_blocks_never_overlap(&$make);
+            }
+            #[test]
+            fn version_claims() {
+                suite::version_claims(&$make);
             }
             #[test]
             fn audit_heads_only_move_forward() {

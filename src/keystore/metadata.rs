@@ -58,6 +58,17 @@ pub struct VersionRecord {
     pub automatic: bool,
 }
 
+/// What other daemons changed, as a shared store reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreChanges {
+    /// Keys created, changed or deleted.
+    pub keys: Vec<KeyId>,
+    /// Aliases changed.
+    pub aliases: bool,
+    /// Anything may have changed (notifications were lost): re-read everything.
+    pub everything: bool,
+}
+
 /// A key's automatic rotation: every `period_days`, next at `next`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RotationSchedule {
@@ -114,11 +125,15 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn list_keys(&self, after: &Cursor, limit: usize) -> Result<Vec<(Cursor, KeyRecord)>>;
     /// Appends a version (and forgets it as pending, see [`MetadataStore::begin_version`]).
     fn add_version(&self, id: &KeyId, version: &VersionRecord) -> Result<()>;
-    /// Records, before its key object is generated, that a version is being added: after a
-    /// crash before [`MetadataStore::add_version`], this proves the object in the token is
-    /// wrapd's own unfinished rotation, not key material the metadata lost.
-    fn begin_version(&self, id: &KeyId, version: u32) -> Result<()>;
-    /// Versions begun and never added.
+    /// Claims a version number, before its key object is generated: after a crash before
+    /// [`MetadataStore::add_version`], the claim proves the object in the token is this
+    /// daemon's own unfinished rotation, not key material the metadata lost; and in a fleet,
+    /// no two daemons ever generate an object for one version (the store decides the race).
+    /// Returns true when this daemon had claimed it already (an interrupted rotation of its
+    /// own), false for a new claim; [`crate::Error::AlreadyExists`] when the version exists or
+    /// another daemon holds the claim.
+    fn begin_version(&self, id: &KeyId, version: u32) -> Result<bool>;
+    /// Versions this daemon claimed and never added.
     fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>>;
     /// Forgets a pending version.
     fn end_version(&self, id: &KeyId, version: u32) -> Result<()>;
@@ -133,8 +148,10 @@ pub trait MetadataStore: Send + Sync + 'static {
         state: KeyState,
         deletion_date: Option<SystemTime>,
     ) -> Result<()>;
-    /// Raises the persisted wrap reservation of a version.
-    fn reserve_wraps(&self, id: &KeyId, version: u32, reserved: u64) -> Result<()>;
+    /// Claims the next `block` wraps of a version, atomically: adds `block` to its persisted
+    /// reservation and returns the new total, so the caller owns wraps `total - block ..
+    /// total` and no two daemons ever use one block.
+    fn claim_wraps(&self, id: &KeyId, version: u32, block: u64) -> Result<u64>;
     /// Removes a key, its versions and aliases (after its token objects are destroyed).
     fn delete_key(&self, id: &KeyId, deleted_at: SystemTime) -> Result<()>;
     /// Keys pending deletion whose date is at or before `now`.
@@ -147,6 +164,25 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn update_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
     /// Deletes an alias, returning the key it pointed at.
     fn delete_alias(&self, alias: &AliasName) -> Result<Option<KeyId>>;
+    /// Whether several daemons share this store (then the key store follows its changes, see
+    /// [`MetadataStore::wait_for_changes`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Blocks until other daemons changed something, or `timeout` passes. Only called when
+    /// [`MetadataStore::is_shared`].
+    fn wait_for_changes(&self, timeout: std::time::Duration) -> Result<StoreChanges> {
+        std::thread::sleep(timeout);
+        Ok(StoreChanges::default())
+    }
+    /// Takes the fleet-wide maintenance lock (scheduled deletions and automatic rotations
+    /// run on one daemon at a time): false when another daemon holds it. A single daemon's
+    /// store always grants it.
+    fn try_lock_maintenance(&self) -> Result<bool> {
+        Ok(true)
+    }
+    /// Releases the maintenance lock.
+    fn unlock_maintenance(&self) {}
     /// Aliases sorted by name after `after`, optionally of one key, at most `limit`.
     fn list_aliases(
         &self,

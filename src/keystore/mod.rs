@@ -6,14 +6,18 @@
 //! reflected in an in-memory view, so the data-plane hot path (resolve the key, check its
 //! state, one token call) never touches the database.
 //!
-//! The view assumes this daemon is the store's only writer. A shared PostgreSQL store for
-//! several daemons will need to refresh it (e.g. on a notification or a short TTL).
+//! With a store shared by a fleet (PostgreSQL, `postgres.rs`), other daemons change it too:
+//! [`Keystore::follow_store`] refreshes the view on the store's notifications and re-reads
+//! everything periodically; a key or version the view does not know is looked up in the
+//! store before it is called unknown; version numbers and wrap blocks are claimed in the
+//! store, and deletions and automatic rotations run under a fleet-wide lock.
 //!
 //! Every method blocks (token and database calls): run them off the async executor.
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[doc(hidden)]
+pub mod conformance;
 mod metadata;
+mod postgres;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,7 +27,10 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
-pub use metadata::{Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord};
+pub use metadata::{
+    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, StoreChanges, VersionRecord,
+};
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};
@@ -37,6 +44,51 @@ pub const MAX_DATA_KEY_LEN: u32 = 64;
 
 /// Automatic rotation periods, in days (as in AWS KMS).
 pub const ROTATION_PERIOD_DAYS: std::ops::RangeInclusive<u32> = 90..=2560;
+
+/// Copies every key (with its versions, wrap counts, rotation schedule and tags) and alias
+/// from `from` into `to`, which must hold no key (`wrapd migrate-store`). Returns the
+/// numbers of keys and aliases copied. Pending version claims are not copied: finish or
+/// abandon rotations before migrating (stop the daemon cleanly).
+pub fn copy_metadata(from: &dyn MetadataStore, to: &dyn MetadataStore) -> Result<(usize, usize)> {
+    if !to.all_keys()?.is_empty() {
+        return Err(Error::Config(
+            "the target store already holds keys; migrate into an empty database".into(),
+        ));
+    }
+    let keys = from.all_keys()?;
+    for key in &keys {
+        to.create_key(
+            &KeyRecord {
+                aliases: Vec::new(),
+                ..key.clone()
+            },
+            None,
+        )?;
+    }
+    let aliases = from.all_aliases()?;
+    for (alias, key) in &aliases {
+        to.create_alias(alias, key)?;
+    }
+    Ok((keys.len(), aliases.len()))
+}
+
+/// The fleet-wide maintenance lock, released on drop.
+struct MaintenanceLock<'a>(&'a dyn MetadataStore);
+
+impl<'a> MaintenanceLock<'a> {
+    fn take(store: &'a dyn MetadataStore) -> Result<Option<Self>> {
+        Ok(store.try_lock_maintenance()?.then_some(Self(store)))
+    }
+}
+
+impl Drop for MaintenanceLock<'_> {
+    fn drop(&mut self) {
+        self.0.unlock_maintenance();
+    }
+}
+
+/// How long a version claim of another daemon is waited for before the number is skipped.
+const STUCK_CLAIM: Duration = Duration::from_secs(10);
 
 /// Most tags on one key (as in AWS KMS).
 pub const MAX_TAGS: usize = 50;
@@ -461,6 +513,60 @@ impl Keystore {
             .contains(&ObjectId::new(key_id.clone(), version))
     }
 
+    /// Re-reads everything from the store (a fleet's safety net, and after lost
+    /// notifications).
+    pub fn resync(&self) -> Result<()> {
+        let keys = self.store.all_keys()?;
+        let aliases = self.store.all_aliases()?;
+        let mut view = self.view.write();
+        view.keys = keys
+            .into_iter()
+            .map(|k| (k.id.clone(), Arc::new(k)))
+            .collect();
+        view.aliases = aliases.into_iter().collect();
+        Ok(())
+    }
+
+    /// Follows what other daemons change in a shared store until `stop` is set: each
+    /// notification refreshes the keys it names (or everything), and everything is re-read
+    /// every `resync` as the safety net. Blocks; run it on a thread of its own. A store
+    /// error is logged and retried after a pause.
+    pub fn follow_store(&self, resync: Duration, stop: &std::sync::atomic::AtomicBool) {
+        use std::sync::atomic::Ordering;
+        let mut last_resync = std::time::Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let wait = resync
+                .saturating_sub(last_resync.elapsed())
+                .min(Duration::from_millis(500));
+            let applied = self.store.wait_for_changes(wait).and_then(|changes| {
+                if changes.everything || last_resync.elapsed() >= resync {
+                    last_resync = std::time::Instant::now();
+                    return self.resync();
+                }
+                for id in &changes.keys {
+                    self.refresh(id)?;
+                }
+                if changes.aliases {
+                    self.refresh_aliases()?;
+                }
+                Ok(())
+            });
+            if let Err(err) = applied {
+                tracing::warn!(error = %err, "cannot follow the metadata store; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                // Re-read everything once the store answers again.
+                last_resync = std::time::Instant::now()
+                    .checked_sub(resync)
+                    .unwrap_or_else(std::time::Instant::now);
+            }
+        }
+    }
+
+    /// Whether the metadata store is shared by a fleet.
+    pub fn store_is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
     fn read_view(&self) -> parking_lot::RwLockReadGuard<'_, View> {
         self.view.read()
     }
@@ -484,6 +590,14 @@ impl Keystore {
 
     /// The key a reference names.
     pub fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        if let (KeyRef::Id(id), true) = (key, self.store.is_shared()) {
+            // A key another daemon created a moment ago (before its notification came).
+            if !self.read_view().keys.contains_key(id) {
+                return self
+                    .refresh(id)?
+                    .ok_or_else(|| Error::KeyNotFound(id.to_string()));
+            }
+        }
         let view = self.read_view();
         let id = match key {
             KeyRef::Id(id) => id,
@@ -650,6 +764,9 @@ impl Keystore {
     /// returns (the audit line; an error there skips the key until the next pass). Disabled
     /// keys wait until they are enabled again. Returns the keys rotated.
     pub fn rotate_due(&self, before: impl Fn(&KeyRecord) -> Result<()>) -> Result<Vec<KeyId>> {
+        let Some(_maintenance) = MaintenanceLock::take(&*self.store)? else {
+            return Ok(Vec::new()); // another daemon of the fleet is at it
+        };
         let now = self.clock.now();
         let due: Vec<Arc<KeyRecord>> = self
             .read_view()
@@ -690,30 +807,23 @@ impl Keystore {
     /// Adds a version to `key` (`automatic`: on its rotation schedule). Caller holds the
     /// admin lock.
     fn add_version(&self, key: &KeyRecord, automatic: bool) -> Result<Arc<KeyRecord>> {
-        let version = key
-            .current_version()
-            .checked_add(1)
-            .ok_or_else(|| Error::LimitReached(format!("key {} has too many versions", key.id)))?;
+        let (version, resumed) = self.claim_next_version(&key.id)?;
         let object = ObjectId::new(key.id.clone(), version);
         // Never destroy an object the metadata cannot prove is an orphan (security review
         // finding 7): after a metadata restore, this CKA_ID can be live key material.
         if self.token.contains(&object)? {
-            let ours = self
-                .store
-                .pending_versions()?
-                .contains(&(key.id.clone(), version));
-            if ours {
+            if resumed {
                 // This daemon generated it for this very version and never committed it.
                 self.adopt(&key.id, version)?;
                 return self
                     .refresh(&key.id)?
                     .ok_or_else(|| Error::Internal("key vanished after rotate".into()));
             }
+            self.store.end_version(&key.id, version)?;
             return Err(Error::WrongState(format!(
                 "the token already holds key material for {object} that the metadata store does not know (restored from an older backup?); nothing was destroyed: restart wrapd to see the reconciliation report"
             )));
         }
-        self.store.begin_version(&key.id, version)?;
         self.token.generate_key(&object)?;
         self.store.add_version(
             &key.id,
@@ -727,6 +837,47 @@ impl Keystore {
         tracing::info!(key_id = %key.id, version, automatic, "key rotated");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after rotate".into()))
+    }
+
+    /// Claims the next version number of a key in the store, where a fleet's races are
+    /// decided: the newest version the store knows + 1, waiting while another daemon holds
+    /// the claim on it (it is generating that version's object). A claim held for longer
+    /// than [`STUCK_CLAIM`] belongs to a daemon that died mid-rotation: the number is
+    /// skipped (a gap in the version numbers, never two objects for one version). Returns
+    /// the version and whether the claim was this daemon's already.
+    fn claim_next_version(&self, id: &KeyId) -> Result<(u32, bool)> {
+        let latest = |ks: &Self| -> Result<u32> {
+            Ok(ks
+                .store
+                .key(id)?
+                .ok_or_else(|| Error::KeyNotFound(id.to_string()))?
+                .current_version())
+        };
+        let next = |v: u32| {
+            v.checked_add(1)
+                .ok_or_else(|| Error::LimitReached(format!("key {id} has too many versions")))
+        };
+        let mut candidate = next(latest(self)?)?;
+        let mut waiting_since = std::time::Instant::now();
+        loop {
+            match self.store.begin_version(id, candidate) {
+                Ok(resumed) => return Ok((candidate, resumed)),
+                Err(Error::AlreadyExists(_)) => {
+                    let newest = latest(self)?;
+                    if newest >= candidate {
+                        candidate = next(newest)?;
+                        waiting_since = std::time::Instant::now();
+                    } else if waiting_since.elapsed() > STUCK_CLAIM {
+                        tracing::warn!(key_id = %id, version = candidate, "skipping a version claimed by a daemon that never finished it");
+                        candidate = next(candidate)?;
+                        waiting_since = std::time::Instant::now();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Enables a disabled key.
@@ -802,6 +953,9 @@ impl Keystore {
         &self,
         before_destroy: impl Fn(&KeyRecord) -> Result<()>,
     ) -> Result<Vec<KeyId>> {
+        let Some(_maintenance) = MaintenanceLock::take(&*self.store)? else {
+            return Ok(Vec::new()); // another daemon of the fleet is at it
+        };
         let now = self.clock.now();
         let mut purged = Vec::new();
         for id in self.store.keys_due_for_deletion(now)? {
@@ -1013,9 +1167,15 @@ impl Keystore {
             return Ok(false);
         }
         if counter.used >= counter.reserved {
-            let reserved = counter.reserved + WRAP_RESERVATION_BLOCK;
-            self.store.reserve_wraps(&key.id, version, reserved)?;
-            counter.reserved = reserved;
+            // A block of its own: in a fleet, the other daemons' blocks lie elsewhere.
+            let total = self
+                .store
+                .claim_wraps(&key.id, version, WRAP_RESERVATION_BLOCK)?;
+            counter.used = total.saturating_sub(WRAP_RESERVATION_BLOCK);
+            counter.reserved = total;
+            if counter.used >= self.config.max_wraps_per_version {
+                return Ok(false);
+            }
         }
         counter.used += 1;
         Ok(true)
@@ -1044,15 +1204,16 @@ impl Keystore {
             }
         }
         // A blob naming an unknown (or destroyed) key, or a version the key never had, is
-        // an invalid ciphertext like any other tampering.
-        let key = self
-            .read_view()
-            .keys
-            .get(&blob.key_id)
-            .cloned()
-            .ok_or(Error::InvalidCiphertext)?;
+        // an invalid ciphertext like any other tampering. In a fleet, another daemon may
+        // have made the key or version a moment ago: the store is asked once first.
+        let known = |key: &KeyRecord| key.versions.iter().any(|v| v.version == blob.key_version);
+        let mut key = self.read_view().keys.get(&blob.key_id).cloned();
+        if self.store.is_shared() && !key.as_deref().is_some_and(known) {
+            key = self.refresh(&blob.key_id)?;
+        }
+        let key = key.ok_or(Error::InvalidCiphertext)?;
         usable(&key)?;
-        if !key.versions.iter().any(|v| v.version == blob.key_version) {
+        if !known(&key) {
             return Err(Error::InvalidCiphertext);
         }
         let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());

@@ -418,14 +418,29 @@ impl MetadataStore for SqliteStore {
         tx.commit().map_err(db_error)
     }
 
-    fn begin_version(&self, id: &KeyId, version: u32) -> Result<()> {
-        self.conn()
+    fn begin_version(&self, id: &KeyId, version: u32) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        let exists: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM key_versions WHERE key_id = ?1 AND version = ?2",
+                params![id.as_str(), version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_error)?;
+        if exists.is_some() {
+            return Err(Error::AlreadyExists(format!("version {version} of {id}")));
+        }
+        // One daemon per SQLite file: a claim already there is this daemon's own.
+        let inserted = tx
             .execute(
                 "INSERT OR IGNORE INTO pending_versions (key_id, version) VALUES (?1, ?2)",
                 params![id.as_str(), version],
             )
             .map_err(db_error)?;
-        Ok(())
+        tx.commit().map_err(db_error)?;
+        Ok(inserted == 0)
     }
 
     fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>> {
@@ -477,15 +492,24 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    fn reserve_wraps(&self, id: &KeyId, version: u32, reserved: u64) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE key_versions SET wraps_reserved = MAX(wraps_reserved, ?3)
-                 WHERE key_id = ?1 AND version = ?2",
-                params![id.as_str(), version, reserved as i64],
+    fn claim_wraps(&self, id: &KeyId, version: u32, block: u64) -> Result<u64> {
+        let total: Option<i64> = self
+            .conn()
+            .query_row(
+                "UPDATE key_versions SET wraps_reserved = wraps_reserved + ?3
+                 WHERE key_id = ?1 AND version = ?2 RETURNING wraps_reserved",
+                params![
+                    id.as_str(),
+                    version,
+                    i64::try_from(block).unwrap_or(i64::MAX)
+                ],
+                |r| r.get(0),
             )
+            .optional()
             .map_err(db_error)?;
-        Ok(())
+        total
+            .map(|t| t.max(0) as u64)
+            .ok_or_else(|| Error::KeyNotFound(format!("{id} version {version}")))
     }
 
     fn delete_key(&self, id: &KeyId, deleted_at: SystemTime) -> Result<()> {

@@ -23,12 +23,23 @@ use crate::keystore::Keystore;
 pub struct Gate {
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
+    instance: Option<String>,
 }
 
 impl Gate {
     /// A gate with this policy and (optional) audit log.
     pub fn new(policy: Arc<PolicyHandle>, audit: Option<Arc<AuditLog>>) -> Self {
-        Self { policy, audit }
+        Self {
+            policy,
+            audit,
+            instance: None,
+        }
+    }
+
+    /// Names this daemon's instance (in a fleet) on every audit line.
+    pub fn with_instance(mut self, instance: Option<String>) -> Self {
+        self.instance = instance;
+        self
     }
 
     /// May this caller do the call's operation to `target`? Fails closed while the audit log
@@ -106,6 +117,7 @@ impl Gate {
             key_id: Some(key_id.to_owned()),
             key_version: Some(version),
             outcome: "OK".to_owned(),
+            instance: self.instance.clone(),
             ..Default::default()
         })
     }
@@ -192,6 +204,7 @@ impl Gate {
             outcome: outcome.to_owned(),
             error: result.as_ref().err().map(Error::public_message),
             latency_us,
+            instance: self.instance.clone(),
             ..Default::default()
         };
         match audit.append(entry) {

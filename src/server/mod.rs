@@ -34,12 +34,14 @@ pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};
 use crate::auth::{PolicyHandle, UnixNames};
-use crate::config::{AwsConfig, Config, KmsConfig, Limits, TcpListenerConfig, UnixListenerConfig};
+use crate::config::{
+    AwsConfig, Config, KmsConfig, Limits, StoreConfig, TcpListenerConfig, UnixListenerConfig,
+};
 use crate::error::{Error, Result};
 use crate::front::aws::AwsApi;
 use crate::front::grpc::{DataKeyApi, KeyApi, KmsApi};
 use crate::hsm::Pkcs11Token;
-use crate::keystore::{Keystore, SqliteStore, SystemClock};
+use crate::keystore::{Keystore, MetadataStore, PostgresStore, SqliteStore, SystemClock};
 use crate::kms_proto::key_management_service_server::KeyManagementServiceServer;
 use crate::ops::{Gate, KmsPlugin, Ops};
 use crate::proto::data_key_service_server::DataKeyServiceServer;
@@ -104,6 +106,10 @@ pub struct Daemon {
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
     aws: Option<AwsConfig>,
+    /// Set for a shared (fleet) store: how often the view is re-read in full.
+    resync_interval: Option<Duration>,
+    /// This daemon's name in a fleet, on every audit line.
+    instance: Option<String>,
     deletion_check_interval: Duration,
     limits: Limits,
     token: Pkcs11Token,
@@ -124,7 +130,7 @@ impl Daemon {
     fn open_blocking(config: Config) -> Result<Self> {
         let Config {
             hsm,
-            sqlite,
+            store: store_config,
             unix,
             tcp,
             policy_file,
@@ -141,12 +147,26 @@ impl Daemon {
         }
         let policy = Arc::new(PolicyHandle::load(policy_file)?);
         tracing::info!(grants = policy.current().len(), "policy loaded");
-        let store = Arc::new(SqliteStore::open(&sqlite)?);
+        let (store, heads): (Arc<dyn MetadataStore>, Arc<dyn HeadStore>) = match &store_config {
+            StoreConfig::Sqlite(path) => {
+                let store = Arc::new(SqliteStore::open(path)?);
+                (store.clone(), store)
+            }
+            StoreConfig::Postgres { options, .. } => {
+                let store = Arc::new(PostgresStore::open(options)?);
+                tracing::info!(instance = %options.instance, "metadata store: PostgreSQL (fleet)");
+                let heads = Arc::new(InstanceHeads {
+                    store: store.clone(),
+                    instance: options.instance.clone(),
+                });
+                (store, heads)
+            }
+        };
         let audit = match audit {
             Some(audit) => Some(Arc::new(AuditLog::open_anchored(
                 &audit.file,
                 audit.fsync,
-                Some(store.clone() as Arc<dyn HeadStore>),
+                Some(heads),
                 audit.gaps,
             )?)),
             None => {
@@ -162,6 +182,13 @@ impl Daemon {
             keystore,
         )?;
         Ok(Self {
+            resync_interval: match &store_config {
+                StoreConfig::Postgres {
+                    resync_interval, ..
+                } => Some(*resync_interval),
+                StoreConfig::Sqlite(_) => None,
+            },
+            instance: store_config.instance().map(str::to_owned),
             unix,
             tcp,
             kms,
@@ -231,7 +258,21 @@ impl Daemon {
     ) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
-        let gate = Arc::new(Gate::new(self.policy.clone(), self.audit.clone()));
+        let gate = Arc::new(
+            Gate::new(self.policy.clone(), self.audit.clone()).with_instance(self.instance.clone()),
+        );
+        // A fleet's daemons follow each other's changes through the shared store.
+        let following = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let follower = self.resync_interval.map(|resync| {
+            let keystore = self.keystore.clone();
+            let stop = following.clone();
+            std::thread::Builder::new()
+                .name("wrapd-store-follower".into())
+                .spawn(move || keystore.follow_store(resync, &stop))
+        });
+        let follower = follower
+            .transpose()
+            .map_err(|e| Error::Internal(format!("cannot start the store follower: {e}")))?;
         let ops = Ops::new(self.keystore.clone(), gate);
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| Error::Internal(format!("cannot listen for SIGHUP: {e}")))?;
@@ -386,6 +427,11 @@ impl Daemon {
                 Err(err) => tracing::error!(error = %err, "closing the audit log"),
             }
         }
+        following.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(follower) = follower {
+            // It wakes at least every 500 ms.
+            let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+        }
         self.token.close();
         tracing::info!("stopped");
         match failure {
@@ -433,6 +479,24 @@ fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
         .map_err(|e| Error::Config(format!("tcp: TLS certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Audit chain heads of one daemon of a fleet: chains are named `INSTANCE:PATH` in the
+/// shared store, so that daemons with the same log path on different hosts keep their own.
+struct InstanceHeads {
+    store: Arc<PostgresStore>,
+    instance: String,
+}
+
+impl HeadStore for InstanceHeads {
+    fn audit_head(&self, chain: &str) -> Result<Option<crate::audit::ChainHead>> {
+        self.store.audit_head(&format!("{}:{chain}", self.instance))
+    }
+
+    fn record_audit_head(&self, chain: &str, head: &crate::audit::ChainHead) -> Result<()> {
+        self.store
+            .record_audit_head(&format!("{}:{chain}", self.instance), head)
+    }
 }
 
 /// A listener's end, as text (the gRPC and HTTP servers have different error types).

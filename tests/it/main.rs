@@ -21,6 +21,7 @@ mod esdk_interop;
 mod esdk_vectors;
 #[cfg(feature = "fault-injection")]
 mod faults;
+mod fleet;
 mod grpc_clients;
 mod hostile_input;
 mod key_lifecycle;

@@ -2,6 +2,8 @@
 //! unix sockets through the generated gRPC clients.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,904 @@
+//! [`MetadataStore`] on PostgreSQL, shared by a fleet of daemons (docs/DESIGN.md §11).
+//!
+//! - **Schema**: versioned migrations (`MIGRATIONS`), applied at start-up in one transaction
+//!   under a transaction-level advisory lock, so two daemons starting at once apply each
+//!   migration once; `wrapd_migrations` records what is applied.
+//! - **Races** are decided by the database: version numbers are claimed in
+//!   `pending_versions` (primary key, with the claiming daemon's instance name) before a key
+//!   object is generated; aliases are a primary key; wrap blocks are an atomic increment
+//!   (`claim_wraps`); scheduled deletions and automatic rotations run under a session-level
+//!   advisory lock held by one daemon at a time (released by the server if that daemon dies).
+//! - **Change notification**: every change `NOTIFY`s `wrapd_changes` in its transaction
+//!   (`k:<key id>` or `a` for aliases); [`PostgresStore::wait_for_changes`] `LISTEN`s on a
+//!   connection of its own. After that connection is lost and made again, it reports
+//!   "everything changed" so the key store re-reads all.
+//! - **Failures**: a lost connection, a server shutting down or a failover is
+//!   [`Error::Unavailable`] (callers retry); connections are made again on the next call.
+//!
+//! Times are milliseconds since the epoch (`BIGINT`), as in the SQLite store.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls, Row, Transaction};
+use zeroize::Zeroizing;
+
+use super::metadata::{
+    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, StoreChanges, VersionRecord,
+};
+use crate::audit::{ChainHead, HeadStore};
+use crate::error::{Error, Result};
+use crate::ids::{AliasName, KeyId};
+
+/// The notification channel.
+const CHANNEL: &str = "wrapd_changes";
+
+/// Advisory lock ids (arbitrary constants, "wrapd" in ASCII plus a suffix).
+const MIGRATION_LOCK: i64 = 0x7772_6170_6400_0001;
+const MAINTENANCE_LOCK: i64 = 0x7772_6170_6400_0002;
+
+/// The migrations, in order; each runs once, in one transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "
+CREATE TABLE keys (
+    seq                  BIGSERIAL PRIMARY KEY,
+    id                   TEXT NOT NULL UNIQUE,
+    description          TEXT NOT NULL,
+    state                TEXT NOT NULL,
+    created_at           BIGINT NOT NULL,
+    deletion_date        BIGINT,
+    rotation_period_days INTEGER,
+    next_rotation        BIGINT
+);
+CREATE TABLE key_versions (
+    key_id         TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    version        INTEGER NOT NULL,
+    created_at     BIGINT NOT NULL,
+    wraps_reserved BIGINT NOT NULL DEFAULT 0,
+    automatic      BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE aliases (
+    name   TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE
+);
+CREATE INDEX aliases_by_key ON aliases(key_id);
+CREATE TABLE key_tags (
+    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    tag_key   TEXT NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
+);
+CREATE TABLE deleted_keys (
+    id         TEXT PRIMARY KEY,
+    deleted_at BIGINT NOT NULL
+);
+CREATE TABLE pending_versions (
+    key_id  TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    owner   TEXT NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE audit_heads (
+    chain TEXT PRIMARY KEY,
+    seq   BIGINT NOT NULL,
+    hash  TEXT NOT NULL
+);
+",
+)];
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// `postgresql://user@host:port/db` (no password in it).
+    pub url: String,
+    /// The password, from a file or an environment variable.
+    pub password: Option<Zeroizing<String>>,
+    /// This daemon's name in the fleet (version claims are per daemon).
+    pub instance: String,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+/// The PostgreSQL metadata store.
+pub struct PostgresStore {
+    config: postgres::Config,
+    instance: String,
+    /// Idle connections for store calls.
+    idle: Mutex<Vec<Client>>,
+    /// The `LISTEN` connection (see [`PostgresStore::wait_for_changes`]).
+    listener: Mutex<Option<Client>>,
+    /// The connection holding the maintenance lock, while it is held.
+    maintenance: Mutex<Option<Client>>,
+}
+
+/// A store error: connection trouble is retryable ([`Error::Unavailable`]).
+fn pg_error(err: postgres::Error) -> Error {
+    if let Some(db) = err.as_db_error() {
+        let code = db.code();
+        let retryable = *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+            || code.code().starts_with("08");
+        if retryable {
+            return Error::Unavailable(format!("metadata store: {}", db.message()));
+        }
+        return Error::Store(db.message().to_owned());
+    }
+    if err.is_closed() || std::error::Error::source(&err).is_some() {
+        return Error::Unavailable(format!("metadata store unreachable: {err}"));
+    }
+    Error::Store(err.to_string())
+}
+
+fn is_unique_violation(err: &postgres::Error) -> bool {
+    err.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Store(format!("corrupt metadata: {what} {value:?}"))
+}
+
+fn version_i32(version: u32) -> Result<i32> {
+    i32::try_from(version).map_err(|_| Error::invalid("version out of range"))
+}
+
+fn notify_key(tx: &mut Transaction<'_>, id: &KeyId) -> Result<()> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("k:{id}")])
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+fn notify_aliases(tx: &mut Transaction<'_>) -> Result<()> {
+    tx.execute("SELECT pg_notify($1, 'a')", &[&CHANNEL])
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// Connects, and creates or migrates the schema.
+    pub fn open(options: &PostgresOptions) -> Result<Self> {
+        let mut config: postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| Error::Config(format!("store.postgres is not a PostgreSQL URL: {e}")))?;
+        if config.get_password().is_some() {
+            return Err(Error::Config(
+                "store.postgres: the password is never inline; use password_file or password_env"
+                    .into(),
+            ));
+        }
+        if let Some(password) = &options.password {
+            config.password(password.as_bytes());
+        }
+        config.application_name(&format!("wrapd {}", options.instance));
+        config.connect_timeout(Duration::from_secs(5));
+        let store = Self {
+            config,
+            instance: options.instance.clone(),
+            idle: Mutex::new(Vec::new()),
+            listener: Mutex::new(None),
+            maintenance: Mutex::new(None),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn connect(&self) -> Result<Client> {
+        self.config
+            .connect(NoTls)
+            .map_err(|e| Error::Unavailable(format!("cannot connect to the metadata store: {e}")))
+    }
+
+    /// Runs `f` on a connection (an idle one, or a new one); a connection that broke is not
+    /// kept.
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let idle = self.idle.lock().pop();
+        let mut client = match idle {
+            Some(client) if !client.is_closed() => client,
+            _ => self.connect()?,
+        };
+        let result = f(&mut client);
+        if !client.is_closed() {
+            let mut idle = self.idle.lock();
+            if idle.len() < 8 {
+                idle.push(client);
+            }
+        }
+        result
+    }
+
+    /// Runs `f` in a transaction, committed when it returns Ok.
+    fn tx<T>(&self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.with(|client| {
+            let mut tx = client.transaction().map_err(pg_error)?;
+            let value = f(&mut tx)?;
+            tx.commit().map_err(pg_error)?;
+            Ok(value)
+        })
+    }
+
+    fn migrate(&self) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .map_err(pg_error)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS wrapd_migrations (
+                    version    INTEGER PRIMARY KEY,
+                    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .map_err(pg_error)?;
+            let applied: Option<i32> = tx
+                .query_one("SELECT max(version) FROM wrapd_migrations", &[])
+                .map_err(pg_error)?
+                .get(0);
+            let applied = applied.unwrap_or(0);
+            let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+            if applied > newest {
+                return Err(Error::Config(format!(
+                    "the metadata store's schema {applied} is newer than this wrapd ({newest})"
+                )));
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+                tx.batch_execute(sql).map_err(pg_error)?;
+                tx.execute(
+                    "INSERT INTO wrapd_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .map_err(pg_error)?;
+                tracing::info!(version, "metadata store migrated");
+            }
+            Ok(())
+        })
+    }
+
+    fn load_key(client: &mut impl postgres::GenericClient, id: &str) -> Result<Option<KeyRecord>> {
+        let Some(row) = client
+            .query_opt(
+                "SELECT description, state, created_at, deletion_date, rotation_period_days,
+                        next_rotation
+                 FROM keys WHERE id = $1",
+                &[&id],
+            )
+            .map_err(pg_error)?
+        else {
+            return Ok(None);
+        };
+        let versions = client
+            .query(
+                "SELECT version, created_at, wraps_reserved, automatic FROM key_versions
+                 WHERE key_id = $1 ORDER BY version",
+                &[&id],
+            )
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| VersionRecord {
+                version: r.get::<_, i32>(0).max(0) as u32,
+                created_at: from_millis(r.get(1)),
+                wraps_reserved: r.get::<_, i64>(2).max(0) as u64,
+                automatic: r.get(3),
+            })
+            .collect();
+        let aliases = client
+            .query(
+                "SELECT name FROM aliases WHERE key_id = $1 ORDER BY name",
+                &[&id],
+            )
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                AliasName::parse(&name).map_err(|_| corrupt("alias", &name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tags = client
+            .query(
+                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 ORDER BY tag_key",
+                &[&id],
+            )
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect::<BTreeMap<_, _>>();
+        let state: String = row.get(1);
+        let rotation = match (row.get::<_, Option<i32>>(4), row.get::<_, Option<i64>>(5)) {
+            (Some(days), Some(next)) => Some(RotationSchedule {
+                period_days: days.max(0) as u32,
+                next: from_millis(next),
+            }),
+            _ => None,
+        };
+        Ok(Some(KeyRecord {
+            id: KeyId::parse(id).map_err(|_| corrupt("key id", id))?,
+            description: row.get(0),
+            state: KeyState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+            created_at: from_millis(row.get(2)),
+            deletion_date: row.get::<_, Option<i64>>(3).map(from_millis),
+            versions,
+            aliases,
+            rotation,
+            tags,
+        }))
+    }
+
+    fn key_exists(tx: &mut Transaction<'_>, id: &KeyId) -> Result<()> {
+        tx.query_opt(
+            "SELECT 1 FROM keys WHERE id = $1 FOR UPDATE",
+            &[&id.as_str()],
+        )
+        .map_err(pg_error)?
+        .map(|_| ())
+        .ok_or_else(|| Error::KeyNotFound(id.to_string()))
+    }
+
+    fn write_rotation(
+        tx: &mut Transaction<'_>,
+        id: &KeyId,
+        rotation: Option<&RotationSchedule>,
+    ) -> Result<()> {
+        let days = rotation.map(|r| r.period_days as i32);
+        let next = rotation.map(|r| to_millis(r.next));
+        tx.execute(
+            "UPDATE keys SET rotation_period_days = $2, next_rotation = $3 WHERE id = $1",
+            &[&id.as_str(), &days, &next],
+        )
+        .map_err(pg_error)?;
+        Ok(())
+    }
+
+    fn write_tags(
+        tx: &mut Transaction<'_>,
+        id: &KeyId,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        tx.execute("DELETE FROM key_tags WHERE key_id = $1", &[&id.as_str()])
+            .map_err(pg_error)?;
+        for (key, value) in tags {
+            tx.execute(
+                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)",
+                &[&id.as_str(), key, value],
+            )
+            .map_err(pg_error)?;
+        }
+        Ok(())
+    }
+
+    fn insert_alias(tx: &mut Transaction<'_>, alias: &AliasName, key: &KeyId) -> Result<()> {
+        let inserted = tx
+            .execute(
+                "INSERT INTO aliases (name, key_id) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&alias.as_str(), &key.as_str()],
+            )
+            .map_err(pg_error)?;
+        if inserted == 0 {
+            return Err(Error::AlreadyExists(format!(
+                "alias {alias} already exists"
+            )));
+        }
+        notify_aliases(tx)
+    }
+
+    fn aliases_from_rows(rows: Vec<Row>) -> Result<Vec<(AliasName, KeyId)>> {
+        rows.iter()
+            .map(|r| {
+                let (name, key): (String, String) = (r.get(0), r.get(1));
+                Ok((
+                    AliasName::parse(&name).map_err(|_| corrupt("alias", &name))?,
+                    KeyId::parse(&key).map_err(|_| corrupt("key id", &key))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Runs `query` on a dedicated connection kept in `slot`.
+    fn on_dedicated<T>(
+        &self,
+        slot: &Mutex<Option<Client>>,
+        f: impl FnOnce(&mut Client, bool) -> Result<T>,
+    ) -> Result<T> {
+        let mut slot = slot.lock();
+        let fresh = slot.as_ref().is_none_or(Client::is_closed);
+        if fresh {
+            *slot = Some(self.connect()?);
+        }
+        let client = slot
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no connection".into()))?;
+        let result = f(client, fresh);
+        if client.is_closed() {
+            *slot = None;
+        }
+        result
+    }
+}
+
+impl MetadataStore for PostgresStore {
+    fn create_key(&self, key: &KeyRecord, alias: Option<&AliasName>) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute(
+                "INSERT INTO keys (id, description, state, created_at, deletion_date)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &key.id.as_str(),
+                    &key.description,
+                    &key.state.as_str(),
+                    &to_millis(key.created_at),
+                    &key.deletion_date.map(to_millis),
+                ],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::AlreadyExists(format!("key {} already exists", key.id))
+                } else {
+                    pg_error(e)
+                }
+            })?;
+            for v in &key.versions {
+                tx.execute(
+                    "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved, automatic)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &key.id.as_str(),
+                        &version_i32(v.version)?,
+                        &to_millis(v.created_at),
+                        &(v.wraps_reserved as i64),
+                        &v.automatic,
+                    ],
+                )
+                .map_err(pg_error)?;
+            }
+            Self::write_rotation(tx, &key.id, key.rotation.as_ref())?;
+            Self::write_tags(tx, &key.id, &key.tags)?;
+            if let Some(alias) = alias {
+                Self::insert_alias(tx, alias, &key.id)?;
+            }
+            notify_key(tx, &key.id)
+        })
+    }
+
+    fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
+        self.with(|client| Self::load_key(client, id.as_str()))
+    }
+
+    fn all_keys(&self) -> Result<Vec<KeyRecord>> {
+        self.with(|client| {
+            // One consistent snapshot of every table.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(pg_error)?;
+            let ids: Vec<String> = tx
+                .query("SELECT id FROM keys ORDER BY seq", &[])
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut keys = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(key) = Self::load_key(&mut tx, &id)? {
+                    keys.push(key);
+                }
+            }
+            tx.commit().map_err(pg_error)?;
+            Ok(keys)
+        })
+    }
+
+    fn list_keys(&self, after: &Cursor, limit: usize) -> Result<Vec<(Cursor, KeyRecord)>> {
+        let after: i64 = if after.0.is_empty() {
+            0
+        } else {
+            after
+                .0
+                .parse()
+                .map_err(|_| Error::invalid("malformed page_token"))?
+        };
+        self.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT seq, id FROM keys WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &(limit as i64)],
+                )
+                .map_err(pg_error)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let (seq, id): (i64, String) = (row.get(0), row.get(1));
+                if let Some(key) = Self::load_key(client, &id)? {
+                    out.push((Cursor(seq.to_string()), key));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn add_version(&self, id: &KeyId, version: &VersionRecord) -> Result<()> {
+        self.tx(|tx| {
+            Self::key_exists(tx, id)?;
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, created_at, wraps_reserved, automatic)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &id.as_str(),
+                    &version_i32(version.version)?,
+                    &to_millis(version.created_at),
+                    &(version.wraps_reserved as i64),
+                    &version.automatic,
+                ],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::AlreadyExists(format!("version {} of {id}", version.version))
+                } else {
+                    pg_error(e)
+                }
+            })?;
+            tx.execute(
+                "DELETE FROM pending_versions WHERE key_id = $1 AND version = $2",
+                &[&id.as_str(), &version_i32(version.version)?],
+            )
+            .map_err(pg_error)?;
+            notify_key(tx, id)
+        })
+    }
+
+    fn begin_version(&self, id: &KeyId, version: u32) -> Result<bool> {
+        let v = version_i32(version)?;
+        self.tx(|tx| {
+            // Serializes claims on one key with its other changes.
+            Self::key_exists(tx, id)?;
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM key_versions WHERE key_id = $1 AND version = $2",
+                    &[&id.as_str(), &v],
+                )
+                .map_err(pg_error)?;
+            if exists.is_some() {
+                return Err(Error::AlreadyExists(format!("version {version} of {id}")));
+            }
+            let owner: Option<String> = tx
+                .query_opt(
+                    "SELECT owner FROM pending_versions WHERE key_id = $1 AND version = $2",
+                    &[&id.as_str(), &v],
+                )
+                .map_err(pg_error)?
+                .map(|r| r.get(0));
+            match owner {
+                Some(owner) if owner == self.instance => Ok(true),
+                Some(owner) => Err(Error::AlreadyExists(format!(
+                    "version {version} of {id} is being made by {owner}"
+                ))),
+                None => {
+                    // The key row is locked (FOR UPDATE above): no other claim can slip in.
+                    tx.execute(
+                        "INSERT INTO pending_versions (key_id, version, owner) VALUES ($1, $2, $3)",
+                        &[&id.as_str(), &v, &self.instance],
+                    )
+                    .map_err(pg_error)?;
+                    Ok(false)
+                }
+            }
+        })
+    }
+
+    fn pending_versions(&self) -> Result<Vec<(KeyId, u32)>> {
+        self.with(|client| {
+            client
+                .query(
+                    "SELECT key_id, version FROM pending_versions WHERE owner = $1
+                     ORDER BY key_id, version",
+                    &[&self.instance],
+                )
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| {
+                    let id: String = r.get(0);
+                    Ok((
+                        KeyId::parse(&id).map_err(|_| corrupt("key id", &id))?,
+                        r.get::<_, i32>(1).max(0) as u32,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn end_version(&self, id: &KeyId, version: u32) -> Result<()> {
+        self.with(|client| {
+            client
+                .execute(
+                    "DELETE FROM pending_versions WHERE key_id = $1 AND version = $2 AND owner = $3",
+                    &[&id.as_str(), &version_i32(version)?, &self.instance],
+                )
+                .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+
+    fn set_rotation(&self, id: &KeyId, rotation: Option<&RotationSchedule>) -> Result<()> {
+        self.tx(|tx| {
+            Self::key_exists(tx, id)?;
+            Self::write_rotation(tx, id, rotation)?;
+            notify_key(tx, id)
+        })
+    }
+
+    fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
+        self.tx(|tx| {
+            Self::key_exists(tx, id)?;
+            Self::write_tags(tx, id, tags)?;
+            notify_key(tx, id)
+        })
+    }
+
+    fn set_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        deletion_date: Option<SystemTime>,
+    ) -> Result<()> {
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE keys SET state = $2, deletion_date = $3 WHERE id = $1",
+                    &[&id.as_str(), &state.as_str(), &deletion_date.map(to_millis)],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(id.to_string()));
+            }
+            notify_key(tx, id)
+        })
+    }
+
+    fn claim_wraps(&self, id: &KeyId, version: u32, block: u64) -> Result<u64> {
+        let block = i64::try_from(block).unwrap_or(i64::MAX);
+        self.with(|client| {
+            let row = client
+                .query_opt(
+                    "UPDATE key_versions SET wraps_reserved = wraps_reserved + $3
+                     WHERE key_id = $1 AND version = $2 RETURNING wraps_reserved",
+                    &[&id.as_str(), &version_i32(version)?, &block],
+                )
+                .map_err(pg_error)?;
+            row.map(|r| r.get::<_, i64>(0).max(0) as u64)
+                .ok_or_else(|| Error::KeyNotFound(format!("{id} version {version}")))
+        })
+    }
+
+    fn delete_key(&self, id: &KeyId, deleted_at: SystemTime) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute("DELETE FROM keys WHERE id = $1", &[&id.as_str()])
+                .map_err(pg_error)?;
+            tx.execute(
+                "INSERT INTO deleted_keys (id, deleted_at) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET deleted_at = excluded.deleted_at",
+                &[&id.as_str(), &to_millis(deleted_at)],
+            )
+            .map_err(pg_error)?;
+            notify_key(tx, id)?;
+            notify_aliases(tx)
+        })
+    }
+
+    fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>> {
+        self.with(|client| {
+            client
+                .query(
+                    "SELECT id FROM keys WHERE state = 'PENDING_DELETION' AND deletion_date <= $1",
+                    &[&to_millis(now)],
+                )
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| {
+                    let id: String = r.get(0);
+                    KeyId::parse(&id).map_err(|_| corrupt("key id", &id))
+                })
+                .collect()
+        })
+    }
+
+    fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>> {
+        self.with(|client| {
+            let rows = client
+                .query("SELECT name, key_id FROM aliases ORDER BY name", &[])
+                .map_err(pg_error)?;
+            Self::aliases_from_rows(rows)
+        })
+    }
+
+    fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()> {
+        self.tx(|tx| {
+            Self::key_exists(tx, key)?;
+            Self::insert_alias(tx, alias, key)?;
+            notify_key(tx, key)
+        })
+    }
+
+    fn update_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()> {
+        self.tx(|tx| {
+            Self::key_exists(tx, key)?;
+            let old = tx
+                .query_opt(
+                    "UPDATE aliases SET key_id = $2 WHERE name = $1
+                     RETURNING (SELECT key_id FROM aliases WHERE name = $1)",
+                    &[&alias.as_str(), &key.as_str()],
+                )
+                .map_err(pg_error)?
+                .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?;
+            let old: String = old.get(0);
+            if let Ok(old) = KeyId::parse(&old) {
+                notify_key(tx, &old)?;
+            }
+            notify_key(tx, key)?;
+            notify_aliases(tx)
+        })
+    }
+
+    fn delete_alias(&self, alias: &AliasName) -> Result<Option<KeyId>> {
+        self.tx(|tx| {
+            let key = tx
+                .query_opt(
+                    "DELETE FROM aliases WHERE name = $1 RETURNING key_id",
+                    &[&alias.as_str()],
+                )
+                .map_err(pg_error)?
+                .map(|r| {
+                    let key: String = r.get(0);
+                    KeyId::parse(&key).map_err(|_| corrupt("key id", &key))
+                })
+                .transpose()?;
+            if let Some(key) = &key {
+                notify_key(tx, key)?;
+                notify_aliases(tx)?;
+            }
+            Ok(key)
+        })
+    }
+
+    fn list_aliases(
+        &self,
+        key: Option<&KeyId>,
+        after: &Cursor,
+        limit: usize,
+    ) -> Result<Vec<(AliasName, KeyId)>> {
+        self.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT name, key_id FROM aliases
+                     WHERE name > $1 AND ($2::TEXT IS NULL OR key_id = $2)
+                     ORDER BY name LIMIT $3",
+                    &[&after.0, &key.map(KeyId::as_str), &(limit as i64)],
+                )
+                .map_err(pg_error)?;
+            Self::aliases_from_rows(rows)
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn wait_for_changes(&self, timeout: Duration) -> Result<StoreChanges> {
+        self.on_dedicated(&self.listener, |client, fresh| {
+            let mut changes = StoreChanges::default();
+            if fresh {
+                client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .map_err(pg_error)?;
+                // Whatever happened while no one listened is unknown.
+                changes.everything = true;
+                return Ok(changes);
+            }
+            let mut notifications = client.notifications();
+            let mut payloads = Vec::new();
+            let first = notifications
+                .timeout_iter(timeout)
+                .next()
+                .map_err(pg_error)?;
+            if let Some(n) = first {
+                payloads.push(n.payload().to_owned());
+                // And whatever else is already there.
+                let mut rest = notifications.iter();
+                while let Some(n) = rest.next().map_err(pg_error)? {
+                    payloads.push(n.payload().to_owned());
+                }
+            }
+            for payload in payloads {
+                match payload.strip_prefix("k:") {
+                    Some(id) => match KeyId::parse(id) {
+                        Ok(id) if !changes.keys.contains(&id) => changes.keys.push(id),
+                        Ok(_) => {}
+                        Err(_) => changes.everything = true,
+                    },
+                    None => changes.aliases = true,
+                }
+            }
+            Ok(changes)
+        })
+    }
+
+    fn try_lock_maintenance(&self) -> Result<bool> {
+        self.on_dedicated(&self.maintenance, |client, _| {
+            client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&MAINTENANCE_LOCK])
+                .map_err(pg_error)
+                .map(|row| row.get(0))
+        })
+    }
+
+    fn unlock_maintenance(&self) {
+        let unlocked = self.on_dedicated(&self.maintenance, |client, _| {
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&MAINTENANCE_LOCK])
+                .map_err(pg_error)
+        });
+        if let Err(err) = unlocked {
+            // The server releases it with the session anyway.
+            tracing::debug!(error = %err, "cannot release the maintenance lock");
+        }
+    }
+}
+
+impl HeadStore for PostgresStore {
+    fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>> {
+        self.with(|client| {
+            client
+                .query_opt(
+                    "SELECT seq, hash FROM audit_heads WHERE chain = $1",
+                    &[&chain],
+                )
+                .map_err(pg_error)?
+                .map(|r| {
+                    let seq: i64 = r.get(0);
+                    Ok(ChainHead {
+                        seq: u64::try_from(seq)
+                            .map_err(|_| corrupt("audit head seq", &seq.to_string()))?,
+                        hash: r.get(1),
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()> {
+        let seq = i64::try_from(head.seq)
+            .map_err(|_| Error::Internal("audit sequence beyond the store's range".into()))?;
+        self.with(|client| {
+            client
+                .execute(
+                    "INSERT INTO audit_heads (chain, seq, hash) VALUES ($1, $2, $3)
+                     ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
+                     WHERE excluded.seq > audit_heads.seq",
+                    &[&chain, &seq, &head.hash],
+                )
+                .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+}

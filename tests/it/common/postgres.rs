@@ -1,0 +1,166 @@
+//! A real PostgreSQL server for the fleet tests: the distribution's server binaries
+//! (`softhsm-config/install-deps.sh` installs them), `initdb` in a temp dir, on a free port
+//! of 127.0.0.1, run as the `postgres` user when the tests run as root (PostgreSQL refuses
+//! root). One server per test process, started on first use; each test gets a database of
+//! its own. The server dies with the test process (`PR_SET_PDEATHSIG` from a thread that
+//! lives as long as the process).
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The server: its port.
+pub struct PgServer {
+    port: u16,
+    _dir: PathBuf,
+}
+
+fn bin_dir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries (/usr/lib/postgresql/*/bin): run softhsm-config/install-deps.sh")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .expect("a PostgreSQL server under /usr/lib/postgresql")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The uid and gid to run the server as: `postgres` when we are root, else ourselves.
+fn server_user() -> Option<(u32, u32)> {
+    if !nix::unistd::getuid().is_root() {
+        return None;
+    }
+    let user = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("the postgres user (created by the postgresql package)");
+    Some((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+fn as_server_user(command: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        command.uid(uid).gid(gid);
+    }
+}
+
+fn start() -> PgServer {
+    let bin = bin_dir();
+    let user = server_user();
+    let dir = std::env::temp_dir().join(format!("wrapd-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    }
+    let data = dir.join("data");
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .args([
+            "--auth=trust",
+            "--username=wrapd",
+            "--encoding=UTF8",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    as_server_user(&mut initdb, user);
+    let out = initdb.output().expect("initdb");
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let port = free_port();
+    let (bin, data_dir, log) = (bin.clone(), data.clone(), dir.join("server.log"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The server's parent thread must outlive every test: PR_SET_PDEATHSIG fires when the
+    // thread that forked the child ends.
+    std::thread::spawn(move || {
+        let log = std::fs::File::create(&log).unwrap();
+        let mut server = Command::new(bin.join("postgres"));
+        server
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories=", "-c", "fsync=off"])
+            .args(["-c", "max_connections=300", "-c", "synchronous_commit=off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        as_server_user(&mut server, user);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's death signal.
+        #[allow(unsafe_code)]
+        unsafe {
+            server.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = server.spawn().expect("postgres");
+        tx.send(child.id()).unwrap();
+        // Waiting keeps this thread (the server's parent) alive as long as the server.
+        let _ = child.wait();
+    });
+    rx.recv().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = format!("host=127.0.0.1 port={port} user=wrapd dbname=postgres");
+        if postgres::Client::connect(&url, postgres::NoTls).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL did not start: {}",
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    PgServer { port, _dir: dir }
+}
+
+/// The test process's server.
+pub fn server() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(start)
+}
+
+impl PgServer {
+    /// A new, empty database; its URL (`postgresql://wrapd@127.0.0.1:PORT/NAME`).
+    pub fn database(&self) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("wrapd_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut admin = postgres::Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=wrapd dbname=postgres",
+                self.port
+            ),
+            postgres::NoTls,
+        )
+        .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        format!("postgresql://wrapd@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs SQL as the superuser in database `url`.
+    pub fn sql(url: &str, sql: &str) {
+        let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        client.batch_execute(sql).unwrap();
+    }
+}

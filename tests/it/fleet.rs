@@ -1,0 +1,502 @@
+//! A fleet (issue 18): several daemons on one SoftHSM token and one real PostgreSQL
+//! database behave as one service. The store contract itself runs against PostgreSQL too
+//! (the same conformance suite as SQLite's).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::transport::Channel;
+use wrapd::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use wrapd::keystore::{PostgresOptions, PostgresStore};
+use wrapd::proto::{AliasRequest, KeyRef, UnwrapRequest};
+
+use crate::common::postgres::server;
+use crate::common::{DevDaemon, assert_code, create_key, ctx, eventually, generate};
+
+/// The store contract, against a fresh PostgreSQL database per test.
+mod postgres_store {
+    use super::*;
+
+    fn store() -> PostgresStore {
+        PostgresStore::open(&PostgresOptions {
+            url: server().database(),
+            password: None,
+            instance: "conformance".into(),
+        })
+        .unwrap()
+    }
+
+    wrapd::metadata_store_conformance!(store());
+
+    #[test]
+    fn two_stores_opening_one_database_at_once_migrate_it_once() {
+        let url = server().database();
+        let open = |url: String| {
+            std::thread::spawn(move || {
+                PostgresStore::open(&PostgresOptions {
+                    url,
+                    password: None,
+                    instance: "racer".into(),
+                })
+                .map(|_| ())
+            })
+        };
+        let (a, b) = (open(url.clone()), open(url.clone()));
+        a.join().unwrap().unwrap();
+        b.join().unwrap().unwrap();
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let applied: i64 = client
+            .query_one("SELECT count(*) FROM wrapd_migrations", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, 1);
+    }
+
+    #[test]
+    fn another_daemons_version_claim_is_not_ours() {
+        use wrapd::keystore::MetadataStore;
+        let url = server().database();
+        let open = |instance: &str| {
+            PostgresStore::open(&PostgresOptions {
+                url: url.clone(),
+                password: None,
+                instance: instance.into(),
+            })
+            .unwrap()
+        };
+        let (a, b) = (open("a"), open("b"));
+        let key = wrapd::ids::KeyId::generate();
+        let record = wrapd::keystore::KeyRecord {
+            id: key.clone(),
+            description: String::new(),
+            state: wrapd::keystore::KeyState::Enabled,
+            created_at: std::time::SystemTime::now(),
+            deletion_date: None,
+            versions: vec![wrapd::keystore::VersionRecord {
+                version: 1,
+                created_at: std::time::SystemTime::now(),
+                wraps_reserved: 0,
+                automatic: false,
+            }],
+            aliases: vec![],
+            rotation: None,
+            tags: Default::default(),
+        };
+        a.create_key(&record, None).unwrap();
+        assert!(!a.begin_version(&key, 2).unwrap());
+        assert_eq!(
+            b.begin_version(&key, 2).unwrap_err().kind(),
+            wrapd::error::ErrorKind::AlreadyExists
+        );
+        assert!(
+            b.pending_versions().unwrap().is_empty(),
+            "a's claim is not b's"
+        );
+        assert_eq!(a.pending_versions().unwrap(), vec![(key, 2)]);
+    }
+}
+
+/// One daemon of a fleet: `wrapd serve` on a config of its own, sharing the token, PIN,
+/// policy of a dev state directory and one PostgreSQL database.
+struct Node {
+    child: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+    config: PathBuf,
+}
+
+impl Node {
+    fn start(dev: &Path, database: &str, name: &str) -> Self {
+        let dir = dev.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev_config = std::fs::read_to_string(dev.join("wrapd.toml")).unwrap();
+        let module = dev_config
+            .lines()
+            .find_map(|l| l.strip_prefix("module = "))
+            .unwrap()
+            .to_owned();
+        let config = dir.join("wrapd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[hsm]
+module = {module}
+token_label = "wrapd-dev"
+pin_file = "{dev}/pin"
+profile = "softhsm"
+softhsm2_conf = "{dev}/softhsm2.conf"
+
+[store]
+postgres = "{database}"
+instance = "{name}"
+resync_interval_ms = 2000
+
+[unix]
+path = "wrapd.sock"
+
+[policy]
+file = "{dev}/policy.toml"
+
+[audit]
+file = "audit.log"
+fsync = "never"
+
+[keys]
+deletion_check_interval_secs = 1
+
+[process]
+allow_root = true
+lock_memory = "off"
+"#,
+                dev = dev.display()
+            ),
+        )
+        .unwrap();
+        let mut node = Self {
+            child: None,
+            socket: dir.join("wrapd.sock"),
+            dir,
+            config,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wrapd"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ready line; log:\n{}",
+                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+                )
+            });
+        assert!(line.starts_with("wrapd ready socket="), "{line}");
+        self.child = Some(child);
+    }
+
+    async fn channel(&self) -> Channel {
+        connect_unix(&self.socket).await.unwrap()
+    }
+
+    async fn keys(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    async fn data(&self) -> DataKeyServiceClient<Channel> {
+        DataKeyServiceClient::new(self.channel().await)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn audit_lines(&self) -> Vec<wrapd::audit::AuditRecord> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A dev state directory (token, PIN, policy), stopped, and `n` daemons on it and one new
+/// database.
+fn fleet(n: usize) -> (DevDaemon, Vec<Node>) {
+    let mut dev = DevDaemon::start();
+    assert!(dev.stop().success());
+    // The synchronous client must not run on the test's async runtime thread.
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let nodes = (0..n)
+        .map(|i| Node::start(dev.dir(), &database, &format!("node-{i}")))
+        .collect();
+    (dev, nodes)
+}
+
+fn key_ref(id: &str) -> KeyRef {
+    KeyRef {
+        key_id: id.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_key_made_on_one_daemon_is_used_at_once_on_another() {
+    let (_dev, nodes) = fleet(2);
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    // Read-your-writes on the daemon that made it, and at once on the other: a key the
+    // view does not know is looked up in the store.
+    let described = nodes[1]
+        .keys()
+        .await
+        .describe_key(key_ref(&key.key_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.key_id, key.key_id);
+    let generated = generate(&mut nodes[0].data().await, &key.key_id, &[("a", "b")]).await;
+    let unwrapped = nodes[1]
+        .data()
+        .await
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: generated.ciphertext_blob,
+            encryption_context: ctx(&[("a", "b")]),
+            key_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, generated.plaintext);
+}
+
+#[tokio::test]
+async fn aliases_and_states_changed_on_one_daemon_reach_the_others_within_a_second() {
+    let (_dev, nodes) = fleet(3);
+    let key = create_key(&mut nodes[0].keys().await, "alias/shared").await;
+    for node in &nodes[1..] {
+        let keys = node.keys().await;
+        eventually("the alias is known everywhere", || {
+            let mut keys = keys.clone();
+            async move { keys.describe_key(key_ref("alias/shared")).await.is_ok() }
+        })
+        .await;
+    }
+    let started = std::time::Instant::now();
+    nodes[1]
+        .keys()
+        .await
+        .disable_key(key_ref(&key.key_id))
+        .await
+        .unwrap();
+    for node in [&nodes[0], &nodes[2]] {
+        let data = node.data().await;
+        let id = key.key_id.clone();
+        eventually("the disabled key is refused everywhere", || {
+            let (mut data, id) = (data.clone(), id.clone());
+            async move {
+                data.generate_data_key(wrapd::proto::GenerateDataKeyRequest {
+                    key_id: id,
+                    ..Default::default()
+                })
+                .await
+                .is_err_and(|s| s.code() == Code::FailedPrecondition)
+            }
+        })
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused everywhere after {:?}",
+        started.elapsed()
+    );
+    // Re-pointing and deleting the alias on one daemon.
+    let other = create_key(&mut nodes[2].keys().await, "").await;
+    nodes[2]
+        .keys()
+        .await
+        .update_alias(AliasRequest {
+            alias_name: "alias/shared".into(),
+            key_id: other.key_id.clone(),
+        })
+        .await
+        .unwrap();
+    let keys = nodes[0].keys().await;
+    let target = other.key_id.clone();
+    eventually("the re-pointed alias everywhere", || {
+        let (mut keys, target) = (keys.clone(), target.clone());
+        async move {
+            keys.describe_key(key_ref("alias/shared"))
+                .await
+                .is_ok_and(|m| m.into_inner().key_id == target)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_rotations_on_two_daemons_make_every_version_once() {
+    let (_dev, nodes) = fleet(2);
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for _ in 0..20 {
+            let mut keys = node.keys().await;
+            let id = key.key_id.clone();
+            tasks.push(tokio::spawn(async move {
+                keys.rotate_key(key_ref(&id)).await.map(|_| ())
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    for node in &nodes {
+        let keys = node.keys().await;
+        eventually("every daemon sees 41 versions", || {
+            let mut keys = keys.clone();
+            let id = key.key_id.clone();
+            async move {
+                keys.describe_key(key_ref(&id))
+                    .await
+                    .is_ok_and(|m| m.into_inner().versions.len() == 41)
+            }
+        })
+        .await;
+        let metadata = node
+            .keys()
+            .await
+            .describe_key(key_ref(&key.key_id))
+            .await
+            .unwrap()
+            .into_inner();
+        let versions: Vec<u32> = metadata.versions.iter().map(|v| v.version).collect();
+        assert_eq!(
+            versions,
+            (1..=41).collect::<Vec<_>>(),
+            "no gap, no duplicate"
+        );
+        assert!(metadata.versions.iter().all(|v| v.available));
+    }
+    // The newest version wraps on one daemon and unwraps on the other.
+    let generated = generate(&mut nodes[1].data().await, &key.key_id, &[]).await;
+    assert_eq!(generated.key_version, 41);
+    let unwrapped = nodes[0]
+        .data()
+        .await
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: generated.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(unwrapped.into_inner().plaintext, generated.plaintext);
+}
+
+#[tokio::test]
+async fn concurrent_create_alias_of_one_name_has_one_winner() {
+    let (_dev, nodes) = fleet(2);
+    let a = create_key(&mut nodes[0].keys().await, "").await;
+    let b = create_key(&mut nodes[1].keys().await, "").await;
+    let mut tasks = Vec::new();
+    for (node, key) in nodes.iter().zip([&a, &b]) {
+        let mut keys = node.keys().await;
+        let id = key.key_id.clone();
+        tasks.push(tokio::spawn(async move {
+            keys.create_alias(AliasRequest {
+                alias_name: "alias/contested".into(),
+                key_id: id,
+            })
+            .await
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    let loser = results.into_iter().find(Result::is_err).unwrap();
+    assert_code(loser, Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn each_daemons_audit_lines_name_it() {
+    let (_dev, nodes) = fleet(2);
+    create_key(&mut nodes[0].keys().await, "").await;
+    create_key(&mut nodes[1].keys().await, "").await;
+    for (i, node) in nodes.iter().enumerate() {
+        let lines = node.audit_lines();
+        assert!(!lines.is_empty(), "{}", node.log());
+        let name = format!("node-{i}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.instance.as_deref() == Some(name.as_str()))
+        );
+    }
+}
+
+#[tokio::test]
+async fn migrate_store_moves_a_single_daemons_keys_into_postgres() {
+    let mut dev = DevDaemon::start();
+    let key = create_key(&mut dev.keys().await, "alias/moved").await;
+    dev.keys()
+        .await
+        .rotate_key(key_ref(&key.key_id))
+        .await
+        .unwrap();
+    let generated = generate(&mut dev.data().await, "alias/moved", &[("t", "1")]).await;
+    assert!(dev.stop().success());
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .arg("migrate-store")
+        .arg(format!(
+            "--from=sqlite:{}",
+            dev.dir().join("wrapd.db").display()
+        ))
+        .arg(format!("--to=postgres:{database}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = Node::start(dev.dir(), &database, "migrated");
+    let described = node
+        .keys()
+        .await
+        .describe_key(key_ref("alias/moved"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.key_id, key.key_id);
+    assert_eq!(described.current_version, 2);
+    let unwrapped = node
+        .data()
+        .await
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: generated.ciphertext_blob,
+            encryption_context: ctx(&[("t", "1")]),
+            key_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, generated.plaintext);
+    // A second migration into the same database is refused.
+    let again = Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .arg("migrate-store")
+        .arg(format!(
+            "--from=sqlite:{}",
+            dev.dir().join("wrapd.db").display()
+        ))
+        .arg(format!("--to=postgres:{database}"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
