@@ -95,6 +95,7 @@ struct RawStore {
     password_env: Option<String>,
     instance: Option<String>,
     resync_interval_ms: Option<u64>,
+    max_staleness_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +350,8 @@ pub enum StoreConfig {
         options: crate::keystore::PostgresOptions,
         /// How often the in-memory view is re-read in full, besides notifications.
         resync_interval: Duration,
+        /// How long the data plane serves from the view while the database is unreachable.
+        max_staleness: Duration,
     },
 }
 
@@ -374,10 +377,11 @@ fn store_config(
             let fleet_only = raw.password_file.is_some()
                 || raw.password_env.is_some()
                 || raw.instance.is_some()
-                || raw.resync_interval_ms.is_some();
+                || raw.resync_interval_ms.is_some()
+                || raw.max_staleness_ms.is_some();
             if fleet_only {
                 return Err(Error::Config(
-                    "store: password_file, password_env, instance and resync_interval_ms are for postgres".into(),
+                    "store: password_file, password_env, instance, resync_interval_ms and max_staleness_ms are for postgres".into(),
                 ));
             }
             Ok(StoreConfig::Sqlite(resolve(&path)))
@@ -430,6 +434,12 @@ fn store_config(
                     "store.resync_interval_ms must be 100 to 3600000".into(),
                 ));
             }
+            let staleness_ms = raw.max_staleness_ms.unwrap_or(60_000);
+            if !(1_000..=86_400_000).contains(&staleness_ms) {
+                return Err(Error::Config(
+                    "store.max_staleness_ms must be 1000 to 86400000".into(),
+                ));
+            }
             Ok(StoreConfig::Postgres {
                 options: crate::keystore::PostgresOptions {
                     url,
@@ -437,6 +447,7 @@ fn store_config(
                     instance,
                 },
                 resync_interval: Duration::from_millis(resync_ms),
+                max_staleness: Duration::from_millis(staleness_ms),
             })
         }
         _ => Err(Error::Config(
@@ -646,6 +657,10 @@ impl Config {
             .map(|a| aws_config(a, &resolve, &mut secret_envs))
             .transpose()?;
         let store = store_config(raw.store, &resolve, &mut secret_envs)?;
+        let max_view_staleness = match &store {
+            StoreConfig::Postgres { max_staleness, .. } => Some(*max_staleness),
+            StoreConfig::Sqlite(_) => None,
+        };
         if unix.is_none() && tcp.is_none() {
             return Err(Error::Config(
                 "no listener configured: add a [unix] or [tcp] section".into(),
@@ -679,6 +694,7 @@ impl Config {
             keystore: KeystoreConfig {
                 max_wraps_per_version: raw.keys.max_wraps_per_version,
                 adopt_unknown_versions: false,
+                max_view_staleness,
             },
             deletion_check_interval: Duration::from_secs(raw.keys.deletion_check_interval_secs),
             log_filter: raw.log.filter.unwrap_or_else(|| "info".to_owned()),

@@ -186,6 +186,10 @@ pub struct KeystoreConfig {
     /// restored from a backup older than the token) instead of refusing to start. Set by
     /// `--adopt-unknown-versions`, never by the file.
     pub adopt_unknown_versions: bool,
+    /// With a shared (fleet) store: how long the data plane keeps serving from the
+    /// in-memory view after the store stopped answering; beyond it, UNAVAILABLE (and health
+    /// NOT_SERVING), since another daemon may have disabled or deleted keys meanwhile.
+    pub max_view_staleness: Option<Duration>,
 }
 
 impl Default for KeystoreConfig {
@@ -193,6 +197,7 @@ impl Default for KeystoreConfig {
         Self {
             max_wraps_per_version: 1 << 30,
             adopt_unknown_versions: false,
+            max_view_staleness: None,
         }
     }
 }
@@ -298,6 +303,8 @@ pub struct Keystore {
     admin: Mutex<()>,
     /// The health probe's blob (see `probe`).
     probe: Mutex<Option<Vec<u8>>>,
+    /// When the shared store last answered the follower (see `follow_store`).
+    last_sync: Mutex<std::time::Instant>,
 }
 
 fn page_size(requested: u32) -> Result<usize> {
@@ -357,6 +364,7 @@ impl Keystore {
             missing: RwLock::new(HashSet::new()),
             admin: Mutex::new(()),
             probe: Mutex::new(None),
+            last_sync: Mutex::new(std::time::Instant::now()),
         };
         keystore.reload()?;
         let report = keystore.reconcile()?;
@@ -481,6 +489,7 @@ impl Keystore {
     /// token that lost its objects shows as NOT_SERVING. Without any enabled key, a session
     /// check. Token faults are errors; a probe key that was disabled or deleted is replaced.
     pub fn probe(&self) -> Result<()> {
+        self.check_fresh()?;
         let context = EncryptionContext::default();
         let cached = self.probe.lock().clone();
         if let Some(blob) = cached {
@@ -539,6 +548,7 @@ impl Keystore {
                 .saturating_sub(last_resync.elapsed())
                 .min(Duration::from_millis(500));
             let applied = self.store.wait_for_changes(wait).and_then(|changes| {
+                *self.last_sync.lock() = std::time::Instant::now();
                 if changes.everything || last_resync.elapsed() >= resync {
                     last_resync = std::time::Instant::now();
                     return self.resync();
@@ -560,6 +570,22 @@ impl Keystore {
                     .unwrap_or_else(std::time::Instant::now);
             }
         }
+    }
+
+    /// Refuses to serve from a view the shared store has not confirmed for longer than
+    /// `max_view_staleness`.
+    fn check_fresh(&self) -> Result<()> {
+        let Some(max) = self.config.max_view_staleness else {
+            return Ok(());
+        };
+        let age = self.last_sync.lock().elapsed();
+        if self.store.is_shared() && age > max {
+            return Err(Error::Unavailable(format!(
+                "the metadata store has not answered for {} s; refusing to serve from a stale view",
+                age.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// Whether the metadata store is shared by a fleet.
@@ -1128,6 +1154,7 @@ impl Keystore {
     /// Resolves a key for a new wrap, counts the wrap against its newest version and rotates
     /// the key first when that version has reached its wrap limit.
     fn wrapping_version(&self, key: &KeyRef) -> Result<(Arc<KeyRecord>, u32)> {
+        self.check_fresh()?;
         for _ in 0..3 {
             let record = self.resolve(key)?;
             usable(&record)?;
@@ -1198,6 +1225,7 @@ impl Keystore {
         expected: Option<&KeyRef>,
     ) -> Result<Unwrapped> {
         let blob = Blob::parse(blob)?;
+        self.check_fresh()?;
         if let Some(expected) = expected {
             if self.resolve(expected)?.id != blob.key_id {
                 return Err(Error::IncorrectKey);

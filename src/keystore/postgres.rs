@@ -215,14 +215,20 @@ impl PostgresStore {
     }
 
     /// Runs `f` on a connection (an idle one, or a new one); a connection that broke is not
-    /// kept.
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    /// kept. An idle connection the server closed meanwhile (a restart, a failover) fails
+    /// its first use: then `f` runs once more on a new connection.
+    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         let idle = self.idle.lock().pop();
+        let from_pool = idle.is_some();
         let mut client = match idle {
             Some(client) if !client.is_closed() => client,
             _ => self.connect()?,
         };
-        let result = f(&mut client);
+        let mut result = f(&mut client);
+        if from_pool && client.is_closed() && result.is_err() {
+            client = self.connect()?;
+            result = f(&mut client);
+        }
         if !client.is_closed() {
             let mut idle = self.idle.lock();
             if idle.len() < 8 {
@@ -233,7 +239,7 @@ impl PostgresStore {
     }
 
     /// Runs `f` in a transaction, committed when it returns Ok.
-    fn tx<T>(&self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
+    fn tx<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
         self.with(|client| {
             let mut tx = client.transaction().map_err(pg_error)?;
             let value = f(&mut tx)?;

@@ -109,6 +109,11 @@ struct Node {
 
 impl Node {
     fn start(dev: &Path, database: &str, name: &str) -> Self {
+        Self::start_with(dev, database, name, "")
+    }
+
+    /// With extra `[store]` settings.
+    fn start_with(dev: &Path, database: &str, name: &str, store: &str) -> Self {
         let dir = dev.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let dev_config = std::fs::read_to_string(dev.join("wrapd.toml")).unwrap();
@@ -132,6 +137,7 @@ softhsm2_conf = "{dev}/softhsm2.conf"
 postgres = "{database}"
 instance = "{name}"
 resync_interval_ms = 2000
+{store}
 
 [unix]
 path = "wrapd.sock"
@@ -499,4 +505,174 @@ async fn migrate_store_moves_a_single_daemons_keys_into_postgres() {
         .output()
         .unwrap();
     assert!(!again.status.success());
+}
+
+/// The same as [`fleet`], on a database server of the test's own.
+fn fleet_on(
+    server: &crate::common::postgres::OwnedPg,
+    n: usize,
+    store: &str,
+) -> (DevDaemon, Vec<Node>) {
+    let mut dev = DevDaemon::start();
+    assert!(dev.stop().success());
+    let database = server.database();
+    let nodes = (0..n)
+        .map(|i| Node::start_with(dev.dir(), &database, &format!("node-{i}"), store))
+        .collect();
+    (dev, nodes)
+}
+
+#[tokio::test]
+async fn a_database_outage_is_served_from_the_view_for_a_bounded_time_then_recovered() {
+    let mut pg = std::thread::spawn(crate::common::postgres::OwnedPg::start)
+        .join()
+        .unwrap();
+    let (_dev, nodes) = fleet_on(&pg, 2, "max_staleness_ms = 3000");
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    let generated = generate(&mut nodes[0].data().await, &key.key_id, &[]).await;
+    let unwrap = |socket: PathBuf| {
+        let blob = generated.ciphertext_blob.clone();
+        async move {
+            DataKeyServiceClient::new(connect_unix(&socket).await.unwrap())
+                .unwrap(UnwrapRequest {
+                    ciphertext_blob: blob,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    unwrap(nodes[1].socket.clone()).await.unwrap();
+
+    pg.stop();
+    // Within the bound: unwraps from the view; changes refused as retryable.
+    for node in &nodes {
+        unwrap(node.socket.clone()).await.unwrap();
+    }
+    let create = nodes[1]
+        .keys()
+        .await
+        .create_key(wrapd::proto::CreateKeyRequest::default())
+        .await;
+    assert_code(create, Code::Unavailable);
+    // Beyond it: refused too, and health says so.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_code(unwrap(nodes[0].socket.clone()).await, Code::Unavailable);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(nodes[0].channel().await);
+    let serving = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let status = health.check(serving()).await.unwrap().into_inner().status;
+    assert!(
+        status == not_serving || {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            health.check(serving()).await.unwrap().into_inner().status == not_serving
+        }
+    );
+
+    // The database comes back: everything recovers without a restart.
+    let restarted = std::thread::spawn(move || {
+        pg.restart();
+        pg
+    })
+    .join()
+    .unwrap();
+    for node in &nodes {
+        let data = node.data().await;
+        let blob = generated.ciphertext_blob.clone();
+        eventually("unwraps again", || {
+            let (mut data, blob) = (data.clone(), blob.clone());
+            async move {
+                data.unwrap(UnwrapRequest {
+                    ciphertext_blob: blob,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+        .await;
+    }
+    create_key(&mut nodes[1].keys().await, "alias/after-outage").await;
+    let keys = nodes[0].keys().await;
+    eventually("a change after the outage reaches the other daemon", || {
+        let mut keys = keys.clone();
+        async move {
+            keys.describe_key(key_ref("alias/after-outage"))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn a_daemon_killed_under_load_costs_the_others_nothing_and_catches_up() {
+    let (_dev, mut nodes) = fleet(2);
+    let key = create_key(&mut nodes[0].keys().await, "alias/busy").await;
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let mut data = nodes[1].data().await;
+        load.push(tokio::spawn(async move {
+            let mut errors = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < deadline {
+                let generated = data
+                    .generate_data_key(wrapd::proto::GenerateDataKeyRequest {
+                        key_id: "alias/busy".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                let Ok(generated) = generated else {
+                    errors += 1;
+                    continue;
+                };
+                let unwrapped = data
+                    .unwrap(UnwrapRequest {
+                        ciphertext_blob: generated.into_inner().ciphertext_blob,
+                        ..Default::default()
+                    })
+                    .await;
+                errors += usize::from(unwrapped.is_err());
+            }
+            errors
+        }));
+    }
+    // Rotations on the busy daemon meanwhile, and a kill -9 of the other.
+    let mut keys = nodes[1].keys().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    keys.rotate_key(key_ref(&key.key_id)).await.unwrap();
+    let victim = nodes[0].child.as_mut().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    keys.rotate_key(key_ref(&key.key_id)).await.unwrap();
+    let mut errors = 0;
+    for task in load {
+        errors += task.await.unwrap();
+    }
+    assert_eq!(errors, 0, "the surviving daemon's callers saw errors");
+
+    nodes[0].spawn();
+    let described = nodes[0]
+        .keys()
+        .await
+        .describe_key(key_ref("alias/busy"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        described.current_version, 3,
+        "the restarted daemon caught up"
+    );
+    let generated = generate(&mut nodes[1].data().await, "alias/busy", &[]).await;
+    nodes[0]
+        .data()
+        .await
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: generated.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }

@@ -7,7 +7,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -55,10 +55,16 @@ fn as_server_user(command: &mut Command, user: Option<(u32, u32)>) {
     }
 }
 
-fn start() -> PgServer {
+/// Makes a new cluster in a temp dir owned by the server user; returns (bin, dir, data).
+fn init() -> (PathBuf, PathBuf, PathBuf) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let bin = bin_dir();
     let user = server_user();
-    let dir = std::env::temp_dir().join(format!("wrapd-pg-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "wrapd-pg-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if let Some((uid, gid)) = user {
@@ -77,32 +83,42 @@ fn start() -> PgServer {
         .arg(&data)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    as_server_user(&mut initdb, user);
+    as_server_user(&mut initdb, server_user());
     let out = initdb.output().expect("initdb");
     assert!(
         out.status.success(),
         "initdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (bin, dir, data)
+}
 
-    let port = free_port();
-    let (bin, data_dir, log) = (bin.clone(), data.clone(), dir.join("server.log"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    // The server's parent thread must outlive every test: PR_SET_PDEATHSIG fires when the
-    // thread that forked the child ends.
-    std::thread::spawn(move || {
-        let log = std::fs::File::create(&log).unwrap();
-        let mut server = Command::new(bin.join("postgres"));
-        server
-            .arg("-D")
-            .arg(&data_dir)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "unix_socket_directories=", "-c", "fsync=off"])
-            .args(["-c", "max_connections=300", "-c", "synchronous_commit=off"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        as_server_user(&mut server, user);
+/// Starts `postgres` on `data` and `port`; with `tied`, it gets SIGTERM when the calling
+/// thread ends.
+fn spawn(
+    bin: &std::path::Path,
+    data: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+    tied: bool,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut server = Command::new(bin.join("postgres"));
+    server
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+        .args(["-c", "unix_socket_directories=", "-c", "fsync=off"])
+        .args(["-c", "max_connections=300", "-c", "synchronous_commit=off"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    as_server_user(&mut server, server_user());
+    if tied {
         // SAFETY: prctl is async-signal-safe; it only sets this child's death signal.
         #[allow(unsafe_code)]
         unsafe {
@@ -111,26 +127,114 @@ fn start() -> PgServer {
                 Ok(())
             });
         }
-        let mut child = server.spawn().expect("postgres");
-        tx.send(child.id()).unwrap();
-        // Waiting keeps this thread (the server's parent) alive as long as the server.
-        let _ = child.wait();
-    });
-    rx.recv().unwrap();
+    }
+    server.spawn().expect("postgres")
+}
+
+fn wait_ready(port: u16, log: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let url = format!("host=127.0.0.1 port={port} user=wrapd dbname=postgres");
         if postgres::Client::connect(&url, postgres::NoTls).is_ok() {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
             "PostgreSQL did not start: {}",
-            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn start() -> PgServer {
+    let (bin, dir, data) = init();
+    let port = free_port();
+    let log = dir.join("server.log");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_log = log.clone();
+    // The server's parent thread must outlive every test: PR_SET_PDEATHSIG fires when the
+    // thread that forked the child ends.
+    std::thread::spawn(move || {
+        let mut child = spawn(&bin, &data, port, &thread_log, true);
+        tx.send(()).unwrap();
+        // Waiting keeps this thread (the server's parent) alive as long as the server.
+        let _ = child.wait();
+    });
+    rx.recv().unwrap();
+    wait_ready(port, &log);
     PgServer { port, _dir: dir }
+}
+
+/// A server of a test's own, which the test stops and starts again (database outages).
+pub struct OwnedPg {
+    bin: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    /// Its port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnedPg {
+    /// A new cluster, started.
+    pub fn start() -> Self {
+        let (bin, dir, data) = init();
+        let mut server = Self {
+            bin,
+            data,
+            log: dir.join("server.log"),
+            port: free_port(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Stops it (fast shutdown: clients are disconnected).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        // Not tied to a thread (tests start it from short-lived ones): Drop stops it.
+        self.child = Some(spawn(&self.bin, &self.data, self.port, &self.log, false));
+        wait_ready(self.port, &self.log);
+    }
+
+    /// A new database on it (made from a thread of its own: callable from async tests).
+    pub fn database(&self) -> String {
+        let port = self.port;
+        std::thread::spawn(move || database_on(port)).join().unwrap()
+    }
+}
+
+impl Drop for OwnedPg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn database_on(port: u16) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!("wrapd_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let mut admin = postgres::Client::connect(
+        &format!("host=127.0.0.1 port={port} user=wrapd dbname=postgres"),
+        postgres::NoTls,
+    )
+    .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    format!("postgresql://wrapd@127.0.0.1:{port}/{name}")
 }
 
 /// The test process's server.
@@ -142,20 +246,7 @@ pub fn server() -> &'static PgServer {
 impl PgServer {
     /// A new, empty database; its URL (`postgresql://wrapd@127.0.0.1:PORT/NAME`).
     pub fn database(&self) -> String {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!("wrapd_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut admin = postgres::Client::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=wrapd dbname=postgres",
-                self.port
-            ),
-            postgres::NoTls,
-        )
-        .unwrap();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
-        format!("postgresql://wrapd@127.0.0.1:{}/{name}", self.port)
+        database_on(self.port)
     }
 
     /// Runs SQL as the superuser in database `url`.
