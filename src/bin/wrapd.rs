@@ -35,6 +35,10 @@ enum Command {
         /// Where the dev token, PIN, store and config live (created on first run).
         #[arg(long, default_value = ".wrapd-dev")]
         state_dir: PathBuf,
+        /// Keep a new state directory's metadata in this PostgreSQL database instead of
+        /// SQLite (postgresql://user@host:port/db), e.g. to try a fleet.
+        #[arg(long)]
+        postgres: Option<String>,
         #[command(flatten)]
         recovery: Recovery,
     },
@@ -237,9 +241,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Dev {
             state_dir,
+            postgres,
             recovery,
         } => {
-            let setup = dev::prepare(&state_dir)?;
+            let setup = dev::prepare_with(&state_dir, postgres.as_deref())?;
             let mut config = load(&setup.config)?;
             recovery.apply(&mut config);
             dev::provision(&setup, &config)?;

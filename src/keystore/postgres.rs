@@ -443,6 +443,21 @@ impl PostgresStore {
     }
 }
 
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Each synchronous client owns a small runtime, which must not be dropped on an
+        // async runtime's thread (the daemon drops the store as it shuts down): close them
+        // on a thread of their own.
+        let mut clients: Vec<Client> = std::mem::take(&mut *self.idle.lock());
+        clients.extend(self.listener.lock().take());
+        clients.extend(self.maintenance.lock().take());
+        if !clients.is_empty() {
+            let closer = std::thread::spawn(move || drop(clients));
+            let _ = closer.join();
+        }
+    }
+}
+
 impl MetadataStore for PostgresStore {
     fn create_key(&self, key: &KeyRecord, alias: Option<&AliasName>) -> Result<()> {
         self.tx(|tx| {

@@ -48,8 +48,24 @@ impl DevDaemon {
         Self::start_with(env, &[])
     }
 
+    /// Starts a daemon whose metadata store is a new database on the tests' PostgreSQL
+    /// server (`wrapd dev --postgres URL`).
+    pub fn start_on_postgres() -> Self {
+        // The synchronous client must not run on an async test's runtime thread.
+        let url = std::thread::spawn(|| postgres::server().database())
+            .join()
+            .unwrap();
+        Self::start_with_args(&[], &[], &["--postgres", &url])
+    }
+
     /// Starts a daemon under a wrapper command (`wrapper[0] wrapper[1..] wrapd dev ...`).
     pub fn start_with(env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        Self::start_with_args(env, wrapper, &[])
+    }
+
+    /// The general case: environment, wrapper command, and arguments after
+    /// `wrapd dev --state-dir DIR` (kept for restarts).
+    pub fn start_with_args(env: &[(&str, &str)], wrapper: &[&str], args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("wrapd-test-")
             .tempdir()
@@ -67,7 +83,7 @@ impl DevDaemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            args: Vec::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
         };
         daemon.spawn();
         daemon

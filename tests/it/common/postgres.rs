@@ -213,7 +213,9 @@ impl OwnedPg {
     /// A new database on it (made from a thread of its own: callable from async tests).
     pub fn database(&self) -> String {
         let port = self.port;
-        std::thread::spawn(move || database_on(port)).join().unwrap()
+        std::thread::spawn(move || database_on(port))
+            .join()
+            .unwrap()
     }
 }
 

@@ -7,6 +7,11 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use common::{DevDaemon, assert_code, create_key, ctx, generate};
+
+/// A daemon on this module's metadata store backend.
+fn daemon() -> DevDaemon {
+    super::daemon_for(module_path!())
+}
 use tonic::Code;
 use wrapd::proto::{
     AliasRequest, GenerateDataKeyRequest, KeyRef, KeyState, ListAliasesRequest, ListKeysRequest,
@@ -19,7 +24,7 @@ fn key_ref(id: &str) -> KeyRef {
 
 #[tokio::test]
 async fn lifecycle_states_and_deletion_windows() {
-    let daemon = DevDaemon::start();
+    let daemon = daemon();
     let mut keys = daemon.keys().await;
     let created = keys
         .create_key(wrapd::proto::CreateKeyRequest {
@@ -116,7 +121,7 @@ async fn lifecycle_states_and_deletion_windows() {
 
 #[tokio::test]
 async fn aliases_and_pagination() {
-    let daemon = DevDaemon::start();
+    let daemon = daemon();
     let mut keys = daemon.keys().await;
     let mut data = daemon.data().await;
     // `wrapd dev` made its own key (alias/kubernetes) first.
@@ -303,7 +308,7 @@ async fn aliases_and_pagination() {
 // Multi-threaded: the clients must keep being polled while the test blocks on the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_keys_aliases_states_and_blobs() {
-    let mut daemon = DevDaemon::start();
+    let mut daemon = daemon();
     let mut blobs = Vec::new();
     let (a, b, c);
     {
@@ -390,7 +395,7 @@ async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let daemon = DevDaemon::start();
+    let daemon = daemon();
     let mut health = HealthClient::new(daemon.channel().await);
     for service in ["", "wrapd.v1.DataKeyService", "wrapd.v1.KeyService"] {
         let status = health
@@ -436,7 +441,7 @@ async fn health_and_reflection_are_served() {
 
 #[tokio::test]
 async fn automatic_rotation_is_scheduled_and_turned_off_over_grpc() {
-    let daemon = DevDaemon::start();
+    let daemon = daemon();
     let mut keys = daemon.keys().await;
     let key = create_key(&mut keys, "alias/scheduled").await;
     let too_short = keys
@@ -472,7 +477,7 @@ async fn automatic_rotation_is_scheduled_and_turned_off_over_grpc() {
 
 #[tokio::test]
 async fn tags_are_set_and_removed_over_grpc() {
-    let daemon = DevDaemon::start();
+    let daemon = daemon();
     let mut keys = daemon.keys().await;
     let key = create_key(&mut keys, "").await;
     let tagged = keys
