@@ -1,6 +1,9 @@
 //! The key-lifecycle tests (`tests.rs`), run on each metadata store backend: the SQLite file
 //! of a single daemon and a PostgreSQL database (issue 18: one set of tests for both).
 
+// The same tests, twice, on purpose: once per backend.
+#![allow(clippy::duplicate_mod)]
+
 use crate::common::DevDaemon;
 
 #[path = "tests.rs"]
