@@ -96,6 +96,7 @@ struct RawStore {
     instance: Option<String>,
     resync_interval_ms: Option<u64>,
     max_staleness_ms: Option<u64>,
+    tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,10 +379,11 @@ fn store_config(
                 || raw.password_env.is_some()
                 || raw.instance.is_some()
                 || raw.resync_interval_ms.is_some()
-                || raw.max_staleness_ms.is_some();
+                || raw.max_staleness_ms.is_some()
+                || raw.tls_ca_file.is_some();
             if fleet_only {
                 return Err(Error::Config(
-                    "store: password_file, password_env, instance, resync_interval_ms and max_staleness_ms are for postgres".into(),
+                    "store: password_file, password_env, instance, resync_interval_ms, max_staleness_ms and tls_ca_file are for postgres".into(),
                 ));
             }
             Ok(StoreConfig::Sqlite(resolve(&path)))
@@ -445,6 +447,15 @@ fn store_config(
                     url,
                     password,
                     instance,
+                    tls_ca: raw
+                        .tls_ca_file
+                        .map(|file| {
+                            let path = resolve(&file);
+                            std::fs::read(&path).map_err(|e| {
+                                Error::Config(format!("store.tls_ca_file {}: {e}", path.display()))
+                            })
+                        })
+                        .transpose()?,
                 },
                 resync_interval: Duration::from_millis(resync_ms),
                 max_staleness: Duration::from_millis(staleness_ms),

@@ -302,6 +302,7 @@ fn run(command: Command) -> Result<()> {
                 url: url.to_owned(),
                 password,
                 instance: "migrate-store".into(),
+                tls_ca: None,
             })?;
             let (keys, aliases) = wrapd::keystore::copy_metadata(&source, &target)?;
             println!("migrated {keys} keys and {aliases} aliases into PostgreSQL");

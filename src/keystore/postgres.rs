@@ -100,6 +100,9 @@ pub struct PostgresOptions {
     pub password: Option<Zeroizing<String>>,
     /// This daemon's name in the fleet (version claims are per daemon).
     pub instance: String,
+    /// TLS to the database: the CA certificates (PEM) its certificate must chain to; the
+    /// host name (or IP address) in the URL must match the certificate. `None`: no TLS.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -108,6 +111,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("instance", &self.instance)
+            .field("tls", &self.tls_ca.is_some())
             .finish()
     }
 }
@@ -115,6 +119,7 @@ impl std::fmt::Debug for PostgresOptions {
 /// The PostgreSQL metadata store.
 pub struct PostgresStore {
     config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     instance: String,
     /// Idle connections for store calls.
     idle: Mutex<Vec<Client>>,
@@ -144,6 +149,32 @@ fn pg_error(err: postgres::Error) -> Error {
         return Error::Unavailable(format!("metadata store unreachable: {err}"));
     }
     Error::Store(err.to_string())
+}
+
+/// TLS with certificate and host name verification against `ca_pem` only.
+fn tls_connector(ca_pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| Error::Config(format!("store.tls_ca_file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Config(format!("store.tls_ca_file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(
+            "store.tls_ca_file holds no certificate".into(),
+        ));
+    }
+    let config =
+        ClientConfig::builder_with_provider(std::sync::Arc::new(crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("store TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 fn is_unique_violation(err: &postgres::Error) -> bool {
@@ -197,8 +228,14 @@ impl PostgresStore {
         }
         config.application_name(&format!("wrapd {}", options.instance));
         config.connect_timeout(Duration::from_secs(5));
+        let tls = options.tls_ca.as_deref().map(tls_connector).transpose()?;
+        if tls.is_some() {
+            // Never fall back to a plain connection.
+            config.ssl_mode(postgres::config::SslMode::Require);
+        }
         let store = Self {
             config,
+            tls,
             instance: options.instance.clone(),
             idle: Mutex::new(Vec::new()),
             listener: Mutex::new(None),
@@ -209,8 +246,11 @@ impl PostgresStore {
     }
 
     fn connect(&self) -> Result<Client> {
-        self.config
-            .connect(NoTls)
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        connected
             .map_err(|e| Error::Unavailable(format!("cannot connect to the metadata store: {e}")))
     }
 

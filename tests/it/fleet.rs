@@ -24,6 +24,7 @@ mod postgres_store {
             url: server().database(),
             password: None,
             instance: "conformance".into(),
+            tls_ca: None,
         })
         .unwrap()
     }
@@ -39,6 +40,7 @@ mod postgres_store {
                     url,
                     password: None,
                     instance: "racer".into(),
+                    tls_ca: None,
                 })
                 .map(|_| ())
             })
@@ -55,6 +57,42 @@ mod postgres_store {
     }
 
     #[test]
+    fn the_store_speaks_tls_verified_against_its_ca() {
+        use wrapd::keystore::MetadataStore;
+        let url = server().database();
+        let store = PostgresStore::open(&PostgresOptions {
+            url: url.clone(),
+            password: None,
+            instance: "tls".into(),
+            tls_ca: Some(server().ca_pem()),
+        })
+        .unwrap();
+        store.all_keys().unwrap();
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let encrypted: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+                 WHERE ssl AND application_name = 'wrapd tls'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(encrypted >= 1, "the store's connections use TLS");
+        // A certificate that does not chain to the configured CA is refused.
+        let other = wrapd::pki::new_ca("someone else", wrapd::pki::Validity::days(1)).unwrap();
+        let refused = PostgresStore::open(&PostgresOptions {
+            url,
+            password: None,
+            instance: "tls".into(),
+            tls_ca: Some(other.cert.into_bytes()),
+        });
+        assert_eq!(
+            refused.err().map(|e| e.kind()),
+            Some(wrapd::error::ErrorKind::Unavailable)
+        );
+    }
+
+    #[test]
     fn another_daemons_version_claim_is_not_ours() {
         use wrapd::keystore::MetadataStore;
         let url = server().database();
@@ -63,6 +101,7 @@ mod postgres_store {
                 url: url.clone(),
                 password: None,
                 instance: instance.into(),
+                tls_ca: None,
             })
             .unwrap()
         };

@@ -12,10 +12,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The server: its port.
+/// The server: its port and directory.
 pub struct PgServer {
     port: u16,
-    _dir: PathBuf,
+    dir: PathBuf,
 }
 
 fn bin_dir() -> PathBuf {
@@ -58,6 +58,7 @@ fn as_server_user(command: &mut Command, user: Option<(u32, u32)>) {
 /// Makes a new cluster in a temp dir owned by the server user; returns (bin, dir, data).
 fn init() -> (PathBuf, PathBuf, PathBuf) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    remove_stale_clusters();
     let bin = bin_dir();
     let user = server_user();
     let dir = std::env::temp_dir().join(format!(
@@ -90,7 +91,47 @@ fn init() -> (PathBuf, PathBuf, PathBuf) {
         "initdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // TLS on (clients may still connect without it): a CA of the test's own and a server
+    // certificate for 127.0.0.1, made with wrapd's own PKI code.
+    let validity = wrapd::pki::Validity::days(2);
+    let ca = wrapd::pki::new_ca("wrapd test database CA", validity).unwrap();
+    let cert = wrapd::pki::issue_server(&ca, &["127.0.0.1".to_owned()], validity).unwrap();
+    std::fs::write(dir.join("ca.pem"), &ca.cert).unwrap();
+    for (name, text, mode) in [
+        ("server.crt", cert.cert.as_str(), 0o644),
+        ("server.key", cert.key.as_str(), 0o600),
+    ] {
+        let path = data.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
+        if let Some((uid, gid)) = server_user() {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+        }
+    }
     (bin, dir, data)
+}
+
+/// Removes the clusters of earlier test processes that are gone (a shared server cannot
+/// clean up after itself: it lives as long as its process).
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("wrapd-pg-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Starts `postgres` on `data` and `port`; with `tied`, it gets SIGTERM when the calling
@@ -114,6 +155,7 @@ fn spawn(
         .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
         .args(["-c", "unix_socket_directories=", "-c", "fsync=off"])
         .args(["-c", "max_connections=300", "-c", "synchronous_commit=off"])
+        .args(["-c", "ssl=on"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -163,7 +205,7 @@ fn start() -> PgServer {
     });
     rx.recv().unwrap();
     wait_ready(port, &log);
-    PgServer { port, _dir: dir }
+    PgServer { port, dir }
 }
 
 /// A server of a test's own, which the test stops and starts again (database outages).
@@ -222,6 +264,9 @@ impl OwnedPg {
 impl Drop for OwnedPg {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = self.data.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -246,6 +291,11 @@ pub fn server() -> &'static PgServer {
 }
 
 impl PgServer {
+    /// The CA certificate (PEM) of the server's TLS certificate (for 127.0.0.1).
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("ca.pem")).unwrap()
+    }
+
     /// A new, empty database; its URL (`postgresql://wrapd@127.0.0.1:PORT/NAME`).
     pub fn database(&self) -> String {
         database_on(self.port)
