@@ -685,6 +685,7 @@ impl Config {
                 profile: raw.hsm.profile,
                 max_sessions: raw.hsm.max_sessions,
                 session_wait: Duration::from_millis(raw.hsm.session_wait_ms),
+                reset_on_missing_object: max_view_staleness.is_none(),
             },
             softhsm2_conf: raw.hsm.softhsm2_conf.as_deref().map(resolve),
             store,

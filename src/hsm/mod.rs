@@ -153,6 +153,11 @@ pub struct HsmConfig {
     pub max_sessions: usize,
     /// How long a call waits for a free session before failing with UNAVAILABLE.
     pub session_wait: Duration,
+    /// Re-initialize the PKCS#11 context when a key object the metadata lists is not found
+    /// (a library whose view of the token went stale). Off in a fleet: there, a missing
+    /// object is another daemon's scheduled deletion (or replication still under way), and
+    /// the key store asks the shared metadata instead (issue 18).
+    pub reset_on_missing_object: bool,
 }
 
 /// A token PIN: zeroized on drop, redacted in `Debug`.

@@ -364,7 +364,9 @@ impl Pkcs11Token {
                 // moved away and back). A fresh context answers which, so retire this one,
                 // at most every MISSING_RESET_INTERVAL so that a really lost key cannot make
                 // every other call pay for re-initialization.
-                self.reset_for_missing(object);
+                if self.inner.config.reset_on_missing_object {
+                    self.reset_for_missing(object);
+                }
                 Err(Error::Unavailable(format!(
                     "the token has no object for {object}: key material is missing (see the daemon log)"
                 )))

@@ -1245,12 +1245,26 @@ impl Keystore {
             return Err(Error::InvalidCiphertext);
         }
         let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
-        let plaintext = self.token.decrypt(
+        let decrypted = self.token.decrypt(
             &ObjectId::new(blob.key_id.clone(), blob.key_version),
             &blob.iv,
             &blob.ciphertext,
             &aad,
-        )?;
+        );
+        let plaintext = match decrypted {
+            // In a fleet, the object may be gone because another daemon just carried out
+            // the key's scheduled deletion: the shared metadata says so.
+            Err(err) if self.store.is_shared() && err.kind() == ErrorKind::Unavailable => {
+                match self.refresh(&blob.key_id)? {
+                    None => return Err(Error::InvalidCiphertext),
+                    Some(key) => {
+                        usable(&key)?;
+                        return Err(err);
+                    }
+                }
+            }
+            other => other?,
+        };
         Ok(Unwrapped {
             plaintext,
             key_id: blob.key_id,

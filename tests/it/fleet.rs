@@ -715,3 +715,86 @@ async fn a_daemon_killed_under_load_costs_the_others_nothing_and_catches_up() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
+    let mut dev = DevDaemon::start();
+    assert!(dev.stop().success());
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start(dev.dir(), &database, &format!("node-{i}")))
+        .collect();
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    let generated = generate(&mut nodes[1].data().await, &key.key_id, &[]).await;
+    // Every daemon has used the key (its handle cached).
+    for node in &nodes {
+        node.data()
+            .await
+            .unwrap(UnwrapRequest {
+                ciphertext_blob: generated.ciphertext_blob.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    nodes[2]
+        .keys()
+        .await
+        .schedule_key_deletion(wrapd::proto::ScheduleKeyDeletionRequest {
+            key_id: key.key_id.clone(),
+            pending_window_days: 7,
+        })
+        .await
+        .unwrap();
+    // Seven days pass (in the database).
+    let (url, id) = (database.clone(), key.key_id.clone());
+    std::thread::spawn(move || {
+        crate::common::postgres::PgServer::sql(
+            &url,
+            &format!("UPDATE keys SET deletion_date = 0 WHERE id = '{id}'"),
+        )
+    })
+    .join()
+    .unwrap();
+    for node in &nodes {
+        let keys = node.keys().await;
+        eventually("the key is gone everywhere", || {
+            let mut keys = keys.clone();
+            let id = key.key_id.clone();
+            async move {
+                keys.describe_key(key_ref(&id))
+                    .await
+                    .is_err_and(|s| s.code() == Code::NotFound)
+            }
+        })
+        .await;
+    }
+    let destroyed: usize = nodes
+        .iter()
+        .map(|n| {
+            n.audit_lines()
+                .iter()
+                .filter(|l| l.operation == "DestroyKey")
+                .count()
+        })
+        .sum();
+    assert_eq!(destroyed, 1, "one daemon carried the deletion out");
+    // Its blobs are invalid everywhere, and no daemon took the missing objects for a
+    // broken token.
+    for node in &nodes {
+        let unwrapped = node
+            .data()
+            .await
+            .unwrap(UnwrapRequest {
+                ciphertext_blob: generated.ciphertext_blob.clone(),
+                ..Default::default()
+            })
+            .await;
+        assert_code(unwrapped, Code::InvalidArgument);
+        assert!(
+            !node.log().contains("re-initializing the PKCS#11 context"),
+            "{}",
+            node.log()
+        );
+    }
+}
