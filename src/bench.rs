@@ -18,7 +18,10 @@ use crate::config::Config;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
 use crate::hsm::{ObjectId, Pkcs11Token, Token};
-use crate::proto::{CreateKeyRequest, GenerateDataKeyRequest, UnwrapRequest};
+use crate::proto::{
+    BatchUnwrapRequest, CreateKeyRequest, GenerateDataKeyRequest, UnwrapRequest,
+    batch_unwrap_result,
+};
 
 /// Which operation to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,7 +30,12 @@ pub enum BenchOp {
     Unwrap,
     /// GenerateDataKey of 32 bytes.
     Generate,
+    /// BatchUnwrap of 64 items per call (rows count data keys, latency is per call).
+    BatchUnwrap,
 }
+
+/// Items per BatchUnwrap call in the bench.
+pub const BENCH_BATCH: usize = 64;
 
 /// Bench parameters.
 #[derive(Debug, Clone)]
@@ -147,6 +155,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResul
         let name = match op {
             BenchOp::Unwrap => "Unwrap",
             BenchOp::Generate => "GenerateDataKey",
+            BenchOp::BatchUnwrap => "BatchUnwrap x64 (keys/s, latency per call)",
         };
         // Daemon: N tasks over one HTTP/2 connection each.
         let mut tasks = Vec::new();
@@ -186,6 +195,23 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResul
                             })
                             .await
                             .is_ok(),
+                        BenchOp::BatchUnwrap => {
+                            let item = UnwrapRequest {
+                                ciphertext_blob: blob.clone(),
+                                encryption_context: ctx.clone(),
+                                key_id: String::new(),
+                            };
+                            client
+                                .batch_unwrap(BatchUnwrapRequest {
+                                    items: vec![item; BENCH_BATCH],
+                                })
+                                .await
+                                .is_ok_and(|r| {
+                                    r.into_inner().results.iter().all(|r| {
+                                        matches!(r.result, Some(batch_unwrap_result::Result::Ok(_)))
+                                    })
+                                })
+                        }
                     };
                     if ok {
                         let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
@@ -203,13 +229,18 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResul
             let _ = hist.add(&h);
             errors += e;
         }
-        rows.push(result(
+        let mut row = result(
             name,
             "daemon (unix socket)",
             &hist,
             errors,
             started.elapsed(),
-        ));
+        );
+        if *op == BenchOp::BatchUnwrap {
+            row.ops *= BENCH_BATCH as u64;
+            row.ops_per_sec *= BENCH_BATCH as f64;
+        }
+        rows.push(row);
 
         // Raw: N threads calling the token directly.
         let started = Instant::now();
@@ -229,7 +260,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResul
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     let ok = match op {
-                        BenchOp::Unwrap => token
+                        BenchOp::Unwrap | BenchOp::BatchUnwrap => token
                             .decrypt(&object, &blob.iv, &blob.ciphertext, &aad)
                             .is_ok(),
                         BenchOp::Generate => token.generate_and_encrypt(&object, 32, &aad).is_ok(),

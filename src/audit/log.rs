@@ -390,6 +390,23 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Appends records in order (a batch call's items) and, with [`FsyncPolicy::Always`],
+    /// waits until the last is on disk: one `fdatasync` covers them all. An error means
+    /// none may be durable.
+    pub fn append_all(&self, records: Vec<AuditRecord>) -> Result<()> {
+        let mut last = None;
+        {
+            let mut state = self.state.lock();
+            for record in records {
+                last = Some(self.write_locked(&mut state, record)?);
+            }
+        }
+        match last {
+            Some(seq) if self.fsync == FsyncPolicy::Always => self.sync_through(seq),
+            _ => Ok(()),
+        }
+    }
+
     /// Waits until line `seq` is on disk. Takes only the `sync` lock.
     fn sync_through(&self, seq: u64) -> Result<()> {
         let mut sync = self.sync.lock();

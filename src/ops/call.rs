@@ -65,6 +65,22 @@ impl Call {
         self
     }
 
+    /// The call of item `index` of a batch this call carries: the same caller, operation
+    /// and deadline, the request id `ID.INDEX`.
+    pub fn item(&self, index: usize) -> Self {
+        Self {
+            identity: self.identity.clone(),
+            op: self.op,
+            request_id: format!("{}.{index}", self.request_id),
+            started: self.started,
+            deadline: self.deadline,
+            key_id: None,
+            key_version: None,
+            context: None,
+            api_operation: self.api_operation.clone(),
+        }
+    }
+
     /// Records the key (and version) acted on, for the audit line.
     pub fn key(&mut self, key_id: impl Into<String>, version: Option<u32>) {
         self.key_id = Some(key_id.into());

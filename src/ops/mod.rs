@@ -157,6 +157,70 @@ fn check_alias(
     Ok(())
 }
 
+/// Most items in one batch call.
+pub const MAX_BATCH: usize = 1000;
+
+/// A batch's items, each with its own call (request id `ID.INDEX`).
+fn batch_items<I>(call: &Call, items: Vec<I>) -> Result<Vec<(Call, I)>> {
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(Error::invalid(format!(
+            "a batch has 1 to {MAX_BATCH} items, not {}",
+            items.len()
+        )));
+    }
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| (call.item(i), item))
+        .collect())
+}
+
+/// GenerateDataKey's job (one call, or one item of a batch).
+fn generate_job(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &mut Call,
+    key_id: String,
+    context: HashMap<String, String>,
+    number_of_bytes: u32,
+) -> Result<GeneratedKey> {
+    gate.check_some(call, call.op())?;
+    let key = KeyRef::parse(&key_id)?;
+    call.key(key.to_string(), None);
+    let ctx = caller_context(context)?;
+    call.context(&ctx);
+    gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+    let generated = ks.generate_data_key(&key, number_of_bytes, &ctx)?;
+    call.key(
+        generated.wrapped.key_id.to_string(),
+        Some(generated.wrapped.key_version),
+    );
+    Ok(generated)
+}
+
+/// Unwrap's job (one call, or one item of a batch).
+fn unwrap_job(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &mut Call,
+    blob: Vec<u8>,
+    context: HashMap<String, String>,
+    key_id: String,
+) -> Result<Unwrapped> {
+    gate.check_some(call, call.op())?;
+    let expected = optional_key_ref(&key_id)?;
+    let ctx = caller_context(context)?;
+    call.context(&ctx);
+    // An unparseable blob names no key: it fails as invalid below.
+    if let Some(key) = blob_key(&blob) {
+        call.key(key.to_string(), None);
+        gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+    }
+    let unwrapped = ks.unwrap(&blob, &ctx, expected.as_ref())?;
+    call.key(unwrapped.key_id.to_string(), Some(unwrapped.key_version));
+    Ok(unwrapped)
+}
+
 impl Ops {
     /// The operations on `keystore`, guarded by `gate`.
     pub fn new(keystore: Arc<Keystore>, gate: Arc<Gate>) -> Self {
@@ -204,20 +268,28 @@ impl Ops {
         number_of_bytes: u32,
     ) -> Result<GeneratedKey> {
         self.run(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let key = KeyRef::parse(&key_id)?;
-            call.key(key.to_string(), None);
-            let ctx = caller_context(context)?;
-            call.context(&ctx);
-            gate.check(call, &target_of(ks, &key), Some(&ctx))?;
-            let generated = ks.generate_data_key(&key, number_of_bytes, &ctx)?;
-            call.key(
-                generated.wrapped.key_id.to_string(),
-                Some(generated.wrapped.key_version),
-            );
-            Ok(generated)
+            generate_job(gate, ks, call, key_id, context, number_of_bytes)
         })
         .await
+    }
+
+    /// Up to [`MAX_BATCH`] GenerateDataKey items in one job: each item is its own call
+    /// (policy, result, audit line), see [`Gate::run_batch`].
+    pub async fn batch_generate_data_key(
+        &self,
+        call: &Call,
+        items: Vec<(String, HashMap<String, String>, u32)>,
+    ) -> Result<Vec<Result<GeneratedKey>>> {
+        let items = batch_items(call, items)?;
+        self.gate
+            .run_batch(
+                &self.keystore,
+                items,
+                |gate, ks, call, (key_id, context, n)| {
+                    generate_job(gate, ks, call, key_id, context, n)
+                },
+            )
+            .await
     }
 
     /// Wraps caller-supplied plaintext under `key_id`.
@@ -251,20 +323,28 @@ impl Ops {
         key_id: String,
     ) -> Result<Unwrapped> {
         self.run(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let expected = optional_key_ref(&key_id)?;
-            let ctx = caller_context(context)?;
-            call.context(&ctx);
-            // An unparseable blob names no key: it fails as invalid below.
-            if let Some(key) = blob_key(&blob) {
-                call.key(key.to_string(), None);
-                gate.check(call, &target_of(ks, &key), Some(&ctx))?;
-            }
-            let unwrapped = ks.unwrap(&blob, &ctx, expected.as_ref())?;
-            call.key(unwrapped.key_id.to_string(), Some(unwrapped.key_version));
-            Ok(unwrapped)
+            unwrap_job(gate, ks, call, blob, context, key_id)
         })
         .await
+    }
+
+    /// Up to [`MAX_BATCH`] Unwrap items in one job: each item is its own call (policy,
+    /// result, audit line), see [`Gate::run_batch`].
+    pub async fn batch_unwrap(
+        &self,
+        call: &Call,
+        items: Vec<(Vec<u8>, HashMap<String, String>, String)>,
+    ) -> Result<Vec<Result<Unwrapped>>> {
+        let items = batch_items(call, items)?;
+        self.gate
+            .run_batch(
+                &self.keystore,
+                items,
+                |gate, ks, call, (blob, context, key_id)| {
+                    unwrap_job(gate, ks, call, blob, context, key_id)
+                },
+            )
+            .await
     }
 
     /// Re-wraps a blob under the newest version of `destination_key_id` (empty: the source
@@ -638,6 +718,59 @@ mod tests {
 
     const ADMIN: &str =
         "[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"all\"]\nkeys = [\"*\"]\n";
+
+    #[tokio::test]
+    async fn each_item_of_a_batch_is_authorized_on_its_own_key() {
+        let admin = ops(ADMIN);
+        let mut blobs = Vec::new();
+        for alias in ["alias/mine", "alias/theirs"] {
+            admin
+                .create_key(
+                    call(Operation::CreateKey),
+                    String::new(),
+                    alias.into(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            let generated = admin
+                .generate_data_key(
+                    call(Operation::GenerateDataKey),
+                    alias.into(),
+                    HashMap::new(),
+                    32,
+                )
+                .await
+                .unwrap();
+            blobs.push(generated.wrapped.blob);
+        }
+        // The same key store, a policy that grants Unwrap on alias/mine only.
+        let limited = Ops::new(
+            admin.keystore().clone(),
+            Arc::new(Gate::new(
+                Arc::new(PolicyHandle::fixed(
+                    Policy::parse(
+                        "[[grant]]\nprincipals = [\"unix:uid=7\"]\noperations = [\"Unwrap\"]\nkeys = [\"alias/mine\"]\n",
+                    )
+                    .unwrap(),
+                )),
+                None,
+            )),
+        );
+        let items = blobs
+            .into_iter()
+            .map(|b| (b, HashMap::new(), String::new()))
+            .collect();
+        let results = limited
+            .batch_unwrap(&call(Operation::Unwrap), items)
+            .await
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert_eq!(
+            results[1].as_ref().unwrap_err().kind(),
+            ErrorKind::PermissionDenied
+        );
+    }
 
     #[tokio::test]
     async fn reserved_context_keys_are_refused_on_every_data_plane_call() {

@@ -571,3 +571,126 @@ async fn rotations_under_load_cause_no_errors() {
         .into_inner();
     assert_eq!(described.current_version, 21);
 }
+
+#[tokio::test]
+async fn batch_unwrap_answers_each_item_on_its_own_with_one_audit_line_each() {
+    use wrapd::proto::batch_unwrap_result::Result as Item;
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let mut data = daemon.data().await;
+    let key = create_key(&mut keys, "").await;
+    let mut items = Vec::new();
+    let mut plaintexts = Vec::new();
+    for i in 0..3 {
+        let tenant = format!("t{i}");
+        let generated = generate(&mut data, &key.key_id, &[("tenant", &tenant)]).await;
+        plaintexts.push(generated.plaintext);
+        items.push(unwrap_req(
+            &generated.ciphertext_blob,
+            &[("tenant", &tenant)],
+        ));
+    }
+    let mut tampered = items[0].clone();
+    *tampered.ciphertext_blob.last_mut().unwrap() ^= 1;
+    let mut wrong_context = items[1].clone();
+    wrong_context.encryption_context = ctx(&[("tenant", "other")]);
+    items.push(tampered);
+    items.push(wrong_context);
+    let before = daemon.audit_lines().len();
+    let results = data
+        .batch_unwrap(wrapd::proto::BatchUnwrapRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 5);
+    for (i, plaintext) in plaintexts.iter().enumerate() {
+        match &results[i].result {
+            Some(Item::Ok(ok)) => assert_eq!(&ok.plaintext, plaintext),
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    for result in &results[3..] {
+        match &result.result {
+            Some(Item::Error(e)) => assert_eq!(e.code, Code::InvalidArgument as i32),
+            other => panic!("{other:?}"),
+        }
+    }
+    let lines = daemon.audit_lines();
+    let batch = &lines[before..];
+    assert_eq!(batch.len(), 5, "one audit line per item");
+    assert!(batch.iter().all(|l| l.operation == "Unwrap"));
+    let outcomes: Vec<&str> = batch.iter().map(|l| l.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["OK", "OK", "OK", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    );
+    let ids: Vec<&str> = batch.iter().map(|l| l.request_id.as_str()).collect();
+    let prefix = ids[0].strip_suffix(".0").expect("request id ID.INDEX");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(*id, format!("{prefix}.{i}"));
+    }
+}
+
+#[tokio::test]
+async fn batch_generate_data_key_makes_keys_that_unwrap_one_by_one() {
+    use wrapd::proto::batch_generate_data_key_result::Result as Item;
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let mut data = daemon.data().await;
+    let key = create_key(&mut keys, "alias/batch").await;
+    let items: Vec<GenerateDataKeyRequest> = (0..64)
+        .map(|i| GenerateDataKeyRequest {
+            key_id: "alias/batch".into(),
+            encryption_context: ctx(&[("n", &i.to_string())]),
+            number_of_bytes: 32,
+        })
+        .chain(std::iter::once(GenerateDataKeyRequest {
+            key_id: "alias/missing".into(),
+            ..Default::default()
+        }))
+        .collect();
+    let results = data
+        .batch_generate_data_key(wrapd::proto::BatchGenerateDataKeyRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 65);
+    for (i, result) in results[..64].iter().enumerate() {
+        let Some(Item::Ok(generated)) = &result.result else {
+            panic!("item {i}: {result:?}");
+        };
+        assert_eq!(generated.key_id, key.key_id);
+        let unwrapped = data
+            .unwrap(unwrap_req(
+                &generated.ciphertext_blob,
+                &[("n", &i.to_string())],
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(unwrapped.plaintext, generated.plaintext);
+    }
+    match &results[64].result {
+        Some(Item::Error(e)) => assert_eq!(e.code, Code::NotFound as i32),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_no_items_or_more_than_a_thousand_is_refused() {
+    let daemon = DevDaemon::start();
+    let mut data = daemon.data().await;
+    assert_code(
+        data.batch_unwrap(wrapd::proto::BatchUnwrapRequest { items: vec![] })
+            .await,
+        Code::InvalidArgument,
+    );
+    let items = vec![unwrap_req(b"x", &[]); 1001];
+    assert_code(
+        data.batch_unwrap(wrapd::proto::BatchUnwrapRequest { items })
+            .await,
+        Code::InvalidArgument,
+    );
+}

@@ -4,13 +4,16 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use zeroize::Zeroizing;
 
-use super::{call_of, status};
+use super::{call_of, code_of, status};
 use crate::auth::Operation;
 use crate::ops::Ops;
 use crate::proto::data_key_service_server::DataKeyService;
 use crate::proto::{
-    GenerateDataKeyRequest, GenerateDataKeyResponse, GenerateDataKeyWithoutPlaintextResponse,
-    ReWrapRequest, ReWrapResponse, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
+    BatchGenerateDataKeyRequest, BatchGenerateDataKeyResponse, BatchGenerateDataKeyResult,
+    BatchUnwrapRequest, BatchUnwrapResponse, BatchUnwrapResult, GenerateDataKeyRequest,
+    GenerateDataKeyResponse, GenerateDataKeyWithoutPlaintextResponse, ItemError, ReWrapRequest,
+    ReWrapResponse, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
+    batch_generate_data_key_result, batch_unwrap_result,
 };
 
 /// The data-plane service.
@@ -25,8 +28,83 @@ impl DataKeyApi {
     }
 }
 
+/// The error of one batch item, as the single call's status would carry it.
+fn item_error(err: &crate::Error) -> ItemError {
+    ItemError {
+        code: code_of(err.kind()) as i32,
+        message: err.public_message(),
+    }
+}
+
 #[tonic::async_trait]
 impl DataKeyService for DataKeyApi {
+    #[instrument(level = "debug", skip_all)]
+    async fn batch_unwrap(
+        &self,
+        request: Request<BatchUnwrapRequest>,
+    ) -> Result<Response<BatchUnwrapResponse>, Status> {
+        let call = call_of(&request, Operation::Unwrap);
+        let items = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|i| (i.ciphertext_blob, i.encryption_context, i.key_id))
+            .collect();
+        let results = self.ops.batch_unwrap(&call, items).await.map_err(status)?;
+        Ok(Response::new(BatchUnwrapResponse {
+            results: results
+                .into_iter()
+                .map(|r| BatchUnwrapResult {
+                    result: Some(match r {
+                        Ok(mut u) => batch_unwrap_result::Result::Ok(UnwrapResponse {
+                            plaintext: std::mem::take(&mut *u.plaintext),
+                            key_id: u.key_id.to_string(),
+                            key_version: u.key_version,
+                        }),
+                        Err(err) => batch_unwrap_result::Result::Error(item_error(&err)),
+                    }),
+                })
+                .collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn batch_generate_data_key(
+        &self,
+        request: Request<BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
+        let call = call_of(&request, Operation::GenerateDataKey);
+        let items = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|i| (i.key_id, i.encryption_context, i.number_of_bytes))
+            .collect();
+        let results = self
+            .ops
+            .batch_generate_data_key(&call, items)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(BatchGenerateDataKeyResponse {
+            results: results
+                .into_iter()
+                .map(|r| BatchGenerateDataKeyResult {
+                    result: Some(match r {
+                        Ok(mut g) => {
+                            batch_generate_data_key_result::Result::Ok(GenerateDataKeyResponse {
+                                plaintext: std::mem::take(&mut *g.plaintext),
+                                ciphertext_blob: g.wrapped.blob,
+                                key_id: g.wrapped.key_id.to_string(),
+                                key_version: g.wrapped.key_version,
+                            })
+                        }
+                        Err(err) => batch_generate_data_key_result::Result::Error(item_error(&err)),
+                    }),
+                })
+                .collect(),
+        }))
+    }
+
     #[instrument(level = "debug", skip_all)]
     async fn generate_data_key(
         &self,
