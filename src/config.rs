@@ -31,6 +31,7 @@ struct RawConfig {
     audit: Option<RawAudit>,
     kms: Option<RawKms>,
     aws: Option<RawAws>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
@@ -140,6 +141,12 @@ struct RawKms {
     principal: String,
     #[serde(default = "default_healthz_cache_ms")]
     healthz_cache_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -526,6 +533,8 @@ pub struct Config {
     pub kms: Option<KmsConfig>,
     /// The AWS KMS-compatible JSON API.
     pub aws: Option<AwsConfig>,
+    /// Where Prometheus metrics are served (`[metrics] listen`, plain HTTP).
+    pub metrics: Option<SocketAddr>,
     /// Environment variables secrets were read from (PIN, access key secrets): the daemon
     /// wipes them from its environment once read.
     pub secret_envs: Vec<String>,
@@ -694,6 +703,17 @@ impl Config {
             policy_file: raw.policy.map(|p| resolve(&p.file)),
             kms,
             aws,
+            metrics: raw
+                .metrics
+                .map(|m| {
+                    m.listen.parse().map_err(|_| {
+                        Error::Config(format!(
+                            "metrics.listen {:?} is not an address like 127.0.0.1:9464",
+                            m.listen
+                        ))
+                    })
+                })
+                .transpose()?,
             secret_envs,
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),

@@ -588,6 +588,16 @@ impl Keystore {
         Ok(())
     }
 
+    /// Every key in the view (metrics).
+    pub fn keys(&self) -> Vec<Arc<KeyRecord>> {
+        self.read_view().keys.values().cloned().collect()
+    }
+
+    /// The wrap limit of one key version.
+    pub fn max_wraps_per_version(&self) -> u64 {
+        self.config.max_wraps_per_version
+    }
+
     /// Whether the metadata store is shared by a fleet.
     pub fn store_is_shared(&self) -> bool {
         self.store.is_shared()

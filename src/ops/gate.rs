@@ -106,6 +106,13 @@ impl Gate {
     /// the action must not happen.
     pub fn record_internal(&self, operation: &str, key_id: &str, version: u32) -> Result<()> {
         tracing::info!(operation, key_id, "internal operation");
+        metrics::counter!(
+            "wrapd_requests_total",
+            "service" => "internal",
+            "operation" => operation.to_owned(),
+            "outcome" => "OK"
+        )
+        .increment(1);
         let Some(audit) = &self.audit else {
             return Ok(());
         };
@@ -167,7 +174,12 @@ impl Gate {
                 results.push(result);
             }
             match &gate.audit {
-                Some(audit) => audit.append_all(records).map(|()| results),
+                Some(audit) => {
+                    let started = std::time::Instant::now();
+                    let appended = audit.append_all(records);
+                    crate::metrics::record_audit_append(started.elapsed());
+                    appended.map(|()| results)
+                }
                 None => Ok(results),
             }
         });
@@ -185,15 +197,30 @@ impl Gate {
             return result;
         };
         let record = self.record(call, &result);
-        match audit.append(record) {
+        let started = std::time::Instant::now();
+        let appended = audit.append(record);
+        crate::metrics::record_audit_append(started.elapsed());
+        match appended {
             Ok(()) => result,
             Err(err) => Err(err),
         }
     }
 
-    /// The daemon log's line for a call.
+    /// The daemon log's line for a call (and its metrics).
     fn log<R>(&self, call: &Call, result: &Result<R>) {
-        let latency_us = u64::try_from(call.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let latency = call.started.elapsed();
+        crate::metrics::record_call(
+            call.identity
+                .as_ref()
+                .map_or("unauthenticated", |id| id.transport.as_str()),
+            call.op.name(),
+            match result {
+                Ok(_) => "OK",
+                Err(err) => outcome_name(err.kind()),
+            },
+            latency,
+        );
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(_) => tracing::debug!(op = call.op.name(), who = %call.who(), latency_us, "ok"),
             Err(err) if err.kind() == ErrorKind::Internal => {

@@ -72,6 +72,66 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves Prometheus metrics (`GET /metrics`, plain HTTP/1.1) on `listener` until
+/// `stopped` resolves. At most 16 connections at once (scrapers are few).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: crate::metrics::Metrics,
+    header_timeout: Duration,
+    stopped: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    tokio::pin!(stopped);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut stopped => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::debug!(error = %err, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: too many scrapers at once
+        };
+        let metrics = metrics.clone();
+        let service = service_fn(move |request: Request<Body>| {
+            let metrics = metrics.clone();
+            async move {
+                let response = if request.uri().path() == "/metrics" {
+                    let text = tokio::task::spawn_blocking(move || metrics.render())
+                        .await
+                        .unwrap_or_default();
+                    let mut response = Response::new(Full::new(Bytes::from(text)));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    response
+                } else {
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                    *response.status_mut() = StatusCode::NOT_FOUND;
+                    response
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEAD);
+        let served = http1.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tokio::time::timeout(Duration::from_secs(60), served).await;
+        });
+    }
+}
+
 /// Reads the body (bounded) and hands the request to the API.
 async fn answer(
     api: &AwsApi,

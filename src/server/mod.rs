@@ -77,11 +77,14 @@ pub struct Ready {
     pub kms: Option<PathBuf>,
     /// The AWS KMS API's address.
     pub aws: Option<SocketAddr>,
+    /// The Prometheus metrics address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Ready {
     /// The ready line printed on stdout:
-    /// `wrapd ready socket=PATH tcp=ADDR kms=PATH aws=https://ADDR`.
+    /// `wrapd ready socket=PATH tcp=ADDR kms=PATH aws=https://ADDR metrics=http://ADDR/metrics`
+    /// (each part only when that listener is configured).
     pub fn line(&self) -> String {
         let mut line = "wrapd ready".to_owned();
         if let Some(socket) = &self.socket {
@@ -96,6 +99,9 @@ impl Ready {
         if let Some(aws) = &self.aws {
             line.push_str(&format!(" aws=https://{aws}"));
         }
+        if let Some(metrics) = &self.metrics {
+            line.push_str(&format!(" metrics=http://{metrics}/metrics"));
+        }
         line
     }
 }
@@ -106,6 +112,7 @@ pub struct Daemon {
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
     aws: Option<AwsConfig>,
+    metrics: Option<SocketAddr>,
     /// Set for a shared (fleet) store: how often the view is re-read in full.
     resync_interval: Option<Duration>,
     /// This daemon's name in a fleet, on every audit line.
@@ -137,6 +144,7 @@ impl Daemon {
             audit,
             kms,
             aws,
+            metrics,
             keystore,
             deletion_check_interval,
             limits,
@@ -193,6 +201,7 @@ impl Daemon {
             tcp,
             kms,
             aws,
+            metrics,
             deletion_check_interval,
             limits,
             token,
@@ -290,6 +299,7 @@ impl Daemon {
             tcp: None,
             kms: None,
             aws: None,
+            metrics: None,
         };
         let listeners = [
             self.unix.is_some(),
@@ -364,6 +374,24 @@ impl Daemon {
                 stopped(),
             )));
             ready.aws = Some(addr);
+        }
+
+        if let Some(addr) = self.metrics {
+            let metrics = crate::metrics::Metrics::install(self.keystore.clone())?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Config(format!("cannot bind {addr}: {e}")))?;
+            ready.metrics = Some(
+                listener
+                    .local_addr()
+                    .map_err(|e| Error::Config(format!("metrics listener: {e}")))?,
+            );
+            servers.spawn(listener_result(http::serve_metrics(
+                listener,
+                metrics,
+                limits.handshake_timeout,
+                stopped(),
+            )));
         }
 
         let background = [

@@ -28,6 +28,7 @@ mod key_lifecycle;
 mod keyrings;
 mod keystore_in_process;
 mod kms_plugin;
+mod metrics;
 mod properties;
 mod startup_and_secrets;
 mod token_protection;

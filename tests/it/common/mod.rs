@@ -28,6 +28,8 @@ pub struct DevDaemon {
     pub tcp: std::net::SocketAddr,
     /// The AWS KMS API's URL from the ready line (`https://127.0.0.1:PORT`).
     pub aws: String,
+    /// The metrics URL from the ready line, when `[metrics]` is configured.
+    pub metrics: Option<String>,
     log_path: PathBuf,
     starts: usize,
     env: Vec<(String, String)>,
@@ -74,6 +76,7 @@ impl DevDaemon {
             socket: dir.path().join("wrapd.sock"),
             tcp: "0.0.0.0:0".parse().unwrap(),
             aws: String::new(),
+            metrics: None,
             log_path: dir.path().join("daemon-0.log"),
             dir,
             child: None,
@@ -146,8 +149,13 @@ impl DevDaemon {
             .split_once(&kms)
             .unwrap_or_else(|| panic!("no kms socket and aws URL in the ready line {line:?}"));
         self.tcp = tcp.parse().expect("tcp address in the ready line");
+        let (aws, metrics) = match aws.split_once(" metrics=") {
+            Some((aws, metrics)) => (aws, Some(metrics.to_owned())),
+            None => (aws, None),
+        };
         assert!(aws.starts_with("https://127.0.0.1:"), "{line}");
         self.aws = aws.to_owned();
+        self.metrics = metrics;
         self.child = Some(child);
     }
 
