@@ -29,6 +29,7 @@ mod keyrings;
 mod keystore_in_process;
 mod kms_plugin;
 mod metrics;
+mod packaging;
 mod properties;
 mod startup_and_secrets;
 mod token_protection;
