@@ -75,14 +75,14 @@ impl Metrics {
 
 /// Counts a call and its latency.
 pub fn record_call(
-    service: &str,
+    service: &'static str,
     operation: &'static str,
     outcome: &'static str,
     latency: Duration,
 ) {
     metrics::counter!(
         "wrapd_requests_total",
-        "service" => service.to_owned(),
+        "service" => service,
         "operation" => operation,
         "outcome" => outcome
     )
