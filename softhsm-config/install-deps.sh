@@ -33,8 +33,11 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 # The official AWS Encryption SDK (Python) and gRPC, for the interop tests and the example
 # master-key provider in examples/python.
 # boto3 and the Encryption SDK's CLI for the AWS KMS API tests (the CLI 4.x needs the SDK 3.x).
-if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools" 2>/dev/null; then
-  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools (Python)..." >&2
+# kubernetes-validate checks the manifests in packaging/kubernetes against the Kubernetes
+# schemas it ships.
+if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools, kubernetes_validate, yaml" 2>/dev/null; then
+  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools, kubernetes-validate (Python)..." >&2
   python3 -m pip install --quiet --disable-pip-version-check \
-    "aws-encryption-sdk>=3.1,<4" "aws-encryption-sdk-cli>=4,<5" "boto3>=1.34" grpcio grpcio-tools >&2
+    "aws-encryption-sdk>=3.1,<4" "aws-encryption-sdk-cli>=4,<5" "boto3>=1.34" grpcio grpcio-tools \
+    kubernetes-validate pyyaml >&2
 fi
