@@ -14,6 +14,10 @@
 //! - `wrapd_key_wrap_share{key_id}`: wraps made with each key's current version, as a share
 //!   of the per-version limit (rotate before it reaches 1; key ids are the only per-key
 //!   label);
+//! - `wrapd_hsm_call_duration_seconds`, `wrapd_hsm_session_wait_seconds`,
+//!   `wrapd_hsm_errors_total{kind}` (`device`, `session`, `call`, `session_wait`; a bad
+//!   ciphertext is not an HSM error), `wrapd_hsm_sessions{state}` (`in_use`, `idle`);
+//! - `wrapd_connections{listener}` (open now) and `wrapd_connections_total{listener}`;
 //! - `wrapd_build_info{version}`: 1.
 //!
 //! Without `[metrics]` no recorder is installed and recording costs nothing.

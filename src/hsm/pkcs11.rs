@@ -286,7 +286,8 @@ impl Pkcs11Token {
     /// One checkout, call and checkin.
     fn attempt<T>(&self, f: &impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
         let config = &self.inner.config;
-        let mut deadline = Instant::now() + config.session_wait;
+        let waiting = Instant::now();
+        let mut deadline = waiting + config.session_wait;
         if let Some(caller) = super::call_deadline() {
             deadline = deadline.min(caller);
         }
@@ -300,12 +301,31 @@ impl Pkcs11Token {
                 Ok(context)
             },
             |context| Self::open_session(config, context),
-        )?;
+        );
+        metrics::histogram!("wrapd_hsm_session_wait_seconds")
+            .record(waiting.elapsed().as_secs_f64());
+        let loan = loan.inspect_err(|_| {
+            metrics::counter!("wrapd_hsm_errors_total", "kind" => "session_wait").increment(1);
+        })?;
+        let started = Instant::now();
         let result = self.call_with_faults(|| f(&loan.session, self));
+        metrics::histogram!("wrapd_hsm_call_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         let outcome = match &result {
             Ok(_) => Outcome::Healthy,
             Err(err) => outcome_of(err),
         };
+        if let Err(err) = &result {
+            // A bad ciphertext is the caller's error, not the HSM's.
+            if err.kind() != crate::error::ErrorKind::InvalidCiphertext {
+                let kind = match outcome {
+                    Outcome::DeviceFault => "device",
+                    Outcome::SessionBroken => "session",
+                    Outcome::Healthy => "call",
+                };
+                metrics::counter!("wrapd_hsm_errors_total", "kind" => kind).increment(1);
+            }
+        }
         if outcome == Outcome::DeviceFault {
             self.clear_handles();
         }

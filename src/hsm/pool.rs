@@ -71,6 +71,14 @@ impl Pool {
         }
     }
 
+    /// Sessions in use and idle, for the metrics.
+    fn report(state: &State) {
+        let idle = state.idle.len();
+        metrics::gauge!("wrapd_hsm_sessions", "state" => "in_use")
+            .set(state.open.saturating_sub(idle) as f64);
+        metrics::gauge!("wrapd_hsm_sessions", "state" => "idle").set(idle as f64);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock()
     }
@@ -88,6 +96,7 @@ impl Pool {
             if let Some(context) = state.context.clone() {
                 if let Some(session) = state.idle.pop() {
                     let generation = state.generation;
+                    Self::report(&state);
                     return Ok(Loan {
                         session,
                         generation,
@@ -158,6 +167,7 @@ impl Pool {
                 Self::retire(&mut state, loan.generation);
             }
         }
+        Self::report(&state);
         drop(state);
         self.freed.notify_all();
     }

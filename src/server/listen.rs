@@ -79,11 +79,11 @@ pub struct Guarded<S> {
     last: Instant,
     timer: Pin<Box<Sleep>>,
     peer: Option<UnixPeer>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl<S> Guarded<S> {
-    fn new(inner: S, idle: Duration, slot: OwnedSemaphorePermit) -> Self {
+    fn new(inner: S, idle: Duration, slot: Slot) -> Self {
         Self {
             inner,
             idle,
@@ -229,15 +229,38 @@ async fn back_off(what: &'static str, err: &io::Error, throttle: &mut Throttle) 
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// A connection's place in its listener's cap; counted in the metrics while it lives.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    listener: &'static str,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, listener: &'static str) -> Self {
+        metrics::counter!("wrapd_connections_total", "listener" => listener).increment(1);
+        metrics::gauge!("wrapd_connections", "listener" => listener).increment(1.0);
+        Self {
+            _permit: permit,
+            listener,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("wrapd_connections", "listener" => self.listener).decrement(1.0);
+    }
+}
+
 /// A slot in the listener's cap, or `None` (logged) when it is full.
 fn slot(
     slots: &Arc<Semaphore>,
     what: &'static str,
     max: usize,
     throttle: &mut Throttle,
-) -> Option<OwnedSemaphorePermit> {
+) -> Option<Slot> {
     match slots.clone().try_acquire_owned() {
-        Ok(permit) => Some(permit),
+        Ok(permit) => Some(Slot::new(permit, what)),
         Err(_) => {
             if throttle.ready() {
                 tracing::warn!(
@@ -421,7 +444,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, mut b) = tokio::io::duplex(64);
         let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        let mut guarded = Guarded::new(a, Duration::from_secs(10), slot);
+        let mut guarded = Guarded::new(a, Duration::from_secs(10), Slot::new(slot, "test"));
         let mut buf = [0u8; 1];
         b.write_all(b"x").await.unwrap();
         tokio::time::advance(Duration::from_secs(8)).await;

@@ -80,6 +80,16 @@ async fn counters_move_by_exactly_the_workload() {
     assert!(after.contains("wrapd_build_info{version="));
     let share = format!("wrapd_key_wrap_share{{key_id=\"{}\"}}", key.key_id);
     assert!(value(&after, &share) > 0.0, "{after}");
+    // The HSM calls behind the workload, and the scraper's own connection is not counted
+    // (metrics have a listener of their own, outside the caps).
+    assert!(
+        moved("wrapd_hsm_call_duration_seconds_count") >= 3.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "wrapd_connections{listener=\"unix\"}") >= 1.0,
+        "{after}"
+    );
     // No principal, no context value in any label.
     assert!(
         !after.contains("unix:uid") && !after.contains("spiffe"),
