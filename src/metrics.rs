@@ -9,7 +9,8 @@
 //!   outcome (`OK` or the gRPC code name, as in the audit log);
 //! - `wrapd_request_duration_seconds{operation}`: latency histogram, gate to audit line;
 //! - `wrapd_audit_append_duration_seconds`: writing (and, with `fsync = "always"`,
-//!   syncing) audit lines;
+//!   syncing) audit lines; `wrapd_audit_failures_total`: writes or syncs that failed (the
+//!   log then fails closed);
 //! - `wrapd_keys{state}`: keys by state, at scrape time;
 //! - `wrapd_key_wrap_share{key_id}`: wraps made with each key's current version, as a share
 //!   of the per-version limit (rotate before it reaches 1; key ids are the only per-key

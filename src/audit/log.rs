@@ -430,6 +430,7 @@ impl AuditLog {
     }
 
     fn failed(&self, e: &std::io::Error) -> Error {
+        metrics::counter!("wrapd_audit_failures_total").increment(1);
         if *self.healthy.borrow() {
             tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit log: failing closed");
         }
