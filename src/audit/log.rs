@@ -16,6 +16,7 @@
 //! A torn last line (a crash with `fsync = "never"`, a partial write on ENOSPC) is cut off
 //! rather than glued to the next record.
 
+use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -447,10 +448,29 @@ impl AuditLog {
         record.seq = seq;
         record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
         record.prev = state.prev.clone();
-        record.hash = record.compute_hash();
+        // One serialization: the record with `hash` empty is what the hash covers
+        // (`AuditRecord::compute_hash`); `hash` is its last field, so the line is that text
+        // with the hash put between the final quotes.
+        record.hash = String::new();
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-        line.push(b'\n');
+        let hash = hex::encode(Sha256::digest(&line));
+        let Some(stem) = line.strip_suffix(br#""hash":""}"#) else {
+            return Err(Error::Internal("audit record: hash is not the last field".into()));
+        };
+        let stem_len = stem.len();
+        line.truncate(stem_len);
+        line.extend_from_slice(br#""hash":""#);
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
+        debug_assert_eq!(
+            {
+                record.hash = hash.clone();
+                record.compute_hash()
+            },
+            hash
+        );
+        record.hash = hash;
         let written = match state.file.as_mut() {
             None => Err(std::io::Error::other("not open")),
             Some(file) => Self::write_line(file, state.len, &mut state.torn, &line),
