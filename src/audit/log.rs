@@ -456,7 +456,9 @@ impl AuditLog {
             .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
         let hash = hex::encode(Sha256::digest(&line));
         let Some(stem) = line.strip_suffix(br#""hash":""}"#) else {
-            return Err(Error::Internal("audit record: hash is not the last field".into()));
+            return Err(Error::Internal(
+                "audit record: hash is not the last field".into(),
+            ));
         };
         let stem_len = stem.len();
         line.truncate(stem_len);
