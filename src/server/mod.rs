@@ -472,33 +472,22 @@ impl Daemon {
 /// Mutual TLS for the TCP listener: our certificate, and client certificates required to
 /// chain to `client_ca` (rustls checks validity dates and the chain at the handshake).
 fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls::server::WebPkiClientVerifier;
-    use tokio_rustls::rustls::{RootCertStore, ServerConfig, crypto};
+    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
-    let read = |path: &PathBuf| {
-        std::fs::read(path)
-            .map(Zeroizing::new)
-            .map_err(|e| Error::Config(format!("tcp: cannot read {}: {e}", path.display())))
-    };
-    let pem = |path: &PathBuf, e: &dyn std::fmt::Display| {
-        Error::Config(format!("tcp: {}: {e}", path.display()))
-    };
-    let certs = CertificateDer::pem_slice_iter(&read(&tcp.cert)?)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| pem(&tcp.cert, &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&tcp.key)?).map_err(|e| pem(&tcp.key, &e))?;
+    let (certs, key) = certified_key("tcp", &tcp.cert, &tcp.key)?;
+    let pem =
+        |e: &dyn std::fmt::Display| Error::Config(format!("tcp: {}: {e}", tcp.client_ca.display()));
     let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read(&tcp.client_ca)?) {
-        roots
-            .add(ca.map_err(|e| pem(&tcp.client_ca, &e))?)
-            .map_err(|e| pem(&tcp.client_ca, &e))?;
+    for ca in CertificateDer::pem_slice_iter(&read_listener_file("tcp", &tcp.client_ca)?) {
+        roots.add(ca.map_err(|e| pem(&e))?).map_err(|e| pem(&e))?;
     }
-    let provider = Arc::new(crypto::ring::default_provider());
+    let provider = tls_provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| pem(&tcp.client_ca, &e))?;
+        .map_err(|e| pem(&e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("tcp: TLS: {e}")))?
@@ -507,6 +496,57 @@ fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
         .map_err(|e| Error::Config(format!("tcp: TLS certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Server-only TLS (no client certificates: the AWS KMS API authenticates each request with
+/// SigV4), HTTP/1.1.
+fn server_tls_acceptor(what: &str, cert: &PathBuf, key: &PathBuf) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::ServerConfig;
+
+    let (certs, key) = certified_key(what, cert, key)?;
+    let mut config = ServerConfig::builder_with_provider(tls_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("{what}: TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("{what}: TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS crypto provider of every listener.
+fn tls_provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
+}
+
+/// A file the listener `what` needs, read into zeroizing memory (it may be a private key).
+fn read_listener_file(what: &str, path: &PathBuf) -> Result<Zeroizing<Vec<u8>>> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::Config(format!("{what}: cannot read {}: {e}", path.display())))
+}
+
+/// A listener's certificate chain and private key, from PEM files.
+fn certified_key(
+    what: &str,
+    cert: &PathBuf,
+    key: &PathBuf,
+) -> Result<(
+    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let pem = |path: &PathBuf, e: &dyn std::fmt::Display| {
+        Error::Config(format!("{what}: {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read_listener_file(what, cert)?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem(cert, &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read_listener_file(what, key)?).map_err(|e| pem(key, &e))?;
+    Ok((certs, key))
 }
 
 /// Audit chain heads of one daemon of a fleet: chains are named `INSTANCE:PATH` in the
@@ -532,36 +572,6 @@ async fn listener_result<E: std::fmt::Display>(
     served: impl Future<Output = std::result::Result<(), E>>,
 ) -> std::result::Result<(), String> {
     served.await.map_err(|e| e.to_string())
-}
-
-/// Server-only TLS (no client certificates: the AWS KMS API authenticates each request with
-/// SigV4), HTTP/1.1.
-fn server_tls_acceptor(what: &str, cert: &PathBuf, key: &PathBuf) -> Result<TlsAcceptor> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls::{ServerConfig, crypto};
-
-    let read = |path: &PathBuf| {
-        std::fs::read(path)
-            .map(Zeroizing::new)
-            .map_err(|e| Error::Config(format!("{what}: cannot read {}: {e}", path.display())))
-    };
-    let pem = |path: &PathBuf, e: &dyn std::fmt::Display| {
-        Error::Config(format!("{what}: {}: {e}", path.display()))
-    };
-    let certs = CertificateDer::pem_slice_iter(&read(cert)?)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| pem(cert, &e))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| pem(key, &e))?;
-    let provider = Arc::new(crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("{what}: TLS: {e}")))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| Error::Config(format!("{what}: TLS certificate and key: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// SIGHUP: reload the policy (a broken file keeps the old one) and reopen the audit log.

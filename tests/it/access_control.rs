@@ -208,7 +208,17 @@ async fn unix_peers_are_identified_by_uid() {
         if let Some(uid) = uid {
             command.uid(uid).gid(uid);
         }
-        command.output().unwrap()
+        // A child another test thread forked while the copy was open for writing holds it
+        // open until that child execs (ETXTBSY for a moment): retry.
+        for _ in 0..100 {
+            match command.output() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stayed busy", bin.display());
     };
 
     // The owner (uid 0, granted by the dev policy) is allowed.

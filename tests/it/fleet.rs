@@ -268,14 +268,19 @@ impl Drop for Node {
 }
 
 /// A dev state directory (token, PIN, policy), stopped, and `n` daemons on it and one new
-/// database.
+/// database of the tests' server.
 fn fleet(n: usize) -> (DevDaemon, Vec<Node>) {
-    let mut dev = DevDaemon::start();
-    assert!(dev.stop().success());
     // The synchronous client must not run on the test's async runtime thread.
     let database = std::thread::spawn(|| server().database()).join().unwrap();
+    fleet_on_database(&database, n, "")
+}
+
+/// The same, on `database`, with extra `[store]` settings.
+fn fleet_on_database(database: &str, n: usize, store: &str) -> (DevDaemon, Vec<Node>) {
+    let mut dev = DevDaemon::start();
+    assert!(dev.stop().success());
     let nodes = (0..n)
-        .map(|i| Node::start(dev.dir(), &database, &format!("node-{i}")))
+        .map(|i| Node::start_with(dev.dir(), database, &format!("node-{i}"), store))
         .collect();
     (dev, nodes)
 }
@@ -546,27 +551,12 @@ async fn migrate_store_moves_a_single_daemons_keys_into_postgres() {
     assert!(!again.status.success());
 }
 
-/// The same as [`fleet`], on a database server of the test's own.
-fn fleet_on(
-    server: &crate::common::postgres::OwnedPg,
-    n: usize,
-    store: &str,
-) -> (DevDaemon, Vec<Node>) {
-    let mut dev = DevDaemon::start();
-    assert!(dev.stop().success());
-    let database = server.database();
-    let nodes = (0..n)
-        .map(|i| Node::start_with(dev.dir(), &database, &format!("node-{i}"), store))
-        .collect();
-    (dev, nodes)
-}
-
 #[tokio::test]
 async fn a_database_outage_is_served_from_the_view_for_a_bounded_time_then_recovered() {
     let mut pg = std::thread::spawn(crate::common::postgres::OwnedPg::start)
         .join()
         .unwrap();
-    let (_dev, nodes) = fleet_on(&pg, 2, "max_staleness_ms = 3000");
+    let (_dev, nodes) = fleet_on_database(&pg.database(), 2, "max_staleness_ms = 3000");
     let key = create_key(&mut nodes[0].keys().await, "").await;
     let generated = generate(&mut nodes[0].data().await, &key.key_id, &[]).await;
     let unwrap = |socket: PathBuf| {
@@ -718,12 +708,8 @@ async fn a_daemon_killed_under_load_costs_the_others_nothing_and_catches_up() {
 
 #[tokio::test]
 async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
-    let mut dev = DevDaemon::start();
-    assert!(dev.stop().success());
     let database = std::thread::spawn(|| server().database()).join().unwrap();
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(dev.dir(), &database, &format!("node-{i}")))
-        .collect();
+    let (_dev, nodes) = fleet_on_database(&database, 3, "");
     let key = create_key(&mut nodes[0].keys().await, "").await;
     let generated = generate(&mut nodes[1].data().await, &key.key_id, &[]).await;
     // Every daemon has used the key (its handle cached).

@@ -253,6 +253,18 @@ impl AwsApi {
         }
     }
 
+    /// An optional `KeyId` parameter in wrapd's form (empty when absent).
+    async fn optional_key_param(
+        &self,
+        call: Call,
+        param: Option<&str>,
+    ) -> Result<(Call, String), AwsError> {
+        match param {
+            Some(param) => self.key_param(call, param).await,
+            None => Ok((call, String::new())),
+        }
+    }
+
     /// Checks a parameter wrapd does not offer; a bad one is rejected (and audited).
     async fn check(&self, call: Call, refusal: Option<AwsError>) -> Result<Call, AwsError> {
         match refusal {
@@ -496,10 +508,7 @@ impl AwsApi {
             Ok(limit) => limit,
             Err(err) => return Err(self.reject(call, err).await),
         };
-        let (call, key) = match req.key_id.as_deref() {
-            Some(param) => self.key_param(call, param).await?,
-            None => (call, String::new()),
-        };
+        let (call, key) = self.optional_key_param(call, req.key_id.as_deref()).await?;
         let page = self
             .ops
             .list_aliases(call, key, limit as u32, req.marker.unwrap_or_default())
@@ -604,10 +613,7 @@ impl AwsApi {
             )
         });
         let call = self.check(call, refusal).await?;
-        let (call, key) = match req.key_id.as_deref() {
-            Some(param) => self.key_param(call, param).await?,
-            None => (call, String::new()),
-        };
+        let (call, key) = self.optional_key_param(call, req.key_id.as_deref()).await?;
         let unwrapped = self
             .ops
             .unwrap(
@@ -644,10 +650,9 @@ impl AwsApi {
             });
         let call = self.check(call, refusal).await?;
         let (call, destination) = self.key_param(call, &req.destination_key_id).await?;
-        let (call, source) = match req.source_key_id.as_deref() {
-            Some(param) => self.key_param(call, param).await?,
-            None => (call, String::new()),
-        };
+        let (call, source) = self
+            .optional_key_param(call, req.source_key_id.as_deref())
+            .await?;
         let rewrapped = self
             .ops
             .rewrap(

@@ -248,15 +248,18 @@ pub fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AwsError> {
 }
 
 fn data_error(e: serde_json::Error) -> AwsError {
-    // serde's message names the member ("unknown field `Foo`", "missing field `KeyId`")
-    // and never echoes a value.
+    // "unknown field `Foo`" and "missing field `KeyId`" name a member, which helps the
+    // caller; "invalid type: integer `123`…" and "invalid value…" would echo a value (a
+    // plaintext, a context value) into the answer and the audit log, so they are replaced.
     let message = e.to_string();
-    let message = message
-        .split(" at line ")
-        .next()
-        .unwrap_or(&message)
-        .to_owned();
-    AwsError::validation(message)
+    let message = message.split(" at line ").next().unwrap_or(&message);
+    let names_a_member =
+        message.starts_with("unknown field") || message.starts_with("missing field");
+    AwsError::validation(if names_a_member {
+        message.to_owned()
+    } else {
+        "a member has the wrong type or an invalid value".to_owned()
+    })
 }
 
 #[cfg(test)]
@@ -275,6 +278,15 @@ mod tests {
         let err = parse::<KeyOnly>(b"{}").unwrap_err();
         assert_eq!(err.code, "ValidationException");
         assert!(err.message.contains("KeyId"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_mistyped_member_is_refused_without_echoing_its_value() {
+        let err =
+            parse::<GenerateDataKey>(br#"{"KeyId":"k","EncryptionContext":{"tenant":12345678}}"#)
+                .unwrap_err();
+        assert_eq!(err.code, "ValidationException");
+        assert!(!err.message.contains("12345678"), "{}", err.message);
     }
 
     #[test]

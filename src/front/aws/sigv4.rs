@@ -413,7 +413,8 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_ne!(err.error.code, "UnrecognizedClientException");
+        assert_eq!(err.error.code, "InvalidSignatureException", "{err:?}");
+        assert!(err.error.message.contains("region"), "{err:?}");
     }
 
     #[tokio::test]
