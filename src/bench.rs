@@ -117,6 +117,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<BenchResul
                 .create_key(CreateKeyRequest {
                     description: "wrapd bench".into(),
                     alias: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
@@ -394,6 +395,7 @@ pub async fn soak(config: Config, options: SoakOptions) -> Result<SoakReport> {
                 .create_key(CreateKeyRequest {
                     description: "wrapd soak".into(),
                     alias: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?

@@ -46,6 +46,20 @@ pub enum Error {
     /// A limit was reached: versions of a key, wraps of a version while it rotates.
     #[error("{0}")]
     LimitReached(String),
+    /// An import token that names no wrapping key of this key (forged, of another key, or
+    /// already cleaned up).
+    #[error("{0}")]
+    InvalidImportToken(String),
+    /// An import token past its expiry (24 hours after `GetParametersForImport`).
+    #[error("{0}")]
+    ExpiredImportToken(String),
+    /// Key material that differs from the material imported into the key before.
+    #[error("{0}")]
+    IncorrectKeyMaterial(String),
+    /// Something wrapd or the token does not offer (a wrapping algorithm the token's PKCS#11
+    /// library cannot unwrap with). The message names the alternative.
+    #[error("{0}")]
+    Unsupported(String),
     /// The caller has no identity.
     #[error("{0}")]
     Unauthenticated(String),
@@ -137,6 +151,14 @@ pub enum ErrorKind {
     WrongState,
     /// A limit was reached (FAILED_PRECONDITION).
     LimitReached,
+    /// An import token that is not one of this key's (INVALID_ARGUMENT).
+    InvalidImportToken,
+    /// An expired import token (INVALID_ARGUMENT).
+    ExpiredImportToken,
+    /// Imported material that differs from the key's (INVALID_ARGUMENT).
+    IncorrectKeyMaterial,
+    /// Not offered by wrapd or its token (FAILED_PRECONDITION).
+    Unsupported,
     /// No identity (UNAUTHENTICATED).
     Unauthenticated,
     /// Not allowed (PERMISSION_DENIED).
@@ -167,6 +189,10 @@ impl Error {
             Self::Disabled(_) => ErrorKind::Disabled,
             Self::WrongState(_) => ErrorKind::WrongState,
             Self::LimitReached(_) => ErrorKind::LimitReached,
+            Self::InvalidImportToken(_) => ErrorKind::InvalidImportToken,
+            Self::ExpiredImportToken(_) => ErrorKind::ExpiredImportToken,
+            Self::IncorrectKeyMaterial(_) => ErrorKind::IncorrectKeyMaterial,
+            Self::Unsupported(_) => ErrorKind::Unsupported,
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Self::Unavailable(_) => ErrorKind::Unavailable,

@@ -32,6 +32,7 @@
 //! | [`blob`] | the ciphertext blob format |
 //! | [`context`] | encryption context validation and canonical serialization |
 //! | [`ids`] | key ids, aliases, key references |
+//! | [`key_import`] | key import formats shared by daemon and client: the wrapping algorithms, and wrapping material for import (client) |
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
 //! | [`hardening`] | process hardening at start-up: no core dumps, locked memory, the PIN's environment variable wiped |
@@ -49,6 +50,7 @@ pub mod blob;
 pub mod context;
 pub mod error;
 pub mod ids;
+pub mod key_import;
 
 #[cfg(feature = "server")]
 pub mod auth;

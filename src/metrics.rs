@@ -55,7 +55,7 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let mut counts = [0u64; 3];
+        let mut counts = [0u64; 4];
         let limit = self.keystore.max_wraps_per_version() as f64;
         for key in self.keystore.keys() {
             if let Some(current) = key.versions.last() {
@@ -66,9 +66,10 @@ impl Metrics {
                 KeyState::Enabled => 0,
                 KeyState::Disabled => 1,
                 KeyState::PendingDeletion => 2,
+                KeyState::PendingImport => 3,
             }] += 1;
         }
-        for (state, count) in ["ENABLED", "DISABLED", "PENDING_DELETION"]
+        for (state, count) in ["ENABLED", "DISABLED", "PENDING_DELETION", "PENDING_IMPORT"]
             .iter()
             .zip(counts)
         {

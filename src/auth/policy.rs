@@ -81,6 +81,9 @@ operations! {
     DisableKeyRotation: false,
     TagKey: false,
     UntagKey: false,
+    GetParametersForImport: false,
+    ImportKeyMaterial: false,
+    DeleteImportedKeyMaterial: false,
 }
 
 /// What a call acts on.

@@ -134,4 +134,36 @@ impl Token for MemoryToken {
     fn ping(&self) -> Result<()> {
         Ok(())
     }
+
+    // Key import needs RSA inside the token: tested on SoftHSM (tests/it/key_import.rs).
+    fn create_wrapping_key(&self, _id: &super::WrappingKeyId) -> Result<Vec<u8>> {
+        Err(Error::Unsupported(
+            "the in-memory token imports no keys".into(),
+        ))
+    }
+
+    fn import_key(
+        &self,
+        _id: &super::WrappingKeyId,
+        _wrapped: &[u8],
+        _into: Option<&ObjectId>,
+    ) -> Result<super::KeyCheckValue> {
+        Err(Error::Unsupported(
+            "the in-memory token imports no keys".into(),
+        ))
+    }
+
+    fn key_check_value(&self, _object: &ObjectId) -> Result<super::KeyCheckValue> {
+        Err(Error::Unsupported(
+            "the in-memory token imports no keys".into(),
+        ))
+    }
+
+    fn wrapping_keys(&self) -> Result<Vec<super::WrappingKeyId>> {
+        Ok(Vec::new())
+    }
+
+    fn destroy_wrapping_key(&self, _id: &super::WrappingKeyId) -> Result<()> {
+        Ok(())
+    }
 }

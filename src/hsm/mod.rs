@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 use crate::error::Result;
 use crate::ids::KeyId;
 
+pub use crate::key_import::ImportAlgorithm;
 #[cfg(feature = "fault-injection")]
 pub use pkcs11::Fault;
 pub use pkcs11::Pkcs11Token;
@@ -84,6 +85,78 @@ impl fmt::Display for ObjectId {
     }
 }
 
+/// A key check value: AES-256-ECB of a fixed block under the key, computed inside the token.
+/// It tells whether two keys are the same without either leaving the token (re-imports
+/// must bring the material imported before). The block is not all zeroes: E(0) is AES-GCM's
+/// hash key H, which must never leave the token.
+pub type KeyCheckValue = [u8; 16];
+
+/// The fixed block of [`KeyCheckValue`]s.
+pub const KEY_CHECK_BLOCK: &[u8; 16] = b"wrapd KCV block1";
+
+/// Names a wrapping key pair made by `GetParametersForImport`: the key whose material it
+/// imports, the algorithm and RSA size, when it expires (Unix seconds) and 128 random bits.
+/// Its text form is the private key's `CKA_ID` and the import token callers carry: the
+/// token is valid while an object with exactly this `CKA_ID` exists (the random part makes
+/// it unguessable), so it needs no table of its own and every daemon of a fleet on the same
+/// HSM sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WrappingKeyId {
+    /// The key the material is for.
+    pub key_id: KeyId,
+    /// How the material is wrapped.
+    pub algorithm: ImportAlgorithm,
+    /// RSA modulus bits: 3072 or 4096.
+    pub bits: u32,
+    /// Expiry, Unix seconds.
+    pub expires: u64,
+    /// Random, to make the token unguessable.
+    pub nonce: [u8; 16],
+}
+
+impl WrappingKeyId {
+    const PREFIX: &'static str = "import";
+
+    /// Parses the text form (a `CKA_ID`, an import token); `None` for anything else.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split(':');
+        (parts.next()? == Self::PREFIX).then_some(())?;
+        let key_id = KeyId::parse(parts.next()?).ok()?;
+        let algorithm = ImportAlgorithm::parse(parts.next()?)?;
+        let bits = parts.next()?.parse().ok()?;
+        let expires = parts.next()?.parse().ok()?;
+        let nonce = hex::decode(parts.next()?).ok()?.try_into().ok()?;
+        parts.next().is_none().then_some(Self {
+            key_id,
+            algorithm,
+            bits,
+            expires,
+            nonce,
+        })
+    }
+
+    /// The text form's bytes (the `CKA_ID`, the import token).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_string().into_bytes()
+    }
+}
+
+impl fmt::Display for WrappingKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}:{}:{}:{}",
+            Self::PREFIX,
+            self.key_id,
+            self.algorithm.name(),
+            self.bits,
+            self.expires,
+            hex::encode(self.nonce)
+        )
+    }
+}
+
 /// Output of a wrap: the IV actually used and ciphertext || tag.
 #[derive(Debug)]
 pub struct Sealed {
@@ -125,6 +198,34 @@ pub trait Token: Send + Sync + 'static {
     fn list_keys(&self) -> Result<Vec<ObjectId>>;
     /// A cheap liveness check: a session can be had and the token answers.
     fn ping(&self) -> Result<()>;
+
+    // ---- key import (issue 11) -------------------------------------------------------------
+
+    /// Generates an RSA key pair for importing material: the private half a token object
+    /// named by `id` (private, sensitive, never extractable, unwrap only), the public half a
+    /// session object gone on return. Proves first, with the public half, that the token can
+    /// unwrap with `id.algorithm` ([`crate::Error::Unsupported`] if not). Returns the public
+    /// key as DER `SubjectPublicKeyInfo`.
+    fn create_wrapping_key(&self, id: &WrappingKeyId) -> Result<Vec<u8>>;
+    /// Unwraps imported material with the wrapping key `id`, inside the token, into a
+    /// session object (`into` is `None`: a check) or the token object `into` (the same
+    /// attributes as [`Token::generate_key`]'s), and returns its key check value.
+    /// Intermediate keys are session objects destroyed before return. Material that does
+    /// not unwrap is [`crate::Error::InvalidCiphertext`]; material that is not an AES-256
+    /// key is [`crate::Error::InvalidArgument`], and then nothing is left in the token; a
+    /// wrapping key that does not exist is [`crate::Error::InvalidImportToken`].
+    fn import_key(
+        &self,
+        id: &WrappingKeyId,
+        wrapped: &[u8],
+        into: Option<&ObjectId>,
+    ) -> Result<KeyCheckValue>;
+    /// The key check value of a key object.
+    fn key_check_value(&self, object: &ObjectId) -> Result<KeyCheckValue>;
+    /// Every wrapping key in the token.
+    fn wrapping_keys(&self) -> Result<Vec<WrappingKeyId>>;
+    /// Destroys a wrapping key; one that is already gone is not an error.
+    fn destroy_wrapping_key(&self, id: &WrappingKeyId) -> Result<()>;
 }
 
 /// How the HSM behaves where PKCS#11 implementations differ.

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::{AuthPin, Ulong};
@@ -23,7 +24,10 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use zeroize::Zeroizing;
 
 use super::pool::{Context, Outcome, Pool};
-use super::{HsmConfig, HsmProfile, ObjectId, Sealed, Token};
+use super::{
+    HsmConfig, HsmProfile, ImportAlgorithm, KEY_CHECK_BLOCK, KeyCheckValue, ObjectId, Sealed,
+    Token, WrappingKeyId,
+};
 use crate::blob::{IV_LEN, TAG_LEN};
 use crate::error::{Error, Pkcs11Fault, Result};
 
@@ -475,26 +479,249 @@ impl Pkcs11Token {
     }
 }
 
-impl Token for Pkcs11Token {
-    fn generate_key(&self, object: &ObjectId) -> Result<()> {
-        let template = [
+/// The attributes of every master key object (generated or imported): token, private,
+/// sensitive, never extractable, encrypt/decrypt only.
+fn master_key_attributes(object: &ObjectId) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Id(object.cka_id()),
+        Attribute::Label(format!("wrapd {object}").into_bytes()),
+    ]
+}
+
+/// The RSA-OAEP mechanism of an import algorithm (MGF1 over the same hash, no label).
+fn oaep(algorithm: ImportAlgorithm) -> Mechanism<'static> {
+    let (hash, mgf) = if algorithm.sha256() {
+        (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256)
+    } else {
+        (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1)
+    };
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()))
+}
+
+/// The token refused the mechanism or its parameters: it cannot do this algorithm.
+fn is_unsupported_mechanism(err: &CkError) -> bool {
+    matches!(
+        err,
+        CkError::Pkcs11(
+            RvError::MechanismInvalid | RvError::MechanismParamInvalid | RvError::ArgumentsBad,
+            _
+        )
+    )
+}
+
+fn unsupported(algorithm: ImportAlgorithm) -> Error {
+    Error::Unsupported(format!(
+        "this HSM's PKCS#11 library cannot unwrap with {} inside the token (SoftHSM 2.6 does RSA-OAEP with SHA-1 only); use {}",
+        algorithm.name(),
+        if algorithm.aes_key_wrap() {
+            ImportAlgorithm::RsaAesKeyWrapSha1.name()
+        } else {
+            ImportAlgorithm::RsaesOaepSha1.name()
+        }
+    ))
+}
+
+/// An unwrap that failed on the wrapped bytes (not on the device): a bad ciphertext. SoftHSM
+/// reports a failed OAEP decoding as `CKR_GENERAL_ERROR` or `CKR_FUNCTION_FAILED`, so those
+/// count when the session still answers (as for a GCM tag mismatch).
+fn unwrap_error(session: &Session, algorithm: ImportAlgorithm, err: CkError) -> Error {
+    if is_unsupported_mechanism(&err) {
+        return unsupported(algorithm);
+    }
+    match err {
+        CkError::Pkcs11(
+            RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::KeySizeRange
+            | RvError::DataLenRange
+            | RvError::DataInvalid
+            | RvError::GeneralError
+            | RvError::FunctionFailed,
+            _,
+        ) if session.get_session_info().is_ok() => Error::InvalidCiphertext,
+        other => p11_error(other),
+    }
+}
+
+impl Pkcs11Token {
+    /// The handle of a wrapping key's private half; [`Error::InvalidImportToken`] if none.
+    fn wrapping_key_handle(&self, session: &Session, id: &WrappingKeyId) -> Result<ObjectHandle> {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(id.to_bytes()),
+            ])
+            .map_err(p11_error)?;
+        found.first().copied().ok_or_else(|| {
+            Error::InvalidImportToken(format!(
+                "the import token names no wrapping key of key {} (expired and removed, or not issued by wrapd)",
+                id.key_id
+            ))
+        })
+    }
+
+    /// Unwraps `wrapped` into a key object with `template`, the RSA-OAEP step (and for
+    /// RSA_AES_KEY_WRAP_*, the RFC 5649 step under an ephemeral session key destroyed at
+    /// once) inside the token.
+    fn unwrap_material(
+        &self,
+        session: &Session,
+        id: &WrappingKeyId,
+        wrapped: &[u8],
+        template: &[Attribute],
+    ) -> Result<ObjectHandle> {
+        let private = self.wrapping_key_handle(session, id)?;
+        let rsa_len = (id.bits / 8) as usize;
+        if !id.algorithm.aes_key_wrap() {
+            if wrapped.len() != rsa_len {
+                return Err(Error::InvalidCiphertext);
+            }
+            return session
+                .unwrap_key(&oaep(id.algorithm), private, wrapped, template)
+                .map_err(|err| unwrap_error(session, id.algorithm, err));
+        }
+        // RSA-OAEP(ephemeral AES key) || RFC 5649 wrap of the material under it.
+        if wrapped.len() < rsa_len + 16 || (wrapped.len() - rsa_len) % 8 != 0 {
+            return Err(Error::InvalidCiphertext);
+        }
+        let (encrypted_key, wrapped_material) = wrapped.split_at(rsa_len);
+        let ephemeral_template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
+            Attribute::Token(false),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
             Attribute::Wrap(false),
-            Attribute::Unwrap(false),
             Attribute::Sign(false),
             Attribute::Verify(false),
             Attribute::Derive(false),
-            Attribute::Id(object.cka_id()),
-            Attribute::Label(format!("wrapd {object}").into_bytes()),
         ];
+        let ephemeral = session
+            .unwrap_key(
+                &oaep(id.algorithm),
+                private,
+                encrypted_key,
+                &ephemeral_template,
+            )
+            .map_err(|err| unwrap_error(session, id.algorithm, err))?;
+        let result = session
+            .unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                ephemeral,
+                wrapped_material,
+                template,
+            )
+            .map_err(|err| unwrap_error(session, id.algorithm, err));
+        if let Err(err) = session.destroy_object(ephemeral) {
+            tracing::warn!(error = %p11_error(err), "could not destroy an ephemeral import key (a session object: it goes with the session)");
+        }
+        result
+    }
+
+    /// The key check value of a key object (see [`KeyCheckValue`]).
+    fn check_value_of(session: &Session, handle: ObjectHandle) -> Result<KeyCheckValue> {
+        let block = session
+            .encrypt(&Mechanism::AesEcb, handle, KEY_CHECK_BLOCK)
+            .map_err(p11_error)?;
+        block
+            .try_into()
+            .map_err(|_| Error::Internal("C_Encrypt (AES-ECB) returned a wrong-sized block".into()))
+    }
+
+    /// Checks an unwrapped object is an AES-256 key (with `measure`, also where the library
+    /// does not report its length) and returns its check value.
+    fn check_imported(
+        session: &Session,
+        handle: ObjectHandle,
+        measure: bool,
+    ) -> Result<KeyCheckValue> {
+        let wrong_size = || Error::invalid("the key material must be a 256-bit (32-byte) AES key");
+        match Self::material_len(session, handle, measure)? {
+            Some(32) | None => {}
+            Some(_) => return Err(wrong_size()),
+        }
+        // An AES key of another length than 16, 24 or 32 bytes fails here.
+        Self::check_value_of(session, handle).map_err(|err| match err {
+            Error::Pkcs11 {
+                rv: RvError::KeySizeRange | RvError::KeyTypeInconsistent | RvError::GeneralError,
+                ..
+            } => wrong_size(),
+            other => other,
+        })
+    }
+
+    /// The length of an unwrapped key: `CKA_VALUE_LEN`, or where the library leaves it 0
+    /// (SoftHSM 2.6 does for unwrapped keys, and refuses it in the unwrap template), with
+    /// `measure`, the length of the key wrapped with RFC 5649 under a fresh session key
+    /// (sensitive, never extractable, destroyed at once): 8 bytes more than the key rounded
+    /// up to 8. `None` when unknown.
+    fn material_len(session: &Session, handle: ObjectHandle, measure: bool) -> Result<Option<u64>> {
+        let attributes = session
+            .get_attributes(handle, &[AttributeType::ValueLen])
+            .map_err(p11_error)?;
+        let reported = attributes.iter().find_map(|a| match a {
+            Attribute::ValueLen(len) => Some(u64::from(*len)),
+            _ => None,
+        });
+        if let Some(len) = reported.filter(|len| *len > 0) {
+            return Ok(Some(len));
+        }
+        if !measure {
+            return Ok(None);
+        }
+        let kek = session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Wrap(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                ],
+            )
+            .map_err(p11_error)?;
+        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, kek, handle);
+        if let Err(err) = session.destroy_object(kek) {
+            tracing::warn!(error = %p11_error(err), "could not destroy a session key (it goes with the session)");
+        }
+        let wrapped = wrapped.map_err(p11_error)?;
+        // 25..=32 bytes all wrap to 40; AES takes only 32 of them (the check value fails
+        // for the others).
+        Ok(Some(match wrapped.len() {
+            40 => 32,
+            n => n.saturating_sub(8) as u64,
+        }))
+    }
+}
+
+impl Token for Pkcs11Token {
+    fn generate_key(&self, object: &ObjectId) -> Result<()> {
+        let mut template = master_key_attributes(object);
+        template.push(Attribute::ValueLen(32.into()));
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
             let handle = session
@@ -631,6 +858,197 @@ impl Token for Pkcs11Token {
         let _shared = self.shared();
         self.with_session(false, |session, _| {
             session.get_session_info().map(|_| ()).map_err(p11_error)
+        })
+    }
+
+    fn create_wrapping_key(&self, id: &WrappingKeyId) -> Result<Vec<u8>> {
+        use rsa::pkcs8::EncodePublicKey;
+        let public_template = [
+            Attribute::Token(false),
+            Attribute::ModulusBits(Ulong::from(u64::from(id.bits))),
+            Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            Attribute::Encrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Verify(false),
+        ];
+        let private_template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Unwrap(true),
+            Attribute::Decrypt(false),
+            Attribute::Sign(false),
+            Attribute::Derive(false),
+            Attribute::Id(id.to_bytes()),
+            Attribute::Label(format!("wrapd import {}", id.key_id).into_bytes()),
+        ];
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            let (public, private) = session
+                .generate_key_pair(
+                    &Mechanism::RsaPkcsKeyPairGen,
+                    &public_template,
+                    &private_template,
+                )
+                .map_err(p11_error)?;
+            let result = (|| {
+                let attributes = session
+                    .get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                    .map_err(p11_error)?;
+                let (mut modulus, mut exponent) = (None, None);
+                for attribute in attributes {
+                    match attribute {
+                        Attribute::Modulus(n) => modulus = Some(n),
+                        Attribute::PublicExponent(e) => exponent = Some(e),
+                        _ => {}
+                    }
+                }
+                let (Some(n), Some(e)) = (modulus, exponent) else {
+                    return Err(Error::Internal("the RSA public key has no modulus".into()));
+                };
+                // Prove the token can unwrap with this algorithm before anyone wraps
+                // material for it: a random AES key, encrypted with the public half, unwrapped
+                // with the private half into a session object, destroyed.
+                let mut probe = Zeroizing::new([0u8; 32]);
+                session
+                    .generate_random_slice(probe.as_mut_slice())
+                    .map_err(p11_error)?;
+                let encrypted = session
+                    .encrypt(&oaep(id.algorithm), public, probe.as_slice())
+                    .map_err(|err| {
+                        if is_unsupported_mechanism(&err) {
+                            unsupported(id.algorithm)
+                        } else {
+                            p11_error(err)
+                        }
+                    })?;
+                let probe_template = [
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Unwrap(true),
+                ];
+                let unwrapped = session
+                    .unwrap_key(&oaep(id.algorithm), private, &encrypted, &probe_template)
+                    .map_err(|err| {
+                        if is_unsupported_mechanism(&err) {
+                            unsupported(id.algorithm)
+                        } else {
+                            p11_error(err)
+                        }
+                    })?;
+                session.destroy_object(unwrapped).map_err(p11_error)?;
+                let key = rsa::RsaPublicKey::new(
+                    rsa::BigUint::from_bytes_be(&n),
+                    rsa::BigUint::from_bytes_be(&e),
+                )
+                .map_err(|err| Error::Internal(format!("the token's RSA public key: {err}")))?;
+                key.to_public_key_der()
+                    .map(|der| der.into_vec())
+                    .map_err(|err| Error::Internal(format!("encoding the RSA public key: {err}")))
+            })();
+            if let Err(err) = session.destroy_object(public) {
+                tracing::warn!(error = %p11_error(err), "could not destroy the public half of a wrapping key (a session object)");
+            }
+            if result.is_err() {
+                if let Err(err) = session.destroy_object(private) {
+                    tracing::warn!(error = %p11_error(err), wrapping_key = %id, "could not destroy a wrapping key that failed its check");
+                }
+            }
+            result
+        })
+    }
+
+    fn import_key(
+        &self,
+        id: &WrappingKeyId,
+        wrapped: &[u8],
+        into: Option<&ObjectId>,
+    ) -> Result<KeyCheckValue> {
+        let mut template = match into {
+            Some(object) => master_key_attributes(object),
+            // The check object: extractable (only wrapped, under a session key that never
+            // leaves the token) so that its length can be measured where the library does
+            // not report it; see `material_len`.
+            None => vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+            ],
+        };
+        template.push(Attribute::Token(into.is_some()));
+        // Only a token object changes the object store; a check makes a session object.
+        let _exclusive = into.map(|_| self.exclusive());
+        let _shared = into.is_none().then(|| self.shared());
+        self.with_session(false, |session, _| {
+            let handle = self.unwrap_material(session, id, wrapped, &template)?;
+            // The kept object comes from the same bytes as the check object, whose length
+            // was measured.
+            let checked = Self::check_imported(session, handle, into.is_none());
+            let keep = into.is_some() && checked.is_ok();
+            if keep {
+                if let Some(object) = into {
+                    self.inner.handles.lock().insert(object.clone(), handle);
+                }
+            } else if let Err(err) = session.destroy_object(handle) {
+                tracing::warn!(error = %p11_error(err), "could not destroy an unwrapped key that is not kept");
+            }
+            checked
+        })
+    }
+
+    fn key_check_value(&self, object: &ObjectId) -> Result<KeyCheckValue> {
+        let _shared = self.shared();
+        self.with_session(true, |session, this| {
+            this.with_handle(session, object, |handle| {
+                Self::check_value_of(session, handle)
+            })
+        })
+    }
+
+    fn wrapping_keys(&self) -> Result<Vec<WrappingKeyId>> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let handles = session
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .map_err(p11_error)?;
+            let mut keys = Vec::new();
+            for handle in handles {
+                let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
+                    Ok(attributes) => attributes,
+                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                    Err(err) => return Err(p11_error(err)),
+                };
+                for attribute in attributes {
+                    if let Attribute::Id(id) = attribute {
+                        keys.extend(WrappingKeyId::parse(&id));
+                    }
+                }
+            }
+            Ok(keys)
+        })
+    }
+
+    fn destroy_wrapping_key(&self, id: &WrappingKeyId) -> Result<()> {
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            let template = [
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(id.to_bytes()),
+            ];
+            for handle in session.find_objects(&template).map_err(p11_error)? {
+                session.destroy_object(handle).map_err(p11_error)?;
+            }
+            Ok(())
         })
     }
 }

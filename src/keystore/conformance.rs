@@ -8,7 +8,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::metadata::{
-    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord,
+    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
+    VersionRecord,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, ErrorKind};
@@ -40,6 +41,8 @@ fn record(state: KeyState) -> KeyRecord {
         aliases: vec![],
         rotation: None,
         tags: Default::default(),
+        origin: Default::default(),
+        material: None,
     }
 }
 
@@ -260,6 +263,52 @@ pub fn version_claims(store: &impl Store) {
     );
 }
 
+/// An imported key's origin, state and material record round-trip and change atomically.
+pub fn imported_material(store: &impl Store) {
+    let mut key = record(KeyState::PendingImport);
+    key.origin = KeyOrigin::External;
+    store.create_key(&key, None).unwrap();
+    assert_eq!(store.key(&key.id).unwrap().unwrap(), key, "pending import");
+
+    let material = ImportedMaterial {
+        check_value: [0x5a; 16],
+        present: true,
+        valid_to: Some(millis(SystemTime::now() + Duration::from_secs(3600))),
+    };
+    store
+        .set_material(&key.id, KeyState::Enabled, &material)
+        .unwrap();
+    let loaded = store.key(&key.id).unwrap().unwrap();
+    assert_eq!(loaded.state, KeyState::Enabled);
+    assert_eq!(loaded.origin, KeyOrigin::External);
+    assert_eq!(loaded.material, Some(material));
+
+    let gone = ImportedMaterial {
+        present: false,
+        valid_to: None,
+        ..material
+    };
+    store
+        .set_material(&key.id, KeyState::PendingImport, &gone)
+        .unwrap();
+    let loaded = store.key(&key.id).unwrap().unwrap();
+    assert_eq!(
+        (loaded.state, loaded.material),
+        (KeyState::PendingImport, Some(gone))
+    );
+    assert_eq!(
+        store
+            .set_material(&KeyId::generate(), KeyState::Enabled, &material)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    let generated = record(KeyState::Enabled);
+    store.create_key(&generated, None).unwrap();
+    let loaded = store.key(&generated.id).unwrap().unwrap();
+    assert_eq!((loaded.origin, loaded.material), (KeyOrigin::Hsm, None));
+}
+
 /// Audit chain heads: one per chain, only moving forward.
 pub fn audit_heads_only_move_forward(store: &impl Store) {
     let head = |seq, c: char| ChainHead {
@@ -321,6 +370,10 @@ macro_rules! metadata_store_conformance {
             #[test]
             fn version_claims() {
                 suite::version_claims(&$make);
+            }
+            #[test]
+            fn imported_material() {
+                suite::imported_material(&$make);
             }
             #[test]
             fn audit_heads_only_move_forward() {

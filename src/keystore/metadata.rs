@@ -20,6 +20,9 @@ pub enum KeyState {
     Disabled,
     /// Usable for nothing; destroyed at `deletion_date` unless cancelled.
     PendingDeletion,
+    /// An `EXTERNAL` key without key material: never imported, expired, or deleted with
+    /// `DeleteImportedKeyMaterial`. Usable again once the material is imported.
+    PendingImport,
 }
 
 impl KeyState {
@@ -29,6 +32,7 @@ impl KeyState {
             Self::Enabled => "ENABLED",
             Self::Disabled => "DISABLED",
             Self::PendingDeletion => "PENDING_DELETION",
+            Self::PendingImport => "PENDING_IMPORT",
         }
     }
 
@@ -38,9 +42,52 @@ impl KeyState {
             "ENABLED" => Some(Self::Enabled),
             "DISABLED" => Some(Self::Disabled),
             "PENDING_DELETION" => Some(Self::PendingDeletion),
+            "PENDING_IMPORT" => Some(Self::PendingImport),
             _ => None,
         }
     }
+}
+
+/// Where a key's material comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyOrigin {
+    /// Generated inside the token by wrapd (AWS KMS's `AWS_KMS` origin).
+    #[default]
+    Hsm,
+    /// Imported by its owner (issue 11): `CreateKey` makes it `PENDING_IMPORT`, with one
+    /// version whose object appears when the material is imported. Never rotated.
+    External,
+}
+
+impl KeyOrigin {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hsm => "HSM",
+            Self::External => "EXTERNAL",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "HSM" => Some(Self::Hsm),
+            "EXTERNAL" => Some(Self::External),
+            _ => None,
+        }
+    }
+}
+
+/// The imported material of an `EXTERNAL` key, once some was imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportedMaterial {
+    /// The key check value of the material imported first: a later import must match it
+    /// (compared in constant time), so a key's material never changes.
+    pub check_value: crate::hsm::KeyCheckValue,
+    /// Whether the token holds it now: false after it expired or was deleted.
+    pub present: bool,
+    /// When it expires (and is destroyed); `None`: never.
+    pub valid_to: Option<SystemTime>,
 }
 
 /// One version of a key.
@@ -99,9 +146,19 @@ pub struct KeyRecord {
     pub rotation: Option<RotationSchedule>,
     /// The key's tags (sorted by key).
     pub tags: BTreeMap<String, String>,
+    /// Generated in the token, or imported.
+    pub origin: KeyOrigin,
+    /// For `EXTERNAL` keys that had material imported.
+    pub material: Option<ImportedMaterial>,
 }
 
 impl KeyRecord {
+    /// Whether the token should hold the key's objects: always for generated keys; for
+    /// imported ones, while their material is imported and not deleted or expired.
+    pub fn has_material(&self) -> bool {
+        self.origin == KeyOrigin::Hsm || self.material.is_some_and(|m| m.present)
+    }
+
     /// The newest version (used for new wraps).
     pub fn current_version(&self) -> u32 {
         self.versions.last().map_or(0, |v| v.version)
@@ -141,6 +198,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn set_rotation(&self, id: &KeyId, rotation: Option<&RotationSchedule>) -> Result<()>;
     /// Replaces the key's tags.
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()>;
+    /// Sets the state and the imported material's record of an `EXTERNAL` key, atomically.
+    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()>;
     /// Sets the state and deletion date.
     fn set_state(
         &self,
@@ -190,4 +249,9 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: &Cursor,
         limit: usize,
     ) -> Result<Vec<(AliasName, KeyId)>>;
+}
+
+/// Parses a stored key check value (hex).
+pub(super) fn decode_check_value(text: &str) -> Option<crate::hsm::KeyCheckValue> {
+    hex::decode(text).ok()?.try_into().ok()
 }

@@ -16,6 +16,7 @@
 
 #[doc(hidden)]
 pub mod conformance;
+mod import;
 mod metadata;
 mod postgres;
 mod sqlite;
@@ -27,8 +28,10 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
+pub use import::ImportParameters;
 pub use metadata::{
-    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, StoreChanges, VersionRecord,
+    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
+    StoreChanges, VersionRecord,
 };
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -121,6 +124,20 @@ fn checked_tags(
         )));
     }
     Ok(updated)
+}
+
+/// Imported keys are never rotated, by hand, on a schedule or at the wrap limit: a new
+/// version would need new material from the owner's ceremony, and wrapd cannot make it.
+/// Rotate them as AWS KMS long documented: import the new material into a new key, point
+/// the alias at it, and move blobs with ReWrap.
+fn refuse_imported_rotation(key: &KeyRecord) -> Result<()> {
+    if key.origin == KeyOrigin::External {
+        return Err(Error::Unsupported(format!(
+            "key {} has imported key material and is not rotated: import new material into a new key and re-point its alias (ReWrap moves blobs)",
+            key.id
+        )));
+    }
+    Ok(())
 }
 
 fn days_of(days: u32) -> Duration {
@@ -335,18 +352,42 @@ fn encode_page_token(prefix: &str, cursor: &Cursor) -> String {
     hex::encode(format!("{prefix}{}", cursor.0))
 }
 
-fn usable(key: &KeyRecord) -> Result<()> {
+/// Whether the data plane may use a key at `now`: enabled, and for an imported key, with
+/// material that has not expired (the maintenance task destroys expired material; until it
+/// runs, the expiry is enforced here).
+fn usable_at(key: &KeyRecord, now: impl FnOnce() -> SystemTime) -> Result<()> {
     match key.state {
-        KeyState::Enabled => Ok(()),
-        KeyState::Disabled => Err(Error::Disabled(format!("key {} is disabled", key.id))),
-        KeyState::PendingDeletion => Err(Error::WrongState(format!(
-            "key {} is pending deletion",
-            key.id
-        ))),
+        KeyState::Enabled => {}
+        KeyState::Disabled => return Err(Error::Disabled(format!("key {} is disabled", key.id))),
+        KeyState::PendingDeletion => {
+            return Err(Error::WrongState(format!(
+                "key {} is pending deletion",
+                key.id
+            )));
+        }
+        KeyState::PendingImport => {
+            return Err(Error::WrongState(format!(
+                "key {} is pending import: it has no key material (import it first)",
+                key.id
+            )));
+        }
     }
+    if let Some(valid_to) = key.material.and_then(|m| m.valid_to) {
+        if valid_to <= now() {
+            return Err(Error::WrongState(format!(
+                "the key material of key {} has expired",
+                key.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Keystore {
+    fn usable(&self, key: &KeyRecord) -> Result<()> {
+        usable_at(key, || self.clock.now())
+    }
+
     /// Opens the key store: loads the metadata and reconciles it with the token.
     pub fn open(
         token: Arc<dyn Token>,
@@ -461,6 +502,12 @@ impl Keystore {
         for key in self.read_view().keys.values() {
             for v in &key.versions {
                 let object = ObjectId::new(key.id.clone(), v.version);
+                if !key.has_material() {
+                    // An imported key without material has no object (or one left by an
+                    // import that crashed before its commit, which the next import checks).
+                    expected.insert(object);
+                    continue;
+                }
                 if !in_token.contains(&object) {
                     tracing::error!(key_id = %key.id, version = v.version,
                         "key version has no object in the token: this version is unavailable");
@@ -666,6 +713,19 @@ impl Keystore {
         alias: Option<&AliasName>,
         tags: &BTreeMap<String, String>,
     ) -> Result<Arc<KeyRecord>> {
+        self.create_key_from(description, alias, tags, KeyOrigin::Hsm)
+    }
+
+    /// Creates a key whose material is generated in the token ([`KeyOrigin::Hsm`]) or
+    /// imported later ([`KeyOrigin::External`]: the key starts `PENDING_IMPORT`, its one
+    /// version without an object until [`Keystore::import_key_material`]).
+    pub fn create_key_from(
+        &self,
+        description: &str,
+        alias: Option<&AliasName>,
+        tags: &BTreeMap<String, String>,
+        origin: KeyOrigin,
+    ) -> Result<Arc<KeyRecord>> {
         let tags = checked_tags(&BTreeMap::new(), tags, false)?;
         if description.len() > MAX_DESCRIPTION_LEN {
             return Err(Error::invalid(format!(
@@ -685,11 +745,18 @@ impl Keystore {
         // Token object first: a crash before the metadata commit leaves an orphan object
         // (reported at start-up), never metadata without key material.
         let object = ObjectId::new(id.clone(), 1);
-        self.token.generate_key(&object)?;
+        if origin == KeyOrigin::Hsm {
+            self.token.generate_key(&object)?;
+        }
         let record = KeyRecord {
             id: id.clone(),
             description: description.to_owned(),
-            state: KeyState::Enabled,
+            state: match origin {
+                KeyOrigin::Hsm => KeyState::Enabled,
+                KeyOrigin::External => KeyState::PendingImport,
+            },
+            origin,
+            material: None,
             created_at: now,
             deletion_date: None,
             versions: vec![VersionRecord {
@@ -703,6 +770,9 @@ impl Keystore {
             tags,
         };
         if let Err(err) = self.store.create_key(&record, alias) {
+            if origin == KeyOrigin::External {
+                return Err(err);
+            }
             if let Err(cleanup) = self.token.destroy_key(&object) {
                 tracing::warn!(object = %object, error = %cleanup, "could not destroy the object of a key that failed to commit");
             }
@@ -743,7 +813,7 @@ impl Keystore {
     pub fn rotate_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
-        usable(&key)?;
+        self.usable(&key)?;
         self.add_version(&key, false)
     }
 
@@ -752,7 +822,10 @@ impl Keystore {
     pub fn set_rotation(&self, key: &KeyRef, period_days: Option<u32>) -> Result<Arc<KeyRecord>> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
-        usable(&key)?;
+        self.usable(&key)?;
+        if period_days.is_some() {
+            refuse_imported_rotation(&key)?;
+        }
         let schedule = match period_days {
             Some(days) if ROTATION_PERIOD_DAYS.contains(&days) => Some(RotationSchedule {
                 period_days: days,
@@ -843,6 +916,7 @@ impl Keystore {
     /// Adds a version to `key` (`automatic`: on its rotation schedule). Caller holds the
     /// admin lock.
     fn add_version(&self, key: &KeyRecord, automatic: bool) -> Result<Arc<KeyRecord>> {
+        refuse_imported_rotation(key)?;
         let (version, resumed) = self.claim_next_version(&key.id)?;
         let object = ObjectId::new(key.id.clone(), version);
         // Never destroy an object the metadata cannot prove is an orphan (security review
@@ -935,6 +1009,12 @@ impl Keystore {
                 key.id
             )));
         }
+        if key.state == KeyState::PendingImport {
+            return Err(Error::WrongState(format!(
+                "key {} is pending import; import its key material first",
+                key.id
+            )));
+        }
         self.store.set_state(&key.id, state, None)?;
         tracing::info!(key_id = %key.id, state = state.as_str(), "key state changed");
         self.refresh(&key.id)?
@@ -965,7 +1045,8 @@ impl Keystore {
             .ok_or_else(|| Error::Internal("key vanished after scheduling deletion".into()))
     }
 
-    /// Cancels a scheduled deletion; the key comes back disabled, as in AWS KMS.
+    /// Cancels a scheduled deletion; the key comes back disabled (or, without its imported
+    /// material, pending import), as in AWS KMS.
     pub fn cancel_deletion(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
@@ -975,8 +1056,15 @@ impl Keystore {
                 key.id
             )));
         }
-        self.store.set_state(&key.id, KeyState::Disabled, None)?;
-        tracing::info!(key_id = %key.id, "key deletion cancelled; the key is disabled");
+        // An imported key whose material expired or was deleted meanwhile comes back
+        // pending import.
+        let state = if key.has_material() {
+            KeyState::Disabled
+        } else {
+            KeyState::PendingImport
+        };
+        self.store.set_state(&key.id, state, None)?;
+        tracing::info!(key_id = %key.id, state = state.as_str(), "key deletion cancelled");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after cancelling deletion".into()))
     }
@@ -1167,10 +1255,16 @@ impl Keystore {
         self.check_fresh()?;
         for _ in 0..3 {
             let record = self.resolve(key)?;
-            usable(&record)?;
+            self.usable(&record)?;
             let version = record.current_version();
             if self.count_wrap(&record, version)? {
                 return Ok((record, version));
+            }
+            if record.origin == KeyOrigin::External {
+                return Err(Error::LimitReached(format!(
+                    "key {} has made as many wraps as one key version may; its material is imported, so it cannot rotate: import into a new key",
+                    record.id
+                )));
             }
             let _admin = self.admin.lock();
             // Another caller may have rotated while we waited for the lock.
@@ -1250,7 +1344,7 @@ impl Keystore {
             key = self.refresh(&blob.key_id)?;
         }
         let key = key.ok_or(Error::InvalidCiphertext)?;
-        usable(&key)?;
+        self.usable(&key)?;
         if !known(&key) {
             return Err(Error::InvalidCiphertext);
         }
@@ -1268,7 +1362,7 @@ impl Keystore {
                 match self.refresh(&blob.key_id)? {
                     None => return Err(Error::InvalidCiphertext),
                     Some(key) => {
-                        usable(&key)?;
+                        self.usable(&key)?;
                         return Err(err);
                     }
                 }

@@ -27,7 +27,8 @@ use postgres::{Client, NoTls, Row, Transaction};
 use zeroize::Zeroizing;
 
 use super::metadata::{
-    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, StoreChanges, VersionRecord,
+    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
+    StoreChanges, VersionRecord,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -41,9 +42,10 @@ const MIGRATION_LOCK: i64 = 0x7772_6170_6400_0001;
 const MAINTENANCE_LOCK: i64 = 0x7772_6170_6400_0002;
 
 /// The migrations, in order; each runs once, in one transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE keys (
     seq                  BIGSERIAL PRIMARY KEY,
     id                   TEXT NOT NULL UNIQUE,
@@ -89,7 +91,19 @@ CREATE TABLE audit_heads (
     hash  TEXT NOT NULL
 );
 ",
-)];
+    ),
+    (
+        2,
+        // Key import (issue 11): where a key's material comes from, and the imported
+        // material's check value, presence and expiry.
+        "
+ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
+ALTER TABLE keys ADD COLUMN material_check TEXT;
+ALTER TABLE keys ADD COLUMN material_present BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE keys ADD COLUMN material_valid_to BIGINT;
+",
+    ),
+];
 
 /// How to reach the database.
 #[derive(Clone)]
@@ -327,7 +341,8 @@ impl PostgresStore {
         let Some(row) = client
             .query_opt(
                 "SELECT description, state, created_at, deletion_date, rotation_period_days,
-                        next_rotation
+                        next_rotation, origin, material_check, material_present,
+                        material_valid_to
                  FROM keys WHERE id = $1",
                 &[&id],
             )
@@ -379,7 +394,21 @@ impl PostgresStore {
             }),
             _ => None,
         };
+        let origin: String = row.get(6);
+        let material = row
+            .get::<_, Option<String>>(7)
+            .map(|check| {
+                Ok::<_, Error>(ImportedMaterial {
+                    check_value: super::metadata::decode_check_value(&check)
+                        .ok_or_else(|| corrupt("key check value", &check))?,
+                    present: row.get(8),
+                    valid_to: row.get::<_, Option<i64>>(9).map(from_millis),
+                })
+            })
+            .transpose()?;
         Ok(Some(KeyRecord {
+            origin: KeyOrigin::parse(&origin).ok_or_else(|| corrupt("origin", &origin))?,
+            material,
             id: KeyId::parse(id).map_err(|_| corrupt("key id", id))?,
             description: row.get(0),
             state: KeyState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
@@ -412,6 +441,28 @@ impl PostgresStore {
         tx.execute(
             "UPDATE keys SET rotation_period_days = $2, next_rotation = $3 WHERE id = $1",
             &[&id.as_str(), &days, &next],
+        )
+        .map_err(pg_error)?;
+        Ok(())
+    }
+
+    fn write_material(
+        tx: &mut Transaction<'_>,
+        id: &KeyId,
+        origin: KeyOrigin,
+        material: Option<&ImportedMaterial>,
+    ) -> Result<()> {
+        tx.execute(
+            "UPDATE keys SET origin = $2, material_check = $3, material_present = $4,
+                    material_valid_to = $5
+             WHERE id = $1",
+            &[
+                &id.as_str(),
+                &origin.as_str(),
+                &material.map(|m| hex::encode(m.check_value)),
+                &material.is_some_and(|m| m.present),
+                &material.and_then(|m| m.valid_to).map(to_millis),
+            ],
         )
         .map_err(pg_error)?;
         Ok(())
@@ -535,6 +586,7 @@ impl MetadataStore for PostgresStore {
             }
             Self::write_rotation(tx, &key.id, key.rotation.as_ref())?;
             Self::write_tags(tx, &key.id, &key.tags)?;
+            Self::write_material(tx, &key.id, key.origin, key.material.as_ref())?;
             if let Some(alias) = alias {
                 Self::insert_alias(tx, alias, &key.id)?;
             }
@@ -713,6 +765,22 @@ impl MetadataStore for PostgresStore {
         self.tx(|tx| {
             Self::key_exists(tx, id)?;
             Self::write_tags(tx, id, tags)?;
+            notify_key(tx, id)
+        })
+    }
+
+    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()> {
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE keys SET state = $2 WHERE id = $1",
+                    &[&id.as_str(), &state.as_str()],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(id.to_string()));
+            }
+            Self::write_material(tx, id, KeyOrigin::External, Some(material))?;
             notify_key(tx, id)
         })
     }

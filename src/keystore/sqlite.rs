@@ -8,13 +8,14 @@ use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
-    Cursor, KeyRecord, KeyState, MetadataStore, RotationSchedule, VersionRecord,
+    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
+    VersionRecord,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -64,6 +65,15 @@ CREATE TABLE IF NOT EXISTS key_tags (
     tag_value TEXT NOT NULL,
     PRIMARY KEY (key_id, tag_key)
 );
+";
+
+/// Schema 3: key import (issue 11): where a key's material comes from, and the imported
+/// material's check value, presence and expiry.
+const MIGRATION_3: &str = "
+ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
+ALTER TABLE keys ADD COLUMN material_check TEXT;
+ALTER TABLE keys ADD COLUMN material_present INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN material_valid_to INTEGER;
 ";
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
@@ -130,6 +140,12 @@ impl SqliteStore {
             ))
             .map_err(db_error)?;
         }
+        if version < 3 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_3} PRAGMA user_version = 3; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -145,25 +161,49 @@ impl SqliteStore {
         let row = conn
             .query_row(
                 "SELECT description, state, created_at, deletion_date, rotation_period_days,
-                        next_rotation
+                        next_rotation, origin, material_check, material_present,
+                        material_valid_to
                  FROM keys WHERE id = ?1",
                 [id],
                 |row| {
                     Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, Option<i64>>(3)?,
-                        row.get::<_, Option<u32>>(4)?,
-                        row.get::<_, Option<i64>>(5)?,
+                        (
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                            row.get::<_, Option<i64>>(3)?,
+                            row.get::<_, Option<u32>>(4)?,
+                            row.get::<_, Option<i64>>(5)?,
+                        ),
+                        (
+                            row.get::<_, String>(6)?,
+                            row.get::<_, Option<String>>(7)?,
+                            row.get::<_, i64>(8)? != 0,
+                            row.get::<_, Option<i64>>(9)?,
+                        ),
                     ))
                 },
             )
             .optional()
             .map_err(db_error)?;
-        let Some((description, state, created_at, deletion_date, period, next)) = row else {
+        let Some((
+            (description, state, created_at, deletion_date, period, next),
+            (origin, check, present, valid_to),
+        )) = row
+        else {
             return Ok(None);
         };
+        let origin = KeyOrigin::parse(&origin).ok_or_else(|| corrupt("origin", &origin))?;
+        let material = check
+            .map(|check| {
+                Ok::<_, Error>(ImportedMaterial {
+                    check_value: super::metadata::decode_check_value(&check)
+                        .ok_or_else(|| corrupt("key check value", &check))?,
+                    present,
+                    valid_to: valid_to.map(from_millis),
+                })
+            })
+            .transpose()?;
         let rotation = match (period, next) {
             (Some(period_days), Some(next)) => Some(RotationSchedule {
                 period_days,
@@ -222,7 +262,31 @@ impl SqliteStore {
             aliases,
             rotation,
             tags,
+            origin,
+            material,
         }))
+    }
+
+    fn write_material(
+        tx: &Transaction<'_>,
+        id: &KeyId,
+        origin: KeyOrigin,
+        material: Option<&ImportedMaterial>,
+    ) -> Result<()> {
+        tx.execute(
+            "UPDATE keys SET origin = ?2, material_check = ?3, material_present = ?4,
+                    material_valid_to = ?5
+             WHERE id = ?1",
+            params![
+                id.as_str(),
+                origin.as_str(),
+                material.map(|m| hex::encode(m.check_value)),
+                material.is_some_and(|m| m.present),
+                material.and_then(|m| m.valid_to).map(to_millis)
+            ],
+        )
+        .map_err(db_error)?;
+        Ok(())
     }
 
     fn write_rotation(
@@ -326,6 +390,7 @@ impl MetadataStore for SqliteStore {
         }
         Self::write_rotation(&tx, &key.id, key.rotation.as_ref())?;
         Self::write_tags(&tx, &key.id, &key.tags)?;
+        Self::write_material(&tx, &key.id, key.origin, key.material.as_ref())?;
         if let Some(alias) = alias {
             Self::insert_alias(&tx, alias, &key.id)?;
         }
@@ -471,6 +536,22 @@ impl MetadataStore for SqliteStore {
             )
             .map_err(db_error)?;
         Ok(())
+    }
+
+    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        let changed = tx
+            .execute(
+                "UPDATE keys SET state = ?2 WHERE id = ?1",
+                params![id.as_str(), state.as_str()],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::KeyNotFound(id.to_string()));
+        }
+        Self::write_material(&tx, id, KeyOrigin::External, Some(material))?;
+        tx.commit().map_err(db_error)
     }
 
     fn set_state(
@@ -702,6 +783,8 @@ mod tests {
             aliases: vec![],
             rotation: None,
             tags: BTreeMap::new(),
+            origin: KeyOrigin::Hsm,
+            material: None,
         };
         SqliteStore::open(&path)
             .unwrap()

@@ -294,14 +294,18 @@ fn denied(op: Operation) -> Error {
 /// transport, so that the log reads the same for every front end.
 pub fn outcome_name(kind: ErrorKind) -> &'static str {
     match kind {
-        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext | ErrorKind::IncorrectKey => {
-            "INVALID_ARGUMENT"
-        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::InvalidCiphertext
+        | ErrorKind::IncorrectKey
+        | ErrorKind::InvalidImportToken
+        | ErrorKind::ExpiredImportToken
+        | ErrorKind::IncorrectKeyMaterial => "INVALID_ARGUMENT",
         ErrorKind::NotFound => "NOT_FOUND",
         ErrorKind::AlreadyExists => "ALREADY_EXISTS",
-        ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
-            "FAILED_PRECONDITION"
-        }
+        ErrorKind::WrongState
+        | ErrorKind::Disabled
+        | ErrorKind::LimitReached
+        | ErrorKind::Unsupported => "FAILED_PRECONDITION",
         ErrorKind::Unauthenticated => "UNAUTHENTICATED",
         ErrorKind::PermissionDenied => "PERMISSION_DENIED",
         ErrorKind::Unavailable => "UNAVAILABLE",

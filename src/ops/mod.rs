@@ -29,8 +29,12 @@ use crate::auth::{Operation, Target};
 use crate::blob::Blob;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
+use crate::hsm::ImportAlgorithm;
 use crate::ids::{AliasName, KeyId, KeyRef};
-use crate::keystore::{GeneratedKey, KeyRecord, Keystore, Page, Rewrapped, Unwrapped, Wrapped};
+use crate::keystore::{
+    GeneratedKey, ImportParameters, KeyOrigin, KeyRecord, Keystore, Page, Rewrapped, Unwrapped,
+    Wrapped,
+};
 
 /// Encryption-context keys with this prefix are reserved for wrapd's own bindings (the
 /// KMS plugin binds its blobs with one), so that no caller can produce or open a blob bound
@@ -70,7 +74,7 @@ impl KeyView {
                 version: v.version,
                 created_at: v.created_at,
                 wrap_count: keystore.wrap_count(&key, v),
-                available: !keystore.is_missing(&key.id, v.version),
+                available: key.has_material() && !keystore.is_missing(&key.id, v.version),
                 automatic: v.automatic,
             })
             .collect();
@@ -474,13 +478,15 @@ impl Ops {
         .await
     }
 
-    /// Creates a key, optionally with an alias (empty: none) and tags.
+    /// Creates a key, optionally with an alias (empty: none) and tags; with
+    /// [`KeyOrigin::External`], a key pending the import of its material.
     pub async fn create_key(
         &self,
         call: Call,
         description: String,
         alias: String,
         tags: std::collections::BTreeMap<String, String>,
+        origin: KeyOrigin,
     ) -> Result<KeyView> {
         self.key_job(call, move |gate, ks, call| {
             gate.check_some(call, call.op())?;
@@ -494,7 +500,7 @@ impl Ops {
                 None => Target::Any,
             };
             gate.check(call, &target, None)?;
-            ks.create_key_tagged(&description, alias.as_ref(), &tags)
+            ks.create_key_from(&description, alias.as_ref(), &tags, origin)
         })
         .await
     }
@@ -561,6 +567,72 @@ impl Ops {
     ) -> Result<KeyView> {
         self.on_key(call, key_id, move |ks, key| ks.tag_key(key, &tags, remove))
             .await
+    }
+
+    /// A wrapping key and import token for importing material into an `EXTERNAL` key
+    /// (`bits`: 3072 or 4096).
+    pub async fn get_parameters_for_import(
+        &self,
+        call: Call,
+        key_id: String,
+        algorithm: ImportAlgorithm,
+        bits: u32,
+    ) -> Result<ImportParameters> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            gate.check(call, &target_of(ks, &key), None)?;
+            let parameters = ks.import_parameters(&key, algorithm, bits)?;
+            call.key(parameters.key_id.to_string(), None);
+            Ok(parameters)
+        })
+        .await
+    }
+
+    /// Imports key material (wrapped for the wrapping key of `import_token`) into an
+    /// `EXTERNAL` key, to expire at `valid_to` (`None`: never).
+    pub async fn import_key_material(
+        &self,
+        call: Call,
+        key_id: String,
+        import_token: Vec<u8>,
+        encrypted_material: Vec<u8>,
+        valid_to: Option<SystemTime>,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| {
+            ks.import_key_material(key, &import_token, &encrypted_material, valid_to)
+        })
+        .await
+    }
+
+    /// Deletes an `EXTERNAL` key's imported material (the key becomes pending import).
+    pub async fn delete_imported_key_material(
+        &self,
+        call: Call,
+        key_id: String,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.delete_imported_material(key))
+            .await
+    }
+
+    /// Destroys imported material past its `valid_to`, each key's
+    /// `DeleteImportedKeyMaterial` audit line (principal `wrapd:daemon`) first, and the
+    /// wrapping keys of expired import tokens. Blocks (the background task runs it on the
+    /// blocking pool).
+    pub fn expire_imports(&self) -> Result<Vec<KeyId>> {
+        let expired = self.keystore.expire_material(|key| {
+            self.gate.record_internal(
+                "DeleteImportedKeyMaterial",
+                key.id.as_str(),
+                key.current_version(),
+            )
+        })?;
+        let purged = self.keystore.purge_wrapping_keys()?;
+        if purged > 0 {
+            tracing::info!(purged, "wrapping keys of expired import tokens destroyed");
+        }
+        Ok(expired)
     }
 
     /// Carries out the automatic rotations that are due, each audited first as a
@@ -730,6 +802,7 @@ mod tests {
                     String::new(),
                     alias.into(),
                     Default::default(),
+                    KeyOrigin::Hsm,
                 )
                 .await
                 .unwrap();
@@ -781,6 +854,7 @@ mod tests {
                 String::new(),
                 "alias/k".into(),
                 Default::default(),
+                KeyOrigin::Hsm,
             )
             .await
             .unwrap();
@@ -821,6 +895,7 @@ mod tests {
                 String::new(),
                 "alias/billing".into(),
                 Default::default(),
+                KeyOrigin::Hsm,
             )
             .await
             .unwrap();
@@ -862,6 +937,7 @@ mod tests {
             String::new(),
             "alias/a".into(),
             Default::default(),
+            KeyOrigin::Hsm,
         )
         .await
         .unwrap();

@@ -621,8 +621,9 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// Destroys keys whose deletion date has passed and rotates keys whose automatic rotation
-/// is due (each audited first), at start and then every `interval`.
+/// Destroys keys whose deletion date has passed, rotates keys whose automatic rotation is
+/// due, destroys imported material past its expiry (each audited first) and the wrapping
+/// keys of expired import tokens, at start and then every `interval`.
 async fn maintenance_task(ops: Ops, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
@@ -635,6 +636,15 @@ async fn maintenance_task(ops: Ops, interval: Duration) {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => tracing::error!(error = %err, "automatic rotation failed; will retry"),
             Err(err) => tracing::error!(error = %err, "rotation task failed"),
+        }
+        let expiring = ops.clone();
+        match tokio::task::spawn_blocking(move || expiring.expire_imports()).await {
+            Ok(Ok(expired)) if !expired.is_empty() => {
+                tracing::info!(count = expired.len(), "imported key material expired");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "import expiry failed; will retry"),
+            Err(err) => tracing::error!(error = %err, "import expiry task failed"),
         }
         let ops = ops.clone();
         match tokio::task::spawn_blocking(move || ops.purge_due()).await {

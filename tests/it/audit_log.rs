@@ -31,6 +31,7 @@ async fn every_rpc_is_audited_and_tampering_is_caught() {
         .create_key(CreateKeyRequest {
             description: "audited".into(),
             alias: "alias/audited".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

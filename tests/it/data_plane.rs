@@ -364,6 +364,7 @@ async fn bad_input_gets_the_documented_codes() {
         keys.create_key(wrapd::proto::CreateKeyRequest {
             description: String::new(),
             alias: "alias/other".into(),
+            ..Default::default()
         })
         .await,
         Code::AlreadyExists,

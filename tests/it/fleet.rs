@@ -122,6 +122,8 @@ mod postgres_store {
             aliases: vec![],
             rotation: None,
             tags: Default::default(),
+            origin: Default::default(),
+            material: None,
         };
         a.create_key(&record, None).unwrap();
         assert!(!a.begin_version(&key, 2).unwrap());

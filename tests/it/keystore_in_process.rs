@@ -14,24 +14,45 @@ use wrapd::keystore::{Keystore, KeystoreConfig, ManualClock, SqliteStore};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// What a test needs to open a PKCS#11 session of its own on the in-process token.
+pub(crate) struct TokenAccess {
+    pub module: std::path::PathBuf,
+    pub label: String,
+    pub pin: String,
+}
+
 /// One SoftHSM token per test process (PKCS#11 is initialized once per process).
+pub(crate) fn token() -> Arc<Pkcs11Token> {
+    shared_token().1.clone()
+}
+
+/// The in-process token's module, label and PIN.
+pub(crate) fn token_access() -> &'static TokenAccess {
+    &shared_token().2
+}
+
 #[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
-fn token() -> Arc<Pkcs11Token> {
-    static TOKEN: OnceLock<(TempDir, Arc<Pkcs11Token>)> = OnceLock::new();
-    TOKEN
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let setup = wrapd::dev::prepare(dir.path()).unwrap();
-            let config = Config::load(&setup.config).unwrap();
-            // SAFETY: set once, before this process first loads SoftHSM (which reads it in
-            // C_Initialize); Rust's own environment accesses are serialized by std.
-            unsafe { std::env::set_var("SOFTHSM2_CONF", config.softhsm2_conf.as_ref().unwrap()) };
-            wrapd::dev::provision(&setup, &config).unwrap();
-            let token = Pkcs11Token::open(config.hsm).unwrap();
-            (dir, Arc::new(token))
-        })
-        .1
-        .clone()
+fn shared_token() -> &'static (TempDir, Arc<Pkcs11Token>, TokenAccess) {
+    static TOKEN: OnceLock<(TempDir, Arc<Pkcs11Token>, TokenAccess)> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let setup = wrapd::dev::prepare(dir.path()).unwrap();
+        let config = Config::load(&setup.config).unwrap();
+        // SAFETY: set once, before this process first loads SoftHSM (which reads it in
+        // C_Initialize); Rust's own environment accesses are serialized by std.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", config.softhsm2_conf.as_ref().unwrap()) };
+        wrapd::dev::provision(&setup, &config).unwrap();
+        let pin = std::fs::read_to_string(setup.dir.join("pin"))
+            .map(|p| p.trim().to_owned())
+            .unwrap_or_default();
+        let access = TokenAccess {
+            module: config.hsm.module.clone(),
+            label: config.hsm.token_label.clone(),
+            pin,
+        };
+        let token = Pkcs11Token::open(config.hsm).unwrap();
+        (dir, Arc::new(token), access)
+    })
 }
 
 struct Fixture {

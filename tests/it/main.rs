@@ -24,6 +24,7 @@ mod faults;
 mod fleet;
 mod grpc_clients;
 mod hostile_input;
+mod key_import;
 mod key_lifecycle;
 mod keyrings;
 mod keystore_in_process;

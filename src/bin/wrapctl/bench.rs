@@ -493,6 +493,7 @@ async fn bench_key(channel: Channel, key: &str) -> Result<String, String> {
                 .create_key(CreateKeyRequest {
                     description: "wrapctl bench".into(),
                     alias: key.to_owned(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(super::status)?;

@@ -105,11 +105,15 @@ impl From<wrapd::Error> for CliError {
             ErrorKind::InvalidArgument
             | ErrorKind::InvalidCiphertext
             | ErrorKind::IncorrectKey
+            | ErrorKind::InvalidImportToken
+            | ErrorKind::ExpiredImportToken
+            | ErrorKind::IncorrectKeyMaterial
             | ErrorKind::AlreadyExists => Failure::Invalid,
             ErrorKind::Unavailable => Failure::Unavailable,
-            ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
-                Failure::WrongState
-            }
+            ErrorKind::WrongState
+            | ErrorKind::Disabled
+            | ErrorKind::LimitReached
+            | ErrorKind::Unsupported => Failure::WrongState,
             _ => Failure::Other,
         };
         Self::new(failure, err.to_string())

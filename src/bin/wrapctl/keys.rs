@@ -242,6 +242,7 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
                 .create_key(CreateKeyRequest {
                     description,
                     alias: alias.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await
         }

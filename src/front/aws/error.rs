@@ -13,6 +13,9 @@
 //! | key disabled | `DisabledException` | 409 |
 //! | other wrong state (pending deletion) | `KMSInvalidStateException` | 409 |
 //! | wrap limit of a version reached | `LimitExceededException` | 400 |
+//! | import token unknown / expired | `InvalidImportTokenException` / `ExpiredImportTokenException` | 400 |
+//! | imported material differs from the key's | `IncorrectKeyMaterialException` | 400 |
+//! | not offered (e.g. a wrapping algorithm the token lacks) | `UnsupportedOperationException` | 400 |
 //! | permission denied | `AccessDeniedException` | 400 |
 //! | unauthenticated | `UnrecognizedClientException` | 400 |
 //! | token or audit log unavailable | `DependencyTimeoutException` | 503 |
@@ -79,6 +82,16 @@ impl AwsError {
             ErrorKind::Disabled => ("DisabledException", StatusCode::CONFLICT),
             ErrorKind::WrongState => ("KMSInvalidStateException", StatusCode::CONFLICT),
             ErrorKind::LimitReached => ("LimitExceededException", StatusCode::BAD_REQUEST),
+            ErrorKind::InvalidImportToken => {
+                ("InvalidImportTokenException", StatusCode::BAD_REQUEST)
+            }
+            ErrorKind::ExpiredImportToken => {
+                ("ExpiredImportTokenException", StatusCode::BAD_REQUEST)
+            }
+            ErrorKind::IncorrectKeyMaterial => {
+                ("IncorrectKeyMaterialException", StatusCode::BAD_REQUEST)
+            }
+            ErrorKind::Unsupported => ("UnsupportedOperationException", StatusCode::BAD_REQUEST),
             ErrorKind::PermissionDenied => ("AccessDeniedException", StatusCode::BAD_REQUEST),
             ErrorKind::Unauthenticated => ("UnrecognizedClientException", StatusCode::BAD_REQUEST),
             ErrorKind::Unavailable => (

@@ -24,6 +24,7 @@
 //! | `EnableKeyRotation`, `DisableKeyRotation` | the same names |
 //! | `TagResource` / `UntagResource` | `TagKey` / `UntagKey` |
 //! | `ListKeyRotations`, `GetKeyRotationStatus`, `ListResourceTags` | `DescribeKey` |
+//! | `GetParametersForImport`, `ImportKeyMaterial`, `DeleteImportedKeyMaterial` | the same names |
 //!
 //! What wrapd does not offer is refused, never ignored: key policies (`Policy`: the policy
 //! file decides), other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
@@ -59,7 +60,8 @@ pub use sigv4::AccessKeys;
 use crate::auth::{Operation, Refusal, Transport, aws_identity};
 use crate::config::AwsConfig;
 use crate::error::Error;
-use crate::keystore::{KeyState, MAX_PAGE_SIZE};
+use crate::hsm::ImportAlgorithm;
+use crate::keystore::{KeyOrigin, KeyState, MAX_PAGE_SIZE};
 use crate::ops::{Call, KeyView, Ops};
 use error::json_response;
 
@@ -207,6 +209,9 @@ impl AwsApi {
             "Decrypt" => self.decrypt(call, body).await,
             "ReEncrypt" => self.re_encrypt(call, body).await,
             "GenerateRandom" => self.generate_random(call, body).await,
+            "GetParametersForImport" => self.get_parameters_for_import(call, body).await,
+            "ImportKeyMaterial" => self.import_key_material(call, body).await,
+            "DeleteImportedKeyMaterial" => self.delete_imported_key_material(call, body).await,
             other => Err(self
                 .reject(
                     call,
@@ -287,7 +292,10 @@ impl AwsApi {
             "Description": key.description,
             "KeyUsage": "ENCRYPT_DECRYPT",
             "KeyState": key_state(key.state),
-            "Origin": "AWS_KMS",
+            "Origin": match key.origin {
+                KeyOrigin::Hsm => "AWS_KMS",
+                KeyOrigin::External => "EXTERNAL",
+            },
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": SYMMETRIC_DEFAULT,
             "KeySpec": SYMMETRIC_DEFAULT,
@@ -297,6 +305,17 @@ impl AwsApi {
         if let Some(date) = key.deletion_date {
             metadata["DeletionDate"] = json!(epoch(date));
         }
+        if key.origin == KeyOrigin::External {
+            let valid_to = key.material.and_then(|m| m.valid_to);
+            metadata["ExpirationModel"] = json!(if valid_to.is_some() {
+                "KEY_MATERIAL_EXPIRES"
+            } else {
+                "KEY_MATERIAL_DOES_NOT_EXPIRE"
+            });
+            if let Some(valid_to) = valid_to {
+                metadata["ValidTo"] = json!(epoch(valid_to));
+            }
+        }
         metadata
     }
 
@@ -305,6 +324,10 @@ impl AwsApi {
         let refusal = create_key_refusal(&req);
         let call = self.check(call, refusal).await?;
         let tags = tag_map(req.tags.unwrap_or_default());
+        let origin = match req.origin.as_deref() {
+            Some("EXTERNAL") => KeyOrigin::External,
+            _ => KeyOrigin::Hsm,
+        };
         let view = self
             .ops
             .create_key(
@@ -312,6 +335,7 @@ impl AwsApi {
                 req.description.unwrap_or_default(),
                 String::new(),
                 tags,
+                origin,
             )
             .await?;
         Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
@@ -356,6 +380,69 @@ impl AwsApi {
             "KeyState": key_state(view.key.state),
             "PendingWindowInDays": days,
         }))
+    }
+
+    async fn get_parameters_for_import(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self
+            .parse::<model::GetParametersForImport>(call, body)
+            .await?;
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        let bits = match req.wrapping_key_spec.as_str() {
+            "RSA_3072" => Some(3072),
+            "RSA_4096" => Some(4096),
+            _ => None,
+        };
+        let (algorithm, bits) = match (ImportAlgorithm::parse(&req.wrapping_algorithm), bits) {
+            (Some(algorithm), Some(bits)) => (algorithm, bits),
+            (None, _) => {
+                let err = AwsError::unsupported(
+                    "WrappingAlgorithm: wrapd offers RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 and RSA_AES_KEY_WRAP_SHA_256",
+                );
+                return Err(self.reject(call, err).await);
+            }
+            (_, None) => {
+                let err =
+                    AwsError::unsupported("WrappingKeySpec: wrapd offers RSA_3072 and RSA_4096");
+                return Err(self.reject(call, err).await);
+            }
+        };
+        let parameters = self
+            .ops
+            .get_parameters_for_import(call, key, algorithm, bits)
+            .await?;
+        Ok(json!({
+            "KeyId": self.arns.key_arn(&parameters.key_id),
+            "ImportToken": STANDARD.encode(&parameters.import_token),
+            "PublicKey": STANDARD.encode(&parameters.public_key),
+            "ParametersValidTo": epoch(parameters.valid_to),
+        }))
+    }
+
+    async fn import_key_material(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self.parse::<model::ImportKeyMaterial>(call, body).await?;
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        let (token, material, valid_to) = match import_parameters(&req) {
+            Ok(parsed) => parsed,
+            Err(err) => return Err(self.reject(call, err).await),
+        };
+        self.ops
+            .import_key_material(call, key, token, material, valid_to)
+            .await?;
+        Ok(json!({}))
+    }
+
+    async fn delete_imported_key_material(&self, call: Call, body: &[u8]) -> Answer {
+        let (call, req) = self
+            .parse::<model::DeleteImportedKeyMaterial>(call, body)
+            .await?;
+        let (call, key) = self.key_param(call, &req.key_id).await?;
+        let refusal = req
+            .key_material_id
+            .is_some()
+            .then(|| AwsError::unsupported("KeyMaterialId: wrapd keeps one key material per key"));
+        let call = self.check(call, refusal).await?;
+        self.ops.delete_imported_key_material(call, key).await?;
+        Ok(json!({}))
     }
 
     async fn rotate_key_on_demand(&self, call: Call, body: &[u8]) -> Answer {
@@ -692,6 +779,53 @@ impl AwsApi {
     }
 }
 
+/// The members of an `ImportKeyMaterial`: import token, encrypted material, expiry; or why
+/// the request is refused.
+#[allow(clippy::type_complexity)]
+fn import_parameters(
+    req: &model::ImportKeyMaterial,
+) -> Result<(Vec<u8>, Vec<u8>, Option<SystemTime>), AwsError> {
+    let token = req.import_token.decode("ImportToken")?;
+    let material = req.encrypted_key_material.decode("EncryptedKeyMaterial")?;
+    let valid_to = match req.valid_to {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e11 => {
+            Some(UNIX_EPOCH + std::time::Duration::from_secs_f64(t))
+        }
+        Some(_) => return Err(AwsError::validation("ValidTo is out of range")),
+    };
+    match (req.expiration_model.as_deref(), valid_to) {
+        (None, _) | (Some("KEY_MATERIAL_EXPIRES"), Some(_)) => {}
+        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), None) => {}
+        (Some("KEY_MATERIAL_EXPIRES"), None) => {
+            return Err(AwsError::validation(
+                "ValidTo is required when ExpirationModel is KEY_MATERIAL_EXPIRES",
+            ));
+        }
+        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), Some(_)) => {
+            return Err(AwsError::validation(
+                "ValidTo must be absent when ExpirationModel is KEY_MATERIAL_DOES_NOT_EXPIRE",
+            ));
+        }
+        (Some(_), _) => return Err(AwsError::validation("ExpirationModel is not valid")),
+    }
+    match req.import_type.as_deref() {
+        None | Some("EXISTING_KEY_MATERIAL") => {}
+        Some("NEW_KEY_MATERIAL") => {
+            return Err(AwsError::unsupported(
+                "ImportType NEW_KEY_MATERIAL: keys with imported material are not rotated in wrapd; import into a new key",
+            ));
+        }
+        Some(_) => return Err(AwsError::validation("ImportType is not valid")),
+    }
+    if req.key_material_description.is_some() || req.key_material_id.is_some() {
+        return Err(AwsError::unsupported(
+            "KeyMaterialDescription, KeyMaterialId: wrapd keeps one key material per key",
+        ));
+    }
+    Ok((token, material, valid_to))
+}
+
 /// The wrapd policy operation of a KMS operation (the table in the module docs); `None` for
 /// an operation wrapd does not implement.
 pub fn policy_operation(target: &str) -> Option<Operation> {
@@ -720,6 +854,9 @@ pub fn policy_operation(target: &str) -> Option<Operation> {
         "Decrypt" => Operation::Unwrap,
         "ReEncrypt" => Operation::ReWrap,
         "GenerateRandom" => Operation::GenerateRandom,
+        "GetParametersForImport" => Operation::GetParametersForImport,
+        "ImportKeyMaterial" => Operation::ImportKeyMaterial,
+        "DeleteImportedKeyMaterial" => Operation::DeleteImportedKeyMaterial,
         _ => return None,
     })
 }
@@ -746,8 +883,12 @@ fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
     }
     match req.origin.as_deref() {
         None | Some("AWS_KMS") => {}
-        Some("EXTERNAL") => return not("Origin EXTERNAL: key import is not supported yet"),
-        Some(_) => return not("Origin: wrapd keys are generated in its HSM (AWS_KMS)"),
+        Some("EXTERNAL") => {}
+        Some(_) => {
+            return not(
+                "Origin: wrapd keys are generated in its HSM (AWS_KMS) or imported (EXTERNAL)",
+            );
+        }
     }
     if req.policy.is_some() || req.bypass_policy_lockout_safety_check == Some(true) {
         return not(
@@ -845,6 +986,7 @@ fn key_state(state: KeyState) -> &'static str {
         KeyState::Enabled => "Enabled",
         KeyState::Disabled => "Disabled",
         KeyState::PendingDeletion => "PendingDeletion",
+        KeyState::PendingImport => "PendingImport",
     }
 }
 

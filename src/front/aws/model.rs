@@ -92,6 +92,41 @@ pub struct KeyOnly {
     pub grant_tokens: Option<Vec<String>>,
 }
 
+/// `GetParametersForImport`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GetParametersForImport {
+    pub key_id: String,
+    pub wrapping_algorithm: String,
+    pub wrapping_key_spec: String,
+}
+
+/// `ImportKeyMaterial`. `ValidTo` is epoch seconds, as the JSON protocol carries
+/// timestamps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ImportKeyMaterial {
+    pub key_id: String,
+    pub import_token: Blob,
+    pub encrypted_key_material: Blob,
+    pub valid_to: Option<f64>,
+    pub expiration_model: Option<String>,
+    /// Refused when `NEW_KEY_MATERIAL`: imported keys are not rotated.
+    pub import_type: Option<String>,
+    /// Refused: wrapd keeps one material per key.
+    pub key_material_description: Option<String>,
+    pub key_material_id: Option<String>,
+}
+
+/// `DeleteImportedKeyMaterial`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DeleteImportedKeyMaterial {
+    pub key_id: String,
+    /// Refused: wrapd keeps one material per key.
+    pub key_material_id: Option<String>,
+}
+
 /// `EnableKeyRotation`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]

@@ -5,13 +5,16 @@ use tracing::instrument;
 
 use super::{call_of, status};
 use crate::auth::Operation;
-use crate::keystore::KeyState;
+use crate::hsm::ImportAlgorithm;
+use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{AliasEntry, KeyView, Ops};
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest, KeyMetadata, KeyRef,
-    ListAliasesRequest, ListAliasesResponse, ListKeysRequest, ListKeysResponse,
-    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
+    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest,
+    GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
+    KeyMetadata, KeyRef, ListAliasesRequest, ListAliasesResponse, ListKeysRequest,
+    ListKeysResponse, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
+    WrappingAlgorithm,
 };
 
 /// The control-plane service.
@@ -28,6 +31,7 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
             KeyState::Enabled => proto::KeyState::Enabled,
             KeyState::Disabled => proto::KeyState::Disabled,
             KeyState::PendingDeletion => proto::KeyState::PendingDeletion,
+            KeyState::PendingImport => proto::KeyState::PendingImport,
         } as i32,
         description: key.description.clone(),
         current_version: key.current_version(),
@@ -48,6 +52,11 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
         rotation_period_days: key.rotation.map_or(0, |r| r.period_days),
         next_rotation: key.rotation.map(|r| r.next.into()),
         tags: key.tags.clone().into_iter().collect(),
+        origin: match key.origin {
+            KeyOrigin::Hsm => proto::KeyOrigin::Hsm,
+            KeyOrigin::External => proto::KeyOrigin::External,
+        } as i32,
+        valid_to: key.material.and_then(|m| m.valid_to).map(Into::into),
     }
 }
 
@@ -76,8 +85,90 @@ impl KeyApi {
     }
 }
 
+/// A protobuf timestamp as a time; `None` for one out of range.
+fn time_of(t: prost_types::Timestamp) -> Option<std::time::SystemTime> {
+    let seconds = u64::try_from(t.seconds).ok()?;
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(seconds, nanos))
+}
+
 #[tonic::async_trait]
 impl KeyService for KeyApi {
+    #[instrument(level = "debug", skip_all)]
+    async fn get_parameters_for_import(
+        &self,
+        request: Request<GetParametersForImportRequest>,
+    ) -> Result<Response<GetParametersForImportResponse>, Status> {
+        let call = call_of(&request, Operation::GetParametersForImport);
+        let req = request.into_inner();
+        let algorithm = match WrappingAlgorithm::try_from(req.wrapping_algorithm) {
+            Ok(WrappingAlgorithm::RsaesOaepSha1) => ImportAlgorithm::RsaesOaepSha1,
+            Ok(WrappingAlgorithm::RsaesOaepSha256) => ImportAlgorithm::RsaesOaepSha256,
+            Ok(WrappingAlgorithm::RsaAesKeyWrapSha1) => ImportAlgorithm::RsaAesKeyWrapSha1,
+            Ok(WrappingAlgorithm::RsaAesKeyWrapSha256) => ImportAlgorithm::RsaAesKeyWrapSha256,
+            _ => {
+                return Err(status(crate::Error::invalid(
+                    "wrapping_algorithm must be RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 or RSA_AES_KEY_WRAP_SHA_256",
+                )));
+            }
+        };
+        let bits = match req.wrapping_key_bits {
+            0 => 4096,
+            n => n,
+        };
+        let parameters = self
+            .ops
+            .get_parameters_for_import(call, req.key_id, algorithm, bits)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetParametersForImportResponse {
+            key_id: parameters.key_id.to_string(),
+            import_token: parameters.import_token,
+            public_key: parameters.public_key,
+            parameters_valid_to: Some(parameters.valid_to.into()),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn import_key_material(
+        &self,
+        request: Request<ImportKeyMaterialRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::ImportKeyMaterial);
+        let req = request.into_inner();
+        let valid_to = match req.valid_to {
+            None => None,
+            Some(t) => Some(
+                time_of(t)
+                    .ok_or_else(|| status(crate::Error::invalid("valid_to is out of range")))?,
+            ),
+        };
+        metadata(
+            self.ops
+                .import_key_material(
+                    call,
+                    req.key_id,
+                    req.import_token,
+                    req.encrypted_key_material,
+                    valid_to,
+                )
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn delete_imported_key_material(
+        &self,
+        request: Request<KeyRef>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::DeleteImportedKeyMaterial);
+        metadata(
+            self.ops
+                .delete_imported_key_material(call, request.into_inner().key_id)
+                .await,
+        )
+    }
+
     #[instrument(level = "debug", skip_all)]
     async fn enable_key_rotation(
         &self,
@@ -141,9 +232,14 @@ impl KeyService for KeyApi {
     ) -> Result<Response<KeyMetadata>, Status> {
         let call = call_of(&request, Operation::CreateKey);
         let req = request.into_inner();
+        let origin = match proto::KeyOrigin::try_from(req.origin) {
+            Ok(proto::KeyOrigin::Unspecified | proto::KeyOrigin::Hsm) => KeyOrigin::Hsm,
+            Ok(proto::KeyOrigin::External) => KeyOrigin::External,
+            Err(_) => return Err(status(crate::Error::invalid("unknown origin"))),
+        };
         metadata(
             self.ops
-                .create_key(call, req.description, req.alias, Default::default())
+                .create_key(call, req.description, req.alias, Default::default(), origin)
                 .await,
         )
     }

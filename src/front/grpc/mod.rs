@@ -25,14 +25,18 @@ use crate::ops::Call;
 /// The gRPC code of an error kind (docs/DESIGN.md §4).
 pub fn code_of(kind: ErrorKind) -> Code {
     match kind {
-        ErrorKind::InvalidArgument | ErrorKind::InvalidCiphertext | ErrorKind::IncorrectKey => {
-            Code::InvalidArgument
-        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::InvalidCiphertext
+        | ErrorKind::IncorrectKey
+        | ErrorKind::InvalidImportToken
+        | ErrorKind::ExpiredImportToken
+        | ErrorKind::IncorrectKeyMaterial => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::WrongState | ErrorKind::Disabled | ErrorKind::LimitReached => {
-            Code::FailedPrecondition
-        }
+        ErrorKind::WrongState
+        | ErrorKind::Disabled
+        | ErrorKind::LimitReached
+        | ErrorKind::Unsupported => Code::FailedPrecondition,
         ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Unavailable => Code::Unavailable,

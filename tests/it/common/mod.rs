@@ -392,6 +392,7 @@ pub async fn create_key(keys: &mut KeyServiceClient<Channel>, alias: &str) -> Ke
     keys.create_key(CreateKeyRequest {
         description: "test key".into(),
         alias: alias.into(),
+        ..Default::default()
     })
     .await
     .expect("CreateKey")

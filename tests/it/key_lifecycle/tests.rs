@@ -30,6 +30,7 @@ async fn lifecycle_states_and_deletion_windows() {
         .create_key(wrapd::proto::CreateKeyRequest {
             description: "payments DEKs".into(),
             alias: "alias/payments".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
