@@ -46,7 +46,7 @@ fn aws_env(daemon: &DevDaemon, command: &mut Command) {
 }
 
 /// Runs `aws kms ARGS` and returns its JSON output, or its stderr on failure.
-fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
+pub(crate) fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
     let mut command = Command::new(AWS_CLI);
     aws_env(daemon, &mut command);
     let out = command
@@ -65,7 +65,7 @@ fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
 }
 
 #[track_caller]
-fn aws_ok(daemon: &DevDaemon, args: &[&str]) -> Value {
+pub(crate) fn aws_ok(daemon: &DevDaemon, args: &[&str]) -> Value {
     aws_cli(daemon, args).unwrap_or_else(|err| panic!("aws kms {args:?}: {err}"))
 }
 
@@ -91,7 +91,7 @@ fn boto3(daemon: &DevDaemon, scenario: &str, env: &[(&str, &str)]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("the scenario's JSON line")
 }
 
-fn b64(value: &Value) -> Vec<u8> {
+pub(crate) fn b64(value: &Value) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
         .decode(value.as_str().expect("a base64 string"))

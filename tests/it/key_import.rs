@@ -623,3 +623,439 @@ impl Fixture {
         wrapd::keystore::Clock::now(&*self.clock)
     }
 }
+
+// ---- through a daemon: wrapctl, gRPC, the AWS CLI + openssl -----------------------------------
+
+mod daemon {
+    use std::process::Command;
+
+    use serde_json::Value;
+    use tonic::Code;
+    use wrapd::proto::{
+        CreateKeyRequest, GenerateDataKeyRequest, GetParametersForImportRequest,
+        ImportKeyMaterialRequest, KeyOrigin, KeyRef as KeyRefMessage, UnwrapRequest,
+        WrappingAlgorithm,
+    };
+
+    use super::{KNOWN, ctx, open_locally, seal_locally};
+    use crate::aws_kms_api::{aws_cli, aws_ok, b64};
+    use crate::common::{DevDaemon, assert_code};
+
+    fn wrapctl(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .arg("--json")
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "wrapctl panicked: {stderr}");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).expect("JSON output"))
+        } else {
+            Err(stderr)
+        }
+    }
+
+    /// The daemon's log and audit log never hold the material, in any encoding.
+    fn assert_material_never_logged(daemon: &DevDaemon) {
+        use base64::Engine;
+        let log = daemon.log();
+        let audit = std::fs::read_to_string(daemon.dir().join("audit.log")).unwrap_or_default();
+        for text in [&log, &audit] {
+            assert!(!text.contains(&hex::encode(KNOWN)));
+            assert!(!text.contains(&base64::engine::general_purpose::STANDARD.encode(KNOWN)));
+        }
+    }
+
+    #[tokio::test]
+    async fn wrapctl_imports_material_that_wrapd_then_uses_by_the_known_answer() {
+        let daemon = DevDaemon::start();
+        let created = wrapctl(
+            &daemon,
+            &["keys", "create", "--external", "--alias", "alias/byok"],
+        )
+        .unwrap();
+        assert_eq!(created["state"], "PENDING_IMPORT");
+        assert_eq!(created["origin"], "EXTERNAL");
+        let material = daemon.dir().join("material.bin");
+        std::fs::write(&material, KNOWN).unwrap();
+        let path = material.to_str().unwrap();
+        for algorithm in ["RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"] {
+            let imported = wrapctl(
+                &daemon,
+                &[
+                    "keys",
+                    "import",
+                    "alias/byok",
+                    "--material",
+                    path,
+                    "--algorithm",
+                    algorithm,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{algorithm}: {e}"));
+            assert_eq!(imported["state"], "ENABLED");
+        }
+        // A wrong-sized material file is refused by wrapctl before anything is sent.
+        std::fs::write(&material, [0u8; 16]).unwrap();
+        let err = wrapctl(
+            &daemon,
+            &[
+                "keys",
+                "import",
+                "alias/byok",
+                "--material",
+                path,
+                "--algorithm",
+                "RSAES_OAEP_SHA_1",
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("32 raw bytes"), "{err}");
+
+        let mut data = daemon.data().await;
+        let generated = data
+            .generate_data_key(GenerateDataKeyRequest {
+                key_id: "alias/byok".into(),
+                encryption_context: crate::common::ctx(&[("tenant", "acme")]),
+                number_of_bytes: 32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            open_locally(&KNOWN, &generated.ciphertext_blob, &ctx()).as_deref(),
+            Some(&generated.plaintext[..]),
+            "the blob opens with the imported key"
+        );
+        let key_id = wrapd::ids::KeyId::parse(&generated.key_id).unwrap();
+        let local = seal_locally(&KNOWN, &key_id, b"from the ceremony", &ctx());
+        let unwrapped = data
+            .unwrap(UnwrapRequest {
+                ciphertext_blob: local,
+                encryption_context: crate::common::ctx(&[("tenant", "acme")]),
+                key_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(unwrapped.plaintext, b"from the ceremony");
+
+        let deleted = wrapctl(&daemon, &["keys", "delete-material", "alias/byok"]).unwrap();
+        assert_eq!(deleted["state"], "PENDING_IMPORT");
+        let audit = daemon.audit_lines();
+        for op in [
+            "GetParametersForImport",
+            "ImportKeyMaterial",
+            "DeleteImportedKeyMaterial",
+        ] {
+            assert!(
+                audit.iter().any(|r| r.operation == op
+                    && r.outcome == "OK"
+                    && r.key_id.as_deref() == Some(generated.key_id.as_str())),
+                "an audit line for {op}"
+            );
+        }
+        assert_material_never_logged(&daemon);
+    }
+
+    #[tokio::test]
+    async fn refused_imports_have_their_grpc_codes() {
+        let daemon = DevDaemon::start();
+        let mut keys = daemon.keys().await;
+        let create = |origin: KeyOrigin| CreateKeyRequest {
+            description: "byok".into(),
+            origin: origin as i32,
+            ..Default::default()
+        };
+        let external = keys
+            .create_key(create(KeyOrigin::External))
+            .await
+            .unwrap()
+            .into_inner();
+        let generated = keys
+            .create_key(create(KeyOrigin::Hsm))
+            .await
+            .unwrap()
+            .into_inner();
+        let parameters =
+            |key_id: &str, algorithm: WrappingAlgorithm| GetParametersForImportRequest {
+                key_id: key_id.to_owned(),
+                wrapping_algorithm: algorithm as i32,
+                wrapping_key_bits: 3072,
+            };
+        assert_code(
+            keys.get_parameters_for_import(parameters(
+                &generated.key_id,
+                WrappingAlgorithm::RsaesOaepSha1,
+            ))
+            .await,
+            Code::FailedPrecondition,
+        );
+        assert_code(
+            keys.get_parameters_for_import(parameters(
+                &external.key_id,
+                WrappingAlgorithm::Unspecified,
+            ))
+            .await,
+            Code::InvalidArgument,
+        );
+        let mut bad_bits = parameters(&external.key_id, WrappingAlgorithm::RsaesOaepSha1);
+        bad_bits.wrapping_key_bits = 2048;
+        assert_code(
+            keys.get_parameters_for_import(bad_bits).await,
+            Code::InvalidArgument,
+        );
+        let p = keys
+            .get_parameters_for_import(parameters(
+                &external.key_id,
+                WrappingAlgorithm::RsaesOaepSha1,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let wrapped = wrapd::key_import::wrap_key_material(
+            &p.public_key,
+            wrapd::hsm::ImportAlgorithm::RsaesOaepSha1,
+            &KNOWN,
+        )
+        .unwrap();
+        let import = |token: Vec<u8>, material: Vec<u8>| ImportKeyMaterialRequest {
+            key_id: external.key_id.clone(),
+            import_token: token,
+            encrypted_key_material: material,
+            valid_to: None,
+        };
+        assert_code(
+            keys.import_key_material(import(b"forged".to_vec(), wrapped.clone()))
+                .await,
+            Code::InvalidArgument,
+        );
+        let mut tampered = wrapped.clone();
+        tampered[5] ^= 1;
+        assert_code(
+            keys.import_key_material(import(p.import_token.clone(), tampered))
+                .await,
+            Code::InvalidArgument,
+        );
+        let key = keys
+            .describe_key(KeyRefMessage {
+                key_id: external.key_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(key.state, wrapd::proto::KeyState::PendingImport as i32);
+        assert!(!key.versions[0].available, "no material yet");
+        // Data-plane calls on a key pending import: FAILED_PRECONDITION.
+        let mut data = daemon.data().await;
+        assert_code(
+            data.generate_data_key(GenerateDataKeyRequest {
+                key_id: external.key_id.clone(),
+                ..Default::default()
+            })
+            .await,
+            Code::FailedPrecondition,
+        );
+        keys.import_key_material(import(p.import_token.clone(), wrapped))
+            .await
+            .unwrap();
+        assert_material_never_logged(&daemon);
+    }
+
+    /// AWS's documented flow: the distribution's AWS CLI for the API calls, openssl for the
+    /// wrapping (`pkeyutl` RSA-OAEP, `enc -id-aes256-wrap-pad` for RFC 5649).
+    #[test]
+    fn the_aws_cli_and_openssl_import_material_as_aws_documents() {
+        let daemon = DevDaemon::start();
+        let dir = daemon.dir().join("byok");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| dir.join(name);
+        let fileb = |name: &str| format!("fileb://{}", dir.join(name).display());
+        std::fs::write(file("material.bin"), KNOWN).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let rsa_encrypt = |input: &str, output: &str| {
+            openssl(&[
+                "pkeyutl",
+                "-encrypt",
+                "-in",
+                input,
+                "-out",
+                output,
+                "-inkey",
+                "public.der",
+                "-keyform",
+                "DER",
+                "-pubin",
+                "-pkeyopt",
+                "rsa_padding_mode:oaep",
+                "-pkeyopt",
+                "rsa_oaep_md:sha1",
+                "-pkeyopt",
+                "rsa_mgf1_md:sha1",
+            ]);
+        };
+        for algorithm in ["RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"] {
+            let key =
+                aws_ok(&daemon, &["create-key", "--origin", "EXTERNAL"])["KeyMetadata"].clone();
+            assert_eq!(key["Origin"], "EXTERNAL");
+            assert_eq!(key["KeyState"], "PendingImport");
+            let arn = key["Arn"].as_str().unwrap().to_owned();
+            let p = aws_ok(
+                &daemon,
+                &[
+                    "get-parameters-for-import",
+                    "--key-id",
+                    &arn,
+                    "--wrapping-algorithm",
+                    algorithm,
+                    "--wrapping-key-spec",
+                    "RSA_3072",
+                ],
+            );
+            std::fs::write(file("public.der"), b64(&p["PublicKey"])).unwrap();
+            std::fs::write(file("token.bin"), b64(&p["ImportToken"])).unwrap();
+            if algorithm == "RSAES_OAEP_SHA_1" {
+                rsa_encrypt("material.bin", "encrypted.bin");
+            } else {
+                openssl(&["rand", "-out", "aes.bin", "32"]);
+                let aes = hex::encode(std::fs::read(file("aes.bin")).unwrap());
+                openssl(&[
+                    "enc",
+                    "-id-aes256-wrap-pad",
+                    "-K",
+                    &aes,
+                    "-iv",
+                    "A65959A6",
+                    "-in",
+                    "material.bin",
+                    "-out",
+                    "wrapped.bin",
+                ]);
+                rsa_encrypt("aes.bin", "aes.enc");
+                let mut joined = std::fs::read(file("aes.enc")).unwrap();
+                joined.extend(std::fs::read(file("wrapped.bin")).unwrap());
+                std::fs::write(file("encrypted.bin"), joined).unwrap();
+            }
+            aws_ok(
+                &daemon,
+                &[
+                    "import-key-material",
+                    "--key-id",
+                    &arn,
+                    "--encrypted-key-material",
+                    &fileb("encrypted.bin"),
+                    "--import-token",
+                    &fileb("token.bin"),
+                    "--expiration-model",
+                    "KEY_MATERIAL_DOES_NOT_EXPIRE",
+                ],
+            );
+            let described =
+                aws_ok(&daemon, &["describe-key", "--key-id", &arn])["KeyMetadata"].clone();
+            assert_eq!(described["KeyState"], "Enabled", "{algorithm}");
+            assert_eq!(described["ExpirationModel"], "KEY_MATERIAL_DOES_NOT_EXPIRE");
+            std::fs::write(file("plain.bin"), b"sixteen byte dek").unwrap();
+            let encrypted = aws_ok(
+                &daemon,
+                &[
+                    "encrypt",
+                    "--key-id",
+                    &arn,
+                    "--plaintext",
+                    &fileb("plain.bin"),
+                ],
+            );
+            assert_eq!(
+                open_locally(
+                    &KNOWN,
+                    &b64(&encrypted["CiphertextBlob"]),
+                    &Default::default()
+                )
+                .as_deref(),
+                Some(&b"sixteen byte dek"[..]),
+                "{algorithm}: the blob opens with the known key"
+            );
+            std::fs::write(file("blob.bin"), b64(&encrypted["CiphertextBlob"])).unwrap();
+            aws_ok(&daemon, &["delete-imported-key-material", "--key-id", &arn]);
+            let err = aws_cli(
+                &daemon,
+                &["decrypt", "--ciphertext-blob", &fileb("blob.bin")],
+            )
+            .unwrap_err();
+            assert!(err.contains("KMSInvalidStateException"), "{err}");
+            // The same material again brings the blob back; the import token still holds.
+            aws_ok(
+                &daemon,
+                &[
+                    "import-key-material",
+                    "--key-id",
+                    &arn,
+                    "--encrypted-key-material",
+                    &fileb("encrypted.bin"),
+                    "--import-token",
+                    &fileb("token.bin"),
+                    "--expiration-model",
+                    "KEY_MATERIAL_DOES_NOT_EXPIRE",
+                ],
+            );
+            let decrypted = aws_ok(
+                &daemon,
+                &["decrypt", "--ciphertext-blob", &fileb("blob.bin")],
+            );
+            assert_eq!(b64(&decrypted["Plaintext"]), b"sixteen byte dek");
+        }
+        // Errors by AWS's names: an import token of another key, a generated key.
+        let other = aws_ok(&daemon, &["create-key", "--origin", "EXTERNAL"])["KeyMetadata"]["Arn"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let err = aws_cli(
+            &daemon,
+            &[
+                "import-key-material",
+                "--key-id",
+                &other,
+                "--encrypted-key-material",
+                &fileb("encrypted.bin"),
+                "--import-token",
+                &fileb("token.bin"),
+                "--expiration-model",
+                "KEY_MATERIAL_DOES_NOT_EXPIRE",
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("InvalidImportTokenException"), "{err}");
+        let generated = aws_ok(&daemon, &["create-key"])["KeyMetadata"]["Arn"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let err = aws_cli(
+            &daemon,
+            &[
+                "get-parameters-for-import",
+                "--key-id",
+                &generated,
+                "--wrapping-algorithm",
+                "RSAES_OAEP_SHA_1",
+                "--wrapping-key-spec",
+                "RSA_3072",
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("UnsupportedOperationException"), "{err}");
+    }
+}

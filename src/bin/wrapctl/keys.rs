@@ -4,10 +4,13 @@ use clap::Subcommand;
 use serde::Serialize;
 use tonic::transport::Channel;
 use wrapd::client::KeyServiceClient;
+use wrapd::key_import::{ImportAlgorithm, KEY_MATERIAL_LEN, wrap_key_material};
 use wrapd::proto::{
-    CreateKeyRequest, EnableKeyRotationRequest, KeyMetadata, KeyRef, KeyState, ListKeysRequest,
-    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
+    CreateKeyRequest, EnableKeyRotationRequest, GetParametersForImportRequest,
+    ImportKeyMaterialRequest, KeyMetadata, KeyOrigin, KeyRef, KeyState, ListKeysRequest,
+    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest, WrappingAlgorithm,
 };
+use zeroize::Zeroizing;
 
 use crate::error::CliError;
 use crate::output::{ErasedReport, Report, fields, table};
@@ -23,6 +26,34 @@ pub enum KeysCommand {
         /// An alias to create with it (alias/NAME).
         #[arg(long)]
         alias: Option<String>,
+        /// Create it without key material (PENDING_IMPORT), for `wrapctl keys import`.
+        #[arg(long)]
+        external: bool,
+    },
+    /// Import key material into a key created with --external: asks wrapd for a wrapping
+    /// key, wraps the material for it here, and sends only the wrapped material (unwrapped
+    /// inside the HSM). The material file holds the 32 raw bytes of an AES-256 key.
+    Import {
+        /// Key id or alias.
+        key: String,
+        /// File with the 32-byte key material.
+        #[arg(long)]
+        material: std::path::PathBuf,
+        /// Wrapping algorithm (AWS KMS names). SoftHSM 2.6 unwraps only the *_SHA_1 ones.
+        #[arg(long, default_value = "RSA_AES_KEY_WRAP_SHA_256")]
+        algorithm: String,
+        /// RSA size of the wrapping key: 3072 or 4096.
+        #[arg(long, default_value_t = 4096)]
+        wrapping_key_bits: u32,
+        /// When the material expires and is destroyed (RFC 3339); default: never.
+        #[arg(long)]
+        valid_to: Option<String>,
+    },
+    /// Destroy a key's imported material (the key becomes PENDING_IMPORT until the same
+    /// material is imported again).
+    DeleteMaterial {
+        /// Key id or alias.
+        key: String,
     },
     /// List keys (all pages, or one page with --page-size/--page-token).
     List {
@@ -110,6 +141,8 @@ pub struct Key {
     rotation_period_days: Option<u32>,
     next_rotation: Option<String>,
     tags: std::collections::BTreeMap<String, String>,
+    origin: &'static str,
+    valid_to: Option<String>,
     versions: Vec<Version>,
 }
 
@@ -140,6 +173,11 @@ impl From<&KeyMetadata> for Key {
             rotation_period_days: (k.rotation_period_days > 0).then_some(k.rotation_period_days),
             next_rotation: timestamp(&k.next_rotation),
             tags: k.tags.clone().into_iter().collect(),
+            origin: match KeyOrigin::try_from(k.origin) {
+                Ok(KeyOrigin::External) => "EXTERNAL",
+                _ => "HSM",
+            },
+            valid_to: timestamp(&k.valid_to),
             versions: k
                 .versions
                 .iter()
@@ -163,6 +201,11 @@ impl Report for Key {
             ("description", self.description.clone()),
             ("current_version", self.current_version.to_string()),
             ("aliases", self.aliases.join(", ")),
+            ("origin", self.origin.to_owned()),
+            (
+                "material_valid_to",
+                self.valid_to.clone().unwrap_or_default(),
+            ),
             ("created_at", self.created_at.clone().unwrap_or_default()),
             (
                 "deletion_date",
@@ -237,14 +280,44 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
     let mut client = KeyServiceClient::new(channel);
     let key_ref = |key: String| KeyRef { key_id: key };
     let metadata = match cmd {
-        KeysCommand::Create { description, alias } => {
+        KeysCommand::Create {
+            description,
+            alias,
+            external,
+        } => {
+            let origin = if external {
+                KeyOrigin::External
+            } else {
+                KeyOrigin::Hsm
+            };
             client
                 .create_key(CreateKeyRequest {
                     description,
                     alias: alias.unwrap_or_default(),
-                    ..Default::default()
+                    origin: origin as i32,
                 })
                 .await
+        }
+        KeysCommand::Import {
+            key,
+            material,
+            algorithm,
+            wrapping_key_bits,
+            valid_to,
+        } => {
+            let request = import_request(
+                &mut client,
+                key,
+                &material,
+                &algorithm,
+                wrapping_key_bits,
+                valid_to.as_deref(),
+            )
+            .await?;
+            client.import_key_material(request).await
+        }
+        KeysCommand::DeleteMaterial { key } => {
+            client.delete_imported_key_material(key_ref(key)).await
         }
         KeysCommand::Describe { key } => client.describe_key(key_ref(key)).await,
         KeysCommand::Rotate { key } => client.rotate_key(key_ref(key)).await,
@@ -312,4 +385,61 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
         }
     };
     Ok(Box::new(Key::from(&metadata?.into_inner())))
+}
+
+/// The whole import dance but the last call: read the material, get the wrapping key and
+/// import token, wrap the material for it (RSA-OAEP, and RFC 5649 for RSA_AES_KEY_WRAP_*).
+async fn import_request(
+    client: &mut KeyServiceClient<Channel>,
+    key: String,
+    material: &std::path::Path,
+    algorithm: &str,
+    wrapping_key_bits: u32,
+    valid_to: Option<&str>,
+) -> Result<ImportKeyMaterialRequest, CliError> {
+    let invalid = |message: String| CliError::new(crate::error::Failure::Invalid, message);
+    let algorithm = ImportAlgorithm::parse(algorithm).ok_or_else(|| {
+        invalid(format!(
+            "--algorithm must be one of {}",
+            ImportAlgorithm::ALL.map(ImportAlgorithm::name).join(", ")
+        ))
+    })?;
+    let valid_to = valid_to
+        .map(|t| {
+            t.parse::<prost_types::Timestamp>()
+                .map_err(|_| invalid(format!("--valid-to {t:?} is not an RFC 3339 time")))
+        })
+        .transpose()?;
+    let bytes = Zeroizing::new(
+        std::fs::read(material)
+            .map_err(|err| invalid(format!("cannot read {}: {err}", material.display())))?,
+    );
+    if bytes.len() != KEY_MATERIAL_LEN {
+        return Err(invalid(format!(
+            "{} holds {} bytes; key material is the {KEY_MATERIAL_LEN} raw bytes of an AES-256 key",
+            material.display(),
+            bytes.len()
+        )));
+    }
+    let wire = match algorithm {
+        ImportAlgorithm::RsaesOaepSha1 => WrappingAlgorithm::RsaesOaepSha1,
+        ImportAlgorithm::RsaesOaepSha256 => WrappingAlgorithm::RsaesOaepSha256,
+        ImportAlgorithm::RsaAesKeyWrapSha1 => WrappingAlgorithm::RsaAesKeyWrapSha1,
+        ImportAlgorithm::RsaAesKeyWrapSha256 => WrappingAlgorithm::RsaAesKeyWrapSha256,
+    };
+    let parameters = client
+        .get_parameters_for_import(GetParametersForImportRequest {
+            key_id: key.clone(),
+            wrapping_algorithm: wire as i32,
+            wrapping_key_bits,
+        })
+        .await?
+        .into_inner();
+    let wrapped = wrap_key_material(&parameters.public_key, algorithm, &bytes)?;
+    Ok(ImportKeyMaterialRequest {
+        key_id: key,
+        import_token: parameters.import_token,
+        encrypted_key_material: wrapped,
+        valid_to,
+    })
 }
