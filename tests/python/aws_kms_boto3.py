@@ -157,7 +157,7 @@ def errors():
     found["ValidationException"] = error_code(c.generate_data_key, KeyId=key, NumberOfBytes=32, KeySpec="AES_256")
     c.create_alias(AliasName="alias/taken", TargetKeyId=key)
     found["AlreadyExistsException"] = error_code(c.create_alias, AliasName="alias/taken", TargetKeyId=other)
-    found["UnsupportedOperationException"] = error_code(c.create_key, Origin="EXTERNAL")
+    found["UnsupportedOperationException"] = error_code(c.create_key, Origin="AWS_CLOUDHSM")
     c.disable_key(KeyId=key)
     found["DisabledException"] = error_code(c.encrypt, KeyId=key, Plaintext=b"x")
     c.enable_key(KeyId=key)
