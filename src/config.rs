@@ -32,6 +32,7 @@ struct RawConfig {
     kms: Option<RawKms>,
     aws: Option<RawAws>,
     metrics: Option<RawMetrics>,
+    tracing: Option<RawTracing>,
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
@@ -147,6 +148,26 @@ struct RawKms {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    otlp_endpoint: String,
+    service_name: Option<String>,
+    sample_ratio: Option<f64>,
+}
+
+/// `[tracing]`: OpenTelemetry export of one span per request (issue 12).
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC collector, `http://HOST:4317` (usually an agent or collector on the
+    /// same host).
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans (default `wrapd`).
+    pub service_name: String,
+    /// Share of requests traced, 0.0 to 1.0 (default 1.0).
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,6 +556,8 @@ pub struct Config {
     pub aws: Option<AwsConfig>,
     /// Where Prometheus metrics are served (`[metrics] listen`, plain HTTP).
     pub metrics: Option<SocketAddr>,
+    /// OpenTelemetry span export (`[tracing]`); `None`: no spans leave the daemon.
+    pub tracing: Option<TracingConfig>,
     /// Environment variables secrets were read from (PIN, access key secrets): the daemon
     /// wipes them from its environment once read.
     pub secret_envs: Vec<String>,
@@ -714,6 +737,7 @@ impl Config {
                     })
                 })
                 .transpose()?,
+            tracing: raw.tracing.map(tracing_config).transpose()?,
             secret_envs,
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),
@@ -878,6 +902,26 @@ fn read_pin_file(path: &Path) -> Result<Pin> {
     Ok(pin)
 }
 
+fn tracing_config(raw: RawTracing) -> Result<TracingConfig> {
+    let endpoint = raw.otlp_endpoint.trim().to_owned();
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(Error::Config(format!(
+            "tracing.otlp_endpoint {endpoint:?} must be an http:// or https:// URL of an OTLP/gRPC collector"
+        )));
+    }
+    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(Error::Config(
+            "tracing.sample_ratio must be between 0.0 and 1.0".into(),
+        ));
+    }
+    Ok(TracingConfig {
+        otlp_endpoint: endpoint,
+        service_name: raw.service_name.unwrap_or_else(|| "wrapd".to_owned()),
+        sample_ratio,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -928,6 +972,21 @@ mod tests {
         let profile = GOOD.replace("softhsm\"", "luna\"");
         assert!(Config::parse(&profile, dir.path()).is_err());
         assert!(Config::parse("not toml [", dir.path()).is_err());
+    }
+
+    #[test]
+    fn tracing_takes_an_otlp_url_and_a_ratio_between_0_and_1() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pin(dir.path());
+        let with =
+            |section: &str| Config::parse(&format!("{GOOD}\n[tracing]\n{section}"), dir.path());
+        let config = with("otlp_endpoint = \"http://127.0.0.1:4317\"").unwrap();
+        let tracing = config.tracing.unwrap();
+        assert_eq!(tracing.service_name, "wrapd");
+        assert_eq!(tracing.sample_ratio, 1.0);
+        assert!(with("otlp_endpoint = \"127.0.0.1:4317\"").is_err());
+        assert!(with("otlp_endpoint = \"http://c:4317\"\nsample_ratio = 1.5").is_err());
+        assert!(Config::parse(GOOD, dir.path()).unwrap().tracing.is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use wrapd::bench::{self, BenchOp, BenchOptions};
 use wrapd::config::Config;
-use wrapd::server::{Daemon, init_logging, shutdown_signal};
+use wrapd::server::{Daemon, init_logging, init_logging_and_tracing, shutdown_signal};
 use wrapd::{Error, Result, dev};
 
 #[derive(Parser)]
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve { config, recovery } => {
-            let mut config = load(&config)?;
+            let mut config = load(&config, Logging::ForServe)?;
             recovery.apply(&mut config);
             serve(config, None)
         }
@@ -245,7 +245,7 @@ fn run(command: Command) -> Result<()> {
             recovery,
         } => {
             let setup = dev::prepare_with(&state_dir, postgres.as_deref())?;
-            let mut config = load(&setup.config)?;
+            let mut config = load(&setup.config, Logging::ForServe)?;
             recovery.apply(&mut config);
             dev::provision(&setup, &config)?;
             serve(config, Some(&setup))
@@ -315,7 +315,7 @@ fn run(command: Command) -> Result<()> {
             keys,
             rotate_every_ms,
         } => {
-            let config = load(&config)?;
+            let config = load(&config, Logging::Now)?;
             let options = bench::SoakOptions {
                 concurrency: concurrency.clamp(1, 1024),
                 duration: Duration::from_secs(seconds.max(1)),
@@ -337,7 +337,7 @@ fn run(command: Command) -> Result<()> {
             seconds,
             ops,
         } => {
-            let config = load(&config)?;
+            let config = load(&config, Logging::Now)?;
             let options = BenchOptions {
                 concurrency: concurrency.clamp(1, 1024),
                 duration: Duration::from_secs(seconds.max(1)),
@@ -355,16 +355,28 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Loads the config, wipes the secrets' environment variables (PIN, access keys), starts logging and points
-/// SoftHSM at its config file.
+/// When [`load`] starts logging.
+#[derive(PartialEq)]
+enum Logging {
+    /// At once, logs only.
+    Now,
+    /// For `serve`: at once, unless the config exports spans (`[tracing]`); then `serve`
+    /// starts logging and the span export together, inside its runtime.
+    ForServe,
+}
+
+/// Loads the config, wipes the secrets' environment variables (PIN, access keys), starts
+/// logging and points SoftHSM at its config file.
 #[allow(unsafe_code)] // sets SOFTHSM2_CONF before SoftHSM loads; see the SAFETY comment
-fn load(path: &Path) -> Result<Config> {
+fn load(path: &Path, logging: Logging) -> Result<Config> {
     let config = Config::load(path)?;
     for var in &config.secret_envs {
         // SAFETY: no other thread exists yet (the tokio runtime is built later).
         unsafe { wrapd::hardening::scrub_env_var(var) };
     }
-    init_logging(&config.log_filter, config.log_format);
+    if logging == Logging::Now || config.tracing.is_none() {
+        init_logging(&config.log_filter, config.log_format);
+    }
     if let Some(conf) = &config.softhsm2_conf {
         // SAFETY: no other thread exists yet (the tokio runtime is built after this), so
         // nothing can read the environment concurrently.
@@ -381,6 +393,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
+    let runtime = runtime()?;
+    let spans = match &config.tracing {
+        Some(tracing) => {
+            let _inside = runtime.enter();
+            Some(init_logging_and_tracing(
+                &config.log_filter,
+                config.log_format,
+                tracing,
+            )?)
+        }
+        None => None,
+    };
+    let served = serve_on(&runtime, config, dev);
+    if let Some(spans) = spans {
+        let _inside = runtime.enter();
+        drop(spans); // flushes the last spans while the runtime still runs
+    }
+    served
+}
+
+fn serve_on(
+    runtime: &tokio::runtime::Runtime,
+    config: Config,
+    dev: Option<&dev::DevSetup>,
+) -> Result<()> {
     if let Some(setup) = dev {
         tracing::info!(dir = %setup.dir.display(), config = %setup.config.display(), "dev mode");
     }
@@ -394,7 +431,7 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
         }
     }
     wrapd::hardening::harden(config.process.lock_memory)?;
-    runtime()?.block_on(async {
+    runtime.block_on(async {
         let shutdown = shutdown_signal()?;
         let daemon = Daemon::open(config).await?;
         if dev.is_some() {

@@ -140,9 +140,14 @@ impl Gate {
     ) -> Result<T> {
         let gate = self.clone();
         let keystore = keystore.clone();
+        let span = request_span(&call, &call.request_id);
         let task = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let result = with_deadline(call.deadline, || job(&gate, &keystore, &mut call));
-            gate.finish(call, result)
+            record_key(&span, &call);
+            let result = gate.finish(call, result);
+            record_outcome(&span, &result);
+            result
         });
         match task.await {
             Ok(result) => result,
@@ -163,25 +168,38 @@ impl Gate {
     ) -> Result<Vec<Result<T>>> {
         let gate = self.clone();
         let keystore = keystore.clone();
+        // One span for the batch (the request id its items' ids extend), one per item.
+        let batch = items.first().map_or_else(tracing::Span::none, |(call, _)| {
+            let id = call.request_id.rsplit_once('.').map_or("", |(id, _)| id);
+            request_span(call, id)
+        });
         let task = tokio::task::spawn_blocking(move || {
+            let _batch = batch.enter();
             let mut results = Vec::with_capacity(items.len());
             let mut records = Vec::with_capacity(items.len());
             for (mut call, item) in items {
+                let span = request_span(&call, &call.request_id);
+                let _entered = span.enter();
                 let result =
                     with_deadline(call.deadline, || job(&gate, &keystore, &mut call, item));
+                record_key(&span, &call);
+                record_outcome(&span, &result);
                 gate.log(&call, &result);
                 records.push(gate.record(call, &result));
                 results.push(result);
             }
-            match &gate.audit {
+            let appended = match &gate.audit {
                 Some(audit) => {
+                    let _append = audit_span();
                     let started = std::time::Instant::now();
                     let appended = audit.append_all(records);
                     crate::metrics::record_audit_append(started.elapsed());
                     appended.map(|()| results)
                 }
                 None => Ok(results),
-            }
+            };
+            record_outcome(&batch, &appended);
+            appended
         });
         match task.await {
             Ok(result) => result,
@@ -197,6 +215,7 @@ impl Gate {
             return result;
         };
         let record = self.record(call, &result);
+        let _append = audit_span();
         let started = std::time::Instant::now();
         let appended = audit.append(record);
         crate::metrics::record_audit_append(started.elapsed());
@@ -288,6 +307,64 @@ impl Gate {
 fn denied(op: Operation) -> Error {
     // The same message whether or not the key exists.
     Error::PermissionDenied(format!("not allowed to {} this key", op.name()))
+}
+
+/// The `tracing` target of request spans (the OpenTelemetry export, `[tracing]`): only the
+/// OpenTelemetry layer enables it, so without `[tracing]` the spans cost nothing.
+pub const REQUEST_SPAN_TARGET: &str = "wrapd::otel";
+
+/// The span of one request (or batch item), named after its operation, with the request
+/// id its audit line carries. Key and outcome are recorded when known.
+fn request_span(call: &Call, request_id: &str) -> tracing::Span {
+    let transport = call.identity.as_ref().map_or_else(
+        |refusal| refusal.transport.map_or("", |t| t.as_str()),
+        |id| id.transport.as_str(),
+    );
+    tracing::span!(
+        target: REQUEST_SPAN_TARGET,
+        tracing::Level::TRACE,
+        "request",
+        otel.name = call.op.name(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        request_id = request_id,
+        wrapd.operation = call.op.name(),
+        wrapd.api_operation = call.api_operation.as_deref(),
+        wrapd.transport = transport,
+        wrapd.key_id = tracing::field::Empty,
+        wrapd.key_version = tracing::field::Empty,
+        wrapd.outcome = tracing::field::Empty,
+    )
+}
+
+/// The span of an audit append (the fdatasync a result waits for).
+fn audit_span() -> tracing::span::EnteredSpan {
+    tracing::span!(target: REQUEST_SPAN_TARGET, tracing::Level::TRACE, "audit.append").entered()
+}
+
+fn record_key(span: &tracing::Span, call: &Call) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(key) = &call.key_id {
+        span.record("wrapd.key_id", key.as_str());
+    }
+    if let Some(version) = call.key_version {
+        span.record("wrapd.key_version", version);
+    }
+}
+
+fn record_outcome<T>(span: &tracing::Span, result: &Result<T>) {
+    if span.is_disabled() {
+        return;
+    }
+    match result {
+        Ok(_) => span.record("wrapd.outcome", "OK"),
+        Err(err) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("wrapd.outcome", outcome_name(err.kind()))
+        }
+    };
 }
 
 /// The audit log's name of an outcome: the gRPC code name of docs/DESIGN.md §4, whatever the

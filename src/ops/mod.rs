@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use zeroize::Zeroizing;
 
 pub use call::Call;
-pub use gate::{Gate, outcome_name};
+pub use gate::{Gate, REQUEST_SPAN_TARGET, outcome_name};
 pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
 
 use crate::auth::{Operation, Target};

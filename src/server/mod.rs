@@ -29,7 +29,7 @@ use tonic_health::server::HealthReporter;
 use zeroize::Zeroizing;
 
 pub use authority::{AuthorityRewriter, RewriteError};
-pub use logging::init_logging;
+pub use logging::{SpanExport, init_logging, init_logging_and_tracing};
 pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};

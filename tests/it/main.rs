@@ -34,6 +34,7 @@ mod packaging;
 mod properties;
 mod startup_and_secrets;
 mod token_protection;
+mod tracing;
 mod wrapctl_bench;
 mod wrapctl_cli;
 mod wrapctl_files;
