@@ -20,6 +20,12 @@ have_softhsm || packages+=(softhsm2)
 [ -x /usr/bin/aws ] || packages+=(awscli)
 # A real PostgreSQL server for the fleet tests (they run initdb and postgres themselves).
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || packages+=(postgresql)
+# The S3 Encryption Client as the distribution ships it (Ruby), for the S3 interop tests;
+# OpenSSL's headers and pkg-config for the `openssl` crate (streaming AES-GCM, feature s3).
+[ -d /usr/lib/ruby/vendor_ruby/aws-sdk-s3/encryptionV2 ] || packages+=(ruby-aws-sdk-s3)
+[ -d /usr/lib/ruby/vendor_ruby/aws-sdk-kms ] || packages+=(ruby-aws-sdk-kms)
+dpkg -s libssl-dev >/dev/null 2>&1 || packages+=(libssl-dev)
+command -v pkg-config >/dev/null || packages+=(pkg-config)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -35,9 +41,11 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 # boto3 and the Encryption SDK's CLI for the AWS KMS API tests (the CLI 4.x needs the SDK 3.x).
 # kubernetes-validate checks the manifests in packaging/kubernetes against the Kubernetes
 # schemas it ships.
-if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools, kubernetes_validate, yaml" 2>/dev/null; then
-  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools, kubernetes-validate (Python)..." >&2
+# moto's server mode is the local S3 the S3 tests write to (5.0: 5.2 answers
+# CompleteMultipartUpload with a wrong XML root element, which the AWS SDKs refuse).
+if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools, kubernetes_validate, yaml, moto.server" 2>/dev/null; then
+  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools, kubernetes-validate, moto (Python)..." >&2
   python3 -m pip install --quiet --disable-pip-version-check \
     "aws-encryption-sdk>=3.1,<4" "aws-encryption-sdk-cli>=4,<5" "boto3>=1.34" grpcio grpcio-tools \
-    kubernetes-validate pyyaml >&2
+    kubernetes-validate pyyaml "moto[server]==5.0.28" >&2
 fi

@@ -53,6 +53,12 @@ impl CliError {
         }
     }
 
+    /// Any other failure (I/O, a remote service).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub fn other(message: impl Into<String>) -> Self {
+        Self::new(Failure::Other, message)
+    }
+
     /// A usage error.
     pub fn usage(message: impl Into<String>) -> Self {
         Self::new(Failure::Usage, message)

@@ -18,13 +18,13 @@ use crate::output::{ErasedReport, Report, fields};
 /// The temporary file is created exclusively (`O_EXCL`: no symlink is followed), mode 0600,
 /// under an unpredictable name, in the target's directory (security review finding 9); it
 /// is removed when not committed.
-struct Output {
+pub(crate) struct Output {
     target: Option<PathBuf>,
     temp: Option<tempfile::TempPath>,
 }
 
 impl Output {
-    fn open(path: &str) -> Result<(Self, Box<dyn Write + Send>), String> {
+    pub(crate) fn open(path: &str) -> Result<(Self, Box<dyn Write + Send>), String> {
         if path == "-" {
             return Ok((
                 Output {
@@ -58,7 +58,7 @@ impl Output {
         ))
     }
 
-    fn commit(mut self) -> Result<(), String> {
+    pub(crate) fn commit(mut self) -> Result<(), String> {
         if let (Some(temp), Some(target)) = (self.temp.take(), &self.target) {
             temp.persist(target)
                 .map_err(|e| format!("cannot move the output into place: {}", e.error))?;

@@ -7,6 +7,7 @@
 //! | `keys.rs`, `aliases.rs`, `datakey.rs`, `audit.rs` | one command group each |
 //! | `files.rs` | `encrypt` / `decrypt` of files and pipes |
 //! | `bench.rs` | `wrapctl bench` |
+//! | `s3.rs` | `wrapctl s3 put` / `get`: objects in the S3 Encryption Client format (feature `s3`) |
 //! | `output.rs` | results as JSON (`--json`, from `Serialize`) or tables for people |
 //! | `error.rs` | the typed error and its exit codes |
 
@@ -19,6 +20,8 @@ mod error;
 mod files;
 mod keys;
 mod output;
+#[cfg(feature = "s3")]
+mod s3;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -96,6 +99,11 @@ enum Command {
     /// Measure thin-client throughput next to `openssl speed` (library, files, 1 KiB
     /// messages with and without the data key cache).
     Bench(bench::BenchArgs),
+    /// Client-side encrypted objects in S3, compatible with the official S3 Encryption
+    /// Clients (V2 format).
+    #[cfg(feature = "s3")]
+    #[command(subcommand)]
+    S3(s3::S3Command),
 }
 
 /// Where `encrypt` and `decrypt` read and write.
@@ -200,6 +208,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             files::decrypt(channels, context, limits, &io.input, &io.output).await?
         }
+        #[cfg(feature = "s3")]
+        Command::S3(cmd) => s3::run(connection.connect().await?, cmd).await?,
         Command::Bench(args) => {
             let channel = if args.offline() {
                 None
