@@ -32,6 +32,8 @@ mod kms_plugin;
 mod metrics;
 mod packaging;
 mod properties;
+#[cfg(feature = "s3")]
+mod s3_encryption;
 mod startup_and_secrets;
 mod token_protection;
 mod tracing;

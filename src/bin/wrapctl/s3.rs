@@ -46,7 +46,8 @@ pub enum S3Command {
         file: std::path::PathBuf,
         /// s3://BUCKET/KEY
         url: String,
-        /// wrapd key id or alias for the object's data key.
+        /// wrapd key id or alias for the object's data key, or its AWS KMS ARN (as the
+        /// official clients name it).
         #[arg(long)]
         key: String,
         /// Encryption context entry K=V (repeatable); readers must give the same.
@@ -219,6 +220,9 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             let (bucket, object) = parse_url(&url)?;
             let user: BTreeMap<String, String> = context.into_iter().collect();
             let full = s3ec::context_for(&user)?;
+            // An ARN names the same key as its resource part (`key/…`, `alias/…`).
+            let key = wrapd::client::keyring::split_arn(&key)
+                .map_or_else(|| key.clone(), |(_, resource)| resource.to_owned());
             let generated = data
                 .generate_data_key(GenerateDataKeyRequest {
                     key_id: key,

@@ -1,0 +1,388 @@
+//! S3 client-side encryption (issue 14) against the official S3 Encryption Client V2 (Ruby,
+//! Debian's `ruby-aws-sdk-s3`, its KMS client on wrapd's AWS KMS API) and a local S3 server
+//! (moto in server mode, from PyPI): objects each writes open with the other, in both
+//! envelope placements, empty and multipart; tampering and a wrong context fail with no
+//! output file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::DevDaemon;
+
+/// A moto S3 server on a free loopback port, stopped on drop.
+struct LocalS3 {
+    child: Child,
+    url: String,
+}
+
+impl LocalS3 {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (softhsm-config/install-deps.sh installs moto)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// `aws s3api ARGS` against this server (dummy credentials), JSON out.
+    fn s3api(&self, args: &[&str]) -> Value {
+        let mut command = Command::new("/usr/bin/aws");
+        s3_env(&mut command);
+        let out = command
+            .args(["s3api", "--endpoint-url", &self.url, "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "aws s3api {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn bucket(&self, name: &str) {
+        self.s3api(&["create-bucket", "--bucket", name]);
+    }
+}
+
+impl Drop for LocalS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// S3 credentials for the local server, and nothing from the machine's AWS setup.
+fn s3_env(command: &mut Command) {
+    for var in [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_CA_BUNDLE",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+}
+
+struct Setup {
+    daemon: DevDaemon,
+    s3: LocalS3,
+    arn: String,
+    dir: PathBuf,
+}
+
+fn setup() -> Setup {
+    let daemon = DevDaemon::start();
+    let s3 = LocalS3::start();
+    s3.bucket("objects");
+    let dir = daemon.dir().join("s3");
+    std::fs::create_dir_all(&dir).unwrap();
+    let created = crate::aws_kms_api::aws_ok(&daemon, &["create-key", "--description", "s3"]);
+    let arn = created["KeyMetadata"]["Arn"].as_str().unwrap().to_owned();
+    Setup {
+        daemon,
+        s3,
+        arn,
+        dir,
+    }
+}
+
+impl Setup {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn wrapctl(&self, args: &[&str]) -> Result<Value, String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+        s3_env(&mut command);
+        let out = command
+            .arg("--json")
+            .arg("--socket")
+            .arg(&self.daemon.socket)
+            .args(args)
+            .args(["--s3-endpoint", &self.s3.url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "wrapctl panicked: {stderr}");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).expect("JSON output"))
+        } else {
+            Err(stderr)
+        }
+    }
+
+    fn put(&self, file: &Path, key: &str, extra: &[&str]) -> Value {
+        let url = format!("s3://objects/{key}");
+        let mut args = vec![
+            "s3",
+            "put",
+            file.to_str().unwrap(),
+            &url,
+            "--key",
+            &self.arn,
+        ];
+        args.extend_from_slice(extra);
+        self.wrapctl(&args)
+            .unwrap_or_else(|e| panic!("wrapctl s3 put {key}: {e}"))
+    }
+
+    fn get(&self, key: &str, file: &Path, extra: &[&str]) -> Result<Value, String> {
+        let url = format!("s3://objects/{key}");
+        let mut args = vec!["s3", "get", &url, file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.wrapctl(&args)
+    }
+
+    /// The official Ruby client: `put` or `get` one object.
+    fn ruby(&self, mode: &str, key: &str, file: &Path, context: &str, placement: &str) {
+        let mut command = Command::new("/usr/bin/ruby");
+        s3_env(&mut command);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ruby/s3ec_v2.rb");
+        let dev = self.daemon.dir();
+        let out = command
+            .arg(script)
+            .args([
+                mode,
+                "objects",
+                key,
+                file.to_str().unwrap(),
+                context,
+                placement,
+            ])
+            .env("S3_URL", &self.s3.url)
+            .env("WRAPD_AWS_URL", &self.daemon.aws)
+            .env("WRAPD_CA", dev.join("pki/ca.pem"))
+            .env("WRAPD_AWS_CREDENTIALS", dev.join("aws/credentials"))
+            .env("KEY_ARN", &self.arn)
+            .output()
+            .expect("/usr/bin/ruby (softhsm-config/install-deps.sh installs ruby-aws-sdk-s3)");
+        assert!(
+            out.status.success(),
+            "ruby s3ec_v2.rb {mode} {key}: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon.log()
+        );
+    }
+}
+
+/// Content of `len` bytes that is not all one value.
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+const BIG: usize = 12 * 1024 * 1024 + 123;
+
+#[test]
+fn objects_the_official_ruby_client_writes_open_with_wrapctl_s3_get() {
+    let s = setup();
+    let cases: [(&str, usize, &str, &str, &[&str]); 4] = [
+        (
+            "ruby-meta",
+            1000,
+            r#"{"tenant":"acme"}"#,
+            "metadata",
+            &["--context", "tenant=acme"],
+        ),
+        ("ruby-instr", 5000, "{}", "instruction_file", &[]),
+        ("ruby-empty", 0, "{}", "metadata", &[]),
+        (
+            "ruby-big",
+            BIG,
+            r#"{"a":"b"}"#,
+            "metadata",
+            &["--context", "a=b"],
+        ),
+    ];
+    for (key, len, context, placement, args) in cases {
+        let input = s.path(&format!("{key}.in"));
+        std::fs::write(&input, content(len)).unwrap();
+        s.ruby("put", key, &input, context, placement);
+        let output = s.path(&format!("{key}.out"));
+        let got = s
+            .get(key, &output, args)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(got["bytes"], len as u64);
+        let expected_placement = if placement == "metadata" {
+            "metadata"
+        } else {
+            "instruction-file"
+        };
+        assert_eq!(got["envelope"], expected_placement);
+        assert_eq!(std::fs::read(&output).unwrap(), content(len), "{key}");
+    }
+}
+
+#[test]
+fn objects_wrapctl_s3_put_writes_open_with_the_official_ruby_client() {
+    let s = setup();
+    let cases: [(&str, usize, &[&str], &str); 4] = [
+        (
+            "ctl-meta",
+            1000,
+            &["--context", "tenant=acme"],
+            r#"{"tenant":"acme"}"#,
+        ),
+        ("ctl-instr", 5000, &["--instruction-file"], "{}"),
+        ("ctl-empty", 0, &[], "{}"),
+        (
+            "ctl-multipart",
+            BIG,
+            &["--multipart-threshold-mib", "5", "--part-size-mib", "5"],
+            "{}",
+        ),
+    ];
+    for (key, len, args, context) in cases {
+        let input = s.path(&format!("{key}.in"));
+        std::fs::write(&input, content(len)).unwrap();
+        let put = s.put(&input, key, args);
+        if key == "ctl-multipart" {
+            assert_eq!(put["parts"], 3, "12 MiB in 5 MiB parts");
+        }
+        let output = s.path(&format!("{key}.out"));
+        s.ruby("get", key, &output, context, "metadata");
+        assert_eq!(std::fs::read(&output).unwrap(), content(len), "{key}");
+    }
+    // The metadata the official clients expect, and a blob far under S3's 2 KB.
+    let head =
+        s.s3.s3api(&["head-object", "--bucket", "objects", "--key", "ctl-meta"]);
+    let meta = &head["Metadata"];
+    assert_eq!(meta["x-amz-cek-alg"], "AES/GCM/NoPadding");
+    assert_eq!(meta["x-amz-wrap-alg"], "kms+context");
+    assert_eq!(meta["x-amz-tag-len"], "128");
+    assert_eq!(meta["x-amz-unencrypted-content-length"], "1000");
+    let matdesc: Value = serde_json::from_str(meta["x-amz-matdesc"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        matdesc,
+        serde_json::json!({"aws:x-amz-cek-alg": "AES/GCM/NoPadding", "tenant": "acme"})
+    );
+    let total: usize = meta
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().unwrap().len())
+        .sum();
+    assert!(total < 1024, "metadata is {total} bytes");
+}
+
+/// Replaces an object's body and metadata (as an attacker with write access could).
+fn rewrite(s: &Setup, key: &str, body: &[u8], metadata: &Value) {
+    let file = s.path("rewrite.bin");
+    std::fs::write(&file, body).unwrap();
+    s.s3.s3api(&[
+        "put-object",
+        "--bucket",
+        "objects",
+        "--key",
+        key,
+        "--body",
+        file.to_str().unwrap(),
+        "--metadata",
+        &metadata.to_string(),
+    ]);
+}
+
+#[test]
+fn tampered_objects_and_a_wrong_context_fail_and_leave_no_output_file() {
+    let s = setup();
+    let input = s.path("victim.in");
+    std::fs::write(&input, content(4096)).unwrap();
+    s.put(&input, "victim", &["--context", "tenant=acme"]);
+    let original = s.path("victim.enc");
+    s.s3.s3api(&[
+        "get-object",
+        "--bucket",
+        "objects",
+        "--key",
+        "victim",
+        original.to_str().unwrap(),
+    ]);
+    let body = std::fs::read(&original).unwrap();
+    let meta =
+        s.s3.s3api(&["head-object", "--bucket", "objects", "--key", "victim"])["Metadata"].clone();
+    let context = ["--context", "tenant=acme"];
+
+    let mut flipped = body.clone();
+    flipped[100] ^= 1;
+    let mut other_matdesc = meta.clone();
+    other_matdesc["x-amz-matdesc"] =
+        Value::from(r#"{"aws:x-amz-cek-alg":"AES/GCM/NoPadding","tenant":"evil"}"#);
+    let mut other_iv = meta.clone();
+    other_iv["x-amz-iv"] = Value::from("AAAAAAAAAAAAAAAA");
+    let cases: [(&str, Vec<u8>, Value, &[&str]); 5] = [
+        ("a changed body byte", flipped, meta.clone(), &context),
+        (
+            "a truncated body",
+            body[..body.len() - 5].to_vec(),
+            meta.clone(),
+            &context,
+        ),
+        (
+            "a changed x-amz-matdesc",
+            body.clone(),
+            other_matdesc,
+            &["--context", "tenant=evil"],
+        ),
+        ("a changed x-amz-iv", body.clone(), other_iv, &context),
+        (
+            "a wrong --context",
+            body.clone(),
+            meta.clone(),
+            &["--context", "tenant=other"],
+        ),
+    ];
+    for (what, body, metadata, args) in cases {
+        rewrite(&s, "victim", &body, &metadata);
+        let output = s.path("victim.out");
+        let err = s.get("victim", &output, args).unwrap_err();
+        assert!(!output.exists(), "{what}: no output file");
+        assert!(
+            err.contains("ciphertext is invalid") || err.contains("context does not match"),
+            "{what}: {err}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&s.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".wrapctl-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{what}: no temporary file left");
+    }
+    // The original still opens.
+    rewrite(&s, "victim", &body, &meta);
+    let output = s.path("victim.out");
+    s.get("victim", &output, &context).unwrap();
+    assert_eq!(std::fs::read(&output).unwrap(), content(4096));
+}
