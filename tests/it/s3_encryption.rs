@@ -4,6 +4,7 @@
 //! envelope placements, empty and multipart; tampering and a wrong context fail with no
 //! output file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -385,4 +386,178 @@ fn tampered_objects_and_a_wrong_context_fail_and_leave_no_output_file() {
     let output = s.path("victim.out");
     s.get("victim", &output, &context).unwrap();
     assert_eq!(std::fs::read(&output).unwrap(), content(4096));
+}
+
+/// A TCP proxy in front of the local S3 server that records every byte clients send, to
+/// check the SSE-C headers on the wire (moto accepts SSE-C requests but does not encrypt).
+struct Recorder {
+    url: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    fn start(upstream: &str) -> Self {
+        use std::io::{Read, Write};
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let (mut client, mut server) = (client, server);
+                    let mut buf = [0u8; 64 * 1024];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 || server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { url, sent }
+    }
+
+    /// The headers (lower-cased names) of each recorded request whose request line starts
+    /// with `start`.
+    fn requests(&self, start: &str) -> Vec<HashMap<String, String>> {
+        let sent = self.sent.lock().unwrap();
+        let text = String::from_utf8_lossy(&sent);
+        text.match_indices(start)
+            .map(|(at, _)| {
+                text[at..]
+                    .split("\r\n")
+                    .skip(1)
+                    .take_while(|l| !l.is_empty())
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn sse_c_sends_a_fresh_data_key_from_wrapd_and_stores_only_its_wrapped_form() {
+    use base64::Engine;
+    use md5::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s = tokio::task::spawn_blocking(setup).await.unwrap();
+    let recorder = Recorder::start(&s.s3.url);
+    let input = s.path("ssec.in");
+    std::fs::write(&input, content(3000)).unwrap();
+    let run = |args: Vec<String>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+        s3_env(&mut command);
+        let out = command
+            .arg("--json")
+            .arg("--socket")
+            .arg(&s.daemon.socket)
+            .args(&args)
+            .args(["--s3-endpoint", &recorder.url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let input_arg = input.to_str().unwrap().to_owned();
+    let output = s.path("ssec.out");
+    for object in ["ssec-1", "ssec-2"] {
+        run([
+            "s3",
+            "put",
+            &input_arg,
+            &format!("s3://objects/{object}"),
+            "--key",
+            &s.arn,
+            "--sse-c",
+            "--context",
+            "tenant=acme",
+        ]
+        .map(str::to_owned)
+        .to_vec());
+    }
+    run([
+        "s3",
+        "get",
+        "s3://objects/ssec-1",
+        output.to_str().unwrap(),
+        "--sse-c",
+        "--context",
+        "tenant=acme",
+    ]
+    .map(str::to_owned)
+    .to_vec());
+    assert_eq!(std::fs::read(&output).unwrap(), content(3000));
+
+    // Each object's PUT and the GET carry the SSE-C headers: AES256, a 32-byte key, its MD5.
+    let sse = |headers: &HashMap<String, String>| -> Vec<u8> {
+        assert_eq!(
+            headers["x-amz-server-side-encryption-customer-algorithm"],
+            "AES256"
+        );
+        let key = b64
+            .decode(&headers["x-amz-server-side-encryption-customer-key"])
+            .unwrap();
+        assert_eq!(key.len(), 32);
+        assert_eq!(
+            headers["x-amz-server-side-encryption-customer-key-md5"],
+            b64.encode(md5::Md5::digest(&key))
+        );
+        key
+    };
+    let put_1 = sse(&recorder.requests("PUT /objects/ssec-1?x-id=PutObject ")[0]);
+    let put_2 = sse(&recorder.requests("PUT /objects/ssec-2?x-id=PutObject ")[0]);
+    let get_1 = sse(&recorder.requests("GET /objects/ssec-1?x-id=GetObject ")[0]);
+    assert_eq!(put_1, get_1, "the same key on the way back");
+    assert_ne!(put_1, put_2, "a fresh data key per object");
+
+    // What S3 keeps is the wrapped key, in a tag; it unwraps (with the context) to the key sent.
+    let tags = s.s3.s3api(&[
+        "get-object-tagging",
+        "--bucket",
+        "objects",
+        "--key",
+        "ssec-1",
+    ]);
+    let blob = b64
+        .decode(tags["TagSet"][0]["Value"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(tags["TagSet"][0]["Key"], "wrapd-sse-c-key");
+    let mut data = s.daemon.data().await;
+    let unwrapped = data
+        .unwrap(wrapd::proto::UnwrapRequest {
+            ciphertext_blob: blob.clone(),
+            encryption_context: crate::common::ctx(&[
+                ("tenant", "acme"),
+                ("wrapctl:s3-sse-c", "AES256"),
+            ]),
+            key_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, put_1);
+    let head =
+        s.s3.s3api(&["head-object", "--bucket", "objects", "--key", "ssec-1"]);
+    let stored = format!("{head} {tags}");
+    assert!(
+        !stored.contains(&b64.encode(&put_1)),
+        "the SSE-C key itself is never stored"
+    );
 }

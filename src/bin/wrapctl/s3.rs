@@ -54,8 +54,12 @@ pub enum S3Command {
         #[arg(long = "context", value_parser = crate::parse_entry)]
         context: Vec<(String, String)>,
         /// Put the envelope in KEY.instruction instead of the object's metadata.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sse_c")]
         instruction_file: bool,
+        /// Server-side encryption with a key from wrapd instead: S3 encrypts with a fresh
+        /// data key sent as the SSE-C key; only its wrapped form is stored (an object tag).
+        #[arg(long)]
+        sse_c: bool,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -69,9 +73,77 @@ pub enum S3Command {
         /// Encryption context entry K=V (repeatable): must equal the object's.
         #[arg(long = "context", value_parser = crate::parse_entry)]
         context: Vec<(String, String)>,
+        /// The object was put with --sse-c: unwrap its SSE-C key and send it.
+        #[arg(long)]
+        sse_c: bool,
         #[command(flatten)]
         s3: S3Args,
     },
+}
+
+/// The object tag holding an SSE-C object's wrapped key: tags, unlike metadata, can be read
+/// without the SSE-C key (S3 refuses `HeadObject` and `GetObject` of an SSE-C object without
+/// it, metadata included), and are written atomically with the object.
+pub const SSE_C_TAG: &str = "wrapd-sse-c-key";
+/// The encryption context entry that binds an SSE-C data key to its use.
+pub const SSE_C_CONTEXT_KEY: &str = "wrapctl:s3-sse-c";
+
+/// An SSE-C key as S3 takes it: base64 of the 32 bytes, and of their MD5.
+struct SseC {
+    key: Zeroizing<String>,
+    md5: String,
+}
+
+impl SseC {
+    fn new(key: &[u8]) -> Self {
+        use base64::Engine;
+        use md5::Digest;
+        let engine = base64::engine::general_purpose::STANDARD;
+        Self {
+            key: Zeroizing::new(engine.encode(key)),
+            md5: engine.encode(md5::Md5::digest(key)),
+        }
+    }
+}
+
+/// Adds the SSE-C headers to a request builder (each S3 call of an SSE-C object needs them).
+macro_rules! with_sse_c {
+    ($builder:expr, $sse:expr) => {
+        match $sse {
+            Some(sse) => $builder
+                .sse_customer_algorithm("AES256")
+                .sse_customer_key(sse.key.as_str())
+                .sse_customer_key_md5(&sse.md5),
+            None => $builder,
+        }
+    };
+}
+
+/// The context of an SSE-C data key: the caller's entries and the reserved one.
+fn sse_c_context(user: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, CliError> {
+    if user.contains_key(SSE_C_CONTEXT_KEY) {
+        return Err(CliError::usage(format!(
+            "the encryption context entry {SSE_C_CONTEXT_KEY} is reserved"
+        )));
+    }
+    let mut context = user.clone();
+    context.insert(SSE_C_CONTEXT_KEY.to_owned(), "AES256".to_owned());
+    Ok(context)
+}
+
+/// Percent-encodes a base64 tag value for the `x-amz-tagging` header (a URL query).
+fn tag_value(b64: &str) -> String {
+    b64.replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D")
+}
+
+/// How the content is protected on its way to S3.
+enum Protection {
+    /// The S3 Encryption Client format: encrypted here.
+    ClientSide(ContentEncryptor),
+    /// SSE-C: S3 encrypts with this key.
+    SseC(SseC),
 }
 
 /// Where S3 is and how to address it.
@@ -215,11 +287,16 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             key,
             context,
             instruction_file,
+            sse_c,
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
             let user: BTreeMap<String, String> = context.into_iter().collect();
-            let full = s3ec::context_for(&user)?;
+            let full = if sse_c {
+                sse_c_context(&user)?
+            } else {
+                s3ec::context_for(&user)?
+            };
             // An ARN names the same key as its resource part (`key/…`, `alias/…`).
             let key = wrapd::client::keyring::split_arn(&key)
                 .map_or_else(|| key.clone(), |(_, resource)| resource.to_owned());
@@ -232,45 +309,58 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
                 .await?
                 .into_inner();
             let data_key = Zeroizing::new(generated.plaintext);
-            let mut iv = [0u8; s3ec::IV_LEN];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut iv);
-            let envelope = Envelope::new(generated.ciphertext_blob, iv, &user)?;
             let client = client(&s3).await;
             let size = std::fs::metadata(&file)
                 .map_err(|e| CliError::other(format!("{}: {e}", file.display())))?
                 .len();
-            let mut metadata: HashMap<String, String> =
-                HashMap::from([(UNENCRYPTED_LENGTH.to_owned(), size.to_string())]);
-            if instruction_file {
-                // First, as the official clients do: an object is never without its envelope.
-                client
-                    .put_object()
-                    .bucket(&bucket)
-                    .key(format!("{object}{INSTRUCTION_SUFFIX}"))
-                    .body(ByteStream::from(envelope.to_instruction_file()))
-                    .send()
-                    .await
-                    .map_err(|e| s3_error("PutObject (instruction file)", e))?;
+            let mut target = Target {
+                bucket: bucket.clone(),
+                object: object.clone(),
+                metadata: HashMap::from([(UNENCRYPTED_LENGTH.to_owned(), size.to_string())]),
+                tagging: None,
+            };
+            let (protection, format, placement) = if sse_c {
+                use base64::Engine;
+                let blob =
+                    base64::engine::general_purpose::STANDARD.encode(&generated.ciphertext_blob);
+                target.tagging = Some(format!("{SSE_C_TAG}={}", tag_value(&blob)));
+                target.metadata.clear();
+                (Protection::SseC(SseC::new(&data_key)), "sse-c", "tag")
             } else {
-                metadata.extend(envelope.entries());
-            }
-            let encryptor = ContentEncryptor::new(&data_key, &iv)?;
-            let parts = upload(
-                &client, &bucket, &object, &file, size, metadata, encryptor, &s3,
-            )
-            .await?;
+                let mut iv = [0u8; s3ec::IV_LEN];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut iv);
+                let envelope = Envelope::new(generated.ciphertext_blob, iv, &user)?;
+                if instruction_file {
+                    // First, as the official clients do: an object is never without its
+                    // envelope.
+                    client
+                        .put_object()
+                        .bucket(&bucket)
+                        .key(format!("{object}{INSTRUCTION_SUFFIX}"))
+                        .body(ByteStream::from(envelope.to_instruction_file()))
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("PutObject (instruction file)", e))?;
+                } else {
+                    target.metadata.extend(envelope.entries());
+                }
+                let encryptor = ContentEncryptor::new(&data_key, &iv)?;
+                let placement = if instruction_file {
+                    "instruction-file"
+                } else {
+                    "metadata"
+                };
+                (Protection::ClientSide(encryptor), "v2", placement)
+            };
+            let parts = upload(&client, &target, &file, size, protection, &s3).await?;
             Ok(Box::new(Transfer {
                 status: "uploaded",
                 bucket,
                 key: object,
                 bytes: size,
                 key_id: generated.key_id,
-                format: "v2",
-                envelope: if instruction_file {
-                    "instruction-file"
-                } else {
-                    "metadata"
-                },
+                format,
+                envelope: placement,
                 parts,
             }))
         }
@@ -278,45 +368,69 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             url,
             file,
             context,
+            sse_c,
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
             let expected: BTreeMap<String, String> = context.into_iter().collect();
             let client = client(&s3).await;
-            download(&client, &mut data, &bucket, &object, &file, &expected).await
+            if sse_c {
+                download_sse_c(&client, &mut data, &bucket, &object, &file, &expected).await
+            } else {
+                download(&client, &mut data, &bucket, &object, &file, &expected).await
+            }
         }
     }
 }
 
-/// Encrypts `file` into the object: one PutObject, or a multipart upload. Returns the
-/// number of parts (1 for a single PUT).
-#[allow(clippy::too_many_arguments)]
+/// Where an upload goes, and what goes with it.
+struct Target {
+    bucket: String,
+    object: String,
+    metadata: HashMap<String, String>,
+    /// `x-amz-tagging` (URL-encoded).
+    tagging: Option<String>,
+}
+
+/// Uploads `file` into the object, protected as `protection` says: one PutObject, or a
+/// multipart upload. Returns the number of parts (1 for a single PUT).
 async fn upload(
     client: &Client,
-    bucket: &str,
-    object: &str,
+    target: &Target,
     file: &Path,
     size: u64,
-    metadata: HashMap<String, String>,
-    mut encryptor: ContentEncryptor,
+    protection: Protection,
     args: &S3Args,
 ) -> Result<usize, CliError> {
     let mut input = std::fs::File::open(file)
         .map_err(|e| CliError::other(format!("{}: {e}", file.display())))?;
     let bar = progress(size);
     let read_error = |e: std::io::Error| CliError::other(format!("{}: {e}", file.display()));
+    let (mut encryptor, sse) = match protection {
+        Protection::ClientSide(encryptor) => (Some(encryptor), None),
+        Protection::SseC(sse) => (None, Some(sse)),
+    };
+    let (bucket, object) = (target.bucket.as_str(), target.object.as_str());
     if size <= args.multipart_threshold_mib.saturating_mul(MIB) {
         let mut plaintext = Zeroizing::new(Vec::with_capacity(size as usize));
         input.read_to_end(&mut plaintext).map_err(read_error)?;
-        let mut body = Vec::with_capacity(plaintext.len() + s3ec::TAG_LEN);
-        encryptor.update(&plaintext, &mut body)?;
-        body.extend_from_slice(&encryptor.finish()?);
-        client
+        let body = match encryptor.take() {
+            Some(mut encryptor) => {
+                let mut body = Vec::with_capacity(plaintext.len() + s3ec::TAG_LEN);
+                encryptor.update(&plaintext, &mut body)?;
+                body.extend_from_slice(&encryptor.finish()?);
+                body
+            }
+            None => plaintext.to_vec(),
+        };
+        let request = client
             .put_object()
             .bucket(bucket)
             .key(object)
-            .set_metadata(Some(metadata))
-            .body(ByteStream::from(body))
+            .set_metadata(Some(target.metadata.clone()))
+            .set_tagging(target.tagging.clone())
+            .body(ByteStream::from(body));
+        with_sse_c!(request, sse.as_ref())
             .send()
             .await
             .map_err(|e| s3_error("PutObject", e))?;
@@ -328,11 +442,13 @@ async fn upload(
         .saturating_mul(MIB)
         .max(MIN_PART)
         .max(size.div_ceil(MAX_PARTS - 1));
-    let created = client
+    let request = client
         .create_multipart_upload()
         .bucket(bucket)
         .key(object)
-        .set_metadata(Some(metadata))
+        .set_metadata(Some(target.metadata.clone()))
+        .set_tagging(target.tagging.clone());
+    let created = with_sse_c!(request, sse.as_ref())
         .send()
         .await
         .map_err(|e| s3_error("CreateMultipartUpload", e))?;
@@ -340,11 +456,14 @@ async fn upload(
         .upload_id()
         .ok_or_else(|| CliError::other("S3 gave no upload id"))?
         .to_owned();
-    let parts = upload_parts(
-        client, bucket, object, &upload_id, &mut input, part_size, encryptor, &bar,
-    )
-    .await;
-    let parts = match parts {
+    let upload = Upload {
+        client,
+        bucket,
+        object,
+        upload_id: &upload_id,
+        sse: sse.as_ref(),
+    };
+    let parts = match upload.parts(&mut input, part_size, encryptor, &bar).await {
         Ok(parts) => parts,
         Err(err) => {
             let _ = client
@@ -358,7 +477,7 @@ async fn upload(
         }
     };
     let count = parts.len();
-    client
+    let request = client
         .complete_multipart_upload()
         .bucket(bucket)
         .key(object)
@@ -367,7 +486,8 @@ async fn upload(
             CompletedMultipartUpload::builder()
                 .set_parts(Some(parts))
                 .build(),
-        )
+        );
+    with_sse_c!(request, sse.as_ref())
         .send()
         .await
         .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
@@ -375,76 +495,175 @@ async fn upload(
     Ok(count)
 }
 
-/// Encrypts the file part by part (GCM is sequential) and uploads up to
-/// [`PARTS_IN_FLIGHT`] parts at once; the tag ends the last part (which may hold only the
-/// tag when the file fills its parts exactly: S3 takes a small last part).
-#[allow(clippy::too_many_arguments)]
-async fn upload_parts(
-    client: &Client,
-    bucket: &str,
-    object: &str,
-    upload_id: &str,
-    input: &mut std::fs::File,
-    part_size: u64,
-    encryptor: ContentEncryptor,
-    bar: &indicatif::ProgressBar,
-) -> Result<Vec<CompletedPart>, CliError> {
-    let mut in_flight = tokio::task::JoinSet::new();
-    let mut done = Vec::new();
-    let mut number = 0i32;
-    let mut encryptor = Some(encryptor);
-    let mut plaintext = Zeroizing::new(vec![0u8; part_size as usize]);
-    while let Some(enc) = encryptor.as_mut() {
-        let mut filled = 0;
-        while filled < plaintext.len() {
-            let n = input
-                .read(&mut plaintext[filled..])
-                .map_err(|e| CliError::other(e.to_string()))?;
-            if n == 0 {
+/// A multipart upload under way.
+struct Upload<'a> {
+    client: &'a Client,
+    bucket: &'a str,
+    object: &'a str,
+    upload_id: &'a str,
+    sse: Option<&'a SseC>,
+}
+
+impl Upload<'_> {
+    /// Reads the file part by part, encrypting in order where the content is encrypted here
+    /// (GCM is sequential), and uploads up to [`PARTS_IN_FLIGHT`] parts at once. The tag ends
+    /// the last part (which may hold only the tag when the file fills its parts exactly: S3
+    /// takes a small last part).
+    async fn parts(
+        &self,
+        input: &mut std::fs::File,
+        part_size: u64,
+        mut encryptor: Option<ContentEncryptor>,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Vec<CompletedPart>, CliError> {
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut done = Vec::new();
+        let mut number = 0i32;
+        let mut plaintext = Zeroizing::new(vec![0u8; part_size as usize]);
+        loop {
+            let mut filled = 0;
+            while filled < plaintext.len() {
+                let n = input
+                    .read(&mut plaintext[filled..])
+                    .map_err(|e| CliError::other(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            let last = filled < plaintext.len();
+            let body = match encryptor.as_mut() {
+                Some(enc) => {
+                    let mut body = Vec::with_capacity(filled + s3ec::TAG_LEN);
+                    enc.update(&plaintext[..filled], &mut body)?;
+                    if last {
+                        if let Some(enc) = encryptor.take() {
+                            body.extend_from_slice(&enc.finish()?);
+                        }
+                    }
+                    body
+                }
+                None if filled == 0 && number > 0 => break, // SSE-C: nothing left
+                None => plaintext[..filled].to_vec(),
+            };
+            number += 1;
+            let request = self
+                .client
+                .upload_part()
+                .bucket(self.bucket)
+                .key(self.object)
+                .upload_id(self.upload_id)
+                .part_number(number)
+                .body(ByteStream::from(body));
+            let request = with_sse_c!(request, self.sse);
+            let part_number = number;
+            let bar = bar.clone();
+            let len = filled as u64;
+            in_flight.spawn(async move {
+                let sent = request
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("UploadPart", e))?;
+                bar.inc(len);
+                Ok::<_, CliError>(
+                    CompletedPart::builder()
+                        .set_e_tag(sent.e_tag().map(str::to_owned))
+                        .part_number(part_number)
+                        .build(),
+                )
+            });
+            while in_flight.len() >= PARTS_IN_FLIGHT || (last && !in_flight.is_empty()) {
+                if let Some(joined) = in_flight.join_next().await {
+                    done.push(joined.map_err(|e| CliError::other(e.to_string()))??);
+                }
+            }
+            if last {
                 break;
             }
-            filled += n;
         }
-        let mut body = Vec::with_capacity(filled + s3ec::TAG_LEN);
-        enc.update(&plaintext[..filled], &mut body)?;
-        let last = filled < plaintext.len();
-        if last {
-            if let Some(enc) = encryptor.take() {
-                body.extend_from_slice(&enc.finish()?);
-            }
+        while let Some(joined) = in_flight.join_next().await {
+            done.push(joined.map_err(|e| CliError::other(e.to_string()))??);
         }
-        number += 1;
-        let request = client
-            .upload_part()
-            .bucket(bucket)
-            .key(object)
-            .upload_id(upload_id)
-            .part_number(number)
-            .body(ByteStream::from(body));
-        let part_number = number;
-        let bar = bar.clone();
-        let len = filled as u64;
-        in_flight.spawn(async move {
-            let sent = request
-                .send()
-                .await
-                .map_err(|e| s3_error("UploadPart", e))?;
-            bar.inc(len);
-            Ok::<_, CliError>(
-                CompletedPart::builder()
-                    .set_e_tag(sent.e_tag().map(str::to_owned))
-                    .part_number(part_number)
-                    .build(),
-            )
-        });
-        while in_flight.len() >= PARTS_IN_FLIGHT || (last && !in_flight.is_empty()) {
-            if let Some(joined) = in_flight.join_next().await {
-                done.push(joined.map_err(|e| CliError::other(e.to_string()))??);
-            }
-        }
+        done.sort_by_key(|p| p.part_number());
+        Ok(done)
     }
-    done.sort_by_key(|p| p.part_number());
-    Ok(done)
+}
+
+/// `get --sse-c`: reads the wrapped SSE-C key from the object's tag, unwraps it with the
+/// caller's context, and downloads the object with the SSE-C headers (S3 checks the key
+/// against the one the object was written with and decrypts).
+async fn download_sse_c(
+    client: &Client,
+    data: &mut DataKeyServiceClient<Channel>,
+    bucket: &str,
+    object: &str,
+    file: &Path,
+    expected: &BTreeMap<String, String>,
+) -> Result<Box<dyn ErasedReport>, CliError> {
+    use base64::Engine;
+    let tags = client
+        .get_object_tagging()
+        .bucket(bucket)
+        .key(object)
+        .send()
+        .await
+        .map_err(|e| s3_error("GetObjectTagging", e))?;
+    let blob = tags
+        .tag_set()
+        .iter()
+        .find(|t| t.key() == SSE_C_TAG)
+        .and_then(|t| {
+            base64::engine::general_purpose::STANDARD
+                .decode(t.value())
+                .ok()
+        })
+        .ok_or_else(|| {
+            CliError::new(
+                Failure::Invalid,
+                format!("the object has no {SSE_C_TAG} tag: it was not put with --sse-c"),
+            )
+        })?;
+    let unwrapped = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: blob,
+            encryption_context: sse_c_context(expected)?.into_iter().collect(),
+            key_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    let sse = SseC::new(&Zeroizing::new(unwrapped.plaintext));
+    let response = with_sse_c!(client.get_object().bucket(bucket).key(object), Some(&sse))
+        .send()
+        .await
+        .map_err(|e| s3_error("GetObject", e))?;
+    let (output, mut writer) =
+        Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
+    let bar = progress(response.content_length().unwrap_or(0).max(0) as u64);
+    let mut body = response.body;
+    let mut bytes = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk
+            .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 GetObject body: {e}")))?;
+        writer
+            .write_all(&chunk)
+            .map_err(|e| CliError::other(e.to_string()))?;
+        bytes += chunk.len() as u64;
+        bar.inc(chunk.len() as u64);
+    }
+    writer.flush().map_err(|e| CliError::other(e.to_string()))?;
+    drop(writer);
+    output.commit().map_err(CliError::other)?;
+    bar.finish_and_clear();
+    Ok(Box::new(Transfer {
+        status: "downloaded",
+        bucket: bucket.to_owned(),
+        key: object.to_owned(),
+        bytes,
+        key_id: unwrapped.key_id,
+        format: "sse-c",
+        envelope: "tag",
+        parts: 0,
+    }))
 }
 
 /// Reads the object's envelope: from its metadata, else from its instruction file.
