@@ -23,6 +23,18 @@
 //! unwraps with the context), and on read requires the caller's context to equal the
 //! envelope's, less the reserved entry.
 //!
+//! **V3 format** (read, and written on request): key commitment, suite
+//! `ALG_AES_256_GCM_HKDF_SHA512_COMMIT_KEY` (`0x0073`): a 28-byte message id (`x-amz-i`) salts
+//! HKDF-SHA512 over the data key, which expands into the content key (`0x0073 ||
+//! "DERIVEKEY"`, 32 bytes) and a 28-byte commitment (`0x0073 || "COMMITKEY"`, stored in
+//! `x-amz-d` and compared in constant time before any content is decrypted); the content is
+//! AES-256-GCM under the derived key with the IV of twelve `0x01` bytes and the suite id as
+//! AAD. Entries: `x-amz-c` = `115`, `x-amz-3` (wrapped key), `x-amz-w` = `12`
+//! (`kms+context`), `x-amz-t` (the context, its reserved entry `aws:x-amz-cek-alg` = `115`),
+//! `x-amz-d`, `x-amz-i`; with an instruction file, `x-amz-c`, `x-amz-d` and `x-amz-i` stay in
+//! the object's metadata and the rest goes in the file (the specification's
+//! `s3-encryption/` documents, and the Python client 4.0 that implements them).
+//!
 //! The content is encrypted and decrypted as a stream ([`ContentEncryptor`],
 //! [`ContentDecryptor`]) with OpenSSL's AES-256-GCM (the same implementation the Ruby client
 //! uses; `ring`, used elsewhere, has no streaming GCM): memory stays constant whatever the
@@ -82,7 +94,7 @@ pub enum Format {
 pub fn detect(metadata: &HashMap<String, String>) -> Format {
     if metadata.contains_key(KEY_V2) {
         Format::V2
-    } else if metadata.contains_key("x-amz-c") {
+    } else if metadata.contains_key(C_V3) || metadata.contains_key(KEY_V3) {
         Format::V3
     } else if metadata.contains_key("x-amz-key") {
         Format::V1
@@ -232,22 +244,32 @@ impl Envelope {
     /// require on read: a missing, extra or different entry is refused (the names of the
     /// entries that differ are given, never their values).
     pub fn check_context(&self, expected: &BTreeMap<String, String>) -> Result<()> {
-        let actual = self.user_context();
-        if &actual == expected {
-            return Ok(());
-        }
-        let mut differing: Vec<&str> = actual
-            .keys()
-            .chain(expected.keys())
-            .filter(|k| actual.get(*k) != expected.get(*k))
-            .map(String::as_str)
-            .collect();
-        differing.dedup();
-        Err(Error::invalid(format!(
-            "the encryption context does not match the object's (entries that differ: {})",
-            differing.join(", ")
-        )))
+        check_user_context(&self.user_context(), expected)
     }
+}
+
+/// The official clients' rule on read: the caller's context equals the object's, less the
+/// reserved entry (a missing, extra or different entry is refused; the names of the
+/// entries that differ are given, never their values).
+fn check_user_context(
+    actual: &BTreeMap<String, String>,
+    expected: &BTreeMap<String, String>,
+) -> Result<()> {
+    if actual == expected {
+        return Ok(());
+    }
+    let mut differing: Vec<&str> = actual
+        .keys()
+        .chain(expected.keys())
+        .filter(|k| actual.get(*k) != expected.get(*k))
+        .map(String::as_str)
+        .collect();
+    differing.sort_unstable();
+    differing.dedup();
+    Err(Error::invalid(format!(
+        "the encryption context does not match the object's (entries that differ: {})",
+        differing.join(", ")
+    )))
 }
 
 fn openssl_error(err: openssl::error::ErrorStack) -> Error {
@@ -260,13 +282,21 @@ pub struct ContentEncryptor {
 }
 
 impl ContentEncryptor {
-    /// Starts encrypting under `key` with `iv`.
+    /// Starts encrypting under `key` with `iv` (V2: no AAD).
     pub fn new(key: &[u8], iv: &[u8; IV_LEN]) -> Result<Self> {
+        Self::with_aad(key, iv, &[])
+    }
+
+    /// Starts encrypting under `key` with `iv` and `aad` (V3: the suite id).
+    pub fn with_aad(key: &[u8], iv: &[u8; IV_LEN], aad: &[u8]) -> Result<Self> {
         if key.len() != DATA_KEY_LEN {
             return Err(Error::invalid("the data key must be 32 bytes"));
         }
-        let crypter = Crypter::new(Cipher::aes_256_gcm(), Mode::Encrypt, key, Some(iv))
+        let mut crypter = Crypter::new(Cipher::aes_256_gcm(), Mode::Encrypt, key, Some(iv))
             .map_err(openssl_error)?;
+        if !aad.is_empty() {
+            crypter.aad_update(aad).map_err(openssl_error)?;
+        }
         Ok(Self { crypter })
     }
 
@@ -304,13 +334,21 @@ pub struct ContentDecryptor {
 }
 
 impl ContentDecryptor {
-    /// Starts decrypting under `key` with `iv`.
+    /// Starts decrypting under `key` with `iv` (V2: no AAD).
     pub fn new(key: &[u8], iv: &[u8; IV_LEN]) -> Result<Self> {
+        Self::with_aad(key, iv, &[])
+    }
+
+    /// Starts decrypting under `key` with `iv` and `aad` (V3: the suite id).
+    pub fn with_aad(key: &[u8], iv: &[u8; IV_LEN], aad: &[u8]) -> Result<Self> {
         if key.len() != DATA_KEY_LEN {
             return Err(Error::InvalidCiphertext);
         }
-        let crypter = Crypter::new(Cipher::aes_256_gcm(), Mode::Decrypt, key, Some(iv))
+        let mut crypter = Crypter::new(Cipher::aes_256_gcm(), Mode::Decrypt, key, Some(iv))
             .map_err(openssl_error)?;
+        if !aad.is_empty() {
+            crypter.aad_update(aad).map_err(openssl_error)?;
+        }
         Ok(Self {
             crypter,
             held: Zeroizing::new(Vec::with_capacity(2 * TAG_LEN)),
@@ -355,6 +393,217 @@ impl ContentDecryptor {
             .finalize(&mut rest)
             .map(|_| ())
             .map_err(|_| Error::InvalidCiphertext)
+    }
+}
+
+/// The V3 suite id, `ALG_AES_256_GCM_HKDF_SHA512_COMMIT_KEY`.
+pub const SUITE_V3: [u8; 2] = [0x00, 0x73];
+/// `x-amz-c` of V3 objects (the suite id in decimal).
+pub const CEK_ALG_V3: &str = "115";
+/// `x-amz-w` of `kms+context` in V3.
+pub const WRAP_ALG_V3: &str = "12";
+/// Message id and commitment bytes of the V3 suite.
+pub const V3_NONCE_LEN: usize = 28;
+/// The content IV of the V3 suite: twelve `0x01` bytes.
+pub const IV_V3: [u8; IV_LEN] = [0x01; IV_LEN];
+
+const C_V3: &str = "x-amz-c";
+const KEY_V3: &str = "x-amz-3";
+const W_V3: &str = "x-amz-w";
+const T_V3: &str = "x-amz-t";
+const D_V3: &str = "x-amz-d";
+const I_V3: &str = "x-amz-i";
+/// The V3 entries that stay in the object's metadata when the rest is in an instruction file.
+pub const V3_METADATA_ONLY: [&str; 3] = [C_V3, D_V3, I_V3];
+
+/// A V3 envelope (key commitment).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvelopeV3 {
+    /// The wrapped data key (a wrapd blob).
+    pub encrypted_key: Vec<u8>,
+    /// The whole encryption context, `aws:x-amz-cek-alg` = `115` included.
+    pub context: BTreeMap<String, String>,
+    /// The message id: HKDF's salt.
+    pub message_id: [u8; V3_NONCE_LEN],
+    /// The key commitment.
+    pub commitment: [u8; V3_NONCE_LEN],
+}
+
+impl std::fmt::Debug for EnvelopeV3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeV3")
+            .field("encrypted_key_len", &self.encrypted_key.len())
+            .field("context_keys", &self.context.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The context a V3 writer asks the key service for.
+pub fn context_for_v3(user: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let mut context = context_for(user)?;
+    context.insert(RESERVED_CONTEXT_KEY.to_owned(), CEK_ALG_V3.to_owned());
+    Ok(context)
+}
+
+/// HKDF-SHA512 of the V3 suite: the content key and the commitment of `data_key` under
+/// `message_id`.
+pub fn derive_v3(
+    data_key: &[u8],
+    message_id: &[u8; V3_NONCE_LEN],
+) -> Result<(Zeroizing<[u8; DATA_KEY_LEN]>, [u8; V3_NONCE_LEN])> {
+    use ring::hkdf::{HKDF_SHA512, KeyType, Salt};
+    struct Len(usize);
+    impl KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    if data_key.len() != DATA_KEY_LEN {
+        return Err(Error::InvalidCiphertext);
+    }
+    let prk = Salt::new(HKDF_SHA512, message_id).extract(data_key);
+    let expand = |label: &[u8], out: &mut [u8]| {
+        prk.expand(&[&SUITE_V3, label], Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .map_err(|_| Error::Internal("HKDF expand".into()))
+    };
+    let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+    expand(b"DERIVEKEY", key.as_mut_slice())?;
+    let mut commitment = [0u8; V3_NONCE_LEN];
+    expand(b"COMMITKEY", &mut commitment)?;
+    Ok((key, commitment))
+}
+
+fn decode_fixed<const N: usize>(entries: &HashMap<String, String>, name: &str) -> Result<[u8; N]> {
+    let value = entries
+        .get(name)
+        .ok_or_else(|| bad(format!("{name} is missing")))?;
+    STANDARD
+        .decode(value)
+        .ok()
+        .and_then(|v| <[u8; N]>::try_from(v).ok())
+        .ok_or_else(|| bad(format!("{name} must be {N} bytes of base64")))
+}
+
+impl EnvelopeV3 {
+    /// The envelope of a new object, and the content key derived for it.
+    pub fn new(
+        encrypted_key: Vec<u8>,
+        data_key: &[u8],
+        user_context: &BTreeMap<String, String>,
+        message_id: [u8; V3_NONCE_LEN],
+    ) -> Result<(Self, Zeroizing<[u8; DATA_KEY_LEN]>)> {
+        let (content_key, commitment) = derive_v3(data_key, &message_id)?;
+        Ok((
+            Self {
+                encrypted_key,
+                context: context_for_v3(user_context)?,
+                message_id,
+                commitment,
+            },
+            content_key,
+        ))
+    }
+
+    /// Every entry (metadata placement).
+    pub fn entries(&self) -> BTreeMap<String, String> {
+        [
+            (C_V3, CEK_ALG_V3.to_owned()),
+            (KEY_V3, STANDARD.encode(&self.encrypted_key)),
+            (W_V3, WRAP_ALG_V3.to_owned()),
+            (
+                T_V3,
+                serde_json::to_string(&self.context).unwrap_or_default(),
+            ),
+            (D_V3, STANDARD.encode(self.commitment)),
+            (I_V3, STANDARD.encode(self.message_id)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The entries split for an instruction file: (object metadata, instruction file body).
+    pub fn split_for_instruction_file(&self) -> (BTreeMap<String, String>, Vec<u8>) {
+        let (metadata, file): (BTreeMap<_, _>, BTreeMap<_, _>) = self
+            .entries()
+            .into_iter()
+            .partition(|(k, _)| V3_METADATA_ONLY.contains(&k.as_str()));
+        (metadata, serde_json::to_vec(&file).unwrap_or_default())
+    }
+
+    /// Reads an envelope from entries (metadata, with an instruction file's merged in).
+    pub fn from_entries(entries: &HashMap<String, String>) -> Result<Self> {
+        let get = |name: &str| {
+            entries
+                .get(name)
+                .map(String::as_str)
+                .ok_or_else(|| bad(format!("{name} is missing")))
+        };
+        if get(C_V3)? != CEK_ALG_V3 {
+            return Err(bad(format!("x-amz-c must be {CEK_ALG_V3}")));
+        }
+        if get(W_V3)? != WRAP_ALG_V3 {
+            return Err(bad(format!(
+                "x-amz-w must be {WRAP_ALG_V3} (kms+context): the object's data key is not a KMS one"
+            )));
+        }
+        if [KEY_V2, "x-amz-key"]
+            .iter()
+            .any(|k| entries.contains_key(*k))
+        {
+            return Err(bad("V3 entries mixed with another format's"));
+        }
+        let encrypted_key = STANDARD
+            .decode(get(KEY_V3)?)
+            .map_err(|_| bad("x-amz-3 is not base64"))?;
+        if encrypted_key.is_empty() {
+            return Err(bad("x-amz-3 is empty"));
+        }
+        let context: BTreeMap<String, String> = match entries.get(T_V3) {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|_| bad("x-amz-t is not a JSON object of strings"))?,
+            None => BTreeMap::new(),
+        };
+        if context.get(RESERVED_CONTEXT_KEY).map(String::as_str) != Some(CEK_ALG_V3) {
+            return Err(bad(format!(
+                "x-amz-t must hold {RESERVED_CONTEXT_KEY} = {CEK_ALG_V3}"
+            )));
+        }
+        Ok(Self {
+            encrypted_key,
+            context,
+            message_id: decode_fixed(entries, I_V3)?,
+            commitment: decode_fixed(entries, D_V3)?,
+        })
+    }
+
+    /// The caller's part of the context (the reserved entry removed).
+    pub fn user_context(&self) -> BTreeMap<String, String> {
+        let mut user = self.context.clone();
+        user.remove(RESERVED_CONTEXT_KEY);
+        user
+    }
+
+    /// Checks the caller's expected context equals the envelope's (see
+    /// [`Envelope::check_context`]).
+    pub fn check_context(&self, expected: &BTreeMap<String, String>) -> Result<()> {
+        check_user_context(&self.user_context(), expected)
+    }
+
+    /// The content key for `data_key`, once the stored commitment matches the derived one
+    /// (constant time): a data key that is not the object's is [`Error::InvalidCiphertext`]
+    /// before any content is decrypted.
+    pub fn content_key(&self, data_key: &[u8]) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>> {
+        let (key, commitment) = derive_v3(data_key, &self.message_id)?;
+        let differ = commitment
+            .iter()
+            .zip(&self.commitment)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if differ != 0 {
+            return Err(Error::InvalidCiphertext);
+        }
+        Ok(key)
     }
 }
 
@@ -470,6 +719,44 @@ mod tests {
                 "values are not echoed: {err}"
             );
         }
+    }
+
+    #[test]
+    fn v3_derivation_commits_to_the_data_key() {
+        let data_key = [5u8; 32];
+        let (envelope, key) = EnvelopeV3::new(
+            b"blob".to_vec(),
+            &data_key,
+            &context(&[("a", "b")]),
+            [6u8; 28],
+        )
+        .unwrap();
+        assert_eq!(*envelope.content_key(&data_key).unwrap(), *key);
+        assert!(matches!(
+            envelope.content_key(&[7u8; 32]),
+            Err(Error::InvalidCiphertext)
+        ));
+        let entries: HashMap<String, String> = envelope.entries().into_iter().collect();
+        assert_eq!(detect(&entries), Format::V3);
+        assert_eq!(entries["x-amz-c"], "115");
+        assert_eq!(entries["x-amz-w"], "12");
+        assert_eq!(EnvelopeV3::from_entries(&entries).unwrap(), envelope);
+        assert_eq!(envelope.user_context(), context(&[("a", "b")]));
+        let (metadata, file) = envelope.split_for_instruction_file();
+        assert_eq!(
+            metadata.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["x-amz-c", "x-amz-d", "x-amz-i"]
+        );
+        let mut merged: HashMap<String, String> = serde_json::from_slice(&file).unwrap();
+        merged.extend(metadata);
+        assert_eq!(EnvelopeV3::from_entries(&merged).unwrap(), envelope);
+        let mut tampered = entries.clone();
+        tampered.insert("x-amz-d".into(), STANDARD.encode([0u8; 28]));
+        let tampered = EnvelopeV3::from_entries(&tampered).unwrap();
+        assert!(
+            tampered.content_key(&data_key).is_err(),
+            "a changed commitment is refused"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use wrapd::client::DataKeyServiceClient;
 use wrapd::client::s3ec::{
-    self, ContentDecryptor, ContentEncryptor, Envelope, Format, INSTRUCTION_SUFFIX,
+    self, ContentDecryptor, ContentEncryptor, Envelope, EnvelopeV3, Format, INSTRUCTION_SUFFIX,
     UNENCRYPTED_LENGTH,
 };
 use wrapd::proto::{GenerateDataKeyRequest, UnwrapRequest};
@@ -60,6 +60,10 @@ pub enum S3Command {
         /// data key sent as the SSE-C key; only its wrapped form is stored (an object tag).
         #[arg(long)]
         sse_c: bool,
+        /// The object format: v2 (read by every S3 Encryption Client) or v3 (key
+        /// commitment; read by the V3/V4 releases only).
+        #[arg(long, value_enum, default_value_t = ObjectFormat::V2)]
+        format: ObjectFormat,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -144,6 +148,15 @@ enum Protection {
     ClientSide(ContentEncryptor),
     /// SSE-C: S3 encrypts with this key.
     SseC(SseC),
+}
+
+/// The S3 Encryption Client format written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectFormat {
+    /// AES-GCM under the data key (the default: every client reads it).
+    V2,
+    /// Key commitment (ALG_AES_256_GCM_HKDF_SHA512_COMMIT_KEY).
+    V3,
 }
 
 /// Where S3 is and how to address it.
@@ -288,12 +301,15 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             context,
             instruction_file,
             sse_c,
+            format,
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
             let user: BTreeMap<String, String> = context.into_iter().collect();
             let full = if sse_c {
                 sse_c_context(&user)?
+            } else if format == ObjectFormat::V3 {
+                s3ec::context_for_v3(&user)?
             } else {
                 s3ec::context_for(&user)?
             };
@@ -326,6 +342,33 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
                 target.tagging = Some(format!("{SSE_C_TAG}={}", tag_value(&blob)));
                 target.metadata.clear();
                 (Protection::SseC(SseC::new(&data_key)), "sse-c", "tag")
+            } else if format == ObjectFormat::V3 {
+                let mut message_id = [0u8; s3ec::V3_NONCE_LEN];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
+                let (envelope, content_key) =
+                    EnvelopeV3::new(generated.ciphertext_blob, &data_key, &user, message_id)?;
+                if instruction_file {
+                    let (in_metadata, file_body) = envelope.split_for_instruction_file();
+                    client
+                        .put_object()
+                        .bucket(&bucket)
+                        .key(format!("{object}{INSTRUCTION_SUFFIX}"))
+                        .body(ByteStream::from(file_body))
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("PutObject (instruction file)", e))?;
+                    target.metadata.extend(in_metadata);
+                } else {
+                    target.metadata.extend(envelope.entries());
+                }
+                let encryptor =
+                    ContentEncryptor::with_aad(&*content_key, &s3ec::IV_V3, &s3ec::SUITE_V3)?;
+                let placement = if instruction_file {
+                    "instruction-file"
+                } else {
+                    "metadata"
+                };
+                (Protection::ClientSide(encryptor), "v3", placement)
             } else {
                 let mut iv = [0u8; s3ec::IV_LEN];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut iv);
@@ -666,54 +709,132 @@ async fn download_sse_c(
     }))
 }
 
-/// Reads the object's envelope: from its metadata, else from its instruction file.
+/// An object's envelope, either format.
+enum Found {
+    V2(Envelope),
+    V3(EnvelopeV3),
+}
+
+impl Found {
+    fn encrypted_key(&self) -> &[u8] {
+        match self {
+            Self::V2(e) => &e.encrypted_key,
+            Self::V3(e) => &e.encrypted_key,
+        }
+    }
+
+    fn context(&self) -> &BTreeMap<String, String> {
+        match self {
+            Self::V2(e) => &e.context,
+            Self::V3(e) => &e.context,
+        }
+    }
+
+    /// The caller's context must equal the object's (less the reserved entry).
+    fn check_context(&self, expected: &BTreeMap<String, String>) -> Result<(), CliError> {
+        match self {
+            Self::V2(e) => e.check_context(expected)?,
+            Self::V3(e) => e.check_context(expected)?,
+        }
+        Ok(())
+    }
+
+    /// The content decryptor for the unwrapped data key (V3: after the commitment check).
+    fn decryptor(&self, data_key: &[u8]) -> Result<ContentDecryptor, CliError> {
+        Ok(match self {
+            Self::V2(e) => ContentDecryptor::new(data_key, &e.iv)?,
+            Self::V3(e) => {
+                let key = e.content_key(data_key)?;
+                ContentDecryptor::with_aad(&*key, &s3ec::IV_V3, &s3ec::SUITE_V3)?
+            }
+        })
+    }
+
+    fn format(&self) -> &'static str {
+        match self {
+            Self::V2(_) => "v2",
+            Self::V3(_) => "v3",
+        }
+    }
+}
+
+/// Reads the instruction file's entries.
+async fn instruction_entries(
+    client: &Client,
+    bucket: &str,
+    object: &str,
+) -> Result<HashMap<String, String>, CliError> {
+    let instruction = client
+        .get_object()
+        .bucket(bucket)
+        .key(format!("{object}{INSTRUCTION_SUFFIX}"))
+        .send()
+        .await
+        .map_err(|e| {
+            let cause = s3_error("GetObject (instruction file)", e);
+            CliError::new(
+                Failure::Invalid,
+                format!(
+                    "the object's encryption envelope is not (all) in its metadata, and its instruction file cannot be read ({cause})"
+                ),
+            )
+        })?;
+    let body = instruction
+        .body
+        .collect()
+        .await
+        .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 instruction file: {e}")))?
+        .into_bytes();
+    if body.len() > 64 * 1024 {
+        return Err(CliError::new(
+            Failure::Invalid,
+            "the instruction file is too large",
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|_| {
+        CliError::new(
+            Failure::Invalid,
+            "S3 encryption envelope: the instruction file is not a JSON object of strings",
+        )
+    })
+}
+
+/// Reads the object's envelope: from its metadata, else (or, for V3, also) from its
+/// instruction file.
 async fn envelope_of(
     client: &Client,
     bucket: &str,
     object: &str,
     metadata: &HashMap<String, String>,
-) -> Result<(Envelope, &'static str), CliError> {
+) -> Result<(Found, &'static str), CliError> {
     match s3ec::detect(metadata) {
-        Format::V2 => Ok((Envelope::from_entries(metadata)?, "metadata")),
-        Format::V3 => Err(CliError::new(
-            Failure::Invalid,
-            "the object is in the S3 Encryption Client V3 format (key commitment), which wrapctl does not read yet",
-        )),
+        Format::V2 => Ok((Found::V2(Envelope::from_entries(metadata)?), "metadata")),
+        Format::V3 if metadata.contains_key("x-amz-3") => {
+            Ok((Found::V3(EnvelopeV3::from_entries(metadata)?), "metadata"))
+        }
+        Format::V3 => {
+            // x-amz-c, x-amz-d and x-amz-i stay in the metadata; the rest is in the file.
+            let mut entries = instruction_entries(client, bucket, object).await?;
+            for (k, v) in metadata {
+                if s3ec::V3_METADATA_ONLY.contains(&k.as_str()) {
+                    entries.insert(k.clone(), v.clone());
+                }
+            }
+            Ok((
+                Found::V3(EnvelopeV3::from_entries(&entries)?),
+                "instruction-file",
+            ))
+        }
         Format::V1 => Err(CliError::new(
             Failure::Invalid,
             "the object is in the legacy V1 format (unauthenticated modes), which wrapctl refuses to read",
         )),
         Format::None => {
-            let instruction = client
-                .get_object()
-                .bucket(bucket)
-                .key(format!("{object}{INSTRUCTION_SUFFIX}"))
-                .send()
-                .await
-                .map_err(|e| {
-                    let cause = s3_error("GetObject (instruction file)", e);
-                    CliError::new(
-                        Failure::Invalid,
-                        format!(
-                            "the object has no encryption envelope in its metadata, and its instruction file cannot be read ({cause})"
-                        ),
-                    )
-                })?;
-            let body = instruction
-                .body
-                .collect()
-                .await
-                .map_err(|e| {
-                    CliError::new(Failure::Unavailable, format!("S3 instruction file: {e}"))
-                })?
-                .into_bytes();
-            if body.len() > 64 * 1024 {
-                return Err(CliError::new(
-                    Failure::Invalid,
-                    "the instruction file is too large",
-                ));
-            }
-            Ok((Envelope::from_instruction_file(&body)?, "instruction-file"))
+            let entries = instruction_entries(client, bucket, object).await?;
+            Ok((
+                Found::V2(Envelope::from_entries(&entries)?),
+                "instruction-file",
+            ))
         }
     }
 }
@@ -738,14 +859,14 @@ async fn download(
     envelope.check_context(expected)?;
     let unwrapped = data
         .unwrap(UnwrapRequest {
-            ciphertext_blob: envelope.encrypted_key.clone(),
-            encryption_context: envelope.context.clone().into_iter().collect(),
+            ciphertext_blob: envelope.encrypted_key().to_vec(),
+            encryption_context: envelope.context().clone().into_iter().collect(),
             key_id: String::new(),
         })
         .await?
         .into_inner();
     let data_key = Zeroizing::new(unwrapped.plaintext);
-    let mut decryptor = ContentDecryptor::new(&data_key, &envelope.iv)?;
+    let mut decryptor = envelope.decryptor(&data_key)?;
     let (output, mut writer) =
         Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
     let total = response.content_length().unwrap_or(0).max(0) as u64;
@@ -775,7 +896,7 @@ async fn download(
         key: object.to_owned(),
         bytes,
         key_id: unwrapped.key_id,
-        format: "v2",
+        format: envelope.format(),
         envelope: placement,
         parts: 0,
     }))
