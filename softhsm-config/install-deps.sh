@@ -43,9 +43,10 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 # schemas it ships.
 # moto's server mode is the local S3 the S3 tests write to (5.0: 5.2 answers
 # CompleteMultipartUpload with a wrong XML root element, which the AWS SDKs refuse).
-if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools, kubernetes_validate, yaml, moto.server" 2>/dev/null; then
-  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools, kubernetes-validate, moto (Python)..." >&2
+# The official S3 Encryption Client for Python (4.x: V2 and V3 objects) for the S3 interop tests.
+if ! python3 -c "import aws_encryption_sdk, aws_encryption_sdk_cli, boto3, grpc, grpc_tools, kubernetes_validate, yaml, moto.server, s3_encryption" 2>/dev/null; then
+  echo "installing aws-encryption-sdk, aws-encryption-sdk-cli, boto3, grpcio, grpcio-tools, kubernetes-validate, moto, amazon-s3-encryption-client-python (Python)..." >&2
   python3 -m pip install --quiet --disable-pip-version-check \
     "aws-encryption-sdk>=3.1,<4" "aws-encryption-sdk-cli>=4,<5" "boto3>=1.34" grpcio grpcio-tools \
-    kubernetes-validate pyyaml "moto[server]==5.0.28" >&2
+    kubernetes-validate pyyaml "moto[server]==5.0.28" "amazon-s3-encryption-client-python>=4,<5" >&2
 fi
