@@ -723,3 +723,97 @@ fn a_v3_object_whose_commitment_was_changed_is_refused_before_any_content() {
     assert!(err.contains("ciphertext is invalid"), "{err}");
     assert!(!output.exists());
 }
+
+#[test]
+fn data_keys_through_the_aws_kms_api_make_the_same_objects_as_over_grpc() {
+    let s = setup();
+    let input = s.path("kms.in");
+    std::fs::write(&input, content(2500)).unwrap();
+    let dev = s.daemon.dir();
+    // Credentials and region from the dev AWS profile (moto takes any), the KMS endpoint and
+    // its CA from the command line: no daemon socket.
+    let via_kms = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_CA_BUNDLE",
+            "AWS_ENDPOINT_URL",
+        ] {
+            command.env_remove(var);
+        }
+        let out = command
+            .env("AWS_CONFIG_FILE", dev.join("aws/config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dev.join("aws/credentials"))
+            .env("AWS_PROFILE", "wrapd-dev")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .arg("--json")
+            .arg("--socket")
+            .arg(dev.join("no-such.sock"))
+            .args(args)
+            .args(["--s3-endpoint", &s.s3.url, "--kms-endpoint", &s.daemon.aws])
+            .arg("--kms-ca-bundle")
+            .arg(dev.join("pki/ca.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let put = via_kms(&[
+        "s3",
+        "put",
+        input.to_str().unwrap(),
+        "s3://objects/via-kms",
+        "--key",
+        &s.arn,
+        "--context",
+        "tenant=acme",
+    ]);
+    assert_eq!(
+        put["key_id"],
+        s.arn.as_str(),
+        "KMS names the key by its ARN"
+    );
+    // Over gRPC, and by the official Ruby client.
+    let output = s.path("via-kms.grpc");
+    s.get("via-kms", &output, &["--context", "tenant=acme"])
+        .unwrap();
+    assert_eq!(std::fs::read(&output).unwrap(), content(2500));
+    let output = s.path("via-kms.ruby");
+    s.ruby(
+        "get",
+        "via-kms",
+        &output,
+        r#"{"tenant":"acme"}"#,
+        "metadata",
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), content(2500));
+    // And an object put over gRPC opens through the KMS API.
+    s.put(&input, "via-grpc", &["--format", "v3"]);
+    let output = s.path("via-grpc.kms");
+    let got = via_kms(&[
+        "s3",
+        "get",
+        "s3://objects/via-grpc",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(got["format"], "v3");
+    assert_eq!(std::fs::read(&output).unwrap(), content(2500));
+    // Both paths are audited as the same key's operations, on their transports.
+    let audit = s.daemon.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.operation == "GenerateDataKey" && r.transport == "aws-kms")
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.operation == "Unwrap" && r.transport == "aws-kms")
+    );
+}

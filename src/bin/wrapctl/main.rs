@@ -209,7 +209,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             files::decrypt(channels, context, limits, &io.input, &io.output).await?
         }
         #[cfg(feature = "s3")]
-        Command::S3(cmd) => s3::run(connection.connect().await?, cmd).await?,
+        Command::S3(cmd) => s3::run(&connection, cmd).await?,
         Command::Bench(args) => {
             let channel = if args.offline() {
                 None

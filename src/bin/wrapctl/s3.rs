@@ -26,6 +26,7 @@ use wrapd::client::s3ec::{
 use wrapd::proto::{GenerateDataKeyRequest, UnwrapRequest};
 use zeroize::Zeroizing;
 
+use crate::connection::ConnectionArgs;
 use crate::error::{CliError, Failure};
 use crate::files::Output;
 use crate::output::{ErasedReport, Report, fields};
@@ -179,6 +180,194 @@ pub struct S3Args {
     /// Part size in MiB (at least 5; grown to keep within 10,000 parts).
     #[arg(long, default_value_t = 8)]
     part_size_mib: u64,
+    /// Get data keys through wrapd's AWS KMS-compatible API at this URL (as the official
+    /// clients do) instead of over gRPC; credentials and region from the standard AWS
+    /// settings. `--key` is then an ARN, key id or alias as AWS KMS takes them.
+    #[arg(long, env = "WRAPD_KMS_ENDPOINT")]
+    kms_endpoint: Option<String>,
+    /// PEM file of the CA(s) to trust for --kms-endpoint (default: AWS_CA_BUNDLE, else the
+    /// system's roots).
+    #[arg(long)]
+    kms_ca_bundle: Option<std::path::PathBuf>,
+}
+
+/// Where data keys come from: wrapd over gRPC, or its AWS KMS-compatible API. The blobs are
+/// the same either way.
+enum DataKeys {
+    Grpc(DataKeyServiceClient<Channel>),
+    Kms(aws_sdk_kms::Client),
+}
+
+/// A data key: plaintext, wrapped, and the key that wraps it.
+struct DataKey {
+    plaintext: Zeroizing<Vec<u8>>,
+    blob: Vec<u8>,
+    key_id: String,
+}
+
+fn kms_error<E, R>(what: &str, err: aws_sdk_kms::error::SdkError<E, R>) -> CliError
+where
+    E: aws_sdk_kms::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err.as_service_error() {
+        Some(service) if service.code().is_some() => {
+            let code = service.code().unwrap_or("error");
+            let failure = match code {
+                "NotFoundException" => Failure::NotFound,
+                "AccessDeniedException" | "UnrecognizedClientException" => Failure::Denied,
+                "InvalidCiphertextException" | "IncorrectKeyException" | "ValidationException" => {
+                    Failure::Invalid
+                }
+                "DisabledException" | "KMSInvalidStateException" => Failure::WrongState,
+                _ => Failure::Other,
+            };
+            CliError::new(
+                failure,
+                format!("KMS {what}: {code}: {}", service.message().unwrap_or("")),
+            )
+        }
+        _ => CliError::new(
+            Failure::Unavailable,
+            format!(
+                "KMS {what}: {}",
+                aws_sdk_kms::error::DisplayErrorContext(&err)
+            ),
+        ),
+    }
+}
+
+impl DataKeys {
+    async fn open(connection: &ConnectionArgs, args: &S3Args) -> Result<Self, CliError> {
+        let Some(endpoint) = &args.kms_endpoint else {
+            return Ok(Self::Grpc(DataKeyServiceClient::new(
+                connection.connect().await?,
+            )));
+        };
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(endpoint);
+        let bundle = args
+            .kms_ca_bundle
+            .clone()
+            .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(Into::into));
+        if let Some(bundle) = bundle {
+            use aws_smithy_http_client::tls;
+            let pem = std::fs::read(&bundle)
+                .map_err(|e| CliError::usage(format!("{}: {e}", bundle.display())))?;
+            let trust = tls::TrustStore::empty()
+                .with_native_roots(false)
+                .with_pem_certificate(pem);
+            let http = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(
+                    tls::TlsContext::builder()
+                        .with_trust_store(trust)
+                        .build()
+                        .map_err(|e| CliError::usage(format!("{}: {e}", bundle.display())))?,
+                )
+                .build_https();
+            loader = loader.http_client(http);
+        }
+        let mut shared = loader.load().await;
+        if shared.region().is_none() {
+            shared = shared
+                .into_builder()
+                .region(aws_config::Region::new("us-east-1"))
+                .build();
+        }
+        Ok(Self::Kms(aws_sdk_kms::Client::new(&shared)))
+    }
+
+    async fn generate(
+        &mut self,
+        key: &str,
+        context: &BTreeMap<String, String>,
+    ) -> Result<DataKey, CliError> {
+        match self {
+            Self::Grpc(client) => {
+                // An ARN names the same key as its resource part (`key/…`, `alias/…`).
+                let key = wrapd::client::keyring::split_arn(key)
+                    .map_or_else(|| key.to_owned(), |(_, resource)| resource.to_owned());
+                let generated = client
+                    .generate_data_key(GenerateDataKeyRequest {
+                        key_id: key,
+                        encryption_context: context.clone().into_iter().collect(),
+                        number_of_bytes: s3ec::DATA_KEY_LEN as u32,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(DataKey {
+                    plaintext: Zeroizing::new(generated.plaintext),
+                    blob: generated.ciphertext_blob,
+                    key_id: generated.key_id,
+                })
+            }
+            Self::Kms(client) => {
+                let generated = client
+                    .generate_data_key()
+                    .key_id(key)
+                    .set_encryption_context(Some(context.clone().into_iter().collect()))
+                    .number_of_bytes(s3ec::DATA_KEY_LEN as i32)
+                    .send()
+                    .await
+                    .map_err(|e| kms_error("GenerateDataKey", e))?;
+                let plaintext = Zeroizing::new(
+                    generated
+                        .plaintext()
+                        .map(|b| b.as_ref().to_vec())
+                        .unwrap_or_default(),
+                );
+                Ok(DataKey {
+                    plaintext,
+                    blob: generated
+                        .ciphertext_blob()
+                        .map(|b| b.as_ref().to_vec())
+                        .unwrap_or_default(),
+                    key_id: generated.key_id().unwrap_or_default().to_owned(),
+                })
+            }
+        }
+    }
+
+    async fn unwrap(
+        &mut self,
+        blob: &[u8],
+        context: &BTreeMap<String, String>,
+    ) -> Result<(Zeroizing<Vec<u8>>, String), CliError> {
+        match self {
+            Self::Grpc(client) => {
+                let unwrapped = client
+                    .unwrap(UnwrapRequest {
+                        ciphertext_blob: blob.to_vec(),
+                        encryption_context: context.clone().into_iter().collect(),
+                        key_id: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((Zeroizing::new(unwrapped.plaintext), unwrapped.key_id))
+            }
+            Self::Kms(client) => {
+                let decrypted = client
+                    .decrypt()
+                    .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(blob.to_vec()))
+                    .set_encryption_context(Some(context.clone().into_iter().collect()))
+                    .send()
+                    .await
+                    .map_err(|e| kms_error("Decrypt", e))?;
+                Ok((
+                    Zeroizing::new(
+                        decrypted
+                            .plaintext()
+                            .map(|b| b.as_ref().to_vec())
+                            .unwrap_or_default(),
+                    ),
+                    decrypted.key_id().unwrap_or_default().to_owned(),
+                ))
+            }
+        }
+    }
 }
 
 fn parse_url(url: &str) -> Result<(String, String), CliError> {
@@ -291,8 +480,10 @@ fn progress(len: u64) -> indicatif::ProgressBar {
 }
 
 /// Runs an `s3` command.
-pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedReport>, CliError> {
-    let mut data = DataKeyServiceClient::new(channel);
+pub async fn run(
+    connection: &ConnectionArgs,
+    cmd: S3Command,
+) -> Result<Box<dyn ErasedReport>, CliError> {
     match cmd {
         S3Command::Put {
             file,
@@ -313,18 +504,14 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             } else {
                 s3ec::context_for(&user)?
             };
-            // An ARN names the same key as its resource part (`key/…`, `alias/…`).
-            let key = wrapd::client::keyring::split_arn(&key)
-                .map_or_else(|| key.clone(), |(_, resource)| resource.to_owned());
-            let generated = data
-                .generate_data_key(GenerateDataKeyRequest {
-                    key_id: key,
-                    encryption_context: full.clone().into_iter().collect(),
-                    number_of_bytes: s3ec::DATA_KEY_LEN as u32,
-                })
-                .await?
-                .into_inner();
-            let data_key = Zeroizing::new(generated.plaintext);
+            let mut keys = DataKeys::open(connection, &s3).await?;
+            let generated = keys.generate(&key, &full).await?;
+            if generated.plaintext.len() != s3ec::DATA_KEY_LEN {
+                return Err(CliError::other(
+                    "the key service returned a wrong-sized data key",
+                ));
+            }
+            let data_key = generated.plaintext;
             let client = client(&s3).await;
             let size = std::fs::metadata(&file)
                 .map_err(|e| CliError::other(format!("{}: {e}", file.display())))?
@@ -337,8 +524,7 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             };
             let (protection, format, placement) = if sse_c {
                 use base64::Engine;
-                let blob =
-                    base64::engine::general_purpose::STANDARD.encode(&generated.ciphertext_blob);
+                let blob = base64::engine::general_purpose::STANDARD.encode(&generated.blob);
                 target.tagging = Some(format!("{SSE_C_TAG}={}", tag_value(&blob)));
                 target.metadata.clear();
                 (Protection::SseC(SseC::new(&data_key)), "sse-c", "tag")
@@ -346,7 +532,7 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
                 let mut message_id = [0u8; s3ec::V3_NONCE_LEN];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut message_id);
                 let (envelope, content_key) =
-                    EnvelopeV3::new(generated.ciphertext_blob, &data_key, &user, message_id)?;
+                    EnvelopeV3::new(generated.blob, &data_key, &user, message_id)?;
                 if instruction_file {
                     let (in_metadata, file_body) = envelope.split_for_instruction_file();
                     client
@@ -372,7 +558,7 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             } else {
                 let mut iv = [0u8; s3ec::IV_LEN];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut iv);
-                let envelope = Envelope::new(generated.ciphertext_blob, iv, &user)?;
+                let envelope = Envelope::new(generated.blob, iv, &user)?;
                 if instruction_file {
                     // First, as the official clients do: an object is never without its
                     // envelope.
@@ -417,10 +603,11 @@ pub async fn run(channel: Channel, cmd: S3Command) -> Result<Box<dyn ErasedRepor
             let (bucket, object) = parse_url(&url)?;
             let expected: BTreeMap<String, String> = context.into_iter().collect();
             let client = client(&s3).await;
+            let mut keys = DataKeys::open(connection, &s3).await?;
             if sse_c {
-                download_sse_c(&client, &mut data, &bucket, &object, &file, &expected).await
+                download_sse_c(&client, &mut keys, &bucket, &object, &file, &expected).await
             } else {
-                download(&client, &mut data, &bucket, &object, &file, &expected).await
+                download(&client, &mut keys, &bucket, &object, &file, &expected).await
             }
         }
     }
@@ -637,7 +824,7 @@ impl Upload<'_> {
 /// against the one the object was written with and decrypts).
 async fn download_sse_c(
     client: &Client,
-    data: &mut DataKeyServiceClient<Channel>,
+    keys: &mut DataKeys,
     bucket: &str,
     object: &str,
     file: &Path,
@@ -666,15 +853,8 @@ async fn download_sse_c(
                 format!("the object has no {SSE_C_TAG} tag: it was not put with --sse-c"),
             )
         })?;
-    let unwrapped = data
-        .unwrap(UnwrapRequest {
-            ciphertext_blob: blob,
-            encryption_context: sse_c_context(expected)?.into_iter().collect(),
-            key_id: String::new(),
-        })
-        .await?
-        .into_inner();
-    let sse = SseC::new(&Zeroizing::new(unwrapped.plaintext));
+    let (data_key, key_id) = keys.unwrap(&blob, &sse_c_context(expected)?).await?;
+    let sse = SseC::new(&data_key);
     let response = with_sse_c!(client.get_object().bucket(bucket).key(object), Some(&sse))
         .send()
         .await
@@ -702,7 +882,7 @@ async fn download_sse_c(
         bucket: bucket.to_owned(),
         key: object.to_owned(),
         bytes,
-        key_id: unwrapped.key_id,
+        key_id,
         format: "sse-c",
         envelope: "tag",
         parts: 0,
@@ -841,7 +1021,7 @@ async fn envelope_of(
 
 async fn download(
     client: &Client,
-    data: &mut DataKeyServiceClient<Channel>,
+    keys: &mut DataKeys,
     bucket: &str,
     object: &str,
     file: &Path,
@@ -857,15 +1037,9 @@ async fn download(
     let metadata = response.metadata().cloned().unwrap_or_default();
     let (envelope, placement) = envelope_of(client, bucket, object, &metadata).await?;
     envelope.check_context(expected)?;
-    let unwrapped = data
-        .unwrap(UnwrapRequest {
-            ciphertext_blob: envelope.encrypted_key().to_vec(),
-            encryption_context: envelope.context().clone().into_iter().collect(),
-            key_id: String::new(),
-        })
-        .await?
-        .into_inner();
-    let data_key = Zeroizing::new(unwrapped.plaintext);
+    let (data_key, key_id) = keys
+        .unwrap(envelope.encrypted_key(), envelope.context())
+        .await?;
     let mut decryptor = envelope.decryptor(&data_key)?;
     let (output, mut writer) =
         Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
@@ -895,7 +1069,7 @@ async fn download(
         bucket: bucket.to_owned(),
         key: object.to_owned(),
         bytes,
-        key_id: unwrapped.key_id,
+        key_id,
         format: envelope.format(),
         envelope: placement,
         parts: 0,
