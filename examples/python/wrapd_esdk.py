@@ -17,7 +17,9 @@ context), so either side decrypts what the other encrypts.
 Needs `aws-encryption-sdk`, `grpcio` and `grpcio-tools` (the gRPC stubs are generated from
 wrapd's proto files on first use).
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -44,6 +46,7 @@ def _load_stubs():
         import grpc_tools  # pylint: disable=import-outside-toplevel
 
         out = tempfile.mkdtemp(prefix="wrapd-stubs-")
+        atexit.register(shutil.rmtree, out, True)  # leave no stubs behind in /tmp
         include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
         status = protoc.main([
             "protoc", "-I", _PROTO_DIR, "-I", include,

@@ -1,7 +1,7 @@
 //! The thin client: connecting to a daemon, the generated gRPC clients, the AWS Encryption
 //! SDK message format (`message.rs`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
 //! data key cache in front of them (`cache.rs`), and the S3 Encryption Client's object format
-//! (`s3ec.rs`, feature `s3`).
+//! (`s3ec.rs`, feature `s3ec`, part of `s3`).
 //!
 //! It depends on nothing server-side (no PKCS#11, no SQLite), so applications can link it
 //! with `default-features = false, features = ["client"]`.
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 pub mod cache;
 pub mod keyring;
 pub mod message;
-#[cfg(feature = "s3")]
+#[cfg(feature = "s3ec")]
 pub mod s3ec;
 
 use hyper_util::rt::TokioIo;

@@ -11,7 +11,9 @@ TARGET and KMS_TARGET are grpcio targets such as unix:///path or unix:/path. Wit
 the channels send it as :authority (e.g. a percent-encoded socket path, as some clients do).
 Prints "ok N" with the number of calls made; exits non-zero on the first failure.
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -25,6 +27,7 @@ PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "pr
 
 def stubs():
     out = tempfile.mkdtemp(prefix="wrapd-py-stubs-")
+    atexit.register(shutil.rmtree, out, True)  # leave no stubs behind in /tmp
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     for proto in ["wrapd/v1/data_key.proto", "wrapd/v1/key.proto", "kms/v2/api.proto"]:
         status = protoc.main([
