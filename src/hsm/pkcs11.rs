@@ -968,17 +968,19 @@ impl Token for Pkcs11Token {
         wrapped: &[u8],
         into: Option<&ObjectId>,
     ) -> Result<KeyCheckValue> {
+        let measurable = into.is_none() && self.profile() == HsmProfile::Softhsm;
         let mut template = match into {
             Some(object) => master_key_attributes(object),
-            // The check object: extractable (only wrapped, under a session key that never
-            // leaves the token) so that its length can be measured where the library does
-            // not report it; see `material_len`.
+            // The check object. On SoftHSM (which reports no CKA_VALUE_LEN for unwrapped
+            // keys) it is extractable, only ever wrapped under a session key that never leaves
+            // the token, so that its length can be measured (see `material_len`); on other
+            // HSMs it is never extractable and the library's CKA_VALUE_LEN is used.
             None => vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::AES),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
-                Attribute::Extractable(true),
+                Attribute::Extractable(measurable),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(false),
                 Attribute::Wrap(false),
@@ -993,7 +995,7 @@ impl Token for Pkcs11Token {
             let handle = self.unwrap_material(session, id, wrapped, &template)?;
             // The kept object comes from the same bytes as the check object, whose length
             // was measured.
-            let checked = Self::check_imported(session, handle, into.is_none());
+            let checked = Self::check_imported(session, handle, measurable);
             let keep = into.is_some() && checked.is_ok();
             if keep {
                 if let Some(object) = into {

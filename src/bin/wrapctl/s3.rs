@@ -601,6 +601,13 @@ pub async fn run(
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
+            if file.as_os_str() == "-" {
+                // GCM authenticates the whole object at its end: nothing may be released
+                // before, so the output is a file renamed into place once it verified.
+                return Err(CliError::usage(
+                    "s3 get writes to a file (not stdout): the object authenticates only at its end",
+                ));
+            }
             let expected: BTreeMap<String, String> = context.into_iter().collect();
             let client = client(&s3).await;
             let mut keys = DataKeys::open(connection, &s3).await?;
