@@ -235,9 +235,7 @@ impl Envelope {
 
     /// The caller's part of the context (the reserved entry removed).
     pub fn user_context(&self) -> BTreeMap<String, String> {
-        let mut user = self.context.clone();
-        user.remove(RESERVED_CONTEXT_KEY);
-        user
+        without_reserved(&self.context)
     }
 
     /// Checks the caller's expected context equals the envelope's, as the official clients
@@ -246,6 +244,13 @@ impl Envelope {
     pub fn check_context(&self, expected: &BTreeMap<String, String>) -> Result<()> {
         check_user_context(&self.user_context(), expected)
     }
+}
+
+/// A context without the reserved entry: the caller's part.
+fn without_reserved(context: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut user = context.clone();
+    user.remove(RESERVED_CONTEXT_KEY);
+    user
 }
 
 /// The official clients' rule on read: the caller's context equals the object's, less the
@@ -580,9 +585,7 @@ impl EnvelopeV3 {
 
     /// The caller's part of the context (the reserved entry removed).
     pub fn user_context(&self) -> BTreeMap<String, String> {
-        let mut user = self.context.clone();
-        user.remove(RESERVED_CONTEXT_KEY);
-        user
+        without_reserved(&self.context)
     }
 
     /// Checks the caller's expected context equals the envelope's (see

@@ -558,6 +558,36 @@ fn unwrap_error(session: &Session, algorithm: ImportAlgorithm, err: CkError) -> 
     }
 }
 
+/// The `CKA_ID`s of every object of `class` (objects destroyed meanwhile are skipped).
+fn ids_of_class(session: &Session, class: ObjectClass) -> Result<Vec<Vec<u8>>> {
+    let handles = session
+        .find_objects(&[Attribute::Class(class)])
+        .map_err(p11_error)?;
+    let mut ids = Vec::new();
+    for handle in handles {
+        let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
+            Ok(attributes) => attributes,
+            // Destroyed since C_FindObjects (by another session or process).
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+            Err(err) => return Err(p11_error(err)),
+        };
+        ids.extend(attributes.into_iter().filter_map(|a| match a {
+            Attribute::Id(id) => Some(id),
+            _ => None,
+        }));
+    }
+    Ok(ids)
+}
+
+/// Destroys every object of `class` with `CKA_ID` `id`.
+fn destroy_all(session: &Session, class: ObjectClass, id: Vec<u8>) -> Result<()> {
+    let template = [Attribute::Class(class), Attribute::Id(id)];
+    for handle in session.find_objects(&template).map_err(p11_error)? {
+        session.destroy_object(handle).map_err(p11_error)?;
+    }
+    Ok(())
+}
+
 impl Pkcs11Token {
     /// The handle of a wrapping key's private half; [`Error::InvalidImportToken`] if none.
     fn wrapping_key_handle(&self, session: &Session, id: &WrappingKeyId) -> Result<ObjectHandle> {
@@ -817,13 +847,7 @@ impl Token for Pkcs11Token {
     fn destroy_key(&self, object: &ObjectId) -> Result<()> {
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Id(object.cka_id()),
-            ];
-            for handle in session.find_objects(&template).map_err(p11_error)? {
-                session.destroy_object(handle).map_err(p11_error)?;
-            }
+            destroy_all(session, ObjectClass::SECRET_KEY, object.cka_id())?;
             self.forget(object);
             Ok(())
         })
@@ -832,23 +856,10 @@ impl Token for Pkcs11Token {
     fn list_keys(&self) -> Result<Vec<ObjectId>> {
         let _shared = self.shared();
         self.with_session(true, |session, _| {
-            let handles = session
-                .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-                .map_err(p11_error)?;
-            let mut objects = Vec::new();
-            for handle in handles {
-                let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
-                    Ok(attributes) => attributes,
-                    // Destroyed since C_FindObjects (by another session or process).
-                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
-                    Err(err) => return Err(p11_error(err)),
-                };
-                for attribute in attributes {
-                    if let Attribute::Id(id) = attribute {
-                        objects.extend(ObjectId::from_cka_id(&id));
-                    }
-                }
-            }
+            let mut objects: Vec<ObjectId> = ids_of_class(session, ObjectClass::SECRET_KEY)?
+                .iter()
+                .filter_map(|id| ObjectId::from_cka_id(id))
+                .collect();
             objects.sort();
             Ok(objects)
         })
@@ -1020,37 +1031,17 @@ impl Token for Pkcs11Token {
     fn wrapping_keys(&self) -> Result<Vec<WrappingKeyId>> {
         let _shared = self.shared();
         self.with_session(true, |session, _| {
-            let handles = session
-                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
-                .map_err(p11_error)?;
-            let mut keys = Vec::new();
-            for handle in handles {
-                let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
-                    Ok(attributes) => attributes,
-                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
-                    Err(err) => return Err(p11_error(err)),
-                };
-                for attribute in attributes {
-                    if let Attribute::Id(id) = attribute {
-                        keys.extend(WrappingKeyId::parse(&id));
-                    }
-                }
-            }
-            Ok(keys)
+            Ok(ids_of_class(session, ObjectClass::PRIVATE_KEY)?
+                .iter()
+                .filter_map(|id| WrappingKeyId::parse(id))
+                .collect())
         })
     }
 
     fn destroy_wrapping_key(&self, id: &WrappingKeyId) -> Result<()> {
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
-            let template = [
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Id(id.to_bytes()),
-            ];
-            for handle in session.find_objects(&template).map_err(p11_error)? {
-                session.destroy_object(handle).map_err(p11_error)?;
-            }
-            Ok(())
+            destroy_all(session, ObjectClass::PRIVATE_KEY, id.to_bytes())
         })
     }
 }

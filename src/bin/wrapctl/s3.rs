@@ -866,24 +866,7 @@ async fn download_sse_c(
         .send()
         .await
         .map_err(|e| s3_error("GetObject", e))?;
-    let (output, mut writer) =
-        Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
-    let bar = progress(response.content_length().unwrap_or(0).max(0) as u64);
-    let mut body = response.body;
-    let mut bytes = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk
-            .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 GetObject body: {e}")))?;
-        writer
-            .write_all(&chunk)
-            .map_err(|e| CliError::other(e.to_string()))?;
-        bytes += chunk.len() as u64;
-        bar.inc(chunk.len() as u64);
-    }
-    writer.flush().map_err(|e| CliError::other(e.to_string()))?;
-    drop(writer);
-    output.commit().map_err(CliError::other)?;
-    bar.finish_and_clear();
+    let bytes = save_body(response, file, None).await?;
     Ok(Box::new(Transfer {
         status: "downloaded",
         bucket: bucket.to_owned(),
@@ -894,6 +877,47 @@ async fn download_sse_c(
         envelope: "tag",
         parts: 0,
     }))
+}
+
+/// Streams an object's body into `file` under a temporary name, renamed into place once all
+/// of it arrived: through `decryptor` when the content was encrypted here (then only once
+/// its tag verified), as it comes for SSE-C. Returns the bytes written.
+async fn save_body(
+    response: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    file: &Path,
+    mut decryptor: Option<ContentDecryptor>,
+) -> Result<u64, CliError> {
+    let (output, mut writer) =
+        Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
+    let bar = progress(response.content_length().unwrap_or(0).max(0) as u64);
+    let mut body = response.body;
+    let mut plaintext = Zeroizing::new(Vec::new());
+    let mut bytes = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk
+            .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 GetObject body: {e}")))?;
+        let out: &[u8] = match decryptor.as_mut() {
+            Some(decryptor) => {
+                plaintext.clear();
+                decryptor.update(&chunk, &mut plaintext)?;
+                &plaintext
+            }
+            None => &chunk,
+        };
+        writer
+            .write_all(out)
+            .map_err(|e| CliError::other(e.to_string()))?;
+        bytes += out.len() as u64;
+        bar.inc(chunk.len() as u64);
+    }
+    if let Some(decryptor) = decryptor {
+        decryptor.finish()?;
+    }
+    writer.flush().map_err(|e| CliError::other(e.to_string()))?;
+    drop(writer);
+    output.commit().map_err(CliError::other)?;
+    bar.finish_and_clear();
+    Ok(bytes)
 }
 
 /// An object's envelope, either format.
@@ -1047,30 +1071,8 @@ async fn download(
     let (data_key, key_id) = keys
         .unwrap(envelope.encrypted_key(), envelope.context())
         .await?;
-    let mut decryptor = envelope.decryptor(&data_key)?;
-    let (output, mut writer) =
-        Output::open(&file.to_string_lossy()).map_err(|e| CliError::new(Failure::Usage, e))?;
-    let total = response.content_length().unwrap_or(0).max(0) as u64;
-    let bar = progress(total);
-    let mut body = response.body;
-    let mut plaintext = Zeroizing::new(Vec::new());
-    let mut bytes = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk
-            .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 GetObject body: {e}")))?;
-        plaintext.clear();
-        decryptor.update(&chunk, &mut plaintext)?;
-        writer
-            .write_all(&plaintext)
-            .map_err(|e| CliError::other(e.to_string()))?;
-        bytes += plaintext.len() as u64;
-        bar.inc(chunk.len() as u64);
-    }
-    decryptor.finish()?;
-    writer.flush().map_err(|e| CliError::other(e.to_string()))?;
-    drop(writer);
-    output.commit().map_err(CliError::other)?;
-    bar.finish_and_clear();
+    let decryptor = envelope.decryptor(&data_key)?;
+    let bytes = save_body(response, file, Some(decryptor)).await?;
     Ok(Box::new(Transfer {
         status: "downloaded",
         bucket: bucket.to_owned(),
