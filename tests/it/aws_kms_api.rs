@@ -46,7 +46,10 @@ fn aws_env(daemon: &DevDaemon, command: &mut Command) {
 }
 
 /// Runs `aws kms ARGS` and returns its JSON output, or its stderr on failure.
-pub(crate) fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String> {
+pub(crate) fn aws_cli<S: AsRef<std::ffi::OsStr>>(
+    daemon: &DevDaemon,
+    args: &[S],
+) -> Result<Value, String> {
     let mut command = Command::new(AWS_CLI);
     aws_env(daemon, &mut command);
     let out = command
@@ -65,7 +68,10 @@ pub(crate) fn aws_cli(daemon: &DevDaemon, args: &[&str]) -> Result<Value, String
 }
 
 #[track_caller]
-pub(crate) fn aws_ok(daemon: &DevDaemon, args: &[&str]) -> Value {
+pub(crate) fn aws_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    daemon: &DevDaemon,
+    args: &[S],
+) -> Value {
     aws_cli(daemon, args).unwrap_or_else(|err| panic!("aws kms {args:?}: {err}"))
 }
 

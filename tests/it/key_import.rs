@@ -874,6 +874,21 @@ mod daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let file = |name: &str| dir.join(name);
         let fileb = |name: &str| format!("fileb://{}", dir.join(name).display());
+        let (encrypted, token) = (fileb("encrypted.bin"), fileb("token.bin"));
+        let import_args = |arn: &str| {
+            [
+                "import-key-material",
+                "--key-id",
+                arn,
+                "--encrypted-key-material",
+                &encrypted,
+                "--import-token",
+                &token,
+                "--expiration-model",
+                "KEY_MATERIAL_DOES_NOT_EXPIRE",
+            ]
+            .map(str::to_owned)
+        };
         std::fs::write(file("material.bin"), KNOWN).unwrap();
         let openssl = |args: &[&str]| {
             let out = Command::new("openssl")
@@ -950,20 +965,7 @@ mod daemon {
                 joined.extend(std::fs::read(file("wrapped.bin")).unwrap());
                 std::fs::write(file("encrypted.bin"), joined).unwrap();
             }
-            aws_ok(
-                &daemon,
-                &[
-                    "import-key-material",
-                    "--key-id",
-                    &arn,
-                    "--encrypted-key-material",
-                    &fileb("encrypted.bin"),
-                    "--import-token",
-                    &fileb("token.bin"),
-                    "--expiration-model",
-                    "KEY_MATERIAL_DOES_NOT_EXPIRE",
-                ],
-            );
+            aws_ok(&daemon, &import_args(&arn));
             let described =
                 aws_ok(&daemon, &["describe-key", "--key-id", &arn])["KeyMetadata"].clone();
             assert_eq!(described["KeyState"], "Enabled", "{algorithm}");
@@ -998,20 +1000,7 @@ mod daemon {
             .unwrap_err();
             assert!(err.contains("KMSInvalidStateException"), "{err}");
             // The same material again brings the blob back; the import token still holds.
-            aws_ok(
-                &daemon,
-                &[
-                    "import-key-material",
-                    "--key-id",
-                    &arn,
-                    "--encrypted-key-material",
-                    &fileb("encrypted.bin"),
-                    "--import-token",
-                    &fileb("token.bin"),
-                    "--expiration-model",
-                    "KEY_MATERIAL_DOES_NOT_EXPIRE",
-                ],
-            );
+            aws_ok(&daemon, &import_args(&arn));
             let decrypted = aws_ok(
                 &daemon,
                 &["decrypt", "--ciphertext-blob", &fileb("blob.bin")],
@@ -1023,21 +1012,7 @@ mod daemon {
             .as_str()
             .unwrap()
             .to_owned();
-        let err = aws_cli(
-            &daemon,
-            &[
-                "import-key-material",
-                "--key-id",
-                &other,
-                "--encrypted-key-material",
-                &fileb("encrypted.bin"),
-                "--import-token",
-                &fileb("token.bin"),
-                "--expiration-model",
-                "KEY_MATERIAL_DOES_NOT_EXPIRE",
-            ],
-        )
-        .unwrap_err();
+        let err = aws_cli(&daemon, &import_args(&other)).unwrap_err();
         assert!(err.contains("InvalidImportTokenException"), "{err}");
         let generated = aws_ok(&daemon, &["create-key"])["KeyMetadata"]["Arn"]
             .as_str()
