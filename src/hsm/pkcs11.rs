@@ -501,6 +501,42 @@ fn master_key_attributes(object: &ObjectId) -> Vec<Attribute> {
     ]
 }
 
+/// What an AES session key made during an import is for.
+#[derive(Clone, Copy)]
+enum SessionKeyUse {
+    /// The ephemeral key of `RSA_AES_KEY_WRAP_*`, and the wrapping key's unwrap probe.
+    Unwrap,
+    /// The key that wraps a check object to measure its length (`material_len`).
+    Wrap,
+    /// The check object of an import: encrypt only (its check value); extractable only to
+    /// be measured.
+    Check { extractable: bool },
+}
+
+/// The template of an AES session key: private, sensitive, and only the one use.
+fn session_aes_key(usage: SessionKeyUse) -> Vec<Attribute> {
+    let (encrypt, wrap, unwrap, extractable) = match usage {
+        SessionKeyUse::Unwrap => (false, false, true, false),
+        SessionKeyUse::Wrap => (false, true, false, false),
+        SessionKeyUse::Check { extractable } => (true, false, false, extractable),
+    };
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable),
+        Attribute::Encrypt(encrypt),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(wrap),
+        Attribute::Unwrap(unwrap),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ]
+}
+
 /// The RSA-OAEP mechanism of an import algorithm (MGF1 over the same hash, no label).
 fn oaep(algorithm: ImportAlgorithm) -> Mechanism<'static> {
     let (hash, mgf) = if algorithm.sha256() {
@@ -520,6 +556,18 @@ fn is_unsupported_mechanism(err: &CkError) -> bool {
             _
         )
     )
+}
+
+/// The error of a probe call of `GetParametersForImport`: the token lacking the algorithm is
+/// [`Error::Unsupported`], anything else a PKCS#11 error.
+fn probe_error(algorithm: ImportAlgorithm) -> impl Fn(CkError) -> Error {
+    move |err| {
+        if is_unsupported_mechanism(&err) {
+            unsupported(algorithm)
+        } else {
+            p11_error(err)
+        }
+    }
 }
 
 fn unsupported(algorithm: ImportAlgorithm) -> Error {
@@ -630,21 +678,7 @@ impl Pkcs11Token {
             return Err(Error::InvalidCiphertext);
         }
         let (encrypted_key, wrapped_material) = wrapped.split_at(rsa_len);
-        let ephemeral_template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Unwrap(true),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Derive(false),
-        ];
+        let ephemeral_template = session_aes_key(SessionKeyUse::Unwrap);
         let ephemeral = session
             .unwrap_key(
                 &oaep(id.algorithm),
@@ -718,21 +752,10 @@ impl Pkcs11Token {
         if !measure {
             return Ok(None);
         }
+        let mut kek_template = session_aes_key(SessionKeyUse::Wrap);
+        kek_template.push(Attribute::ValueLen(32.into()));
         let kek = session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(false),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Wrap(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                ],
-            )
+            .generate_key(&Mechanism::AesKeyGen, &kek_template)
             .map_err(p11_error)?;
         let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, kek, handle);
         if let Err(err) = session.destroy_object(kek) {
@@ -927,30 +950,15 @@ impl Token for Pkcs11Token {
                     .map_err(p11_error)?;
                 let encrypted = session
                     .encrypt(&oaep(id.algorithm), public, probe.as_slice())
-                    .map_err(|err| {
-                        if is_unsupported_mechanism(&err) {
-                            unsupported(id.algorithm)
-                        } else {
-                            p11_error(err)
-                        }
-                    })?;
-                let probe_template = [
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Token(false),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Unwrap(true),
-                ];
+                    .map_err(probe_error(id.algorithm))?;
                 let unwrapped = session
-                    .unwrap_key(&oaep(id.algorithm), private, &encrypted, &probe_template)
-                    .map_err(|err| {
-                        if is_unsupported_mechanism(&err) {
-                            unsupported(id.algorithm)
-                        } else {
-                            p11_error(err)
-                        }
-                    })?;
+                    .unwrap_key(
+                        &oaep(id.algorithm),
+                        private,
+                        &encrypted,
+                        &session_aes_key(SessionKeyUse::Unwrap),
+                    )
+                    .map_err(probe_error(id.algorithm))?;
                 session.destroy_object(unwrapped).map_err(p11_error)?;
                 let key = rsa::RsaPublicKey::new(
                     rsa::BigUint::from_bytes_be(&n),
@@ -980,25 +988,16 @@ impl Token for Pkcs11Token {
         into: Option<&ObjectId>,
     ) -> Result<KeyCheckValue> {
         let measurable = into.is_none() && self.profile() == HsmProfile::Softhsm;
-        let mut template = match into {
+        // The check object. On SoftHSM (which reports no CKA_VALUE_LEN for unwrapped keys)
+        // it is extractable, only ever wrapped under a session key that never leaves the
+        // token, so that its length can be measured (see `material_len`); on other HSMs it
+        // is never extractable and the library's CKA_VALUE_LEN is used.
+        let template = match into {
             Some(object) => master_key_attributes(object),
-            // The check object. On SoftHSM (which reports no CKA_VALUE_LEN for unwrapped
-            // keys) it is extractable, only ever wrapped under a session key that never leaves
-            // the token, so that its length can be measured (see `material_len`); on other
-            // HSMs it is never extractable and the library's CKA_VALUE_LEN is used.
-            None => vec![
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(measurable),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-            ],
+            None => session_aes_key(SessionKeyUse::Check {
+                extractable: measurable,
+            }),
         };
-        template.push(Attribute::Token(into.is_some()));
         // Only a token object changes the object store; a check makes a session object.
         let _exclusive = into.map(|_| self.exclusive());
         let _shared = into.is_none().then(|| self.shared());

@@ -78,14 +78,25 @@ fn params(f: &Fixture, key: &KeyRecord, algorithm: ImportAlgorithm) -> ImportPar
         .unwrap()
 }
 
+/// Import parameters for `key` and `material` wrapped for them, as the key owner makes it.
+fn wrapped_for(
+    f: &Fixture,
+    key: &KeyRecord,
+    algorithm: ImportAlgorithm,
+    material: &[u8; 32],
+) -> (ImportParameters, Vec<u8>) {
+    let p = params(f, key, algorithm);
+    let wrapped = wrap_key_material(&p.public_key, algorithm, material).unwrap();
+    (p, wrapped)
+}
+
 fn import(
     f: &Fixture,
     key: &KeyRecord,
     algorithm: ImportAlgorithm,
     material: &[u8; 32],
 ) -> wrapd::Result<Arc<KeyRecord>> {
-    let p = params(f, key, algorithm);
-    let wrapped = wrap_key_material(&p.public_key, algorithm, material).unwrap();
+    let (p, wrapped) = wrapped_for(f, key, algorithm, material);
     f.keystore
         .import_key_material(&by_id(key), &p.import_token, &wrapped, None)
 }
@@ -317,8 +328,7 @@ fn an_import_token_of_another_key_is_refused_and_creates_nothing() {
     let _serial = serial();
     let f = fixture();
     let (key, other) = (external(&f), external(&f));
-    let p = params(&f, &other, ImportAlgorithm::RsaesOaepSha1);
-    let wrapped = wrap_key_material(&p.public_key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let (p, wrapped) = wrapped_for(&f, &other, ImportAlgorithm::RsaesOaepSha1, &KNOWN);
     let err = f
         .keystore
         .import_key_material(&by_id(&key), &p.import_token, &wrapped, None)
@@ -333,8 +343,7 @@ fn a_forged_import_token_is_refused_and_creates_nothing() {
     let _serial = serial();
     let f = fixture();
     let key = external(&f);
-    let p = params(&f, &key, ImportAlgorithm::RsaesOaepSha1);
-    let wrapped = wrap_key_material(&p.public_key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN);
     let mut forged = WrappingKeyId::parse(&p.import_token).unwrap();
     forged.nonce[0] ^= 1;
     for token in [forged.to_bytes(), b"not a token".to_vec()] {
@@ -352,8 +361,7 @@ fn an_expired_import_token_is_refused_and_its_wrapping_key_is_purged() {
     let _serial = serial();
     let f = fixture();
     let key = external(&f);
-    let p = params(&f, &key, ImportAlgorithm::RsaesOaepSha1);
-    let wrapped = wrap_key_material(&p.public_key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN);
     f.clock.advance(Duration::from_secs(24 * 3600 + 1));
     let err = f
         .keystore
@@ -404,8 +412,7 @@ fn tampered_wrapped_material_is_refused_and_creates_nothing() {
         ImportAlgorithm::RsaesOaepSha1,
         ImportAlgorithm::RsaAesKeyWrapSha1,
     ] {
-        let p = params(&f, &key, algorithm);
-        let wrapped = wrap_key_material(&p.public_key, algorithm, &KNOWN).unwrap();
+        let (p, wrapped) = wrapped_for(&f, &key, algorithm, &KNOWN);
         // A byte of the RSA part, the last byte (the RFC 5649 part, where there is one), and
         // a truncation.
         let mut cases = vec![wrapped[..wrapped.len() - 1].to_vec()];
@@ -491,9 +498,7 @@ fn expired_material_is_refused_then_destroyed_and_a_reimport_brings_it_back() {
     let _serial = serial();
     let f = fixture();
     let key = external(&f);
-    let p = params(&f, &key, ImportAlgorithm::RsaAesKeyWrapSha1);
-    let wrapped =
-        wrap_key_material(&p.public_key, ImportAlgorithm::RsaAesKeyWrapSha1, &KNOWN).unwrap();
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaAesKeyWrapSha1, &KNOWN);
     let valid_to = f.clock_now() + Duration::from_secs(3600);
     f.keystore
         .import_key_material(&by_id(&key), &p.import_token, &wrapped, Some(valid_to))
@@ -557,9 +562,7 @@ fn imported_objects_are_sensitive_never_extractable_and_leave_no_intermediate_ob
     let session = session();
     assert_eq!(unnamed_objects(&session), 0);
     let key = external(&f);
-    let p = params(&f, &key, ImportAlgorithm::RsaAesKeyWrapSha1);
-    let wrapped =
-        wrap_key_material(&p.public_key, ImportAlgorithm::RsaAesKeyWrapSha1, &KNOWN).unwrap();
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaAesKeyWrapSha1, &KNOWN);
     f.keystore
         .import_key_material(&by_id(&key), &p.import_token, &wrapped, None)
         .unwrap();

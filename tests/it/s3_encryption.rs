@@ -168,34 +168,46 @@ impl Setup {
         self.wrapctl(&args)
     }
 
-    /// The official Ruby client: `put` or `get` one object.
-    fn ruby(&self, mode: &str, key: &str, file: &Path, context: &str, placement: &str) {
-        let mut command = Command::new("/usr/bin/ruby");
-        s3_env(&mut command);
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ruby/s3ec_v2.rb");
+    /// Runs an official client's script (`tests/ruby/`, `tests/python/`) with
+    /// `MODE BUCKET KEY FILE CONTEXT_JSON LAST`; the script finds the local S3 server, wrapd's
+    /// AWS KMS API and its CA, the dev AWS profile and the key in its environment.
+    fn official_client(&self, mut command: Command, script: &str, args: [&str; 4], last: &str) {
         let dev = self.daemon.dir();
+        let [mode, key, file, context] = args;
         let out = command
-            .arg(script)
-            .args([
-                mode,
-                "objects",
-                key,
-                file.to_str().unwrap(),
-                context,
-                placement,
-            ])
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests")
+                    .join(script),
+            )
+            .args([mode, "objects", key, file, context, last])
             .env("S3_URL", &self.s3.url)
             .env("WRAPD_AWS_URL", &self.daemon.aws)
             .env("WRAPD_CA", dev.join("pki/ca.pem"))
             .env("WRAPD_AWS_CREDENTIALS", dev.join("aws/credentials"))
             .env("KEY_ARN", &self.arn)
             .output()
-            .expect("/usr/bin/ruby (softhsm-config/install-deps.sh installs ruby-aws-sdk-s3)");
+            .unwrap_or_else(|e| {
+                panic!("{script} (softhsm-config/install-deps.sh installs it): {e}")
+            });
         assert!(
             out.status.success(),
-            "ruby s3ec_v2.rb {mode} {key}: {}\ndaemon log:\n{}",
+            "{script} {mode} {key} {last}: {}\ndaemon log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             self.daemon.log()
+        );
+    }
+
+    /// The official Ruby client (V2): `put` or `get` one object, envelope in `placement`.
+    fn ruby(&self, mode: &str, key: &str, file: &Path, context: &str, placement: &str) {
+        let mut command = Command::new("/usr/bin/ruby");
+        s3_env(&mut command);
+        let file = file.to_str().unwrap();
+        self.official_client(
+            command,
+            "ruby/s3ec_v2.rb",
+            [mode, key, file, context],
+            placement,
         );
     }
 }
@@ -563,7 +575,8 @@ async fn sse_c_sends_a_fresh_data_key_from_wrapd_and_stores_only_its_wrapped_for
 }
 
 impl Setup {
-    /// The official Python client (4.x): `put` or `get` one object, format `v2` or `v3`.
+    /// The official Python client (4.x): `put` or `get` one object, format `v2` or `v3`;
+    /// KMS credentials from the dev AWS profile (S3 credentials are in the script).
     fn python(&self, mode: &str, key: &str, file: &Path, context: &str, format: &str) {
         let mut command = Command::new("python3");
         for var in [
@@ -575,32 +588,17 @@ impl Setup {
         ] {
             command.env_remove(var);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/s3ec_python.py");
         let dev = self.daemon.dir();
-        let out = command
-            .arg(script)
-            .args([
-                mode,
-                "objects",
-                key,
-                file.to_str().unwrap(),
-                context,
-                format,
-            ])
-            .env("S3_URL", &self.s3.url)
-            .env("WRAPD_AWS_URL", &self.daemon.aws)
-            .env("WRAPD_CA", dev.join("pki/ca.pem"))
+        command
             .env("AWS_CONFIG_FILE", dev.join("aws/config"))
             .env("AWS_SHARED_CREDENTIALS_FILE", dev.join("aws/credentials"))
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("KEY_ARN", &self.arn)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "python s3ec_python.py {mode} {key} {format}: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.daemon.log()
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        let file = file.to_str().unwrap();
+        self.official_client(
+            command,
+            "python/s3ec_python.py",
+            [mode, key, file, context],
+            format,
         );
     }
 }

@@ -421,7 +421,7 @@ impl AwsApi {
     async fn import_key_material(&self, call: Call, body: &[u8]) -> Answer {
         let (call, req) = self.parse::<model::ImportKeyMaterial>(call, body).await?;
         let (call, key) = self.key_param(call, &req.key_id).await?;
-        let (token, material, valid_to) = match import_parameters(&req) {
+        let (token, material, valid_to) = match import_members(&req) {
             Ok(parsed) => parsed,
             Err(err) => return Err(self.reject(call, err).await),
         };
@@ -782,7 +782,7 @@ impl AwsApi {
 /// The members of an `ImportKeyMaterial`: import token, encrypted material, expiry; or why
 /// the request is refused.
 #[allow(clippy::type_complexity)]
-fn import_parameters(
+fn import_members(
     req: &model::ImportKeyMaterial,
 ) -> Result<(Vec<u8>, Vec<u8>, Option<SystemTime>), AwsError> {
     let token = req.import_token.decode("ImportToken")?;
