@@ -356,7 +356,7 @@ impl AuditLog {
                     outcome: "OK".to_owned(),
                     ..Default::default()
                 };
-                let seq = self.write_locked(&mut state, marker)?;
+                let seq = self.write_locked(&mut state, vec![marker])?;
                 drop(state);
                 if self.fsync == FsyncPolicy::Always {
                     self.sync_through(seq)?;
@@ -381,31 +381,25 @@ impl AuditLog {
     /// (concurrent callers share one `fdatasync`). An error means the record may not be
     /// durable and the operation must fail.
     pub fn append(&self, record: AuditRecord) -> Result<()> {
+        self.append_all(vec![record])
+    }
+
+    /// Appends records in order (a batch call's items, the audit writer's queue) with one
+    /// `write` and, with [`FsyncPolicy::Always`], waits until the last is on disk: one
+    /// `fdatasync` covers them all. An error means none is written (a partial write is cut
+    /// back) or none may be durable.
+    pub fn append_all(&self, records: Vec<AuditRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let seq = {
             let mut state = self.state.lock();
-            self.write_locked(&mut state, record)?
+            self.write_locked(&mut state, records)?
         };
         if self.fsync == FsyncPolicy::Always {
             self.sync_through(seq)?;
         }
         Ok(())
-    }
-
-    /// Appends records in order (a batch call's items) and, with [`FsyncPolicy::Always`],
-    /// waits until the last is on disk: one `fdatasync` covers them all. An error means
-    /// none may be durable.
-    pub fn append_all(&self, records: Vec<AuditRecord>) -> Result<()> {
-        let mut last = None;
-        {
-            let mut state = self.state.lock();
-            for record in records {
-                last = Some(self.write_locked(&mut state, record)?);
-            }
-        }
-        match last {
-            Some(seq) if self.fsync == FsyncPolicy::Always => self.sync_through(seq),
-            _ => Ok(()),
-        }
     }
 
     /// Waits until line `seq` is on disk. Takes only the `sync` lock.
@@ -439,55 +433,36 @@ impl AuditLog {
         Error::Unavailable("the audit log cannot be written; key operations are refused".into())
     }
 
-    /// Writes one line with `state` held; returns its sequence number.
-    fn write_locked(&self, state: &mut State, mut record: AuditRecord) -> Result<u64> {
-        let seq = state
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| Error::Internal("audit sequence exhausted".into()))?;
-        record.seq = seq;
-        record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
-        record.prev = state.prev.clone();
-        // One serialization: the record with `hash` empty is what the hash covers
-        // (`AuditRecord::compute_hash`); `hash` is its last field, so the line is that text
-        // with the hash put between the final quotes.
-        record.hash = String::new();
-        let mut line = serde_json::to_vec(&record)
-            .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-        let hash = hex::encode(Sha256::digest(&line));
-        let Some(stem) = line.strip_suffix(br#""hash":""}"#) else {
-            return Err(Error::Internal(
-                "audit record: hash is not the last field".into(),
-            ));
-        };
-        let stem_len = stem.len();
-        line.truncate(stem_len);
-        line.extend_from_slice(br#""hash":""#);
-        line.extend_from_slice(hash.as_bytes());
-        line.extend_from_slice(b"\"}\n");
-        debug_assert_eq!(
-            {
-                record.hash = hash.clone();
-                record.compute_hash()
-            },
-            hash
-        );
-        record.hash = hash;
+    /// Writes the records' lines with `state` held, in one `write`; returns the last one's
+    /// sequence number. Nothing changes in `state` unless every line is written.
+    fn write_locked(&self, state: &mut State, records: Vec<AuditRecord>) -> Result<u64> {
+        let mut seq = state.seq;
+        let mut prev = state.prev.clone();
+        let mut lines = Vec::with_capacity(records.len() * 512);
+        for mut record in records {
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| Error::Internal("audit sequence exhausted".into()))?;
+            record.seq = seq;
+            record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
+            record.prev = prev;
+            prev = Self::encode_line(record, &mut lines)?;
+        }
         let written = match state.file.as_mut() {
             None => Err(std::io::Error::other("not open")),
-            Some(file) => Self::write_line(file, state.len, &mut state.torn, &line),
+            Some(file) => Self::write_line(file, state.len, &mut state.torn, &lines),
         };
         match written {
             Ok(()) => {
                 if let Some(len) = &mut state.len {
-                    *len += line.len() as u64;
+                    *len += lines.len() as u64;
                 }
                 state.seq = seq;
-                state.prev = record.hash.clone();
+                state.prev = prev.clone();
                 {
                     let mut written = self.written.lock();
                     written.seq = seq;
-                    written.hash = record.hash;
+                    written.hash = prev;
                 }
                 if self.fsync == FsyncPolicy::Never {
                     self.sync.lock().durable = Some(self.written.lock().clone());
@@ -500,6 +475,36 @@ impl AuditLog {
             }
             Err(e) => Err(self.failed(&e)),
         }
+    }
+
+    /// Appends the line of `record` (with its `seq`, `time` and `prev` set) to `out`, and
+    /// returns its hash.
+    fn encode_line(mut record: AuditRecord, out: &mut Vec<u8>) -> Result<String> {
+        // One serialization: the record with `hash` empty is what the hash covers
+        // (`AuditRecord::compute_hash`); `hash` is its last field, so the line is that text
+        // with the hash put between the final quotes.
+        record.hash = String::new();
+        let start = out.len();
+        serde_json::to_writer(&mut *out, &record)
+            .map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+        let hash = hex::encode(Sha256::digest(&out[start..]));
+        if !out.ends_with(br#""hash":""}"#) {
+            out.truncate(start);
+            return Err(Error::Internal(
+                "audit record: hash is not the last field".into(),
+            ));
+        }
+        out.truncate(out.len() - 2);
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+        debug_assert_eq!(
+            {
+                record.hash = hash.clone();
+                record.compute_hash()
+            },
+            hash
+        );
+        Ok(hash)
     }
 
     /// Writes `line` at the end of `file`. A partial line left by an earlier failed write is

@@ -12,10 +12,13 @@
 //! Records hold who, what, which key, the encryption context's keys and a hash of the whole
 //! context, the outcome and the latency; never plaintext, key bytes or PINs.
 //!
-//! The writer is in `log.rs` (server only).
+//! The log file is written by `log.rs`, fed by the writer thread of `writer.rs` (both server
+//! only).
 
 #[cfg(feature = "server")]
 mod log;
+#[cfg(feature = "server")]
+pub mod writer;
 
 use std::io::BufRead;
 
@@ -24,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 #[cfg(feature = "server")]
 pub use log::{AuditLog, FsyncPolicy, GapPolicy, HeadStore};
+#[cfg(feature = "server")]
+pub use writer::AuditWriter;
 
 /// The anchor of a brand-new log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -81,7 +81,8 @@ enum Command {
     /// Issue certificates for mutual TLS: a CA, server and client certificates (rcgen).
     #[command(subcommand)]
     Pki(PkiCommand),
-    /// Measure a running daemon (ops/s, latency percentiles) against the raw PKCS#11 rate.
+    /// Measure a running daemon (ops/s, latency percentiles) against the raw PKCS#11 rate, a
+    /// bare gRPC echo and the two in series, in one run.
     Bench {
         /// The running daemon's configuration (socket and token).
         #[arg(long)]
@@ -89,15 +90,22 @@ enum Command {
         /// Key id or alias to use; a new key is created when absent.
         #[arg(long)]
         key: Option<String>,
-        /// Concurrent callers.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Seconds per operation and path.
+        /// Concurrent callers (repeatable); default: 1 and 64.
+        #[arg(long)]
+        concurrency: Vec<usize>,
+        /// Seconds per figure.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Operations to measure (repeatable); default: unwrap and generate.
+        /// Operations to measure (repeatable); default: unwrap, generate and batch-unwrap.
         #[arg(long = "op", value_enum)]
         ops: Vec<BenchOp>,
+        /// Skip the bad-ciphertext flood (half the callers sending blobs that fail in the
+        /// token).
+        #[arg(long)]
+        no_flood: bool,
+        /// Measure everything this many times, and print each figure's range.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
 }
 
@@ -336,20 +344,35 @@ fn run(command: Command) -> Result<()> {
             concurrency,
             seconds,
             ops,
+            no_flood,
+            rounds,
         } => {
             let config = load(&config, Logging::Now)?;
             let options = BenchOptions {
-                concurrency: concurrency.clamp(1, 1024),
+                callers: if concurrency.is_empty() {
+                    vec![1, 64]
+                } else {
+                    concurrency.iter().map(|c| (*c).clamp(1, 1024)).collect()
+                },
                 duration: Duration::from_secs(seconds.max(1)),
                 ops: if ops.is_empty() {
-                    vec![BenchOp::Unwrap, BenchOp::Generate]
+                    vec![BenchOp::Unwrap, BenchOp::Generate, BenchOp::BatchUnwrap]
                 } else {
                     ops
                 },
                 key,
+                flood: !no_flood,
+                rounds: rounds.clamp(1, 100),
             };
-            let rows = runtime()?.block_on(bench::run(config, options.clone()))?;
-            print!("{}", bench::format_table(&rows, options.concurrency));
+            let rounds = runtime()?.block_on(bench::run(config, options))?;
+            for (i, round) in rounds.iter().enumerate() {
+                println!("round {} of {}:", i + 1, rounds.len());
+                print!("{}", bench::format_round(round));
+                println!();
+            }
+            if rounds.len() > 1 {
+                print!("{}", bench::format_summary(&rounds));
+            }
             Ok(())
         }
     }

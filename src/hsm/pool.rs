@@ -158,18 +158,26 @@ impl Pool {
     pub fn checkin(&self, loan: Loan, outcome: Outcome) {
         let mut state = self.lock();
         let current = loan.generation == state.generation && state.context.is_some();
-        if outcome == Outcome::Healthy && current {
+        let retired = if outcome == Outcome::Healthy && current {
             state.idle.push(loan.session);
+            false
         } else {
             state.open -= 1;
             drop(loan.session);
             if outcome == Outcome::DeviceFault {
                 Self::retire(&mut state, loan.generation);
             }
-        }
+            outcome == Outcome::DeviceFault
+        };
         Self::report(&state);
         drop(state);
-        self.freed.notify_all();
+        // One session came free: one waiter can have it (waking them all would have every
+        // one of them take the lock to find nothing). A retired context concerns them all.
+        if retired {
+            self.freed.notify_all();
+        } else {
+            self.freed.notify_one();
+        }
     }
 
     /// Drops every idle session and marks the context of `generation` for re-initialization.

@@ -1,18 +1,25 @@
 //! The gate every call passes: policy checks, and the audit line.
 //!
 //! [`Gate::run`] takes a [`Call`] and a job (validation, [`Gate::check`] before touching a
-//! key, the key store operation) and runs the job and then the audit append (for successes,
-//! failures and denials alike) as one task on the blocking pool. The caller cannot cancel
+//! key, the key store operation), runs the job on a thread of its own and hands the call's
+//! audit line (for successes, failures and denials alike) to the audit writer; the caller
+//! gets the result once the line is durable. Data-plane calls run on the operation workers
+//! ([`super::workers`]), others on tokio's blocking pool. The caller cannot cancel any of
 //! it: when a deadline fires or a client resets its stream, the front end drops its future,
-//! but the task runs on and writes its line, so no state change ever goes unaudited
-//! (security review finding 11). It is one thread hand-off per call. If the audit line
-//! cannot be written, the caller gets [`Error::Unavailable`] instead of the result: the log
-//! fails closed. Each call is logged once, here.
+//! but the job runs on and its line is written, so no state change ever goes unaudited
+//! (security review finding 11). If the audit line cannot be written, the caller gets
+//! [`Error::Unavailable`] instead of the result: the log fails closed. Each call is logged
+//! once, here.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
 
 use super::Call;
-use crate::audit::{AuditLog, AuditRecord};
+use super::workers::{Job, Workers};
+use crate::audit::{AuditLog, AuditRecord, AuditWriter};
 use crate::auth::{Operation, PolicyHandle, Target};
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
@@ -24,6 +31,12 @@ pub struct Gate {
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
     instance: Option<String>,
+    /// The data plane's threads; without them (unit tests), every job goes to the blocking
+    /// pool.
+    workers: Option<Workers>,
+    /// The audit writer, when lines wait for `fdatasync`; without it, the job's thread
+    /// appends its line itself.
+    writer: Option<AuditWriter>,
 }
 
 impl Gate {
@@ -33,6 +46,29 @@ impl Gate {
             policy,
             audit,
             instance: None,
+            workers: None,
+            writer: None,
+        }
+    }
+
+    /// Runs data-plane jobs on `threads` worker threads of their own (one per HSM session),
+    /// and, when audit lines wait for `fdatasync`, hands them to an audit writer thread.
+    pub fn with_workers(mut self, threads: usize) -> Result<Self> {
+        self.workers = Some(Workers::start(threads)?);
+        if let Some(audit) = self.audit.as_ref().filter(|audit| audit.syncs()) {
+            self.writer = Some(AuditWriter::start(audit.clone())?);
+        }
+        Ok(self)
+    }
+
+    /// Finishes every queued job and audit line, and stops the threads (graceful shutdown;
+    /// blocks). Calls that come later run on the blocking pool and append their own lines.
+    pub fn shutdown(&self) {
+        if let Some(workers) = &self.workers {
+            workers.shutdown();
+        }
+        if let Some(writer) = &self.writer {
+            writer.shutdown();
         }
     }
 
@@ -129,99 +165,127 @@ impl Gate {
         })
     }
 
-    /// Runs `job` and then writes the call's audit line, as one task on the blocking pool
-    /// that the caller cannot cancel (see the module docs). The caller's deadline bounds the
-    /// wait for an HSM session.
+    /// Runs `job` and then has the call's audit line written, on a thread the caller cannot
+    /// cancel (see the module docs), and returns the result once the line is durable. The
+    /// caller's deadline bounds the wait for an HSM session.
     pub async fn run<T: Send + 'static>(
         self: &Arc<Self>,
         keystore: &Arc<Keystore>,
         mut call: Call,
         job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let (done, answer) = oneshot::channel();
         let gate = self.clone();
         let keystore = keystore.clone();
+        let data_plane = call.op.is_data_plane();
         let span = request_span(&call, &call.request_id);
-        let task = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let result = with_deadline(call.deadline, || job(&gate, &keystore, &mut call));
+        let task: Job = Box::new(move || {
+            let result = {
+                let _entered = span.enter();
+                guarded(|| with_deadline(call.deadline, || job(&gate, &keystore, &mut call)))
+            };
             record_key(&span, &call);
-            let result = gate.finish(call, result);
-            record_outcome(&span, &result);
-            result
+            gate.log(&call, &result);
+            let record = gate.audit.is_some().then(|| gate.record(call, &result));
+            let parent = span.clone();
+            gate.append(&parent, record.into_iter().collect(), move |appended| {
+                let result = appended.and(result);
+                record_outcome(&span, &result);
+                let _ = done.send(result);
+            });
         });
-        match task.await {
-            Ok(result) => result,
-            // A panic in the job: INTERNAL for this request, not a dead daemon.
-            Err(join) => Err(Error::Internal(format!("key store task failed: {join}"))),
-        }
+        self.dispatch(data_plane, task);
+        answered(answer.await)
     }
 
     /// Runs `job` once per call of a batch (each item its own call: policy checks, result,
-    /// audit line), all in one task on the blocking pool that the caller cannot cancel, and
-    /// then writes every item's audit line with one `fdatasync`. If the lines cannot be
-    /// written, the whole batch fails with [`Error::Unavailable`] (the log fails closed).
+    /// audit line), all in one job the caller cannot cancel, and has every item's audit line
+    /// written with one `fdatasync`. If the lines cannot be written, the whole batch fails
+    /// with [`Error::Unavailable`] (the log fails closed).
     pub async fn run_batch<T: Send + 'static, I: Send + 'static>(
         self: &Arc<Self>,
         keystore: &Arc<Keystore>,
         items: Vec<(Call, I)>,
         job: impl Fn(&Gate, &Keystore, &mut Call, I) -> Result<T> + Send + 'static,
     ) -> Result<Vec<Result<T>>> {
+        let (done, answer) = oneshot::channel();
         let gate = self.clone();
         let keystore = keystore.clone();
+        let data_plane = items.iter().all(|(call, _)| call.op.is_data_plane());
         // One span for the batch (the request id its items' ids extend), one per item.
         let batch = items.first().map_or_else(tracing::Span::none, |(call, _)| {
             let id = call.request_id.rsplit_once('.').map_or("", |(id, _)| id);
             request_span(call, id)
         });
-        let task = tokio::task::spawn_blocking(move || {
-            let _batch = batch.enter();
+        let task: Job = Box::new(move || {
             let mut results = Vec::with_capacity(items.len());
             let mut records = Vec::with_capacity(items.len());
-            for (mut call, item) in items {
-                let span = request_span(&call, &call.request_id);
-                let _entered = span.enter();
-                let result =
-                    with_deadline(call.deadline, || job(&gate, &keystore, &mut call, item));
-                record_key(&span, &call);
-                record_outcome(&span, &result);
-                gate.log(&call, &result);
-                records.push(gate.record(call, &result));
-                results.push(result);
-            }
-            let appended = match &gate.audit {
-                Some(audit) => {
-                    let _append = audit_span();
-                    let started = std::time::Instant::now();
-                    let appended = audit.append_all(records);
-                    crate::metrics::record_audit_append(started.elapsed());
-                    appended.map(|()| results)
+            {
+                let _batch = batch.enter();
+                for (mut call, item) in items {
+                    let span = request_span(&call, &call.request_id);
+                    let _entered = span.enter();
+                    let result = guarded(|| {
+                        with_deadline(call.deadline, || job(&gate, &keystore, &mut call, item))
+                    });
+                    record_key(&span, &call);
+                    record_outcome(&span, &result);
+                    gate.log(&call, &result);
+                    if gate.audit.is_some() {
+                        records.push(gate.record(call, &result));
+                    }
+                    results.push(result);
                 }
-                None => Ok(results),
-            };
-            record_outcome(&batch, &appended);
-            appended
+            }
+            let parent = batch.clone();
+            gate.append(&parent, records, move |appended| {
+                let result = appended.map(|()| results);
+                record_outcome(&batch, &result);
+                let _ = done.send(result);
+            });
         });
-        match task.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::Internal(format!("key store task failed: {join}"))),
+        self.dispatch(data_plane, task);
+        answered(answer.await)
+    }
+
+    /// Runs a job on the data plane's workers, or on the blocking pool.
+    fn dispatch(&self, data_plane: bool, job: Job) {
+        match &self.workers {
+            Some(workers) if data_plane => workers.submit(job),
+            _ => drop(tokio::task::spawn_blocking(job)),
         }
     }
 
-    /// Ends a call: logs it, writes its audit line (blocking until it is durable), then
-    /// returns the result, or [`Error::Unavailable`] if the line could not be written.
-    fn finish<R>(&self, call: Call, result: Result<R>) -> Result<R> {
-        self.log(&call, &result);
-        let Some(audit) = &self.audit else {
-            return result;
+    /// Has `records` written (by the audit writer, or on this thread) and calls `done` once
+    /// they are durable, or with the error that keeps them from being so.
+    fn append(
+        &self,
+        request: &tracing::Span,
+        records: Vec<AuditRecord>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        let Some(audit) = self.audit.as_ref().filter(|_| !records.is_empty()) else {
+            return done(Ok(()));
         };
-        let record = self.record(call, &result);
-        let _append = audit_span();
-        let started = std::time::Instant::now();
-        let appended = audit.append(record);
-        crate::metrics::record_audit_append(started.elapsed());
-        match appended {
-            Ok(()) => result,
-            Err(err) => Err(err),
+        // The span a result waits in for its line (queue, write, fdatasync).
+        let span = tracing::span!(
+            target: REQUEST_SPAN_TARGET,
+            parent: request,
+            tracing::Level::TRACE,
+            "audit.append"
+        );
+        let started = Instant::now();
+        let complete = move |appended: Result<()>| {
+            crate::metrics::record_audit_append(started.elapsed());
+            drop(span);
+            done(appended);
+        };
+        match &self.writer {
+            Some(writer) => writer.submit(records, Box::new(complete)),
+            None => {
+                let appended = audit.append_all(records);
+                complete(appended);
+            }
         }
     }
 
@@ -250,7 +314,10 @@ impl Gate {
                 tracing::warn!(op = call.op.name(), who = %call.who(), latency_us,
                     error = %err, "failed: unavailable");
             }
-            Err(err) => tracing::info!(op = call.op.name(), who = %call.who(), latency_us,
+            // The caller's errors (bad input, denied, unknown key) at debug: the audit log
+            // has every one and the metrics count them, and a flood of bad requests must
+            // not cost more than good ones (issue 15) nor fill the daemon's log.
+            Err(err) => tracing::debug!(op = call.op.name(), who = %call.who(), latency_us,
                 outcome = outcome_name(err.kind()), message = %err, "failed"),
         }
     }
@@ -337,9 +404,20 @@ fn request_span(call: &Call, request_id: &str) -> tracing::Span {
     )
 }
 
-/// The span of an audit append (the fdatasync a result waits for).
-fn audit_span() -> tracing::span::EnteredSpan {
-    tracing::span!(target: REQUEST_SPAN_TARGET, tracing::Level::TRACE, "audit.append").entered()
+/// Runs a job; a panic in it becomes [`Error::Internal`] for this call (audited like any
+/// failure), not a dead worker.
+fn guarded<T>(job: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(job))
+        .unwrap_or_else(|_| Err(Error::Internal("the operation failed unexpectedly".into())))
+}
+
+/// The answer of a job, or INTERNAL if its thread dropped it unanswered.
+fn answered<T>(answer: std::result::Result<Result<T>, oneshot::error::RecvError>) -> Result<T> {
+    answer.unwrap_or_else(|_| {
+        Err(Error::Internal(
+            "the operation ended without an answer".into(),
+        ))
+    })
 }
 
 fn record_key(span: &tracing::Span, call: &Call) {

@@ -14,6 +14,7 @@
 mod call;
 mod gate;
 mod kms;
+mod workers;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -123,6 +123,8 @@ pub struct Daemon {
     keystore: Arc<Keystore>,
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
+    /// Data-plane worker threads: one per HSM session (`hsm.max_sessions`).
+    workers: usize,
 }
 
 impl Daemon {
@@ -182,6 +184,7 @@ impl Daemon {
                 None
             }
         };
+        let workers = hsm.max_sessions;
         let token = Pkcs11Token::open(hsm)?;
         let keystore = Keystore::open(
             Arc::new(token.clone()),
@@ -208,6 +211,7 @@ impl Daemon {
             keystore: Arc::new(keystore),
             policy,
             audit,
+            workers,
         })
     }
 
@@ -268,7 +272,9 @@ impl Daemon {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let gate = Arc::new(
-            Gate::new(self.policy.clone(), self.audit.clone()).with_instance(self.instance.clone()),
+            Gate::new(self.policy.clone(), self.audit.clone())
+                .with_instance(self.instance.clone())
+                .with_workers(self.workers)?,
         );
         // A fleet's daemons follow each other's changes through the shared store.
         let following = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -446,6 +452,12 @@ impl Daemon {
             if let Err(err) = std::fs::remove_file(&socket.path) {
                 tracing::debug!(error = %err, "could not remove the socket file");
             }
+        }
+        // Calls whose callers left are still queued: their jobs run and their lines are
+        // written before the log is closed.
+        let stopping = ops.gate().clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || stopping.shutdown()).await {
+            tracing::error!(error = %err, "stopping the operation workers");
         }
         if let Some(audit) = &self.audit {
             let audit = audit.clone();

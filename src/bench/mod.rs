@@ -1,0 +1,628 @@
+//! `wrapd bench`: the daemon's throughput and latency over its unix socket, next to what
+//! this machine can do at best, all measured in one run; and `wrapd soak` ([`soak`]).
+//!
+//! For each operation and number of callers, one round measures:
+//!
+//! - **raw PKCS#11**: the same token calls in-process (AES-GCM `C_Decrypt` for Unwrap,
+//!   `C_GenerateRandom` + `C_Encrypt` for GenerateDataKey, with the same AAD), on as many
+//!   threads and sessions as there are callers, at most one per core: no gRPC, no metadata,
+//!   no scheduling in between;
+//! - **echo**: a bare tonic `DataKeyService` ([`echo`]) answering the same requests with
+//!   fixed messages of the same sizes, over a unix socket, from the same number of callers:
+//!   the gRPC floor;
+//! - **ceiling**: the two in series, `1 / (1/raw + 1/echo)`: a daemon that did nothing but
+//!   gRPC and the token call, one after the other, would reach this;
+//! - **wrapd**: the daemon, and its share of the ceiling;
+//! - **bad-ciphertext flood** (Unwrap, two callers or more): half the callers send blobs
+//!   whose GCM tag fails in the token, next to the same number of callers all sending good
+//!   ones: answers per second in all, as a ratio (a bad ciphertext must not cost more than a
+//!   good one).
+//!
+//! Batch operations count data keys per second; their latency is per call. Repeated rounds
+//! (`--rounds`) show the noise; the summary gives each figure's range over the rounds.
+
+mod echo;
+mod soak;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+
+pub use soak::{SoakOptions, SoakReport, format_soak, soak};
+
+use crate::blob::Blob;
+use crate::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
+use crate::config::Config;
+use crate::context::EncryptionContext;
+use crate::error::{Error, Result};
+use crate::hsm::{ObjectId, Pkcs11Token, Token};
+use crate::proto::{
+    BatchGenerateDataKeyRequest, BatchUnwrapRequest, CreateKeyRequest, GenerateDataKeyRequest,
+    UnwrapRequest, batch_generate_data_key_result, batch_unwrap_result,
+};
+
+/// Which operation to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchOp {
+    /// Unwrap of a 32-byte data key.
+    Unwrap,
+    /// GenerateDataKey of 32 bytes.
+    Generate,
+    /// BatchUnwrap of [`BENCH_BATCH`] items per call.
+    BatchUnwrap,
+    /// BatchGenerateDataKey of [`BENCH_BATCH`] items per call.
+    BatchGenerate,
+}
+
+impl BenchOp {
+    /// The operation's name in the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unwrap => "Unwrap",
+            Self::Generate => "GenerateDataKey",
+            Self::BatchUnwrap => "BatchUnwrap x64",
+            Self::BatchGenerate => "BatchGenerateDataKey x64",
+        }
+    }
+
+    /// Data keys per call.
+    fn items(self) -> usize {
+        match self {
+            Self::Unwrap | Self::Generate => 1,
+            Self::BatchUnwrap | Self::BatchGenerate => BENCH_BATCH,
+        }
+    }
+}
+
+/// Items per batch call in the bench.
+pub const BENCH_BATCH: usize = 64;
+
+/// Bench parameters.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Caller counts to measure (each caller is a task with its own connection).
+    pub callers: Vec<usize>,
+    /// Measuring time per figure.
+    pub duration: Duration,
+    /// Operations to measure.
+    pub ops: Vec<BenchOp>,
+    /// Key to use; a new one is created when `None`.
+    pub key: Option<String>,
+    /// Also measure the bad-ciphertext flood (for each caller count of 2 or more).
+    pub flood: bool,
+    /// How many times to measure everything.
+    pub rounds: usize,
+}
+
+/// One measured rate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rate {
+    /// Completed calls.
+    pub calls: u64,
+    /// Calls that did not give the expected answer (should be 0).
+    pub errors: u64,
+    /// Data keys per second (calls per second for single calls).
+    pub per_sec: f64,
+    /// Latency per call, 50th percentile, microseconds.
+    pub p50_us: u64,
+    /// Latency per call, 99th percentile, microseconds.
+    pub p99_us: u64,
+}
+
+/// One operation at one caller count, every path measured in the same round.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The operation.
+    pub op: BenchOp,
+    /// Concurrent callers.
+    pub callers: usize,
+    /// Threads (and sessions) of the raw baseline.
+    pub raw_threads: usize,
+    /// Raw PKCS#11, in-process.
+    pub raw: Rate,
+    /// The bare tonic echo, same transport and callers.
+    pub echo: Rate,
+    /// The daemon.
+    pub wrapd: Rate,
+}
+
+impl Row {
+    /// Raw and echo in series: `1 / (1/raw + 1/echo)` data keys per second.
+    pub fn ceiling(&self) -> f64 {
+        in_series(self.raw.per_sec, self.echo.per_sec)
+    }
+
+    /// The daemon's share of the ceiling.
+    pub fn share(&self) -> f64 {
+        ratio(self.wrapd.per_sec, self.ceiling())
+    }
+}
+
+/// The bad-ciphertext flood at one caller count.
+#[derive(Debug, Clone)]
+pub struct FloodRow {
+    /// Concurrent callers in all.
+    pub callers: usize,
+    /// All callers sending good blobs.
+    pub good_only: Rate,
+    /// Half the callers, sending good blobs during the flood.
+    pub good: Rate,
+    /// The other half, sending blobs whose GCM tag fails (a success is an INVALID_ARGUMENT).
+    pub bad: Rate,
+}
+
+impl FloodRow {
+    /// Answers per second during the flood over answers per second without it.
+    pub fn ratio(&self) -> f64 {
+        ratio(self.good.per_sec + self.bad.per_sec, self.good_only.per_sec)
+    }
+}
+
+/// Everything measured once.
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    /// One row per operation and caller count.
+    pub rows: Vec<Row>,
+    /// One row per caller count of 2 or more, when asked for.
+    pub floods: Vec<FloodRow>,
+}
+
+fn in_series(a: f64, b: f64) -> f64 {
+    if a <= 0.0 || b <= 0.0 {
+        0.0
+    } else {
+        1.0 / (1.0 / a + 1.0 / b)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+pub(crate) fn histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s at 3 significant digits: constant bounds that are valid, so this cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn rate(hist: &Histogram<u64>, errors: u64, elapsed: Duration, items: usize) -> Rate {
+    Rate {
+        calls: hist.len(),
+        errors,
+        per_sec: (hist.len() * items as u64) as f64 / elapsed.as_secs_f64(),
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+    }
+}
+
+/// One caller's request, and what counts as the expected answer.
+#[derive(Clone)]
+enum Load {
+    Unwrap(UnwrapRequest),
+    /// An Unwrap whose blob fails in the token: INVALID_ARGUMENT is the expected answer.
+    BadUnwrap(UnwrapRequest),
+    Generate(GenerateDataKeyRequest),
+    BatchUnwrap(BatchUnwrapRequest),
+    BatchGenerate(BatchGenerateDataKeyRequest),
+}
+
+impl Load {
+    async fn call(&self, client: &mut DataKeyServiceClient<Channel>) -> bool {
+        match self {
+            Self::Unwrap(request) => client.unwrap(request.clone()).await.is_ok(),
+            Self::BadUnwrap(request) => matches!(
+                client.unwrap(request.clone()).await,
+                Err(status) if status.code() == tonic::Code::InvalidArgument
+            ),
+            Self::Generate(request) => client.generate_data_key(request.clone()).await.is_ok(),
+            Self::BatchUnwrap(request) => {
+                client.batch_unwrap(request.clone()).await.is_ok_and(|r| {
+                    let results = r.into_inner().results;
+                    results.len() == request.items.len()
+                        && results
+                            .iter()
+                            .all(|r| matches!(r.result, Some(batch_unwrap_result::Result::Ok(_))))
+                })
+            }
+            Self::BatchGenerate(request) => client
+                .batch_generate_data_key(request.clone())
+                .await
+                .is_ok_and(|r| {
+                    let results = r.into_inner().results;
+                    results.len() == request.items.len()
+                        && results.iter().all(|r| {
+                            matches!(
+                                r.result,
+                                Some(batch_generate_data_key_result::Result::Ok(_))
+                            )
+                        })
+                }),
+        }
+    }
+}
+
+/// Runs one caller per load, each on its own connection to `socket`, for `duration`, and
+/// returns each caller's latencies and errors, and the time it took.
+async fn drive(
+    socket: &Path,
+    loads: Vec<Load>,
+    duration: Duration,
+) -> Result<(Vec<(Histogram<u64>, u64)>, Duration)> {
+    let mut clients = Vec::with_capacity(loads.len());
+    for _ in &loads {
+        clients.push(DataKeyServiceClient::new(
+            connect_unix(socket)
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?,
+        ));
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = loads
+        .into_iter()
+        .zip(clients)
+        .map(|(load, mut client)| {
+            tokio::spawn(async move {
+                let mut hist = histogram();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if load.call(&mut client).await {
+                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (hist, errors)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(task.await.map_err(|e| Error::Internal(e.to_string()))?);
+    }
+    Ok((out, started.elapsed()))
+}
+
+/// Merges the callers' results into one rate.
+fn merge(results: &[(Histogram<u64>, u64)], elapsed: Duration, items: usize) -> Rate {
+    let mut hist = histogram();
+    let mut errors = 0;
+    for (h, e) in results {
+        let _ = hist.add(h);
+        errors += e;
+    }
+    rate(&hist, errors, elapsed, items)
+}
+
+/// What the raw baseline calls on the token.
+struct RawTarget {
+    token: Arc<Pkcs11Token>,
+    object: ObjectId,
+    aad: Vec<u8>,
+    blob: Blob,
+}
+
+/// The raw baseline: `threads` threads calling the token directly for `duration`.
+async fn raw(target: &Arc<RawTarget>, op: BenchOp, threads: usize, duration: Duration) -> Rate {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let target = target.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut hist = histogram();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = match op {
+                        BenchOp::Unwrap | BenchOp::BatchUnwrap => target
+                            .token
+                            .decrypt(
+                                &target.object,
+                                &target.blob.iv,
+                                &target.blob.ciphertext,
+                                &target.aad,
+                            )
+                            .is_ok(),
+                        BenchOp::Generate | BenchOp::BatchGenerate => target
+                            .token
+                            .generate_and_encrypt(&target.object, 32, &target.aad)
+                            .is_ok(),
+                    };
+                    if ok {
+                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (hist, errors)
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(workers.len());
+    for worker in workers {
+        if let Ok(result) = worker.await {
+            results.push(result);
+        }
+    }
+    // The token call is per data key: its rate is in data keys already.
+    merge(&results, started.elapsed(), 1)
+}
+
+/// The request of `op` for the bench's key, context and sample blob.
+fn load(op: BenchOp, key_id: &str, context: &HashMap<String, String>, blob: &[u8]) -> Load {
+    let unwrap = UnwrapRequest {
+        ciphertext_blob: blob.to_vec(),
+        encryption_context: context.clone(),
+        key_id: String::new(),
+    };
+    let generate = GenerateDataKeyRequest {
+        key_id: key_id.to_owned(),
+        encryption_context: context.clone(),
+        number_of_bytes: 32,
+    };
+    match op {
+        BenchOp::Unwrap => Load::Unwrap(unwrap),
+        BenchOp::Generate => Load::Generate(generate),
+        BenchOp::BatchUnwrap => Load::BatchUnwrap(BatchUnwrapRequest {
+            items: vec![unwrap; BENCH_BATCH],
+        }),
+        BenchOp::BatchGenerate => Load::BatchGenerate(BatchGenerateDataKeyRequest {
+            items: vec![generate; BENCH_BATCH],
+        }),
+    }
+}
+
+/// Runs the bench against the daemon configured in `config` (which must be running), the
+/// echo server and the raw token, and returns every round.
+pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
+    let socket = config
+        .unix
+        .as_ref()
+        .map(|u| u.path.clone())
+        .ok_or_else(|| Error::Config("the config has no [unix] listener to bench".into()))?;
+    let channel = connect_unix(&socket)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let key_id = match &options.key {
+        Some(key) => key.clone(),
+        None => {
+            KeyServiceClient::new(channel.clone())
+                .create_key(CreateKeyRequest {
+                    description: "wrapd bench".into(),
+                    alias: String::new(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
+                .into_inner()
+                .key_id
+        }
+    };
+    let context =
+        EncryptionContext::new(HashMap::from([("purpose".to_owned(), "bench".to_owned())]))?;
+    let wire_context: HashMap<String, String> = context
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let sample = DataKeyServiceClient::new(channel.clone())
+        .generate_data_key_without_plaintext(GenerateDataKeyRequest {
+            key_id: key_id.clone(),
+            encryption_context: wire_context.clone(),
+            number_of_bytes: 32,
+        })
+        .await
+        .map_err(|s| Error::Unavailable(format!("GenerateDataKey: {}", s.message())))?
+        .into_inner();
+    let blob = Blob::parse(&sample.ciphertext_blob)?;
+    // The flood's blob: the same with its GCM tag's last byte flipped, so that it parses,
+    // passes every check before the token, and fails in the token.
+    let mut bad_blob = blob.clone();
+    if let Some(last) = bad_blob.ciphertext.last_mut() {
+        *last ^= 0x01;
+    }
+    let bad_blob = bad_blob.encode();
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let most = options.callers.iter().copied().max().unwrap_or(1);
+    let mut hsm = config.hsm;
+    hsm.max_sessions = most.min(cores).max(1);
+    let token = tokio::task::spawn_blocking(move || Pkcs11Token::open(hsm))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let target = Arc::new(RawTarget {
+        token: Arc::new(token),
+        object: ObjectId::new(blob.key_id.clone(), blob.key_version),
+        aad: Blob::aad(&blob.key_id, blob.key_version, &context.serialize()),
+        blob,
+    });
+
+    let echo_dir = tempfile::Builder::new()
+        .prefix("wrapd-bench-")
+        .tempdir()
+        .map_err(|e| Error::Config(format!("cannot create a directory for the echo: {e}")))?;
+    let echo_socket = echo_dir.path().join("echo.sock");
+    let _echo = echo::EchoServer::start(&echo_socket, sample.ciphertext_blob.clone())?;
+
+    let mut rounds = Vec::with_capacity(options.rounds);
+    for _ in 0..options.rounds.max(1) {
+        let mut round = Round::default();
+        for &op in &options.ops {
+            for &callers in &options.callers {
+                let request = load(op, &key_id, &wire_context, &sample.ciphertext_blob);
+                let raw_threads = callers.min(cores).max(1);
+                let raw = raw(&target, op, raw_threads, options.duration).await;
+                let (results, elapsed) = drive(
+                    &echo_socket,
+                    vec![request.clone(); callers],
+                    options.duration,
+                )
+                .await?;
+                let echo = merge(&results, elapsed, op.items());
+                let (results, elapsed) =
+                    drive(&socket, vec![request; callers], options.duration).await?;
+                let wrapd = merge(&results, elapsed, op.items());
+                round.rows.push(Row {
+                    op,
+                    callers,
+                    raw_threads,
+                    raw,
+                    echo,
+                    wrapd,
+                });
+            }
+        }
+        if options.flood {
+            for &callers in options.callers.iter().filter(|&&c| c >= 2) {
+                let good = load(
+                    BenchOp::Unwrap,
+                    &key_id,
+                    &wire_context,
+                    &sample.ciphertext_blob,
+                );
+                let bad = UnwrapRequest {
+                    ciphertext_blob: bad_blob.clone(),
+                    encryption_context: wire_context.clone(),
+                    key_id: String::new(),
+                };
+                let (results, elapsed) =
+                    drive(&socket, vec![good.clone(); callers], options.duration).await?;
+                let good_only = merge(&results, elapsed, 1);
+                let half = callers / 2;
+                let mut loads = vec![good; callers - half];
+                loads.extend(vec![Load::BadUnwrap(bad); half]);
+                let (results, elapsed) = drive(&socket, loads, options.duration).await?;
+                let (good_results, bad_results) = results.split_at(callers - half);
+                round.floods.push(FloodRow {
+                    callers,
+                    good_only,
+                    good: merge(good_results, elapsed, 1),
+                    bad: merge(bad_results, elapsed, 1),
+                });
+            }
+        }
+        rounds.push(round);
+    }
+    target.token.close();
+    Ok(rounds)
+}
+
+/// Formats one round as tables.
+pub fn format_round(round: &Round) -> String {
+    let mut out = format!(
+        "{:<25} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6}\n",
+        "operation",
+        "callers",
+        "raw/s",
+        "echo/s",
+        "ceiling/s",
+        "wrapd/s",
+        "share",
+        "p50 µs",
+        "p99 µs",
+        "errors"
+    );
+    for row in &round.rows {
+        out.push_str(&format!(
+            "{:<25} {:>7} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>5.0}% {:>8} {:>8} {:>6}\n",
+            row.op.name(),
+            row.callers,
+            row.raw.per_sec,
+            row.echo.per_sec,
+            row.ceiling(),
+            row.wrapd.per_sec,
+            100.0 * row.share(),
+            row.wrapd.p50_us,
+            row.wrapd.p99_us,
+            row.raw.errors + row.echo.errors + row.wrapd.errors,
+        ));
+    }
+    if !round.floods.is_empty() {
+        out.push_str(&format!(
+            "\n{:<25} {:>7} {:>12} {:>12} {:>9} {:>9} {:>6} {:>8} {:>6}\n",
+            "bad-ciphertext flood",
+            "callers",
+            "good only/s",
+            "flooded/s",
+            "good/s",
+            "bad/s",
+            "ratio",
+            "p99 µs",
+            "errors"
+        ));
+        for flood in &round.floods {
+            out.push_str(&format!(
+                "{:<25} {:>7} {:>12.0} {:>12.0} {:>9.0} {:>9.0} {:>6.2} {:>8} {:>6}\n",
+                "Unwrap, half bad",
+                flood.callers,
+                flood.good_only.per_sec,
+                flood.good.per_sec + flood.bad.per_sec,
+                flood.good.per_sec,
+                flood.bad.per_sec,
+                flood.ratio(),
+                flood.good.p99_us.max(flood.bad.p99_us),
+                flood.good_only.errors + flood.good.errors + flood.bad.errors,
+            ));
+        }
+    }
+    out
+}
+
+/// The range of each figure over the rounds.
+pub fn format_summary(rounds: &[Round]) -> String {
+    fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+        values.fold((f64::INFINITY, 0.0_f64), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        })
+    }
+    let Some(first) = rounds.first() else {
+        return String::new();
+    };
+    let mut out = format!(
+        "over {} rounds (lowest - highest):\n{:<25} {:>7} {:>19} {:>19} {:>13} {:>15}\n",
+        rounds.len(),
+        "operation",
+        "callers",
+        "ceiling/s",
+        "wrapd/s",
+        "share",
+        "p99 µs"
+    );
+    for (i, row) in first.rows.iter().enumerate() {
+        let rows: Vec<&Row> = rounds.iter().filter_map(|r| r.rows.get(i)).collect();
+        let ceiling = range(rows.iter().map(|r| r.ceiling()));
+        let wrapd = range(rows.iter().map(|r| r.wrapd.per_sec));
+        let share = range(rows.iter().map(|r| 100.0 * r.share()));
+        let p99 = range(rows.iter().map(|r| r.wrapd.p99_us as f64));
+        out.push_str(&format!(
+            "{:<25} {:>7} {:>9.0} - {:<7.0} {:>9.0} - {:<7.0} {:>4.0}% - {:<4.0}% {:>6.0} - {:<6.0}\n",
+            row.op.name(),
+            row.callers,
+            ceiling.0,
+            ceiling.1,
+            wrapd.0,
+            wrapd.1,
+            share.0,
+            share.1,
+            p99.0,
+            p99.1
+        ));
+    }
+    for (i, flood) in first.floods.iter().enumerate() {
+        let ratios = range(
+            rounds
+                .iter()
+                .filter_map(|r| r.floods.get(i))
+                .map(FloodRow::ratio),
+        );
+        out.push_str(&format!(
+            "{:<25} {:>7} flooded / good only: {:.2} - {:.2}\n",
+            "Unwrap, half bad", flood.callers, ratios.0, ratios.1
+        ));
+    }
+    out
+}
