@@ -12,8 +12,8 @@
 //! Records hold who, what, which key, the encryption context's keys and a hash of the whole
 //! context, the outcome and the latency; never plaintext, key bytes or PINs.
 //!
-//! The log file is written by `log.rs`, fed by the writer thread of `writer.rs` (both server
-//! only).
+//! The log file is written by `log.rs`, with the group commit of `writer.rs` in front of it
+//! (both server only).
 
 #[cfg(feature = "server")]
 mod log;

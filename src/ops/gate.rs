@@ -2,7 +2,7 @@
 //!
 //! [`Gate::run`] takes a [`Call`] and a job (validation, [`Gate::check`] before touching a
 //! key, the key store operation), runs the job on a thread of its own and hands the call's
-//! audit line (for successes, failures and denials alike) to the audit writer; the caller
+//! audit line (for successes, failures and denials alike) to the group commit; the caller
 //! gets the result once the line is durable. Data-plane calls run on the operation workers
 //! ([`super::workers`]), others on tokio's blocking pool. The caller cannot cancel any of
 //! it: when a deadline fires or a client resets its stream, the front end drops its future,
@@ -34,8 +34,8 @@ pub struct Gate {
     /// The data plane's threads; without them (unit tests), every job goes to the blocking
     /// pool.
     workers: Option<Workers>,
-    /// The audit writer, when lines wait for `fdatasync`; without it, the job's thread
-    /// appends its line itself.
+    /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
+    /// its line itself and waits.
     writer: Option<AuditWriter>,
 }
 
@@ -52,23 +52,22 @@ impl Gate {
     }
 
     /// Runs data-plane jobs on `threads` worker threads of their own (one per HSM session),
-    /// and, when audit lines wait for `fdatasync`, hands them to an audit writer thread.
+    /// and, when audit lines wait for `fdatasync`, has them written by group commit
+    /// ([`AuditWriter`]) so that a job's thread does not wait for the disk while another
+    /// thread is writing.
     pub fn with_workers(mut self, threads: usize) -> Result<Self> {
         self.workers = Some(Workers::start(threads)?);
         if let Some(audit) = self.audit.as_ref().filter(|audit| audit.syncs()) {
-            self.writer = Some(AuditWriter::start(audit.clone())?);
+            self.writer = Some(AuditWriter::new(audit.clone()));
         }
         Ok(self)
     }
 
-    /// Finishes every queued job and audit line, and stops the threads (graceful shutdown;
-    /// blocks). Calls that come later run on the blocking pool and append their own lines.
+    /// Finishes every queued job (and its audit line), and stops the worker threads
+    /// (graceful shutdown; blocks). Calls that come later run on the blocking pool.
     pub fn shutdown(&self) {
         if let Some(workers) = &self.workers {
             workers.shutdown();
-        }
-        if let Some(writer) = &self.writer {
-            writer.shutdown();
         }
     }
 
@@ -256,7 +255,7 @@ impl Gate {
         }
     }
 
-    /// Has `records` written (by the audit writer, or on this thread) and calls `done` once
+    /// Has `records` written (on this thread, or by the thread writing now) and calls `done` once
     /// they are durable, or with the error that keeps them from being so.
     fn append(
         &self,

@@ -2,9 +2,9 @@
 //!
 //! A fixed set of threads (`wrapd-op-N`, as many as the token has sessions,
 //! `hsm.max_sessions`) takes jobs from one queue: a call's checks, its key store work and
-//! the hand-over of its audit line to the audit writer ([`crate::audit::AuditWriter`]). The
-//! threads never wait for the disk, and with no more threads than sessions they never wait
-//! for a session either; under load they go from one job to the next without parking. This
+//! the hand-over of its audit line to the group commit ([`crate::audit::AuditWriter`]). At
+//! most one of them at a time waits for the disk, and with no more threads than sessions they
+//! never wait for a session; under load they go from one job to the next without parking. This
 //! replaced a `spawn_blocking` per call, whose pool grew a thread per call in flight, each
 //! parked in turn on a session and on the `fdatasync` (issue 15's profile: the kernel's
 //! futex wake-ups cost more than the HSM).
