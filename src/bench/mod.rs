@@ -599,15 +599,15 @@ pub fn format_summary(rounds: &[Round]) -> String {
         let share = range(rows.iter().map(|r| 100.0 * r.share()));
         let p99 = range(rows.iter().map(|r| r.wrapd.p99_us as f64));
         out.push_str(&format!(
-            "{:<25} {:>7} {:>9.0} - {:<7.0} {:>9.0} - {:<7.0} {:>4.0}% - {:<4.0}% {:>6.0} - {:<6.0}\n",
+            "{:<25} {:>7} {:>9.0} - {:<7.0} {:>9.0} - {:<7.0} {:>5} - {:<5} {:>6.0} - {:<6.0}\n",
             row.op.name(),
             row.callers,
             ceiling.0,
             ceiling.1,
             wrapd.0,
             wrapd.1,
-            share.0,
-            share.1,
+            format!("{:.0}%", share.0),
+            format!("{:.0}%", share.1),
             p99.0,
             p99.1
         ));

@@ -18,7 +18,12 @@ use super::message::{AWS_KMS_PROVIDER_ID, EncryptedDataKey, Header, PROVIDER_ID}
 use crate::client::DataKeyServiceClient;
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
-use crate::proto::{GenerateDataKeyRequest, UnwrapRequest, WrapRequest};
+use crate::proto::{
+    BatchUnwrapRequest, GenerateDataKeyRequest, UnwrapRequest, WrapRequest, batch_unwrap_result,
+};
+
+/// Most data keys per `BatchUnwrap` call (the daemon's limit).
+pub const MAX_BATCH: usize = 1000;
 
 /// One wrapd key on one daemon.
 #[derive(Clone)]
@@ -265,6 +270,99 @@ impl Keyring {
                 tonic::Status::new(code, failures.join("; ")),
             )),
         }
+    }
+
+    /// The DEKs of many messages with as few calls as possible (issue 15): each message's
+    /// first `wrapd` or `aws-kms` entry goes to the first key's daemon in `BatchUnwrap` calls
+    /// of up to [`MAX_BATCH`] items. A message whose item fails there (an entry for another
+    /// key or daemon, a daemon without batch calls) falls back to [`Keyring::unwrap`], which
+    /// offers every entry to every daemon; so the answers are those of [`Keyring::unwrap`],
+    /// in the order of `headers`, for one call per thousand messages when all goes well.
+    pub async fn unwrap_all(&self, headers: &[Header]) -> Vec<Result<Zeroizing<Vec<u8>>>> {
+        let mut deks: Vec<Option<Zeroizing<Vec<u8>>>> = headers.iter().map(|_| None).collect();
+        let items: Vec<(usize, UnwrapRequest)> = headers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, header)| {
+                let entry = header.data_keys.iter().find(|e| {
+                    e.provider_id == PROVIDER_ID || e.provider_id == AWS_KMS_PROVIDER_ID
+                })?;
+                Some((
+                    i,
+                    UnwrapRequest {
+                        ciphertext_blob: entry.ciphertext.clone(),
+                        encryption_context: wire(&header.context),
+                        key_id: String::new(),
+                    },
+                ))
+            })
+            .collect();
+        let first = &self.keys[0];
+        for chunk in items.chunks(MAX_BATCH) {
+            let answer = retrying(|timeout| {
+                let mut client = first.client.clone();
+                let message = BatchUnwrapRequest {
+                    items: chunk.iter().map(|(_, item)| item.clone()).collect(),
+                };
+                async move { client.batch_unwrap(request(message, timeout)).await }
+            })
+            .await;
+            let Ok(response) = answer else {
+                continue; // every item of the chunk falls back
+            };
+            let results = response.into_inner().results;
+            if results.len() != chunk.len() {
+                continue;
+            }
+            for ((i, _), result) in chunk.iter().zip(results) {
+                if let Some(batch_unwrap_result::Result::Ok(ok)) = result.result {
+                    let dek = Zeroizing::new(ok.plaintext);
+                    if dek.len() == 32 {
+                        deks[*i] = Some(dek);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(headers.len());
+        for (header, dek) in headers.iter().zip(deks) {
+            out.push(match dek {
+                Some(dek) => Ok(dek),
+                None => self.unwrap(header).await,
+            });
+        }
+        out
+    }
+
+    /// Decrypts many whole messages (AWS Encryption SDK format), their data keys unwrapped
+    /// with [`Keyring::unwrap_all`]: the way to open many small messages. Each answer is the
+    /// message's header and plaintext, or why it could not be opened.
+    pub async fn decrypt_all(
+        &self,
+        messages: &[&[u8]],
+    ) -> Vec<Result<(Header, Zeroizing<Vec<u8>>)>> {
+        let mut headers = Vec::with_capacity(messages.len());
+        let mut parsed = Vec::with_capacity(messages.len());
+        for message in messages {
+            match super::message::peek_header(message) {
+                Ok(header) => {
+                    parsed.push(Ok(headers.len()));
+                    headers.push(header);
+                }
+                Err(err) => parsed.push(Err(err)),
+            }
+        }
+        let mut deks = self.unwrap_all(&headers).await.into_iter();
+        messages
+            .iter()
+            .zip(parsed)
+            .map(|(message, parsed)| {
+                parsed?;
+                let dek = deks
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Internal("a data key went missing".into())))?;
+                super::message::decrypt(message, |_| Ok(dek))
+            })
+            .collect()
     }
 }
 

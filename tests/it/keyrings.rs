@@ -212,3 +212,62 @@ async fn wrapctl_wraps_under_keys_on_two_daemons() {
     assert!(!ok && err.contains("cannot connect"), "{err}");
     assert!(!dir.path().join("x").exists());
 }
+
+/// Issue 15: many small messages open with one `BatchUnwrap` call (one audit line per
+/// message, all items of one batch); a tampered message and bytes that are no message fail
+/// alone, next to the good ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_messages_decrypt_with_one_batch_call_and_bad_ones_fail_alone() {
+    let daemon = DevDaemon::start();
+    create_key(&mut daemon.keys().await, "alias/many").await;
+    let keyring = Keyring::new(vec![WrapdKey {
+        client: daemon.data().await,
+        key_id: "alias/many".into(),
+    }])
+    .unwrap();
+    let mut sealed = Vec::new();
+    for i in 0..20 {
+        let key = keyring.generate(&context()).await.unwrap();
+        let plaintext = format!("message {i}");
+        sealed.push(
+            message::encrypt(
+                plaintext.as_bytes(),
+                &key.dek,
+                &context(),
+                key.data_keys.clone(),
+                4096,
+            )
+            .unwrap(),
+        );
+    }
+    // Message 5: its last byte (signature or tag) flipped: its data key unwraps, the
+    // message does not open. Message 7: no message at all.
+    *sealed[5].last_mut().unwrap() ^= 0x01;
+    sealed[7] = b"not a message".to_vec();
+
+    let before = daemon.audit_lines().len();
+    let messages: Vec<&[u8]> = sealed.iter().map(Vec::as_slice).collect();
+    let results = keyring.decrypt_all(&messages).await;
+    assert_eq!(results.len(), 20);
+    for (i, result) in results.iter().enumerate() {
+        match i {
+            5 | 7 => assert!(result.is_err(), "message {i} must fail"),
+            _ => assert_eq!(
+                &result.as_ref().expect("a good message opens").1[..],
+                format!("message {i}").as_bytes()
+            ),
+        }
+    }
+    let lines = &daemon.audit_lines()[before..];
+    assert_eq!(lines.len(), 19, "one Unwrap line per message with a header");
+    let batch = lines[0]
+        .request_id
+        .rsplit_once('.')
+        .expect("a batch item's request id is ID.INDEX")
+        .0;
+    for line in lines {
+        assert_eq!(line.operation, "Unwrap");
+        assert_eq!(line.outcome, "OK");
+        assert_eq!(line.request_id.rsplit_once('.').map(|p| p.0), Some(batch));
+    }
+}

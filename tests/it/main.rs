@@ -15,6 +15,7 @@ mod aws_kms_api;
 #[cfg(feature = "fault-injection")]
 mod cancellation;
 mod crash_safety;
+mod daemon_bench;
 mod data_key_cache;
 mod data_plane;
 mod esdk_interop;

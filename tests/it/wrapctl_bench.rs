@@ -49,6 +49,8 @@ fn bench_reports_every_part() {
             assert!(r["messages"].as_u64().unwrap() > 0, "{r}");
         }
     }
+    let batched = row("1 KiB decrypt, 64 per BatchUnwrap", "cache", false.into());
+    assert!(batched["messages"].as_u64().unwrap() >= 64, "{batched}");
     // The bench's key was created on the daemon, and its temp files are gone.
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }

@@ -12,7 +12,8 @@
 //!    (untimed), so no run pays for another's writeback.
 //! 4. **Small messages**: 1 KiB messages per second from `--concurrency` callers for
 //!    `--seconds`, through the daemon, without and with the data key cache (encrypt:
-//!    GenerateDataKey per message or a cached DEK; decrypt: Unwrap per message or cached).
+//!    GenerateDataKey per message or a cached DEK; decrypt: Unwrap per message or cached),
+//!    and decrypting 64 messages per `Keyring::decrypt_all` call (one BatchUnwrap).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -444,7 +445,7 @@ async fn small_messages(
         // Decrypt: the same few messages over and over (one per caller).
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for sealed in samples {
+        for sealed in samples.clone() {
             let (keyring, cache) = (keyring.clone(), cache.clone());
             tasks.push(tokio::spawn(async move {
                 let mut micros = Vec::new();
@@ -474,8 +475,57 @@ async fn small_messages(
             );
         }
         rows.push(summarize("1 KiB decrypt", cached, micros, start.elapsed()));
+        if !cached {
+            rows.push(decrypt_in_batches(&keyring, &samples, duration).await?);
+        }
     }
     Ok(rows)
+}
+
+/// Messages per `Keyring::decrypt_all` call in the bench.
+const DECRYPT_BATCH: usize = 64;
+
+/// 1 KiB messages decrypted [`DECRYPT_BATCH`] at a time (one `BatchUnwrap` per batch), one
+/// caller per sample; every message's latency is its batch's.
+async fn decrypt_in_batches(
+    keyring: &Keyring,
+    samples: &[Vec<u8>],
+    duration: Duration,
+) -> Result<Value, String> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for sealed in samples {
+        let (keyring, batch) = (keyring.clone(), vec![sealed.clone(); DECRYPT_BATCH]);
+        tasks.push(tokio::spawn(async move {
+            let messages: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            let mut micros = Vec::new();
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                for result in keyring.decrypt_all(&messages).await {
+                    if result?.1.len() != 1024 {
+                        return Err(wrapd::Error::Internal("wrong plaintext".into()));
+                    }
+                }
+                let took = t.elapsed().as_micros() as u64;
+                micros.extend(std::iter::repeat_n(took, DECRYPT_BATCH));
+            }
+            Ok::<_, wrapd::Error>(micros)
+        }));
+    }
+    let mut micros = Vec::new();
+    for task in tasks {
+        micros.extend(
+            task.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(summarize(
+        "1 KiB decrypt, 64 per BatchUnwrap",
+        false,
+        micros,
+        start.elapsed(),
+    ))
 }
 
 /// Resolves `--key`, creating `alias/wrapctl-bench` if that is the (missing) default.

@@ -1,0 +1,86 @@
+//! `wrapd bench` measures every path of issue 15's table against a real daemon and prints
+//! every figure (a smoke test with one-second figures: the figures are for people, not
+//! assertions; speed is never asserted).
+
+use crate::common;
+
+use common::DevDaemon;
+
+#[test]
+fn wrapd_bench_prints_raw_echo_ceiling_wrapd_and_the_flood_for_every_round() {
+    let daemon = DevDaemon::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .arg("bench")
+        .arg("--config")
+        .arg(daemon.config_path())
+        .args([
+            "--op",
+            "unwrap",
+            "--op",
+            "batch-unwrap",
+            "--concurrency",
+            "1",
+            "--concurrency",
+            "2",
+            "--seconds",
+            "1",
+            "--rounds",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("round ").count(), 2, "{stdout}");
+    // Every measured row: raw, echo, ceiling and wrapd rates above zero, no errors.
+    let (rounds, summary) = stdout.split_once("over 2 rounds").expect("a summary");
+    let rows: Vec<Vec<&str>> = rounds
+        .lines()
+        .filter(|l| l.starts_with("Unwrap ") || l.starts_with("BatchUnwrap x64 "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        2 * 4,
+        "2 operations x 2 caller counts x 2 rounds: {stdout}"
+    );
+    for row in &rows {
+        // operation (1 or 2 words), callers, raw, echo, ceiling, wrapd, share, p50, p99, errors
+        let figures = &row[row.len() - 9..];
+        for rate in &figures[1..5] {
+            assert!(rate.parse::<f64>().unwrap() > 0.0, "{row:?}");
+        }
+        assert_eq!(*figures.last().unwrap(), "0", "no errors: {row:?}");
+    }
+    // The flood: two callers, one of them sending bad ciphertexts, answered without errors.
+    let floods: Vec<Vec<&str>> = rounds
+        .lines()
+        .filter(|l| l.starts_with("Unwrap, half bad"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(floods.len(), 2, "{stdout}");
+    for flood in &floods {
+        assert_eq!(flood[3], "2", "{flood:?}");
+        assert!(
+            flood[7].parse::<f64>().unwrap() > 0.0,
+            "bad answers/s: {flood:?}"
+        );
+        assert_eq!(*flood.last().unwrap(), "0", "no errors: {flood:?}");
+    }
+    assert!(summary.contains("flooded / good only"), "{stdout}");
+    // The bad ciphertexts are audited as such, and no daemon log line was written per call.
+    let audit = daemon.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.operation == "Unwrap" && l.outcome == "INVALID_ARGUMENT")
+    );
+    assert!(
+        !daemon.log().contains("failed"),
+        "caller errors are logged at debug"
+    );
+}
