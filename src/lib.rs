@@ -22,10 +22,10 @@
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
 //! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: SigV4, ARNs, AWS error types), and each one's error mapping |
-//! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the KMS plugin's rules |
+//! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the data plane's worker threads, the KMS plugin's rules |
 //! | [`metrics`] | Prometheus metrics: the recorder and what a scrape renders (the listener is in `server`) |
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
-//! | [`audit`] | the hash-chained audit log and its verifier (the verifier is client-side too) |
+//! | [`audit`] | the hash-chained audit log, its group commit ([`audit::writer`]) and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
 //! | [`keystore`] | key lifecycle and data-key operations (key import in `keystore/import.rs`); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |
 //! | [`hsm`] | the only PKCS#11 code: the [`hsm::Token`] trait, its cryptoki implementation, the session pool, dev token provisioning |
@@ -36,7 +36,7 @@
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
 //! | [`hardening`] | process hardening at start-up: no core dumps, locked memory, the PIN's environment variable wiped |
-//! | [`bench`](mod@bench) | `wrapd bench`: daemon throughput against the raw PKCS#11 rate |
+//! | [`bench`](mod@bench) | `wrapd bench`: the daemon's throughput against the raw PKCS#11 rate, a bare gRPC echo and the two in series; `wrapd soak` |
 //! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]), the S3 Encryption Client object format (`client::s3ec`, feature `s3ec`, part of `s3`) |
 //! | [`error`] | the crate's error type and its transport-neutral [`error::ErrorKind`] |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |

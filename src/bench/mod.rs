@@ -7,7 +7,7 @@
 //!   `C_GenerateRandom` + `C_Encrypt` for GenerateDataKey, with the same AAD), on as many
 //!   threads and sessions as there are callers, at most one per core: no gRPC, no metadata,
 //!   no scheduling in between;
-//! - **echo**: a bare tonic `DataKeyService` ([`echo`]) answering the same requests with
+//! - **echo**: a bare tonic `DataKeyService` (`bench/echo.rs`) answering the same requests with
 //!   fixed messages of the same sizes, over a unix socket, from the same number of callers:
 //!   the gRPC floor;
 //! - **ceiling**: the two in series, `1 / (1/raw + 1/echo)`: a daemon that did nothing but
@@ -15,8 +15,9 @@
 //! - **wrapd**: the daemon, and its share of the ceiling;
 //! - **bad-ciphertext flood** (Unwrap, two callers or more): half the callers send blobs
 //!   whose GCM tag fails in the token, next to the same number of callers all sending good
-//!   ones: answers per second in all, as a ratio (a bad ciphertext must not cost more than a
-//!   good one).
+//!   ones (measured before and after the flood, and averaged, so that the machine's drift
+//!   is not counted as the flood's cost): answers per second in all, as a ratio (a bad
+//!   ciphertext must not cost more than a good one).
 //!
 //! Batch operations count data keys per second; their latency is per call. Repeated rounds
 //! (`--rounds`) show the noise; the summary gives each figure's range over the rounds.
@@ -147,7 +148,7 @@ impl Row {
 pub struct FloodRow {
     /// Concurrent callers in all.
     pub callers: usize,
-    /// All callers sending good blobs.
+    /// All callers sending good blobs, measured before and after the flood (averaged).
     pub good_only: Rate,
     /// Half the callers, sending good blobs during the flood.
     pub good: Rate,
@@ -489,13 +490,18 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                     encryption_context: wire_context.clone(),
                     key_id: String::new(),
                 };
-                let (results, elapsed) =
+                // Good only, before and after the flood: the machine's drift between
+                // the figures does not count as the flood's cost.
+                let (before, before_elapsed) =
                     drive(&socket, vec![good.clone(); callers], options.duration).await?;
-                let good_only = merge(&results, elapsed, 1);
                 let half = callers / 2;
-                let mut loads = vec![good; callers - half];
+                let mut loads = vec![good.clone(); callers - half];
                 loads.extend(vec![Load::BadUnwrap(bad); half]);
                 let (results, elapsed) = drive(&socket, loads, options.duration).await?;
+                let (after, after_elapsed) =
+                    drive(&socket, vec![good; callers], options.duration).await?;
+                // All calls of both periods over both periods' time: the mean rate.
+                let good_only = merge(&[before, after].concat(), before_elapsed + after_elapsed, 1);
                 let (good_results, bad_results) = results.split_at(callers - half);
                 round.floods.push(FloodRow {
                     callers,
