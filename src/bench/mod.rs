@@ -189,6 +189,16 @@ pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Records one call that started at `started`: its latency if it went as expected, else
+/// an error.
+fn tally(hist: &mut Histogram<u64>, errors: &mut u64, started: Instant, ok: bool) {
+    if ok {
+        let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+    } else {
+        *errors += 1;
+    }
+}
+
 fn rate(hist: &Histogram<u64>, errors: u64, elapsed: Duration, items: usize) -> Rate {
     Rate {
         calls: hist.len(),
@@ -271,11 +281,8 @@ async fn drive(
                 let mut errors = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    if load.call(&mut client).await {
-                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-                    } else {
-                        errors += 1;
-                    }
+                    let ok = load.call(&mut client).await;
+                    tally(&mut hist, &mut errors, t, ok);
                 }
                 (hist, errors)
             })
@@ -334,11 +341,7 @@ async fn raw(target: &Arc<RawTarget>, op: BenchOp, threads: usize, duration: Dur
                             .generate_and_encrypt(&target.object, 32, &target.aad)
                             .is_ok(),
                     };
-                    if ok {
-                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-                    } else {
-                        errors += 1;
-                    }
+                    tally(&mut hist, &mut errors, t, ok);
                 }
                 (hist, errors)
             })

@@ -85,8 +85,12 @@ impl Workers {
                 let _ = self.sender.send(Message::Stop);
             }
         }
+        let this = std::thread::current().id();
         for thread in self.threads.lock().drain(..) {
-            let _ = thread.join();
+            // The last owner may be a job on one of the workers: it does not wait for itself.
+            if thread.thread().id() != this {
+                let _ = thread.join();
+            }
         }
         // Jobs no thread took (none, unless a thread died): run here.
         for message in self.receiver.try_iter() {
@@ -136,6 +140,24 @@ mod tests {
         }
         workers.shutdown();
         assert_eq!(done.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn the_workers_can_be_dropped_by_one_of_their_own_jobs() {
+        let workers = Arc::new(Workers::start(2).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let last = workers.clone();
+        drop(workers);
+        let holder = Arc::new(Mutex::new(Some(last)));
+        let job_holder = holder.clone();
+        holder.lock().as_ref().unwrap().submit(Box::new(move || {
+            // The job drops the last handle: shutdown runs on a worker thread.
+            drop(job_holder.lock().take());
+            tx.send(()).unwrap();
+        }));
+        drop(holder);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the job finished: no worker waited for itself");
     }
 
     #[test]

@@ -466,20 +466,28 @@ async fn small_messages(
                 Ok::<_, wrapd::Error>(micros)
             }));
         }
-        let mut micros = Vec::new();
-        for task in tasks {
-            micros.extend(
-                task.await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?,
-            );
-        }
+        let micros = join_micros(tasks).await?;
         rows.push(summarize("1 KiB decrypt", cached, micros, start.elapsed()));
         if !cached {
             rows.push(decrypt_in_batches(&keyring, &samples, duration).await?);
         }
     }
     Ok(rows)
+}
+
+/// Every caller's latencies, or the first caller's error.
+async fn join_micros(
+    tasks: Vec<tokio::task::JoinHandle<wrapd::Result<Vec<u64>>>>,
+) -> Result<Vec<u64>, String> {
+    let mut micros = Vec::new();
+    for task in tasks {
+        micros.extend(
+            task.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(micros)
 }
 
 /// Messages per `Keyring::decrypt_all` call in the bench.
@@ -512,14 +520,7 @@ async fn decrypt_in_batches(
             Ok::<_, wrapd::Error>(micros)
         }));
     }
-    let mut micros = Vec::new();
-    for task in tasks {
-        micros.extend(
-            task.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?,
-        );
-    }
+    let micros = join_micros(tasks).await?;
     Ok(summarize(
         "1 KiB decrypt, 64 per BatchUnwrap",
         false,
