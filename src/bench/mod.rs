@@ -19,7 +19,9 @@
 //!   is not counted as the flood's cost): answers per second in all, as a ratio (a bad
 //!   ciphertext must not cost more than a good one).
 //!
-//! Batch operations count data keys per second; their latency is per call. Repeated rounds
+//! Raw, echo and wrapd take turns, one second each, until each has run for `--seconds`, so
+//! that the machine's slow spells fall on all three alike. Batch operations count data keys
+//! per second; their latency is per call. Repeated rounds
 //! (`--rounds`) show the noise; the summary gives each figure's range over the rounds.
 
 mod echo;
@@ -81,6 +83,9 @@ impl BenchOp {
 
 /// Items per batch call in the bench.
 pub const BENCH_BATCH: usize = 64;
+
+/// How long each path of a row runs before the next takes its turn (see `measure_row`).
+pub const SLICE: Duration = Duration::from_secs(1);
 
 /// Bench parameters.
 #[derive(Debug, Clone)]
@@ -314,8 +319,14 @@ struct RawTarget {
     blob: Blob,
 }
 
-/// The raw baseline: `threads` threads calling the token directly for `duration`.
-async fn raw(target: &Arc<RawTarget>, op: BenchOp, threads: usize, duration: Duration) -> Rate {
+/// The raw baseline: `threads` threads calling the token directly for `duration`; each
+/// thread's latencies and errors, and the time it took.
+async fn raw(
+    target: &Arc<RawTarget>,
+    op: BenchOp,
+    threads: usize,
+    duration: Duration,
+) -> (Vec<(Histogram<u64>, u64)>, Duration) {
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> = (0..threads)
@@ -353,8 +364,64 @@ async fn raw(target: &Arc<RawTarget>, op: BenchOp, threads: usize, duration: Dur
             results.push(result);
         }
     }
-    // The token call is per data key: its rate is in data keys already.
-    merge(&results, started.elapsed(), 1)
+    (results, started.elapsed())
+}
+
+/// Latencies, errors and time of one path, added up over the slices of a row.
+#[derive(Default)]
+struct Tally {
+    results: Vec<(Histogram<u64>, u64)>,
+    elapsed: Duration,
+}
+
+impl Tally {
+    fn add(&mut self, (results, elapsed): (Vec<(Histogram<u64>, u64)>, Duration)) {
+        self.results.extend(results);
+        self.elapsed += elapsed;
+    }
+
+    fn rate(&self, items: usize) -> Rate {
+        merge(&self.results, self.elapsed, items)
+    }
+}
+
+/// Measures one row: raw, echo and wrapd, taking turns [`SLICE`] at a time for
+/// `duration` each, so that a slow spell of the machine falls on all three alike rather
+/// than on whichever was measured during it (a shared 2-core machine drifts by tens of
+/// percent within seconds).
+async fn measure_row(
+    target: &Arc<RawTarget>,
+    op: BenchOp,
+    callers: usize,
+    raw_threads: usize,
+    sockets: (&Path, &Path),
+    request: &Load,
+    duration: Duration,
+) -> Result<Row> {
+    let (echo_socket, socket) = sockets;
+    let slices = duration.as_millis().div_ceil(SLICE.as_millis()).max(1) as u32;
+    let slice = duration / slices;
+    let (mut raw_tally, mut echo_tally, mut wrapd_tally) = Default::default();
+    for _ in 0..slices {
+        Tally::add(&mut raw_tally, raw(target, op, raw_threads, slice).await);
+        Tally::add(
+            &mut echo_tally,
+            drive(echo_socket, vec![request.clone(); callers], slice).await?,
+        );
+        Tally::add(
+            &mut wrapd_tally,
+            drive(socket, vec![request.clone(); callers], slice).await?,
+        );
+    }
+    Ok(Row {
+        op,
+        callers,
+        raw_threads,
+        // The token call is per data key: its rate is in data keys already.
+        raw: raw_tally.rate(1),
+        echo: echo_tally.rate(op.items()),
+        wrapd: wrapd_tally.rate(op.items()),
+    })
 }
 
 /// The request of `op` for the bench's key, context and sample blob.
@@ -459,25 +526,18 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
             for &callers in &options.callers {
                 let request = load(op, &key_id, &wire_context, &sample.ciphertext_blob);
                 let raw_threads = callers.min(cores).max(1);
-                let raw = raw(&target, op, raw_threads, options.duration).await;
-                let (results, elapsed) = drive(
-                    &echo_socket,
-                    vec![request.clone(); callers],
-                    options.duration,
-                )
-                .await?;
-                let echo = merge(&results, elapsed, op.items());
-                let (results, elapsed) =
-                    drive(&socket, vec![request; callers], options.duration).await?;
-                let wrapd = merge(&results, elapsed, op.items());
-                round.rows.push(Row {
-                    op,
-                    callers,
-                    raw_threads,
-                    raw,
-                    echo,
-                    wrapd,
-                });
+                round.rows.push(
+                    measure_row(
+                        &target,
+                        op,
+                        callers,
+                        raw_threads,
+                        (&echo_socket, &socket),
+                        &request,
+                        options.duration,
+                    )
+                    .await?,
+                );
             }
         }
         if options.flood {
