@@ -98,6 +98,7 @@ fn write_batch(log: &AuditLog, batch: Vec<(Vec<AuditRecord>, Completion)>) {
         records.extend(lines);
         completions.push(done);
     }
+    crate::metrics::record_audit_sync(records.len());
     let appended = log.append_all(records);
     for done in completions {
         done(match &appended {

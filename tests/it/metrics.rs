@@ -75,6 +75,11 @@ async fn counters_move_by_exactly_the_workload() {
         3.0
     );
     assert_eq!(moved("wrapd_audit_append_duration_seconds_count"), 6.0);
+    // Group commit (`fsync = "always"`, the dev default): the six lines, each call waiting
+    // for its own, in one to six fdatasyncs.
+    assert_eq!(moved("wrapd_audit_lines_per_sync_sum"), 6.0, "{after}");
+    let syncs = moved("wrapd_audit_lines_per_sync_count");
+    assert!((1.0..=6.0).contains(&syncs), "{after}");
     // The dev Kubernetes key and the new one.
     assert_eq!(value(&after, "wrapd_keys{state=\"ENABLED\"}"), 2.0);
     assert!(after.contains("wrapd_build_info{version="));
