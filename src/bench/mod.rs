@@ -21,8 +21,8 @@
 //!
 //! Raw, echo and wrapd take turns, one second each, until each has run for `--seconds`, so
 //! that the machine's slow spells fall on all three alike. Batch operations count data keys
-//! per second; their latency is per call. Repeated rounds
-//! (`--rounds`) show the noise; the summary gives each figure's range over the rounds.
+//! per second; their latency is per call. Repeated rounds (`--rounds`) show the noise; the
+//! summary gives each figure's range over the rounds.
 
 mod echo;
 mod soak;
@@ -401,17 +401,13 @@ async fn measure_row(
     let (echo_socket, socket) = sockets;
     let slices = duration.as_millis().div_ceil(SLICE.as_millis()).max(1) as u32;
     let slice = duration / slices;
-    let (mut raw_tally, mut echo_tally, mut wrapd_tally) = Default::default();
+    let mut raw_tally = Tally::default();
+    let mut echo_tally = Tally::default();
+    let mut wrapd_tally = Tally::default();
     for _ in 0..slices {
-        Tally::add(&mut raw_tally, raw(target, op, raw_threads, slice).await);
-        Tally::add(
-            &mut echo_tally,
-            drive(echo_socket, vec![request.clone(); callers], slice).await?,
-        );
-        Tally::add(
-            &mut wrapd_tally,
-            drive(socket, vec![request.clone(); callers], slice).await?,
-        );
+        raw_tally.add(raw(target, op, raw_threads, slice).await);
+        echo_tally.add(drive(echo_socket, vec![request.clone(); callers], slice).await?);
+        wrapd_tally.add(drive(socket, vec![request.clone(); callers], slice).await?);
     }
     Ok(Row {
         op,
