@@ -385,6 +385,23 @@ impl Tally {
     }
 }
 
+/// A new key for a bench or soak run (described as `description`); its id.
+pub(crate) async fn create_key(
+    client: &mut KeyServiceClient<Channel>,
+    description: &str,
+) -> Result<String> {
+    Ok(client
+        .create_key(CreateKeyRequest {
+            description: description.into(),
+            alias: String::new(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
+        .into_inner()
+        .key_id)
+}
+
 /// Measures one row: raw, echo and wrapd, taking turns [`SLICE`] at a time for
 /// `duration` each, so that a slow spell of the machine falls on all three alike rather
 /// than on whichever was measured during it (a shared 2-core machine drifts by tens of
@@ -399,7 +416,9 @@ async fn measure_row(
     duration: Duration,
 ) -> Result<Row> {
     let (echo_socket, socket) = sockets;
-    let slices = duration.as_millis().div_ceil(SLICE.as_millis()).max(1) as u32;
+    let slices = u32::try_from(duration.as_millis().div_ceil(SLICE.as_millis()))
+        .unwrap_or(u32::MAX)
+        .max(1);
     let slice = duration / slices;
     let mut raw_tally = Tally::default();
     let mut echo_tally = Tally::default();
@@ -457,18 +476,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
         .map_err(|e| Error::Unavailable(e.to_string()))?;
     let key_id = match &options.key {
         Some(key) => key.clone(),
-        None => {
-            KeyServiceClient::new(channel.clone())
-                .create_key(CreateKeyRequest {
-                    description: "wrapd bench".into(),
-                    alias: String::new(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
-                .into_inner()
-                .key_id
-        }
+        None => create_key(&mut KeyServiceClient::new(channel.clone()), "wrapd bench").await?,
     };
     let context =
         EncryptionContext::new(HashMap::from([("purpose".to_owned(), "bench".to_owned())]))?;

@@ -11,7 +11,7 @@ use super::histogram;
 use crate::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::proto::{CreateKeyRequest, GenerateDataKeyRequest, UnwrapRequest};
+use crate::proto::{GenerateDataKeyRequest, UnwrapRequest};
 /// Soak parameters.
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -74,18 +74,7 @@ pub async fn soak(config: Config, options: SoakOptions) -> Result<SoakReport> {
     let mut admin = KeyServiceClient::new(channel.clone());
     let mut keys = Vec::new();
     for _ in 0..options.keys.max(1) {
-        keys.push(
-            admin
-                .create_key(CreateKeyRequest {
-                    description: "wrapd soak".into(),
-                    alias: String::new(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| Error::Unavailable(format!("CreateKey: {}", s.message())))?
-                .into_inner()
-                .key_id,
-        );
+        keys.push(super::create_key(&mut admin, "wrapd soak").await?);
     }
     let rss_start = rss_kb(pid);
     let rss_max = Arc::new(AtomicU64::new(rss_start));
