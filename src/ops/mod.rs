@@ -278,8 +278,8 @@ impl Ops {
         .await
     }
 
-    /// Up to [`MAX_BATCH`] GenerateDataKey items in one job: each item is its own call
-    /// (policy, result, audit line), see [`Gate::run_batch`].
+    /// Up to [`MAX_BATCH`] GenerateDataKey items, shared by the workers: each item is its
+    /// own call (policy, result, audit line), see [`Gate::run_batch`].
     pub async fn batch_generate_data_key(
         &self,
         call: &Call,
@@ -333,8 +333,8 @@ impl Ops {
         .await
     }
 
-    /// Up to [`MAX_BATCH`] Unwrap items in one job: each item is its own call (policy,
-    /// result, audit line), see [`Gate::run_batch`].
+    /// Up to [`MAX_BATCH`] Unwrap items, shared by the workers: each item is its own call
+    /// (policy, result, audit line), see [`Gate::run_batch`].
     pub async fn batch_unwrap(
         &self,
         call: &Call,

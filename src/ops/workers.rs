@@ -35,6 +35,8 @@ pub struct Workers {
     /// True once stopped; held for reading while a job is sent.
     closed: RwLock<bool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// How many threads were started.
+    count: usize,
 }
 
 impl Workers {
@@ -54,8 +56,14 @@ impl Workers {
             sender,
             receiver,
             closed: RwLock::new(false),
+            count: threads.len(),
             threads: Mutex::new(threads),
         })
+    }
+
+    /// How many worker threads were started.
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     /// Queues `job`. After [`Workers::shutdown`] the job runs on tokio's blocking pool
