@@ -15,12 +15,12 @@
 //! - **wrapd**: the daemon, and its share of the ceiling;
 //! - **bad-ciphertext flood** (Unwrap, two callers or more): half the callers send blobs
 //!   whose GCM tag fails in the token, next to the same number of callers all sending good
-//!   ones (measured before and after the flood, and averaged, so that the machine's drift
-//!   is not counted as the flood's cost): answers per second in all, as a ratio (a bad
-//!   ciphertext must not cost more than a good one).
+//!   ones: answers per second in all, as a ratio (a bad ciphertext must not cost more than a
+//!   good one).
 //!
 //! Raw, echo and wrapd take turns, one second each, until each has run for `--seconds`, so
-//! that the machine's slow spells fall on all three alike. Batch operations count data keys
+//! that the machine's slow spells fall on all three alike; so do the flood's good-only and
+//! flooded periods. Batch operations count data keys
 //! per second; their latency is per call. Repeated rounds (`--rounds`) show the noise; the
 //! summary gives each figure's range over the rounds.
 
@@ -41,7 +41,7 @@ use crate::blob::Blob;
 use crate::client::{DataKeyServiceClient, KeyServiceClient, connect_unix};
 use crate::config::Config;
 use crate::context::EncryptionContext;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hsm::{ObjectId, Pkcs11Token, Token};
 use crate::proto::{
     BatchGenerateDataKeyRequest, BatchUnwrapRequest, CreateKeyRequest, GenerateDataKeyRequest,
@@ -159,12 +159,23 @@ pub struct FloodRow {
     pub good: Rate,
     /// The other half, sending blobs whose GCM tag fails (a success is an INVALID_ARGUMENT).
     pub bad: Rate,
+    /// The token alone (the raw threads), every thread decrypting the good ciphertext.
+    pub raw_good_only: Rate,
+    /// The token alone, half the raw threads decrypting the bad ciphertext (its refusal
+    /// counts as an answer).
+    pub raw_flooded: Rate,
 }
 
 impl FloodRow {
     /// Answers per second during the flood over answers per second without it.
     pub fn ratio(&self) -> f64 {
         ratio(self.good.per_sec + self.bad.per_sec, self.good_only.per_sec)
+    }
+
+    /// The same ratio for the token alone: what a bad tag costs the token itself (SoftHSM
+    /// logs every failed decryption to syslog, for one), which no daemon can save.
+    pub fn raw_ratio(&self) -> f64 {
+        ratio(self.raw_flooded.per_sec, self.raw_good_only.per_sec)
     }
 }
 
@@ -317,27 +328,42 @@ struct RawTarget {
     object: ObjectId,
     aad: Vec<u8>,
     blob: Blob,
+    /// The blob's ciphertext with its GCM tag's last byte flipped (the flood's).
+    bad_ciphertext: Vec<u8>,
 }
 
-/// The raw baseline: `threads` threads calling the token directly for `duration`; each
-/// thread's latencies and errors, and the time it took.
+/// The raw baseline: `threads` threads calling the token directly for `duration`, the
+/// first `bad_threads` of them (Unwrap only) with the flood's bad ciphertext, where the
+/// token's refusal counts as the answer; each thread's latencies and errors, and the time
+/// it took.
 async fn raw(
     target: &Arc<RawTarget>,
     op: BenchOp,
     threads: usize,
+    bad_threads: usize,
     duration: Duration,
 ) -> (Vec<(Histogram<u64>, u64)>, Duration) {
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> = (0..threads)
-        .map(|_| {
+        .map(|thread| {
             let target = target.clone();
+            let bad = thread < bad_threads;
             tokio::task::spawn_blocking(move || {
                 let mut hist = histogram();
                 let mut errors = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     let ok = match op {
+                        BenchOp::Unwrap | BenchOp::BatchUnwrap if bad => target
+                            .token
+                            .decrypt(
+                                &target.object,
+                                &target.blob.iv,
+                                &target.bad_ciphertext,
+                                &target.aad,
+                            )
+                            .is_err_and(|e| e.kind() == ErrorKind::InvalidCiphertext),
                         BenchOp::Unwrap | BenchOp::BatchUnwrap => target
                             .token
                             .decrypt(
@@ -402,6 +428,14 @@ pub(crate) async fn create_key(
         .key_id)
 }
 
+/// `duration` cut into turns of about [`SLICE`]: how many, and how long each.
+fn slices(duration: Duration) -> (u32, Duration) {
+    let count = u32::try_from(duration.as_millis().div_ceil(SLICE.as_millis()))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    (count, duration / count)
+}
+
 /// Measures one row: raw, echo and wrapd, taking turns [`SLICE`] at a time for
 /// `duration` each, so that a slow spell of the machine falls on all three alike rather
 /// than on whichever was measured during it (a shared 2-core machine drifts by tens of
@@ -416,15 +450,12 @@ async fn measure_row(
     duration: Duration,
 ) -> Result<Row> {
     let (echo_socket, socket) = sockets;
-    let slices = u32::try_from(duration.as_millis().div_ceil(SLICE.as_millis()))
-        .unwrap_or(u32::MAX)
-        .max(1);
-    let slice = duration / slices;
+    let (slices, slice) = slices(duration);
     let mut raw_tally = Tally::default();
     let mut echo_tally = Tally::default();
     let mut wrapd_tally = Tally::default();
     for _ in 0..slices {
-        raw_tally.add(raw(target, op, raw_threads, slice).await);
+        raw_tally.add(raw(target, op, raw_threads, 0, slice).await);
         echo_tally.add(drive(echo_socket, vec![request.clone(); callers], slice).await?);
         wrapd_tally.add(drive(socket, vec![request.clone(); callers], slice).await?);
     }
@@ -513,6 +544,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
         token: Arc::new(token),
         object: ObjectId::new(blob.key_id.clone(), blob.key_version),
         aad: Blob::aad(&blob.key_id, blob.key_version, &context.serialize()),
+        bad_ciphertext: Blob::parse(&bad_blob)?.ciphertext,
         blob,
     });
 
@@ -557,24 +589,43 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                     encryption_context: wire_context.clone(),
                     key_id: String::new(),
                 };
-                // Good only, before and after the flood: the machine's drift between
-                // the figures does not count as the flood's cost.
-                let (before, before_elapsed) =
-                    drive(&socket, vec![good.clone(); callers], options.duration).await?;
+                // Good only and flooded take turns, like a row's three paths: the
+                // machine's drift does not count as the flood's cost.
                 let half = callers / 2;
-                let mut loads = vec![good.clone(); callers - half];
-                loads.extend(vec![Load::BadUnwrap(bad); half]);
-                let (results, elapsed) = drive(&socket, loads, options.duration).await?;
-                let (after, after_elapsed) =
-                    drive(&socket, vec![good; callers], options.duration).await?;
-                // All calls of both periods over both periods' time: the mean rate.
-                let good_only = merge(&[before, after].concat(), before_elapsed + after_elapsed, 1);
-                let (good_results, bad_results) = results.split_at(callers - half);
+                let mut flooded = vec![good.clone(); callers - half];
+                flooded.extend(vec![Load::BadUnwrap(bad); half]);
+                let (count, slice) = slices(options.duration);
+                let raw_threads = callers.min(cores).max(1);
+                let mut good_only = Tally::default();
+                let mut good_flooded = Tally::default();
+                let mut bad_flooded = Tally::default();
+                let mut raw_good_only = Tally::default();
+                let mut raw_flooded = Tally::default();
+                for _ in 0..count {
+                    raw_good_only.add(raw(&target, BenchOp::Unwrap, raw_threads, 0, slice).await);
+                    raw_flooded.add(
+                        raw(
+                            &target,
+                            BenchOp::Unwrap,
+                            raw_threads,
+                            raw_threads / 2,
+                            slice,
+                        )
+                        .await,
+                    );
+                    good_only.add(drive(&socket, vec![good.clone(); callers], slice).await?);
+                    let (mut results, elapsed) = drive(&socket, flooded.clone(), slice).await?;
+                    let bad_results = results.split_off(callers - half);
+                    good_flooded.add((results, elapsed));
+                    bad_flooded.add((bad_results, elapsed));
+                }
                 round.floods.push(FloodRow {
                     callers,
-                    good_only,
-                    good: merge(good_results, elapsed, 1),
-                    bad: merge(bad_results, elapsed, 1),
+                    good_only: good_only.rate(1),
+                    good: good_flooded.rate(1),
+                    bad: bad_flooded.rate(1),
+                    raw_good_only: raw_good_only.rate(1),
+                    raw_flooded: raw_flooded.rate(1),
                 });
             }
         }
@@ -616,7 +667,7 @@ pub fn format_round(round: &Round) -> String {
     }
     if !round.floods.is_empty() {
         out.push_str(&format!(
-            "\n{:<25} {:>7} {:>12} {:>12} {:>9} {:>9} {:>6} {:>8} {:>6}\n",
+            "\n{:<25} {:>7} {:>12} {:>12} {:>9} {:>9} {:>6} {:>8} {:>6} {:>9}\n",
             "bad-ciphertext flood",
             "callers",
             "good only/s",
@@ -625,11 +676,12 @@ pub fn format_round(round: &Round) -> String {
             "bad/s",
             "ratio",
             "p99 µs",
-            "errors"
+            "errors",
+            "raw ratio"
         ));
         for flood in &round.floods {
             out.push_str(&format!(
-                "{:<25} {:>7} {:>12.0} {:>12.0} {:>9.0} {:>9.0} {:>6.2} {:>8} {:>6}\n",
+                "{:<25} {:>7} {:>12.0} {:>12.0} {:>9.0} {:>9.0} {:>6.2} {:>8} {:>6} {:>9.2}\n",
                 "Unwrap, half bad",
                 flood.callers,
                 flood.good_only.per_sec,
@@ -639,6 +691,7 @@ pub fn format_round(round: &Round) -> String {
                 flood.ratio(),
                 flood.good.p99_us.max(flood.bad.p99_us),
                 flood.good_only.errors + flood.good.errors + flood.bad.errors,
+                flood.raw_ratio(),
             ));
         }
     }
@@ -686,15 +739,12 @@ pub fn format_summary(rounds: &[Round]) -> String {
         ));
     }
     for (i, flood) in first.floods.iter().enumerate() {
-        let ratios = range(
-            rounds
-                .iter()
-                .filter_map(|r| r.floods.get(i))
-                .map(FloodRow::ratio),
-        );
+        let floods = || rounds.iter().filter_map(|r| r.floods.get(i));
+        let ratios = range(floods().map(FloodRow::ratio));
+        let raw_ratios = range(floods().map(FloodRow::raw_ratio));
         out.push_str(&format!(
-            "{:<25} {:>7} flooded / good only: {:.2} - {:.2}\n",
-            "Unwrap, half bad", flood.callers, ratios.0, ratios.1
+            "{:<25} {:>7} flooded / good only: {:.2} - {:.2} (the token alone: {:.2} - {:.2})\n",
+            "Unwrap, half bad", flood.callers, ratios.0, ratios.1, raw_ratios.0, raw_ratios.1
         ));
     }
     out
