@@ -208,9 +208,9 @@ impl Gate {
     /// up to one per worker thread (each thread holds its own HSM session): each job takes
     /// the next item not yet taken until none is left, so a job that is slow (its thread
     /// waits for the token, or starts late behind other calls) leaves its share to the others.
-    /// One job per batch reached half the raw rate of two threads for a lone caller
-    /// (issue 15), and on a networked HSM (CloudHSM) it would wait for each item's round trip
-    /// in turn. The last job to finish gathers the results and lines in item order and hands
+    /// With one job per batch, a lone caller's batch stayed at about half of the raw
+    /// PKCS#11 rate (issue 15), and on a networked HSM (CloudHSM) it would wait for each
+    /// item's round trip in turn. The last job to finish gathers the results and lines in item order and hands
     /// the lines to the group commit.
     pub async fn run_batch<T: Send + 'static, I: Send + 'static>(
         self: &Arc<Self>,
