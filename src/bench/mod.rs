@@ -16,11 +16,12 @@
 //! - **bad-ciphertext flood** (Unwrap, two callers or more): half the callers send blobs
 //!   whose GCM tag fails in the token, next to the same number of callers all sending good
 //!   ones: answers per second in all, as a ratio (a bad ciphertext must not cost more than a
-//!   good one).
+//!   good one); and the same ratio for the token alone, half the raw threads decrypting the
+//!   bad blob (what a bad tag costs the token itself).
 //!
 //! Raw, echo and wrapd take turns, one second each, until each has run for `--seconds`, so
 //! that the machine's slow spells fall on all three alike; so do the flood's good-only and
-//! flooded periods. Batch operations count data keys
+//! flooded periods, on the daemon and on the token alone. Batch operations count data keys
 //! per second; their latency is per call. Repeated rounds (`--rounds`) show the noise; the
 //! summary gives each figure's range over the rounds.
 
@@ -153,7 +154,7 @@ impl Row {
 pub struct FloodRow {
     /// Concurrent callers in all.
     pub callers: usize,
-    /// All callers sending good blobs, measured before and after the flood (averaged).
+    /// All callers sending good blobs, in turns with the flooded periods.
     pub good_only: Rate,
     /// Half the callers, sending good blobs during the flood.
     pub good: Rate,

@@ -231,12 +231,8 @@ impl Gate {
             keystore: keystore.clone(),
             job,
             span,
-            next: AtomicUsize::new(0),
             outcomes: items.iter().map(|_| Mutex::new(None)).collect(),
-            items: items
-                .into_iter()
-                .map(|item| Mutex::new(Some(item)))
-                .collect(),
+            queue: Mutex::new(items.into_iter().enumerate()),
             running: AtomicUsize::new(helpers),
             done: Mutex::new(Some(done)),
         });
@@ -381,8 +377,9 @@ impl Gate {
     }
 }
 
-/// Fewest items per job working on a batch ([`Gate::run_batch`]): for fewer, handing
-/// work to another thread costs more than running it there gains.
+/// Items per job a batch is split for ([`Gate::run_batch`]): a batch of `n` items gets at
+/// most `n / 16` jobs (rounded up), since for fewer items handing work to another thread
+/// costs more than running it there gains.
 const MIN_BATCH_SHARE: usize = 16;
 
 /// One item's result and audit line (none without an audit log).
@@ -399,10 +396,8 @@ struct BatchRun<T, I, F> {
     job: F,
     /// The batch's span (each item has its own inside it).
     span: tracing::Span,
-    /// The items, each taken once (by the job that claims its index from `next`).
-    items: Vec<Mutex<Option<(Call, I)>>>,
-    /// The index of the next item no job has claimed.
-    next: AtomicUsize,
+    /// The items no job has taken yet, with their indexes.
+    queue: Mutex<std::iter::Enumerate<std::vec::IntoIter<(Call, I)>>>,
     /// Each item's result and audit line, filled in as it is done.
     outcomes: Vec<Mutex<Option<ItemOutcome<T>>>>,
     /// Jobs still working: the one that brings it to zero finishes the batch.
@@ -421,15 +416,13 @@ where
         {
             let _batch = self.span.enter();
             loop {
-                let index = self.next.fetch_add(1, Ordering::Relaxed);
-                let Some(slot) = self.items.get(index) else {
+                let next = self.queue.lock().next();
+                let Some((index, (call, item))) = next else {
                     break;
                 };
-                if let Some((call, item)) = slot.lock().take() {
-                    let outcome = self.run_item(call, item);
-                    if let Some(out) = self.outcomes.get(index) {
-                        *out.lock() = Some(outcome);
-                    }
+                let outcome = self.run_item(call, item);
+                if let Some(out) = self.outcomes.get(index) {
+                    *out.lock() = Some(outcome);
                 }
             }
         }
