@@ -384,11 +384,9 @@ fn bad_signatures_unknown_keys_unsigned_and_skewed_requests_are_refused_and_audi
     );
 }
 
-#[test]
-fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
-    let mut daemon = DevDaemon::start();
-    let key = create_key(&daemon);
-    // A second access key, acting as a principal the dev policy grants nothing.
+/// Adds a second access key to `daemon`, acting as a principal the dev policy grants
+/// nothing, and restarts it; returns the environment that makes boto3 use that key.
+fn with_outsider_key(daemon: &mut DevDaemon) -> Vec<(&'static str, String)> {
     let dir = daemon.dir().to_owned();
     std::fs::write(
         dir.join("aws/outsider-secret"),
@@ -407,16 +405,30 @@ fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
         "[outsider]\naws_access_key_id = AKIAOUTSIDER00000000\naws_secret_access_key = outsider-secret-0123456789abcdef01234567\n",
     )
     .unwrap();
-    let codes = boto3(
-        &daemon,
-        "denied",
-        &[
-            ("AWS_SHARED_CREDENTIALS_FILE", credentials.to_str().unwrap()),
-            ("AWS_PROFILE", "outsider"),
-            ("AWS_CONFIG_FILE", "/dev/null"),
-            ("WRAPD_EXISTING_KEY", key["Arn"].as_str().unwrap()),
-        ],
-    );
+    vec![
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            credentials.to_str().unwrap().to_owned(),
+        ),
+        ("AWS_PROFILE", "outsider".to_owned()),
+        ("AWS_CONFIG_FILE", "/dev/null".to_owned()),
+    ]
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
+    let mut daemon = DevDaemon::start();
+    let key = create_key(&daemon);
+    let mut env = with_outsider_key(&mut daemon);
+    env.push((
+        "WRAPD_EXISTING_KEY",
+        key["Arn"].as_str().unwrap().to_owned(),
+    ));
+    let codes = boto3(&daemon, "denied", &env_refs(&env));
     assert_eq!(codes["existing"], codes["missing"]);
     let denied = daemon
         .audit_lines()
@@ -424,6 +436,35 @@ fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
         .filter(|l| l.outcome == "PERMISSION_DENIED")
         .count();
     assert_eq!(denied, 4);
+}
+
+#[test]
+fn a_signature_for_one_key_is_never_credited_to_another() {
+    let mut daemon = DevDaemon::start();
+    let victim = std::fs::read_to_string(daemon.dir().join("aws/access-key-id")).unwrap();
+    let victim = victim.trim().to_owned();
+    let mut env = with_outsider_key(&mut daemon);
+    env.push(("WRAPD_VICTIM_KEY_ID", victim.clone()));
+    // boto3 signs with the outsider's key, then a second credential naming the dev key is
+    // slipped into the (unsigned) Authorization header: refused, never run as the dev key.
+    boto3(&daemon, "impersonate", &env_refs(&env));
+    let lines: Vec<_> = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.transport == "aws-kms")
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.access_key_id.as_deref() != Some(&victim)),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|l| l.outcome != "OK"), "{lines:#?}");
+    let refused = lines
+        .iter()
+        .filter(|l| l.outcome == "UNAUTHENTICATED")
+        .count();
+    assert_eq!(refused, 2, "{lines:#?}");
 }
 
 #[tokio::test]

@@ -188,6 +188,36 @@ def denied():
     print(json.dumps(codes))
 
 
+def impersonate():
+    """Run with a profile whose principal has no grant: a second credential slipped into the
+    Authorization header (which is not signed) names the dev key; it must not act as it."""
+    victim = os.environ["WRAPD_VICTIM_KEY_ID"]
+    found = {}
+    for name, prefix in [("bare", ""), ("inside_another_name", "Foo=")]:
+        c = kms()
+
+        def inject(request, prefix=prefix, **_):
+            auth = request.headers["Authorization"]
+            if isinstance(auth, bytes):
+                auth = auth.decode()
+            # Replaced, not added: a second Authorization header is refused on its own.
+            del request.headers["Authorization"]
+            request.headers["Authorization"] = auth.replace(
+                "AWS4-HMAC-SHA256 ", f"AWS4-HMAC-SHA256 {prefix}Credential={victim}/x, ", 1
+            )
+
+        c.meta.events.register("before-send.kms.*", inject)
+        found[name] = error_code(c.list_keys)[0]
+    found["plain"] = error_code(kms().list_keys)[0]
+    expected = {
+        "bare": "IncompleteSignatureException",
+        "inside_another_name": "IncompleteSignatureException",
+        "plain": "AccessDeniedException",
+    }
+    assert found == expected, found
+    print(json.dumps(found))
+
+
 def auth():
     real = boto3.Session().get_credentials()
     found = {}
@@ -218,4 +248,5 @@ if __name__ == "__main__":
         "unavailable": unavailable,
         "denied": denied,
         "auth": auth,
+        "impersonate": impersonate,
     }[sys.argv[1]]()

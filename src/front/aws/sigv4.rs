@@ -4,6 +4,10 @@
 //! maintained verifier that ships the AWS SigV4 test suite and compares signatures in
 //! constant time); this module adds the rules of this API on top:
 //!
+//! - the `Authorization` header is parsed strictly ([`parse_authorization`]): exactly one
+//!   `Credential`, `SignedHeaders` and `Signature`, nothing else, each well formed; the
+//!   header is not signed, so a second credential slipped into it must never be read by
+//!   anyone. The request's identity is the access key whose secret the verifier used;
 //! - only the `Authorization` header is accepted (no pre-signed query strings), with
 //!   `host`, `x-amz-date`, and, when the request has them, `content-type` and `x-amz-target`
 //!   among the signed headers: the operation a signature covers cannot be swapped;
@@ -16,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -83,15 +87,108 @@ fn failure(code: &'static str, message: impl Into<String>, claimed: Option<Strin
     }
 }
 
-/// The access key id named in an `Authorization` header (`Credential=ID/…`), if it looks
-/// like one.
-pub fn claimed_access_key(authorization: &str) -> Option<String> {
-    let start = authorization.find("Credential=")? + "Credential=".len();
-    let rest = &authorization[start..];
-    let id = &rest[..rest.find('/')?];
-    ((1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric()))
-        .then(|| id.to_owned())
+/// The algorithm of every signature this API accepts.
+const ALGORITHM: &str = "AWS4-HMAC-SHA256";
+
+/// The parameters of an `Authorization` header, parsed strictly: each of `Credential`,
+/// `SignedHeaders` and `Signature` exactly once, nothing else.
+///
+/// The header is not itself signed, so anything in it an attacker can add is only safe if
+/// the verifier and this daemon can never read it two ways. The verifier reads the last
+/// value of a repeated parameter and ignores unknown ones; a header this parser refuses is
+/// never handed to it, and the identity of a request is the access key whose secret the
+/// verifier actually used ([`verify`]), never a value read from the header here.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Authorization<'a> {
+    /// The access key id (the first element of the credential).
+    pub access_key: &'a str,
+    /// The whole credential: `ID/YYYYMMDD/REGION/SERVICE/aws4_request`.
+    pub credential: &'a str,
+    /// The signed header names, `;`-separated.
+    pub signed_headers: &'a str,
+    /// The signature, 64 lowercase hex digits.
+    pub signature: &'a str,
 }
+
+/// Parses an `Authorization` header value; the error says what is wrong with it.
+pub fn parse_authorization(value: &str) -> Result<Authorization<'_>, String> {
+    let Some(params) = value
+        .strip_prefix(ALGORITHM)
+        .filter(|rest| rest.starts_with(' '))
+    else {
+        return Err(format!(
+            "the Authorization header must start with {ALGORITHM} and a space"
+        ));
+    };
+    let (mut credential, mut signed_headers, mut signature) = (None, None, None);
+    for param in params.split(',') {
+        let param = param.trim_matches(' ');
+        let Some((name, value)) = param.split_once('=') else {
+            return Err("each Authorization parameter must be Name=value".to_owned());
+        };
+        let slot = match name {
+            "Credential" => &mut credential,
+            "SignedHeaders" => &mut signed_headers,
+            "Signature" => &mut signature,
+            _ => {
+                return Err(
+                    "the Authorization header takes only Credential, SignedHeaders and Signature"
+                        .to_owned(),
+                );
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!(
+                "the Authorization header names {name} more than once"
+            ));
+        }
+    }
+    let (Some(credential), Some(signed_headers), Some(signature)) =
+        (credential, signed_headers, signature)
+    else {
+        return Err(
+            "the Authorization header must have Credential, SignedHeaders and Signature".to_owned(),
+        );
+    };
+    let scope: Vec<&str> = credential.split('/').collect();
+    let access_key = scope[0];
+    let scope_ok = scope.len() == 5
+        && scope[1..]
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_graphic()));
+    let key_ok = (1..=128).contains(&access_key.len())
+        && access_key.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !scope_ok || !key_ok {
+        return Err(
+            "Credential must be ACCESS_KEY_ID/YYYYMMDD/REGION/SERVICE/aws4_request".to_owned(),
+        );
+    }
+    let header_name = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    };
+    if !signed_headers.split(';').all(header_name) {
+        return Err("SignedHeaders must be lowercase header names separated by ;".to_owned());
+    }
+    if signature.len() != 64
+        || !signature
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err("Signature must be 64 lowercase hexadecimal digits".to_owned());
+    }
+    Ok(Authorization {
+        access_key,
+        credential,
+        signed_headers,
+        signature,
+    })
+}
+
+/// Headers a request may carry once only: the verifier reads the first of each, and a
+/// second one could be read differently by another part of the request's path.
+const SINGLE_HEADERS: [&str; 3] = ["authorization", "x-amz-date", "x-amz-target"];
 
 /// Parses `X-Amz-Date` (`YYYYMMDDTHHMMSSZ`).
 pub fn parse_amz_date(value: &str) -> Option<DateTime<Utc>> {
@@ -118,7 +215,23 @@ pub async fn verify(
             None,
         ));
     };
-    let claimed = claimed_access_key(authorization);
+    if let Some(name) = SINGLE_HEADERS
+        .iter()
+        .find(|name| parts.headers.get_all(**name).iter().nth(1).is_some())
+    {
+        return Err(failure(
+            "IncompleteSignatureException",
+            format!("the request carries more than one {name} header"),
+            None,
+        ));
+    }
+    let claimed = match parse_authorization(authorization) {
+        Ok(parsed) => parsed.access_key.to_owned(),
+        Err(message) => {
+            return Err(failure("IncompleteSignatureException", message, None));
+        }
+    };
+    let claimed = Some(claimed);
     if parts.headers.contains_key("x-amz-security-token") {
         return Err(failure(
             "UnrecognizedClientException",
@@ -165,10 +278,19 @@ pub async fn verify(
         })?;
     *request.headers_mut() = parts.headers.clone();
 
-    let lookup = Arc::new((keys.clone(), account.to_owned()));
+    // The identity of the request is the access key whose secret the verifier used.
+    let used = Arc::new(OnceLock::new());
+    let lookup = Arc::new((keys.clone(), account.to_owned(), used.clone()));
     let mut signing_keys = tower::service_fn(move |req: GetSigningKeyRequest| {
         let lookup = lookup.clone();
-        async move { signing_key(&lookup.0, &lookup.1, &req) }
+        async move {
+            let key = signing_key(&lookup.0, &lookup.1, &req)?;
+            lookup
+                .2
+                .set(req.access_key().to_owned())
+                .map_err(|_| SignatureError::InvalidClientTokenId(String::new()))?;
+            Ok(key)
+        }
     });
     let verified = sigv4_validate_request(
         request,
@@ -181,13 +303,14 @@ pub async fn verify(
     )
     .await;
     match verified {
-        Ok(_) => claimed.ok_or_else(|| {
-            failure(
+        Ok(_) => match used.get() {
+            Some(used) if Some(used) == claimed.as_ref() => Ok(used.clone()),
+            _ => Err(failure(
                 "IncompleteSignatureException",
-                "the credential does not name an access key",
+                "the signature was not verified with the access key the credential names",
                 None,
-            )
-        }),
+            )),
+        },
         Err(err) => Err(match err.downcast::<SignatureError>() {
             Ok(err) => signature_failure(*err, claimed),
             Err(other) => failure("IncompleteSignatureException", other.to_string(), claimed),
@@ -242,15 +365,66 @@ mod tests {
     use super::*;
     use zeroize::Zeroizing;
 
+    const GOOD: &str = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7";
+
     #[test]
-    fn the_claimed_access_key_is_read_from_the_credential() {
-        let header = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc";
-        assert_eq!(claimed_access_key(header).as_deref(), Some("AKIDEXAMPLE"));
+    fn a_well_formed_authorization_header_parses_into_its_three_parameters() {
+        let parsed = parse_authorization(GOOD).unwrap();
+        assert_eq!(parsed.access_key, "AKIDEXAMPLE");
         assert_eq!(
-            claimed_access_key("AWS4-HMAC-SHA256 Credential=a b/x"),
-            None
+            parsed.credential,
+            "AKIDEXAMPLE/20150830/us-east-1/kms/aws4_request"
         );
-        assert_eq!(claimed_access_key("garbage"), None);
+        assert_eq!(parsed.signed_headers, "host;x-amz-date");
+        // Separators with and without spaces, as different SDKs write them.
+        let compact = GOOD.replace(", ", ",");
+        assert_eq!(parse_authorization(&compact).unwrap(), parsed);
+    }
+
+    #[test]
+    fn an_authorization_header_that_could_be_read_two_ways_is_refused() {
+        let credential = "Credential=AKIDVICTIM/x, ";
+        let tricks = [
+            // A second credential in front of the real one, bare or inside another name.
+            GOOD.replacen(
+                "AWS4-HMAC-SHA256 ",
+                &format!("AWS4-HMAC-SHA256 {credential}"),
+                1,
+            ),
+            GOOD.replacen(
+                "AWS4-HMAC-SHA256 ",
+                &format!("AWS4-HMAC-SHA256 Foo={credential}"),
+                1,
+            ),
+            format!("{GOOD}, Credential=AKIDVICTIM/20150830/us-east-1/kms/aws4_request"),
+            // Repeated, unknown, differently cased or missing parameters.
+            format!("{GOOD}, SignedHeaders=host"),
+            format!("{GOOD}, Signature={}", "0".repeat(64)),
+            format!("{GOOD}, Foo=bar"),
+            GOOD.replace("Credential=", "credential="),
+            GOOD.replace("Signature=", "signature="),
+            GOOD.replace(", Signature=", ", X=").replace("X=", "Sig="),
+            GOOD.replace("AWS4-HMAC-SHA256", "aws4-hmac-sha256"),
+            GOOD.replace("AWS4-HMAC-SHA256 ", "AWS4-HMAC-SHA256,"),
+            GOOD.replace(", SignedHeaders=host;x-amz-date", ""),
+            // Malformed values.
+            GOOD.replace(", Signature", " Signature"),
+            GOOD.replace("Credential=AKIDEXAMPLE/", "Credential=AKID EXAMPLE/"),
+            GOOD.replace("Credential=AKIDEXAMPLE/", "Credential=/"),
+            GOOD.replace("/aws4_request", ""),
+            GOOD.replace("/aws4_request", "/aws4_request/x"),
+            GOOD.replace("host;x-amz-date", "host;;x-amz-date"),
+            GOOD.replace("host;x-amz-date", "Host;x-amz-date"),
+            GOOD.replace("5d672d79", "5D672D79"),
+            GOOD.replace("5d672d79", "5d672d7"),
+            GOOD.replace("Signature=", "Signature=\t"),
+            String::new(),
+            "garbage".to_owned(),
+            "AWS4-HMAC-SHA256".to_owned(),
+        ];
+        for trick in &tricks {
+            assert!(parse_authorization(trick).is_err(), "accepted: {trick}");
+        }
     }
 
     #[test]
@@ -316,6 +490,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(key, "AKIAIOSFODNN7EXAMPLE");
+    }
+
+    #[tokio::test]
+    async fn a_signature_for_one_key_is_never_credited_to_another() {
+        let victim = "AKIAVICTIMVICTIM0001";
+        for prefix in ["", "Foo="] {
+            let (keys, parts, body) = botocore_request(|headers, _| {
+                let auth = headers["authorization"].to_str().unwrap().replacen(
+                    "AWS4-HMAC-SHA256 ",
+                    &format!("AWS4-HMAC-SHA256 {prefix}Credential={victim}/x, "),
+                    1,
+                );
+                headers.insert("authorization", auth.parse().unwrap());
+            });
+            let mut all: Vec<AwsAccessKey> = keys.keys.values().cloned().collect();
+            all.push(AwsAccessKey {
+                id: victim.into(),
+                secret: Zeroizing::new("v".repeat(40)),
+                principal: Some("unix:uid=0".into()),
+            });
+            let keys = Arc::new(AccessKeys::new(all));
+            let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+                .await
+                .unwrap_err();
+            assert_eq!(err.error.code, "IncompleteSignatureException", "{err:?}");
+            assert_eq!(err.claimed_key, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_with_two_authorization_headers_is_refused() {
+        let (keys, parts, body) = botocore_request(|headers, _| {
+            let auth = headers["authorization"].clone();
+            headers.append("authorization", auth);
+        });
+        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
+            .await
+            .unwrap_err();
+        assert_eq!(err.error.code, "IncompleteSignatureException", "{err:?}");
+        assert!(err.error.message.contains("more than one"), "{err:?}");
     }
 
     #[tokio::test]
