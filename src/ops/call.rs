@@ -68,10 +68,19 @@ impl Call {
     /// The call of item `index` of a batch this call carries: the same caller, operation
     /// and deadline, the request id `ID.INDEX`.
     pub fn item(&self, index: usize) -> Self {
+        self.copy_as(format!("{}.{index}", self.request_id))
+    }
+
+    /// A copy of this call with the same request id (a batch refused as a whole).
+    pub fn whole(&self) -> Self {
+        self.copy_as(self.request_id.clone())
+    }
+
+    fn copy_as(&self, request_id: String) -> Self {
         Self {
             identity: self.identity.clone(),
             op: self.op,
-            request_id: format!("{}.{index}", self.request_id),
+            request_id,
             started: self.started,
             deadline: self.deadline,
             key_id: None,

@@ -20,9 +20,10 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::Call;
+use super::refusals::{Admit, LINES_PER_WINDOW, RefusalBudget, WINDOW};
 use super::workers::{Job, Workers};
 use crate::audit::{AuditLog, AuditRecord, AuditWriter};
-use crate::auth::{Operation, PolicyHandle, Target};
+use crate::auth::{Identity, Operation, PolicyHandle, Target};
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hsm::with_deadline;
@@ -39,6 +40,8 @@ pub struct Gate {
     /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
     /// its line itself and waits.
     writer: Option<AuditWriter>,
+    /// How many unauthenticated refusals get a line of their own.
+    refusals: RefusalBudget,
 }
 
 impl Gate {
@@ -50,6 +53,7 @@ impl Gate {
             instance: None,
             workers: None,
             writer: None,
+            refusals: RefusalBudget::default(),
         }
     }
 
@@ -164,6 +168,80 @@ impl Gate {
             instance: self.instance.clone(),
             ..Default::default()
         })
+    }
+
+    /// Writes the audit line of an authenticated call of an operation wrapd does not have
+    /// (no policy operation names it, so no check applies): every signed request leaves a
+    /// line. Blocks until the line is durable.
+    pub fn record_unsupported(
+        &self,
+        identity: &Identity,
+        request_id: &str,
+        api_operation: &str,
+        message: &str,
+    ) -> Result<()> {
+        let Some(audit) = &self.audit else {
+            return Ok(());
+        };
+        audit.append(AuditRecord {
+            request_id: request_id.to_owned(),
+            principal: identity.principal().to_owned(),
+            transport: identity.transport.as_str().to_owned(),
+            peer: identity.peer.clone(),
+            operation: UNSUPPORTED_OPERATION.to_owned(),
+            api_operation: Some(api_operation.to_owned()),
+            access_key_id: identity.access_key.clone(),
+            outcome: outcome_name(ErrorKind::Unsupported).to_owned(),
+            error: Some(bounded_message(message.to_owned())),
+            instance: self.instance.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Whether an unauthenticated refusal gets its own audit line (see `refusals.rs`):
+    /// `None` if it is only counted, else the count of the last window's summary line to
+    /// write first, if one is due.
+    pub(super) fn admit_refusal(&self) -> Option<Option<u64>> {
+        match self.refusals.admit(Instant::now()) {
+            Admit::Count => None,
+            Admit::Audit { summary } => Some(summary),
+        }
+    }
+
+    /// Writes the summary line of a window of unauthenticated refusals that is over, if
+    /// it had refusals without a line (the maintenance pass; blocks).
+    pub fn summarize_refusals(&self) {
+        if let Some(count) = self.refusals.finished_summary(Instant::now()) {
+            self.write_refusal_summary(count);
+        }
+    }
+
+    /// One line for `count` unauthenticated refusals that had none of their own; kept for
+    /// the next summary if it cannot be written.
+    pub(super) fn write_refusal_summary(&self, count: u64) {
+        tracing::warn!(
+            count,
+            "unauthenticated requests refused without an audit line each (summarized)"
+        );
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let written = audit.append(AuditRecord {
+            request_id: format!("refusals-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ")),
+            principal: crate::audit::DAEMON_PRINCIPAL.to_owned(),
+            transport: "internal".to_owned(),
+            operation: REFUSAL_SUMMARY.to_owned(),
+            outcome: "UNAUTHENTICATED".to_owned(),
+            error: Some(format!(
+                "{count} unauthenticated requests were refused without an audit line each (more than {LINES_PER_WINDOW} in {} s)",
+                WINDOW.as_secs()
+            )),
+            instance: self.instance.clone(),
+            ..Default::default()
+        });
+        if written.is_err() {
+            self.refusals.restore(count);
+        }
     }
 
     /// Runs `job` and then has the call's audit line written, on a thread the caller cannot
@@ -369,7 +447,10 @@ impl Gate {
             context_keys,
             context_hash,
             outcome: outcome.to_owned(),
-            error: result.as_ref().err().map(Error::public_message),
+            error: result
+                .as_ref()
+                .err()
+                .map(|err| bounded_message(err.public_message())),
             latency_us,
             instance: self.instance.clone(),
             ..Default::default()
@@ -381,6 +462,30 @@ impl Gate {
 /// most `n / 16` jobs (rounded up), since for fewer items handing work to another thread
 /// costs more than running it there gains.
 const MIN_BATCH_SHARE: usize = 16;
+
+/// The audit line's operation for a call of an operation wrapd does not have.
+pub const UNSUPPORTED_OPERATION: &str = "Unsupported";
+
+/// The audit line's operation for a summary of unauthenticated refusals.
+pub const REFUSAL_SUMMARY: &str = "UnauthenticatedRefusals";
+
+/// Longest error message an audit line keeps, in bytes. Messages can carry what a caller
+/// sent (a verifier quoting a header of up to 64 KiB), and every line is written durably.
+pub const MAX_AUDIT_MESSAGE: usize = 512;
+
+/// `message`, cut to at most [`MAX_AUDIT_MESSAGE`] bytes at a character boundary (marked
+/// with `…` when cut).
+fn bounded_message(mut message: String) -> String {
+    if message.len() > MAX_AUDIT_MESSAGE {
+        let mut end = MAX_AUDIT_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
 
 /// One item's result and audit line (none without an audit log).
 type ItemOutcome<T> = (Result<T>, Option<AuditRecord>);

@@ -14,6 +14,7 @@
 mod call;
 mod gate;
 mod kms;
+mod refusals;
 mod workers;
 
 use std::collections::HashMap;
@@ -23,8 +24,12 @@ use std::time::SystemTime;
 use zeroize::Zeroizing;
 
 pub use call::Call;
-pub use gate::{Gate, REQUEST_SPAN_TARGET, outcome_name};
+pub use gate::{
+    Gate, MAX_AUDIT_MESSAGE, REFUSAL_SUMMARY, REQUEST_SPAN_TARGET, UNSUPPORTED_OPERATION,
+    outcome_name,
+};
 pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
+pub use refusals::LINES_PER_WINDOW as REFUSAL_BUDGET_PER_WINDOW;
 
 use crate::auth::{Operation, Target};
 use crate::blob::Blob;
@@ -278,6 +283,16 @@ impl Ops {
         .await
     }
 
+    /// Refuses a whole batch, with one audit line, when its caller may do its operation on
+    /// no key at all: each item would only be denied, and a caller with no grant must not
+    /// cost the daemon a durable line per item.
+    async fn may_batch(&self, call: &Call) -> Result<()> {
+        match self.gate.check_some(call, call.op()) {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self.reject(call.whole(), err).await),
+        }
+    }
+
     /// Up to [`MAX_BATCH`] GenerateDataKey items, shared by the workers: each item is its
     /// own call (policy, result, audit line), see [`Gate::run_batch`].
     pub async fn batch_generate_data_key(
@@ -285,6 +300,7 @@ impl Ops {
         call: &Call,
         items: Vec<(String, HashMap<String, String>, u32)>,
     ) -> Result<Vec<Result<GeneratedKey>>> {
+        self.may_batch(call).await?;
         let items = batch_items(call, items)?;
         self.gate
             .run_batch(
@@ -340,6 +356,7 @@ impl Ops {
         call: &Call,
         items: Vec<(Vec<u8>, HashMap<String, String>, String)>,
     ) -> Result<Vec<Result<Unwrapped>>> {
+        self.may_batch(call).await?;
         let items = batch_items(call, items)?;
         self.gate
             .run_batch(
@@ -433,9 +450,22 @@ impl Ops {
     /// its audit line. Returns `outcome`, unless the call is refused for a reason that comes
     /// first: no identity, an operation the caller may do on no key, the audit log
     /// unwritable.
+    ///
+    /// A refusal of an unauthenticated caller gets its own line only within the budget of
+    /// `refusals.rs`; beyond it, it is counted and summarized.
     pub async fn reject(&self, call: Call, outcome: Error) -> Error {
+        let mut summary = None;
+        if call.identity.is_err() {
+            match self.gate.admit_refusal() {
+                None => return outcome,
+                Some(due) => summary = due,
+            }
+        }
         let result = self
             .run(call, move |gate, _, call| {
+                if let Some(count) = summary {
+                    gate.write_refusal_summary(count);
+                }
                 gate.check_some(call, call.op())?;
                 Err::<(), _>(outcome)
             })
@@ -443,6 +473,30 @@ impl Ops {
         match result {
             Err(err) => err,
             Ok(()) => Error::Internal("a rejected call passed".into()),
+        }
+    }
+
+    /// Audits an authenticated call of an operation wrapd does not have, and returns the
+    /// answer: [`Error::Unsupported`] with `message`, or [`Error::Unavailable`] if the line
+    /// cannot be written.
+    pub async fn reject_unsupported(
+        &self,
+        identity: crate::auth::Identity,
+        request_id: String,
+        api_operation: String,
+        message: String,
+    ) -> Error {
+        let gate = self.gate.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            gate.record_unsupported(&identity, &request_id, &api_operation, &message)
+                .map(|()| message)
+        })
+        .await;
+        match written {
+            Ok(Ok(message)) => Error::Unsupported(message),
+            Ok(Err(_)) | Err(_) => Error::Unavailable(
+                "the audit log cannot be written; key operations are refused".into(),
+            ),
         }
     }
 
@@ -844,6 +898,67 @@ mod tests {
             results[1].as_ref().unwrap_err().kind(),
             ErrorKind::PermissionDenied
         );
+    }
+
+    /// Operations with `policy` over an in-memory token and an audit log in `dir`.
+    fn audited_ops(policy: &str, dir: &std::path::Path) -> Ops {
+        let plain = ops(ADMIN);
+        let audit = Arc::new(
+            crate::audit::AuditLog::open(&dir.join("audit.log"), crate::audit::FsyncPolicy::Never)
+                .unwrap(),
+        );
+        let policy = PolicyHandle::fixed(Policy::parse(policy).unwrap());
+        Ops::new(
+            plain.keystore().clone(),
+            Arc::new(Gate::new(Arc::new(policy), Some(audit))),
+        )
+    }
+
+    fn audit_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_from_a_caller_with_no_grant_is_refused_with_one_audit_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops = audited_ops("", dir.path());
+        let items = (0..MAX_BATCH)
+            .map(|i| (vec![i as u8; 80], HashMap::new(), String::new()))
+            .collect();
+        let err = ops
+            .batch_unwrap(&call(Operation::Unwrap), items)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        let lines = audit_lines(dir.path());
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(lines[0]["outcome"], "PERMISSION_DENIED");
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_refusals_beyond_the_budget_are_summarized_not_lined() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops = audited_ops(ADMIN, dir.path());
+        let long_reason = "x".repeat(64 * 1024);
+        for _ in 0..(refusals::LINES_PER_WINDOW + 50) {
+            let refusal = crate::auth::Refusal::from(long_reason.clone());
+            let call = Call::new(Err(refusal), Operation::ListKeys, None, None);
+            let err = ops
+                .reject(call, Error::Unauthenticated(long_reason.clone()))
+                .await;
+            assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        }
+        let lines = audit_lines(dir.path());
+        assert_eq!(lines.len(), refusals::LINES_PER_WINDOW as usize);
+        for line in &lines {
+            let message = line["error"].as_str().unwrap();
+            assert!(message.len() <= MAX_AUDIT_MESSAGE, "{}", message.len());
+            assert!(message.ends_with('…'));
+        }
     }
 
     #[tokio::test]

@@ -635,7 +635,8 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 
 /// Destroys keys whose deletion date has passed, rotates keys whose automatic rotation is
 /// due, destroys imported material past its expiry (each audited first) and the wrapping
-/// keys of expired import tokens, at start and then every `interval`.
+/// keys of expired import tokens, and writes the summary line of unauthenticated refusals
+/// that had none of their own, at start and then every `interval`.
 async fn maintenance_task(ops: Ops, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
@@ -658,6 +659,8 @@ async fn maintenance_task(ops: Ops, interval: Duration) {
             Ok(Err(err)) => tracing::error!(error = %err, "import expiry failed; will retry"),
             Err(err) => tracing::error!(error = %err, "import expiry task failed"),
         }
+        let gate = ops.gate().clone();
+        let _ = tokio::task::spawn_blocking(move || gate.summarize_refusals()).await;
         let ops = ops.clone();
         match tokio::task::spawn_blocking(move || ops.purge_due()).await {
             Ok(Ok(purged)) if !purged.is_empty() => {

@@ -420,6 +420,58 @@ fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
 }
 
 #[test]
+fn a_signed_call_of_an_operation_wrapd_does_not_have_is_audited() {
+    let daemon = DevDaemon::start();
+    boto3(&daemon, "unsupported", &[]);
+    let lines: Vec<_> = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.operation == "Unsupported")
+        .collect();
+    let names: Vec<_> = lines.iter().map(|l| l.api_operation.clone()).collect();
+    assert_eq!(
+        names,
+        [
+            Some("TrentService.GetKeyPolicy".to_owned()),
+            Some("TrentService.ListGrants".to_owned())
+        ]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.outcome == "FAILED_PRECONDITION" && !l.principal.is_empty())
+    );
+}
+
+#[test]
+fn a_flood_of_unsigned_requests_cannot_grow_the_audit_log_without_bound() {
+    let mut daemon = DevDaemon::start();
+    let mut config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    config.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    let flood = wrapd::ops::REFUSAL_BUDGET_PER_WINDOW as usize + 60;
+    boto3(
+        &daemon,
+        "unsigned_flood",
+        &[("WRAPD_FLOOD", &flood.to_string())],
+    );
+    let refused = daemon
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.outcome == "UNAUTHENTICATED")
+        .count();
+    assert_eq!(refused, wrapd::ops::REFUSAL_BUDGET_PER_WINDOW as usize);
+    // The rest are counted where an operator sees them.
+    let metrics = crate::metrics::scrape(daemon.metrics.as_deref().unwrap());
+    assert_eq!(
+        crate::metrics::value(&metrics, "wrapd_audit_refusals_summarized_total"),
+        60.0,
+        "{metrics}"
+    );
+}
+
+#[test]
 fn a_principal_without_a_grant_is_denied_whether_or_not_the_key_exists() {
     let mut daemon = DevDaemon::start();
     let key = create_key(&daemon);

@@ -7,7 +7,7 @@ use crate::common::{DevDaemon, create_key, generate};
 use wrapd::proto::UnwrapRequest;
 
 /// `GET /metrics` over a plain TCP connection.
-fn scrape(url: &str) -> String {
+pub(crate) fn scrape(url: &str) -> String {
     let address = url
         .strip_prefix("http://")
         .and_then(|rest| rest.strip_suffix("/metrics"))
@@ -25,7 +25,7 @@ fn scrape(url: &str) -> String {
 }
 
 /// The value of the sample whose line starts with `series` (name and labels as rendered).
-fn value(text: &str, series: &str) -> f64 {
+pub(crate) fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())

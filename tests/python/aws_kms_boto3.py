@@ -218,6 +218,26 @@ def impersonate():
     print(json.dumps(found))
 
 
+def unsupported():
+    """Correctly signed calls of operations wrapd does not have: refused, each audited."""
+    c = kms()
+    found = {
+        "get_key_policy": error_code(c.get_key_policy, KeyId="f" * 32, PolicyName="default")[0],
+        "list_grants": error_code(c.list_grants, KeyId="f" * 32)[0],
+    }
+    assert set(found.values()) == {"UnsupportedOperationException"}, found
+    print(json.dumps(found))
+
+
+def unsigned_flood():
+    """Many unsigned requests: each refused (the Rust test checks the audit log's bound)."""
+    unsigned = kms(config=Config(signature_version=botocore.UNSIGNED, retries={"max_attempts": 1}))
+    count = int(os.environ["WRAPD_FLOOD"])
+    codes = {error_code(unsigned.list_keys)[0] for _ in range(count)}
+    assert codes == {"MissingAuthenticationTokenException"}, codes
+    print(json.dumps({"sent": count}))
+
+
 def auth():
     real = boto3.Session().get_credentials()
     found = {}
@@ -249,4 +269,6 @@ if __name__ == "__main__":
         "denied": denied,
         "auth": auth,
         "impersonate": impersonate,
+        "unsupported": unsupported,
+        "unsigned_flood": unsigned_flood,
     }[sys.argv[1]]()

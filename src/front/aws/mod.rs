@@ -140,7 +140,9 @@ impl AwsApi {
         let access_key = match verified {
             Ok(access_key) => access_key,
             Err(failure) => {
-                tracing::info!(remote = ?remote, code = failure.error.code, access_key = ?failure.claimed_key,
+                // At debug: callers without credentials must not grow the daemon's log (the
+                // audit log has the refusal, within its budget, and the metrics count it).
+                tracing::debug!(remote = ?remote, code = failure.error.code, access_key = ?failure.claimed_key,
                     "AWS KMS API: signature refused");
                 if let Some(op) = operation {
                     let refusal = Refusal {
@@ -160,15 +162,22 @@ impl AwsApi {
                 return failure.error.response(&request_id);
             }
         };
-        let Some(operation) = operation else {
-            return AwsError::unsupported(format!(
-                "wrapd does not implement the AWS KMS operation {}",
-                arn::truncate(&target)
-            ))
-            .response(&request_id);
-        };
         let principal = self.keys.get(&access_key).and_then(|k| k.principal.clone());
         let identity = aws_identity(&access_key, principal.as_deref(), remote);
+        let Some(operation) = operation else {
+            let name = arn::truncate(&target);
+            let message = format!("wrapd does not implement the AWS KMS operation {name}");
+            let err = self
+                .ops
+                .reject_unsupported(
+                    identity,
+                    request_id.clone(),
+                    format!("{TARGET_PREFIX}{name}"),
+                    message,
+                )
+                .await;
+            return AwsError::from_error(&err).response(&request_id);
+        };
         let call = Call::new(Ok(identity), operation, Some(&request_id), None)
             .with_api_operation(&api_name);
         match self.dispatch(&target, call, &body).await {
