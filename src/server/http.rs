@@ -5,7 +5,10 @@
 //!
 //! Each connection is served by hyper; a request's body is read up to
 //! [`crate::front::aws::MAX_BODY`] bytes (larger: 413) before the front end sees it, since
-//! the signature covers the body. Headers must arrive within the handshake timeout.
+//! the signature covers the body. Headers must arrive within the handshake timeout, and the
+//! body within the same time again: a body trickled a byte at a time would otherwise hold
+//! its connection (and a slot of the listener's cap) for as long as the idle timer allows.
+//! A late body is answered `408 RequestTimeoutException` and its connection closed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,7 +56,7 @@ pub async fn serve(
         let api = api.clone();
         let service = service_fn(move |request: Request<Body>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(answer(&api, request, remote).await) }
+            async move { Ok::<_, Infallible>(answer(&api, request, remote, header_timeout).await) }
         });
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
@@ -132,14 +135,34 @@ pub async fn serve_metrics(
     }
 }
 
-/// Reads the body (bounded) and hands the request to the API.
+/// Reads the body (bounded in size, and in time by `body_timeout`) and hands the request to
+/// the API.
 async fn answer(
     api: &AwsApi,
     request: Request<Body>,
     remote: Option<SocketAddr>,
+    body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
+    let read = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    let Ok(read) = read else {
+        let mut response = AwsError::new(
+            "RequestTimeoutException",
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} ms",
+                body_timeout.as_millis()
+            ),
+        )
+        .response("-")
+        .map(Full::new);
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return response;
+    };
+    let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(err) => {
             let too_large = err

@@ -204,3 +204,62 @@ async fn a_flood_of_idle_tcp_connections_is_capped_and_closed() {
         closed
     }
 }
+
+/// A request whose body is trickled a byte at a time (an attacker's TLS socket, Python's
+/// `ssl`) is answered 408 and its connection closed once the body deadline passes, long
+/// before the trickle would end.
+#[test]
+fn a_request_body_trickled_byte_by_byte_is_cut_off_at_its_deadline() {
+    let mut daemon = DevDaemon::start();
+    assert!(daemon.stop().success());
+    set_limits(&daemon, "handshake_timeout_ms = 1000");
+    daemon.restart_stopped();
+    let port = daemon.aws.rsplit(':').next().unwrap().to_owned();
+    let script = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[2]))), server_hostname="127.0.0.1")
+length = 200
+sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: TrentService.ListKeys\r\n"
+             b"Content-Type: application/x-amz-json-1.1\r\nContent-Length: %d\r\n\r\n" % length)
+sock.settimeout(0.25)
+answer = b""
+sent = 0
+while sent < length:
+    try:
+        sock.sendall(b" ")
+        sent += 1
+    except OSError:
+        break
+    try:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    except socket.timeout:
+        pass
+print(sent)
+print(answer.split(b"\r\n")[0].decode())
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(daemon.dir().join("pki/ca.pem"))
+        .arg(&port)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let sent: usize = lines.next().unwrap().parse().unwrap();
+    assert!(sent < 200, "the whole trickled body was read: {stdout}");
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 408 Request Timeout"),
+        "{stdout}"
+    );
+}
