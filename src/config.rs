@@ -420,9 +420,7 @@ fn store_config(
             let password = match (&raw.password_file, &raw.password_env) {
                 (Some(file), None) => {
                     let path = resolve(file);
-                    let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                        Error::Config(format!("store.password_file {}: {e}", path.display()))
-                    })?);
+                    let text = read_secret_file(&path, "store.password_file")?;
                     Some(Zeroizing::new(
                         text.trim_end_matches(['\n', '\r']).to_owned(),
                     ))
@@ -561,6 +559,9 @@ pub struct Config {
     /// Environment variables secrets were read from (PIN, access key secrets): the daemon
     /// wipes them from its environment once read.
     pub secret_envs: Vec<String>,
+    /// The files secrets were read from (PIN, database password, access key secrets), each
+    /// with the config key that names it.
+    pub secret_files: Vec<(String, PathBuf)>,
     /// Key store settings.
     pub keystore: KeystoreConfig,
     /// How often due deletions are carried out.
@@ -579,6 +580,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// A warning for each secret file group or others can read (the daemon logs them once
+    /// logging has started; the PIN file, the database password and the access keys'
+    /// secrets get the same check).
+    pub fn shared_secret_files(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        self.secret_files
+            .iter()
+            .filter(|(_, path)| {
+                std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o077 != 0)
+            })
+            .map(|(what, path)| {
+                format!(
+                    "{what} {} is readable by group or others; chmod 600 it",
+                    path.display()
+                )
+            })
+            .collect()
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -694,6 +714,24 @@ impl Config {
                 })
             })
             .transpose()?;
+        let mut secret_files = Vec::new();
+        if let Some(file) = &raw.hsm.pin_file {
+            secret_files.push(("hsm.pin_file".to_owned(), resolve(file)));
+        }
+        if let Some(file) = &raw.store.password_file {
+            secret_files.push(("store.password_file".to_owned(), resolve(file)));
+        }
+        for (i, key) in raw
+            .aws
+            .iter()
+            .flat_map(|a| a.access_keys.iter())
+            .enumerate()
+        {
+            if let Some(file) = &key.secret_file {
+                let at = format!("aws.access_key[{}].secret_file", i + 1);
+                secret_files.push((at, resolve(file)));
+            }
+        }
         let mut secret_envs: Vec<String> = raw.hsm.pin_env.iter().cloned().collect();
         let aws = raw
             .aws
@@ -739,6 +777,7 @@ impl Config {
                 .transpose()?,
             tracing: raw.tracing.map(tracing_config).transpose()?,
             secret_envs,
+            secret_files,
             audit: raw.audit.map(|a| AuditConfig {
                 file: resolve(&a.file),
                 fsync: a.fsync,
@@ -809,9 +848,7 @@ fn aws_config(
         let secret = match (&key.secret_file, &key.secret_env) {
             (Some(file), None) => {
                 let path = resolve(file);
-                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                    Error::Config(format!("{at}: cannot read {}: {e}", path.display()))
-                })?);
+                let text = read_secret_file(&path, &format!("{at}.secret_file"))?;
                 Zeroizing::new(text.trim().to_owned())
             }
             (None, Some(var)) => {
@@ -890,16 +927,16 @@ fn read_pin_file(path: &Path) -> Result<Pin> {
             path.display()
         )));
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), "the PIN file is readable by group or others; chmod 600 it");
-            }
-        }
-    }
     Ok(pin)
+}
+
+/// A file holding a secret (a password, an access key's secret), read into a zeroizing
+/// string; `what` names it in errors. Its mode is checked by
+/// [`Config::shared_secret_files`], like every secret file's.
+fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
+    Ok(Zeroizing::new(std::fs::read_to_string(path).map_err(
+        |e| Error::Config(format!("{what}: cannot read {}: {e}", path.display())),
+    )?))
 }
 
 fn tracing_config(raw: RawTracing) -> Result<TracingConfig> {
@@ -1065,6 +1102,29 @@ mod tests {
         assert!(
             !format!("{key:?}").contains("EXAMPLEKEY"),
             "Debug redacts the secret"
+        );
+    }
+
+    #[test]
+    fn every_secret_file_readable_by_others_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = aws_dir();
+        for file in ["pin", "aws-secret"] {
+            let path = dir.path().join(file);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let config = Config::parse(&format!("{GOOD}{AWS}"), dir.path()).unwrap();
+        assert!(config.shared_secret_files().is_empty());
+        for file in ["pin", "aws-secret"] {
+            let path = dir.path().join(file);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let warnings = config.shared_secret_files();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("hsm.pin_file"), "{warnings:?}");
+        assert!(
+            warnings[1].starts_with("aws.access_key[1].secret_file"),
+            "{warnings:?}"
         );
     }
 

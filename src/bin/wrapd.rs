@@ -400,6 +400,15 @@ fn load(path: &Path, logging: Logging) -> Result<Config> {
     if logging == Logging::Now || config.tracing.is_none() {
         init_logging(&config.log_filter, config.log_format);
     }
+    // Logged once logging has started (with span export, `serve` starts it; these lines
+    // then go to standard error, which the daemon's log also is).
+    for warning in config.shared_secret_files() {
+        if logging == Logging::Now || config.tracing.is_none() {
+            tracing::warn!("{warning}");
+        } else {
+            eprintln!("wrapd: warning: {warning}");
+        }
+    }
     if let Some(conf) = &config.softhsm2_conf {
         // SAFETY: no other thread exists yet (the tokio runtime is built after this), so
         // nothing can read the environment concurrently.

@@ -165,6 +165,46 @@ fn pg_error(err: postgres::Error) -> Error {
     Error::Store(err.to_string())
 }
 
+/// A connection without `tls_ca_file` is plain: refused unless every host is a unix socket
+/// or a loopback address, or the URL says `sslmode=disable` (the operator's explicit choice,
+/// warned about). The store carries key states, aliases and the audit chain's head; a
+/// plain connection over a network gives them to anyone on the path. Without a CA, wrapd
+/// cannot check the server's certificate, so `sslmode=require` (or `prefer`, the default)
+/// without `tls_ca_file` is refused rather than taken as encrypted.
+fn check_plain_connection(config: &postgres::Config) -> Result<()> {
+    use postgres::config::{Host, SslMode};
+    let remote: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            Host::Unix(_) => None,
+            Host::Tcp(name) if is_loopback(name) => None,
+            Host::Tcp(name) => Some(name.clone()),
+        })
+        .collect();
+    if remote.is_empty() {
+        return Ok(());
+    }
+    if config.get_ssl_mode() == SslMode::Disable {
+        tracing::warn!(hosts = ?remote, "store.postgres: sslmode=disable: the connection to the metadata store is not encrypted");
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "store.postgres: the connection to {} would not be encrypted: set store.tls_ca_file to the CA of the server's certificate (or sslmode=disable in the URL to accept a plain connection)",
+        remote.join(", ")
+    )))
+}
+
+/// `localhost`, or an IP address of the loopback network.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// TLS with certificate and host name verification against `ca_pem` only.
 fn tls_connector(ca_pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
     use tokio_rustls::rustls::pki_types::CertificateDer;
@@ -246,6 +286,8 @@ impl PostgresStore {
         if tls.is_some() {
             // Never fall back to a plain connection.
             config.ssl_mode(postgres::config::SslMode::Require);
+        } else {
+            check_plain_connection(&config)?;
         }
         let store = Self {
             config,
@@ -1029,5 +1071,35 @@ impl HeadStore for PostgresStore {
                 .map_err(pg_error)?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(url: &str) -> Result<()> {
+        check_plain_connection(&url.parse().unwrap())
+    }
+
+    #[test]
+    fn a_plain_connection_is_refused_unless_local_or_explicitly_plain() {
+        for local in [
+            "postgresql://wrapd@127.0.0.1:5432/wrapd",
+            "postgresql://wrapd@localhost/wrapd",
+            "postgresql://wrapd@[::1]:5432/wrapd",
+            "host=/var/run/postgresql user=wrapd dbname=wrapd",
+            "postgresql://db.example.com/wrapd?sslmode=disable",
+        ] {
+            assert!(check(local).is_ok(), "{local}");
+        }
+        for remote in [
+            "postgresql://wrapd@db.example.com/wrapd",
+            "postgresql://wrapd@10.0.0.5/wrapd?sslmode=require",
+            "host=127.0.0.1,db.example.com user=wrapd dbname=wrapd",
+        ] {
+            let err = check(remote).unwrap_err().to_string();
+            assert!(err.contains("tls_ca_file"), "{remote}: {err}");
+        }
     }
 }
