@@ -33,7 +33,7 @@ pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
     StoreChanges, VersionRecord,
 };
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{INSTANCE_WAIT, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};

@@ -41,6 +41,15 @@ const CHANNEL: &str = "wrapd_changes";
 const MIGRATION_LOCK: i64 = 0x7772_6170_6400_0001;
 const MAINTENANCE_LOCK: i64 = 0x7772_6170_6400_0002;
 
+/// Takes the advisory lock of an instance name (a 64-bit hash of it, computed by the
+/// server); true if taken.
+const INSTANCE_LOCK_SQL: &str =
+    "SELECT pg_try_advisory_lock(hashtextextended('wrapd instance ' || $1::text, 0))";
+
+/// How long a starting daemon waits for the instance name's lock: covers a restart right
+/// after a crash, while the server has not yet ended the dead daemon's session.
+pub const INSTANCE_WAIT: Duration = Duration::from_secs(5);
+
 /// The migrations, in order; each runs once, in one transaction.
 const MIGRATIONS: &[(i32, &str)] = &[
     (
@@ -141,6 +150,9 @@ pub struct PostgresStore {
     listener: Mutex<Option<Client>>,
     /// The connection holding the maintenance lock, while it is held.
     maintenance: Mutex<Option<Client>>,
+    /// The connection holding this instance name's lock, for the daemon's life (see
+    /// [`PostgresStore::claim_instance`]).
+    instance_lock: Mutex<Option<Client>>,
 }
 
 /// A store error: connection trouble is retryable ([`Error::Unavailable`]).
@@ -296,6 +308,7 @@ impl PostgresStore {
             idle: Mutex::new(Vec::new()),
             listener: Mutex::new(None),
             maintenance: Mutex::new(None),
+            instance_lock: Mutex::new(None),
         };
         store.migrate()?;
         Ok(store)
@@ -555,6 +568,42 @@ impl PostgresStore {
     }
 
     /// Runs `query` on a dedicated connection kept in `slot`.
+    /// Makes this daemon the only live one under its instance name on this database, for
+    /// as long as the store is open: a session-level advisory lock on the name, held by a
+    /// connection of its own. Version claims are per instance name, so two live daemons
+    /// with one name would take each other's claims (and undo each other's rotations).
+    /// Waits up to `wait` for a daemon that just died to have its session ended, then
+    /// refuses with an error that names the instance and the fix.
+    pub fn claim_instance(&self, wait: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut client = self.connect()?;
+        // A dead host's session (and its lock) ends within about a minute, not the
+        // operating system's two hours of TCP keepalive.
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3",
+            )
+            .map_err(pg_error)?;
+        loop {
+            let locked: bool = client
+                .query_one(INSTANCE_LOCK_SQL, &[&self.instance])
+                .map_err(pg_error)?
+                .get(0);
+            if locked {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Config(format!(
+                    "store.instance {:?}: another live wrapd uses this instance name on this database; two daemons with one name undo each other's rotations. Give each daemon its own [store] instance (the default, the host name, is shared by daemons on one host)",
+                    self.instance
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        *self.instance_lock.lock() = Some(client);
+        Ok(())
+    }
+
     fn on_dedicated<T>(
         &self,
         slot: &Mutex<Option<Client>>,
@@ -584,6 +633,7 @@ impl Drop for PostgresStore {
         let mut clients: Vec<Client> = std::mem::take(&mut *self.idle.lock());
         clients.extend(self.listener.lock().take());
         clients.extend(self.maintenance.lock().take());
+        clients.extend(self.instance_lock.lock().take());
         if !clients.is_empty() {
             let closer = std::thread::spawn(move || drop(clients));
             let _ = closer.join();

@@ -164,6 +164,7 @@ impl Daemon {
             }
             StoreConfig::Postgres { options, .. } => {
                 let store = Arc::new(PostgresStore::open(options)?);
+                store.claim_instance(crate::keystore::INSTANCE_WAIT)?;
                 tracing::info!(instance = %options.instance, "metadata store: PostgreSQL (fleet)");
                 let heads = Arc::new(InstanceHeads {
                     store: store.clone(),

@@ -95,6 +95,35 @@ mod postgres_store {
     }
 
     #[test]
+    fn an_instance_name_is_held_by_one_live_store_at_a_time() {
+        let url = server().database();
+        let open = |instance: &str| {
+            PostgresStore::open(&PostgresOptions {
+                url: url.clone(),
+                password: None,
+                instance: instance.into(),
+                tls_ca: None,
+            })
+            .unwrap()
+        };
+        let first = open("twin");
+        first.claim_instance(Duration::ZERO).unwrap();
+        let second = open("twin");
+        let err = second
+            .claim_instance(Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"twin\"") && err.contains("[store] instance"),
+            "{err}"
+        );
+        open("other").claim_instance(Duration::ZERO).unwrap();
+        // Once the first is gone (its session ends), the name is free again.
+        drop(first);
+        second.claim_instance(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
     fn another_daemons_version_claim_is_not_ours() {
         use wrapd::keystore::MetadataStore;
         let url = server().database();
@@ -157,6 +186,13 @@ impl Node {
 
     /// With extra `[store]` settings.
     fn start_with(dev: &Path, database: &str, name: &str, store: &str) -> Self {
+        let mut node = Self::configure(dev, database, name, name, store);
+        node.spawn();
+        node
+    }
+
+    /// A daemon in directory `name` under instance name `instance`, not started.
+    fn configure(dev: &Path, database: &str, name: &str, instance: &str, store: &str) -> Self {
         let dir = dev.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let dev_config = std::fs::read_to_string(dev.join("wrapd.toml")).unwrap();
@@ -178,7 +214,7 @@ softhsm2_conf = "{dev}/softhsm2.conf"
 
 [store]
 postgres = "{database}"
-instance = "{name}"
+instance = "{instance}"
 resync_interval_ms = 2000
 {store}
 
@@ -203,17 +239,22 @@ lock_memory = "off"
             ),
         )
         .unwrap();
-        let mut node = Self {
+        Self {
             child: None,
             socket: dir.join("wrapd.sock"),
             dir,
             config,
-        };
-        node.spawn();
-        node
+        }
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("no ready line; log:\n{log}");
+        }
+    }
+
+    /// Starts the daemon; its log if it stopped before its ready line.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wrapd"))
             .args(["serve", "--config"])
@@ -226,15 +267,14 @@ lock_memory = "off"
         let stdout = child.stdout.take().unwrap();
         let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
             .next()
-            .and_then(Result::ok)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no ready line; log:\n{}",
-                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-                )
-            });
+            .and_then(Result::ok);
+        let Some(line) = line else {
+            let _ = child.wait();
+            return Err(self.log());
+        };
         assert!(line.starts_with("wrapd ready socket="), "{line}");
         self.child = Some(child);
+        Ok(())
     }
 
     async fn channel(&self) -> Channel {
@@ -445,6 +485,45 @@ async fn concurrent_rotations_on_two_daemons_make_every_version_once() {
         .await
         .unwrap();
     assert_eq!(unwrapped.into_inner().plaintext, generated.plaintext);
+}
+
+#[tokio::test]
+async fn a_second_daemon_with_a_live_daemons_instance_name_is_refused_at_start() {
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let (dev, mut nodes) = fleet_on_database(&database, 1, "");
+    let mut twin = Node::configure(dev.dir(), &database, "twin", "node-0", "");
+    let log = twin
+        .try_spawn()
+        .expect_err("a twin of a live daemon started");
+    assert!(
+        log.contains("\"node-0\"") && log.contains("[store] instance"),
+        "{log}"
+    );
+    // The live daemon's rotations are its own: 20 at once make 20 versions.
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut keys = nodes[0].keys().await;
+        let id = key.key_id.clone();
+        tasks.push(tokio::spawn(async move {
+            keys.rotate_key(key_ref(&id)).await.map(|_| ())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    // Once the first daemon is gone, the name can be taken.
+    drop(nodes.pop());
+    twin.try_spawn()
+        .expect("the name is free once its daemon is gone");
+    let metadata = twin
+        .keys()
+        .await
+        .describe_key(key_ref(&key.key_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metadata.versions.len(), 21);
 }
 
 #[tokio::test]
