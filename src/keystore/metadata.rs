@@ -217,6 +217,13 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>>;
     /// Every alias and its key.
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
+    /// The key one alias names.
+    fn alias(&self, alias: &AliasName) -> Result<Option<KeyId>> {
+        Ok(self
+            .all_aliases()?
+            .into_iter()
+            .find_map(|(name, key)| (&name == alias).then_some(key)))
+    }
     /// Creates an alias; [`crate::Error::AlreadyExists`] if taken.
     fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()>;
     /// Re-points an alias; [`crate::Error::AliasNotFound`] if it does not exist.

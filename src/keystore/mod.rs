@@ -19,6 +19,7 @@ pub mod conformance;
 mod import;
 mod metadata;
 mod postgres;
+mod read_through;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -92,6 +93,10 @@ impl Drop for MaintenanceLock<'_> {
 
 /// How long a version claim of another daemon is waited for before the number is skipped.
 const STUCK_CLAIM: Duration = Duration::from_secs(10);
+
+/// Least time between two re-reads of the whole store that notifications ask for (see
+/// [`Keystore::follow_store`]).
+pub const MIN_RESYNC_GAP: Duration = Duration::from_secs(1);
 
 /// Most tags on one key (as in AWS KMS).
 pub const MAX_TAGS: usize = 50;
@@ -322,6 +327,8 @@ pub struct Keystore {
     probe: Mutex<Option<Vec<u8>>>,
     /// When the shared store last answered the follower (see `follow_store`).
     last_sync: Mutex<std::time::Instant>,
+    /// How often the shared store is asked about names the view lacks.
+    read_through: read_through::ReadThrough,
 }
 
 fn page_size(requested: u32) -> Result<usize> {
@@ -406,6 +413,7 @@ impl Keystore {
             admin: Mutex::new(()),
             probe: Mutex::new(None),
             last_sync: Mutex::new(std::time::Instant::now()),
+            read_through: read_through::ReadThrough::default(),
         };
         keystore.reload()?;
         let report = keystore.reconcile()?;
@@ -490,6 +498,8 @@ impl Keystore {
             .map(|k| (k.id.clone(), Arc::new(k)))
             .collect();
         view.aliases = aliases.into_iter().collect();
+        drop(view);
+        self.read_through.forget_misses();
         Ok(())
     }
 
@@ -587,18 +597,39 @@ impl Keystore {
     /// notification refreshes the keys it names (or everything), and everything is re-read
     /// every `resync` as the safety net. Blocks; run it on a thread of its own. A store
     /// error is logged and retried after a pause.
+    ///
+    /// The view counts as confirmed (for `max_staleness`) as of a wait whose changes were
+    /// all applied by queries that succeeded, never merely because a wait ended. A re-read
+    /// of everything asked for by notifications (a payload wrapd does not send: any role
+    /// that can connect may NOTIFY) runs at most once per [`MIN_RESYNC_GAP`].
     pub fn follow_store(&self, resync: Duration, stop: &std::sync::atomic::AtomicBool) {
         use std::sync::atomic::Ordering;
-        let mut last_resync = std::time::Instant::now();
+        use std::time::Instant;
+        let min_gap = MIN_RESYNC_GAP.min(resync);
+        // The first re-read (asked for by the first LISTEN) is not held back.
+        let mut last_resync = Instant::now()
+            .checked_sub(min_gap)
+            .unwrap_or_else(Instant::now);
+        // A re-read of everything is due (asked for, or after an error).
+        let mut owed = false;
         while !stop.load(Ordering::Relaxed) {
-            let wait = resync
+            let due_in = if owed { min_gap } else { resync };
+            let wait = due_in
                 .saturating_sub(last_resync.elapsed())
                 .min(Duration::from_millis(500));
+            let asked = Instant::now();
             let applied = self.store.wait_for_changes(wait).and_then(|changes| {
-                *self.last_sync.lock() = std::time::Instant::now();
-                if changes.everything || last_resync.elapsed() >= resync {
-                    last_resync = std::time::Instant::now();
-                    return self.resync();
+                owed |= changes.everything;
+                let since = last_resync.elapsed();
+                if since >= resync || (owed && since >= min_gap) {
+                    last_resync = Instant::now();
+                    self.resync()?;
+                    owed = false;
+                    return Ok(true);
+                }
+                if owed {
+                    // Rate-limited: the view waits for its re-read to be confirmed.
+                    return Ok(false);
                 }
                 for id in &changes.keys {
                     self.refresh(id)?;
@@ -606,15 +637,16 @@ impl Keystore {
                 if changes.aliases {
                     self.refresh_aliases()?;
                 }
-                Ok(())
+                Ok(true)
             });
-            if let Err(err) = applied {
-                tracing::warn!(error = %err, "cannot follow the metadata store; retrying");
-                std::thread::sleep(Duration::from_secs(1));
-                // Re-read everything once the store answers again.
-                last_resync = std::time::Instant::now()
-                    .checked_sub(resync)
-                    .unwrap_or_else(std::time::Instant::now);
+            match applied {
+                Ok(true) => *self.last_sync.lock() = asked,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot follow the metadata store; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    owed = true;
+                }
             }
         }
     }
@@ -668,31 +700,59 @@ impl Keystore {
     fn refresh_aliases(&self) -> Result<()> {
         let aliases = self.store.all_aliases()?;
         self.view.write().aliases = aliases.into_iter().collect();
+        self.read_through.forget_misses();
         Ok(())
     }
 
-    /// The key a reference names.
-    pub fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
-        if let (KeyRef::Id(id), true) = (key, self.store.is_shared()) {
-            // A key another daemon created a moment ago (before its notification came).
-            if !self.read_view().keys.contains_key(id) {
-                return self
-                    .refresh(id)?
-                    .ok_or_else(|| Error::KeyNotFound(id.to_string()));
-            }
+    /// In a fleet, re-reads a key the view lacks (or lacks a version of) from the store,
+    /// within the read-through budget (`read_through.rs`); `None` if the store does not
+    /// know it or the budget says not to ask.
+    fn read_through(&self, id: &KeyId) -> Result<Option<Arc<KeyRecord>>> {
+        let name = id.to_string();
+        let now = std::time::Instant::now();
+        if !self.store.is_shared() || !self.read_through.may_ask(&name, now) {
+            return Ok(None);
         }
-        let view = self.read_view();
+        let record = self.refresh(id)?;
+        if record.is_none() {
+            self.read_through.missed(&name, now);
+        }
+        Ok(record)
+    }
+
+    /// The key a reference names. In a fleet, a name the view lacks may have been made by
+    /// another daemon a moment ago: the store is asked (within the read-through budget)
+    /// before it is called unknown.
+    pub fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         let id = match key {
-            KeyRef::Id(id) => id,
-            KeyRef::Alias(alias) => view
-                .aliases
-                .get(alias)
-                .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?,
+            KeyRef::Id(id) => id.clone(),
+            KeyRef::Alias(alias) => match self.read_view().aliases.get(alias).cloned() {
+                Some(id) => id,
+                None => self
+                    .alias_read_through(alias)?
+                    .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?,
+            },
         };
-        view.keys
-            .get(id)
-            .cloned()
+        if let Some(record) = self.read_view().keys.get(&id).cloned() {
+            return Ok(record);
+        }
+        self.read_through(&id)?
             .ok_or_else(|| Error::KeyNotFound(id.to_string()))
+    }
+
+    /// The key an alias the view lacks names in the shared store (not put in the view: the
+    /// follower keeps the alias map).
+    fn alias_read_through(&self, alias: &AliasName) -> Result<Option<KeyId>> {
+        let name = alias.to_string();
+        let now = std::time::Instant::now();
+        if !self.store.is_shared() || !self.read_through.may_ask(&name, now) {
+            return Ok(None);
+        }
+        let id = self.store.alias(alias)?;
+        if id.is_none() {
+            self.read_through.missed(&name, now);
+        }
+        Ok(id)
     }
 
     // ---- control plane -------------------------------------------------------------------
@@ -1340,8 +1400,8 @@ impl Keystore {
         // have made the key or version a moment ago: the store is asked once first.
         let known = |key: &KeyRecord| key.versions.iter().any(|v| v.version == blob.key_version);
         let mut key = self.read_view().keys.get(&blob.key_id).cloned();
-        if self.store.is_shared() && !key.as_deref().is_some_and(known) {
-            key = self.refresh(&blob.key_id)?;
+        if !key.as_deref().is_some_and(known) {
+            key = self.read_through(&blob.key_id)?.or(key);
         }
         let key = key.ok_or(Error::InvalidCiphertext)?;
         self.usable(&key)?;

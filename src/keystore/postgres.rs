@@ -46,6 +46,17 @@ const MAINTENANCE_LOCK: i64 = 0x7772_6170_6400_0002;
 const INSTANCE_LOCK_SQL: &str =
     "SELECT pg_try_advisory_lock(hashtextextended('wrapd instance ' || $1::text, 0))";
 
+/// Most notifications one [`MetadataStore::wait_for_changes`] takes, and for how long: more
+/// is a flood (wrapd's own daemons send one per change), answered by not listening for
+/// [`LISTEN_PAUSE`], during which the follower re-reads the whole store once a second. A
+/// flood cannot keep the follower from confirming its view, nor grow its memory.
+const MAX_DRAIN: usize = 4096;
+const MAX_DRAIN_TIME: Duration = Duration::from_millis(100);
+const LISTEN_PAUSE: Duration = Duration::from_secs(5);
+
+/// Most keys refreshed one by one after one wait; beyond, one re-read of everything.
+const MAX_KEYS_PER_DRAIN: usize = 64;
+
 /// How long a starting daemon waits for the instance name's lock: covers a restart right
 /// after a crash, while the server has not yet ended the dead daemon's session.
 pub const INSTANCE_WAIT: Duration = Duration::from_secs(5);
@@ -153,6 +164,8 @@ pub struct PostgresStore {
     /// The connection holding this instance name's lock, for the daemon's life (see
     /// [`PostgresStore::claim_instance`]).
     instance_lock: Mutex<Option<Client>>,
+    /// Until when notifications are not listened to, after a flood.
+    listen_paused_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// A store error: connection trouble is retryable ([`Error::Unavailable`]).
@@ -215,6 +228,49 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The notifications `client` has, waiting up to `timeout` for the first; true when there
+/// were more than one call parses (a flood: see [`MAX_DRAIN`]).
+///
+/// Reading is bounded in time and count, and in memory: the client reads from its socket
+/// only when what it has buffered is taken. A payload wrapd does not send, or more keys
+/// than are worth refreshing one by one, is one re-read of everything.
+fn drain_notifications(client: &mut Client, timeout: Duration) -> Result<(StoreChanges, bool)> {
+    let mut changes = StoreChanges::default();
+    let mut notifications = client.notifications();
+    let mut next = notifications
+        .timeout_iter(timeout)
+        .next()
+        .map_err(pg_error)?;
+    let started = std::time::Instant::now();
+    let mut rest = notifications.iter();
+    let mut taken = 0;
+    while let Some(n) = next {
+        taken += 1;
+        if taken > MAX_DRAIN || started.elapsed() >= MAX_DRAIN_TIME {
+            changes.everything = true;
+            changes.keys.clear();
+            return Ok((changes, true));
+        }
+        if !changes.everything {
+            match n.payload() {
+                "a" => changes.aliases = true,
+                payload => match payload.strip_prefix("k:").map(KeyId::parse) {
+                    Some(Ok(id)) if changes.keys.contains(&id) => {}
+                    Some(Ok(id)) if changes.keys.len() < MAX_KEYS_PER_DRAIN => {
+                        changes.keys.push(id);
+                    }
+                    _ => {
+                        changes.everything = true;
+                        changes.keys.clear();
+                    }
+                },
+            }
+        }
+        next = rest.next().map_err(pg_error)?;
+    }
+    Ok((changes, false))
 }
 
 /// TLS with certificate and host name verification against `ca_pem` only.
@@ -309,6 +365,7 @@ impl PostgresStore {
             listener: Mutex::new(None),
             maintenance: Mutex::new(None),
             instance_lock: Mutex::new(None),
+            listen_paused_until: Mutex::new(None),
         };
         store.migrate()?;
         Ok(store)
@@ -567,7 +624,6 @@ impl PostgresStore {
             .collect()
     }
 
-    /// Runs `query` on a dedicated connection kept in `slot`.
     /// Makes this daemon the only live one under its instance name on this database, for
     /// as long as the store is open: a session-level advisory lock on the name, held by a
     /// connection of its own. Version claims are per instance name, so two live daemons
@@ -604,6 +660,7 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Runs `query` on a dedicated connection kept in `slot`.
     fn on_dedicated<T>(
         &self,
         slot: &Mutex<Option<Client>>,
@@ -953,6 +1010,22 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn alias(&self, alias: &AliasName) -> Result<Option<KeyId>> {
+        self.with(|client| {
+            let row = client
+                .query_opt(
+                    "SELECT key_id FROM aliases WHERE name = $1",
+                    &[&alias.to_string()],
+                )
+                .map_err(pg_error)?;
+            row.map(|r| {
+                let key: String = r.get(0);
+                KeyId::parse(&key).map_err(|_| corrupt("key id", &key))
+            })
+            .transpose()
+        })
+    }
+
     fn create_alias(&self, alias: &AliasName, key: &KeyId) -> Result<()> {
         self.tx(|tx| {
             Self::key_exists(tx, key)?;
@@ -1026,42 +1099,62 @@ impl MetadataStore for PostgresStore {
     }
 
     fn wait_for_changes(&self, timeout: Duration) -> Result<StoreChanges> {
-        self.on_dedicated(&self.listener, |client, fresh| {
-            let mut changes = StoreChanges::default();
-            if fresh {
-                client
-                    .batch_execute(&format!("LISTEN {CHANNEL}"))
-                    .map_err(pg_error)?;
-                // Whatever happened while no one listened is unknown.
-                changes.everything = true;
-                return Ok(changes);
+        let paused = self
+            .listen_paused_until
+            .lock()
+            .is_some_and(|until| std::time::Instant::now() < until);
+        let changes = if paused {
+            // Not listening after a flood: the caller's re-read covers what is missed.
+            std::thread::sleep(timeout);
+            StoreChanges {
+                everything: true,
+                ..StoreChanges::default()
             }
-            let mut notifications = client.notifications();
-            let mut payloads = Vec::new();
-            let first = notifications
-                .timeout_iter(timeout)
-                .next()
-                .map_err(pg_error)?;
-            if let Some(n) = first {
-                payloads.push(n.payload().to_owned());
-                // And whatever else is already there.
-                let mut rest = notifications.iter();
-                while let Some(n) = rest.next().map_err(pg_error)? {
-                    payloads.push(n.payload().to_owned());
+        } else {
+            let drained = self.on_dedicated(&self.listener, |client, fresh| {
+                if fresh {
+                    client
+                        .batch_execute(&format!("LISTEN {CHANNEL}"))
+                        .map_err(pg_error)?;
+                    // Whatever happened while no one listened is unknown.
+                    return Ok((
+                        StoreChanges {
+                            everything: true,
+                            ..StoreChanges::default()
+                        },
+                        false,
+                    ));
+                }
+                drain_notifications(client, timeout)
+            });
+            match drained {
+                Ok((changes, false)) => changes,
+                Ok((changes, true)) => {
+                    // A flood (any role that can connect may NOTIFY): stop listening for a
+                    // while. Closing the connection drops what it had buffered, and keeps
+                    // this daemon from holding the server's notification queue.
+                    tracing::warn!(
+                        "more notifications than wrapd sends; not listening for {} s (re-reading the store instead)",
+                        LISTEN_PAUSE.as_secs()
+                    );
+                    *self.listen_paused_until.lock() =
+                        Some(std::time::Instant::now() + LISTEN_PAUSE);
+                    drop(self.listener.lock().take());
+                    changes
+                }
+                Err(err) => {
+                    // Reconnect rather than trust this connection; the fresh LISTEN reports
+                    // `everything`.
+                    drop(self.listener.lock().take());
+                    return Err(err);
                 }
             }
-            for payload in payloads {
-                match payload.strip_prefix("k:") {
-                    Some(id) => match KeyId::parse(id) {
-                        Ok(id) if !changes.keys.contains(&id) => changes.keys.push(id),
-                        Ok(_) => {}
-                        Err(_) => changes.everything = true,
-                    },
-                    None => changes.aliases = true,
-                }
-            }
-            Ok(changes)
-        })
+        };
+        // The database answered just now, on a connection of the pool: what the view is
+        // confirmed against (an idle wait proves nothing, and the listening connection may
+        // be busy with notifications).
+        self.with(|client| client.simple_query("").map(drop).map_err(pg_error))?;
+        Ok(changes)
     }
 
     fn try_lock_maintenance(&self) -> Result<bool> {
