@@ -896,7 +896,6 @@ impl Token for Pkcs11Token {
     }
 
     fn create_wrapping_key(&self, id: &WrappingKeyId) -> Result<Vec<u8>> {
-        use rsa::pkcs8::EncodePublicKey;
         let public_template = [
             Attribute::Token(false),
             Attribute::ModulusBits(Ulong::from(u64::from(id.bits))),
@@ -905,8 +904,15 @@ impl Token for Pkcs11Token {
             Attribute::Wrap(false),
             Attribute::Verify(false),
         ];
+        // The slow part (prime generation, seconds for 4096 bits) must not hold the object
+        // store exclusively: that would stall every encrypt and decrypt. On SoftHSM the pair
+        // is made as session objects (which leave its file store alone) while other calls
+        // go on, and only the finished private key is copied into a token object under the
+        // exclusive lock (a quick file write). CloudHSM has no local object store to guard:
+        // the private key is a token object at once.
+        let on_token_now = self.profile() == HsmProfile::Cloudhsm;
         let private_template = [
-            Attribute::Token(true),
+            Attribute::Token(on_token_now),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
@@ -917,67 +923,24 @@ impl Token for Pkcs11Token {
             Attribute::Id(id.to_bytes()),
             Attribute::Label(format!("wrapd import {}", id.key_id).into_bytes()),
         ];
+        let generated = {
+            let _shared = self.shared();
+            self.with_session(false, |session, _| {
+                generate_wrapping_pair(session, id, &public_template, &private_template)
+            })?
+        };
+        let (private, der) = generated;
+        if on_token_now {
+            return Ok(der);
+        }
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
-            let (public, private) = session
-                .generate_key_pair(
-                    &Mechanism::RsaPkcsKeyPairGen,
-                    &public_template,
-                    &private_template,
-                )
-                .map_err(p11_error)?;
-            let result = (|| {
-                let attributes = session
-                    .get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])
-                    .map_err(p11_error)?;
-                let (mut modulus, mut exponent) = (None, None);
-                for attribute in attributes {
-                    match attribute {
-                        Attribute::Modulus(n) => modulus = Some(n),
-                        Attribute::PublicExponent(e) => exponent = Some(e),
-                        _ => {}
-                    }
-                }
-                let (Some(n), Some(e)) = (modulus, exponent) else {
-                    return Err(Error::Internal("the RSA public key has no modulus".into()));
-                };
-                // Prove the token can unwrap with this algorithm before anyone wraps
-                // material for it: a random AES key, encrypted with the public half, unwrapped
-                // with the private half into a session object, destroyed.
-                let mut probe = Zeroizing::new([0u8; 32]);
-                session
-                    .generate_random_slice(probe.as_mut_slice())
-                    .map_err(p11_error)?;
-                let encrypted = session
-                    .encrypt(&oaep(id.algorithm), public, probe.as_slice())
-                    .map_err(probe_error(id.algorithm))?;
-                let unwrapped = session
-                    .unwrap_key(
-                        &oaep(id.algorithm),
-                        private,
-                        &encrypted,
-                        &session_aes_key(SessionKeyUse::Unwrap),
-                    )
-                    .map_err(probe_error(id.algorithm))?;
-                session.destroy_object(unwrapped).map_err(p11_error)?;
-                let key = rsa::RsaPublicKey::new(
-                    rsa::BigUint::from_bytes_be(&n),
-                    rsa::BigUint::from_bytes_be(&e),
-                )
-                .map_err(|err| Error::Internal(format!("the token's RSA public key: {err}")))?;
-                key.to_public_key_der()
-                    .map(|der| der.into_vec())
-                    .map_err(|err| Error::Internal(format!("encoding the RSA public key: {err}")))
-            })();
-            if let Err(err) = session.destroy_object(public) {
-                tracing::warn!(error = %p11_error(err), "could not destroy the public half of a wrapping key (a session object)");
+            let copied = session.copy_object(private, &[Attribute::Token(true)]);
+            if let Err(err) = session.destroy_object(private) {
+                tracing::warn!(error = %p11_error(err), wrapping_key = %id, "could not destroy the session copy of a wrapping key");
             }
-            if result.is_err() {
-                if let Err(err) = session.destroy_object(private) {
-                    tracing::warn!(error = %p11_error(err), wrapping_key = %id, "could not destroy a wrapping key that failed its check");
-                }
-            }
-            result
+            copied.map_err(p11_error)?;
+            Ok(der.clone())
         })
     }
 
@@ -1042,5 +1005,81 @@ impl Token for Pkcs11Token {
         self.with_session(false, |session, _| {
             destroy_all(session, ObjectClass::PRIVATE_KEY, id.to_bytes())
         })
+    }
+}
+
+/// Generates a wrapping key pair on `session`, proves the token can unwrap with it, and
+/// returns the private key's handle and the public key (DER). The public half is
+/// always a session object, destroyed here.
+fn generate_wrapping_pair(
+    session: &Session,
+    id: &WrappingKeyId,
+    public_template: &[Attribute],
+    private_template: &[Attribute],
+) -> Result<(ObjectHandle, Vec<u8>)> {
+    use rsa::pkcs8::EncodePublicKey;
+    {
+        let (public, private) = session
+            .generate_key_pair(
+                &Mechanism::RsaPkcsKeyPairGen,
+                public_template,
+                private_template,
+            )
+            .map_err(p11_error)?;
+        let result = (|| {
+            let attributes = session
+                .get_attributes(
+                    public,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
+                .map_err(p11_error)?;
+            let (mut modulus, mut exponent) = (None, None);
+            for attribute in attributes {
+                match attribute {
+                    Attribute::Modulus(n) => modulus = Some(n),
+                    Attribute::PublicExponent(e) => exponent = Some(e),
+                    _ => {}
+                }
+            }
+            let (Some(n), Some(e)) = (modulus, exponent) else {
+                return Err(Error::Internal("the RSA public key has no modulus".into()));
+            };
+            // Prove the token can unwrap with this algorithm before anyone wraps
+            // material for it: a random AES key, encrypted with the public half, unwrapped
+            // with the private half into a session object, destroyed.
+            let mut probe = Zeroizing::new([0u8; 32]);
+            session
+                .generate_random_slice(probe.as_mut_slice())
+                .map_err(p11_error)?;
+            let encrypted = session
+                .encrypt(&oaep(id.algorithm), public, probe.as_slice())
+                .map_err(probe_error(id.algorithm))?;
+            let unwrapped = session
+                .unwrap_key(
+                    &oaep(id.algorithm),
+                    private,
+                    &encrypted,
+                    &session_aes_key(SessionKeyUse::Unwrap),
+                )
+                .map_err(probe_error(id.algorithm))?;
+            session.destroy_object(unwrapped).map_err(p11_error)?;
+            let key = rsa::RsaPublicKey::new(
+                rsa::BigUint::from_bytes_be(&n),
+                rsa::BigUint::from_bytes_be(&e),
+            )
+            .map_err(|err| Error::Internal(format!("the token's RSA public key: {err}")))?;
+            key.to_public_key_der()
+                .map(|der| der.into_vec())
+                .map_err(|err| Error::Internal(format!("encoding the RSA public key: {err}")))
+        })();
+        if let Err(err) = session.destroy_object(public) {
+            tracing::warn!(error = %p11_error(err), "could not destroy the public half of a wrapping key (a session object)");
+        }
+        if result.is_err() {
+            if let Err(err) = session.destroy_object(private) {
+                tracing::warn!(error = %p11_error(err), wrapping_key = %id, "could not destroy a wrapping key that failed its check");
+            }
+        }
+        result.map(|der| (private, der))
     }
 }

@@ -27,6 +27,10 @@ pub const IMPORT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// The RSA sizes a wrapping key may have.
 pub const WRAPPING_KEY_BITS: [u32; 2] = [3072, 4096];
 
+/// Most unexpired import tokens (each a private key in the token for 24 hours) one key may
+/// have at once: a loop of GetParametersForImport cannot fill the token.
+pub const MAX_IMPORT_TOKENS_PER_KEY: usize = 10;
+
 /// Largest wrapped material accepted, in bytes (AWS KMS's bound on `EncryptedKeyMaterial`).
 pub const MAX_WRAPPED_MATERIAL_LEN: usize = 6144;
 
@@ -85,6 +89,21 @@ impl Keystore {
         }
         let key = self.resolve(key)?;
         require_external(&key)?;
+        // Counted and made one at a time, so that requests at once cannot pass the cap.
+        let _one_at_a_time = self.import_parameters.lock();
+        let now = unix_seconds(self.clock.now());
+        let outstanding = self
+            .token
+            .wrapping_keys()?
+            .iter()
+            .filter(|w| w.key_id == key.id && w.expires > now)
+            .count();
+        if outstanding >= MAX_IMPORT_TOKENS_PER_KEY {
+            return Err(Error::LimitReached(format!(
+                "key {} has {MAX_IMPORT_TOKENS_PER_KEY} unexpired import tokens, the most it may have; import with one of them, or wait for the oldest to expire (24 hours after it was made)",
+                key.id
+            )));
+        }
         let valid_to = self.clock.now() + IMPORT_TOKEN_LIFETIME;
         let nonce = self.token.random(16)?;
         let id = WrappingKeyId {

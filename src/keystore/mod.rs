@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
-pub use import::ImportParameters;
+pub use import::{ImportParameters, MAX_IMPORT_TOKENS_PER_KEY};
 pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
     StoreChanges, VersionRecord,
@@ -329,6 +329,8 @@ pub struct Keystore {
     last_sync: Mutex<std::time::Instant>,
     /// How often the shared store is asked about names the view lacks.
     read_through: read_through::ReadThrough,
+    /// Serializes GetParametersForImport (see `import.rs`).
+    import_parameters: Mutex<()>,
 }
 
 fn page_size(requested: u32) -> Result<usize> {
@@ -414,6 +416,7 @@ impl Keystore {
             probe: Mutex::new(None),
             last_sync: Mutex::new(std::time::Instant::now()),
             read_through: read_through::ReadThrough::default(),
+            import_parameters: Mutex::new(()),
         };
         keystore.reload()?;
         let report = keystore.reconcile()?;

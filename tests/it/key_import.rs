@@ -1037,3 +1037,64 @@ mod daemon {
         assert!(err.contains("UnsupportedOperationException"), "{err}");
     }
 }
+
+#[test]
+fn a_key_has_a_bounded_number_of_unexpired_import_tokens() {
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    for _ in 0..wrapd::keystore::MAX_IMPORT_TOKENS_PER_KEY {
+        params(&f, &key, ImportAlgorithm::RsaesOaepSha1);
+    }
+    let err = f
+        .keystore
+        .import_parameters(&by_id(&key), ImportAlgorithm::RsaesOaepSha1, 3072)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitReached, "{err}");
+    // Once they expire (and are purged), the key may have new ones.
+    f.clock.advance(Duration::from_secs(24 * 3600 + 1));
+    assert!(
+        f.keystore.purge_wrapping_keys().unwrap() >= wrapd::keystore::MAX_IMPORT_TOKENS_PER_KEY
+    );
+    params(&f, &key, ImportAlgorithm::RsaesOaepSha1);
+}
+
+#[test]
+fn unwraps_go_on_while_a_4096_bit_wrapping_key_is_generated() {
+    let _serial = serial();
+    let f = Arc::new(fixture());
+    let key = external(&f);
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let blob = f
+        .keystore
+        .wrap(&by_id(&key), &[7u8; 32], &ctx())
+        .unwrap()
+        .blob;
+    let generating = {
+        let (f, key) = (f.clone(), key.clone());
+        std::thread::spawn(move || {
+            f.keystore
+                .import_parameters(&by_id(&key), ImportAlgorithm::RsaesOaepSha1, 4096)
+                .unwrap()
+        })
+    };
+    // Unwraps keep completing while the generation runs: the longest wait between two of
+    // them is a small part of the generation. (Before, it held the token exclusively: one
+    // wait was the whole generation.)
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let mut longest_wait = Duration::ZERO;
+    while !generating.is_finished() {
+        f.keystore.unwrap(&blob, &ctx(), None).unwrap();
+        let now = std::time::Instant::now();
+        longest_wait = longest_wait.max(now - last);
+        last = now;
+    }
+    let parameters = generating.join().unwrap();
+    let generation = started.elapsed();
+    assert!(!parameters.public_key.is_empty());
+    assert!(
+        longest_wait < generation / 2,
+        "an unwrap waited {longest_wait:?} of the generation's {generation:?}"
+    );
+}
