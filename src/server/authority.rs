@@ -50,12 +50,21 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Frames we send to h2 stay within its default SETTINGS_MAX_FRAME_SIZE.
 const MAX_FRAME: usize = 16_384;
-/// The largest header block collected (HEADERS + CONTINUATIONs), encoded.
-const MAX_BLOCK: usize = 256 * 1024;
+/// The largest header block collected (HEADERS + CONTINUATIONs), encoded. Each frame of it
+/// is at most [`MAX_FRAME`], as h2 (which advertises no larger SETTINGS_MAX_FRAME_SIZE)
+/// requires of every frame.
+const MAX_BLOCK: usize = 128 * 1024;
 /// The largest decoded header list (names + values + 32 per entry, as RFC 7541 counts): a
 /// one-byte index can stand for a 4 KiB table entry, so the encoded size alone bounds
-/// nothing. Above h2's own limit (`MAX_HEADER_LIST`), which then answers such requests.
-const MAX_DECODED: usize = 1024 * 1024;
+/// nothing. Twice h2's own limit (`MAX_HEADER_LIST`, 64 KiB), which then answers such
+/// requests; it also bounds one re-encoded block.
+const MAX_DECODED: usize = 128 * 1024;
+/// What re-encoding may add over a connection: its re-encoded blocks stay within this many
+/// times the client's encoded blocks, plus [`AMPLIFICATION_SLACK`]. One-byte references
+/// to large table entries, with evictions that keep this encoder from indexing them, would
+/// otherwise turn each byte the client sends into kilobytes for h2.
+const MAX_AMPLIFICATION: u64 = 16;
+const AMPLIFICATION_SLACK: u64 = 256 * 1024;
 /// The dynamic table size h2 advertises (its default); a client may not use more.
 const TABLE_SIZE: usize = 4096;
 
@@ -119,6 +128,9 @@ pub struct AuthorityRewriter {
     raw_header: [u8; FRAME_HEADER],
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
+    /// Encoded bytes of the client's transcoded header blocks, and of what they became.
+    transcoded_in: u64,
+    transcoded_out: u64,
 }
 
 impl Default for AuthorityRewriter {
@@ -133,6 +145,8 @@ impl Default for AuthorityRewriter {
             raw_header: [0; FRAME_HEADER],
             decoder,
             encoder: Encoder::new(),
+            transcoded_in: 0,
+            transcoded_out: 0,
         }
     }
 }
@@ -232,8 +246,10 @@ impl AuthorityRewriter {
                 if (kind == HEADERS) == in_block {
                     return Err(RewriteError("a header block was interrupted"));
                 }
-                if len > MAX_BLOCK {
-                    return Err(RewriteError("header frame too large"));
+                if len > MAX_FRAME {
+                    return Err(RewriteError(
+                        "header frame larger than SETTINGS_MAX_FRAME_SIZE (16 KiB)",
+                    ));
                 }
                 self.raw_header = [0; FRAME_HEADER];
                 self.raw_header.copy_from_slice(header);
@@ -368,6 +384,19 @@ impl AuthorityRewriter {
                 &mut encoded,
             )
             .map_err(|_| RewriteError("cannot encode the header block"))?;
+        self.transcoded_in = self
+            .transcoded_in
+            .saturating_add(block.fragment.len() as u64);
+        self.transcoded_out = self.transcoded_out.saturating_add(encoded.len() as u64);
+        let allowed = self
+            .transcoded_in
+            .saturating_mul(MAX_AMPLIFICATION)
+            .saturating_add(AMPLIFICATION_SLACK);
+        if self.transcoded_out > allowed {
+            return Err(RewriteError(
+                "re-encoding would amplify the header blocks too much",
+            ));
+        }
 
         let priority = block.priority.as_ref().map_or(&[][..], |p| &p[..]);
         let first_room = MAX_FRAME - priority.len();
@@ -654,6 +683,58 @@ mod tests {
             .feed(&input, &mut out)
             .unwrap_err();
         assert_eq!(err, RewriteError("the header list is too large"));
+    }
+
+    #[test]
+    fn a_header_frame_larger_than_h2_takes_is_refused() {
+        let mut input = PREFACE.to_vec();
+        let len = MAX_FRAME + 1;
+        frame_header(&mut input, len, HEADERS, END_HEADERS, 1);
+        input.extend(std::iter::repeat_n(0u8, len));
+        let mut out = Vec::new();
+        let err = AuthorityRewriter::default()
+            .feed(&input, &mut out)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RewriteError("header frame larger than SETTINGS_MAX_FRAME_SIZE (16 KiB)")
+        );
+    }
+
+    #[test]
+    fn re_encoding_cannot_amplify_a_connection_without_bound() {
+        // A transcoded connection with one large entry in the client's table; then blocks
+        // of a one-byte reference to it and a small header "without indexing". This encoder
+        // indexes the small header, which evicts the large one from its own table, so each
+        // block would cost h2 the whole large value again: what reaches h2 stays within a
+        // fixed multiple of what the client sent.
+        let mut encoder = Encoder::new();
+        let big = vec![b'v'; 4000];
+        let first = encoder.encode([
+            (&b":authority"[..], &b"/run/x.sock"[..]),
+            (&b"x-big"[..], &big[..]),
+        ]);
+        let mut input = PREFACE.to_vec();
+        input.extend(client_frames(&first, 1, true, 0, false, &[]));
+        let index = 62u8 | 0x80; // the newest dynamic entry
+        let mut sent = first.len() as u64;
+        let mut block = vec![index, 0x00, 1, b'y', 90];
+        block.extend([b'z'; 90]);
+        for stream in 0..200u32 {
+            input.extend(client_frames(&block, 3 + 2 * stream, true, 0, false, &[]));
+            sent += block.len() as u64;
+        }
+        let mut out = Vec::new();
+        let result = AuthorityRewriter::default().feed(&input, &mut out);
+        assert!(
+            (out.len() as u64) <= sent * MAX_AMPLIFICATION + AMPLIFICATION_SLACK + 64 * 1024,
+            "{} bytes for h2 from {sent}",
+            out.len()
+        );
+        assert_eq!(
+            result.unwrap_err(),
+            RewriteError("re-encoding would amplify the header blocks too much")
+        );
     }
 
     #[test]
