@@ -147,7 +147,13 @@ struct RawKms {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
+    #[serde(default = "default_metrics_listen")]
     listen: String,
+    per_key_series: Option<bool>,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -552,8 +558,8 @@ pub struct Config {
     pub kms: Option<KmsConfig>,
     /// The AWS KMS-compatible JSON API.
     pub aws: Option<AwsConfig>,
-    /// Where Prometheus metrics are served (`[metrics] listen`, plain HTTP).
-    pub metrics: Option<SocketAddr>,
+    /// Prometheus metrics (`[metrics]`, plain HTTP, no authentication).
+    pub metrics: Option<MetricsConfig>,
     /// OpenTelemetry span export (`[tracing]`); `None`: no spans leave the daemon.
     pub tracing: Option<TracingConfig>,
     /// Environment variables secrets were read from (PIN, access key secrets): the daemon
@@ -764,17 +770,7 @@ impl Config {
             policy_file: raw.policy.map(|p| resolve(&p.file)),
             kms,
             aws,
-            metrics: raw
-                .metrics
-                .map(|m| {
-                    m.listen.parse().map_err(|_| {
-                        Error::Config(format!(
-                            "metrics.listen {:?} is not an address like 127.0.0.1:9464",
-                            m.listen
-                        ))
-                    })
-                })
-                .transpose()?,
+            metrics: raw.metrics.map(metrics_config).transpose()?,
             tracing: raw.tracing.map(tracing_config).transpose()?,
             secret_envs,
             secret_files,
@@ -937,6 +933,31 @@ fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(std::fs::read_to_string(path).map_err(
         |e| Error::Config(format!("{what}: cannot read {}: {e}", path.display())),
     )?))
+}
+
+/// Prometheus metrics (`[metrics]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where they are served (`listen`, default `127.0.0.1:9464`).
+    pub listen: SocketAddr,
+    /// Whether the per-key series (`wrapd_key_wrap_share{key_id}`) are served. They name
+    /// every key to whoever can scrape, so they default to on only on a loopback address.
+    pub per_key_series: bool,
+}
+
+fn metrics_config(raw: RawMetrics) -> Result<MetricsConfig> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        Error::Config(format!(
+            "metrics.listen {:?} is not an address like 127.0.0.1:9464",
+            raw.listen
+        ))
+    })?;
+    Ok(MetricsConfig {
+        listen,
+        per_key_series: raw
+            .per_key_series
+            .unwrap_or_else(|| listen.ip().is_loopback()),
+    })
 }
 
 fn tracing_config(raw: RawTracing) -> Result<TracingConfig> {
@@ -1126,6 +1147,22 @@ mod tests {
             warnings[1].starts_with("aws.access_key[1].secret_file"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_by_default_and_name_keys_only_there_unless_asked() {
+        let dir = aws_dir();
+        let parse = |metrics: &str| {
+            Config::parse(&format!("{GOOD}\n[metrics]\n{metrics}\n"), dir.path())
+                .unwrap()
+                .metrics
+                .unwrap()
+        };
+        let default = parse("");
+        assert_eq!(default.listen, "127.0.0.1:9464".parse().unwrap());
+        assert!(default.per_key_series);
+        assert!(!parse("listen = \"0.0.0.0:9464\"").per_key_series);
+        assert!(parse("listen = \"0.0.0.0:9464\"\nper_key_series = true").per_key_series);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Prometheus metrics (`[metrics] listen = "127.0.0.1:9464"`, `GET /metrics`, plain HTTP on
-//! a listener of its own; put it on a private interface).
+//! Prometheus metrics (`[metrics]`, `listen` by default `127.0.0.1:9464`, `GET /metrics`,
+//! plain HTTP without authentication on a listener of its own; keep it on a private
+//! interface).
 //!
 //! What is measured, with label values drawn only from fixed sets (no key ids, principals
 //! or context values, so cardinality stays bounded):
@@ -15,7 +16,9 @@
 //! - `wrapd_keys{state}`: keys by state, at scrape time;
 //! - `wrapd_key_wrap_share{key_id}`: wraps made with each key's current version, as a share
 //!   of the per-version limit (rotate before it reaches 1; key ids are the only per-key
-//!   label);
+//!   label). Rendered at scrape time from the keys that exist then, so a deleted key's series
+//!   is gone; served only with `per_key_series` (by default only on a loopback address: the
+//!   series name every key to whoever can scrape);
 //! - `wrapd_hsm_call_duration_seconds`, `wrapd_hsm_session_wait_seconds`,
 //!   `wrapd_hsm_errors_total{kind}` (`device`, `session`, `call`, `session_wait`; a bad
 //!   ciphertext is not an HSM error), `wrapd_hsm_sessions{state}` (`in_use`, `idle`);
@@ -37,11 +40,13 @@ use crate::keystore::{KeyState, Keystore};
 pub struct Metrics {
     handle: PrometheusHandle,
     keystore: Arc<Keystore>,
+    per_key_series: bool,
 }
 
 impl Metrics {
-    /// Installs the process-wide Prometheus recorder.
-    pub fn install(keystore: Arc<Keystore>) -> Result<Self> {
+    /// Installs the process-wide Prometheus recorder; `per_key_series`: whether scrapes
+    /// include `wrapd_key_wrap_share{key_id}`.
+    pub fn install(keystore: Arc<Keystore>, per_key_series: bool) -> Result<Self> {
         let handle = PrometheusBuilder::new()
             .set_buckets(&[
                 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -51,18 +56,17 @@ impl Metrics {
             .install_recorder()
             .map_err(|e| Error::Config(format!("metrics: {e}")))?;
         metrics::gauge!("wrapd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        Ok(Self { handle, keystore })
+        Ok(Self {
+            handle,
+            keystore,
+            per_key_series,
+        })
     }
 
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut counts = [0u64; 4];
-        let limit = self.keystore.max_wraps_per_version() as f64;
         for key in self.keystore.keys() {
-            if let Some(current) = key.versions.last() {
-                let share = self.keystore.wrap_count(&key, current) as f64 / limit;
-                metrics::gauge!("wrapd_key_wrap_share", "key_id" => key.id.to_string()).set(share);
-            }
             counts[match key.state {
                 KeyState::Enabled => 0,
                 KeyState::Disabled => 1,
@@ -76,8 +80,31 @@ impl Metrics {
         {
             metrics::gauge!("wrapd_keys", "state" => *state).set(count as f64);
         }
-        self.handle.render()
+        let mut text = self.handle.render();
+        if self.per_key_series {
+            text.push_str(&wrap_share_series(&self.keystore));
+        }
+        text
     }
+}
+
+/// `wrapd_key_wrap_share{key_id}` of the keys that exist now, as exposition text. Written at
+/// each scrape rather than kept in the recorder, where a deleted key's series would stay
+/// for the life of the process.
+fn wrap_share_series(keystore: &Keystore) -> String {
+    use std::fmt::Write;
+    let limit = keystore.max_wraps_per_version() as f64;
+    let mut text = String::new();
+    for key in keystore.keys() {
+        if let Some(current) = key.versions.last() {
+            if text.is_empty() {
+                text.push_str("# TYPE wrapd_key_wrap_share gauge\n");
+            }
+            let share = keystore.wrap_count(&key, current) as f64 / limit;
+            let _ = writeln!(text, "wrapd_key_wrap_share{{key_id=\"{}\"}} {share}", key.id);
+        }
+    }
+    text
 }
 
 /// Counts a call and its latency.
@@ -106,4 +133,36 @@ pub fn record_audit_append(took: Duration) {
 /// Records how many audit lines one group commit wrote with one `fdatasync`.
 pub fn record_audit_sync(lines: usize) {
     metrics::histogram!("wrapd_audit_lines_per_sync").record(lines as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::memory::MemoryToken;
+    use crate::ids::KeyRef;
+    use crate::keystore::{KeystoreConfig, ManualClock, SqliteStore};
+
+    #[test]
+    fn a_deleted_keys_series_is_gone_from_the_next_scrape() {
+        let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
+        let keystore = Keystore::open(
+            Arc::new(MemoryToken::default()),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let kept = keystore.create_key("", None).unwrap();
+        let deleted = keystore.create_key("", None).unwrap();
+        let text = wrap_share_series(&keystore);
+        assert!(text.contains(&deleted.id.to_string()), "{text}");
+        keystore
+            .schedule_deletion(&KeyRef::Id(deleted.id.clone()), 7)
+            .unwrap();
+        clock.advance(Duration::from_secs(8 * 24 * 3600));
+        keystore.purge_due(|_| Ok(())).unwrap();
+        let text = wrap_share_series(&keystore);
+        assert!(text.contains(&kept.id.to_string()), "{text}");
+        assert!(!text.contains(&deleted.id.to_string()), "{text}");
+    }
 }

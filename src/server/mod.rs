@@ -112,7 +112,7 @@ pub struct Daemon {
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
     aws: Option<AwsConfig>,
-    metrics: Option<SocketAddr>,
+    metrics: Option<crate::config::MetricsConfig>,
     /// Set for a shared (fleet) store: how often the view is re-read in full.
     resync_interval: Option<Duration>,
     /// This daemon's name in a fleet, on every audit line.
@@ -383,8 +383,14 @@ impl Daemon {
             ready.aws = Some(addr);
         }
 
-        if let Some(addr) = self.metrics {
-            let metrics = crate::metrics::Metrics::install(self.keystore.clone())?;
+        if let Some(config) = self.metrics {
+            let addr = config.listen;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, per_key_series = config.per_key_series,
+                    "metrics are served without authentication on a non-loopback address; keep it on a private network");
+            }
+            let metrics =
+                crate::metrics::Metrics::install(self.keystore.clone(), config.per_key_series)?;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::Config(format!("cannot bind {addr}: {e}")))?;
