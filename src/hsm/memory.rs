@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 /// Key objects in memory.
 pub struct MemoryToken {
     keys: Mutex<HashMap<ObjectId, LessSafeKey>>,
+    tickets: Mutex<std::collections::BTreeSet<super::Ticket>>,
     rng: SystemRandom,
 }
 
@@ -24,6 +25,7 @@ impl Default for MemoryToken {
     fn default() -> Self {
         Self {
             keys: Mutex::default(),
+            tickets: Mutex::default(),
             rng: SystemRandom::new(),
         }
     }
@@ -164,6 +166,20 @@ impl Token for MemoryToken {
     }
 
     fn destroy_wrapping_key(&self, _id: &super::WrappingKeyId) -> Result<()> {
+        Ok(())
+    }
+
+    fn create_ticket(&self, ticket: &super::Ticket) -> Result<()> {
+        self.tickets.lock().insert(ticket.clone());
+        Ok(())
+    }
+
+    fn tickets(&self) -> Result<Vec<super::Ticket>> {
+        Ok(self.tickets.lock().iter().cloned().collect())
+    }
+
+    fn destroy_ticket(&self, ticket: &super::Ticket) -> Result<()> {
+        self.tickets.lock().remove(ticket);
         Ok(())
     }
 }

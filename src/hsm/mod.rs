@@ -12,6 +12,7 @@ pub(crate) mod memory;
 mod pkcs11;
 mod pool;
 mod provision;
+mod ticket;
 
 use std::cell::Cell;
 use std::fmt;
@@ -28,6 +29,7 @@ pub use crate::key_import::ImportAlgorithm;
 pub use pkcs11::Fault;
 pub use pkcs11::Pkcs11Token;
 pub use provision::provision_softhsm_token;
+pub use ticket::Ticket;
 
 thread_local! {
     /// The deadline of the call running on this thread, if its caller set one.
@@ -226,6 +228,15 @@ pub trait Token: Send + Sync + 'static {
     fn wrapping_keys(&self) -> Result<Vec<WrappingKeyId>>;
     /// Destroys a wrapping key; one that is already gone is not an error.
     fn destroy_wrapping_key(&self, id: &WrappingKeyId) -> Result<()>;
+
+    // ---- tickets (see `ticket.rs`) ----------------------------------------------------------
+
+    /// Records `ticket` (a token object with no use). Recording one that exists is no error.
+    fn create_ticket(&self, ticket: &Ticket) -> Result<()>;
+    /// Every ticket in the token.
+    fn tickets(&self) -> Result<Vec<Ticket>>;
+    /// Destroys every copy of `ticket`; one already gone is no error.
+    fn destroy_ticket(&self, ticket: &Ticket) -> Result<()>;
 }
 
 /// How the HSM behaves where PKCS#11 implementations differ.

@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 use super::pool::{Context, Outcome, Pool};
 use super::{
     HsmConfig, HsmProfile, ImportAlgorithm, KEY_CHECK_BLOCK, KeyCheckValue, ObjectId, Sealed,
-    Token, WrappingKeyId,
+    Ticket, Token, WrappingKeyId,
 };
 use crate::blob::{IV_LEN, TAG_LEN};
 use crate::error::{Error, Pkcs11Fault, Result};
@@ -608,9 +608,12 @@ fn unwrap_error(session: &Session, algorithm: ImportAlgorithm, err: CkError) -> 
 
 /// The `CKA_ID`s of every object of `class` (objects destroyed meanwhile are skipped).
 fn ids_of_class(session: &Session, class: ObjectClass) -> Result<Vec<Vec<u8>>> {
-    let handles = session
-        .find_objects(&[Attribute::Class(class)])
-        .map_err(p11_error)?;
+    ids_matching(session, &[Attribute::Class(class)])
+}
+
+/// The `CKA_ID`s of the objects that match `template`.
+fn ids_matching(session: &Session, template: &[Attribute]) -> Result<Vec<Vec<u8>>> {
+    let handles = session.find_objects(template).map_err(p11_error)?;
     let mut ids = Vec::new();
     for handle in handles {
         let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
@@ -1004,6 +1007,69 @@ impl Token for Pkcs11Token {
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
             destroy_all(session, ObjectClass::PRIVATE_KEY, id.to_bytes())
+        })
+    }
+
+    fn create_ticket(&self, ticket: &Ticket) -> Result<()> {
+        // An AES key no mechanism may use: every HSM keeps one (CloudHSM has no data
+        // objects), and its value never matters.
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(Ulong::from(16u64)),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+            Attribute::Id(ticket.to_bytes()),
+            Attribute::Label(Ticket::LABEL.to_vec()),
+        ];
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Id(ticket.to_bytes()),
+                ])
+                .map_err(p11_error)?;
+            if found.is_empty() {
+                session
+                    .generate_key(&Mechanism::AesKeyGen, &template)
+                    .map_err(p11_error)?;
+            }
+            // Two daemons recording one ticket at once make two copies: harmless, both go
+            // together.
+            Ok(())
+        })
+    }
+
+    fn tickets(&self) -> Result<Vec<Ticket>> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let ids = ids_matching(
+                session,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(Ticket::LABEL.to_vec()),
+                ],
+            )?;
+            let tickets: std::collections::BTreeSet<Ticket> =
+                ids.iter().filter_map(|id| Ticket::parse(id)).collect();
+            Ok(tickets.into_iter().collect())
+        })
+    }
+
+    fn destroy_ticket(&self, ticket: &Ticket) -> Result<()> {
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            destroy_all(session, ObjectClass::SECRET_KEY, ticket.to_bytes())
         })
     }
 }

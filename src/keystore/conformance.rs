@@ -263,7 +263,8 @@ pub fn version_claims(store: &impl Store) {
     );
 }
 
-/// An imported key's origin, state and material record round-trip and change atomically.
+/// An imported key's origin, state and material record round-trip and change atomically,
+/// and only over the check value the caller expects (two imports at once cannot both win).
 pub fn imported_material(store: &impl Store) {
     let mut key = record(KeyState::PendingImport);
     key.origin = KeyOrigin::External;
@@ -276,8 +277,21 @@ pub fn imported_material(store: &impl Store) {
         valid_to: Some(millis(SystemTime::now() + Duration::from_secs(3600))),
     };
     store
-        .set_material(&key.id, KeyState::Enabled, &material)
+        .set_material(&key.id, None, KeyState::Enabled, &material)
         .unwrap();
+    // Another import that read the key before this one recorded its material: refused,
+    // and the row keeps the first material.
+    let other = ImportedMaterial {
+        check_value: [0x33; 16],
+        ..material
+    };
+    assert_eq!(
+        store
+            .set_material(&key.id, None, KeyState::Enabled, &other)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::IncorrectKeyMaterial
+    );
     let loaded = store.key(&key.id).unwrap().unwrap();
     assert_eq!(loaded.state, KeyState::Enabled);
     assert_eq!(loaded.origin, KeyOrigin::External);
@@ -289,7 +303,12 @@ pub fn imported_material(store: &impl Store) {
         ..material
     };
     store
-        .set_material(&key.id, KeyState::PendingImport, &gone)
+        .set_material(
+            &key.id,
+            Some(&material.check_value),
+            KeyState::PendingImport,
+            &gone,
+        )
         .unwrap();
     let loaded = store.key(&key.id).unwrap().unwrap();
     assert_eq!(
@@ -298,7 +317,7 @@ pub fn imported_material(store: &impl Store) {
     );
     assert_eq!(
         store
-            .set_material(&KeyId::generate(), KeyState::Enabled, &material)
+            .set_material(&KeyId::generate(), None, KeyState::Enabled, &material)
             .unwrap_err()
             .kind(),
         ErrorKind::NotFound

@@ -16,9 +16,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::tickets::{Kind, due_keys, unix_seconds};
 use super::{ImportedMaterial, KeyOrigin, KeyRecord, KeyState, Keystore, MaintenanceLock};
 use crate::error::{Error, Result};
-use crate::hsm::{ImportAlgorithm, KeyCheckValue, ObjectId, WrappingKeyId};
+use crate::hsm::{ImportAlgorithm, KeyCheckValue, ObjectId, Ticket, WrappingKeyId};
 use crate::ids::{KeyId, KeyRef};
 
 /// How long an import token (and its wrapping key) lives, as in AWS KMS.
@@ -47,9 +48,8 @@ pub struct ImportParameters {
     pub valid_to: SystemTime,
 }
 
-fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+/// How long an import waits for another daemon's import or maintenance pass.
+const IMPORT_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 fn same_check_value(a: &KeyCheckValue, b: &KeyCheckValue) -> bool {
     // Constant time: the check value is a function of the key.
@@ -130,6 +130,12 @@ impl Keystore {
     /// expire at `valid_to` (`None`: never). The first import fixes the key's material; a
     /// later one (after expiry or deletion, or to change the expiry) must bring the same.
     /// A key pending import becomes enabled.
+    ///
+    /// Nothing is ever destroyed here. One import at a time in a fleet (the maintenance lock),
+    /// and the key is read from the store, not the view (which may not yet show another
+    /// daemon's import); the store records the material only over the check value read. An
+    /// object the token holds with other material than the store records (another daemon's
+    /// import, a restored metadata backup) is live material: refused, never replaced.
     pub fn import_key_material(
         &self,
         key: &KeyRef,
@@ -137,8 +143,13 @@ impl Keystore {
         wrapped: &[u8],
         valid_to: Option<SystemTime>,
     ) -> Result<Arc<KeyRecord>> {
+        let id = self.resolve(key)?.id.clone();
+        let _fleet = MaintenanceLock::wait(&*self.store, IMPORT_LOCK_WAIT)?;
         let _admin = self.admin.lock();
-        let key = self.resolve(key)?;
+        let key = self
+            .store
+            .key(&id)?
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
         require_external(&key)?;
         let now = self.clock.now();
         let wrapping = WrappingKeyId::parse(import_token)
@@ -166,8 +177,9 @@ impl Keystore {
         // A check first, into a session object: nothing in the token changes unless the
         // material is right.
         let check = self.token.import_key(&wrapping, wrapped, None)?;
-        if let Some(before) = key.material {
-            if !same_check_value(&before.check_value, &check) {
+        let before = key.material.map(|m| m.check_value);
+        if let Some(before) = &before {
+            if !same_check_value(before, &check) {
                 return Err(Error::IncorrectKeyMaterial(format!(
                     "the key material differs from the material imported into key {} before",
                     key.id
@@ -175,7 +187,17 @@ impl Keystore {
             }
         }
         let object = ObjectId::new(key.id.clone(), key.current_version());
-        let created = self.place_material(&key, &wrapping, wrapped, &object, &check)?;
+        self.place_material(&wrapping, wrapped, &object, &check)?;
+        // The expiry as a ticket (see `tickets.rs`): the new one before the commit, so that
+        // a recorded expiry is always in the token; without expiry, the old ones go first.
+        let new_ticket = valid_to.map(|t| Ticket::Expiry {
+            key_id: key.id.clone(),
+            due: unix_seconds(t),
+        });
+        match &new_ticket {
+            Some(ticket) => self.token.create_ticket(ticket)?,
+            None => self.destroy_tickets(&key.id, Some(Kind::Expiry), |_| false)?,
+        }
         let state = match key.state {
             KeyState::PendingImport => KeyState::Enabled,
             other => other,
@@ -185,13 +207,24 @@ impl Keystore {
             present: true,
             valid_to,
         };
-        if let Err(err) = self.store.set_material(&key.id, state, &material) {
-            if created {
-                if let Err(cleanup) = self.token.destroy_key(&object) {
-                    tracing::warn!(object = %object, error = %cleanup, "could not destroy imported material that failed to commit");
+        if let Err(err) = self
+            .store
+            .set_material(&key.id, before.as_ref(), state, &material)
+        {
+            // Nothing destroyed: the object holds exactly the checked material, and this
+            // import, repeated, finds and keeps it.
+            if let Some(ticket) = &new_ticket {
+                if let Err(cleanup) = self.token.destroy_ticket(ticket) {
+                    tracing::warn!(key_id = %key.id, error = %cleanup, "could not remove the expiry ticket of an import that was not recorded");
                 }
             }
             return Err(err);
+        }
+        if let Some(ticket) = &new_ticket {
+            // Only the latest expiry counts; older ones go once the new one is recorded.
+            if let Err(err) = self.destroy_tickets(&key.id, Some(Kind::Expiry), |t| t == ticket) {
+                tracing::warn!(key_id = %key.id, error = %err, "could not remove an older expiry ticket (the latest one counts)");
+            }
         }
         self.missing.write().remove(&object);
         tracing::info!(key_id = %key.id, algorithm = wrapping.algorithm.name(), expires = valid_to.is_some(), "key material imported");
@@ -200,48 +233,43 @@ impl Keystore {
     }
 
     /// Puts the checked material into the key's token object, unless the token holds it
-    /// already (a re-import that changes the expiry, or an import whose commit crashed).
-    /// Returns whether an object was created.
+    /// already (a re-import that changes the expiry, or an import whose commit failed).
+    /// Never destroys: an object with other material is refused.
     fn place_material(
         &self,
-        key: &KeyRecord,
         wrapping: &WrappingKeyId,
         wrapped: &[u8],
         object: &ObjectId,
         check: &KeyCheckValue,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         if self.token.contains(object)? {
-            let existing = self.token.key_check_value(object)?;
-            if same_check_value(&existing, check) {
-                return Ok(false);
+            if same_check_value(&self.token.key_check_value(object)?, check) {
+                return Ok(());
             }
-            if key.material.is_some() {
-                // The metadata says this object holds the key's material, yet it differs.
-                return Err(Error::Internal(format!(
-                    "the token object of {object} does not hold the key's recorded material"
-                )));
-            }
-            // Left by a first import that crashed before its commit: no blob was ever made
-            // with it (the key never left PENDING_IMPORT), so it may go.
-            tracing::warn!(object = %object, "replacing the material of an import that never committed");
-            self.token.destroy_key(object)?;
+            return Err(Error::IncorrectKeyMaterial(format!(
+                "the token already holds different key material for {object} that the metadata store does not record (an import on another daemon, or a restored metadata backup); nothing was destroyed. Import the material imported before, or import into a new key"
+            )));
         }
         let placed = self.token.import_key(wrapping, wrapped, Some(object))?;
         if !same_check_value(&placed, check) {
-            self.token.destroy_key(object)?;
+            tracing::error!(object = %object, "the material unwrapped twice gave two check values; the object is left for inspection");
             return Err(Error::Internal(
                 "the material unwrapped twice gave two check values".into(),
             ));
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Deletes a key's imported material from the token: the key becomes `PENDING_IMPORT`
     /// and its blobs fail until the same material is imported again. Repeating it after a
     /// failure finishes the destruction.
     pub fn delete_imported_material(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let id = self.resolve(key)?.id.clone();
         let _admin = self.admin.lock();
-        let key = self.resolve(key)?;
+        let key = self
+            .store
+            .key(&id)?
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
         require_external(&key)?;
         let Some(material) = key.material else {
             return Err(Error::WrongState(format!(
@@ -255,8 +283,9 @@ impl Keystore {
             .ok_or_else(|| Error::Internal("key vanished".into()))
     }
 
-    /// Records the material as gone (store first: from then on no daemon uses it), then
-    /// destroys its object. Caller holds the admin lock.
+    /// Records the material as gone (store first, over the check value read: from then on
+    /// no daemon uses it), then destroys its object and its expiry tickets. Caller holds the
+    /// admin lock.
     fn withdraw_material(
         &self,
         key: &KeyRecord,
@@ -268,45 +297,48 @@ impl Keystore {
             valid_to: None,
             ..material
         };
-        self.store.set_material(&key.id, state, &gone)?;
+        self.store
+            .set_material(&key.id, Some(&material.check_value), state, &gone)?;
         self.refresh(&key.id)?;
         for v in &key.versions {
             self.token
                 .destroy_key(&ObjectId::new(key.id.clone(), v.version))?;
         }
+        self.destroy_tickets(&key.id, Some(Kind::Expiry), |_| false)?;
         Ok(())
     }
 
-    /// Destroys imported material whose `valid_to` has passed, each after `before` returns
-    /// (the audit line; an error there leaves the key for the next pass; the data plane
-    /// refuses expired material meanwhile). Keys become `PENDING_IMPORT` (a key pending
-    /// deletion stays so). Returns the keys whose material expired.
+    /// Destroys imported material whose expiry is due by the token's expiry ticket *and*
+    /// the store (see `tickets.rs`), each after `before` returns (the audit line; an error
+    /// there leaves the key for the next pass; the data plane refuses expired material
+    /// meanwhile). Keys become `PENDING_IMPORT` (a key pending deletion stays so). Returns
+    /// the keys whose material expired.
     pub fn expire_material(&self, before: impl Fn(&KeyRecord) -> Result<()>) -> Result<Vec<KeyId>> {
         let Some(_maintenance) = MaintenanceLock::take(&*self.store)? else {
             return Ok(Vec::new());
         };
         let now = self.clock.now();
-        let due: Vec<KeyId> = self
-            .read_view()
-            .keys
-            .values()
-            .filter(|k| {
-                k.material
-                    .is_some_and(|m| m.present && m.valid_to.is_some_and(|t| t <= now))
-            })
-            .map(|k| k.id.clone())
-            .collect();
+        let seconds = unix_seconds(now);
+        let tickets = self.token.tickets()?;
         let mut expired = Vec::new();
-        for id in due {
+        for id in due_keys(&tickets, Kind::Expiry, seconds) {
             let _admin = self.admin.lock();
             let Some(key) = self.store.key(&id)? else {
-                continue;
+                continue; // not in this store
             };
             let Some(material) = key
                 .material
                 .filter(|m| m.present && m.valid_to.is_some_and(|t| t <= now))
             else {
-                continue; // re-imported with a later expiry meanwhile
+                // The store does not show it expired (re-imported, deleted, or edited): the
+                // due ticket is dropped, which only gives up a destruction.
+                tracing::warn!(key_id = %id, "an expiry recorded in the token that the metadata store does not show due; nothing destroyed, the record dropped");
+                self.destroy_tickets(
+                    &id,
+                    Some(Kind::Expiry),
+                    |t| !matches!(t, Ticket::Expiry { due, .. } if *due <= seconds),
+                )?;
+                continue;
             };
             before(&key)?;
             let state = match key.state {

@@ -199,7 +199,17 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Replaces the key's tags.
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()>;
     /// Sets the state and the imported material's record of an `EXTERNAL` key, atomically.
-    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()>;
+    ///
+    /// Only if the recorded check value is still `expected` (`None`: none recorded):
+    /// otherwise nothing changes and the answer is [`crate::Error::IncorrectKeyMaterial`]
+    /// (another import recorded other material first), or [`crate::Error::KeyNotFound`].
+    fn set_material(
+        &self,
+        id: &KeyId,
+        expected: Option<&crate::hsm::KeyCheckValue>,
+        state: KeyState,
+        material: &ImportedMaterial,
+    ) -> Result<()>;
     /// Sets the state and deletion date.
     fn set_state(
         &self,
@@ -256,6 +266,13 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: &Cursor,
         limit: usize,
     ) -> Result<Vec<(AliasName, KeyId)>>;
+}
+
+/// The error of a conditional material update whose condition no longer held.
+pub(super) fn other_material(id: &KeyId) -> crate::Error {
+    crate::Error::IncorrectKeyMaterial(format!(
+        "another import recorded different key material for key {id} first; nothing changed"
+    ))
 }
 
 /// Parses a stored key check value (hex).

@@ -21,6 +21,7 @@ mod metadata;
 mod postgres;
 mod read_through;
 mod sqlite;
+mod tickets;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub use sqlite::SqliteStore;
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
-use crate::hsm::{ObjectId, Token};
+use crate::hsm::{ObjectId, Ticket, Token};
 use crate::ids::{AliasName, KeyId, KeyRef};
 
 /// Largest data key GenerateDataKey makes, in bytes.
@@ -82,6 +83,22 @@ struct MaintenanceLock<'a>(&'a dyn MetadataStore);
 impl<'a> MaintenanceLock<'a> {
     fn take(store: &'a dyn MetadataStore) -> Result<Option<Self>> {
         Ok(store.try_lock_maintenance()?.then_some(Self(store)))
+    }
+
+    /// The lock, waiting up to `within` for another daemon of the fleet to release it.
+    fn wait(store: &'a dyn MetadataStore, within: Duration) -> Result<Self> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(lock) = Self::take(store)? {
+                return Ok(lock);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "another daemon of the fleet holds the maintenance lock; try again".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -421,6 +438,7 @@ impl Keystore {
         keystore.reload()?;
         let report = keystore.reconcile()?;
         keystore.settle_unknown_versions(&report)?;
+        keystore.adopt_tickets_once()?;
         Ok(keystore)
     }
 
@@ -1101,8 +1119,21 @@ impl Keystore {
             )));
         }
         let when = self.clock.now() + Duration::from_secs(u64::from(days) * 86_400);
-        self.store
-            .set_state(&key.id, KeyState::PendingDeletion, Some(when))?;
+        // The token first: a deletion the token does not record is never carried out.
+        let ticket = Ticket::Deletion {
+            key_id: key.id.clone(),
+            due: tickets::unix_seconds(when),
+        };
+        self.token.create_ticket(&ticket)?;
+        if let Err(err) = self
+            .store
+            .set_state(&key.id, KeyState::PendingDeletion, Some(when))
+        {
+            if let Err(cleanup) = self.token.destroy_ticket(&ticket) {
+                tracing::warn!(key_id = %key.id, error = %cleanup, "could not remove the deletion ticket of a deletion that was not recorded");
+            }
+            return Err(err);
+        }
         tracing::warn!(key_id = %key.id, days, "key deletion scheduled");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after scheduling deletion".into()))
@@ -1126,16 +1157,20 @@ impl Keystore {
         } else {
             KeyState::PendingImport
         };
+        // The tickets first: once they are gone, no daemon destroys the key, whatever the
+        // store says.
+        self.destroy_tickets(&key.id, Some(tickets::Kind::Deletion), |_| false)?;
         self.store.set_state(&key.id, state, None)?;
         tracing::info!(key_id = %key.id, state = state.as_str(), "key deletion cancelled");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after cancelling deletion".into()))
     }
 
-    /// Destroys the keys whose deletion date has passed: token objects first, then the
-    /// metadata. Safe to repeat after a crash (destroying a missing object is no error).
-    /// `before_destroy` runs for each key before anything of it is destroyed (the daemon
-    /// writes the key's audit line there); if it fails, the key is left alone.
+    /// Destroys the keys whose deletion is due, by the token's deletion ticket *and* the
+    /// metadata store (see `tickets.rs`): token objects first, then the metadata. Safe to
+    /// repeat after a crash (destroying a missing object is no error). `before_destroy` runs
+    /// for each key before anything of it is destroyed (the daemon writes the key's audit
+    /// line there); if it fails, the key is left alone.
     pub fn purge_due(
         &self,
         before_destroy: impl Fn(&KeyRecord) -> Result<()>,
@@ -1144,14 +1179,28 @@ impl Keystore {
             return Ok(Vec::new()); // another daemon of the fleet is at it
         };
         let now = self.clock.now();
-        let mut purged = Vec::new();
+        let seconds = tickets::unix_seconds(now);
+        let tickets = self.token.tickets()?;
+        // What the store calls due and the token does not: an edited or restored store.
         for id in self.store.keys_due_for_deletion(now)? {
+            if !tickets::is_due(&tickets, tickets::Kind::Deletion, &id, seconds) {
+                tracing::warn!(key_id = %id, "the metadata store shows this key due for deletion, but the token records no such deletion (an edited or restored store?): nothing destroyed");
+            }
+        }
+        let mut purged = Vec::new();
+        for id in tickets::due_keys(&tickets, tickets::Kind::Deletion, seconds) {
             let _admin = self.admin.lock();
             let Some(key) = self.store.key(&id)? else {
+                // Not in this store (a purge that stopped after deleting the row, or another
+                // store on the same token): nothing to destroy here.
                 continue;
             };
             if key.state != KeyState::PendingDeletion || key.deletion_date.is_none_or(|d| d > now) {
-                continue; // cancelled meanwhile
+                // The store does not show it due: the deletion is given up (a store writer
+                // can hold a deletion back, never cause one).
+                tracing::warn!(key_id = %id, state = key.state.as_str(), "a deletion recorded in the token that the metadata store does not show due; nothing destroyed, the record dropped");
+                self.destroy_tickets(&id, Some(tickets::Kind::Deletion), |_| false)?;
+                continue;
             }
             before_destroy(&key)?;
             for v in &key.versions {
@@ -1159,6 +1208,7 @@ impl Keystore {
                     .destroy_key(&ObjectId::new(id.clone(), v.version))?;
             }
             self.store.delete_key(&id, now)?;
+            self.destroy_tickets(&id, None, |_| false)?;
             self.refresh(&id)?;
             self.refresh_aliases()?;
             self.counters.lock().retain(|object, _| object.key_id != id);
@@ -1664,6 +1714,139 @@ mod tests {
         assert_eq!(purged, vec![id.clone()]);
         assert_eq!(*seen.lock(), vec![id]);
         assert!(!token.contains(&object).unwrap());
+    }
+
+    /// A key store on a memory token and an in-memory SQLite store, the store kept as a
+    /// "writer" that edits rows behind the key store's back, and a manual clock.
+    fn with_writer() -> (
+        Keystore,
+        Arc<MemoryToken>,
+        Arc<SqliteStore>,
+        Arc<ManualClock>,
+    ) {
+        let token = Arc::new(MemoryToken::default());
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let ks = Keystore::open(
+            token.clone(),
+            store.clone(),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        (ks, token, store, clock)
+    }
+
+    #[test]
+    fn a_deletion_written_only_in_the_store_destroys_nothing() {
+        let (ks, token, store, clock) = with_writer();
+        let id = ks.create_key("", None).unwrap().id.clone();
+        store
+            .set_state(&id, KeyState::PendingDeletion, Some(clock.now()))
+            .unwrap();
+        clock.advance(Duration::from_secs(31 * 86_400));
+        let purged = ks.purge_due(|_| panic!("nothing is due")).unwrap();
+        assert!(purged.is_empty());
+        assert!(token.contains(&ObjectId::new(id, 1)).unwrap());
+    }
+
+    #[test]
+    fn a_deletion_date_moved_earlier_in_the_store_waits_for_the_scheduled_one() {
+        let (ks, token, store, clock) = with_writer();
+        let id = ks.create_key("", None).unwrap().id.clone();
+        ks.schedule_deletion(&KeyRef::Id(id.clone()), 30).unwrap();
+        store
+            .set_state(&id, KeyState::PendingDeletion, Some(clock.now()))
+            .unwrap();
+        clock.advance(Duration::from_secs(8 * 86_400));
+        assert!(ks.purge_due(|_| Ok(())).unwrap().is_empty());
+        assert!(token.contains(&ObjectId::new(id.clone(), 1)).unwrap());
+        clock.advance(Duration::from_secs(23 * 86_400));
+        assert_eq!(ks.purge_due(|_| Ok(())).unwrap(), vec![id.clone()]);
+        assert!(!token.contains(&ObjectId::new(id, 1)).unwrap());
+    }
+
+    #[test]
+    fn a_cancelled_deletion_replayed_into_the_store_destroys_nothing() {
+        let (ks, token, store, clock) = with_writer();
+        let id = ks.create_key("", None).unwrap().id.clone();
+        let scheduled = ks.schedule_deletion(&KeyRef::Id(id.clone()), 7).unwrap();
+        ks.cancel_deletion(&KeyRef::Id(id.clone())).unwrap();
+        // A backup taken while the deletion was pending, restored.
+        store
+            .set_state(&id, KeyState::PendingDeletion, scheduled.deletion_date)
+            .unwrap();
+        clock.advance(Duration::from_secs(8 * 86_400));
+        assert!(ks.purge_due(|_| Ok(())).unwrap().is_empty());
+        assert!(token.contains(&ObjectId::new(id, 1)).unwrap());
+    }
+
+    #[test]
+    fn a_scheduled_deletion_is_carried_out_by_a_restarted_keystore() {
+        let (ks, token, store, clock) = with_writer();
+        let id = ks.create_key("", None).unwrap().id.clone();
+        ks.schedule_deletion(&KeyRef::Id(id.clone()), 7).unwrap();
+        drop(ks);
+        let reopened = Keystore::open(
+            token.clone(),
+            store,
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        clock.advance(Duration::from_secs(8 * 86_400));
+        assert_eq!(reopened.purge_due(|_| Ok(())).unwrap(), vec![id.clone()]);
+        assert!(!token.contains(&ObjectId::new(id, 1)).unwrap());
+    }
+
+    #[test]
+    fn deletions_pending_before_the_upgrade_wait_seven_days_after_it() {
+        // A store written by a release without tickets: a deletion already due in it.
+        let token = Arc::new(MemoryToken::default());
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let old = Keystore::open(
+            token.clone(),
+            store.clone(),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let id = old.create_key("", None).unwrap().id.clone();
+        drop(old);
+        let fresh_token = Arc::new(MemoryToken::default());
+        for object in token.list_keys().unwrap() {
+            fresh_token.generate_key(&object).unwrap();
+        }
+        store
+            .set_state(&id, KeyState::PendingDeletion, Some(clock.now()))
+            .unwrap();
+        let upgraded = Keystore::open(
+            fresh_token.clone(),
+            store.clone(),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        assert!(upgraded.purge_due(|_| Ok(())).unwrap().is_empty());
+        clock.advance(tickets::ADOPTION_FLOOR);
+        assert_eq!(upgraded.purge_due(|_| Ok(())).unwrap(), vec![id]);
+        // Adopted once: a deletion written in the store later is not.
+        let later = upgraded.create_key("", None).unwrap().id.clone();
+        store
+            .set_state(&later, KeyState::PendingDeletion, Some(clock.now()))
+            .unwrap();
+        drop(upgraded);
+        let again = Keystore::open(
+            fresh_token.clone(),
+            store,
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        clock.advance(tickets::ADOPTION_FLOOR * 2);
+        assert!(again.purge_due(|_| Ok(())).unwrap().is_empty());
+        assert!(fresh_token.contains(&ObjectId::new(later, 1)).unwrap());
     }
 
     #[test]

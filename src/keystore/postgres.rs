@@ -28,10 +28,11 @@ use zeroize::Zeroizing;
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord,
+    StoreChanges, VersionRecord, other_material,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
+use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
 /// The notification channel.
@@ -918,16 +919,27 @@ impl MetadataStore for PostgresStore {
         })
     }
 
-    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()> {
+    fn set_material(
+        &self,
+        id: &KeyId,
+        expected: Option<&KeyCheckValue>,
+        state: KeyState,
+        material: &ImportedMaterial,
+    ) -> Result<()> {
+        let expected = expected.map(hex::encode);
         self.tx(|tx| {
+            // Under READ COMMITTED a concurrent update is waited for and this condition
+            // checked again on the committed row: a compare-and-swap.
             let changed = tx
                 .execute(
-                    "UPDATE keys SET state = $2 WHERE id = $1",
-                    &[&id.as_str(), &state.as_str()],
+                    "UPDATE keys SET state = $2 WHERE id = $1
+                     AND material_check IS NOT DISTINCT FROM $3::text",
+                    &[&id.as_str(), &state.as_str(), &expected],
                 )
                 .map_err(pg_error)?;
             if changed == 0 {
-                return Err(Error::KeyNotFound(id.to_string()));
+                Self::key_exists(tx, id)?;
+                return Err(other_material(id));
             }
             Self::write_material(tx, id, KeyOrigin::External, Some(material))?;
             notify_key(tx, id)

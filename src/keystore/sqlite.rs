@@ -9,10 +9,11 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord,
+    VersionRecord, other_material,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
+use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
 const SCHEMA_VERSION: i64 = 3;
@@ -538,17 +539,25 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    fn set_material(&self, id: &KeyId, state: KeyState, material: &ImportedMaterial) -> Result<()> {
+    fn set_material(
+        &self,
+        id: &KeyId,
+        expected: Option<&KeyCheckValue>,
+        state: KeyState,
+        material: &ImportedMaterial,
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_error)?;
+        // `IS`: SQLite's equality that matches NULL to NULL.
         let changed = tx
             .execute(
-                "UPDATE keys SET state = ?2 WHERE id = ?1",
-                params![id.as_str(), state.as_str()],
+                "UPDATE keys SET state = ?2 WHERE id = ?1 AND material_check IS ?3",
+                params![id.as_str(), state.as_str(), expected.map(hex::encode)],
             )
             .map_err(db_error)?;
         if changed == 0 {
-            return Err(Error::KeyNotFound(id.to_string()));
+            Self::key_exists(&tx, id)?;
+            return Err(other_material(id));
         }
         Self::write_material(&tx, id, KeyOrigin::External, Some(material))?;
         tx.commit().map_err(db_error)

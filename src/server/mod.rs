@@ -187,12 +187,7 @@ impl Daemon {
         };
         let workers = hsm.max_sessions;
         let token = Pkcs11Token::open(hsm)?;
-        let keystore = Keystore::open(
-            Arc::new(token.clone()),
-            store,
-            Arc::new(SystemClock),
-            keystore,
-        )?;
+        let keystore = Keystore::open(Arc::new(token.clone()), store, daemon_clock(), keystore)?;
         Ok(Self {
             resync_interval: match &store_config {
                 StoreConfig::Postgres {
@@ -677,6 +672,35 @@ async fn maintenance_task(ops: Ops, interval: Duration) {
             Ok(Err(err)) => tracing::error!(error = %err, "scheduled deletion failed; will retry"),
             Err(err) => tracing::error!(error = %err, "deletion task failed"),
         }
+    }
+}
+
+/// The daemon's clock: the system's, or (only in builds with the `fault-injection`
+/// feature, for tests) the system's moved by `WRAPD_FAULT_CLOCK_SKEW_S` seconds, so that a
+/// test can let scheduled deletions and expiries fall due across restarts.
+fn daemon_clock() -> Arc<dyn crate::keystore::Clock> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(skew) = std::env::var("WRAPD_FAULT_CLOCK_SKEW_S")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        tracing::warn!(
+            skew_s = skew,
+            "fault injection: the daemon's clock runs ahead"
+        );
+        return Arc::new(SkewedClock(std::time::Duration::from_secs(skew)));
+    }
+    Arc::new(SystemClock)
+}
+
+/// The system clock moved ahead (fault injection).
+#[cfg(feature = "fault-injection")]
+struct SkewedClock(std::time::Duration);
+
+#[cfg(feature = "fault-injection")]
+impl crate::keystore::Clock for SkewedClock {
+    fn now(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() + self.0
     }
 }
 

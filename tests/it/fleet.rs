@@ -176,6 +176,8 @@ struct Node {
     child: Option<Child>,
     /// The ready line of the last start.
     ready: String,
+    /// Extra environment of the daemon.
+    env: Vec<(String, String)>,
     dir: PathBuf,
     socket: PathBuf,
     config: PathBuf,
@@ -244,6 +246,7 @@ lock_memory = "off"
         Self {
             child: None,
             ready: String::new(),
+            env: Vec::new(),
             socket: dir.join("wrapd.sock"),
             dir,
             config,
@@ -262,6 +265,7 @@ lock_memory = "off"
         let mut child = Command::new(env!("CARGO_BIN_EXE_wrapd"))
             .args(["serve", "--config"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -935,10 +939,96 @@ async fn a_daemon_killed_under_load_costs_the_others_nothing_and_catches_up() {
         .unwrap();
 }
 
+/// Whoever can write the database cannot make a daemon destroy key material: a deletion
+/// date moved to the past, and a key marked pending deletion that nobody scheduled, are both
+/// refused by the token's record (only ScheduleKeyDeletion makes one), and the keys come back
+/// whole.
+#[tokio::test]
+async fn a_deletion_written_in_the_database_destroys_nothing() {
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let (_dev, nodes) = fleet_on_database(&database, 2, "");
+    let scheduled = create_key(&mut nodes[0].keys().await, "").await;
+    let forged = create_key(&mut nodes[0].keys().await, "").await;
+    let mut blobs = Vec::new();
+    for key in [&scheduled, &forged] {
+        blobs.push(generate(&mut nodes[1].data().await, &key.key_id, &[]).await);
+    }
+    nodes[0]
+        .keys()
+        .await
+        .schedule_key_deletion(wrapd::proto::ScheduleKeyDeletionRequest {
+            key_id: scheduled.key_id.clone(),
+            pending_window_days: 30,
+        })
+        .await
+        .unwrap();
+    let (url, a, b) = (
+        database.clone(),
+        scheduled.key_id.clone(),
+        forged.key_id.clone(),
+    );
+    std::thread::spawn(move || {
+        crate::common::postgres::PgServer::sql(
+            &url,
+            &format!(
+                "UPDATE keys SET deletion_date = 0 WHERE id = '{a}';
+                 UPDATE keys SET state = 'PENDING_DELETION', deletion_date = 0 WHERE id = '{b}';"
+            ),
+        )
+    })
+    .join()
+    .unwrap();
+    // The maintenance passes (every second) see the store's word and refuse it.
+    let refused = "the token records no such deletion";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !nodes.iter().any(|n| n.log().contains(refused)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no maintenance pass saw the edit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in &nodes {
+        assert!(
+            node.audit_lines()
+                .iter()
+                .all(|l| l.operation != "DestroyKey"),
+            "{}",
+            node.log()
+        );
+    }
+    for key in [&scheduled, &forged] {
+        let mut keys = nodes[0].keys().await;
+        keys.cancel_key_deletion(key_ref(&key.key_id))
+            .await
+            .unwrap();
+        keys.enable_key(key_ref(&key.key_id)).await.unwrap();
+    }
+    for node in &nodes {
+        let data = node.data().await;
+        for blob in &blobs {
+            eventually("every blob unwraps again", || {
+                let mut data = data.clone();
+                let ciphertext_blob = blob.ciphertext_blob.clone();
+                async move {
+                    data.unwrap(UnwrapRequest {
+                        ciphertext_blob,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                }
+            })
+            .await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
     let database = std::thread::spawn(|| server().database()).join().unwrap();
-    let (_dev, nodes) = fleet_on_database(&database, 3, "");
+    let (_dev, mut nodes) = fleet_on_database(&database, 3, "");
     let key = create_key(&mut nodes[0].keys().await, "").await;
     let generated = generate(&mut nodes[1].data().await, &key.key_id, &[]).await;
     // Every daemon has used the key (its handle cached).
@@ -961,16 +1051,15 @@ async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
         })
         .await
         .unwrap();
-    // Seven days pass (in the database).
-    let (url, id) = (database.clone(), key.key_id.clone());
-    std::thread::spawn(move || {
-        crate::common::postgres::PgServer::sql(
-            &url,
-            &format!("UPDATE keys SET deletion_date = 0 WHERE id = '{id}'"),
-        )
-    })
-    .join()
-    .unwrap();
+    // Eight days pass for one daemon (restarted with its clock ahead); the others keep
+    // running, the key's handle cached.
+    let victim = nodes[0].child.as_mut().unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    nodes[0]
+        .env
+        .push(("WRAPD_FAULT_CLOCK_SKEW_S".into(), (8 * 86_400).to_string()));
+    nodes[0].spawn();
     for node in &nodes {
         let keys = node.keys().await;
         eventually("the key is gone everywhere", || {

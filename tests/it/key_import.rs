@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use wrapd::blob::Blob;
 use wrapd::context::EncryptionContext;
 use wrapd::error::ErrorKind;
-use wrapd::hsm::{ImportAlgorithm, ObjectId, Token, WrappingKeyId};
+use wrapd::hsm::{ImportAlgorithm, ObjectId, Ticket, Token, WrappingKeyId};
 use wrapd::ids::{KeyId, KeyRef};
 use wrapd::key_import::wrap_key_material;
 use wrapd::keystore::{
@@ -203,7 +203,9 @@ fn unnamed_objects(session: &Session) -> usize {
                     })
                 })
                 .unwrap_or_default();
-            ObjectId::from_cka_id(&id).is_none() && WrappingKeyId::parse(&id).is_none()
+            ObjectId::from_cka_id(&id).is_none()
+                && WrappingKeyId::parse(&id).is_none()
+                && Ticket::parse(&id).is_none()
         })
         .count()
 }
@@ -1097,4 +1099,117 @@ fn unwraps_go_on_while_a_4096_bit_wrapping_key_is_generated() {
         longest_wait < generation / 2,
         "an unwrap waited {longest_wait:?} of the generation's {generation:?}"
     );
+}
+
+// ---- the metadata store's writer cannot destroy material ----------------------------------
+
+/// A second handle on the fixture's metadata store, as someone who edits it behind wrapd.
+fn writer(f: &Fixture) -> SqliteStore {
+    SqliteStore::open(&f._dir.path().join("meta.db")).unwrap()
+}
+
+const OTHER: [u8; 32] = [0x55; 32];
+
+#[test]
+fn an_import_over_unrecorded_material_is_refused_and_destroys_nothing() {
+    use wrapd::keystore::MetadataStore;
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let blob = f
+        .keystore
+        .wrap(&by_id(&key), b"sixteen byte dek", &ctx())
+        .unwrap()
+        .blob;
+    // A metadata backup from before the import, restored: the row records no material.
+    let restored = writer(&f);
+    let mut row = restored.key(&key.id).unwrap().unwrap();
+    row.material = None;
+    restored.delete_key(&key.id, SystemTime::now()).unwrap();
+    row.state = KeyState::PendingImport;
+    restored.create_key(&row, None).unwrap();
+    let f = Fixture {
+        keystore: Keystore::open(
+            token(),
+            Arc::new(writer(&f)),
+            f.clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap(),
+        ..f
+    };
+    let err = import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &OTHER).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::IncorrectKeyMaterial, "{err}");
+    assert_eq!(key_objects(&key), 1);
+    // The material imported before still works, and the blob with it.
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let unwrapped = f.keystore.unwrap(&blob, &ctx(), None).unwrap();
+    assert_eq!(&unwrapped.plaintext[..], b"sixteen byte dek");
+}
+
+#[test]
+fn two_keystores_importing_into_one_key_keep_the_first_material() {
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    // A second daemon on the same store and token, whose view has the key pending import.
+    let other = Keystore::open(
+        token(),
+        Arc::new(writer(&f)),
+        f.clock.clone(),
+        KeystoreConfig::default(),
+    )
+    .unwrap();
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let blob = f
+        .keystore
+        .wrap(&by_id(&key), b"sixteen byte dek", &ctx())
+        .unwrap()
+        .blob;
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaesOaepSha1, &OTHER);
+    let err = other
+        .import_key_material(&by_id(&key), &p.import_token, &wrapped, None)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::IncorrectKeyMaterial, "{err}");
+    assert_known_answer(&f, &key);
+    let unwrapped = f.keystore.unwrap(&blob, &ctx(), None).unwrap();
+    assert_eq!(&unwrapped.plaintext[..], b"sixteen byte dek");
+}
+
+#[test]
+fn an_expiry_moved_earlier_in_the_store_destroys_nothing() {
+    use wrapd::keystore::MetadataStore;
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    let (p, wrapped) = wrapped_for(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN);
+    let valid_to = SystemTime::now() + Duration::from_secs(30 * 86_400);
+    f.keystore
+        .import_key_material(&by_id(&key), &p.import_token, &wrapped, Some(valid_to))
+        .unwrap();
+    let store = writer(&f);
+    let row = store.key(&key.id).unwrap().unwrap();
+    let mut material = row.material.unwrap();
+    material.valid_to = Some(SystemTime::now() - Duration::from_secs(60));
+    store
+        .set_material(
+            &key.id,
+            Some(&material.check_value),
+            KeyState::Enabled,
+            &material,
+        )
+        .unwrap();
+    f.clock.advance(Duration::from_secs(3600));
+    assert!(f.keystore.expire_material(|_| Ok(())).unwrap().is_empty());
+    assert_eq!(key_objects(&key), 1);
+    // The expiry that was imported still holds.
+    f.clock.advance(Duration::from_secs(31 * 86_400));
+    assert!(
+        f.keystore
+            .expire_material(|_| Ok(()))
+            .unwrap()
+            .contains(&key.id)
+    );
+    assert_eq!(key_objects(&key), 0);
 }
