@@ -101,7 +101,11 @@ fn wrap_share_series(keystore: &Keystore) -> String {
                 text.push_str("# TYPE wrapd_key_wrap_share gauge\n");
             }
             let share = keystore.wrap_count(&key, current) as f64 / limit;
-            let _ = writeln!(text, "wrapd_key_wrap_share{{key_id=\"{}\"}} {share}", key.id);
+            let _ = writeln!(
+                text,
+                "wrapd_key_wrap_share{{key_id=\"{}\"}} {share}",
+                key.id
+            );
         }
     }
     text

@@ -815,3 +815,65 @@ fn data_keys_through_the_aws_kms_api_make_the_same_objects_as_over_grpc() {
             .any(|r| r.operation == "Unwrap" && r.transport == "aws-kms")
     );
 }
+
+#[test]
+fn a_v2_object_is_refused_when_commitment_is_required_and_a_v3_one_is_read() {
+    let s = setup();
+    let input = s.path("committed.in");
+    std::fs::write(&input, content(4096)).unwrap();
+    s.put(&input, "plain-v2", &[]);
+    s.put(&input, "committed-v3", &["--format", "v3"]);
+    let out = s.path("committed.out");
+    let err = s
+        .get("plain-v2", &out, &["--require-commitment"])
+        .unwrap_err();
+    assert!(err.contains("does not commit"), "{err}");
+    assert!(!out.exists(), "nothing written for a refused object");
+    s.get("committed-v3", &out, &["--require-commitment"])
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), content(4096));
+}
+
+#[test]
+fn an_oversized_instruction_file_is_refused() {
+    let s = setup();
+    let input = s.path("instructed.in");
+    std::fs::write(&input, content(1024)).unwrap();
+    s.put(&input, "instructed", &["--instruction-file"]);
+    // Whoever can write the bucket replaces the instruction file with a large one.
+    let large = s.path("large.instruction");
+    std::fs::write(&large, vec![b' '; 1 << 20]).unwrap();
+    s.s3.s3api(&[
+        "put-object",
+        "--bucket",
+        "objects",
+        "--key",
+        "instructed.instruction",
+        "--body",
+        large.to_str().unwrap(),
+    ]);
+    let out = s.path("instructed.out");
+    let err = s.get("instructed", &out, &[]).unwrap_err();
+    assert!(err.contains("instruction file is larger than"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn sse_c_toward_a_plain_http_endpoint_off_this_host_is_refused() {
+    let s = setup();
+    let input = s.path("ssec.in");
+    std::fs::write(&input, content(1024)).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+    s3_env(&mut command);
+    let out = command
+        .arg("--socket")
+        .arg(&s.daemon.socket)
+        .args(["s3", "put", input.to_str().unwrap(), "s3://objects/ssec"])
+        .args(["--key", &s.arn, "--sse-c"])
+        .args(["--s3-endpoint", "http://192.0.2.1:9000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not https://"), "{stderr}");
+}

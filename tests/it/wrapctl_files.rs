@@ -263,3 +263,72 @@ async fn interoperates_with_the_official_python_sdk_through_wrapd() {
         assert_eq!(std::fs::read(&back).unwrap(), data);
     }
 }
+
+/// A decryption killed half-way leaves nothing in the output's directory: not even the
+/// unauthenticated part of the plaintext under a temporary name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_decrypt_leaves_nothing_behind() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    create_key(&mut keys, "alias/killed").await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.bin");
+    std::fs::write(&plain, vec![7u8; 4 << 20]).unwrap();
+    let sealed = dir.path().join("sealed.esdk");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ok, _, err) = wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            "alias/killed",
+            "--input",
+            &s(&plain),
+            "--output",
+            &s(&sealed),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let sealed = std::fs::read(&sealed).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("back.bin");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["decrypt", "--input", "-", "--output", &s(&output)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Half the message, and the pipe kept open: wrapctl is mid-way, its output open.
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(&sealed[..sealed.len() / 2]).unwrap();
+    let fds = format!("/proc/{}/fd", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let open_in_dir = std::fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| target.starts_with(out_dir.path()));
+        if open_in_dir {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wrapctl never opened its output"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(pipe);
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

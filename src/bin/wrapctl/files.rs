@@ -14,13 +14,29 @@ use wrapd::context::EncryptionContext;
 use crate::error::CliError;
 use crate::output::{ErasedReport, Report, fields};
 
-/// An output file written under a temporary name, renamed into place only on success.
-/// The temporary file is created exclusively (`O_EXCL`: no symlink is followed), mode 0600,
-/// under an unpredictable name, in the target's directory (security review finding 9); it
-/// is removed when not committed.
+/// An output file written where nobody can see it until it is complete, then moved into
+/// place only on success.
+///
+/// On Linux the file is unnamed (`O_TMPFILE`) in the target's directory, mode 0600: if the
+/// process is killed before it commits, nothing is left behind, which matters because the
+/// output may be plaintext that has not been authenticated yet. On commit it is linked under
+/// an unpredictable temporary name and renamed over the target. Where the filesystem has no
+/// unnamed files, a named temporary file is used instead, created exclusively (`O_EXCL`: no
+/// symlink is followed), mode 0600, under an unpredictable name, and removed when not
+/// committed.
 pub(crate) struct Output {
     target: Option<PathBuf>,
-    temp: Option<tempfile::TempPath>,
+    staged: Staged,
+}
+
+/// Where the output is until it commits.
+enum Staged {
+    /// Standard output: nothing to commit.
+    Stdout,
+    /// An unnamed file in the target's directory (its descriptor).
+    Unnamed(std::os::fd::OwnedFd, PathBuf),
+    /// A named temporary file, removed when dropped.
+    Named(tempfile::TempPath),
 }
 
 impl Output {
@@ -29,7 +45,7 @@ impl Output {
             return Ok((
                 Output {
                     target: None,
-                    temp: None,
+                    staged: Staged::Stdout,
                 },
                 Box::new(BufWriter::new(std::io::stdout())),
             ));
@@ -44,6 +60,16 @@ impl Output {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
         };
+        if let Some(fd) = unnamed_file(&dir) {
+            let file = File::from(fd.try_clone().map_err(|e| e.to_string())?);
+            return Ok((
+                Output {
+                    target: Some(target),
+                    staged: Staged::Unnamed(fd, dir),
+                },
+                Box::new(BufWriter::new(file)),
+            ));
+        }
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}.wrapctl-"))
             .tempfile_in(&dir)
@@ -52,19 +78,53 @@ impl Output {
         Ok((
             Output {
                 target: Some(target),
-                temp: Some(temp),
+                staged: Staged::Named(temp),
             },
             Box::new(BufWriter::new(file)),
         ))
     }
 
-    pub(crate) fn commit(mut self) -> Result<(), String> {
-        if let (Some(temp), Some(target)) = (self.temp.take(), &self.target) {
-            temp.persist(target)
-                .map_err(|e| format!("cannot move the output into place: {}", e.error))?;
+    pub(crate) fn commit(self) -> Result<(), String> {
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        match self.staged {
+            Staged::Stdout => Ok(()),
+            Staged::Named(temp) => temp
+                .persist(target)
+                .map(drop)
+                .map_err(|e| format!("cannot move the output into place: {}", e.error)),
+            Staged::Unnamed(fd, dir) => {
+                // A name first (linkat will not replace a file), then the rename over the
+                // target, which is atomic.
+                let name = format!(".wrapctl-{:016x}", rand::random::<u64>());
+                let staged = dir.join(name);
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)),
+                    rustix::fs::CWD,
+                    &staged,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(|e| format!("cannot move the output into place: {e}"))?;
+                std::fs::rename(&staged, target).map_err(|e| {
+                    let _ = std::fs::remove_file(&staged);
+                    format!("cannot move the output into place: {e}")
+                })
+            }
         }
-        Ok(())
     }
+}
+
+/// An unnamed file (`O_TMPFILE`, mode 0600) in `dir`, where the filesystem has them.
+fn unnamed_file(dir: &Path) -> Option<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .ok()
 }
 
 /// `wrapctl encrypt`'s result.
@@ -234,11 +294,11 @@ mod tests {
 
     use super::*;
 
-    /// Security review finding 9: the plaintext goes to an exclusive, private, unpredictably
-    /// named file in the target's directory, and a symlink planted at the target is replaced,
-    /// never followed.
+    /// The plaintext goes to a private file no one can find by name until it commits, in
+    /// the target's directory, and a symlink planted at the target is replaced, never
+    /// followed.
     #[test]
-    fn output_is_private_exclusive_and_never_follows_a_symlink() {
+    fn output_is_private_unnamed_until_committed_and_never_follows_a_symlink() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"untouched").unwrap();
@@ -247,13 +307,14 @@ mod tests {
         let path = target.to_str().unwrap();
 
         let (first, mut writer) = Output::open(path).unwrap();
-        let (second, _) = Output::open(path).unwrap();
-        let temp = first.temp.as_ref().unwrap().to_path_buf();
-        assert_ne!(temp, second.temp.as_ref().unwrap().to_path_buf());
-        assert_eq!(temp.parent(), Some(dir.path()));
-        let mode = std::fs::metadata(&temp).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        drop(second);
+        let Staged::Unnamed(fd, staged_in) = &first.staged else {
+            panic!("this filesystem has unnamed files (O_TMPFILE)");
+        };
+        assert_eq!(staged_in, dir.path());
+        let file = File::from(fd.try_clone().unwrap());
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        let names = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(names, 2, "nothing named before the commit");
 
         writer.write_all(b"plaintext").unwrap();
         writer.flush().unwrap();

@@ -81,6 +81,11 @@ pub enum S3Command {
         /// The object was put with --sse-c: unwrap its SSE-C key and send it.
         #[arg(long)]
         sse_c: bool,
+        /// Read only objects whose format commits to its data key (V3), as the official
+        /// clients' REQUIRE_ENCRYPT_REQUIRE_DECRYPT commitment policy does: a V2 object is
+        /// refused before its key is unwrapped.
+        #[arg(long, conflicts_with = "sse_c")]
+        require_commitment: bool,
         #[command(flatten)]
         s3: S3Args,
     },
@@ -122,6 +127,36 @@ macro_rules! with_sse_c {
             None => $builder,
         }
     };
+}
+
+/// Refuses `--sse-c` toward a plain `http://` S3 endpoint that is not on this host: every
+/// request of an SSE-C object carries its key, which must not cross a network in clear.
+fn check_sse_c_endpoint(args: &S3Args) -> Result<(), CliError> {
+    let endpoint = args
+        .s3_endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+    let Some(endpoint) = endpoint else {
+        return Ok(()); // AWS itself: https
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| CliError::usage(format!("the S3 endpoint {endpoint:?} is not a URL")))?;
+    let loopback = uri.host().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    if uri.scheme_str() == Some("https") || loopback {
+        return Ok(());
+    }
+    Err(CliError::usage(format!(
+        "--sse-c sends the object's key with every request, and the S3 endpoint {endpoint} is not https:// (plain HTTP is allowed only to this host)"
+    )))
 }
 
 /// The context of an SSE-C data key: the caller's entries and the reserved one.
@@ -496,6 +531,9 @@ pub async fn run(
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
+            if sse_c {
+                check_sse_c_endpoint(&s3)?;
+            }
             let user: BTreeMap<String, String> = context.into_iter().collect();
             let full = if sse_c {
                 sse_c_context(&user)?
@@ -598,9 +636,13 @@ pub async fn run(
             file,
             context,
             sse_c,
+            require_commitment,
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
+            if sse_c {
+                check_sse_c_endpoint(&s3)?;
+            }
             if file.as_os_str() == "-" {
                 // GCM authenticates the whole object at its end: nothing may be released
                 // before, so the output is a file renamed into place once it verified.
@@ -614,7 +656,14 @@ pub async fn run(
             if sse_c {
                 download_sse_c(&client, &mut keys, &bucket, &object, &file, &expected).await
             } else {
-                download(&client, &mut keys, &bucket, &object, &file, &expected).await
+                let read = GetRequest {
+                    bucket: &bucket,
+                    object: &object,
+                    file: &file,
+                    expected: &expected,
+                    require_commitment,
+                };
+                download(&client, &mut keys, read).await
             }
         }
     }
@@ -969,6 +1018,9 @@ impl Found {
     }
 }
 
+/// The largest instruction file read (an envelope is well under 4 KiB).
+const MAX_INSTRUCTION_FILE: usize = 64 * 1024;
+
 /// Reads the instruction file's entries.
 async fn instruction_entries(
     client: &Client,
@@ -990,17 +1042,30 @@ async fn instruction_entries(
                 ),
             )
         })?;
-    let body = instruction
-        .body
-        .collect()
-        .await
-        .map_err(|e| CliError::new(Failure::Unavailable, format!("S3 instruction file: {e}")))?
-        .into_bytes();
-    if body.len() > 64 * 1024 {
-        return Err(CliError::new(
+    // Its size is checked before any of it is read, and again as it is read: a server (or
+    // whoever wrote the bucket) may announce one length and send more.
+    let too_large = || {
+        CliError::new(
             Failure::Invalid,
-            "the instruction file is too large",
-        ));
+            format!("the instruction file is larger than {MAX_INSTRUCTION_FILE} bytes"),
+        )
+    };
+    if instruction
+        .content_length()
+        .is_some_and(|len| len < 0 || len as u64 > MAX_INSTRUCTION_FILE as u64)
+    {
+        return Err(too_large());
+    }
+    let mut stream = instruction.body;
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            CliError::new(Failure::Unavailable, format!("S3 instruction file: {e}"))
+        })?;
+        if body.len() + chunk.len() > MAX_INSTRUCTION_FILE {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
     }
     serde_json::from_slice(&body).map_err(|_| {
         CliError::new(
@@ -1050,14 +1115,28 @@ async fn envelope_of(
     }
 }
 
+/// What `s3 get` reads, and how.
+struct GetRequest<'a> {
+    bucket: &'a str,
+    object: &'a str,
+    file: &'a Path,
+    expected: &'a BTreeMap<String, String>,
+    /// Refuse objects in a format without key commitment (V2).
+    require_commitment: bool,
+}
+
 async fn download(
     client: &Client,
     keys: &mut DataKeys,
-    bucket: &str,
-    object: &str,
-    file: &Path,
-    expected: &BTreeMap<String, String>,
+    read: GetRequest<'_>,
 ) -> Result<Box<dyn ErasedReport>, CliError> {
+    let GetRequest {
+        bucket,
+        object,
+        file,
+        expected,
+        require_commitment,
+    } = read;
     let response = client
         .get_object()
         .bucket(bucket)
@@ -1067,6 +1146,12 @@ async fn download(
         .map_err(|e| s3_error("GetObject", e))?;
     let metadata = response.metadata().cloned().unwrap_or_default();
     let (envelope, placement) = envelope_of(client, bucket, object, &metadata).await?;
+    if require_commitment && matches!(envelope, Found::V2(_)) {
+        return Err(CliError::new(
+            Failure::Invalid,
+            "the object is in the V2 format, which does not commit to its data key; --require-commitment reads V3 objects only",
+        ));
+    }
     envelope.check_context(expected)?;
     let (data_key, key_id) = keys
         .unwrap(envelope.encrypted_key(), envelope.context())
