@@ -96,6 +96,7 @@ struct RawStore {
     password_file: Option<PathBuf>,
     password_env: Option<String>,
     instance: Option<String>,
+    instance_env: Option<String>,
     resync_interval_ms: Option<u64>,
     max_staleness_ms: Option<u64>,
     tls_ca_file: Option<PathBuf>,
@@ -412,12 +413,13 @@ fn store_config(
             let fleet_only = raw.password_file.is_some()
                 || raw.password_env.is_some()
                 || raw.instance.is_some()
+                || raw.instance_env.is_some()
                 || raw.resync_interval_ms.is_some()
                 || raw.max_staleness_ms.is_some()
                 || raw.tls_ca_file.is_some();
             if fleet_only {
                 return Err(Error::Config(
-                    "store: password_file, password_env, instance, resync_interval_ms, max_staleness_ms and tls_ca_file are for postgres".into(),
+                    "store: password_file, password_env, instance, instance_env, resync_interval_ms, max_staleness_ms and tls_ca_file are for postgres".into(),
                 ));
             }
             Ok(StoreConfig::Sqlite(resolve(&path)))
@@ -445,21 +447,38 @@ fn store_config(
                     ));
                 }
             };
-            let instance = match raw.instance {
-                Some(name) => name,
-                None => nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_else(|| "wrapd".to_owned()),
+            // The name from the config, from an environment variable (in Kubernetes, the
+            // downward API's node or pod name), or the host's.
+            let (instance, from) = match (raw.instance, raw.instance_env) {
+                (Some(name), None) => (name, "store.instance".to_owned()),
+                (None, Some(var)) => {
+                    let name = std::env::var(&var).map_err(|_| {
+                        Error::Config(format!("store.instance_env: {var} is not set"))
+                    })?;
+                    (name, format!("store.instance_env ({var})"))
+                }
+                (None, None) => (
+                    nix::unistd::gethostname()
+                        .ok()
+                        .and_then(|h| h.into_string().ok())
+                        .unwrap_or_else(|| "wrapd".to_owned()),
+                    "the host name (store.instance unset)".to_owned(),
+                ),
+                (Some(_), Some(_)) => {
+                    return Err(Error::Config(
+                        "store: set at most one of instance and instance_env".into(),
+                    ));
+                }
             };
+            // 253: a Kubernetes node name (a DNS subdomain) fits.
             let instance_ok = !instance.is_empty()
-                && instance.len() <= 64
+                && instance.len() <= 253
                 && instance
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
             if !instance_ok {
                 return Err(Error::Config(format!(
-                    "store.instance {instance:?} must be 1 to 64 of A-Z a-z 0-9 - _ ."
+                    "{from} {instance:?} must be 1 to 253 of A-Z a-z 0-9 - _ ."
                 )));
             }
             let resync_ms = raw.resync_interval_ms.unwrap_or(10_000);
@@ -1163,6 +1182,27 @@ mod tests {
         assert!(default.per_key_series);
         assert!(!parse("listen = \"0.0.0.0:9464\"").per_key_series);
         assert!(parse("listen = \"0.0.0.0:9464\"\nper_key_series = true").per_key_series);
+    }
+
+    #[test]
+    fn a_fleet_instance_name_can_come_from_the_environment() {
+        let dir = aws_dir();
+        // Cargo sets CARGO_PKG_NAME for the tests it runs.
+        let text = GOOD.replace(
+            "sqlite = \"wrapd.db\"",
+            "postgres = \"postgresql://wrapd@127.0.0.1/wrapd\"\ninstance_env = \"CARGO_PKG_NAME\"",
+        );
+        let config = Config::parse(&text, dir.path()).unwrap();
+        assert_eq!(config.store.instance(), Some("wrapd"));
+        let both = text.replace("instance_env", "instance = \"a\"\ninstance_env");
+        let err = Config::parse(&both, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("at most one"), "{err}");
+        let unset = text.replace("CARGO_PKG_NAME", "WRAPD_TEST_UNSET_VARIABLE");
+        let err = Config::parse(&unset, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("WRAPD_TEST_UNSET_VARIABLE is not set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub trait HeadStore: Send + Sync + 'static {
     fn audit_head(&self, chain: &str) -> Result<Option<ChainHead>>;
     /// Records the head of `chain` (it only moves forward).
     fn record_audit_head(&self, chain: &str, head: &ChainHead) -> Result<()>;
+    /// The daemon's name in a fleet, which every line of its log carries (`None`: one
+    /// daemon).
+    fn instance(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// How [`AuditLog::open`] treats a log that does not reach its recorded head.
@@ -91,6 +96,8 @@ pub struct AuditLog {
     sync: Mutex<SyncState>,
     written: Mutex<ChainHead>,
     heads: Option<Arc<dyn HeadStore>>,
+    /// The fleet instance every line names, also the log's own (a reopen, a gap).
+    instance: Option<String>,
     recorded: Mutex<u64>,
     healthy: watch::Sender<bool>,
 }
@@ -220,6 +227,7 @@ impl AuditLog {
         let sync_file = file.try_clone().map_err(|e| config("cannot clone", &e))?;
         let log = Self {
             path: path.to_owned(),
+            instance: heads.as_ref().and_then(|h| h.instance()).map(str::to_owned),
             chain,
             fsync,
             state: Mutex::new(State {
@@ -443,6 +451,9 @@ impl AuditLog {
             seq = seq
                 .checked_add(1)
                 .ok_or_else(|| Error::Internal("audit sequence exhausted".into()))?;
+            if record.instance.is_none() {
+                record.instance.clone_from(&self.instance);
+            }
             record.seq = seq;
             record.time = prost_types::Timestamp::from(SystemTime::now()).to_string();
             record.prev = prev;

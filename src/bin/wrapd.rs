@@ -42,6 +42,24 @@ enum Command {
         #[command(flatten)]
         recovery: Recovery,
     },
+    /// Ask a running daemon whether it serves, for container probes: exits 0 if it does,
+    /// 1 if not or if it cannot be reached (the reason on standard error).
+    Health {
+        /// The daemon's unix socket: its gRPC health service must say SERVING (the token
+        /// answers, the audit log can be written, a fleet's view of the store is fresh).
+        #[arg(long, required_unless_present = "kms", conflicts_with = "kms")]
+        socket: Option<PathBuf>,
+        /// The KMS v2 plugin socket: its Status must say healthz "ok", as the kube-apiserver
+        /// sees it.
+        #[arg(long)]
+        kms: Option<PathBuf>,
+        /// Any answer will do (liveness: the daemon is up, serving or not).
+        #[arg(long)]
+        alive: bool,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Offline audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -258,6 +276,12 @@ fn run(command: Command) -> Result<()> {
             dev::provision(&setup, &config)?;
             serve(config, Some(&setup))
         }
+        Command::Health {
+            socket,
+            kms,
+            alive,
+            timeout_ms,
+        } => health(socket, kms, alive, Duration::from_millis(timeout_ms)),
         Command::Audit(AuditCommand::Head { config }) => {
             use wrapd::audit::HeadStore;
             let config = Config::load(&config)?;
@@ -415,6 +439,78 @@ fn load(path: &Path, logging: Logging) -> Result<Config> {
         unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
     }
     Ok(config)
+}
+
+/// `wrapd health`: one health question to a running daemon, over its unix socket or its KMS
+/// plugin socket. No logging and no hardening: it runs every few seconds as a probe.
+fn health(
+    socket: Option<PathBuf>,
+    kms: Option<PathBuf>,
+    alive: bool,
+    within: Duration,
+) -> Result<()> {
+    let unavailable = |what: String| Error::Unavailable(what);
+    let asked = async {
+        match (socket, kms) {
+            (Some(socket), _) => {
+                use tonic_health::pb::health_check_response::ServingStatus;
+                use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+                let channel = wrapd::client::connect_unix(&socket)
+                    .await
+                    .map_err(|e| unavailable(format!("cannot reach {}: {e}", socket.display())))?;
+                let answer = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map_err(|s| unavailable(format!("health check: {}", s.message())))?
+                    .into_inner();
+                let serving = answer.status == ServingStatus::Serving as i32;
+                if serving || alive {
+                    Ok(())
+                } else {
+                    Err(unavailable(
+                        "the daemon is not serving (see its log)".into(),
+                    ))
+                }
+            }
+            (None, Some(kms)) => {
+                use wrapd::kms_proto::StatusRequest;
+                use wrapd::kms_proto::key_management_service_client::KeyManagementServiceClient;
+                let channel = wrapd::client::connect_unix(&kms)
+                    .await
+                    .map_err(|e| unavailable(format!("cannot reach {}: {e}", kms.display())))?;
+                let answer = KeyManagementServiceClient::new(channel)
+                    .status(StatusRequest {})
+                    .await
+                    .map_err(|s| unavailable(format!("KMS plugin status: {}", s.message())))?
+                    .into_inner();
+                if answer.healthz == "ok" || alive {
+                    Ok(())
+                } else {
+                    Err(unavailable(format!(
+                        "the KMS plugin's healthz is {:?}",
+                        answer.healthz
+                    )))
+                }
+            }
+            (None, None) => Err(Error::Config("give --socket or --kms".into())),
+        }
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?
+        .block_on(async {
+            tokio::time::timeout(within, asked)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(unavailable(format!(
+                        "no answer within {} ms",
+                        within.as_millis()
+                    )))
+                })
+        })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -579,6 +579,10 @@ impl HeadStore for InstanceHeads {
         self.store
             .record_audit_head(&format!("{}:{chain}", self.instance), head)
     }
+
+    fn instance(&self) -> Option<&str> {
+        Some(&self.instance)
+    }
 }
 
 /// A listener's end, as text (the gRPC and HTTP servers have different error types).
@@ -602,8 +606,16 @@ async fn hangup_task(
             }
         }
         if let Some(audit) = &audit {
-            if let Err(err) = audit.reopen() {
-                tracing::error!(error = %err, "SIGHUP: cannot reopen the audit log");
+            // Off the async threads: reopening syncs the old file and records the chain
+            // head in the metadata store, whose PostgreSQL client blocks (on a runtime
+            // thread it panicked, and a SIGHUP took a fleet daemon down).
+            let audit = audit.clone();
+            match tokio::task::spawn_blocking(move || audit.reopen()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "SIGHUP: cannot reopen the audit log")
+                }
+                Err(err) => tracing::error!(error = %err, "SIGHUP: the audit log reopen failed"),
             }
         }
     }

@@ -30,6 +30,7 @@ mod key_lifecycle;
 mod keyrings;
 mod keystore_in_process;
 mod kms_plugin;
+mod kubernetes_manifests;
 mod metrics;
 mod packaging;
 mod properties;
