@@ -17,6 +17,7 @@
 //! denied.
 
 mod cert;
+mod migrate;
 mod policy;
 mod unix;
 
@@ -25,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use cert::principal_from_certificate;
+pub use migrate::{PolicyChange, line_diff, migrate_policy_text};
 pub use policy::{Operation, Policy, PolicyHandle, Target};
 pub use unix::{UnixNames, UnixPeer};
 

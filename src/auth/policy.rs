@@ -167,7 +167,7 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
             "admin" => set.extend(grantable().filter(|o| !o.is_data_plane())),
             "ReWrap" => {
                 return Err(Error::Config(format!(
-                    "grant {index}: \"ReWrap\" is split: grant \"ReWrapFrom\" on the keys blobs may come from and \"ReWrapTo\" on the keys they may go to"
+                    "grant {index}: \"ReWrap\" is split: grant \"ReWrapFrom\" on the keys blobs may come from and \"ReWrapTo\" on the keys they may go to (`wrapd config migrate --config FILE --write` rewrites the policy)"
                 )));
             }
             other => {
@@ -204,19 +204,13 @@ fn check_principal_pattern(pattern: &str, index: usize) -> Result<()> {
     if fits {
         return Ok(());
     }
-    let instead = if pattern.contains("://") {
-        format!("tls:uri={pattern}")
-    } else if let Some(name) = pattern.strip_prefix("dns:") {
-        format!("tls:dns={name}")
-    } else if let Some(name) = pattern.strip_prefix("cn:") {
-        format!("tls:cn={name}")
-    } else {
+    let Some(instead) = super::migrate::namespaced(pattern) else {
         return Err(Error::Config(format!(
             "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=), aws: (AWS access keys: aws:access-key=ID) or wrapd: (internal)"
         )));
     };
     Err(Error::Config(format!(
-        "grant {index}: principal {pattern:?} can no longer match (certificate principals are namespaced): write {instead:?}"
+        "grant {index}: principal {pattern:?} can no longer match (certificate principals are namespaced): write {instead:?} (`wrapd config migrate --config FILE --write` rewrites the policy)"
     )))
 }
 

@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Offline audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -151,6 +154,21 @@ impl Recovery {
             }
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Show (as a diff) what a release renamed in the policy file a config names, and with
+    /// --write rewrite it (the old file kept as FILE.bak). A policy `wrapd dev` generated is
+    /// migrated by `wrapd dev` itself.
+    Migrate {
+        /// The daemon's configuration (its [policy] file is migrated).
+        #[arg(long)]
+        config: PathBuf,
+        /// Rewrite the file instead of only showing the diff.
+        #[arg(long)]
+        write: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -272,6 +290,9 @@ fn run(command: Command) -> Result<()> {
         } => {
             let setup = dev::prepare_with(&state_dir, postgres.as_deref())?;
             let mut config = load(&setup.config, Logging::ForServe)?;
+            for change in &setup.migrated {
+                eprintln!("wrapd: migrated {change}");
+            }
             recovery.apply(&mut config);
             dev::provision(&setup, &config)?;
             serve(config, Some(&setup))
@@ -282,6 +303,7 @@ fn run(command: Command) -> Result<()> {
             alive,
             timeout_ms,
         } => health(socket, kms, alive, Duration::from_millis(timeout_ms)),
+        Command::Config(ConfigCommand::Migrate { config, write }) => migrate_config(&config, write),
         Command::Audit(AuditCommand::Head { config }) => {
             use wrapd::audit::HeadStore;
             let config = Config::load(&config)?;
@@ -439,6 +461,85 @@ fn load(path: &Path, logging: Logging) -> Result<Config> {
         unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
     }
     Ok(config)
+}
+
+/// `wrapd config migrate`: the policy file a config names, with what releases renamed
+/// rewritten (shown as a diff; with `write`, written, the old file kept as `FILE.bak`).
+/// Only the `[policy] file` is read from the config: the rest (a PIN, say) need not be at
+/// hand.
+fn migrate_config(config: &Path, write: bool) -> Result<()> {
+    use std::io::Write;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let table: toml::Table = toml::from_str(&read(config)?)
+        .map_err(|e| Error::Config(format!("{}: {}", config.display(), e.message())))?;
+    let Some(file) = table
+        .get("policy")
+        .and_then(|p| p.get("file"))
+        .and_then(|f| f.as_str())
+    else {
+        println!("{}: no [policy] file; nothing to migrate", config.display());
+        return Ok(());
+    };
+    let policy = config.parent().unwrap_or(Path::new(".")).join(file);
+    let text = read(&policy)?;
+    let (new, changes) = wrapd::auth::migrate_policy_text(&text)?;
+    if changes.is_empty() {
+        println!("{}: nothing to migrate", policy.display());
+        return Ok(());
+    }
+    print!(
+        "{}",
+        wrapd::auth::line_diff(&policy.display().to_string(), &text, &new)
+    );
+    for change in &changes {
+        println!("# line {}: {}", change.line, change.why);
+    }
+    if let Err(err) = wrapd::auth::Policy::parse(&new) {
+        println!("# still to fix by hand: {err}");
+    }
+    if !write {
+        println!("# run again with --write to rewrite {}", policy.display());
+        return Ok(());
+    }
+    let io = |what: &str, e: std::io::Error| Error::Config(format!("{what}: {e}"));
+    let backup = policy.with_extension(format!(
+        "{}.bak",
+        policy.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&backup)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| {
+            io(
+                &format!("cannot keep the old file as {}", backup.display()),
+                e,
+            )
+        })?;
+    let mode = std::fs::metadata(&policy)
+        .map_err(|e| io(&format!("{}", policy.display()), e))?
+        .permissions();
+    let dir = policy.parent().unwrap_or(Path::new("."));
+    let mut staged = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| io(&format!("cannot write in {}", dir.display()), e))?;
+    staged
+        .write_all(new.as_bytes())
+        .and_then(|()| staged.as_file().sync_all())
+        .and_then(|()| staged.as_file().set_permissions(mode))
+        .map_err(|e| io("cannot write the new policy", e))?;
+    staged
+        .persist(&policy)
+        .map_err(|e| io(&format!("cannot replace {}", policy.display()), e.error))?;
+    println!(
+        "# {} rewritten; the old file is {}",
+        policy.display(),
+        backup.display()
+    );
+    Ok(())
 }
 
 /// `wrapd health`: one health question to a running daemon, over its unix socket or its KMS

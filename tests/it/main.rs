@@ -39,6 +39,7 @@ mod s3_encryption;
 mod startup_and_secrets;
 mod token_protection;
 mod tracing;
+mod upgrade;
 mod wrapctl_bench;
 mod wrapctl_cli;
 mod wrapctl_files;

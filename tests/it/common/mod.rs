@@ -72,6 +72,17 @@ impl DevDaemon {
             .prefix("wrapd-test-")
             .tempdir()
             .expect("temp dir");
+        Self::start_in(dir, env, wrapper, args)
+    }
+
+    /// Like [`DevDaemon::start_with_args`], on a state directory the test prepared (an
+    /// earlier release's, say).
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Self {
         let mut daemon = Self {
             socket: dir.path().join("wrapd.sock"),
             tcp: "0.0.0.0:0".parse().unwrap(),
