@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 pub struct MemoryToken {
     keys: Mutex<HashMap<ObjectId, LessSafeKey>>,
     tickets: Mutex<std::collections::BTreeSet<super::Ticket>>,
+    wrap_marks: Mutex<std::collections::BTreeSet<(ObjectId, u64)>>,
     rng: SystemRandom,
 }
 
@@ -26,6 +27,7 @@ impl Default for MemoryToken {
         Self {
             keys: Mutex::default(),
             tickets: Mutex::default(),
+            wrap_marks: Mutex::default(),
             rng: SystemRandom::new(),
         }
     }
@@ -180,6 +182,26 @@ impl Token for MemoryToken {
 
     fn destroy_ticket(&self, ticket: &super::Ticket) -> Result<()> {
         self.tickets.lock().remove(ticket);
+        Ok(())
+    }
+
+    fn wrap_marks(&self, object: &ObjectId) -> Result<Vec<u64>> {
+        Ok(self
+            .wrap_marks
+            .lock()
+            .iter()
+            .filter(|(o, _)| o == object)
+            .map(|(_, n)| *n)
+            .collect())
+    }
+
+    fn record_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()> {
+        self.wrap_marks.lock().insert((object.clone(), reserved));
+        Ok(())
+    }
+
+    fn destroy_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()> {
+        self.wrap_marks.lock().remove(&(object.clone(), reserved));
         Ok(())
     }
 }

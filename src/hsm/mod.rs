@@ -237,6 +237,34 @@ pub trait Token: Send + Sync + 'static {
     fn tickets(&self) -> Result<Vec<Ticket>>;
     /// Destroys every copy of `ticket`; one already gone is no error.
     fn destroy_ticket(&self, ticket: &Ticket) -> Result<()>;
+
+    /// The wrap counts recorded for a key version (see [`Token::record_wrap_mark`]).
+    fn wrap_marks(&self, object: &ObjectId) -> Result<Vec<u64>>;
+    /// Records that the wraps of a key version are counted up to `reserved`: a token object
+    /// with no use (like a ticket), so that a metadata store rolled back to fewer wraps is
+    /// noticed and the random-IV bound per version holds whatever the store says.
+    fn record_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()>;
+    /// Destroys the mark of `reserved`; one already gone is no error.
+    fn destroy_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()>;
+}
+
+/// The `CKA_ID` of a wrap mark.
+pub fn wrap_mark_id(object: &ObjectId, reserved: u64) -> Vec<u8> {
+    format!("wraps:{object}:{reserved}").into_bytes()
+}
+
+/// The `CKA_LABEL` of a key version's wrap marks (found by it).
+pub fn wrap_mark_label(object: &ObjectId) -> Vec<u8> {
+    format!("wrapd wraps {object}").into_bytes()
+}
+
+/// The count a wrap mark's `CKA_ID` records, if it is one of `object`'s.
+pub fn parse_wrap_mark(object: &ObjectId, id: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(id).ok()?;
+    let rest = text
+        .strip_prefix("wraps:")?
+        .strip_prefix(&object.to_string())?;
+    rest.strip_prefix(':')?.parse().ok()
 }
 
 /// How the HSM behaves where PKCS#11 implementations differ.

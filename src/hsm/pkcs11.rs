@@ -630,6 +630,30 @@ fn ids_matching(session: &Session, template: &[Attribute]) -> Result<Vec<Vec<u8>
     Ok(ids)
 }
 
+/// A record wrapd keeps in the token (a ticket, a wrap mark): an AES key no mechanism may
+/// use, since every HSM keeps one (CloudHSM has no data objects), and its value never
+/// matters; what it records is its `CKA_ID`, and it is found by its label.
+fn record_attributes(id: Vec<u8>, label: Vec<u8>) -> [Attribute; 16] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(Ulong::from(16u64)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Id(id),
+        Attribute::Label(label),
+    ]
+}
+
 /// Destroys every object of `class` with `CKA_ID` `id`.
 fn destroy_all(session: &Session, class: ObjectClass, id: Vec<u8>) -> Result<()> {
     let template = [Attribute::Class(class), Attribute::Id(id)];
@@ -1010,27 +1034,50 @@ impl Token for Pkcs11Token {
         })
     }
 
+    fn wrap_marks(&self, object: &ObjectId) -> Result<Vec<u64>> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let ids = ids_matching(
+                session,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(super::wrap_mark_label(object)),
+                ],
+            )?;
+            Ok(ids
+                .iter()
+                .filter_map(|id| super::parse_wrap_mark(object, id))
+                .collect())
+        })
+    }
+
+    fn record_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()> {
+        let template = record_attributes(
+            super::wrap_mark_id(object, reserved),
+            super::wrap_mark_label(object),
+        );
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .map(drop)
+                .map_err(p11_error)
+        })
+    }
+
+    fn destroy_wrap_mark(&self, object: &ObjectId, reserved: u64) -> Result<()> {
+        let _exclusive = self.exclusive();
+        self.with_session(false, |session, _| {
+            destroy_all(
+                session,
+                ObjectClass::SECRET_KEY,
+                super::wrap_mark_id(object, reserved),
+            )
+        })
+    }
+
     fn create_ticket(&self, ticket: &Ticket) -> Result<()> {
-        // An AES key no mechanism may use: every HSM keeps one (CloudHSM has no data
-        // objects), and its value never matters.
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(Ulong::from(16u64)),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Derive(false),
-            Attribute::Id(ticket.to_bytes()),
-            Attribute::Label(Ticket::LABEL.to_vec()),
-        ];
+        let template = record_attributes(ticket.to_bytes(), Ticket::LABEL.to_vec());
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {
             let found = session

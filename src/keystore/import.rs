@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::tickets::{Kind, due_keys, unix_seconds};
-use super::{ImportedMaterial, KeyOrigin, KeyRecord, KeyState, Keystore, MaintenanceLock};
+use super::{
+    ImportedMaterial, KeyOrigin, KeyRecord, KeyState, Keystore, MAINTENANCE_LOCK_WAIT,
+    MaintenanceLock,
+};
 use crate::error::{Error, Result};
 use crate::hsm::{ImportAlgorithm, KeyCheckValue, ObjectId, Ticket, WrappingKeyId};
 use crate::ids::{KeyId, KeyRef};
@@ -47,9 +50,6 @@ pub struct ImportParameters {
     /// When the token and the public key expire.
     pub valid_to: SystemTime,
 }
-
-/// How long an import waits for another daemon's import or maintenance pass.
-const IMPORT_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 fn same_check_value(a: &KeyCheckValue, b: &KeyCheckValue) -> bool {
     // Constant time: the check value is a function of the key.
@@ -144,7 +144,7 @@ impl Keystore {
         valid_to: Option<SystemTime>,
     ) -> Result<Arc<KeyRecord>> {
         let id = self.resolve(key)?.id.clone();
-        let _fleet = MaintenanceLock::wait(&*self.store, IMPORT_LOCK_WAIT)?;
+        let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
         let key = self
             .store
@@ -265,6 +265,7 @@ impl Keystore {
     /// failure finishes the destruction.
     pub fn delete_imported_material(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         let id = self.resolve(key)?.id.clone();
+        let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
         let key = self
             .store
@@ -292,6 +293,25 @@ impl Keystore {
         material: ImportedMaterial,
         state: KeyState,
     ) -> Result<()> {
+        // The store's word that this key holds imported material is not enough to destroy
+        // it: an imported key has one version, and the token's object must hold the very
+        // material the store records (a store writer cannot know a generated key's check
+        // value, so cannot pass a generated key off as imported).
+        if key.versions.len() != 1 {
+            return Err(Error::Internal(format!(
+                "key {} is recorded as imported but has {} versions; nothing destroyed",
+                key.id,
+                key.versions.len()
+            )));
+        }
+        let object = ObjectId::new(key.id.clone(), key.versions[0].version);
+        if self.token.contains(&object)?
+            && !same_check_value(&self.token.key_check_value(&object)?, &material.check_value)
+        {
+            return Err(Error::Internal(format!(
+                "the token object of {object} does not hold the material the metadata store records; nothing destroyed"
+            )));
+        }
         let gone = ImportedMaterial {
             present: false,
             valid_to: None,

@@ -108,6 +108,10 @@ impl Drop for MaintenanceLock<'_> {
     }
 }
 
+/// How long a key store change that needs the fleet's maintenance lock (scheduling or
+/// cancelling a deletion, importing or deleting material) waits for another daemon's pass.
+const MAINTENANCE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a version claim of another daemon is waited for before the number is skipped.
 const STUCK_CLAIM: Duration = Duration::from_secs(10);
 
@@ -348,6 +352,10 @@ pub struct Keystore {
     read_through: read_through::ReadThrough,
     /// Serializes GetParametersForImport (see `import.rs`).
     import_parameters: Mutex<()>,
+}
+
+fn object_of(key: &KeyRecord, version: u32) -> ObjectId {
+    ObjectId::new(key.id.clone(), version)
 }
 
 fn page_size(requested: u32) -> Result<usize> {
@@ -1110,6 +1118,9 @@ impl Keystore {
                 "pending_window_days must be between 7 and 30",
             ));
         }
+        // Under the fleet's maintenance lock, like the purge and imports: a purge never
+        // sees the token and the store half-changed by another daemon.
+        let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
@@ -1142,6 +1153,7 @@ impl Keystore {
     /// Cancels a scheduled deletion; the key comes back disabled (or, without its imported
     /// material, pending import), as in AWS KMS.
     pub fn cancel_deletion(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state != KeyState::PendingDeletion {
@@ -1187,6 +1199,19 @@ impl Keystore {
                 tracing::warn!(key_id = %id, "the metadata store shows this key due for deletion, but the token records no such deletion (an edited or restored store?): nothing destroyed");
             }
         }
+        // A deletion ticket whose key the store does not show pending is left by a
+        // scheduling that failed half-way (they run under this lock, so none is under
+        // way): dropped, so that no later store edit can bring it into force.
+        for id in tickets::due_keys(&tickets, tickets::Kind::Deletion, u64::MAX) {
+            let _admin = self.admin.lock();
+            if let Some(key) = self.store.key(&id)? {
+                if key.state != KeyState::PendingDeletion {
+                    tracing::warn!(key_id = %id, "a deletion recorded in the token for a key that is not pending deletion: the record dropped, nothing destroyed");
+                    self.destroy_tickets(&id, Some(tickets::Kind::Deletion), |_| false)?;
+                }
+            }
+        }
+        let tickets = self.token.tickets()?;
         let mut purged = Vec::new();
         for id in tickets::due_keys(&tickets, tickets::Kind::Deletion, seconds) {
             let _admin = self.admin.lock();
@@ -1204,8 +1229,11 @@ impl Keystore {
             }
             before_destroy(&key)?;
             for v in &key.versions {
-                self.token
-                    .destroy_key(&ObjectId::new(id.clone(), v.version))?;
+                let object = ObjectId::new(id.clone(), v.version);
+                self.token.destroy_key(&object)?;
+                for mark in self.token.wrap_marks(&object)? {
+                    self.token.destroy_wrap_mark(&object, mark)?;
+                }
             }
             self.store.delete_key(&id, now)?;
             self.destroy_tickets(&id, None, |_| false)?;
@@ -1412,9 +1440,7 @@ impl Keystore {
         }
         if counter.used >= counter.reserved {
             // A block of its own: in a fleet, the other daemons' blocks lie elsewhere.
-            let total = self
-                .store
-                .claim_wraps(&key.id, version, WRAP_RESERVATION_BLOCK)?;
+            let total = self.claim_wrap_block(&object_of(key, version))?;
             counter.used = total.saturating_sub(WRAP_RESERVATION_BLOCK);
             counter.reserved = total;
             if counter.used >= self.config.max_wraps_per_version {
@@ -1423,6 +1449,34 @@ impl Keystore {
         }
         counter.used += 1;
         Ok(true)
+    }
+
+    /// Claims the next block of [`WRAP_RESERVATION_BLOCK`] wraps of a key version; returns
+    /// the count the block ends at. The store's count is checked against the highest count
+    /// recorded in the token (a wrap mark): a store rolled back to fewer wraps (an edit, a
+    /// restored backup) is moved past the mark before any wrap is made, so the random-IV
+    /// bound per version holds whatever the store says. The new mark is recorded before the
+    /// block is used; older ones go.
+    fn claim_wrap_block(&self, object: &ObjectId) -> Result<u64> {
+        let (id, version) = (&object.key_id, object.version);
+        let mut total = self
+            .store
+            .claim_wraps(id, version, WRAP_RESERVATION_BLOCK)?;
+        let marks = self.token.wrap_marks(object)?;
+        if let Some(&mark) = marks.iter().max() {
+            let start = total.saturating_sub(WRAP_RESERVATION_BLOCK);
+            if start < mark {
+                tracing::error!(key_id = %id, version, store = start, token = mark, "the metadata store counts fewer wraps than the token recorded (an edited or restored store?): counting on from the token's record");
+                total = self.store.claim_wraps(id, version, mark - start)?;
+            }
+        }
+        self.token.record_wrap_mark(object, total)?;
+        for older in marks.into_iter().filter(|m| *m < total) {
+            if let Err(err) = self.token.destroy_wrap_mark(object, older) {
+                tracing::debug!(error = %err, "an older wrap mark stays (the highest counts)");
+            }
+        }
+        Ok(total)
     }
 
     /// Wraps used so far with a version in this process's view (for DescribeKey).
@@ -1847,6 +1901,52 @@ mod tests {
         clock.advance(tickets::ADOPTION_FLOOR * 2);
         assert!(again.purge_due(|_| Ok(())).unwrap().is_empty());
         assert!(fresh_token.contains(&ObjectId::new(later, 1)).unwrap());
+    }
+
+    #[test]
+    fn a_wrap_count_rolled_back_in_the_store_is_counted_on_from_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let token = Arc::new(MemoryToken::default());
+        let open = || {
+            Keystore::open(
+                token.clone(),
+                Arc::new(SqliteStore::open(&path).unwrap()),
+                Arc::new(SystemClock),
+                KeystoreConfig::default(),
+            )
+            .unwrap()
+        };
+        let ks = open();
+        let key = ks.create_key("", None).unwrap();
+        let object = ObjectId::new(key.id.clone(), 1);
+        ks.wrap(&KeyRef::Id(key.id.clone()), b"dek", &ctx("a"))
+            .unwrap();
+        assert_eq!(
+            token.wrap_marks(&object).unwrap(),
+            vec![WRAP_RESERVATION_BLOCK]
+        );
+        drop(ks);
+        // The store is rolled back to no wraps at all (a restored backup, an edit).
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE key_versions SET wraps_reserved = 0", [])
+            .unwrap();
+        let ks = open();
+        ks.wrap(&KeyRef::Id(key.id.clone()), b"dek", &ctx("a"))
+            .unwrap();
+        // The block claimed starts where the token's record ended, not at 0.
+        let stored = SqliteStore::open(&path)
+            .unwrap()
+            .key(&key.id)
+            .unwrap()
+            .unwrap();
+        let reserved = stored.versions[0].wraps_reserved;
+        assert_eq!(reserved, 2 * WRAP_RESERVATION_BLOCK);
+        assert_eq!(
+            token.wrap_marks(&object).unwrap(),
+            vec![2 * WRAP_RESERVATION_BLOCK]
+        );
     }
 
     #[test]

@@ -351,6 +351,13 @@ impl PostgresStore {
         }
         config.application_name(&format!("wrapd {}", options.instance));
         config.connect_timeout(Duration::from_secs(5));
+        // A connection whose peer is gone without a word (a dead host, a NAT that forgot
+        // it) is noticed within about a minute, not the system's two hours: the listening
+        // connection above all, whose silence would otherwise pass for "no changes".
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
         let tls = options.tls_ca.as_deref().map(tls_connector).transpose()?;
         if tls.is_some() {
             // Never fall back to a plain connection.
@@ -661,6 +668,35 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Checks that this daemon still holds its instance name: the lock lives with its
+    /// session, which a database restart or a dropped connection ends. It is taken again on
+    /// a new session; if another daemon took the name meanwhile, version claims are refused.
+    fn hold_instance(&self) -> Result<()> {
+        let mut slot = self.instance_lock.lock();
+        let Some(client) = slot.as_mut() else {
+            return Ok(()); // a tool that never claimed a name
+        };
+        if !client.is_closed() && client.is_valid(Duration::from_secs(5)).is_ok() {
+            return Ok(());
+        }
+        let mut fresh = self.connect()?;
+        let locked: bool = fresh
+            .query_one(INSTANCE_LOCK_SQL, &[&self.instance])
+            .map_err(pg_error)?
+            .get(0);
+        if !locked {
+            return Err(Error::Unavailable(format!(
+                "store.instance {:?} was taken by another daemon while this one's database session was down; version claims are refused",
+                self.instance
+            )));
+        }
+        if let Some(old) = slot.replace(fresh) {
+            drop(old);
+        }
+        tracing::warn!(instance = %self.instance, "the instance name's lock was taken again on a new session");
+        Ok(())
+    }
+
     /// Runs `query` on a dedicated connection kept in `slot`.
     fn on_dedicated<T>(
         &self,
@@ -832,6 +868,8 @@ impl MetadataStore for PostgresStore {
     }
 
     fn begin_version(&self, id: &KeyId, version: u32) -> Result<bool> {
+        // Claims are per instance name: only while this daemon holds it.
+        self.hold_instance()?;
         let v = version_i32(version)?;
         self.tx(|tx| {
             // Serializes claims on one key with its other changes.

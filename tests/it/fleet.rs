@@ -799,12 +799,15 @@ async fn a_notify_flood_from_any_role_does_not_stall_the_fleet() {
                         .batch_execute(&format!(
                             "SELECT pg_notify('wrapd_changes', CASE g % 3 WHEN 0 THEN 'k:' || md5(g::text)
                              WHEN 1 THEN 'x' || g ELSE 'a' END)
-                             FROM generate_series({start}, {start} + 4999) g",
-                            start = (thread * 1_000_000_000 + round * 5000)
+                             FROM generate_series({start}, {start} + 1999) g",
+                            start = (thread * 1_000_000_000 + round * 2000)
                         ))
                         .unwrap();
                     round += 1;
-                    sent.fetch_add(5000, Ordering::Relaxed);
+                    sent.fetch_add(2000, Ordering::Relaxed);
+                    // Still far above what wrapd sends (thousands a second), and the other
+                    // tests of a full run keep their share of the two cores.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             })
         })
@@ -827,35 +830,43 @@ async fn a_notify_flood_from_any_role_does_not_stall_the_fleet() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // A change made during the flood reaches the other daemon.
+    assert!(
+        errors.is_empty(),
+        "callers saw errors under the flood: {errors:#?}\n{}",
+        nodes[1].log()
+    );
+    // A change made during the flood reaches the other daemon (by its re-reads: it does
+    // not listen while flooded).
     nodes[0]
         .keys()
         .await
         .disable_key(key_ref(&key.key_id))
         .await
         .unwrap();
-    let data = nodes[1].data().await;
-    eventually("the other daemon refuses the disabled key", || {
-        let mut data = data.clone();
-        let blob = generated.ciphertext_blob.clone();
-        async move {
-            data.unwrap(UnwrapRequest {
-                ciphertext_blob: blob,
+    let mut data = nodes[1].data().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = data
+            .unwrap(UnwrapRequest {
+                ciphertext_blob: generated.ciphertext_blob.clone(),
                 ..Default::default()
             })
-            .await
-            .is_err_and(|s| s.code() == Code::FailedPrecondition)
+            .await;
+        match answer {
+            Err(status) if status.code() == Code::FailedPrecondition => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the other daemon still answers {:?}\n{}",
+                other.map(|_| "OK").map_err(|s| s.code()),
+                nodes[1].log()
+            ),
         }
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for flooder in flooders {
         flooder.join().unwrap();
     }
-    assert!(
-        errors.is_empty(),
-        "callers saw errors under the flood: {errors:#?}"
-    );
     assert!(sent.load(Ordering::Relaxed) >= 20_000, "the flood was real");
 }
 

@@ -206,6 +206,7 @@ fn unnamed_objects(session: &Session) -> usize {
             ObjectId::from_cka_id(&id).is_none()
                 && WrappingKeyId::parse(&id).is_none()
                 && Ticket::parse(&id).is_none()
+                && !id.starts_with(b"wraps:")
         })
         .count()
 }
@@ -1212,4 +1213,44 @@ fn an_expiry_moved_earlier_in_the_store_destroys_nothing() {
             .contains(&key.id)
     );
     assert_eq!(key_objects(&key), 0);
+}
+
+#[test]
+fn a_generated_key_passed_off_as_imported_in_the_store_is_not_destroyed() {
+    use wrapd::keystore::{ImportedMaterial, MetadataStore};
+    let _serial = serial();
+    let f = fixture();
+    let generated = f
+        .keystore
+        .create_key_from("generated", None, &Default::default(), KeyOrigin::Hsm)
+        .unwrap();
+    // The writer records made-up imported material for it.
+    writer(&f)
+        .set_material(
+            &generated.id,
+            None,
+            KeyState::Enabled,
+            &ImportedMaterial {
+                check_value: [0x42; 16],
+                present: true,
+                valid_to: None,
+            },
+        )
+        .unwrap();
+    let f = Fixture {
+        keystore: Keystore::open(
+            token(),
+            Arc::new(writer(&f)),
+            f.clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap(),
+        ..f
+    };
+    assert!(
+        f.keystore
+            .delete_imported_material(&by_id(&generated))
+            .is_err()
+    );
+    assert_eq!(key_objects(&generated), 1, "nothing destroyed");
 }

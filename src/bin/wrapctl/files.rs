@@ -116,9 +116,13 @@ impl Output {
     }
 }
 
-/// An unnamed file (`O_TMPFILE`, mode 0600) in `dir`, where the filesystem has them.
+/// An unnamed file (`O_TMPFILE`, mode 0600) in `dir`, where the filesystem has them (and
+/// `/proc`, through which it is linked into place at commit).
 fn unnamed_file(dir: &Path) -> Option<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags};
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
     rustix::fs::open(
         dir,
         OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,

@@ -131,14 +131,10 @@ macro_rules! with_sse_c {
 
 /// Refuses `--sse-c` toward a plain `http://` S3 endpoint that is not on this host: every
 /// request of an SSE-C object carries its key, which must not cross a network in clear.
-fn check_sse_c_endpoint(args: &S3Args) -> Result<(), CliError> {
-    let endpoint = args
-        .s3_endpoint
-        .clone()
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+/// `endpoint`: the one the client resolved (`None`: AWS itself, https).
+fn check_sse_c_endpoint(endpoint: Option<&str>) -> Result<(), CliError> {
     let Some(endpoint) = endpoint else {
-        return Ok(()); // AWS itself: https
+        return Ok(());
     };
     let uri: http::Uri = endpoint
         .parse()
@@ -442,7 +438,10 @@ where
     }
 }
 
-async fn client(args: &S3Args) -> Client {
+/// The S3 client, and the endpoint it uses when it is not AWS's own: `--s3-endpoint`, the
+/// environment (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`) or the shared config's
+/// `endpoint_url`.
+async fn client(args: &S3Args) -> (Client, Option<String>) {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(endpoint) = &args.s3_endpoint {
         loader = loader.endpoint_url(endpoint);
@@ -451,9 +450,13 @@ async fn client(args: &S3Args) -> Client {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
     let mut shared = loader.load().await;
-    let custom_endpoint = args.s3_endpoint.is_some()
-        || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some()
-        || std::env::var_os("AWS_ENDPOINT_URL").is_some();
+    let endpoint = args
+        .s3_endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| shared.endpoint_url().map(str::to_owned));
+    let custom_endpoint = endpoint.is_some();
     if custom_endpoint && shared.region().is_none() {
         // S3-compatible servers mostly ignore the region, but SigV4 needs one.
         shared = shared
@@ -473,7 +476,7 @@ async fn client(args: &S3Args) -> Client {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
-    Client::from_conf(config.build())
+    (Client::from_conf(config.build()), endpoint)
 }
 
 /// The result of `put` or `get`.
@@ -531,9 +534,6 @@ pub async fn run(
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
-            if sse_c {
-                check_sse_c_endpoint(&s3)?;
-            }
             let user: BTreeMap<String, String> = context.into_iter().collect();
             let full = if sse_c {
                 sse_c_context(&user)?
@@ -550,7 +550,10 @@ pub async fn run(
                 ));
             }
             let data_key = generated.plaintext;
-            let client = client(&s3).await;
+            let (client, endpoint) = client(&s3).await;
+            if sse_c {
+                check_sse_c_endpoint(endpoint.as_deref())?;
+            }
             let size = std::fs::metadata(&file)
                 .map_err(|e| CliError::other(format!("{}: {e}", file.display())))?
                 .len();
@@ -640,9 +643,6 @@ pub async fn run(
             s3,
         } => {
             let (bucket, object) = parse_url(&url)?;
-            if sse_c {
-                check_sse_c_endpoint(&s3)?;
-            }
             if file.as_os_str() == "-" {
                 // GCM authenticates the whole object at its end: nothing may be released
                 // before, so the output is a file renamed into place once it verified.
@@ -651,7 +651,10 @@ pub async fn run(
                 ));
             }
             let expected: BTreeMap<String, String> = context.into_iter().collect();
-            let client = client(&s3).await;
+            let (client, endpoint) = client(&s3).await;
+            if sse_c {
+                check_sse_c_endpoint(endpoint.as_deref())?;
+            }
             let mut keys = DataKeys::open(connection, &s3).await?;
             if sse_c {
                 download_sse_c(&client, &mut keys, &bucket, &object, &file, &expected).await
