@@ -180,6 +180,10 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Wraps reserved in the store at a time per version (one store write per this many wraps).
 const WRAP_RESERVATION_BLOCK: u64 = 4096;
 
+/// How far ahead of the wraps claimed a wrap mark is recorded in the token (16 blocks): a
+/// rollback of the store then skips at most that many of a version's 2^32 wraps.
+const WRAP_MARK_AHEAD: u64 = 16 * WRAP_RESERVATION_BLOCK;
+
 /// The time source, injectable so tests can move time forward (scheduled deletion).
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
@@ -331,6 +335,9 @@ struct View {
 struct WrapCounter {
     used: u64,
     reserved: u64,
+    /// The highest wrap mark in the token, as far as this process knows (see
+    /// `claim_wrap_block`); `None` until read.
+    mark: Option<u64>,
 }
 
 /// The key store. Share it in an `Arc`.
@@ -1433,6 +1440,7 @@ impl Keystore {
             WrapCounter {
                 used: reserved,
                 reserved,
+                mark: None,
             }
         });
         if counter.used >= self.config.max_wraps_per_version {
@@ -1440,7 +1448,7 @@ impl Keystore {
         }
         if counter.used >= counter.reserved {
             // A block of its own: in a fleet, the other daemons' blocks lie elsewhere.
-            let total = self.claim_wrap_block(&object_of(key, version))?;
+            let total = self.claim_wrap_block(&object_of(key, version), counter)?;
             counter.used = total.saturating_sub(WRAP_RESERVATION_BLOCK);
             counter.reserved = total;
             if counter.used >= self.config.max_wraps_per_version {
@@ -1453,28 +1461,46 @@ impl Keystore {
 
     /// Claims the next block of [`WRAP_RESERVATION_BLOCK`] wraps of a key version; returns
     /// the count the block ends at. The store's count is checked against the highest count
-    /// recorded in the token (a wrap mark): a store rolled back to fewer wraps (an edit, a
-    /// restored backup) is moved past the mark before any wrap is made, so the random-IV
-    /// bound per version holds whatever the store says. The new mark is recorded before the
-    /// block is used; older ones go.
-    fn claim_wrap_block(&self, object: &ObjectId) -> Result<u64> {
+    /// recorded in the token (a wrap mark) and against this process's own last block: a
+    /// store rolled back to fewer wraps (an edit, a restored backup) is moved past both
+    /// before any wrap is made, so the random-IV bound per version holds whatever the store
+    /// says. Marks are recorded ahead of use, [`WRAP_MARK_AHEAD`] at a time, so the token is
+    /// asked (and written, under its exclusive lock) once per many blocks, not per block.
+    fn claim_wrap_block(&self, object: &ObjectId, counter: &mut WrapCounter) -> Result<u64> {
         let (id, version) = (&object.key_id, object.version);
         let mut total = self
             .store
             .claim_wraps(id, version, WRAP_RESERVATION_BLOCK)?;
-        let marks = self.token.wrap_marks(object)?;
-        if let Some(&mark) = marks.iter().max() {
-            let start = total.saturating_sub(WRAP_RESERVATION_BLOCK);
-            if start < mark {
-                tracing::error!(key_id = %id, version, store = start, token = mark, "the metadata store counts fewer wraps than the token recorded (an edited or restored store?): counting on from the token's record");
-                total = self.store.claim_wraps(id, version, mark - start)?;
-            }
+        let start = total.saturating_sub(WRAP_RESERVATION_BLOCK);
+        // Other daemons' claims only move the count forward: below our own last block, the
+        // store went back.
+        let went_back = start < counter.reserved;
+        if !went_back && counter.mark.is_some_and(|mark| total <= mark) {
+            return Ok(total);
         }
-        self.token.record_wrap_mark(object, total)?;
-        for older in marks.into_iter().filter(|m| *m < total) {
-            if let Err(err) = self.token.destroy_wrap_mark(object, older) {
-                tracing::debug!(error = %err, "an older wrap mark stays (the highest counts)");
+        let marks = self.token.wrap_marks(object)?;
+        let floor = marks
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(counter.reserved);
+        if start < floor {
+            tracing::error!(key_id = %id, version, store = start, recorded = floor, "the metadata store counts fewer wraps than were made (an edited or restored store?): counting on from the record");
+            total = self.store.claim_wraps(id, version, floor - start)?;
+        }
+        let mark = marks.iter().copied().max().unwrap_or(0);
+        if total > mark {
+            let ahead = total + WRAP_MARK_AHEAD;
+            self.token.record_wrap_mark(object, ahead)?;
+            for older in marks {
+                if let Err(err) = self.token.destroy_wrap_mark(object, older) {
+                    tracing::debug!(error = %err, "an older wrap mark stays (the highest counts)");
+                }
             }
+            counter.mark = Some(ahead);
+        } else {
+            counter.mark = Some(mark);
         }
         Ok(total)
     }
@@ -1922,10 +1948,8 @@ mod tests {
         let object = ObjectId::new(key.id.clone(), 1);
         ks.wrap(&KeyRef::Id(key.id.clone()), b"dek", &ctx("a"))
             .unwrap();
-        assert_eq!(
-            token.wrap_marks(&object).unwrap(),
-            vec![WRAP_RESERVATION_BLOCK]
-        );
+        let first_mark = WRAP_RESERVATION_BLOCK + WRAP_MARK_AHEAD;
+        assert_eq!(token.wrap_marks(&object).unwrap(), vec![first_mark]);
         drop(ks);
         // The store is rolled back to no wraps at all (a restored backup, an edit).
         rusqlite::Connection::open(&path)
@@ -1942,10 +1966,10 @@ mod tests {
             .unwrap()
             .unwrap();
         let reserved = stored.versions[0].wraps_reserved;
-        assert_eq!(reserved, 2 * WRAP_RESERVATION_BLOCK);
+        assert_eq!(reserved, first_mark + WRAP_RESERVATION_BLOCK);
         assert_eq!(
             token.wrap_marks(&object).unwrap(),
-            vec![2 * WRAP_RESERVATION_BLOCK]
+            vec![reserved + WRAP_MARK_AHEAD]
         );
     }
 

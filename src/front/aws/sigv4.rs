@@ -150,12 +150,13 @@ pub fn parse_authorization(value: &str) -> Result<Authorization<'_>, String> {
             "the Authorization header must have Credential, SignedHeaders and Signature".to_owned(),
         );
     };
-    let scope: Vec<&str> = credential.split('/').collect();
-    let access_key = scope[0];
-    let scope_ok = scope.len() == 5
-        && scope[1..]
-            .iter()
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_graphic()));
+    let mut scope = credential.split('/');
+    let access_key = scope.next().unwrap_or_default();
+    let mut parts = 0;
+    let scope_ok = scope.all(|part| {
+        parts += 1;
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_graphic())
+    }) && parts == 4;
     let key_ok = (1..=128).contains(&access_key.len())
         && access_key.bytes().all(|b| b.is_ascii_alphanumeric());
     if !scope_ok || !key_ok {
@@ -188,7 +189,11 @@ pub fn parse_authorization(value: &str) -> Result<Authorization<'_>, String> {
 
 /// Headers a request may carry once only: the verifier reads the first of each, and a
 /// second one could be read differently by another part of the request's path.
-const SINGLE_HEADERS: [&str; 3] = ["authorization", "x-amz-date", "x-amz-target"];
+const SINGLE_HEADERS: [http::HeaderName; 3] = [
+    http::header::AUTHORIZATION,
+    http::HeaderName::from_static("x-amz-date"),
+    http::HeaderName::from_static("x-amz-target"),
+];
 
 /// Parses `X-Amz-Date` (`YYYYMMDDTHHMMSSZ`).
 pub fn parse_amz_date(value: &str) -> Option<DateTime<Utc>> {
@@ -217,7 +222,7 @@ pub async fn verify(
     };
     if let Some(name) = SINGLE_HEADERS
         .iter()
-        .find(|name| parts.headers.get_all(**name).iter().nth(1).is_some())
+        .find(|name| parts.headers.get_all(*name).iter().nth(1).is_some())
     {
         return Err(failure(
             "IncompleteSignatureException",
@@ -279,8 +284,8 @@ pub async fn verify(
     *request.headers_mut() = parts.headers.clone();
 
     // The identity of the request is the access key whose secret the verifier used.
-    let used = Arc::new(OnceLock::new());
-    let lookup = Arc::new((keys.clone(), account.to_owned(), used.clone()));
+    let lookup = Arc::new((keys.clone(), account.to_owned(), OnceLock::new()));
+    let used = lookup.clone();
     let mut signing_keys = tower::service_fn(move |req: GetSigningKeyRequest| {
         let lookup = lookup.clone();
         async move {
@@ -303,8 +308,8 @@ pub async fn verify(
     )
     .await;
     match verified {
-        Ok(_) => match used.get() {
-            Some(used) if Some(used) == claimed.as_ref() => Ok(used.clone()),
+        Ok(_) => match (used.2.get(), claimed) {
+            (Some(used), Some(claimed)) if *used == claimed => Ok(claimed),
             _ => Err(failure(
                 "IncompleteSignatureException",
                 "the signature was not verified with the access key the credential names",
