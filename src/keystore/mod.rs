@@ -115,6 +115,12 @@ const MAINTENANCE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long a version claim of another daemon is waited for before the number is skipped.
 const STUCK_CLAIM: Duration = Duration::from_secs(10);
 
+/// The refreshes notifications may ask for in a second, in key reads (an alias refresh,
+/// which reads every alias, counts [`ALIAS_REFRESH_COST`]); beyond, they wait for the next
+/// re-read of everything (see [`Keystore::follow_store`]).
+const REFRESH_BUDGET: usize = 64;
+const ALIAS_REFRESH_COST: usize = 16;
+
 /// Least time between two re-reads of the whole store that notifications ask for (see
 /// [`Keystore::follow_store`]).
 pub const MIN_RESYNC_GAP: Duration = Duration::from_secs(1);
@@ -648,6 +654,10 @@ impl Keystore {
             .unwrap_or_else(Instant::now);
         // A re-read of everything is due (asked for, or after an error).
         let mut owed = false;
+        // Refreshes notifications asked for in the current second (any role may NOTIFY:
+        // beyond the budget, they wait for the next rate-limited re-read of everything).
+        let mut window = Instant::now();
+        let mut spent = 0usize;
         while !stop.load(Ordering::Relaxed) {
             let due_in = if owed { min_gap } else { resync };
             let wait = due_in
@@ -663,10 +673,19 @@ impl Keystore {
                     owed = false;
                     return Ok(true);
                 }
+                if window.elapsed() >= Duration::from_secs(1) {
+                    window = Instant::now();
+                    spent = 0;
+                }
+                let cost = changes.keys.len() + usize::from(changes.aliases) * ALIAS_REFRESH_COST;
+                if spent + cost > REFRESH_BUDGET {
+                    owed = true;
+                }
                 if owed {
                     // Rate-limited: the view waits for its re-read to be confirmed.
                     return Ok(false);
                 }
+                spent += cost;
                 for id in &changes.keys {
                     self.refresh(id)?;
                 }
