@@ -1111,6 +1111,19 @@ fn writer(f: &Fixture) -> SqliteStore {
 
 const OTHER: [u8; 32] = [0x55; 32];
 
+/// The fixture with its key store opened again on what the store holds now (after a
+/// writer's edit, say).
+fn reopened(f: Fixture) -> Fixture {
+    let keystore = Keystore::open(
+        token(),
+        Arc::new(writer(&f)),
+        f.clock.clone(),
+        KeystoreConfig::default(),
+    )
+    .unwrap();
+    Fixture { keystore, ..f }
+}
+
 #[test]
 fn an_import_over_unrecorded_material_is_refused_and_destroys_nothing() {
     use wrapd::keystore::MetadataStore;
@@ -1130,16 +1143,7 @@ fn an_import_over_unrecorded_material_is_refused_and_destroys_nothing() {
     restored.delete_key(&key.id, SystemTime::now()).unwrap();
     row.state = KeyState::PendingImport;
     restored.create_key(&row, None).unwrap();
-    let f = Fixture {
-        keystore: Keystore::open(
-            token(),
-            Arc::new(writer(&f)),
-            f.clock.clone(),
-            KeystoreConfig::default(),
-        )
-        .unwrap(),
-        ..f
-    };
+    let f = reopened(f);
     let err = import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &OTHER).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::IncorrectKeyMaterial, "{err}");
     assert_eq!(key_objects(&key), 1);
@@ -1237,16 +1241,7 @@ fn a_generated_key_passed_off_as_imported_in_the_store_is_not_destroyed() {
             },
         )
         .unwrap();
-    let f = Fixture {
-        keystore: Keystore::open(
-            token(),
-            Arc::new(writer(&f)),
-            f.clock.clone(),
-            KeystoreConfig::default(),
-        )
-        .unwrap(),
-        ..f
-    };
+    let f = reopened(f);
     assert!(
         f.keystore
             .delete_imported_material(&by_id(&generated))

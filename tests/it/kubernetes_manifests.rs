@@ -593,13 +593,10 @@ async fn two_plugin_instances_as_the_manifest_runs_them_decrypt_each_others_blob
     assert!(line.seq > last && line.instance.as_deref() == Some("cp-a"));
 }
 
-/// Probes: the plugin's probes ask gRPC health and
-/// the KMS Status; readiness fails while the audit log fails closed (liveness does not: a
-/// restart would not mend it) and passes once it is mended; a dead daemon fails all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_plugin_probes_fail_while_the_audit_log_fails_closed() {
-    let cluster = Cluster::new();
-    let mut pod = Pod::plugin(&cluster, "cp-a");
+/// Starts `pod` and runs its probes through an audit log failure: all pass, then readiness
+/// fails while the log fails closed (liveness does not: a restart would not mend it), and
+/// passes again once the log is mended.
+async fn probe_through_an_audit_failure(pod: &mut Pod) {
     pod.start().unwrap();
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         assert!(pod.probe(probe), "{probe}");
@@ -617,6 +614,16 @@ async fn the_plugin_probes_fail_while_the_audit_log_fails_closed() {
         async move { ready }
     })
     .await;
+}
+
+/// Probes: the plugin's probes ask gRPC health and
+/// the KMS Status; readiness fails while the audit log fails closed (liveness does not: a
+/// restart would not mend it) and passes once it is mended; a dead daemon fails all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_probes_fail_while_the_audit_log_fails_closed() {
+    let cluster = Cluster::new();
+    let mut pod = Pod::plugin(&cluster, "cp-a");
+    probe_through_an_audit_failure(&mut pod).await;
     pod.stop();
     assert!(!pod.probe("livenessProbe") && !pod.probe("readinessProbe"));
 }
@@ -628,24 +635,7 @@ async fn the_plugin_probes_fail_while_the_audit_log_fails_closed() {
 async fn a_fleet_pod_is_unready_while_its_audit_log_fails_and_keeps_its_chain() {
     let cluster = Cluster::new();
     let mut pod = Pod::fleet(&cluster, "wrapd-0");
-    pod.start().unwrap();
-    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-        assert!(pod.probe(probe), "{probe}");
-    }
-    pod.break_audit_log();
-    eventually("readiness fails", || {
-        let ready = pod.probe("readinessProbe");
-        async move { !ready }
-    })
-    .await;
-    assert!(pod.probe("livenessProbe"));
-    pod.mend_audit_log();
-
-    eventually("ready again", || {
-        let ready = pod.probe("readinessProbe");
-        async move { ready }
-    })
-    .await;
+    probe_through_an_audit_failure(&mut pod).await;
 
     // An audited call over the pod's socket (the dev policy grants the test's user).
     let mut keys = KeyServiceClient::new(connect_unix(&pod.ready["socket"]).await.unwrap());
