@@ -180,6 +180,10 @@ impl Token for MemoryToken {
         Ok(self.tickets.lock().iter().cloned().collect())
     }
 
+    fn has_ticket(&self, ticket: &super::Ticket) -> Result<bool> {
+        Ok(self.tickets.lock().contains(ticket))
+    }
+
     fn destroy_ticket(&self, ticket: &super::Ticket) -> Result<()> {
         self.tickets.lock().remove(ticket);
         Ok(())

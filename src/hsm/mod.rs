@@ -235,6 +235,8 @@ pub trait Token: Send + Sync + 'static {
     fn create_ticket(&self, ticket: &Ticket) -> Result<()>;
     /// Every ticket in the token.
     fn tickets(&self) -> Result<Vec<Ticket>>;
+    /// Whether the token holds `ticket` (one lookup by its `CKA_ID`).
+    fn has_ticket(&self, ticket: &Ticket) -> Result<bool>;
     /// Destroys every copy of `ticket`; one already gone is no error.
     fn destroy_ticket(&self, ticket: &Ticket) -> Result<()>;
 

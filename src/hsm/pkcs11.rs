@@ -1113,6 +1113,19 @@ impl Token for Pkcs11Token {
         })
     }
 
+    fn has_ticket(&self, ticket: &Ticket) -> Result<bool> {
+        let _shared = self.shared();
+        self.with_session(true, |session, _| {
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Id(ticket.to_bytes()),
+                ])
+                .map_err(p11_error)?;
+            Ok(!found.is_empty())
+        })
+    }
+
     fn destroy_ticket(&self, ticket: &Ticket) -> Result<()> {
         let _exclusive = self.exclusive();
         self.with_session(false, |session, _| {

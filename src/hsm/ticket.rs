@@ -8,8 +8,15 @@
 //! expiry ticket; CancelKeyDeletion, a re-import without expiry and a carried-out destruction
 //! remove them. A key's objects are destroyed only when its ticket is due *and* the store
 //! agrees: either one can hold a destruction back, neither can cause one alone.
+//!
+//! Two more kinds keep a store writer from widening what a key may be used for or by whom:
+//! a *hold* (DisableKey, ScheduleKeyDeletion; removed by EnableKey) keeps a key unusable
+//! whatever state the store gives it, and an *alias* ticket (CreateAlias, UpdateAlias;
+//! removed by UpdateAlias and DeleteAlias) is what makes an alias row name a key at all.
 
-use crate::ids::KeyId;
+use sha2::{Digest, Sha256};
+
+use crate::ids::{AliasName, KeyId};
 
 /// A record in the token (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,21 +35,50 @@ pub enum Ticket {
         /// When, in Unix seconds.
         due: u64,
     },
+    /// DisableKey or ScheduleKeyDeletion, and no EnableKey since: the key is not usable,
+    /// whatever state the store gives it.
+    Hold {
+        /// The key.
+        key_id: KeyId,
+    },
+    /// CreateAlias or UpdateAlias pointed the alias at the key (and nothing has moved or
+    /// deleted it since): an alias row the token has no such ticket for names nothing.
+    Alias {
+        /// SHA-256 of the alias name: a `CKA_ID` of bounded length whatever the name.
+        name_digest: [u8; 32],
+        /// The key.
+        key_id: KeyId,
+    },
     /// The store's pending deletions and expiries were adopted as tickets, once, when a
     /// release with tickets first started on this token (see `Keystore::open`).
     Adopted,
+    /// The store's disabled keys and aliases were adopted as holds and alias tickets, once,
+    /// when a release with them first started on this token.
+    AdoptedHoldsAndAliases,
 }
 
 impl Ticket {
     /// The `CKA_LABEL` of every ticket.
     pub const LABEL: &'static [u8] = b"wrapd ticket";
     const ADOPTED: &'static str = "ticket:adopted:v1";
+    const ADOPTED_HOLDS_AND_ALIASES: &'static str = "ticket:adopted:holds-aliases:v1";
 
-    /// The key a deletion or expiry ticket is about.
+    /// The ticket that lets `alias` name `key_id`.
+    pub fn alias(alias: &AliasName, key_id: &KeyId) -> Self {
+        Self::Alias {
+            name_digest: Sha256::digest(alias.as_str().as_bytes()).into(),
+            key_id: key_id.clone(),
+        }
+    }
+
+    /// The key a ticket is about (`None` for the adoption markers).
     pub fn key_id(&self) -> Option<&KeyId> {
         match self {
-            Self::Deletion { key_id, .. } | Self::Expiry { key_id, .. } => Some(key_id),
-            Self::Adopted => None,
+            Self::Deletion { key_id, .. }
+            | Self::Expiry { key_id, .. }
+            | Self::Hold { key_id }
+            | Self::Alias { key_id, .. } => Some(key_id),
+            Self::Adopted | Self::AdoptedHoldsAndAliases => None,
         }
     }
 
@@ -51,7 +87,13 @@ impl Ticket {
         match self {
             Self::Deletion { key_id, due } => format!("ticket:delete:{key_id}:{due}"),
             Self::Expiry { key_id, due } => format!("ticket:expire:{key_id}:{due}"),
+            Self::Hold { key_id } => format!("ticket:hold:{key_id}"),
+            Self::Alias {
+                name_digest,
+                key_id,
+            } => format!("ticket:alias:{}:{key_id}", hex::encode(name_digest)),
             Self::Adopted => Self::ADOPTED.to_owned(),
+            Self::AdoptedHoldsAndAliases => Self::ADOPTED_HOLDS_AND_ALIASES.to_owned(),
         }
         .into_bytes()
     }
@@ -59,15 +101,34 @@ impl Ticket {
     /// Parses a `CKA_ID`; `None` for anything else.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
-        if text == Self::ADOPTED {
-            return Some(Self::Adopted);
+        match text {
+            Self::ADOPTED => return Some(Self::Adopted),
+            Self::ADOPTED_HOLDS_AND_ALIASES => return Some(Self::AdoptedHoldsAndAliases),
+            _ => {}
         }
         let (kind, rest) = text.strip_prefix("ticket:")?.split_once(':')?;
-        let (key, due) = rest.rsplit_once(':')?;
-        let (key_id, due) = (KeyId::parse(key).ok()?, due.parse().ok()?);
         match kind {
-            "delete" => Some(Self::Deletion { key_id, due }),
-            "expire" => Some(Self::Expiry { key_id, due }),
+            "hold" => Some(Self::Hold {
+                key_id: KeyId::parse(rest).ok()?,
+            }),
+            "alias" => {
+                let (digest, key) = rest.split_once(':')?;
+                let mut name_digest = [0u8; 32];
+                hex::decode_to_slice(digest, &mut name_digest).ok()?;
+                Some(Self::Alias {
+                    name_digest,
+                    key_id: KeyId::parse(key).ok()?,
+                })
+            }
+            "delete" | "expire" => {
+                let (key, due) = rest.rsplit_once(':')?;
+                let (key_id, due) = (KeyId::parse(key).ok()?, due.parse().ok()?);
+                Some(if kind == "delete" {
+                    Self::Deletion { key_id, due }
+                } else {
+                    Self::Expiry { key_id, due }
+                })
+            }
             _ => None,
         }
     }
@@ -86,8 +147,16 @@ mod tests {
                 key_id: key_id.clone(),
                 due: 1_800_000_000,
             },
-            Ticket::Expiry { key_id, due: 7 },
+            Ticket::Expiry {
+                key_id: key_id.clone(),
+                due: 7,
+            },
+            Ticket::Hold {
+                key_id: key_id.clone(),
+            },
+            Ticket::alias(&AliasName::parse("alias/app").unwrap(), &key_id),
             Ticket::Adopted,
+            Ticket::AdoptedHoldsAndAliases,
         ] {
             let bytes = ticket.to_bytes();
             assert_eq!(Ticket::parse(&bytes), Some(ticket));
@@ -96,5 +165,7 @@ mod tests {
         }
         assert_eq!(Ticket::parse(b"ticket:delete:key/x:1"), None);
         assert_eq!(Ticket::parse(b"import:whatever"), None);
+        assert_eq!(Ticket::parse(b"ticket:hold:key/x"), None);
+        assert_eq!(Ticket::parse(b"ticket:alias:00:key/x"), None);
     }
 }

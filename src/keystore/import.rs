@@ -199,7 +199,14 @@ impl Keystore {
             None => self.destroy_tickets(&key.id, Some(Kind::Expiry), |_| false)?,
         }
         let state = match key.state {
-            KeyState::PendingImport => KeyState::Enabled,
+            KeyState::PendingImport => {
+                // A pending-import key's hold (it was disabled, or its deletion cancelled,
+                // before its material went) goes: an import enables it, as in AWS KMS.
+                self.token.destroy_ticket(&crate::hsm::Ticket::Hold {
+                    key_id: key.id.clone(),
+                })?;
+                KeyState::Enabled
+            }
             other => other,
         };
         let material = ImportedMaterial {

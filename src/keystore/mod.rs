@@ -365,6 +365,9 @@ pub struct Keystore {
     read_through: read_through::ReadThrough,
     /// Serializes GetParametersForImport (see `import.rs`).
     import_parameters: Mutex<()>,
+    /// Disagreements between the store and the token's holds and alias tickets already
+    /// logged (see `tickets.rs`).
+    reported: Mutex<HashSet<String>>,
 }
 
 fn object_of(key: &KeyRecord, version: u32) -> ObjectId {
@@ -455,7 +458,9 @@ impl Keystore {
             last_sync: Mutex::new(std::time::Instant::now()),
             read_through: read_through::ReadThrough::default(),
             import_parameters: Mutex::new(()),
+            reported: Mutex::new(HashSet::new()),
         };
+        keystore.adopt_holds_and_aliases_once()?;
         keystore.reload()?;
         let report = keystore.reconcile()?;
         keystore.settle_unknown_versions(&report)?;
@@ -531,14 +536,18 @@ impl Keystore {
         &self.token
     }
 
+    /// Re-reads every key and alias from the store, as the token lets them stand.
     fn reload(&self) -> Result<()> {
         let keys = self.store.all_keys()?;
         let aliases = self.store.all_aliases()?;
-        let mut view = self.view.write();
-        view.keys = keys
+        let anchors = tickets::Anchors::read(&*self.token)?;
+        let keys = keys
             .into_iter()
-            .map(|k| (k.id.clone(), Arc::new(k)))
-            .collect();
+            .map(|k| Ok((k.id.clone(), Arc::new(self.anchored(k, Some(&anchors))?))))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let aliases = self.anchored_aliases(aliases, Some(&anchors))?;
+        let mut view = self.view.write();
+        view.keys = keys;
         view.aliases = aliases.into_iter().collect();
         drop(view);
         self.read_through.forget_misses();
@@ -624,15 +633,7 @@ impl Keystore {
     /// Re-reads everything from the store (a fleet's safety net, and after lost
     /// notifications).
     pub fn resync(&self) -> Result<()> {
-        let keys = self.store.all_keys()?;
-        let aliases = self.store.all_aliases()?;
-        let mut view = self.view.write();
-        view.keys = keys
-            .into_iter()
-            .map(|k| (k.id.clone(), Arc::new(k)))
-            .collect();
-        view.aliases = aliases.into_iter().collect();
-        Ok(())
+        self.reload()
     }
 
     /// Follows what other daemons change in a shared store until `stop` is set: each
@@ -743,7 +744,10 @@ impl Keystore {
 
     /// Re-reads one key from the store into the view.
     fn refresh(&self, id: &KeyId) -> Result<Option<Arc<KeyRecord>>> {
-        let record = self.store.key(id)?.map(Arc::new);
+        let record = match self.store.key(id)? {
+            Some(record) => Some(Arc::new(self.anchored(record, None)?)),
+            None => None,
+        };
         let mut view = self.view.write();
         match &record {
             Some(r) => view.keys.insert(id.clone(), r.clone()),
@@ -754,6 +758,8 @@ impl Keystore {
 
     fn refresh_aliases(&self) -> Result<()> {
         let aliases = self.store.all_aliases()?;
+        let anchors = tickets::Anchors::read(&*self.token)?;
+        let aliases = self.anchored_aliases(aliases, Some(&anchors))?;
         self.view.write().aliases = aliases.into_iter().collect();
         self.read_through.forget_misses();
         Ok(())
@@ -803,7 +809,16 @@ impl Keystore {
         if !self.store.is_shared() || !self.read_through.may_ask(&name, now) {
             return Ok(None);
         }
-        let id = self.store.alias(alias)?;
+        let id = match self.store.alias(alias)? {
+            Some(id)
+                if self
+                    .anchored_aliases(vec![(alias.clone(), id.clone())], None)?
+                    .is_empty() =>
+            {
+                None
+            }
+            found => found,
+        };
         if id.is_none() {
             self.read_through.missed(&name, now);
         }
@@ -884,7 +899,17 @@ impl Keystore {
             rotation: None,
             tags,
         };
+        // The alias's ticket before the store's row: a row without its ticket names nothing.
+        let alias_ticket = alias.map(|alias| Ticket::alias(alias, &id));
+        if let Some(ticket) = &alias_ticket {
+            self.token.create_ticket(ticket)?;
+        }
         if let Err(err) = self.store.create_key(&record, alias) {
+            if let Some(ticket) = &alias_ticket {
+                if let Err(cleanup) = self.token.destroy_ticket(ticket) {
+                    tracing::warn!(key_id = %id, error = %cleanup, "could not remove the alias ticket of a key that failed to commit");
+                }
+            }
             if origin == KeyOrigin::External {
                 return Err(err);
             }
@@ -918,8 +943,13 @@ impl Keystore {
         } else {
             String::new()
         };
+        let anchors = tickets::Anchors::read(&*self.token)?;
+        let items = rows
+            .into_iter()
+            .map(|(_, k)| Ok(Arc::new(self.anchored(k, Some(&anchors))?)))
+            .collect::<Result<_>>()?;
         Ok(Page {
-            items: rows.into_iter().map(|(_, k)| Arc::new(k)).collect(),
+            items,
             next_page_token,
         })
     }
@@ -1130,7 +1160,26 @@ impl Keystore {
                 key.id
             )));
         }
-        self.store.set_state(&key.id, state, None)?;
+        // Disabling: the hold first, so that the key is disabled whatever the store says
+        // afterwards. Enabling: the store first, so that a failure leaves it disabled.
+        let hold = Ticket::Hold {
+            key_id: key.id.clone(),
+        };
+        if state == KeyState::Enabled {
+            self.store.set_state(&key.id, state, None)?;
+            self.token.destroy_ticket(&hold)?;
+        } else {
+            let held = self.token.has_ticket(&hold)?;
+            self.token.create_ticket(&hold)?;
+            if let Err(err) = self.store.set_state(&key.id, state, None) {
+                if !held {
+                    if let Err(cleanup) = self.token.destroy_ticket(&hold) {
+                        tracing::warn!(key_id = %key.id, error = %cleanup, "could not remove the hold of a DisableKey that was not recorded");
+                    }
+                }
+                return Err(err);
+            }
+        }
         tracing::info!(key_id = %key.id, state = state.as_str(), "key state changed");
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished after state change".into()))
@@ -1161,13 +1210,22 @@ impl Keystore {
             key_id: key.id.clone(),
             due: tickets::unix_seconds(when),
         };
+        // And a hold: a store writer who cancels the deletion does not make the key usable.
+        let hold = Ticket::Hold {
+            key_id: key.id.clone(),
+        };
+        let held = self.token.has_ticket(&hold)?;
+        self.token.create_ticket(&hold)?;
         self.token.create_ticket(&ticket)?;
         if let Err(err) = self
             .store
             .set_state(&key.id, KeyState::PendingDeletion, Some(when))
         {
-            if let Err(cleanup) = self.token.destroy_ticket(&ticket) {
-                tracing::warn!(key_id = %key.id, error = %cleanup, "could not remove the deletion ticket of a deletion that was not recorded");
+            let made = std::iter::once(&ticket).chain((!held).then_some(&hold));
+            for made in made {
+                if let Err(cleanup) = self.token.destroy_ticket(made) {
+                    tracing::warn!(key_id = %key.id, error = %cleanup, "could not remove a ticket of a deletion that was not recorded");
+                }
             }
             return Err(err);
         }
@@ -1276,7 +1334,8 @@ impl Keystore {
     pub fn create_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
-        self.store.create_alias(alias, &key.id)?;
+        // The ticket before the row: a row without its ticket names nothing.
+        self.make_alias_ticket(alias, &key.id, |store| store.create_alias(alias, &key.id))?;
         self.refresh_aliases()?;
         self.refresh(&key.id)?;
         Ok((alias.clone(), key.id.clone()))
@@ -1286,8 +1345,13 @@ impl Keystore {
     pub fn update_alias(&self, alias: &AliasName, key: &KeyRef) -> Result<(AliasName, KeyId)> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
-        let old = self.read_view().aliases.get(alias).cloned();
-        self.store.update_alias(alias, &key.id)?;
+        // The row's own target, not the view's: the view leaves out a row without its ticket.
+        let old = self.store.alias(alias)?;
+        self.make_alias_ticket(alias, &key.id, |store| store.update_alias(alias, &key.id))?;
+        if let Some(old) = old.as_ref().filter(|old| **old != key.id) {
+            // The former target's ticket goes, so that no store edit can point the alias back.
+            self.token.destroy_ticket(&Ticket::alias(alias, old))?;
+        }
         self.refresh_aliases()?;
         if let Some(old) = old {
             self.refresh(&old)?;
@@ -1299,13 +1363,40 @@ impl Keystore {
     /// Deletes an alias, returning the key it pointed at.
     pub fn delete_alias(&self, alias: &AliasName) -> Result<(AliasName, KeyId)> {
         let _admin = self.admin.lock();
+        // The ticket first: once it is gone, the alias names nothing, whatever the store says.
+        if let Some(current) = self.store.alias(alias)? {
+            self.token.destroy_ticket(&Ticket::alias(alias, &current))?;
+        }
         let key = self
             .store
             .delete_alias(alias)?
             .ok_or_else(|| Error::AliasNotFound(alias.to_string()))?;
+        self.token.destroy_ticket(&Ticket::alias(alias, &key))?;
         self.refresh_aliases()?;
         self.refresh(&key)?;
         Ok((alias.clone(), key))
+    }
+
+    /// Records the ticket that lets `alias` name `id`, then runs `write` on the store; if the
+    /// store refuses, a ticket made here is removed again.
+    fn make_alias_ticket(
+        &self,
+        alias: &AliasName,
+        id: &KeyId,
+        write: impl FnOnce(&dyn MetadataStore) -> Result<()>,
+    ) -> Result<()> {
+        let ticket = Ticket::alias(alias, id);
+        let had = self.token.has_ticket(&ticket)?;
+        self.token.create_ticket(&ticket)?;
+        if let Err(err) = write(&*self.store) {
+            if !had {
+                if let Err(cleanup) = self.token.destroy_ticket(&ticket) {
+                    tracing::warn!(alias = %alias, error = %cleanup, "could not remove the ticket of an alias change that was not recorded");
+                }
+            }
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// Aliases sorted by name, optionally only those of one key.
@@ -1329,8 +1420,9 @@ impl Keystore {
         } else {
             String::new()
         };
+        let anchors = tickets::Anchors::read(&*self.token)?;
         Ok(Page {
-            items: rows,
+            items: self.anchored_aliases(rows, Some(&anchors))?,
             next_page_token,
         })
     }

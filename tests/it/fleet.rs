@@ -1036,6 +1036,81 @@ async fn a_deletion_written_in_the_database_destroys_nothing() {
     }
 }
 
+/// A key enabled and aliases pointed elsewhere with SQL (and announced with NOTIFY, which any
+/// role may send) change nothing on any daemon: the token's hold keeps the disabled key
+/// disabled, and an alias row without the token's record of CreateAlias names no key.
+#[tokio::test]
+async fn a_key_enabled_or_an_alias_moved_in_the_database_changes_nothing() {
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let (_dev, nodes) = fleet_on_database(&database, 2, "");
+    let named = create_key(&mut nodes[0].keys().await, "alias/app").await;
+    let disabled = create_key(&mut nodes[0].keys().await, "").await;
+    let other = create_key(&mut nodes[0].keys().await, "").await;
+    nodes[0]
+        .keys()
+        .await
+        .disable_key(key_ref(&disabled.key_id))
+        .await
+        .unwrap();
+    let (url, b, c) = (
+        database.clone(),
+        disabled.key_id.clone(),
+        other.key_id.clone(),
+    );
+    std::thread::spawn(move || {
+        crate::common::postgres::PgServer::sql(
+            &url,
+            &format!(
+                "UPDATE keys SET state = 'ENABLED' WHERE id = '{b}';
+                 UPDATE aliases SET key_id = '{c}' WHERE name = 'alias/app';
+                 INSERT INTO aliases (name, key_id) VALUES ('alias/forged', '{c}');
+                 SELECT pg_notify('wrapd_changes', 'k:{b}');
+                 SELECT pg_notify('wrapd_changes', 'a');"
+            ),
+        )
+    })
+    .join()
+    .unwrap();
+    for node in &nodes {
+        let log = || node.log();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(log().contains("the token records it disabled")
+            && log().contains("no CreateAlias or UpdateAlias did"))
+        {
+            assert!(std::time::Instant::now() < deadline, "{}", log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut data = node.data().await;
+        let request = |key_id: &str| wrapd::proto::GenerateDataKeyRequest {
+            key_id: key_id.to_owned(),
+            encryption_context: ctx(&[]),
+            number_of_bytes: 32,
+        };
+        assert_code(
+            data.generate_data_key(request(&disabled.key_id)).await,
+            tonic::Code::FailedPrecondition,
+        );
+        for alias in ["alias/app", "alias/forged"] {
+            assert_code(
+                data.generate_data_key(request(alias)).await,
+                tonic::Code::NotFound,
+            );
+        }
+    }
+    // The audited calls still work: EnableKey, and UpdateAlias back to the first key.
+    let mut keys = nodes[0].keys().await;
+    keys.enable_key(key_ref(&disabled.key_id)).await.unwrap();
+    keys.update_alias(AliasRequest {
+        alias_name: "alias/app".into(),
+        key_id: named.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    generate(&mut nodes[1].data().await, &disabled.key_id, &[]).await;
+    let made = generate(&mut nodes[0].data().await, "alias/app", &[]).await;
+    assert_eq!(made.key_id, named.key_id);
+}
+
 #[tokio::test]
 async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
     let database = std::thread::spawn(|| server().database()).join().unwrap();
