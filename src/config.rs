@@ -165,7 +165,7 @@ struct RawTracing {
     sample_ratio: Option<f64>,
 }
 
-/// `[tracing]`: OpenTelemetry export of one span per request (issue 12).
+/// `[tracing]`: OpenTelemetry export of one span per request.
 #[derive(Debug, Clone)]
 pub struct TracingConfig {
     /// The OTLP/gRPC collector, `http://HOST:4317` (usually an agent or collector on the
@@ -622,6 +622,28 @@ impl Config {
                 )
             })
             .collect()
+    }
+
+    /// Checks the names and types of the keys in config text, which may be a fragment (a
+    /// missing `[hsm]` or `[store]` section is filled in), without reading any file it
+    /// names: how the documentation's config snippets are kept true to the code.
+    pub fn check_keys(text: &str) -> Result<()> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| Error::Config(e.message().replace('\n', " ")))?;
+        let placeholder = |text: &str| toml::from_str::<toml::Table>(text).map(toml::Value::Table);
+        if !table.contains_key("hsm") {
+            let hsm = "module = \"m\"\ntoken_label = \"t\"\nprofile = \"softhsm\"";
+            table.insert(
+                "hsm".into(),
+                placeholder(hsm).map_err(|e| Error::Internal(e.to_string()))?,
+            );
+        }
+        if !table.contains_key("store") {
+            table.insert("store".into(), toml::Value::Table(toml::Table::new()));
+        }
+        RawConfig::deserialize(table)
+            .map(|_| ())
+            .map_err(|e| Error::Config(e.message().replace('\n', " ")))
     }
 
     /// Reads and validates a config file.

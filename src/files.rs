@@ -23,8 +23,7 @@ pub(crate) fn write_replace(path: &Path, contents: &[u8], mode: u32) -> Result<(
 ///
 /// The contents go to a temporary file in the same directory (created exclusively, mode
 /// 0600), which is synced and then linked into place only if `path` does not exist, so a
-/// crash or a failed write never leaves a partial file at `path` for a later run to trip
-/// over (security review finding 12).
+/// crash or a failed write never leaves a partial file at `path` for a later run to trip over.
 pub(crate) fn write_new_with(
     path: &Path,
     mode: u32,
@@ -75,8 +74,7 @@ fn write_file(
 mod tests {
     use super::*;
 
-    /// Security review finding 12: a write that fails half-way leaves nothing at the path,
-    /// so the next attempt succeeds.
+    /// A write that fails half-way leaves nothing at the path, so the next attempt succeeds.
     #[test]
     fn a_failed_write_leaves_no_partial_file() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,5 @@
-//! Process hardening at start-up (security review finding 10).
+//! Process hardening at start-up, so that the secrets the daemon holds (PINs, data keys, the
+//! TLS private key) do not leak through core dumps, swap or `/proc`.
 //!
 //! - No core dumps: `PR_SET_DUMPABLE = 0` (also keeps other users' debuggers out) and
 //!   `RLIMIT_CORE = 0`.

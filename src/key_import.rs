@@ -1,4 +1,4 @@
-//! Key import ("bring your own key", issue 11): what the daemon and the thin client share.
+//! Key import ("bring your own key"): what the daemon and the thin client share.
 //!
 //! The wrapping algorithms ([`ImportAlgorithm`], AWS KMS's names and formats) and, in the
 //! client, [`wrap_key_material`]: the key owner's side of `ImportKeyMaterial`, which wraps a

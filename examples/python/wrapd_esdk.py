@@ -81,7 +81,7 @@ class WrapdMasterKey(MasterKey):
         self._pb2 = pb2
         # Default options: over a unix socket gRPC sends the socket path as :authority,
         # which plain HTTP/2 servers refuse, but wrapd rewrites it on its unix sockets, so
-        # no grpc.default_authority is needed (issue 10).
+        # no grpc.default_authority is needed.
         channel = grpc.insecure_channel(self.config.target)
         self._stub = pb2_grpc.DataKeyServiceStub(channel)
 

@@ -4,8 +4,8 @@
 //! Locks, always taken in this order: `state` (the file lines are written to, the chain's
 //! tail), then `sync` (the file `fdatasync` runs on), then `written` (a leaf: the last line
 //! written). [`AuditLog::append`] takes `state` to write and then `sync` to wait for the
-//! disk, never both at once; [`AuditLog::reopen`] takes both, in that order. (The order was
-//! inverted once, and SIGHUP under load deadlocked the daemon: security review finding 1.)
+//! disk, never both at once; [`AuditLog::reopen`] takes both, in that order. (In the other
+//! order, a SIGHUP under load deadlocks the daemon.)
 //!
 //! The chain head (seq + hash of the last durable line) is recorded in the metadata store
 //! ([`HeadStore`]) at open, at every reopen, every second by the daemon's background task
@@ -689,7 +689,7 @@ mod tests {
         assert!(!log.is_healthy());
     }
 
-    /// Security review finding 6: a torn last line is cut off, not glued to the next record.
+    /// A torn last line is cut off, not glued to the next record.
     #[test]
     fn a_torn_last_line_is_cut_and_the_chain_goes_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -711,8 +711,8 @@ mod tests {
         );
     }
 
-    /// Security review finding 6: a log whose tail was cut while the daemon was stopped is
-    /// refused at start-up, and accepted only as an explicit, verifiable gap.
+    /// A log whose tail was cut while the daemon was stopped is refused at start-up, and
+    /// accepted only as an explicit, verifiable gap.
     #[test]
     fn a_truncated_log_is_refused_then_recorded_as_a_gap() {
         let dir = tempfile::tempdir().unwrap();
@@ -768,8 +768,8 @@ mod tests {
         );
     }
 
-    /// Security review finding 1: an acknowledged line written to the old file just before a
-    /// reopen is synced before the swap.
+    /// An acknowledged line written to the old file just before a reopen is synced before
+    /// the swap.
     #[test]
     fn reopen_syncs_the_old_file_and_records_the_head() {
         let dir = tempfile::tempdir().unwrap();

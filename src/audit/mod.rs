@@ -326,7 +326,7 @@ mod tests {
             .collect()
     }
 
-    /// Security review finding 6: a crafted `seq` must not overflow the verifier.
+    /// A crafted `seq` must not overflow the verifier.
     #[test]
     fn a_crafted_maximal_seq_is_reported_not_overflowed() {
         let records = chain(2, u64::MAX, GENESIS);
@@ -335,7 +335,7 @@ mod tests {
         assert!(err.reason.contains("sequence"), "{err}");
     }
 
-    /// Security review finding 6: a file is checked against a recorded head.
+    /// A file is checked against a recorded head.
     #[test]
     fn a_file_must_reach_the_recorded_head() {
         let records = chain(5, 1, GENESIS);

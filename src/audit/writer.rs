@@ -9,8 +9,8 @@
 //! after its line is durable; one `fdatasync` covers every line queued while the previous
 //! one ran; under load one operation worker at a time writes while the others go on with key
 //! operations; and with a single caller, the line is written on the job's own thread, with
-//! no hand-off to a writer thread and back (issue 15: a hand-off to an idle thread costs
-//! tens of microseconds here).
+//! no hand-off to a writer thread and back (a hand-off to an idle thread costs tens of
+//! microseconds here).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

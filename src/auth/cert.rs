@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 
 /// `tls:uri=` + the first URI SAN, else `tls:dns=` + the first DNS SAN, else `tls:cn=` +
 /// the subject CN. The `tls:` namespace means no certificate field can name a principal of
-/// another transport (`unix:uid=0`, `wrapd:…`): security review finding 3.
+/// another transport (`unix:uid=0`, `wrapd:…`).
 /// A certificate naming nothing is [`Error::Unauthenticated`].
 pub fn principal_from_certificate(der: &[u8]) -> Result<String> {
     let (_, cert) = X509Certificate::from_der(der)
@@ -70,7 +70,7 @@ mod tests {
         );
     }
 
-    /// Security review finding 3: a certificate cannot pose as a local user or as wrapd.
+    /// A certificate cannot pose as a local user or as wrapd.
     #[test]
     fn a_certificate_cannot_name_a_unix_or_internal_principal() {
         for uri in ["unix:uid=0", "wrapd:kubernetes-kms"] {

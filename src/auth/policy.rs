@@ -32,9 +32,9 @@ use crate::error::{Error, Result};
 macro_rules! operations {
     ($($name:ident: $data_plane:expr),* $(,)?) => {
         /// Every RPC, and what the policy can grant. `ReWrap` is the RPC; its permission is split
-/// (security review finding 5), as AWS KMS splits `ReEncryptFrom` / `ReEncryptTo`: the
-/// caller needs `ReWrapFrom` on the source key and `ReWrapTo` on the destination key, so
-/// that a right to re-wrap into a scratch key never covers every source.
+/// as AWS KMS splits `ReEncryptFrom` / `ReEncryptTo`: the caller needs `ReWrapFrom` on the
+/// source key and `ReWrapTo` on the destination key, so that a right to re-wrap into a
+/// scratch key never covers every source.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[allow(missing_docs)]
         pub enum Operation { $($name),* }
@@ -186,10 +186,9 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
     Ok(set)
 }
 
-/// The principal namespaces, one per way of calling (security review finding 3): a
-/// principal of one can never be produced by another. TLS principals are built by wrapd
-/// from certificate fields (`tls:uri=`, `tls:dns=`, `tls:cn=`), so no certificate can name a
-/// `unix:` or internal `wrapd:` principal.
+/// The principal namespaces, one per way of calling: a principal of one can never be produced
+/// by another. TLS principals are built by wrapd from certificate fields (`tls:uri=`,
+/// `tls:dns=`, `tls:cn=`), so no certificate can name a `unix:` or internal `wrapd:` principal.
 pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "aws:", "wrapd:"];
 
 /// Checks that a principal pattern can match a principal of some namespace. Forms from
@@ -438,8 +437,8 @@ mod tests {
         assert!(!policy.allows_some(&reader, Operation::Wrap));
     }
 
-    /// Security review finding 3: a policy written for un-namespaced certificate principals
-    /// fails to load and says what to write instead.
+    /// A policy written for un-namespaced certificate principals fails to load and says what
+    /// to write instead.
     #[test]
     fn principals_of_no_namespace_are_refused_with_the_fix() {
         let grant = |p: &str| {
@@ -466,7 +465,7 @@ mod tests {
         }
     }
 
-    /// Security review finding 5: ReWrap is granted per end.
+    /// ReWrap is granted per end.
     #[test]
     fn rewrap_is_granted_per_end() {
         let err = Policy::parse(

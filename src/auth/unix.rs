@@ -115,8 +115,8 @@ mod tests {
         assert_eq!(&*p, ["unix:uid=4000000000", "unix:gid=4000000001"]);
     }
 
-    /// Security review finding 9: groups are the ones the kernel reports for the peer, not
-    /// `/etc/group`'s list for its user name.
+    /// Groups are the ones the kernel reports for the peer, not `/etc/group`'s list for
+    /// its user name.
     #[test]
     fn groups_come_from_the_peer_not_from_etc_group() {
         let p = UnixNames::default().principals(4_000_000_000, 4_000_000_001, &[4_000_000_002]);

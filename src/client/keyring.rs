@@ -272,12 +272,12 @@ impl Keyring {
         }
     }
 
-    /// The DEKs of many messages with as few calls as possible (issue 15): each message's
-    /// first `wrapd` or `aws-kms` entry goes to the first key's daemon in `BatchUnwrap` calls
-    /// of up to [`MAX_BATCH`] items. A message whose item fails there (an entry for another
-    /// key or daemon, a daemon without batch calls) falls back to [`Keyring::unwrap`], which
-    /// offers every entry to every daemon; so the answers are those of [`Keyring::unwrap`],
-    /// in the order of `headers`, for one call per thousand messages when all goes well.
+    /// The DEKs of many messages with as few calls as possible: each message's first `wrapd`
+    /// or `aws-kms` entry goes to the first key's daemon in `BatchUnwrap` calls of up to
+    /// [`MAX_BATCH`] items. A message whose item fails there (an entry for another key or
+    /// daemon, a daemon without batch calls) falls back to [`Keyring::unwrap`], which offers
+    /// every entry to every daemon; so the answers are those of [`Keyring::unwrap`], in the
+    /// order of `headers`, for one call per thousand messages when all goes well.
     pub async fn unwrap_all(&self, headers: &[Header]) -> Vec<Result<Zeroizing<Vec<u8>>>> {
         let mut deks: Vec<Option<Zeroizing<Vec<u8>>>> = headers.iter().map(|_| None).collect();
         let items: Vec<(usize, UnwrapRequest)> = headers

@@ -995,8 +995,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// Security review finding 9: decryption refuses more encrypted data keys than allowed
-    /// (default 10), before any of them reaches a keyring.
+    /// Decryption refuses more encrypted data keys than allowed (default 10), before any of
+    /// them reaches a keyring.
     #[test]
     fn more_encrypted_data_keys_than_allowed_are_refused() {
         let dek = [7u8; 32];

@@ -64,8 +64,8 @@ pub struct TlsFiles {
 
 /// Opens a gRPC channel to `https://host:port` with mutual TLS.
 pub async fn connect_tls(endpoint: &str, files: &TlsFiles) -> Result<Channel, ConnectError> {
-    // tonic would speak plaintext to an http:// endpoint, TLS files notwithstanding
-    // (security review finding 9): only https:// is a mutual-TLS endpoint.
+    // tonic would speak plaintext to an http:// endpoint, TLS files notwithstanding: only
+    // https:// is a mutual-TLS endpoint.
     if !endpoint
         .get(..8)
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
@@ -113,7 +113,7 @@ pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Channel, ConnectErro
 mod tests {
     use super::*;
 
-    /// Security review finding 9: a mutual-TLS connection never falls back to plaintext.
+    /// A mutual-TLS connection never falls back to plaintext.
     #[tokio::test]
     async fn connect_tls_refuses_a_plaintext_endpoint() {
         let files = TlsFiles {

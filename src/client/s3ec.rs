@@ -1,6 +1,6 @@
-//! The Amazon S3 Encryption Client's object format (issue 14, docs/DESIGN.md §10), so that a
-//! bucket is shared with the official S3 Encryption Clients whose KMS keyring points at
-//! wrapd's AWS KMS-compatible API.
+//! The Amazon S3 Encryption Client's object format (docs/DESIGN.md §10), so that a bucket is
+//! shared with the official S3 Encryption Clients whose KMS keyring points at wrapd's AWS
+//! KMS-compatible API.
 //!
 //! **V2 format** (written and read): the object body is AES-256-GCM ciphertext of the content
 //! with the 16-byte tag appended, no AAD, under a per-object data key; the "envelope" travels

@@ -201,7 +201,7 @@ pub trait Token: Send + Sync + 'static {
     /// A cheap liveness check: a session can be had and the token answers.
     fn ping(&self) -> Result<()>;
 
-    // ---- key import (issue 11) -------------------------------------------------------------
+    // ---- key import ------------------------------------------------------------------------
 
     /// Generates an RSA key pair for importing material: the private half a token object
     /// named by `id` (private, sensitive, never extractable, unwrap only), the public half a
@@ -298,7 +298,7 @@ pub struct HsmConfig {
     /// Re-initialize the PKCS#11 context when a key object the metadata lists is not found
     /// (a library whose view of the token went stale). Off in a fleet: there, a missing
     /// object is another daemon's scheduled deletion (or replication still under way), and
-    /// the key store asks the shared metadata instead (issue 18).
+    /// the key store asks the shared metadata instead.
     pub reset_on_missing_object: bool,
 }
 

@@ -67,8 +67,7 @@ struct Inner {
 
 /// A fault to inject into a coming PKCS#11 call, for fault tests: the call fails (or stalls)
 /// as if the token had done it, and the pool reacts as it would to the real thing. Only
-/// with the `fault-injection` feature (security review finding 12: the hook must not cost
-/// production calls a global lock).
+/// with the `fault-injection` feature, so that the hook costs production calls no global lock.
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

@@ -1,6 +1,5 @@
-//! Key import ("bring your own key", issue 11): the key store's side of
-//! `GetParametersForImport`, `ImportKeyMaterial`, `DeleteImportedKeyMaterial` and the expiry
-//! of imported material.
+//! Key import ("bring your own key"): the key store's side of `GetParametersForImport`,
+//! `ImportKeyMaterial`, `DeleteImportedKeyMaterial` and the expiry of imported material.
 //!
 //! The material is unwrapped inside the token ([`Token::import_key`]): wrapd's memory never
 //! holds it in clear. An import first unwraps into a session object to learn the material's

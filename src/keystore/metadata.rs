@@ -54,8 +54,8 @@ pub enum KeyOrigin {
     /// Generated inside the token by wrapd (AWS KMS's `AWS_KMS` origin).
     #[default]
     Hsm,
-    /// Imported by its owner (issue 11): `CreateKey` makes it `PENDING_IMPORT`, with one
-    /// version whose object appears when the material is imported. Never rotated.
+    /// Imported by its owner: `CreateKey` makes it `PENDING_IMPORT`, with one version whose
+    /// object appears when the material is imported. Never rotated.
     External,
 }
 

@@ -469,11 +469,12 @@ impl Keystore {
     }
 
     /// Start-up: what to do with objects in the token that are versions of known keys the
-    /// metadata does not list (security review finding 7). Key material is never destroyed:
-    /// an object left by this daemon's own unfinished rotation (its version was recorded as
-    /// pending) is adopted; any other is an error naming the way out, unless
-    /// [`KeystoreConfig::adopt_unknown_versions`] is set. Adopted versions unwrap their
-    /// blobs but take no new wraps (their wrap counts are unknown): the next wrap rotates.
+    /// metadata does not list (as after the metadata store is restored from an older backup).
+    /// Key material is never destroyed: an object left by this daemon's own unfinished
+    /// rotation (its version was recorded as pending) is adopted; any other is an error
+    /// naming the way out, unless [`KeystoreConfig::adopt_unknown_versions`] is set. Adopted
+    /// versions unwrap their blobs but take no new wraps (their wrap counts are unknown): the
+    /// next wrap rotates.
     fn settle_unknown_versions(&self, report: &ReconcileReport) -> Result<()> {
         let pending: HashSet<(KeyId, u32)> = self.store.pending_versions()?.into_iter().collect();
         let mut unknown = Vec::new();
@@ -1064,8 +1065,8 @@ impl Keystore {
         refuse_imported_rotation(key)?;
         let (version, resumed) = self.claim_next_version(&key.id)?;
         let object = ObjectId::new(key.id.clone(), version);
-        // Never destroy an object the metadata cannot prove is an orphan (security review
-        // finding 7): after a metadata restore, this CKA_ID can be live key material.
+        // Never destroy an object the metadata cannot prove is an orphan: after a metadata
+        // restore, this CKA_ID can be live key material.
         if self.token.contains(&object)? {
             if resumed {
                 // This daemon generated it for this very version and never committed it.

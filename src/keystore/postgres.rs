@@ -115,8 +115,8 @@ CREATE TABLE audit_heads (
     ),
     (
         2,
-        // Key import (issue 11): where a key's material comes from, and the imported
-        // material's check value, presence and expiry.
+        // Key import: where a key's material comes from, and the imported material's check
+        // value, presence and expiry.
         "
 ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
 ALTER TABLE keys ADD COLUMN material_check TEXT;

@@ -68,8 +68,8 @@ CREATE TABLE IF NOT EXISTS key_tags (
 );
 ";
 
-/// Schema 3: key import (issue 11): where a key's material comes from, and the imported
-/// material's check value, presence and expiry.
+/// Schema 3: key import: where a key's material comes from, and the imported material's check
+/// value, presence and expiry.
 const MIGRATION_3: &str = "
 ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
 ALTER TABLE keys ADD COLUMN material_check TEXT;

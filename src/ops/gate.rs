@@ -6,10 +6,9 @@
 //! gets the result once the line is durable. Data-plane calls run on the operation workers
 //! ([`super::workers`]), others on tokio's blocking pool. The caller cannot cancel any of
 //! it: when a deadline fires or a client resets its stream, the front end drops its future,
-//! but the job runs on and its line is written, so no state change ever goes unaudited
-//! (security review finding 11). If the audit line cannot be written, the caller gets
-//! [`Error::Unavailable`] instead of the result: the log fails closed. Each call is logged
-//! once, here.
+//! but the job runs on and its line is written, so no state change ever goes unaudited. If
+//! the audit line cannot be written, the caller gets [`Error::Unavailable`] instead of the
+//! result: the log fails closed. Each call is logged once, here.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -286,10 +285,10 @@ impl Gate {
     /// up to one per worker thread (each thread holds its own HSM session): each job takes
     /// the next item not yet taken until none is left, so a job that is slow (its thread
     /// waits for the token, or starts late behind other calls) leaves its share to the others.
-    /// With one job per batch, a lone caller's batch stayed at about half of the raw
-    /// PKCS#11 rate (issue 15), and on a networked HSM (CloudHSM) it would wait for each
-    /// item's round trip in turn. The last job to finish gathers the results and lines in item order and hands
-    /// the lines to the group commit.
+    /// With one job per batch, a lone caller's batch stayed at about half of the raw PKCS#11
+    /// rate (as `wrapd bench` measures it), and on a networked HSM (CloudHSM) it would wait
+    /// for each item's round trip in turn. The last job to finish gathers the results and
+    /// lines in item order and hands the lines to the group commit.
     pub async fn run_batch<T: Send + 'static, I: Send + 'static>(
         self: &Arc<Self>,
         keystore: &Arc<Keystore>,
@@ -400,7 +399,7 @@ impl Gate {
             }
             // The caller's errors (bad input, denied, unknown key) at debug: the audit log
             // has every one and the metrics count them, and a flood of bad requests must
-            // not cost more than good ones (issue 15) nor fill the daemon's log.
+            // not cost more than good ones nor fill the daemon's log.
             Err(err) => tracing::debug!(op = call.op.name(), who = %call.who(), latency_us,
                 outcome = outcome_name(err.kind()), message = %err, "failed"),
         }

@@ -6,12 +6,11 @@
 //!   main API still cannot open the apiserver's DEK seeds. The KMS key id of a blob is
 //!   `key/<hex>:<version>`; no annotations are needed.
 //! - Decrypt accepts every blob the plugin ever issued: of every version of the key, and of
-//!   keys the configured alias pointed at before it was re-pointed. Such a blob is
-//!   authorized by the plugin's grant on its configured key, because only the plugin can
-//!   make a blob bound to [`KMS_CONTEXT`] (security review finding 8). Blobs from before the
-//!   reserved context (bound to the empty context) still decrypt, checked against the
-//!   policy on the blob's own key. The request's key id must be the one Encrypt returned
-//!   with that ciphertext.
+//!   keys the configured alias pointed at before it was re-pointed. Such a blob is authorized
+//!   by the plugin's grant on its configured key, because only the plugin can make a blob
+//!   bound to [`KMS_CONTEXT`]. Blobs from before the reserved context (bound to the empty
+//!   context) still decrypt, checked against the policy on the blob's own key. The request's
+//!   key id must be the one Encrypt returned with that ciphertext.
 //! - Status: the current KMS key id (a rotation changes it, so the apiserver uses a new
 //!   DEK), and healthz `ok` only while the audit log is writable and a real wrap + unwrap
 //!   round trip through the token succeeded within `healthz_cache`; otherwise the reason.

@@ -44,7 +44,7 @@ use crate::keystore::{
 
 /// Encryption-context keys with this prefix are reserved for wrapd's own bindings (the
 /// KMS plugin binds its blobs with one), so that no caller can produce or open a blob bound
-/// that way (security review finding 8).
+/// that way.
 pub const RESERVED_CONTEXT_PREFIX: &str = "wrapd:";
 
 /// A key as callers see it: its record and, per version, what only the key store knows.
@@ -146,9 +146,10 @@ fn blob_key(blob: &[u8]) -> Option<KeyRef> {
     Blob::parse(blob).ok().map(|b| KeyRef::Id(b.key_id))
 }
 
-/// Checks an alias operation (security review finding 4): on the alias's own name, never on
-/// the other names of the key it points at, and on every key involved: the key it names now
-/// (if any) and the key it is to name (if given). As in AWS KMS, each is required.
+/// Checks an alias operation: on the alias's own name, never on the other names of the key it
+/// points at, and on every key involved: the key it names now (if any) and the key it is to
+/// name (if given). As in AWS KMS, each is required, so that a grant on some aliases never
+/// lets a caller change an alias outside them, even one naming the same key.
 fn check_alias(
     gate: &Gate,
     ks: &Keystore,
@@ -370,8 +371,8 @@ impl Ops {
     }
 
     /// Re-wraps a blob under the newest version of `destination_key_id` (empty: the source
-    /// key). Needs `ReWrapFrom` on the source and `ReWrapTo` on the destination (security
-    /// review finding 5).
+    /// key). Needs `ReWrapFrom` on the source and `ReWrapTo` on the destination, so that a
+    /// right to re-wrap into a scratch key never covers every source.
     ///
     /// `source_key_id`, if not empty, must name the key the blob is wrapped under (AWS KMS's
     /// `SourceKeyId`), else [`Error::IncorrectKey`].

@@ -6,8 +6,8 @@
 //! most one of them at a time waits for the disk, and with no more threads than sessions they
 //! never wait for a session; under load they go from one job to the next without parking. This
 //! replaced a `spawn_blocking` per call, whose pool grew a thread per call in flight, each
-//! parked in turn on a session and on the `fdatasync` (issue 15's profile: the kernel's
-//! futex wake-ups cost more than the HSM).
+//! parked in turn on a session and on the `fdatasync` (a profile showed the kernel's futex
+//! wake-ups costing more than the HSM).
 //!
 //! Control-plane calls (key management, with metadata writes that may wait on PostgreSQL)
 //! stay on tokio's blocking pool, so they never hold up a data key.

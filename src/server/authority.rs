@@ -1,4 +1,4 @@
-//! Unix sockets accept any gRPC client's `:authority` (issue 10).
+//! Unix sockets accept any gRPC client's `:authority`.
 //!
 //! gRPC C-core clients (Python, Ruby, C++, PHP, C#), grpc-java and grpc-swift send the
 //! socket path (`/run/wrapd/wrapd.sock`, or percent-encoded) as the HTTP/2 `:authority` of

@@ -1,5 +1,5 @@
 //! Accepting connections: wrapd's own accept loops in front of tonic, so that every listener
-//! has limits (security review finding 2) and every connection carries its identity.
+//! has limits and every connection carries its identity.
 //!
 //! - **Connections per listener** are capped ([`Limits::max_connections`], lowered at
 //!   start-up to what the process's `RLIMIT_NOFILE` leaves room for, so that a flood on one
@@ -389,7 +389,8 @@ fn peer_of(stream: &UnixStream, names: &UnixNames) -> Option<UnixPeer> {
 }
 
 /// The peer process's supplementary groups at connect time (`SO_PEERGROUPS`, Linux 4.13+):
-/// its real groups, not what `/etc/group` says today (security review finding 9).
+/// its real groups, not what `/etc/group` says today, so a process that dropped a group (or
+/// was never given it) gets none of that group's rights.
 #[allow(unsafe_code)] // getsockopt(2); see the SAFETY comment
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
     let mut groups: Vec<libc::gid_t> = vec![0; 64];

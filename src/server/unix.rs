@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// The socket is bound inside a fresh private directory (mode 0700) beside `path`, given its
 /// mode there and then renamed into place, so it is never reachable with a wider mode, and
 /// the process umask is never touched: changing it would race with every other thread
-/// creating files (security review finding 12).
+/// creating files.
 pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<UnixListener> {
     let config = |what: &str, e: &dyn std::fmt::Display| {
         Error::Config(format!("{what} {}: {e}", path.display()))
@@ -54,8 +54,8 @@ mod tests {
 
     use super::*;
 
-    /// Security review finding 12: binding leaves the process umask alone, so files other
-    /// threads create meanwhile get their usual mode; the socket gets exactly its own.
+    /// Binding leaves the process umask alone, so files other threads create meanwhile get
+    /// their usual mode; the socket gets exactly its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn binding_never_changes_the_umask_other_threads_see() {
         let dir = tempfile::tempdir().unwrap();

@@ -410,8 +410,8 @@ async fn narrow_policy(daemon: &DevDaemon, policy: &str) {
     .await;
 }
 
-/// Security review finding 4: an admin scoped to `alias/team-a-*` cannot re-point
-/// `alias/billing-prod` at team A's key, even when billing's key also has a team-a alias.
+/// An admin scoped to `alias/team-a-*` cannot re-point `alias/billing-prod` at team A's key,
+/// even when billing's key also has a team-a alias.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alias_changes_are_authorized_on_the_alias_itself() {
     let daemon = DevDaemon::start();
@@ -468,8 +468,8 @@ async fn alias_changes_are_authorized_on_the_alias_itself() {
         .unwrap();
 }
 
-/// Security review finding 5: ReWrap needs ReWrapFrom on the source key; ReWrapTo on a
-/// scratch key the caller can read does not let it pull other keys' blobs over.
+/// ReWrap needs ReWrapFrom on the source key; ReWrapTo on a scratch key the caller can read
+/// does not let it pull other keys' blobs over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrap_needs_rights_on_both_ends() {
     let daemon = DevDaemon::start();

@@ -412,9 +412,8 @@ async fn a_read_only_audit_file_fails_closed() {
     wrapd::audit::verify(text.as_bytes(), Some(wrapd::audit::GENESIS), None).unwrap();
 }
 
-/// Security review finding 1: log rotation (move the file + SIGHUP, again and again) under
-/// 32 concurrent callers never hangs the daemon or fails a call, and the chain runs on
-/// across every file.
+/// Log rotation (move the file + SIGHUP, again and again) under 32 concurrent callers never
+/// hangs the daemon or fails a call, and the chain runs on across every file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_never_hangs_and_the_chain_spans_the_files() {
     use std::sync::Arc;
@@ -508,10 +507,9 @@ async fn rotation_under_load_never_hangs_and_the_chain_spans_the_files() {
     );
 }
 
-/// Security review finding 6: the daemon anchors its chain in the metadata store. A log
-/// whose tail was cut while it was stopped makes start-up fail with the way out; with
-/// `--accept-audit-gap` it starts and the gap is in the chain, where `wrapctl audit verify`
-/// reports it.
+/// The daemon anchors its chain in the metadata store. A log whose tail was cut while it was
+/// stopped makes start-up fail with the way out; with `--accept-audit-gap` it starts and the
+/// gap is in the chain, where `wrapctl audit verify` reports it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_truncated_while_stopped_is_refused_then_recorded_as_a_gap() {
     let mut daemon = DevDaemon::start();

@@ -1,7 +1,7 @@
-//! The AWS KMS-compatible API (issue 13) driven by the real clients nobody here wrote: the
-//! distribution's AWS CLI (`/usr/bin/aws`), boto3, the official AWS Encryption SDK for
-//! Python with its KMS master-key provider and its `aws-encryption-cli`, each pointed at a
-//! `wrapd dev` daemon by the standard endpoint and credential settings only.
+//! The AWS KMS-compatible API driven by the real clients nobody here wrote: the
+//! distribution's AWS CLI (`/usr/bin/aws`), boto3, the official AWS Encryption SDK for Python
+//! with its KMS master-key provider and its `aws-encryption-cli`, each pointed at a `wrapd
+//! dev` daemon by the standard endpoint and credential settings only.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,8 +1,7 @@
-//! Security review finding 11: a call cancelled by its deadline (or a client reset) after
-//! it started a key store operation still writes its audit line, so every state change is
-//! in the audit log. The daemon runs with every PKCS#11 call slowed by the fault hook
-//! (`WRAPD_FAULT_STALL_MS`, feature `fault-injection`), its callers with deadlines far
-//! shorter than that.
+//! A call cancelled by its deadline (or a client reset) after it started a key store
+//! operation still writes its audit line, so every state change is in the audit log. The
+//! daemon runs with every PKCS#11 call slowed by the fault hook (`WRAPD_FAULT_STALL_MS`,
+//! feature `fault-injection`), its callers with deadlines far shorter than that.
 
 use crate::common;
 

@@ -1,6 +1,7 @@
-//! `wrapd bench` measures every path of issue 15's table against a real daemon and prints
-//! every figure (a smoke test with one-second figures: the figures are for people, not
-//! assertions; speed is never asserted).
+//! `wrapd bench` measures every path (raw PKCS#11, the gRPC echo, their ceiling, the daemon
+//! and the bad-ciphertext flood) against a real daemon and prints every figure (a smoke
+//! test with one-second figures: the figures are for people, not assertions; speed is
+//! never asserted).
 
 use crate::common;
 

@@ -1,6 +1,6 @@
-//! A fleet (issue 18): several daemons on one SoftHSM token and one real PostgreSQL
-//! database behave as one service. The store contract itself runs against PostgreSQL too
-//! (the same conformance suite as SQLite's).
+//! A fleet: several daemons on one SoftHSM token and one real PostgreSQL database behave as
+//! one service. The store contract itself runs against PostgreSQL too (the same conformance
+//! suite as SQLite's).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

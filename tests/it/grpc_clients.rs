@@ -1,6 +1,6 @@
-//! Issue 10: real gRPC clients with their default settings work on the unix sockets. The
-//! official Python client (grpcio, gRPC C-core) sends the socket path as `:authority`, which
-//! h2 alone refuses; wrapd rewrites it on unix sockets (`server/authority.rs`). Every RPC of
+//! Real gRPC clients with their default settings work on the unix sockets. The official
+//! Python client (grpcio, gRPC C-core) sends the socket path as `:authority`, which h2 alone
+//! refuses; wrapd rewrites it on unix sockets (`server/authority.rs`). Every RPC of
 //! `DataKeyService`, `KeyService` and the KMS v2 plugin is called, 150 Unwraps on one
 //! connection with a distinct `x-request-id` each (the client's HPACK table fills and
 //! evicts), through `unix:///path`, `unix:/path`, a percent-encoded and an empty authority,

@@ -144,10 +144,9 @@ fn set_limits(daemon: &DevDaemon, limits: &str) {
     std::fs::write(&path, format!("{config}\n[limits]\n{limits}\n")).unwrap();
 }
 
-/// Security review finding 2: under a low open-file limit, a flood of idle TCP connections
-/// that never start a handshake neither starves the unix socket nor stays open: the TCP
-/// listener's cap leaves room for the other listeners, and idle sockets are closed after
-/// the timeout.
+/// Under a low open-file limit, a flood of idle TCP connections that never start a handshake
+/// neither starves the unix socket nor stays open: the TCP listener's cap leaves room for the
+/// other listeners, and idle sockets are closed after the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_tcp_connections_is_capped_and_closed() {
     use tokio::io::AsyncReadExt;

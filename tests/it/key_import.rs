@@ -1,7 +1,7 @@
-//! Key import (issue 11) in-process, on the real SoftHSM token, with a clock the tests move:
-//! known answers per wrapping algorithm, every refusal leaving nothing behind, deletion and
-//! expiry, and the objects' attributes read through PKCS#11 itself. The AWS CLI + openssl
-//! flow and `wrapctl keys import` are in `aws_kms_api.rs` and `wrapctl_cli.rs`.
+//! Key import in-process, on the real SoftHSM token, with a clock the tests move: known
+//! answers per wrapping algorithm, every refusal leaving nothing behind, deletion and expiry,
+//! and the objects' attributes read through PKCS#11 itself. The AWS CLI + openssl flow and
+//! `wrapctl keys import` are in `aws_kms_api.rs` and `wrapctl_cli.rs`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};

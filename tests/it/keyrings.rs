@@ -213,9 +213,9 @@ async fn wrapctl_wraps_under_keys_on_two_daemons() {
     assert!(!dir.path().join("x").exists());
 }
 
-/// Issue 15: many small messages open with one `BatchUnwrap` call (one audit line per
-/// message, all items of one batch); a tampered message and bytes that are no message fail
-/// alone, next to the good ones.
+/// Many small messages open with one `BatchUnwrap` call (one audit line per message, all
+/// items of one batch); a tampered message and bytes that are no message fail alone, next to
+/// the good ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_messages_decrypt_with_one_batch_call_and_bad_ones_fail_alone() {
     let daemon = DevDaemon::start();

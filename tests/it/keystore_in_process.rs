@@ -315,10 +315,10 @@ fn a_rotation_interrupted_by_a_crash_is_adopted_not_destroyed() {
     );
 }
 
-/// Security review finding 7: after the metadata store is restored from a backup older
-/// than the token, start-up refuses with the way out instead of a later rotation
-/// destroying live key material; with `adopt_unknown_versions` the versions come back and
-/// their blobs unwrap, and rotation goes past them.
+/// After the metadata store is restored from a backup older than the token, start-up refuses
+/// with the way out instead of a later rotation destroying live key material; with
+/// `adopt_unknown_versions` the versions come back and their blobs unwrap, and rotation
+/// goes past them.
 #[test]
 fn a_restored_metadata_backup_never_costs_key_material() {
     let f = fixture(KeystoreConfig::default());

@@ -274,9 +274,9 @@ async fn encrypt(
     (encrypted.ciphertext, encrypted.key_id)
 }
 
-/// Security review finding 8a: the plugin binds its blobs to a reserved context, so a
-/// principal with Unwrap on the key over the main API cannot open the apiserver's DEK seeds,
-/// and no main-API caller can name the reserved context.
+/// The plugin binds its blobs to a reserved context, so a principal with Unwrap on the key
+/// over the main API cannot open the apiserver's DEK seeds, and no main-API caller can name
+/// the reserved context.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn main_api_callers_cannot_unwrap_the_plugins_blobs() {
     let daemon = DevDaemon::start();
@@ -311,9 +311,9 @@ async fn main_api_callers_cannot_unwrap_the_plugins_blobs() {
     );
 }
 
-/// Security review finding 8b: after `alias/kubernetes` is re-pointed to another key, the
-/// plugin still decrypts every blob it issued under the old key (the shipped policy grants
-/// the plugin only `alias/kubernetes`), and encrypts under the new one.
+/// After `alias/kubernetes` is re-pointed to another key, the plugin still decrypts every
+/// blob it issued under the old key (the shipped policy grants the plugin only
+/// `alias/kubernetes`), and encrypts under the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_issued_before_the_alias_moved_still_decrypt() {
     let daemon = DevDaemon::start();
@@ -345,7 +345,7 @@ async fn blobs_issued_before_the_alias_moved_still_decrypt() {
     assert_eq!(back, [2u8; 32]);
 }
 
-/// Security review finding 8c: Status is not healthy while the audit log fails closed.
+/// Status is not healthy while the audit log fails closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_unhealthy_while_the_audit_log_fails_closed() {
     let daemon = DevDaemon::start();

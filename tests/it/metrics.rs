@@ -1,5 +1,5 @@
-//! Prometheus metrics (issue 12): after a known workload, the counters moved by exactly what
-//! the workload did, and no label carries a principal.
+//! Prometheus metrics: after a known workload, the counters moved by exactly what the
+//! workload did, and no label carries a principal.
 
 use std::io::{Read, Write};
 

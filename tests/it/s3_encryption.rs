@@ -1,8 +1,7 @@
-//! S3 client-side encryption (issue 14) against the official S3 Encryption Client V2 (Ruby,
-//! Debian's `ruby-aws-sdk-s3`, its KMS client on wrapd's AWS KMS API) and a local S3 server
-//! (moto in server mode, from PyPI): objects each writes open with the other, in both
-//! envelope placements, empty and multipart; tampering and a wrong context fail with no
-//! output file.
+//! S3 client-side encryption against the official S3 Encryption Client V2 (Ruby, Debian's
+//! `ruby-aws-sdk-s3`, its KMS client on wrapd's AWS KMS API) and a local S3 server (moto in
+//! server mode, from PyPI): objects each writes open with the other, in both envelope
+//! placements, empty and multipart; tampering and a wrong context fail with no output file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -108,7 +108,7 @@ fn bad_start_ups_fail_with_one_clear_line() {
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.join("pin")).unwrap(), pin);
 
-    // Security review finding 10: `wrapd serve` refuses root unless the config allows it.
+    // `wrapd serve` refuses root unless the config allows it.
     if nix::unistd::geteuid().is_root() {
         assert!(
             good.contains("allow_root = true"),
@@ -122,8 +122,8 @@ fn bad_start_ups_fail_with_one_clear_line() {
     }
 }
 
-/// Security review finding 10: the running daemon cannot dump core, keeps its memory out of
-/// swap (as root, which has CAP_IPC_LOCK), and says so in its log.
+/// The running daemon cannot dump core, keeps its memory out of swap (as root, which has
+/// CAP_IPC_LOCK), and says so in its log.
 #[test]
 fn the_daemon_process_is_hardened() {
     let daemon = DevDaemon::start();
@@ -152,8 +152,8 @@ fn the_daemon_process_is_hardened() {
     }
 }
 
-/// Security review finding 10: a PIN given in an environment variable is wiped from the
-/// daemon's environment once read (`/proc/PID/environ` shows neither name nor value).
+/// A PIN given in an environment variable is wiped from the daemon's environment once read
+/// (`/proc/PID/environ` shows neither name nor value).
 #[test]
 fn the_pin_variable_is_wiped_from_the_environment() {
     let mut daemon = DevDaemon::start();

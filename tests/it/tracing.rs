@@ -1,8 +1,8 @@
-//! OpenTelemetry spans (issue 12): a daemon with `[tracing]` exports one span per request
-//! over OTLP/gRPC, carrying the request id of the request's audit line, its key and outcome,
-//! with the audit append as a child span; and nothing secret in any attribute. The
-//! collector is the OTLP trace service generated from the OpenTelemetry protos
-//! (`opentelemetry-proto`), the same service definition real collectors serve.
+//! OpenTelemetry spans: a daemon with `[tracing]` exports one span per request over
+//! OTLP/gRPC, carrying the request id of the request's audit line, its key and outcome, with
+//! the audit append as a child span; and nothing secret in any attribute. The collector is
+//! the OTLP trace service generated from the OpenTelemetry protos (`opentelemetry-proto`),
+//! the same service definition real collectors serve.
 
 use std::sync::{Arc, Mutex};
 

@@ -1,5 +1,5 @@
 """Every RPC of wrapd.v1 and the KMS v2 plugin through Python's grpcio over the unix sockets,
-with grpcio's default channel options (issue 10): no grpc.default_authority.
+with grpcio's default channel options: no grpc.default_authority.
 
     python3 grpc_default_clients.py TARGET KMS_TARGET [AUTHORITY]
     python3 grpc_default_clients.py tls HOST:PORT CA CERT KEY AUTHORITY

@@ -1,5 +1,6 @@
 //! The key-lifecycle tests (`tests.rs`), run on each metadata store backend: the SQLite file
-//! of a single daemon and a PostgreSQL database (issue 18: one set of tests for both).
+//! of a single daemon and a PostgreSQL database (one set of tests for both, so the two cannot
+//! drift apart).
 
 // The same tests, twice, on purpose: once per backend.
 #![allow(clippy::duplicate_mod)]
