@@ -23,7 +23,7 @@
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
 //! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: SigV4, ARNs, AWS error types), and each one's error mapping |
 //! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the data plane's worker threads, the KMS plugin's rules |
-//! | [`metrics`] | Prometheus metrics: the recorder and what a scrape renders (the listener is in `server`) |
+//! | [`metrics`] | What is measured and the recording calls: a leaf the audit log, ops and hsm use (the recorder, the scrape and its listener are in `server`) |
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
 //! | [`audit`] | the hash-chained audit log, its group commit ([`audit::writer`]) and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |

@@ -79,7 +79,7 @@ pub async fn serve(
 /// `stopped` resolves. At most 16 connections at once (scrapers are few).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    metrics: crate::metrics::Metrics,
+    metrics: super::prometheus::Metrics,
     header_timeout: Duration,
     stopped: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {

@@ -8,6 +8,7 @@ mod authority;
 mod http;
 mod listen;
 mod logging;
+mod prometheus;
 mod unix;
 
 use std::future::Future;
@@ -385,7 +386,7 @@ impl Daemon {
                     "metrics are served without authentication on a non-loopback address; keep it on a private network");
             }
             let metrics =
-                crate::metrics::Metrics::install(self.keystore.clone(), config.per_key_series)?;
+                prometheus::Metrics::install(self.keystore.clone(), config.per_key_series)?;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::Config(format!("cannot bind {addr}: {e}")))?;
