@@ -169,6 +169,31 @@ pub enum ErrorKind {
     Internal,
 }
 
+impl ErrorKind {
+    /// The kind's canonical status, as a gRPC status code number and name: what the gRPC
+    /// front end sends, and the outcome the audit log, the metrics and the traces record.
+    /// One table, so that the wire and the record cannot disagree.
+    pub fn status(self) -> (i32, &'static str) {
+        match self {
+            Self::InvalidArgument
+            | Self::InvalidCiphertext
+            | Self::IncorrectKey
+            | Self::InvalidImportToken
+            | Self::ExpiredImportToken
+            | Self::IncorrectKeyMaterial => (3, "INVALID_ARGUMENT"),
+            Self::NotFound => (5, "NOT_FOUND"),
+            Self::AlreadyExists => (6, "ALREADY_EXISTS"),
+            Self::PermissionDenied => (7, "PERMISSION_DENIED"),
+            Self::WrongState | Self::Disabled | Self::LimitReached | Self::Unsupported => {
+                (9, "FAILED_PRECONDITION")
+            }
+            Self::Internal => (13, "INTERNAL"),
+            Self::Unavailable => (14, "UNAVAILABLE"),
+            Self::Unauthenticated => (16, "UNAUTHENTICATED"),
+        }
+    }
+}
+
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -658,24 +658,7 @@ fn record_outcome<T>(span: &tracing::Span, result: &Result<T>) {
 /// The audit log's name of an outcome: the gRPC code name of docs/DESIGN.md §4, whatever the
 /// transport, so that the log reads the same for every front end.
 pub fn outcome_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::InvalidArgument
-        | ErrorKind::InvalidCiphertext
-        | ErrorKind::IncorrectKey
-        | ErrorKind::InvalidImportToken
-        | ErrorKind::ExpiredImportToken
-        | ErrorKind::IncorrectKeyMaterial => "INVALID_ARGUMENT",
-        ErrorKind::NotFound => "NOT_FOUND",
-        ErrorKind::AlreadyExists => "ALREADY_EXISTS",
-        ErrorKind::WrongState
-        | ErrorKind::Disabled
-        | ErrorKind::LimitReached
-        | ErrorKind::Unsupported => "FAILED_PRECONDITION",
-        ErrorKind::Unauthenticated => "UNAUTHENTICATED",
-        ErrorKind::PermissionDenied => "PERMISSION_DENIED",
-        ErrorKind::Unavailable => "UNAVAILABLE",
-        _ => "INTERNAL",
-    }
+    kind.status().1
 }
 
 #[cfg(test)]

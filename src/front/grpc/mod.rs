@@ -22,26 +22,9 @@ use crate::auth::{Connection, Operation, Refusal, UnixPeer, authenticate};
 use crate::error::{Error, ErrorKind};
 use crate::ops::Call;
 
-/// The gRPC code of an error kind (docs/DESIGN.md §4).
+/// The gRPC code of an error kind (docs/DESIGN.md §4; the table is [`ErrorKind::status`]).
 pub fn code_of(kind: ErrorKind) -> Code {
-    match kind {
-        ErrorKind::InvalidArgument
-        | ErrorKind::InvalidCiphertext
-        | ErrorKind::IncorrectKey
-        | ErrorKind::InvalidImportToken
-        | ErrorKind::ExpiredImportToken
-        | ErrorKind::IncorrectKeyMaterial => Code::InvalidArgument,
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::WrongState
-        | ErrorKind::Disabled
-        | ErrorKind::LimitReached
-        | ErrorKind::Unsupported => Code::FailedPrecondition,
-        ErrorKind::Unauthenticated => Code::Unauthenticated,
-        ErrorKind::PermissionDenied => Code::PermissionDenied,
-        ErrorKind::Unavailable => Code::Unavailable,
-        _ => Code::Internal,
-    }
+    Code::from_i32(kind.status().0)
 }
 
 /// The status a caller gets for an error: its code, and a message that never carries an
@@ -148,6 +131,17 @@ mod tests {
             (Error::Internal("detail".into()), Code::Internal),
         ];
         for (err, code) in table {
+            // The audit log's outcome is the same code's name.
+            let name: String = format!("{code:?}")
+                .chars()
+                .flat_map(|c| {
+                    let gap = c.is_ascii_uppercase().then_some('_');
+                    gap.into_iter()
+                        .chain(std::iter::once(c.to_ascii_uppercase()))
+                })
+                .skip(1)
+                .collect();
+            assert_eq!(crate::ops::outcome_name(err.kind()), name);
             let status = status(err);
             assert_eq!(status.code(), code);
             assert!(!status.message().contains("detail") && !status.message().contains("disk"));
