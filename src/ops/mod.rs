@@ -195,18 +195,36 @@ fn generate_job(
     context: HashMap<String, String>,
     number_of_bytes: u32,
 ) -> Result<GeneratedKey> {
-    gate.check_some(call, call.op())?;
-    let key = KeyRef::parse(&key_id)?;
-    call.key(key.to_string(), None);
-    let ctx = caller_context(context)?;
-    call.context(&ctx);
-    gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+    let (key, ctx) = named_key(gate, ks, call, &key_id, Some(context))?;
+    let ctx = ctx.unwrap_or_default();
     let generated = ks.generate_data_key(&key, number_of_bytes, &ctx)?;
     call.key(
         generated.wrapped.key_id.to_string(),
         Some(generated.wrapped.key_version),
     );
     Ok(generated)
+}
+
+/// The preamble of every operation on one named key: the caller may do this operation on
+/// some key at all (a refusal names no key), the name parses, the call records it, the
+/// context (if the operation takes one) is valid and recorded, and the policy allows the
+/// operation on every name of that key.
+fn named_key(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &mut Call,
+    key_id: &str,
+    context: Option<HashMap<String, String>>,
+) -> Result<(KeyRef, Option<EncryptionContext>)> {
+    gate.check_some(call, call.op())?;
+    let key = KeyRef::parse(key_id)?;
+    call.key(key.to_string(), None);
+    let ctx = context.map(caller_context).transpose()?;
+    if let Some(ctx) = &ctx {
+        call.context(ctx);
+    }
+    gate.check(call, &target_of(ks, &key), ctx.as_ref())?;
+    Ok((key, ctx))
 }
 
 /// Unwrap's job (one call, or one item of a batch).
@@ -323,12 +341,8 @@ impl Ops {
         context: HashMap<String, String>,
     ) -> Result<Wrapped> {
         self.run(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let key = KeyRef::parse(&key_id)?;
-            call.key(key.to_string(), None);
-            let ctx = caller_context(context)?;
-            call.context(&ctx);
-            gate.check(call, &target_of(ks, &key), Some(&ctx))?;
+            let (key, ctx) = named_key(gate, ks, call, &key_id, Some(context))?;
+            let ctx = ctx.unwrap_or_default();
             let wrapped = ks.wrap(&key, &plaintext, &ctx)?;
             call.key(wrapped.key_id.to_string(), Some(wrapped.key_version));
             Ok(wrapped)
@@ -525,10 +539,7 @@ impl Ops {
         f: impl FnOnce(&Keystore, &KeyRef) -> Result<Arc<KeyRecord>> + Send + 'static,
     ) -> Result<KeyView> {
         self.key_job(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let key = KeyRef::parse(&key_id)?;
-            call.key(key.to_string(), None);
-            gate.check(call, &target_of(ks, &key), None)?;
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
             f(ks, &key)
         })
         .await
@@ -635,10 +646,7 @@ impl Ops {
         bits: u32,
     ) -> Result<ImportParameters> {
         self.run(call, move |gate, ks, call| {
-            gate.check_some(call, call.op())?;
-            let key = KeyRef::parse(&key_id)?;
-            call.key(key.to_string(), None);
-            gate.check(call, &target_of(ks, &key), None)?;
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
             let parameters = ks.import_parameters(&key, algorithm, bits)?;
             call.key(parameters.key_id.to_string(), None);
             Ok(parameters)
