@@ -27,7 +27,7 @@
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
 //! | [`audit`] | the hash-chained audit log, its group commit ([`audit::writer`]) and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
-//! | [`keystore`] | key lifecycle and data-key operations (key import in `keystore/import.rs`); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |
+//! | [`keystore`] | keys and data-key operations, one file per part (view, lifecycle, rotation, aliases, data plane, import, tickets); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |
 //! | [`hsm`] | the only PKCS#11 code: the [`hsm::Token`] trait, its cryptoki implementation, the session pool, dev token provisioning |
 //! | [`blob`] | the ciphertext blob format |
 //! | [`context`] | encryption context validation and canonical serialization |
