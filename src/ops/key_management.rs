@@ -1,0 +1,329 @@
+//! The key-management operations: keys, their states, rotation, tags, imported material and
+//! aliases, each checked on the key's names (an alias change on the alias's own name) and
+//! audited; and the maintenance passes that run as `wrapd:daemon`.
+
+use super::*;
+
+/// Checks an alias operation: on the alias's own name, never on the other names of the key it
+/// points at, and on every key involved: the key it names now (if any) and the key it is to
+/// name (if given). As in AWS KMS, each is required, so that a grant on some aliases never
+/// lets a caller change an alias outside them, even one naming the same key.
+pub(super) fn check_alias(
+    gate: &Gate,
+    ks: &Keystore,
+    call: &Call,
+    alias: &AliasName,
+    new_key: Option<&KeyRef>,
+) -> Result<()> {
+    gate.check(call, &Target::Key(vec![alias.to_string()]), None)?;
+    let current = KeyRef::Alias(alias.clone());
+    if ks.resolve(&current).is_ok() {
+        gate.check(call, &target_of(ks, &current), None)?;
+    }
+    if let Some(key) = new_key {
+        gate.check(call, &target_of(ks, key), None)?;
+    }
+    Ok(())
+}
+
+impl Ops {
+    /// Runs a job that returns a key, answering with its view.
+    pub(super) async fn key_job(
+        &self,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<KeyView> {
+        self.run(call, move |gate, ks, call| {
+            let key = job(gate, ks, call)?;
+            call.key(key.id.to_string(), Some(key.current_version()));
+            Ok(KeyView::of(ks, key))
+        })
+        .await
+    }
+
+    /// The common shape of the operations on one named key.
+    pub(super) async fn on_key(
+        &self,
+        call: Call,
+        key_id: String,
+        f: impl FnOnce(&Keystore, &KeyRef) -> Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<KeyView> {
+        self.key_job(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            f(ks, &key)
+        })
+        .await
+    }
+
+    /// Creates a key, optionally with an alias (empty: none) and tags; with
+    /// [`KeyOrigin::External`], a key pending the import of its material.
+    pub async fn create_key(
+        &self,
+        call: Call,
+        description: String,
+        alias: String,
+        tags: std::collections::BTreeMap<String, String>,
+        origin: KeyOrigin,
+    ) -> Result<KeyView> {
+        self.key_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = if alias.is_empty() {
+                None
+            } else {
+                Some(AliasName::parse(&alias)?)
+            };
+            let target = match &alias {
+                Some(alias) => Target::Key(vec![alias.to_string()]),
+                None => Target::Any,
+            };
+            gate.check(call, &target, None)?;
+            ks.create_key_from(&description, alias.as_ref(), &tags, origin)
+        })
+        .await
+    }
+
+    /// A key, by id or alias.
+    pub async fn describe_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.resolve(key)).await
+    }
+
+    /// Adds a version to a key.
+    pub async fn rotate_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.rotate_key(key))
+            .await
+    }
+
+    /// Enables a disabled key.
+    pub async fn enable_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.enable_key(key))
+            .await
+    }
+
+    /// Disables a key.
+    pub async fn disable_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.disable_key(key))
+            .await
+    }
+
+    /// Schedules a key's destruction after `days` (7..=30; 0 means 30).
+    pub async fn schedule_key_deletion(
+        &self,
+        call: Call,
+        key_id: String,
+        days: u32,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| ks.schedule_deletion(key, days))
+            .await
+    }
+
+    /// Cancels a scheduled deletion (the key comes back disabled).
+    pub async fn cancel_key_deletion(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.cancel_deletion(key))
+            .await
+    }
+
+    /// Turns automatic rotation on (`period_days`; 0 means 365) or, with `None`, off.
+    pub async fn set_key_rotation(
+        &self,
+        call: Call,
+        key_id: String,
+        period_days: Option<u32>,
+    ) -> Result<KeyView> {
+        let period = period_days.map(|d| if d == 0 { DEFAULT_ROTATION_DAYS } else { d });
+        self.on_key(call, key_id, move |ks, key| ks.set_rotation(key, period))
+            .await
+    }
+
+    /// Adds tags, or with `remove`, removes the tags named by the keys of `tags`.
+    pub async fn tag_key(
+        &self,
+        call: Call,
+        key_id: String,
+        tags: std::collections::BTreeMap<String, String>,
+        remove: bool,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| ks.tag_key(key, &tags, remove))
+            .await
+    }
+
+    /// A wrapping key and import token for importing material into an `EXTERNAL` key
+    /// (`bits`: 3072 or 4096).
+    pub async fn get_parameters_for_import(
+        &self,
+        call: Call,
+        key_id: String,
+        algorithm: ImportAlgorithm,
+        bits: u32,
+    ) -> Result<ImportParameters> {
+        self.run(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            let parameters = ks.import_parameters(&key, algorithm, bits)?;
+            call.key(parameters.key_id.to_string(), None);
+            Ok(parameters)
+        })
+        .await
+    }
+
+    /// Imports key material (wrapped for the wrapping key of `import_token`) into an
+    /// `EXTERNAL` key, to expire at `valid_to` (`None`: never).
+    pub async fn import_key_material(
+        &self,
+        call: Call,
+        key_id: String,
+        import_token: Vec<u8>,
+        encrypted_material: Vec<u8>,
+        valid_to: Option<SystemTime>,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| {
+            ks.import_key_material(key, &import_token, &encrypted_material, valid_to)
+        })
+        .await
+    }
+
+    /// Deletes an `EXTERNAL` key's imported material (the key becomes pending import).
+    pub async fn delete_imported_key_material(
+        &self,
+        call: Call,
+        key_id: String,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, |ks, key| ks.delete_imported_material(key))
+            .await
+    }
+
+    /// Destroys imported material past its `valid_to`, each key's
+    /// `DeleteImportedKeyMaterial` audit line (principal `wrapd:daemon`) first, and the
+    /// wrapping keys of expired import tokens. Blocks (the background task runs it on the
+    /// blocking pool).
+    pub fn expire_imports(&self) -> Result<Vec<KeyId>> {
+        let expired = self.keystore.expire_material(|key| {
+            self.gate.record_internal(
+                "DeleteImportedKeyMaterial",
+                key.id.as_str(),
+                key.current_version(),
+            )
+        })?;
+        let purged = self.keystore.purge_wrapping_keys()?;
+        if purged > 0 {
+            tracing::info!(purged, "wrapping keys of expired import tokens destroyed");
+        }
+        Ok(expired)
+    }
+
+    /// Carries out the automatic rotations that are due, each audited first as a
+    /// `RotateKey` by `wrapd:daemon`. Blocks (the background task runs it on the blocking
+    /// pool).
+    pub fn rotate_due(&self) -> Result<Vec<KeyId>> {
+        self.keystore.rotate_due(|key| {
+            self.gate
+                .record_internal("RotateKey", key.id.as_str(), key.current_version() + 1)
+        })
+    }
+
+    /// Keys in creation order, one page at a time.
+    pub async fn list_keys(
+        &self,
+        call: Call,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<Page<KeyView>> {
+        self.run(call, move |gate, ks, call| {
+            gate.check(call, &Target::Any, None)?;
+            let page = ks.list_keys(page_size, &page_token)?;
+            Ok(Page {
+                items: page.items.into_iter().map(|k| KeyView::of(ks, k)).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
+    }
+
+    /// Runs an alias job.
+    pub(super) async fn alias_job(
+        &self,
+        call: Call,
+        job: impl FnOnce(&Gate, &Keystore, &mut Call) -> Result<AliasEntry> + Send + 'static,
+    ) -> Result<AliasEntry> {
+        self.run(call, move |gate, ks, call| {
+            let entry = job(gate, ks, call)?;
+            call.key(entry.1.to_string(), None);
+            Ok(entry)
+        })
+        .await
+    }
+
+    /// Creates an alias for a key.
+    pub async fn create_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+    ) -> Result<AliasEntry> {
+        self.point_alias(call, alias_name, key_id, Keystore::create_alias)
+            .await
+    }
+
+    /// Points an existing alias at another key.
+    pub async fn update_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+    ) -> Result<AliasEntry> {
+        self.point_alias(call, alias_name, key_id, Keystore::update_alias)
+            .await
+    }
+
+    /// CreateAlias and UpdateAlias: the same checks, then `point`.
+    pub(super) async fn point_alias(
+        &self,
+        call: Call,
+        alias_name: String,
+        key_id: String,
+        point: fn(&Keystore, &AliasName, &KeyRef) -> Result<AliasEntry>,
+    ) -> Result<AliasEntry> {
+        self.alias_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&alias_name)?;
+            let key = KeyRef::parse(&key_id)?;
+            call.key(key.to_string(), None);
+            check_alias(gate, ks, call, &alias, Some(&key))?;
+            point(ks, &alias, &key)
+        })
+        .await
+    }
+
+    /// Deletes an alias.
+    pub async fn delete_alias(&self, call: Call, alias_name: String) -> Result<AliasEntry> {
+        self.alias_job(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let alias = AliasName::parse(&alias_name)?;
+            check_alias(gate, ks, call, &alias, None)?;
+            ks.delete_alias(&alias)
+        })
+        .await
+    }
+
+    /// Aliases sorted by name, optionally only those of one key (empty: all).
+    pub async fn list_aliases(
+        &self,
+        call: Call,
+        key_id: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<Page<AliasEntry>> {
+        self.run(call, move |gate, ks, call| {
+            gate.check_some(call, call.op())?;
+            let key = optional_key_ref(&key_id)?;
+            let target = match &key {
+                Some(key) => {
+                    call.key(key.to_string(), None);
+                    target_of(ks, key)
+                }
+                None => Target::Any,
+            };
+            gate.check(call, &target, None)?;
+            ks.list_aliases(key.as_ref(), page_size, &page_token)
+        })
+        .await
+    }
+}
