@@ -4,6 +4,20 @@
 //! function and return value for the log and decides whether the fault is the device's.
 //! Object handles are cached per context (no `C_FindObjects` per request); a stale handle is
 //! looked up again once.
+//!
+//! Here: the token, its sessions (checkout, one retry on a fresh session) and handle cache,
+//! and the [`Token`] implementation; `templates.rs` the objects' attributes and the searches
+//! by `CKA_ID`; `import.rs` wrapping key pairs and imported material; `faults.rs` the fault
+//! hook of fault tests.
+
+mod faults;
+mod import;
+mod templates;
+
+#[cfg(feature = "fault-injection")]
+pub use faults::Fault;
+use import::*;
+use templates::*;
 
 use std::collections::HashMap;
 #[cfg(feature = "fault-injection")]
@@ -63,20 +77,6 @@ struct Inner {
     stall_every_call: Option<std::time::Duration>,
     /// PKCS#11 contexts initialized so far (1 after start; +1 per re-initialization).
     contexts: AtomicU64,
-}
-
-/// A fault to inject into a coming PKCS#11 call, for fault tests: the call fails (or stalls)
-/// as if the token had done it, and the pool reacts as it would to the real thing. Only
-/// with the `fault-injection` feature, so that the hook costs production calls no global lock.
-#[cfg(feature = "fault-injection")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// `CKR_DEVICE_ERROR`: the context is retired and re-initialized.
-    DeviceError,
-    /// `CKR_SESSION_HANDLE_INVALID`: the session is dropped and replaced.
-    SessionInvalid,
-    /// The call holds its session this long before running (a slow HSM).
-    Stall(std::time::Duration),
 }
 
 /// Converts a cryptoki error: the one place that does. The fault kind decides what happens
@@ -261,13 +261,6 @@ impl Pkcs11Token {
         self.inner.object_store.write()
     }
 
-    /// Queues faults for the coming calls, one per call (fault tests).
-    #[cfg(feature = "fault-injection")]
-    pub fn inject(&self, fault: Fault, times: usize) {
-        let mut faults = self.inner.faults.lock();
-        faults.extend(std::iter::repeat_n(fault, times));
-    }
-
     /// How many PKCS#11 contexts have been initialized (re-initializations show here).
     pub fn contexts_initialized(&self) -> u64 {
         self.inner.contexts.load(Ordering::Relaxed)
@@ -334,36 +327,6 @@ impl Pkcs11Token {
         }
         self.inner.pool.checkin(loan, outcome);
         result
-    }
-
-    /// Runs one PKCS#11 call, or the fault queued for it.
-    #[cfg(feature = "fault-injection")]
-    fn call_with_faults<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
-        if let Some(stall) = self.inner.stall_every_call {
-            std::thread::sleep(stall);
-        }
-        let fault = self.inner.faults.lock().pop_front();
-        let injected = |rv: &str, fault| Error::Pkcs11Library {
-            message: format!("{rv} (injected)"),
-            fault,
-        };
-        match fault {
-            Some(Fault::DeviceError) => Err(injected("CKR_DEVICE_ERROR", Pkcs11Fault::Device)),
-            Some(Fault::SessionInvalid) => {
-                Err(injected("CKR_SESSION_HANDLE_INVALID", Pkcs11Fault::Session))
-            }
-            Some(Fault::Stall(duration)) => {
-                std::thread::sleep(duration);
-                call()
-            }
-            None => call(),
-        }
-    }
-
-    /// Runs one PKCS#11 call (no fault hook in this build).
-    #[cfg(not(feature = "fault-injection"))]
-    fn call_with_faults<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
-        call()
     }
 
     /// The handle of `object`, from the cache or one `C_FindObjects`.
@@ -475,325 +438,6 @@ impl Pkcs11Token {
             }
             Ok(Sealed { iv, ciphertext })
         })
-    }
-}
-
-/// The attributes of every master key object (generated or imported): token, private,
-/// sensitive, never extractable, encrypt/decrypt only.
-fn master_key_attributes(object: &ObjectId) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::Id(object.cka_id()),
-        Attribute::Label(format!("wrapd {object}").into_bytes()),
-    ]
-}
-
-/// What an AES session key made during an import is for.
-#[derive(Clone, Copy)]
-enum SessionKeyUse {
-    /// The ephemeral key of `RSA_AES_KEY_WRAP_*`, and the wrapping key's unwrap probe.
-    Unwrap,
-    /// The key that wraps a check object to measure its length (`material_len`).
-    Wrap,
-    /// The check object of an import: encrypt only (its check value); extractable only to
-    /// be measured.
-    Check { extractable: bool },
-}
-
-/// The template of an AES session key: private, sensitive, and only the one use.
-fn session_aes_key(usage: SessionKeyUse) -> Vec<Attribute> {
-    let (encrypt, wrap, unwrap, extractable) = match usage {
-        SessionKeyUse::Unwrap => (false, false, true, false),
-        SessionKeyUse::Wrap => (false, true, false, false),
-        SessionKeyUse::Check { extractable } => (true, false, false, extractable),
-    };
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(extractable),
-        Attribute::Encrypt(encrypt),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(wrap),
-        Attribute::Unwrap(unwrap),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-    ]
-}
-
-/// The RSA-OAEP mechanism of an import algorithm (MGF1 over the same hash, no label).
-fn oaep(algorithm: ImportAlgorithm) -> Mechanism<'static> {
-    let (hash, mgf) = if algorithm.sha256() {
-        (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256)
-    } else {
-        (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1)
-    };
-    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash, mgf, PkcsOaepSource::empty()))
-}
-
-/// The token refused the mechanism or its parameters: it cannot do this algorithm.
-fn is_unsupported_mechanism(err: &CkError) -> bool {
-    matches!(
-        err,
-        CkError::Pkcs11(
-            RvError::MechanismInvalid | RvError::MechanismParamInvalid | RvError::ArgumentsBad,
-            _
-        )
-    )
-}
-
-/// The error of a probe call of `GetParametersForImport`: the token lacking the algorithm is
-/// [`Error::Unsupported`], anything else a PKCS#11 error.
-fn probe_error(algorithm: ImportAlgorithm) -> impl Fn(CkError) -> Error {
-    move |err| {
-        if is_unsupported_mechanism(&err) {
-            unsupported(algorithm)
-        } else {
-            p11_error(err)
-        }
-    }
-}
-
-fn unsupported(algorithm: ImportAlgorithm) -> Error {
-    Error::Unsupported(format!(
-        "this HSM's PKCS#11 library cannot unwrap with {} inside the token (SoftHSM 2.6 does RSA-OAEP with SHA-1 only); use {}",
-        algorithm.name(),
-        if algorithm.aes_key_wrap() {
-            ImportAlgorithm::RsaAesKeyWrapSha1.name()
-        } else {
-            ImportAlgorithm::RsaesOaepSha1.name()
-        }
-    ))
-}
-
-/// An unwrap that failed on the wrapped bytes (not on the device): a bad ciphertext. SoftHSM
-/// reports a failed OAEP decoding as `CKR_GENERAL_ERROR` or `CKR_FUNCTION_FAILED`, so those
-/// count when the session still answers (as for a GCM tag mismatch).
-fn unwrap_error(session: &Session, algorithm: ImportAlgorithm, err: CkError) -> Error {
-    if is_unsupported_mechanism(&err) {
-        return unsupported(algorithm);
-    }
-    match err {
-        CkError::Pkcs11(
-            RvError::EncryptedDataInvalid
-            | RvError::EncryptedDataLenRange
-            | RvError::WrappedKeyInvalid
-            | RvError::WrappedKeyLenRange
-            | RvError::KeySizeRange
-            | RvError::DataLenRange
-            | RvError::DataInvalid
-            | RvError::GeneralError
-            | RvError::FunctionFailed,
-            _,
-        ) if session.get_session_info().is_ok() => Error::InvalidCiphertext,
-        other => p11_error(other),
-    }
-}
-
-/// The `CKA_ID`s of every object of `class` (objects destroyed meanwhile are skipped).
-fn ids_of_class(session: &Session, class: ObjectClass) -> Result<Vec<Vec<u8>>> {
-    ids_matching(session, &[Attribute::Class(class)])
-}
-
-/// The `CKA_ID`s of the objects that match `template`.
-fn ids_matching(session: &Session, template: &[Attribute]) -> Result<Vec<Vec<u8>>> {
-    let handles = session.find_objects(template).map_err(p11_error)?;
-    let mut ids = Vec::new();
-    for handle in handles {
-        let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
-            Ok(attributes) => attributes,
-            // Destroyed since C_FindObjects (by another session or process).
-            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
-            Err(err) => return Err(p11_error(err)),
-        };
-        ids.extend(attributes.into_iter().filter_map(|a| match a {
-            Attribute::Id(id) => Some(id),
-            _ => None,
-        }));
-    }
-    Ok(ids)
-}
-
-/// A record wrapd keeps in the token (a ticket, a wrap mark): an AES key no mechanism may
-/// use, since every HSM keeps one (CloudHSM has no data objects), and its value never
-/// matters; what it records is its `CKA_ID`, and it is found by its label.
-fn record_attributes(id: Vec<u8>, label: Vec<u8>) -> [Attribute; 16] {
-    [
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(Ulong::from(16u64)),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::Id(id),
-        Attribute::Label(label),
-    ]
-}
-
-/// Destroys every object of `class` with `CKA_ID` `id`.
-fn destroy_all(session: &Session, class: ObjectClass, id: Vec<u8>) -> Result<()> {
-    let template = [Attribute::Class(class), Attribute::Id(id)];
-    for handle in session.find_objects(&template).map_err(p11_error)? {
-        session.destroy_object(handle).map_err(p11_error)?;
-    }
-    Ok(())
-}
-
-impl Pkcs11Token {
-    /// The handle of a wrapping key's private half; [`Error::InvalidImportToken`] if none.
-    fn wrapping_key_handle(&self, session: &Session, id: &WrappingKeyId) -> Result<ObjectHandle> {
-        let found = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Id(id.to_bytes()),
-            ])
-            .map_err(p11_error)?;
-        found.first().copied().ok_or_else(|| {
-            Error::InvalidImportToken(format!(
-                "the import token names no wrapping key of key {} (expired and removed, or not issued by wrapd)",
-                id.key_id
-            ))
-        })
-    }
-
-    /// Unwraps `wrapped` into a key object with `template`, the RSA-OAEP step (and for
-    /// RSA_AES_KEY_WRAP_*, the RFC 5649 step under an ephemeral session key destroyed at
-    /// once) inside the token.
-    fn unwrap_material(
-        &self,
-        session: &Session,
-        id: &WrappingKeyId,
-        wrapped: &[u8],
-        template: &[Attribute],
-    ) -> Result<ObjectHandle> {
-        let private = self.wrapping_key_handle(session, id)?;
-        let rsa_len = (id.bits / 8) as usize;
-        if !id.algorithm.aes_key_wrap() {
-            if wrapped.len() != rsa_len {
-                return Err(Error::InvalidCiphertext);
-            }
-            return session
-                .unwrap_key(&oaep(id.algorithm), private, wrapped, template)
-                .map_err(|err| unwrap_error(session, id.algorithm, err));
-        }
-        // RSA-OAEP(ephemeral AES key) || RFC 5649 wrap of the material under it.
-        if wrapped.len() < rsa_len + 16 || (wrapped.len() - rsa_len) % 8 != 0 {
-            return Err(Error::InvalidCiphertext);
-        }
-        let (encrypted_key, wrapped_material) = wrapped.split_at(rsa_len);
-        let ephemeral_template = session_aes_key(SessionKeyUse::Unwrap);
-        let ephemeral = session
-            .unwrap_key(
-                &oaep(id.algorithm),
-                private,
-                encrypted_key,
-                &ephemeral_template,
-            )
-            .map_err(|err| unwrap_error(session, id.algorithm, err))?;
-        let result = session
-            .unwrap_key(
-                &Mechanism::AesKeyWrapPad,
-                ephemeral,
-                wrapped_material,
-                template,
-            )
-            .map_err(|err| unwrap_error(session, id.algorithm, err));
-        if let Err(err) = session.destroy_object(ephemeral) {
-            tracing::warn!(error = %p11_error(err), "could not destroy an ephemeral import key (a session object: it goes with the session)");
-        }
-        result
-    }
-
-    /// The key check value of a key object (see [`KeyCheckValue`]).
-    fn check_value_of(session: &Session, handle: ObjectHandle) -> Result<KeyCheckValue> {
-        let block = session
-            .encrypt(&Mechanism::AesEcb, handle, KEY_CHECK_BLOCK)
-            .map_err(p11_error)?;
-        block
-            .try_into()
-            .map_err(|_| Error::Internal("C_Encrypt (AES-ECB) returned a wrong-sized block".into()))
-    }
-
-    /// Checks an unwrapped object is an AES-256 key (with `measure`, also where the library
-    /// does not report its length) and returns its check value.
-    fn check_imported(
-        session: &Session,
-        handle: ObjectHandle,
-        measure: bool,
-    ) -> Result<KeyCheckValue> {
-        let wrong_size = || Error::invalid("the key material must be a 256-bit (32-byte) AES key");
-        match Self::material_len(session, handle, measure)? {
-            Some(32) | None => {}
-            Some(_) => return Err(wrong_size()),
-        }
-        // An AES key of another length than 16, 24 or 32 bytes fails here.
-        Self::check_value_of(session, handle).map_err(|err| match err {
-            Error::Pkcs11 {
-                rv: RvError::KeySizeRange | RvError::KeyTypeInconsistent | RvError::GeneralError,
-                ..
-            } => wrong_size(),
-            other => other,
-        })
-    }
-
-    /// The length of an unwrapped key: `CKA_VALUE_LEN`, or where the library leaves it 0
-    /// (SoftHSM 2.6 does for unwrapped keys, and refuses it in the unwrap template), with
-    /// `measure`, the length of the key wrapped with RFC 5649 under a fresh session key
-    /// (sensitive, never extractable, destroyed at once): 8 bytes more than the key rounded
-    /// up to 8. `None` when unknown.
-    fn material_len(session: &Session, handle: ObjectHandle, measure: bool) -> Result<Option<u64>> {
-        let attributes = session
-            .get_attributes(handle, &[AttributeType::ValueLen])
-            .map_err(p11_error)?;
-        let reported = attributes.iter().find_map(|a| match a {
-            Attribute::ValueLen(len) => Some(u64::from(*len)),
-            _ => None,
-        });
-        if let Some(len) = reported.filter(|len| *len > 0) {
-            return Ok(Some(len));
-        }
-        if !measure {
-            return Ok(None);
-        }
-        let mut kek_template = session_aes_key(SessionKeyUse::Wrap);
-        kek_template.push(Attribute::ValueLen(32.into()));
-        let kek = session
-            .generate_key(&Mechanism::AesKeyGen, &kek_template)
-            .map_err(p11_error)?;
-        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, kek, handle);
-        if let Err(err) = session.destroy_object(kek) {
-            tracing::warn!(error = %p11_error(err), "could not destroy a session key (it goes with the session)");
-        }
-        let wrapped = wrapped.map_err(p11_error)?;
-        // 25..=32 bytes all wrap to 40; AES takes only 32 of them (the check value fails
-        // for the others).
-        Ok(Some(match wrapped.len() {
-            40 => 32,
-            n => n.saturating_sub(8) as u64,
-        }))
     }
 }
 
@@ -1130,81 +774,5 @@ impl Token for Pkcs11Token {
         self.with_session(false, |session, _| {
             destroy_all(session, ObjectClass::SECRET_KEY, ticket.to_bytes())
         })
-    }
-}
-
-/// Generates a wrapping key pair on `session`, proves the token can unwrap with it, and
-/// returns the private key's handle and the public key (DER). The public half is
-/// always a session object, destroyed here.
-fn generate_wrapping_pair(
-    session: &Session,
-    id: &WrappingKeyId,
-    public_template: &[Attribute],
-    private_template: &[Attribute],
-) -> Result<(ObjectHandle, Vec<u8>)> {
-    use rsa::pkcs8::EncodePublicKey;
-    {
-        let (public, private) = session
-            .generate_key_pair(
-                &Mechanism::RsaPkcsKeyPairGen,
-                public_template,
-                private_template,
-            )
-            .map_err(p11_error)?;
-        let result = (|| {
-            let attributes = session
-                .get_attributes(
-                    public,
-                    &[AttributeType::Modulus, AttributeType::PublicExponent],
-                )
-                .map_err(p11_error)?;
-            let (mut modulus, mut exponent) = (None, None);
-            for attribute in attributes {
-                match attribute {
-                    Attribute::Modulus(n) => modulus = Some(n),
-                    Attribute::PublicExponent(e) => exponent = Some(e),
-                    _ => {}
-                }
-            }
-            let (Some(n), Some(e)) = (modulus, exponent) else {
-                return Err(Error::Internal("the RSA public key has no modulus".into()));
-            };
-            // Prove the token can unwrap with this algorithm before anyone wraps
-            // material for it: a random AES key, encrypted with the public half, unwrapped
-            // with the private half into a session object, destroyed.
-            let mut probe = Zeroizing::new([0u8; 32]);
-            session
-                .generate_random_slice(probe.as_mut_slice())
-                .map_err(p11_error)?;
-            let encrypted = session
-                .encrypt(&oaep(id.algorithm), public, probe.as_slice())
-                .map_err(probe_error(id.algorithm))?;
-            let unwrapped = session
-                .unwrap_key(
-                    &oaep(id.algorithm),
-                    private,
-                    &encrypted,
-                    &session_aes_key(SessionKeyUse::Unwrap),
-                )
-                .map_err(probe_error(id.algorithm))?;
-            session.destroy_object(unwrapped).map_err(p11_error)?;
-            let key = rsa::RsaPublicKey::new(
-                rsa::BigUint::from_bytes_be(&n),
-                rsa::BigUint::from_bytes_be(&e),
-            )
-            .map_err(|err| Error::Internal(format!("the token's RSA public key: {err}")))?;
-            key.to_public_key_der()
-                .map(|der| der.into_vec())
-                .map_err(|err| Error::Internal(format!("encoding the RSA public key: {err}")))
-        })();
-        if let Err(err) = session.destroy_object(public) {
-            tracing::warn!(error = %p11_error(err), "could not destroy the public half of a wrapping key (a session object)");
-        }
-        if result.is_err() {
-            if let Err(err) = session.destroy_object(private) {
-                tracing::warn!(error = %p11_error(err), wrapping_key = %id, "could not destroy a wrapping key that failed its check");
-            }
-        }
-        result.map(|der| (private, der))
     }
 }
