@@ -1,5 +1,5 @@
 //! The thin client: connecting to a daemon, the generated gRPC clients, the AWS Encryption
-//! SDK message format (`message.rs`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
+//! SDK message format (`message/`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
 //! data key cache in front of them (`cache.rs`), and the S3 Encryption Client's object format
 //! (`s3ec.rs`, feature `s3ec`, part of `s3`).
 //!
