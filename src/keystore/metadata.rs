@@ -6,7 +6,7 @@
 //! second implementation of this trait, nothing more.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
 use crate::ids::{AliasName, KeyId};
@@ -278,4 +278,22 @@ pub(super) fn other_material(id: &KeyId) -> crate::Error {
 /// Parses a stored key check value (hex).
 pub(super) fn decode_check_value(text: &str) -> Option<crate::hsm::KeyCheckValue> {
     hex::decode(text).ok()?.try_into().ok()
+}
+
+// ---- conversions both stores use ----------------------------------------------------------
+
+/// A time as the stores keep it: milliseconds since the Unix epoch (0 before it, saturating).
+pub(super) fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A stored time (a negative one reads as the epoch).
+pub(super) fn from_millis(ms: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A stored value wrapd did not write.
+pub(super) fn corrupt(what: &str, value: &str) -> crate::Error {
+    crate::Error::Store(format!("corrupt metadata: {what} {value:?}"))
 }

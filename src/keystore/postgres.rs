@@ -18,7 +18,7 @@
 //! Times are milliseconds since the epoch (`BIGINT`), as in the SQLite store.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use postgres::error::SqlState;
@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord, other_material,
+    StoreChanges, VersionRecord, corrupt, from_millis, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -302,19 +302,6 @@ fn tls_connector(ca_pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConne
 
 fn is_unique_violation(err: &postgres::Error) -> bool {
     err.code() == Some(&SqlState::UNIQUE_VIOLATION)
-}
-
-fn to_millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Store(format!("corrupt metadata: {what} {value:?}"))
 }
 
 fn version_i32(version: u32) -> Result<i32> {

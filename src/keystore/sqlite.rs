@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord, other_material,
+    VersionRecord, corrupt, from_millis, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -85,19 +85,6 @@ pub struct SqliteStore {
 
 fn db_error(err: rusqlite::Error) -> Error {
     Error::Store(err.to_string())
-}
-
-fn to_millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Store(format!("corrupt metadata: {what} {value:?}"))
 }
 
 impl SqliteStore {
