@@ -18,6 +18,7 @@ mod crash_safety;
 mod daemon_bench;
 mod data_key_cache;
 mod data_plane;
+mod documentation;
 mod esdk_interop;
 mod esdk_vectors;
 #[cfg(feature = "fault-injection")]
