@@ -42,7 +42,8 @@
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
 //! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`front::grpc::KmsApi`]) |
 //!
-//! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl/` (CLI, one file per command group).
+//! Binaries are thin: `src/bin/wrapd.rs` (daemon) and `src/bin/wrapctl/` (CLI, one file per
+//! command group).
 
 #[cfg(feature = "client")]
 pub mod audit;
