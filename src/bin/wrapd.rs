@@ -317,9 +317,14 @@ fn run(command: Command) -> Result<()> {
                 wrapd::config::StoreConfig::Sqlite(path) => {
                     wrapd::keystore::SqliteStore::open(path)?.audit_head(&chain)?
                 }
+                #[cfg(feature = "postgres")]
                 wrapd::config::StoreConfig::Postgres { options, .. } => {
                     wrapd::keystore::PostgresStore::open(options)?
                         .audit_head(&format!("{}:{chain}", options.instance))?
+                }
+                #[cfg(not(feature = "postgres"))]
+                wrapd::config::StoreConfig::Postgres { .. } => {
+                    return Err(wrapd::server::without_postgres());
                 }
             };
             match head {
@@ -352,15 +357,24 @@ fn run(command: Command) -> Result<()> {
                 return Err(Error::Config(format!("{path} does not exist")));
             }
             let source = wrapd::keystore::SqliteStore::open(std::path::Path::new(path))?;
-            let target = wrapd::keystore::PostgresStore::open(&wrapd::keystore::PostgresOptions {
+            let options = wrapd::keystore::PostgresOptions {
                 url: url.to_owned(),
                 password,
                 instance: "migrate-store".into(),
                 tls_ca: None,
-            })?;
-            let (keys, aliases) = wrapd::keystore::copy_metadata(&source, &target)?;
-            println!("migrated {keys} keys and {aliases} aliases into PostgreSQL");
-            Ok(())
+            };
+            #[cfg(feature = "postgres")]
+            {
+                let target = wrapd::keystore::PostgresStore::open(&options)?;
+                let (keys, aliases) = wrapd::keystore::copy_metadata(&source, &target)?;
+                println!("migrated {keys} keys and {aliases} aliases into PostgreSQL");
+                Ok(())
+            }
+            #[cfg(not(feature = "postgres"))]
+            {
+                let _ = (source, options);
+                Err(wrapd::server::without_postgres())
+            }
         }
         Command::Soak {
             config,
@@ -637,6 +651,8 @@ fn serve(config: Config, dev: Option<&dev::DevSetup>) -> Result<()> {
     let served = serve_on(&runtime, config, dev);
     if let Some(spans) = spans {
         let _inside = runtime.enter();
+        // Without `otel` there is nothing to flush, and the guard holds nothing.
+        #[cfg_attr(not(feature = "otel"), allow(clippy::drop_non_drop))]
         drop(spans); // flushes the last spans while the runtime still runs
     }
     served

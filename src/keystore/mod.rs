@@ -22,12 +22,15 @@
 
 mod aliases;
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod data_plane;
 mod import;
 mod lifecycle;
 mod metadata;
+#[cfg(feature = "postgres")]
 mod postgres;
+mod postgres_options;
 mod read_through;
 mod rotation;
 mod sqlite;
@@ -46,7 +49,9 @@ pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
     StoreChanges, VersionRecord,
 };
-pub use postgres::{INSTANCE_WAIT, PostgresOptions, PostgresStore};
+#[cfg(feature = "postgres")]
+pub use postgres::{INSTANCE_WAIT, PostgresStore};
+pub use postgres_options::PostgresOptions;
 pub use sqlite::SqliteStore;
 
 use crate::blob::{Blob, MAX_PLAINTEXT_LEN};

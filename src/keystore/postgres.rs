@@ -1,8 +1,8 @@
 //! [`MetadataStore`] on PostgreSQL, shared by a fleet of daemons (docs/DESIGN.md §11).
 //!
-//! - **Schema**: versioned migrations (`MIGRATIONS`), applied at start-up in one transaction
-//!   under a transaction-level advisory lock, so two daemons starting at once apply each
-//!   migration once; `wrapd_migrations` records what is applied.
+//! - **Schema**: versioned migrations (`migrations/postgres/*.sql`), applied at start-up in
+//!   one transaction under a transaction-level advisory lock, so two daemons starting at once
+//!   apply each migration once; `wrapd_migrations` records what is applied.
 //! - **Races** are decided by the database: version numbers are claimed in
 //!   `pending_versions` (primary key, with the claiming daemon's instance name) before a key
 //!   object is generated; aliases are a primary key; wrap blocks are an atomic increment
@@ -23,9 +23,11 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Row, Transaction};
-use zeroize::Zeroizing;
+use postgres::{Client, Row, Transaction};
+use r2d2_postgres::{PostgresConnectionManager, r2d2};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::PostgresOptions;
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
     StoreChanges, VersionRecord, corrupt, from_millis, other_material, to_millis,
@@ -37,6 +39,13 @@ use crate::ids::{AliasName, KeyId};
 
 /// The notification channel.
 const CHANNEL: &str = "wrapd_changes";
+
+/// At most this many connections for store calls at once (the listener and the locks have
+/// their own); beyond, a call waits for one to be free (up to 5 s, then UNAVAILABLE).
+const MAX_POOLED_CONNECTIONS: u32 = 16;
+
+/// The connection pool of store calls.
+type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
 
 /// Advisory lock ids (arbitrary constants, "wrapd" in ASCII plus a suffix).
 const MIGRATION_LOCK: i64 = 0x7772_6170_6400_0001;
@@ -64,100 +73,17 @@ pub const INSTANCE_WAIT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order; each runs once, in one transaction.
 const MIGRATIONS: &[(i32, &str)] = &[
-    (
-        1,
-        "
-CREATE TABLE keys (
-    seq                  BIGSERIAL PRIMARY KEY,
-    id                   TEXT NOT NULL UNIQUE,
-    description          TEXT NOT NULL,
-    state                TEXT NOT NULL,
-    created_at           BIGINT NOT NULL,
-    deletion_date        BIGINT,
-    rotation_period_days INTEGER,
-    next_rotation        BIGINT
-);
-CREATE TABLE key_versions (
-    key_id         TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    version        INTEGER NOT NULL,
-    created_at     BIGINT NOT NULL,
-    wraps_reserved BIGINT NOT NULL DEFAULT 0,
-    automatic      BOOLEAN NOT NULL DEFAULT FALSE,
-    PRIMARY KEY (key_id, version)
-);
-CREATE TABLE aliases (
-    name   TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE
-);
-CREATE INDEX aliases_by_key ON aliases(key_id);
-CREATE TABLE key_tags (
-    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    tag_key   TEXT NOT NULL,
-    tag_value TEXT NOT NULL,
-    PRIMARY KEY (key_id, tag_key)
-);
-CREATE TABLE deleted_keys (
-    id         TEXT PRIMARY KEY,
-    deleted_at BIGINT NOT NULL
-);
-CREATE TABLE pending_versions (
-    key_id  TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    owner   TEXT NOT NULL,
-    PRIMARY KEY (key_id, version)
-);
-CREATE TABLE audit_heads (
-    chain TEXT PRIMARY KEY,
-    seq   BIGINT NOT NULL,
-    hash  TEXT NOT NULL
-);
-",
-    ),
-    (
-        2,
-        // Key import: where a key's material comes from, and the imported material's check
-        // value, presence and expiry.
-        "
-ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
-ALTER TABLE keys ADD COLUMN material_check TEXT;
-ALTER TABLE keys ADD COLUMN material_present BOOLEAN NOT NULL DEFAULT FALSE;
-ALTER TABLE keys ADD COLUMN material_valid_to BIGINT;
-",
-    ),
+    (1, include_str!("migrations/postgres/0001.sql")),
+    (2, include_str!("migrations/postgres/0002.sql")),
 ];
-
-/// How to reach the database.
-#[derive(Clone)]
-pub struct PostgresOptions {
-    /// `postgresql://user@host:port/db` (no password in it).
-    pub url: String,
-    /// The password, from a file or an environment variable.
-    pub password: Option<Zeroizing<String>>,
-    /// This daemon's name in the fleet (version claims are per daemon).
-    pub instance: String,
-    /// TLS to the database: the CA certificates (PEM) its certificate must chain to; the
-    /// host name (or IP address) in the URL must match the certificate. `None`: no TLS.
-    pub tls_ca: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for PostgresOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresOptions")
-            .field("url", &self.url)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("instance", &self.instance)
-            .field("tls", &self.tls_ca.is_some())
-            .finish()
-    }
-}
 
 /// The PostgreSQL metadata store.
 pub struct PostgresStore {
     config: postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    tls: MakeRustlsConnect,
     instance: String,
-    /// Idle connections for store calls.
-    idle: Mutex<Vec<Client>>,
+    /// The connections of store calls (`Some` until the store is dropped, see `Drop`).
+    pool: Option<Pool>,
     /// The `LISTEN` connection (see [`PostgresStore::wait_for_changes`]).
     listener: Mutex<Option<Client>>,
     /// The connection holding the maintenance lock, while it is held.
@@ -275,7 +201,19 @@ fn drain_notifications(client: &mut Client, timeout: Duration) -> Result<(StoreC
 }
 
 /// TLS with certificate and host name verification against `ca_pem` only.
-fn tls_connector(ca_pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+/// The connector of a plain connection (`sslmode=disable`): never asked to make TLS.
+fn no_tls_connector() -> Result<MakeRustlsConnect> {
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+    let config =
+        ClientConfig::builder_with_provider(std::sync::Arc::new(crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("store TLS: {e}")))?
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+fn tls_connector(ca_pem: &[u8]) -> Result<MakeRustlsConnect> {
     use tokio_rustls::rustls::pki_types::CertificateDer;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
@@ -297,7 +235,7 @@ fn tls_connector(ca_pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConne
             .map_err(|e| Error::Config(format!("store TLS: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    Ok(MakeRustlsConnect::new(config))
 }
 
 fn is_unique_violation(err: &postgres::Error) -> bool {
@@ -345,18 +283,34 @@ impl PostgresStore {
         config.keepalives_idle(Duration::from_secs(30));
         config.keepalives_interval(Duration::from_secs(10));
         config.keepalives_retries(3);
-        let tls = options.tls_ca.as_deref().map(tls_connector).transpose()?;
-        if tls.is_some() {
-            // Never fall back to a plain connection.
-            config.ssl_mode(postgres::config::SslMode::Require);
-        } else {
-            check_plain_connection(&config)?;
-        }
+        let tls = match options.tls_ca.as_deref() {
+            Some(ca) => {
+                // Never fall back to a plain connection.
+                config.ssl_mode(postgres::config::SslMode::Require);
+                tls_connector(ca)?
+            }
+            None => {
+                check_plain_connection(&config)?;
+                // Plain, as asked: a connector with no roots that is never used.
+                config.ssl_mode(postgres::config::SslMode::Disable);
+                no_tls_connector()?
+            }
+        };
+        let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
+        let pool = r2d2::Pool::builder()
+            .max_size(MAX_POOLED_CONNECTIONS)
+            // Connections are made when calls need them, not ahead.
+            .min_idle(Some(0))
+            // No round trip per checkout: a connection the server closed fails its first
+            // use, and `with` runs the call again on a new one.
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_secs(5))
+            .build_unchecked(manager);
         let store = Self {
             config,
             tls,
             instance: options.instance.clone(),
-            idle: Mutex::new(Vec::new()),
+            pool: Some(pool),
             listener: Mutex::new(None),
             maintenance: Mutex::new(None),
             instance_lock: Mutex::new(None),
@@ -366,35 +320,29 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// A connection of its own (the listener, the locks held for long), outside the pool.
     fn connect(&self) -> Result<Client> {
-        let connected = match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
-        };
-        connected
+        self.config
+            .connect(self.tls.clone())
             .map_err(|e| Error::Unavailable(format!("cannot connect to the metadata store: {e}")))
     }
 
-    /// Runs `f` on a connection (an idle one, or a new one); a connection that broke is not
-    /// kept. An idle connection the server closed meanwhile (a restart, a failover) fails
-    /// its first use: then `f` runs once more on a new connection.
+    /// Runs `f` on a pooled connection; the pool drops one that broke. A pooled connection
+    /// the server closed meanwhile (a restart, a failover) fails its first use: then `f` runs
+    /// once more on a new connection.
     fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
-        let idle = self.idle.lock().pop();
-        let from_pool = idle.is_some();
-        let mut client = match idle {
-            Some(client) if !client.is_closed() => client,
-            _ => self.connect()?,
-        };
-        let mut result = f(&mut client);
-        if from_pool && client.is_closed() && result.is_err() {
-            client = self.connect()?;
-            result = f(&mut client);
-        }
-        if !client.is_closed() {
-            let mut idle = self.idle.lock();
-            if idle.len() < 8 {
-                idle.push(client);
-            }
+        // The pool is taken only by `Drop`.
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| Error::Internal("store closed".into()))?;
+        let mut pooled = pool.get().map_err(|e| {
+            Error::Unavailable(format!("cannot connect to the metadata store: {e}"))
+        })?;
+        let result = f(&mut pooled);
+        if result.is_err() && pooled.is_closed() {
+            drop(pooled);
+            return f(&mut self.connect()?);
         }
         result
     }
@@ -711,12 +659,13 @@ impl Drop for PostgresStore {
         // Each synchronous client owns a small runtime, which must not be dropped on an
         // async runtime's thread (the daemon drops the store as it shuts down): close them
         // on a thread of their own.
-        let mut clients: Vec<Client> = std::mem::take(&mut *self.idle.lock());
+        let pool = self.pool.take();
+        let mut clients: Vec<Client> = Vec::new();
         clients.extend(self.listener.lock().take());
         clients.extend(self.maintenance.lock().take());
         clients.extend(self.instance_lock.lock().take());
-        if !clients.is_empty() {
-            let closer = std::thread::spawn(move || drop(clients));
+        if pool.is_some() || !clients.is_empty() {
+            let closer = std::thread::spawn(move || drop((pool, clients)));
             let _ = closer.join();
         }
     }

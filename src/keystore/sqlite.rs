@@ -18,64 +18,14 @@ use crate::ids::{AliasName, KeyId};
 
 const SCHEMA_VERSION: i64 = 3;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    id            TEXT NOT NULL UNIQUE,
-    description   TEXT NOT NULL,
-    state         TEXT NOT NULL,
-    created_at    INTEGER NOT NULL,
-    deletion_date INTEGER
-);
-CREATE TABLE IF NOT EXISTS key_versions (
-    key_id         TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    version        INTEGER NOT NULL,
-    created_at     INTEGER NOT NULL,
-    wraps_reserved INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key_id, version)
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    name   TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
-CREATE TABLE IF NOT EXISTS deleted_keys (
-    id         TEXT PRIMARY KEY,
-    deleted_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pending_versions (
-    key_id  TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (key_id, version)
-);
-CREATE TABLE IF NOT EXISTS audit_heads (
-    chain TEXT PRIMARY KEY,
-    seq   INTEGER NOT NULL,
-    hash  TEXT NOT NULL
-);
-";
+const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
 /// Schema 2: automatic rotation (schedule per key, how each version was made) and tags.
-const MIGRATION_2: &str = "
-ALTER TABLE keys ADD COLUMN rotation_period_days INTEGER;
-ALTER TABLE keys ADD COLUMN next_rotation INTEGER;
-ALTER TABLE key_versions ADD COLUMN automatic INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE IF NOT EXISTS key_tags (
-    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    tag_key   TEXT NOT NULL,
-    tag_value TEXT NOT NULL,
-    PRIMARY KEY (key_id, tag_key)
-);
-";
+const MIGRATION_2: &str = include_str!("migrations/sqlite/0002.sql");
 
 /// Schema 3: key import: where a key's material comes from, and the imported material's check
 /// value, presence and expiry.
-const MIGRATION_3: &str = "
-ALTER TABLE keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'HSM';
-ALTER TABLE keys ADD COLUMN material_check TEXT;
-ALTER TABLE keys ADD COLUMN material_present INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE keys ADD COLUMN material_valid_to INTEGER;
-";
+const MIGRATION_3: &str = include_str!("migrations/sqlite/0003.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.

@@ -1,28 +1,19 @@
 //! `tracing` set-up: structured logs on stderr, text or JSON, filtered by `RUST_LOG` or the
 //! config. Nothing secret is ever recorded as a field, so any level is safe to enable.
 //!
-//! With `[tracing]`, also OpenTelemetry: the operation layer opens one span per request
-//! (target [`REQUEST_SPAN_TARGET`], level TRACE: invisible to the log filter unless asked for,
-//! and free when no layer wants it) carrying the request id of its audit line, and they are
-//! exported in batches over OTLP/gRPC by `tracing-opentelemetry` and `opentelemetry-otlp`.
+//! With `[tracing]` (feature `otel`), also OpenTelemetry: see `otel.rs`.
 
 use std::io::IsTerminal;
 
-use opentelemetry::KeyValue;
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, TracingConfig};
+use crate::config::LogFormat;
+#[cfg(not(feature = "otel"))]
+use crate::config::TracingConfig;
+#[cfg(not(feature = "otel"))]
 use crate::error::{Error, Result};
-pub use crate::ops::REQUEST_SPAN_TARGET;
 
-fn env_filter(filter: &str) -> EnvFilter {
+pub(super) fn env_filter(filter: &str) -> EnvFilter {
     EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"))
@@ -40,65 +31,19 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     };
 }
 
-/// Exports request spans until dropped; dropping it flushes what is buffered.
-pub struct SpanExport {
-    provider: SdkTracerProvider,
-}
+/// Without the `otel` feature there is nothing to export spans with.
+#[cfg(not(feature = "otel"))]
+pub struct SpanExport;
 
-impl Drop for SpanExport {
-    fn drop(&mut self) {
-        if let Err(err) = self.provider.shutdown() {
-            tracing::warn!(error = %err, "flushing the last spans failed");
-        }
-    }
-}
-
-/// Installs the global subscriber: logs as [`init_logging`] does, and request spans exported
-/// to `tracing.otlp_endpoint`. Call it inside the tokio runtime (the exporter's gRPC channel
-/// lives there), and keep the guard until the runtime stops.
+/// Without the `otel` feature, `[tracing]` is refused: the build cannot export spans.
+#[cfg(not(feature = "otel"))]
 pub fn init_logging_and_tracing(
-    filter: &str,
-    format: LogFormat,
-    tracing: &TracingConfig,
+    _filter: &str,
+    _format: LogFormat,
+    _tracing: &TracingConfig,
 ) -> Result<SpanExport> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(&tracing.otlp_endpoint)
-        .build()
-        .map_err(|err| Error::Config(format!("tracing.otlp_endpoint: {err}")))?;
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let resource = Resource::builder()
-        .with_service_name(tracing.service_name.clone())
-        .with_attributes([
-            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            KeyValue::new("host.name", host),
-        ])
-        .build();
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            tracing.sample_ratio,
-        ))))
-        .with_resource(resource)
-        .build();
-    let spans = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("wrapd"))
-        .with_filter(Targets::new().with_target(REQUEST_SPAN_TARGET, tracing::Level::TRACE));
-    let logs = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let logs = match format {
-        LogFormat::Text => logs.boxed(),
-        LogFormat::Json => logs.json().boxed(),
-    };
-    tracing_subscriber::registry()
-        .with(logs.with_filter(env_filter(filter)))
-        .with(spans)
-        .try_init()
-        .map_err(|err| Error::Internal(format!("cannot install the tracing subscriber: {err}")))?;
-    tracing::info!(endpoint = %tracing.otlp_endpoint, sample_ratio = tracing.sample_ratio, "exporting request spans over OTLP");
-    Ok(SpanExport { provider })
+    Err(Error::Config(
+        "[tracing]: this wrapd was built without the `otel` feature (cargo build --features otel)"
+            .into(),
+    ))
 }

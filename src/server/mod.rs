@@ -8,6 +8,8 @@ mod authority;
 mod http;
 mod listen;
 mod logging;
+#[cfg(feature = "otel")]
+mod otel;
 mod prometheus;
 mod unix;
 
@@ -30,7 +32,11 @@ use tonic_health::server::HealthReporter;
 use zeroize::Zeroizing;
 
 pub use authority::{AuthorityRewriter, RewriteError};
-pub use logging::{SpanExport, init_logging, init_logging_and_tracing};
+pub use logging::init_logging;
+#[cfg(not(feature = "otel"))]
+pub use logging::{SpanExport, init_logging_and_tracing};
+#[cfg(feature = "otel")]
+pub use otel::{SpanExport, init_logging_and_tracing};
 pub use unix::bind_unix_socket;
 
 use crate::audit::{AuditLog, HeadStore};
@@ -42,7 +48,9 @@ use crate::error::{Error, Result};
 use crate::front::aws::AwsApi;
 use crate::front::grpc::{DataKeyApi, KeyApi, KmsApi};
 use crate::hsm::Pkcs11Token;
-use crate::keystore::{Keystore, MetadataStore, PostgresStore, SqliteStore, SystemClock};
+#[cfg(feature = "postgres")]
+use crate::keystore::PostgresStore;
+use crate::keystore::{Keystore, MetadataStore, SqliteStore, SystemClock};
 use crate::kms_proto::key_management_service_server::KeyManagementServiceServer;
 use crate::ops::{Gate, KmsPlugin, Ops};
 use crate::proto::data_key_service_server::DataKeyServiceServer;
@@ -163,6 +171,9 @@ impl Daemon {
                 let store = Arc::new(SqliteStore::open(path)?);
                 (store.clone(), store)
             }
+            #[cfg(not(feature = "postgres"))]
+            StoreConfig::Postgres { .. } => return Err(without_postgres()),
+            #[cfg(feature = "postgres")]
             StoreConfig::Postgres { options, .. } => {
                 let store = Arc::new(PostgresStore::open(options)?);
                 store.claim_instance(crate::keystore::INSTANCE_WAIT)?;
@@ -564,13 +575,24 @@ fn certified_key(
     Ok((certs, key))
 }
 
+/// The error of a config naming PostgreSQL in a build without it.
+#[cfg(not(feature = "postgres"))]
+pub fn without_postgres() -> Error {
+    Error::Config(
+        "store.postgres: this wrapd was built without the `postgres` feature (cargo build --features postgres)"
+            .into(),
+    )
+}
+
 /// Audit chain heads of one daemon of a fleet: chains are named `INSTANCE:PATH` in the
 /// shared store, so that daemons with the same log path on different hosts keep their own.
+#[cfg(feature = "postgres")]
 struct InstanceHeads {
     store: Arc<PostgresStore>,
     instance: String,
 }
 
+#[cfg(feature = "postgres")]
 impl HeadStore for InstanceHeads {
     fn audit_head(&self, chain: &str) -> Result<Option<crate::audit::ChainHead>> {
         self.store.audit_head(&format!("{}:{chain}", self.instance))
