@@ -1,5 +1,5 @@
-//! The AWS KMS API's parsing of untrusted requests: the JSON body of every operation, the
-//! `KeyId` forms, and the SigV4 headers (`Authorization`, `X-Amz-Date`) with the body, up to
+//! The AWS KMS API's parsing of untrusted requests: the decoding of every operation's JSON
+//! body (`decode`), the `KeyId` forms, and the SigV4 headers (`Authorization`, `X-Amz-Date`) with the body, up to
 //! and including the signature check. None may panic, whatever the bytes. The input is split
 //! at the first two NUL bytes into the `Authorization` value, the `X-Amz-Date` value and the
 //! body.
@@ -9,7 +9,18 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use wrapd::front::aws::{AccessKeys, Arns, model, sigv4};
+use wrapd::front::aws::{AccessKeys, Arns, decode, sigv4};
+
+/// Every operation wrapd decodes, and one it does not.
+const TARGETS: &[&str] = &[
+    "CreateKey", "DescribeKey", "ListKeyRotations", "GetKeyRotationStatus", "ListResourceTags",
+    "ListKeys", "EnableKey", "DisableKey", "CancelKeyDeletion", "ScheduleKeyDeletion",
+    "RotateKeyOnDemand", "EnableKeyRotation", "DisableKeyRotation", "TagResource",
+    "UntagResource", "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
+    "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncrypt",
+    "GenerateRandom", "GetParametersForImport", "ImportKeyMaterial",
+    "DeleteImportedKeyMaterial", "CreateGrant",
+];
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -28,20 +39,9 @@ fuzz_target!(|data: &[u8]| {
         parts.next().unwrap_or_default(),
     );
 
-    let _ = model::parse::<model::CreateKey>(body);
-    let _ = model::parse::<model::KeyOnly>(body);
-    let _ = model::parse::<model::ListAliases>(body);
-    let _ = model::parse::<model::ScheduleKeyDeletion>(body);
-    let _ = model::parse::<model::GenerateDataKey>(body);
-    let _ = model::parse::<model::ReEncrypt>(body);
-    if let Ok(encrypt) = model::parse::<model::Encrypt>(body) {
-        let _ = encrypt.plaintext.decode("Plaintext");
-    }
-    if let Ok(decrypt) = model::parse::<model::Decrypt>(body) {
-        let _ = decrypt.ciphertext_blob.decode("CiphertextBlob");
-        if let Some(key) = decrypt.key_id {
-            let _ = Arns::new("us-east-1", "111122223333").key_ref(&key);
-        }
+    let arns = Arns::new("us-east-1", "111122223333");
+    for target in TARGETS {
+        let _ = decode(target, body, &arns);
     }
     let _ = Arns::new("us-east-1", "111122223333").key_ref(&String::from_utf8_lossy(body));
 

@@ -33,12 +33,19 @@
 //! wrapd has no grants. Data keys are 1 to 64 bytes (AWS allows 1,024), so that a blob
 //! stays under 1 KiB.
 //!
+//! A request is decoded first, then executed: `request.rs` turns the target and body into
+//! one [`KmsRequest`] with its policy operation (pure, fuzzed whole, the one table of the
+//! operations), a refused one is audited in one place ([`AwsApi::handle`]), and
+//! `AwsApi::execute` runs each operation and answers as AWS KMS does.
+//!
 //! Files: `arn.rs` (key names), `sigv4.rs` (authentication), `model.rs` (request bodies),
-//! `error.rs` (error types and HTTP statuses). The HTTP listener is `server/http.rs`.
+//! `request.rs` (decoding), `error.rs` (error types and HTTP statuses). The HTTP listener is
+//! `server/http.rs`.
 
 pub mod arn;
 pub mod error;
 pub mod model;
+pub mod request;
 pub mod sigv4;
 
 use std::net::SocketAddr;
@@ -57,13 +64,14 @@ pub use arn::Arns;
 pub use error::AwsError;
 pub use sigv4::AccessKeys;
 
-use crate::auth::{Operation, Refusal, Transport, aws_identity};
+use crate::auth::{Refusal, Transport, aws_identity};
 use crate::config::AwsConfig;
 use crate::error::Error;
-use crate::hsm::ImportAlgorithm;
-use crate::keystore::{KeyOrigin, KeyState, MAX_PAGE_SIZE};
+use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{Call, KeyView, Ops};
 use error::json_response;
+use request::SYMMETRIC_DEFAULT;
+pub use request::{DescribeView, KmsRequest, decode};
 
 /// The `X-Amz-Target` prefix of AWS KMS.
 pub const TARGET_PREFIX: &str = "TrentService.";
@@ -71,9 +79,6 @@ pub const TARGET_PREFIX: &str = "TrentService.";
 /// Largest request body read (the largest valid one, ReEncrypt with two large contexts, is
 /// far smaller).
 pub const MAX_BODY: usize = 256 * 1024;
-
-/// The encryption algorithm of every wrapd key.
-const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 
 /// The AWS KMS API over the operation layer.
 pub struct AwsApi {
@@ -125,7 +130,10 @@ impl AwsApi {
             )
             .response(&request_id);
         };
-        let operation = policy_operation(&target);
+        // Decoded before the signature is checked (pure, and the body is bounded), so that
+        // even a refusal of the signature is audited under its operation; acted on only after.
+        let decoded = request::decode(&target, &body, &self.arns);
+        let operation = decoded.as_ref().map(|(operation, _)| *operation);
         let api_name = format!("{TARGET_PREFIX}{target}");
 
         let verified = sigv4::verify(
@@ -164,7 +172,7 @@ impl AwsApi {
         };
         let principal = self.keys.get(&access_key).and_then(|k| k.principal.clone());
         let identity = aws_identity(&access_key, principal.as_deref(), remote);
-        let Some(operation) = operation else {
+        let Some((operation, request)) = decoded else {
             let name = arn::truncate(&target);
             let message = format!("wrapd does not implement the AWS KMS operation {name}");
             let err = self
@@ -180,7 +188,11 @@ impl AwsApi {
         };
         let call = Call::new(Ok(identity), operation, Some(&request_id), None)
             .with_api_operation(&api_name);
-        match self.dispatch(&target, call, &body).await {
+        let answer = match request {
+            Ok(request) => self.execute(call, request).await,
+            Err(err) => Err(self.reject(call, err).await),
+        };
+        match answer {
             Ok(value) => {
                 let body = Zeroizing::new(value.to_string());
                 json_response(StatusCode::OK, body.as_bytes().to_vec(), &request_id)
@@ -189,46 +201,196 @@ impl AwsApi {
         }
     }
 
-    async fn dispatch(&self, target: &str, call: Call, body: &[u8]) -> Answer {
-        match target {
-            "CreateKey" => self.create_key(call, body).await,
-            "DescribeKey" => self.describe_key(call, body).await,
-            "ListKeys" => self.list_keys(call, body).await,
-            "EnableKey" => self.enable_or_disable(call, body, true).await,
-            "DisableKey" => self.enable_or_disable(call, body, false).await,
-            "CancelKeyDeletion" => self.cancel_key_deletion(call, body).await,
-            "ScheduleKeyDeletion" => self.schedule_key_deletion(call, body).await,
-            "RotateKeyOnDemand" => self.rotate_key_on_demand(call, body).await,
-            "ListKeyRotations" => self.list_key_rotations(call, body).await,
-            "GetKeyRotationStatus" => self.get_key_rotation_status(call, body).await,
-            "EnableKeyRotation" => self.set_key_rotation(call, body, true).await,
-            "DisableKeyRotation" => self.set_key_rotation(call, body, false).await,
-            "TagResource" => self.tag_resource(call, body).await,
-            "UntagResource" => self.untag_resource(call, body).await,
-            "ListResourceTags" => self.list_resource_tags(call, body).await,
-            "CreateAlias" => self.point_alias(call, body, false).await,
-            "UpdateAlias" => self.point_alias(call, body, true).await,
-            "DeleteAlias" => self.delete_alias(call, body).await,
-            "ListAliases" => self.list_aliases(call, body).await,
-            "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
-                self.generate_data_key(call, body, target == "GenerateDataKey")
-                    .await
+    /// Runs a decoded request through the operation layer (which checks the policy and
+    /// writes the audit line) and answers as AWS KMS does.
+    async fn execute(&self, call: Call, request: KmsRequest) -> Answer {
+        let ops = &self.ops;
+        match request {
+            KmsRequest::CreateKey {
+                description,
+                tags,
+                origin,
+            } => {
+                let view = ops
+                    .create_key(call, description, String::new(), tags, origin)
+                    .await?;
+                Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
             }
-            "Encrypt" => self.encrypt(call, body).await,
-            "Decrypt" => self.decrypt(call, body).await,
-            "ReEncrypt" => self.re_encrypt(call, body).await,
-            "GenerateRandom" => self.generate_random(call, body).await,
-            "GetParametersForImport" => self.get_parameters_for_import(call, body).await,
-            "ImportKeyMaterial" => self.import_key_material(call, body).await,
-            "DeleteImportedKeyMaterial" => self.delete_imported_key_material(call, body).await,
-            other => Err(self
-                .reject(
-                    call,
-                    AwsError::unsupported(format!(
-                        "wrapd does not implement the AWS KMS operation {other} yet"
-                    )),
-                )
-                .await),
+            KmsRequest::DescribeKey { key, view } => {
+                let described = ops.describe_key(call, key).await?;
+                self.describe(&described, view)
+            }
+            KmsRequest::ListKeys { limit, marker } => {
+                let page = ops.list_keys(call, limit, marker).await?;
+                let keys: Vec<Value> = page
+                    .items
+                    .iter()
+                    .map(|view| {
+                        json!({
+                            "KeyId": arn::bare_id(&view.key.id),
+                            "KeyArn": self.arns.key_arn(&view.key.id),
+                        })
+                    })
+                    .collect();
+                Ok(listing("Keys", keys, page.next_page_token))
+            }
+            KmsRequest::SetKeyEnabled { key, enable } => {
+                if enable {
+                    ops.enable_key(call, key).await?;
+                } else {
+                    ops.disable_key(call, key).await?;
+                }
+                Ok(json!({}))
+            }
+            KmsRequest::CancelKeyDeletion { key } => {
+                let view = ops.cancel_key_deletion(call, key).await?;
+                Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
+            }
+            KmsRequest::ScheduleKeyDeletion { key, days } => {
+                let view = ops.schedule_key_deletion(call, key, days).await?;
+                Ok(json!({
+                    "KeyId": self.arns.key_arn(&view.key.id),
+                    "DeletionDate": view.key.deletion_date.map(epoch),
+                    "KeyState": key_state(view.key.state),
+                    "PendingWindowInDays": days,
+                }))
+            }
+            KmsRequest::RotateKeyOnDemand { key } => {
+                let view = ops.rotate_key(call, key).await?;
+                Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
+            }
+            KmsRequest::SetKeyRotation { key, period } => {
+                ops.set_key_rotation(call, key, period).await?;
+                Ok(json!({}))
+            }
+            KmsRequest::Tag { key, tags, remove } => {
+                ops.tag_key(call, key, tags, remove).await?;
+                Ok(json!({}))
+            }
+            KmsRequest::PointAlias { alias, key, update } => {
+                if update {
+                    ops.update_alias(call, alias, key).await?;
+                } else {
+                    ops.create_alias(call, alias, key).await?;
+                }
+                Ok(json!({}))
+            }
+            KmsRequest::DeleteAlias { alias } => {
+                ops.delete_alias(call, alias).await?;
+                Ok(json!({}))
+            }
+            KmsRequest::ListAliases { key, limit, marker } => {
+                let page = ops.list_aliases(call, key, limit, marker).await?;
+                let aliases: Vec<Value> = page
+                    .items
+                    .iter()
+                    .map(|(alias, key)| {
+                        json!({
+                            "AliasName": alias.as_str(),
+                            "AliasArn": self.arns.alias_arn(alias),
+                            "TargetKeyId": arn::bare_id(key),
+                        })
+                    })
+                    .collect();
+                Ok(listing("Aliases", aliases, page.next_page_token))
+            }
+            KmsRequest::GenerateDataKey {
+                key,
+                context,
+                bytes,
+                with_plaintext,
+            } => {
+                let generated = ops.generate_data_key(call, key, context, bytes).await?;
+                let mut answer = json!({
+                    "CiphertextBlob": STANDARD.encode(&generated.wrapped.blob),
+                    "KeyId": self.arns.key_arn(&generated.wrapped.key_id),
+                });
+                if with_plaintext {
+                    let plaintext = Zeroizing::new(STANDARD.encode(&*generated.plaintext));
+                    answer["Plaintext"] = Value::String(plaintext.as_str().to_owned());
+                }
+                Ok(answer)
+            }
+            KmsRequest::Encrypt {
+                key,
+                plaintext,
+                context,
+            } => {
+                let wrapped = ops.wrap(call, key, plaintext, context).await?;
+                Ok(json!({
+                    "CiphertextBlob": STANDARD.encode(&wrapped.blob),
+                    "KeyId": self.arns.key_arn(&wrapped.key_id),
+                    "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
+                }))
+            }
+            KmsRequest::Decrypt { blob, context, key } => {
+                let unwrapped = ops.unwrap(call, blob, context, key).await?;
+                let plaintext = Zeroizing::new(STANDARD.encode(&*unwrapped.plaintext));
+                Ok(json!({
+                    "KeyId": self.arns.key_arn(&unwrapped.key_id),
+                    "Plaintext": plaintext.as_str(),
+                    "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
+                }))
+            }
+            KmsRequest::ReEncrypt {
+                blob,
+                source_context,
+                source,
+                destination,
+                destination_context,
+            } => {
+                let rewrapped = ops
+                    .rewrap(
+                        call,
+                        blob,
+                        source_context,
+                        destination,
+                        destination_context,
+                        source,
+                    )
+                    .await?;
+                Ok(json!({
+                    "CiphertextBlob": STANDARD.encode(&rewrapped.wrapped.blob),
+                    "SourceKeyId": self.arns.key_arn(&rewrapped.source_key_id),
+                    "KeyId": self.arns.key_arn(&rewrapped.wrapped.key_id),
+                    "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
+                    "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT,
+                }))
+            }
+            KmsRequest::GenerateRandom { bytes } => {
+                let random = ops.generate_random(call, bytes).await?;
+                let plaintext = Zeroizing::new(STANDARD.encode(&*random));
+                Ok(json!({ "Plaintext": plaintext.as_str() }))
+            }
+            KmsRequest::GetParametersForImport {
+                key,
+                algorithm,
+                bits,
+            } => {
+                let parameters = ops
+                    .get_parameters_for_import(call, key, algorithm, bits)
+                    .await?;
+                Ok(json!({
+                    "KeyId": self.arns.key_arn(&parameters.key_id),
+                    "ImportToken": STANDARD.encode(&parameters.import_token),
+                    "PublicKey": STANDARD.encode(&parameters.public_key),
+                    "ParametersValidTo": epoch(parameters.valid_to),
+                }))
+            }
+            KmsRequest::ImportKeyMaterial {
+                key,
+                token,
+                material,
+                valid_to,
+            } => {
+                ops.import_key_material(call, key, token, material, valid_to)
+                    .await?;
+                Ok(json!({}))
+            }
+            KmsRequest::DeleteImportedKeyMaterial { key } => {
+                ops.delete_imported_key_material(call, key).await?;
+                Ok(json!({}))
+            }
         }
     }
 
@@ -244,46 +406,6 @@ impl AwsApi {
         match gate.kind() {
             crate::error::ErrorKind::NotFound | crate::error::ErrorKind::InvalidArgument => err,
             _ => AwsError::from_error(&gate),
-        }
-    }
-
-    /// Parses the body; a bad one is rejected (and audited).
-    async fn parse<'a, T: serde::Deserialize<'a>>(
-        &self,
-        call: Call,
-        body: &'a [u8],
-    ) -> Result<(Call, T), AwsError> {
-        match model::parse::<T>(body) {
-            Ok(request) => Ok((call, request)),
-            Err(err) => Err(self.reject(call, err).await),
-        }
-    }
-
-    /// A `KeyId` parameter in wrapd's form; a bad one is rejected (and audited).
-    async fn key_param(&self, call: Call, param: &str) -> Result<(Call, String), AwsError> {
-        match self.arns.key_ref(param) {
-            Ok(key) => Ok((call, key)),
-            Err(err) => Err(self.reject(call, err).await),
-        }
-    }
-
-    /// An optional `KeyId` parameter in wrapd's form (empty when absent).
-    async fn optional_key_param(
-        &self,
-        call: Call,
-        param: Option<&str>,
-    ) -> Result<(Call, String), AwsError> {
-        match param {
-            Some(param) => self.key_param(call, param).await,
-            None => Ok((call, String::new())),
-        }
-    }
-
-    /// Checks a parameter wrapd does not offer; a bad one is rejected (and audited).
-    async fn check(&self, call: Call, refusal: Option<AwsError>) -> Result<Call, AwsError> {
-        match refusal {
-            None => Ok(call),
-            Some(err) => Err(self.reject(call, err).await),
         }
     }
 
@@ -328,640 +450,49 @@ impl AwsApi {
         metadata
     }
 
-    async fn create_key(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::CreateKey>(call, body).await?;
-        let refusal = create_key_refusal(&req);
-        let call = self.check(call, refusal).await?;
-        let tags = tag_map(req.tags.unwrap_or_default());
-        let origin = match req.origin.as_deref() {
-            Some("EXTERNAL") => KeyOrigin::External,
-            _ => KeyOrigin::Hsm,
-        };
-        let view = self
-            .ops
-            .create_key(
-                call,
-                req.description.unwrap_or_default(),
-                String::new(),
-                tags,
-                origin,
-            )
-            .await?;
-        Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
-    }
-
-    async fn describe_key(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.describe_key(call, key).await?;
-        Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
-    }
-
-    async fn enable_or_disable(&self, call: Call, body: &[u8], enable: bool) -> Answer {
-        let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        if enable {
-            self.ops.enable_key(call, key).await?;
-        } else {
-            self.ops.disable_key(call, key).await?;
-        }
-        Ok(json!({}))
-    }
-
-    async fn cancel_key_deletion(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.cancel_key_deletion(call, key).await?;
-        Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
-    }
-
-    async fn schedule_key_deletion(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ScheduleKeyDeletion>(call, body).await?;
-        let days = req.pending_window_in_days.unwrap_or(30);
-        let refusal = (!(7..=30).contains(&days))
-            .then(|| AwsError::validation("PendingWindowInDays must be 7 to 30"));
-        let call = self.check(call, refusal).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.schedule_key_deletion(call, key, days).await?;
-        Ok(json!({
-            "KeyId": self.arns.key_arn(&view.key.id),
-            "DeletionDate": view.key.deletion_date.map(epoch),
-            "KeyState": key_state(view.key.state),
-            "PendingWindowInDays": days,
-        }))
-    }
-
-    async fn get_parameters_for_import(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self
-            .parse::<model::GetParametersForImport>(call, body)
-            .await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let bits = match req.wrapping_key_spec.as_str() {
-            "RSA_3072" => Some(3072),
-            "RSA_4096" => Some(4096),
-            _ => None,
-        };
-        let (algorithm, bits) = match (ImportAlgorithm::parse(&req.wrapping_algorithm), bits) {
-            (Some(algorithm), Some(bits)) => (algorithm, bits),
-            (None, _) => {
-                let err = AwsError::unsupported(
-                    "WrappingAlgorithm: wrapd offers RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 and RSA_AES_KEY_WRAP_SHA_256",
-                );
-                return Err(self.reject(call, err).await);
+    /// The answers read from a key's description.
+    fn describe(&self, described: &KeyView, view: DescribeView) -> Answer {
+        let key = &described.key;
+        match view {
+            DescribeView::Metadata => Ok(json!({ "KeyMetadata": self.key_metadata(described) })),
+            DescribeView::RotationStatus => {
+                let mut answer = json!({
+                    "KeyId": self.arns.key_arn(&key.id),
+                    "KeyRotationEnabled": key.rotation.is_some(),
+                });
+                if let Some(rotation) = key.rotation {
+                    answer["RotationPeriodInDays"] = json!(rotation.period_days);
+                    answer["NextRotationDate"] = json!(epoch(rotation.next));
+                }
+                Ok(answer)
             }
-            (_, None) => {
-                let err =
-                    AwsError::unsupported("WrappingKeySpec: wrapd offers RSA_3072 and RSA_4096");
-                return Err(self.reject(call, err).await);
+            DescribeView::Rotations { limit, start } => {
+                let arn = self.arns.key_arn(&key.id);
+                // Every version after the first is a rotation: on the key's schedule (or at
+                // a version's wrap limit), or asked for.
+                let rotations: Vec<Value> = described
+                    .versions
+                    .iter()
+                    .skip(1)
+                    .map(|v| {
+                        json!({
+                            "KeyId": arn,
+                            "RotationDate": epoch(v.created_at),
+                            "RotationType": if v.automatic { "AUTOMATIC" } else { "ON_DEMAND" },
+                        })
+                    })
+                    .collect();
+                page(rotations, start, limit, "Rotations")
             }
-        };
-        let parameters = self
-            .ops
-            .get_parameters_for_import(call, key, algorithm, bits)
-            .await?;
-        Ok(json!({
-            "KeyId": self.arns.key_arn(&parameters.key_id),
-            "ImportToken": STANDARD.encode(&parameters.import_token),
-            "PublicKey": STANDARD.encode(&parameters.public_key),
-            "ParametersValidTo": epoch(parameters.valid_to),
-        }))
-    }
-
-    async fn import_key_material(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ImportKeyMaterial>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let (token, material, valid_to) = match import_members(&req) {
-            Ok(parsed) => parsed,
-            Err(err) => return Err(self.reject(call, err).await),
-        };
-        self.ops
-            .import_key_material(call, key, token, material, valid_to)
-            .await?;
-        Ok(json!({}))
-    }
-
-    async fn delete_imported_key_material(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self
-            .parse::<model::DeleteImportedKeyMaterial>(call, body)
-            .await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let refusal = req
-            .key_material_id
-            .is_some()
-            .then(|| AwsError::unsupported("KeyMaterialId: wrapd keeps one key material per key"));
-        let call = self.check(call, refusal).await?;
-        self.ops.delete_imported_key_material(call, key).await?;
-        Ok(json!({}))
-    }
-
-    async fn rotate_key_on_demand(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.rotate_key(call, key).await?;
-        Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
-    }
-
-    async fn list_key_rotations(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ListOfKey>(call, body).await?;
-        let (limit, start) = match list_position(req.limit, req.marker.as_deref()) {
-            Ok(position) => position,
-            Err(err) => return Err(self.reject(call, err).await),
-        };
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.describe_key(call, key).await?;
-        let arn = self.arns.key_arn(&view.key.id);
-        // Every version after the first is a rotation: on the key's schedule (or at a
-        // version's wrap limit), or asked for.
-        let rotations: Vec<Value> = view
-            .versions
-            .iter()
-            .skip(1)
-            .map(|v| {
-                json!({
-                    "KeyId": arn,
-                    "RotationDate": epoch(v.created_at),
-                    "RotationType": if v.automatic { "AUTOMATIC" } else { "ON_DEMAND" },
-                })
-            })
-            .collect();
-        page(rotations, start, limit, "Rotations")
-    }
-
-    async fn get_key_rotation_status(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.describe_key(call, key).await?;
-        let mut answer = json!({
-            "KeyId": self.arns.key_arn(&view.key.id),
-            "KeyRotationEnabled": view.key.rotation.is_some(),
-        });
-        if let Some(rotation) = view.key.rotation {
-            answer["RotationPeriodInDays"] = json!(rotation.period_days);
-            answer["NextRotationDate"] = json!(epoch(rotation.next));
+            DescribeView::Tags { limit, start } => {
+                let tags: Vec<Value> = key
+                    .tags
+                    .iter()
+                    .map(|(k, v)| json!({ "TagKey": k, "TagValue": v }))
+                    .collect();
+                page(tags, start, limit, "Tags")
+            }
         }
-        Ok(answer)
-    }
-
-    async fn set_key_rotation(&self, call: Call, body: &[u8], enable: bool) -> Answer {
-        let (call, key_id, period) = if enable {
-            let (call, req) = self.parse::<model::EnableKeyRotation>(call, body).await?;
-            let period = req
-                .rotation_period_in_days
-                .unwrap_or(crate::ops::DEFAULT_ROTATION_DAYS);
-            (call, req.key_id, Some(period))
-        } else {
-            let (call, req) = self.parse::<model::KeyOnly>(call, body).await?;
-            (call, req.key_id, None)
-        };
-        let (call, key) = self.key_param(call, &key_id).await?;
-        self.ops.set_key_rotation(call, key, period).await?;
-        Ok(json!({}))
-    }
-
-    async fn tag_resource(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::TagResource>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        self.ops
-            .tag_key(call, key, tag_map(req.tags), false)
-            .await?;
-        Ok(json!({}))
-    }
-
-    async fn untag_resource(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::UntagResource>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let names = req
-            .tag_keys
-            .into_iter()
-            .map(|k| (k, String::new()))
-            .collect();
-        self.ops.tag_key(call, key, names, true).await?;
-        Ok(json!({}))
-    }
-
-    async fn list_resource_tags(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ListOfKey>(call, body).await?;
-        let (limit, start) = match list_position(req.limit, req.marker.as_deref()) {
-            Ok(position) => position,
-            Err(err) => return Err(self.reject(call, err).await),
-        };
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let view = self.ops.describe_key(call, key).await?;
-        let tags: Vec<Value> = view
-            .key
-            .tags
-            .iter()
-            .map(|(k, v)| json!({ "TagKey": k, "TagValue": v }))
-            .collect();
-        page(tags, start, limit, "Tags")
-    }
-
-    async fn list_keys(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ListKeys>(call, body).await?;
-        let limit = match limit(req.limit) {
-            Ok(limit) => limit,
-            Err(err) => return Err(self.reject(call, err).await),
-        };
-        let page = self
-            .ops
-            .list_keys(call, limit as u32, req.marker.unwrap_or_default())
-            .await?;
-        let keys: Vec<Value> = page
-            .items
-            .iter()
-            .map(|view| {
-                json!({
-                    "KeyId": arn::bare_id(&view.key.id),
-                    "KeyArn": self.arns.key_arn(&view.key.id),
-                })
-            })
-            .collect();
-        Ok(listing("Keys", keys, page.next_page_token))
-    }
-
-    // ---- aliases --------------------------------------------------------------------------
-
-    async fn point_alias(&self, call: Call, body: &[u8], update: bool) -> Answer {
-        let (call, req) = self.parse::<model::PointAlias>(call, body).await?;
-        let (call, key) = self.key_param(call, &req.target_key_id).await?;
-        if update {
-            self.ops.update_alias(call, req.alias_name, key).await?;
-        } else {
-            self.ops.create_alias(call, req.alias_name, key).await?;
-        }
-        Ok(json!({}))
-    }
-
-    async fn delete_alias(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::DeleteAlias>(call, body).await?;
-        self.ops.delete_alias(call, req.alias_name).await?;
-        Ok(json!({}))
-    }
-
-    async fn list_aliases(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ListAliases>(call, body).await?;
-        let limit = match limit(req.limit) {
-            Ok(limit) => limit,
-            Err(err) => return Err(self.reject(call, err).await),
-        };
-        let (call, key) = self.optional_key_param(call, req.key_id.as_deref()).await?;
-        let page = self
-            .ops
-            .list_aliases(call, key, limit as u32, req.marker.unwrap_or_default())
-            .await?;
-        let aliases: Vec<Value> = page
-            .items
-            .iter()
-            .map(|(alias, key)| {
-                json!({
-                    "AliasName": alias.as_str(),
-                    "AliasArn": self.arns.alias_arn(alias),
-                    "TargetKeyId": arn::bare_id(key),
-                })
-            })
-            .collect();
-        Ok(listing("Aliases", aliases, page.next_page_token))
-    }
-
-    // ---- data plane -----------------------------------------------------------------------
-
-    async fn generate_data_key(&self, call: Call, body: &[u8], with_plaintext: bool) -> Answer {
-        let (call, req) = self.parse::<model::GenerateDataKey>(call, body).await?;
-        let bytes = match (req.number_of_bytes, req.key_spec.as_deref()) {
-            (Some(n), None) => Ok(n),
-            (None, Some("AES_256")) => Ok(32),
-            (None, Some("AES_128")) => Ok(16),
-            (None, Some(other)) => Err(AwsError::validation(format!(
-                "KeySpec {} is not AES_256 or AES_128",
-                arn::truncate(other)
-            ))),
-            (None, None) => Err(AwsError::validation(
-                "Please specify either number of bytes or key spec.",
-            )),
-            (Some(_), Some(_)) => Err(AwsError::validation(
-                "Please specify either number of bytes or key spec, not both.",
-            )),
-        };
-        let bytes = match bytes {
-            Ok(0) => Err(AwsError::validation("NumberOfBytes must be 1 to 64")),
-            other => other,
-        };
-        let refusal = bytes
-            .as_ref()
-            .err()
-            .cloned()
-            .or_else(|| data_plane_refusal(req.dry_run, req.recipient.as_ref(), None));
-        let call = self.check(call, refusal).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let generated = self
-            .ops
-            .generate_data_key(
-                call,
-                key,
-                req.encryption_context.unwrap_or_default(),
-                bytes.unwrap_or(32),
-            )
-            .await?;
-        let mut answer = json!({
-            "CiphertextBlob": STANDARD.encode(&generated.wrapped.blob),
-            "KeyId": self.arns.key_arn(&generated.wrapped.key_id),
-        });
-        if with_plaintext {
-            let plaintext = Zeroizing::new(STANDARD.encode(&*generated.plaintext));
-            answer["Plaintext"] = Value::String(plaintext.as_str().to_owned());
-        }
-        Ok(answer)
-    }
-
-    async fn encrypt(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::Encrypt>(call, body).await?;
-        let plaintext = req.plaintext.decode("Plaintext");
-        let refusal =
-            plaintext.as_ref().err().cloned().or_else(|| {
-                data_plane_refusal(req.dry_run, None, req.encryption_algorithm.as_deref())
-            });
-        let call = self.check(call, refusal).await?;
-        let (call, key) = self.key_param(call, &req.key_id).await?;
-        let wrapped = self
-            .ops
-            .wrap(
-                call,
-                key,
-                plaintext.unwrap_or_default(),
-                req.encryption_context.unwrap_or_default(),
-            )
-            .await?;
-        Ok(json!({
-            "CiphertextBlob": STANDARD.encode(&wrapped.blob),
-            "KeyId": self.arns.key_arn(&wrapped.key_id),
-            "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
-        }))
-    }
-
-    async fn decrypt(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::Decrypt>(call, body).await?;
-        let blob = req.ciphertext_blob.decode("CiphertextBlob");
-        let refusal = blob.as_ref().err().cloned().or_else(|| {
-            data_plane_refusal(
-                req.dry_run,
-                req.recipient.as_ref(),
-                req.encryption_algorithm.as_deref(),
-            )
-        });
-        let call = self.check(call, refusal).await?;
-        let (call, key) = self.optional_key_param(call, req.key_id.as_deref()).await?;
-        let unwrapped = self
-            .ops
-            .unwrap(
-                call,
-                blob.unwrap_or_default(),
-                req.encryption_context.unwrap_or_default(),
-                key,
-            )
-            .await?;
-        let plaintext = Zeroizing::new(STANDARD.encode(&*unwrapped.plaintext));
-        Ok(json!({
-            "KeyId": self.arns.key_arn(&unwrapped.key_id),
-            "Plaintext": plaintext.as_str(),
-            "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
-        }))
-    }
-
-    async fn re_encrypt(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::ReEncrypt>(call, body).await?;
-        let blob = req.ciphertext_blob.decode("CiphertextBlob");
-        let refusal = blob
-            .as_ref()
-            .err()
-            .cloned()
-            .or_else(|| {
-                data_plane_refusal(
-                    req.dry_run,
-                    None,
-                    req.source_encryption_algorithm.as_deref(),
-                )
-            })
-            .or_else(|| {
-                data_plane_refusal(None, None, req.destination_encryption_algorithm.as_deref())
-            });
-        let call = self.check(call, refusal).await?;
-        let (call, destination) = self.key_param(call, &req.destination_key_id).await?;
-        let (call, source) = self
-            .optional_key_param(call, req.source_key_id.as_deref())
-            .await?;
-        let rewrapped = self
-            .ops
-            .rewrap(
-                call,
-                blob.unwrap_or_default(),
-                req.source_encryption_context.unwrap_or_default(),
-                destination,
-                req.destination_encryption_context.unwrap_or_default(),
-                source,
-            )
-            .await?;
-        Ok(json!({
-            "CiphertextBlob": STANDARD.encode(&rewrapped.wrapped.blob),
-            "SourceKeyId": self.arns.key_arn(&rewrapped.source_key_id),
-            "KeyId": self.arns.key_arn(&rewrapped.wrapped.key_id),
-            "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
-            "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT,
-        }))
-    }
-
-    async fn generate_random(&self, call: Call, body: &[u8]) -> Answer {
-        let (call, req) = self.parse::<model::GenerateRandom>(call, body).await?;
-        let refusal = if req.custom_key_store_id.is_some() {
-            Some(AwsError::unsupported("custom key stores are not supported"))
-        } else {
-            data_plane_refusal(None, req.recipient.as_ref(), None)
-        };
-        let call = self.check(call, refusal).await?;
-        let Some(n) = req.number_of_bytes else {
-            return Err(self
-                .reject(call, AwsError::validation("NumberOfBytes is required"))
-                .await);
-        };
-        let bytes = self.ops.generate_random(call, n).await?;
-        let plaintext = Zeroizing::new(STANDARD.encode(&*bytes));
-        Ok(json!({ "Plaintext": plaintext.as_str() }))
-    }
-}
-
-/// The members of an `ImportKeyMaterial`: import token, encrypted material, expiry; or why
-/// the request is refused.
-#[allow(clippy::type_complexity)]
-fn import_members(
-    req: &model::ImportKeyMaterial,
-) -> Result<(Vec<u8>, Vec<u8>, Option<SystemTime>), AwsError> {
-    let token = req.import_token.decode("ImportToken")?;
-    let material = req.encrypted_key_material.decode("EncryptedKeyMaterial")?;
-    let valid_to = match req.valid_to {
-        None => None,
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e11 => {
-            Some(UNIX_EPOCH + std::time::Duration::from_secs_f64(t))
-        }
-        Some(_) => return Err(AwsError::validation("ValidTo is out of range")),
-    };
-    match (req.expiration_model.as_deref(), valid_to) {
-        (None, _) | (Some("KEY_MATERIAL_EXPIRES"), Some(_)) => {}
-        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), None) => {}
-        (Some("KEY_MATERIAL_EXPIRES"), None) => {
-            return Err(AwsError::validation(
-                "ValidTo is required when ExpirationModel is KEY_MATERIAL_EXPIRES",
-            ));
-        }
-        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), Some(_)) => {
-            return Err(AwsError::validation(
-                "ValidTo must be absent when ExpirationModel is KEY_MATERIAL_DOES_NOT_EXPIRE",
-            ));
-        }
-        (Some(_), _) => return Err(AwsError::validation("ExpirationModel is not valid")),
-    }
-    match req.import_type.as_deref() {
-        None | Some("EXISTING_KEY_MATERIAL") => {}
-        Some("NEW_KEY_MATERIAL") => {
-            return Err(AwsError::unsupported(
-                "ImportType NEW_KEY_MATERIAL: keys with imported material are not rotated in wrapd; import into a new key",
-            ));
-        }
-        Some(_) => return Err(AwsError::validation("ImportType is not valid")),
-    }
-    if req.key_material_description.is_some() || req.key_material_id.is_some() {
-        return Err(AwsError::unsupported(
-            "KeyMaterialDescription, KeyMaterialId: wrapd keeps one key material per key",
-        ));
-    }
-    Ok((token, material, valid_to))
-}
-
-/// The wrapd policy operation of a KMS operation (the table in the module docs); `None` for
-/// an operation wrapd does not implement.
-pub fn policy_operation(target: &str) -> Option<Operation> {
-    Some(match target {
-        "CreateKey" => Operation::CreateKey,
-        "DescribeKey" | "ListKeyRotations" | "GetKeyRotationStatus" | "ListResourceTags" => {
-            Operation::DescribeKey
-        }
-        "EnableKeyRotation" => Operation::EnableKeyRotation,
-        "DisableKeyRotation" => Operation::DisableKeyRotation,
-        "TagResource" => Operation::TagKey,
-        "UntagResource" => Operation::UntagKey,
-        "ListKeys" => Operation::ListKeys,
-        "EnableKey" => Operation::EnableKey,
-        "DisableKey" => Operation::DisableKey,
-        "ScheduleKeyDeletion" => Operation::ScheduleKeyDeletion,
-        "CancelKeyDeletion" => Operation::CancelKeyDeletion,
-        "RotateKeyOnDemand" => Operation::RotateKey,
-        "CreateAlias" => Operation::CreateAlias,
-        "UpdateAlias" => Operation::UpdateAlias,
-        "DeleteAlias" => Operation::DeleteAlias,
-        "ListAliases" => Operation::ListAliases,
-        "GenerateDataKey" => Operation::GenerateDataKey,
-        "GenerateDataKeyWithoutPlaintext" => Operation::GenerateDataKeyWithoutPlaintext,
-        "Encrypt" => Operation::Wrap,
-        "Decrypt" => Operation::Unwrap,
-        "ReEncrypt" => Operation::ReWrap,
-        "GenerateRandom" => Operation::GenerateRandom,
-        "GetParametersForImport" => Operation::GetParametersForImport,
-        "ImportKeyMaterial" => Operation::ImportKeyMaterial,
-        "DeleteImportedKeyMaterial" => Operation::DeleteImportedKeyMaterial,
-        _ => return None,
-    })
-}
-
-/// Why a `CreateKey` asks for something wrapd does not offer, if it does.
-fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
-    let not = |what: &str| Some(AwsError::unsupported(what.to_owned()));
-    if req.description.as_ref().is_some_and(|d| d.len() > 8192) {
-        return Some(AwsError::validation(
-            "Description is at most 8192 characters",
-        ));
-    }
-    if req
-        .key_usage
-        .as_deref()
-        .is_some_and(|u| u != "ENCRYPT_DECRYPT")
-    {
-        return not("KeyUsage: wrapd keys are ENCRYPT_DECRYPT");
-    }
-    for spec in [&req.key_spec, &req.customer_master_key_spec] {
-        if spec.as_deref().is_some_and(|s| s != SYMMETRIC_DEFAULT) {
-            return not("KeySpec: wrapd keys are SYMMETRIC_DEFAULT (AES-256-GCM in the HSM)");
-        }
-    }
-    match req.origin.as_deref() {
-        None | Some("AWS_KMS") => {}
-        Some("EXTERNAL") => {}
-        Some(_) => {
-            return not(
-                "Origin: wrapd keys are generated in its HSM (AWS_KMS) or imported (EXTERNAL)",
-            );
-        }
-    }
-    if req.policy.is_some() || req.bypass_policy_lockout_safety_check == Some(true) {
-        return not(
-            "Policy: key policies are not supported; wrapd's policy file decides who may use a key",
-        );
-    }
-    if req.multi_region == Some(true) {
-        return not("MultiRegion: wrapd keys live in one HSM cluster");
-    }
-    if req.custom_key_store_id.is_some() || req.xks_key_id.is_some() {
-        return not("custom key stores are not supported");
-    }
-    None
-}
-
-/// Why a data-plane request asks for something wrapd does not offer, if it does.
-fn data_plane_refusal(
-    dry_run: Option<bool>,
-    recipient: Option<&Value>,
-    algorithm: Option<&str>,
-) -> Option<AwsError> {
-    if dry_run == Some(true) {
-        return Some(AwsError::unsupported("DryRun is not supported"));
-    }
-    if recipient.is_some() {
-        return Some(AwsError::unsupported(
-            "Recipient (Nitro Enclaves attestation) is not supported",
-        ));
-    }
-    if algorithm.is_some_and(|a| a != SYMMETRIC_DEFAULT) {
-        return Some(AwsError::validation(
-            "EncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key",
-        ));
-    }
-    None
-}
-
-/// A listing's `Limit` and the index its `Marker` names (in-memory listings).
-fn list_position(
-    limit_param: Option<u32>,
-    marker: Option<&str>,
-) -> Result<(usize, usize), AwsError> {
-    let limit = limit(limit_param)?;
-    let start = match marker.map(str::parse::<usize>) {
-        None => 0,
-        Some(Ok(start)) => start,
-        Some(Err(_)) => return Err(AwsError::validation("invalid Marker")),
-    };
-    Ok((limit, start))
-}
-
-/// Tags as the API sends them, as a map (a repeated key: the last value wins).
-fn tag_map(tags: Vec<model::Tag>) -> std::collections::BTreeMap<String, String> {
-    tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect()
-}
-
-/// `Limit`: 1 to 1000, default 100.
-fn limit(limit: Option<u32>) -> Result<usize, AwsError> {
-    match limit {
-        None => Ok(100),
-        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n as usize),
-        Some(_) => Err(AwsError::validation(format!(
-            "Limit must be 1 to {MAX_PAGE_SIZE}"
-        ))),
     }
 }
 

@@ -1,0 +1,808 @@
+//! Decoding: a KMS request's target and JSON body become one [`KmsRequest`], checked against
+//! what wrapd offers, with the policy operation it needs. Pure and synchronous (no call, no
+//! I/O), so that it is fuzzed whole; the one table of the operations wrapd implements.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use super::arn::{self, Arns};
+use super::error::AwsError;
+use super::model;
+use crate::auth::Operation;
+use crate::hsm::ImportAlgorithm;
+use crate::keystore::{KeyOrigin, MAX_PAGE_SIZE};
+
+/// The encryption algorithm of every wrapd key.
+pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
+
+/// A key named by a request, in wrapd's form (`key/…` or `alias/…`; empty: none named).
+type KeyName = String;
+
+/// A decoded request: everything the operation layer needs, in its terms.
+pub enum KmsRequest {
+    /// `CreateKey`.
+    CreateKey {
+        /// `Description`.
+        description: String,
+        /// `Tags`.
+        tags: BTreeMap<String, String>,
+        /// `Origin`.
+        origin: KeyOrigin,
+    },
+    /// `DescribeKey`, and the operations that read what it returns.
+    DescribeKey {
+        /// The key.
+        key: KeyName,
+        /// Which answer.
+        view: DescribeView,
+    },
+    /// `ListKeys`.
+    ListKeys {
+        /// `Limit`.
+        limit: u32,
+        /// `Marker`.
+        marker: String,
+    },
+    /// `EnableKey` or `DisableKey`.
+    SetKeyEnabled {
+        /// The key.
+        key: KeyName,
+        /// Enable, or disable.
+        enable: bool,
+    },
+    /// `CancelKeyDeletion`.
+    CancelKeyDeletion {
+        /// The key.
+        key: KeyName,
+    },
+    /// `ScheduleKeyDeletion`.
+    ScheduleKeyDeletion {
+        /// The key.
+        key: KeyName,
+        /// `PendingWindowInDays`.
+        days: u32,
+    },
+    /// `RotateKeyOnDemand`.
+    RotateKeyOnDemand {
+        /// The key.
+        key: KeyName,
+    },
+    /// `EnableKeyRotation` (a period) or `DisableKeyRotation` (none).
+    SetKeyRotation {
+        /// The key.
+        key: KeyName,
+        /// `RotationPeriodInDays`.
+        period: Option<u32>,
+    },
+    /// `TagResource` (tags to set) or `UntagResource` (tag keys to remove).
+    Tag {
+        /// The key.
+        key: KeyName,
+        /// The tags (to remove: keys with empty values).
+        tags: BTreeMap<String, String>,
+        /// Remove instead of set.
+        remove: bool,
+    },
+    /// `CreateAlias` or `UpdateAlias`.
+    PointAlias {
+        /// `AliasName`.
+        alias: String,
+        /// `TargetKeyId`.
+        key: KeyName,
+        /// Update an existing alias.
+        update: bool,
+    },
+    /// `DeleteAlias`.
+    DeleteAlias {
+        /// `AliasName`.
+        alias: String,
+    },
+    /// `ListAliases`.
+    ListAliases {
+        /// `KeyId` (empty: every alias).
+        key: KeyName,
+        /// `Limit`.
+        limit: u32,
+        /// `Marker`.
+        marker: String,
+    },
+    /// `GenerateDataKey` and `GenerateDataKeyWithoutPlaintext`.
+    GenerateDataKey {
+        /// The key.
+        key: KeyName,
+        /// `EncryptionContext`.
+        context: std::collections::HashMap<String, String>,
+        /// `NumberOfBytes`, or what `KeySpec` means.
+        bytes: u32,
+        /// Whether the answer carries the plaintext.
+        with_plaintext: bool,
+    },
+    /// `Encrypt`.
+    Encrypt {
+        /// The key.
+        key: KeyName,
+        /// `Plaintext`.
+        plaintext: Zeroizing<Vec<u8>>,
+        /// `EncryptionContext`.
+        context: std::collections::HashMap<String, String>,
+    },
+    /// `Decrypt`.
+    Decrypt {
+        /// `CiphertextBlob`.
+        blob: Vec<u8>,
+        /// `EncryptionContext`.
+        context: std::collections::HashMap<String, String>,
+        /// `KeyId` (empty: the blob's).
+        key: KeyName,
+    },
+    /// `ReEncrypt`.
+    ReEncrypt {
+        /// `CiphertextBlob`.
+        blob: Vec<u8>,
+        /// `SourceEncryptionContext`.
+        source_context: std::collections::HashMap<String, String>,
+        /// `SourceKeyId` (empty: the blob's).
+        source: KeyName,
+        /// `DestinationKeyId`.
+        destination: KeyName,
+        /// `DestinationEncryptionContext`.
+        destination_context: std::collections::HashMap<String, String>,
+    },
+    /// `GenerateRandom`.
+    GenerateRandom {
+        /// `NumberOfBytes`.
+        bytes: u32,
+    },
+    /// `GetParametersForImport`.
+    GetParametersForImport {
+        /// The key.
+        key: KeyName,
+        /// `WrappingAlgorithm`.
+        algorithm: ImportAlgorithm,
+        /// `WrappingKeySpec`, in bits.
+        bits: u32,
+    },
+    /// `ImportKeyMaterial`.
+    ImportKeyMaterial {
+        /// The key.
+        key: KeyName,
+        /// `ImportToken`.
+        token: Vec<u8>,
+        /// `EncryptedKeyMaterial`.
+        material: Vec<u8>,
+        /// `ValidTo` (`None`: never expires).
+        valid_to: Option<SystemTime>,
+    },
+    /// `DeleteImportedKeyMaterial`.
+    DeleteImportedKeyMaterial {
+        /// The key.
+        key: KeyName,
+    },
+}
+
+/// What a `DescribeKey`-backed operation answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DescribeView {
+    /// `DescribeKey`: the key's metadata.
+    Metadata,
+    /// `GetKeyRotationStatus`.
+    RotationStatus,
+    /// `ListKeyRotations`: a page from `start`.
+    Rotations {
+        /// `Limit`.
+        limit: usize,
+        /// The index `Marker` names.
+        start: usize,
+    },
+    /// `ListResourceTags`: a page from `start`.
+    Tags {
+        /// `Limit`.
+        limit: usize,
+        /// The index `Marker` names.
+        start: usize,
+    },
+}
+
+/// Decodes a request to `TrentService.<target>`: `None` for an operation wrapd does not
+/// implement, else the policy operation it needs and the request, or why it is refused.
+pub fn decode(
+    target: &str,
+    body: &[u8],
+    arns: &Arns,
+) -> Option<(Operation, Result<KmsRequest, AwsError>)> {
+    let key = |param: &str| arns.key_ref(param);
+    let optional_key = |param: Option<&str>| param.map_or(Ok(String::new()), key);
+    use KmsRequest as R;
+    use Operation as Op;
+    let (operation, request): (Operation, Result<KmsRequest, AwsError>) = match target {
+        "CreateKey" => (
+            Op::CreateKey,
+            model::parse::<model::CreateKey>(body).and_then(|req| {
+                refuse(create_key_refusal(&req))?;
+                Ok(R::CreateKey {
+                    tags: tag_map(req.tags.unwrap_or_default()),
+                    origin: match req.origin.as_deref() {
+                        Some("EXTERNAL") => KeyOrigin::External,
+                        _ => KeyOrigin::Hsm,
+                    },
+                    description: req.description.unwrap_or_default(),
+                })
+            }),
+        ),
+        "DescribeKey" | "GetKeyRotationStatus" => (
+            Op::DescribeKey,
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(R::DescribeKey {
+                    key: key(&req.key_id)?,
+                    view: if target == "DescribeKey" {
+                        DescribeView::Metadata
+                    } else {
+                        DescribeView::RotationStatus
+                    },
+                })
+            }),
+        ),
+        "ListKeyRotations" | "ListResourceTags" => (
+            Op::DescribeKey,
+            model::parse::<model::ListOfKey>(body).and_then(|req| {
+                let (limit, start) = list_position(req.limit, req.marker.as_deref())?;
+                Ok(R::DescribeKey {
+                    key: key(&req.key_id)?,
+                    view: if target == "ListKeyRotations" {
+                        DescribeView::Rotations { limit, start }
+                    } else {
+                        DescribeView::Tags { limit, start }
+                    },
+                })
+            }),
+        ),
+        "ListKeys" => (
+            Op::ListKeys,
+            model::parse::<model::ListKeys>(body).and_then(|req| {
+                Ok(R::ListKeys {
+                    limit: limit(req.limit)? as u32,
+                    marker: req.marker.unwrap_or_default(),
+                })
+            }),
+        ),
+        "EnableKey" | "DisableKey" => (
+            if target == "EnableKey" {
+                Op::EnableKey
+            } else {
+                Op::DisableKey
+            },
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(R::SetKeyEnabled {
+                    key: key(&req.key_id)?,
+                    enable: target == "EnableKey",
+                })
+            }),
+        ),
+        "CancelKeyDeletion" => (
+            Op::CancelKeyDeletion,
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(R::CancelKeyDeletion {
+                    key: key(&req.key_id)?,
+                })
+            }),
+        ),
+        "ScheduleKeyDeletion" => (
+            Op::ScheduleKeyDeletion,
+            model::parse::<model::ScheduleKeyDeletion>(body).and_then(|req| {
+                let days = req.pending_window_in_days.unwrap_or(30);
+                if !(7..=30).contains(&days) {
+                    return Err(AwsError::validation("PendingWindowInDays must be 7 to 30"));
+                }
+                Ok(R::ScheduleKeyDeletion {
+                    key: key(&req.key_id)?,
+                    days,
+                })
+            }),
+        ),
+        "RotateKeyOnDemand" => (
+            Op::RotateKey,
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(R::RotateKeyOnDemand {
+                    key: key(&req.key_id)?,
+                })
+            }),
+        ),
+        "EnableKeyRotation" => (
+            Op::EnableKeyRotation,
+            model::parse::<model::EnableKeyRotation>(body).and_then(|req| {
+                Ok(R::SetKeyRotation {
+                    key: key(&req.key_id)?,
+                    period: Some(
+                        req.rotation_period_in_days
+                            .unwrap_or(crate::ops::DEFAULT_ROTATION_DAYS),
+                    ),
+                })
+            }),
+        ),
+        "DisableKeyRotation" => (
+            Op::DisableKeyRotation,
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(R::SetKeyRotation {
+                    key: key(&req.key_id)?,
+                    period: None,
+                })
+            }),
+        ),
+        "TagResource" => (
+            Op::TagKey,
+            model::parse::<model::TagResource>(body).and_then(|req| {
+                Ok(R::Tag {
+                    key: key(&req.key_id)?,
+                    tags: tag_map(req.tags),
+                    remove: false,
+                })
+            }),
+        ),
+        "UntagResource" => (
+            Op::UntagKey,
+            model::parse::<model::UntagResource>(body).and_then(|req| {
+                Ok(R::Tag {
+                    key: key(&req.key_id)?,
+                    tags: req
+                        .tag_keys
+                        .into_iter()
+                        .map(|k| (k, String::new()))
+                        .collect(),
+                    remove: true,
+                })
+            }),
+        ),
+        "CreateAlias" | "UpdateAlias" => (
+            if target == "CreateAlias" {
+                Op::CreateAlias
+            } else {
+                Op::UpdateAlias
+            },
+            model::parse::<model::PointAlias>(body).and_then(|req| {
+                Ok(R::PointAlias {
+                    key: key(&req.target_key_id)?,
+                    alias: req.alias_name,
+                    update: target == "UpdateAlias",
+                })
+            }),
+        ),
+        "DeleteAlias" => (
+            Op::DeleteAlias,
+            model::parse::<model::DeleteAlias>(body).map(|req| R::DeleteAlias {
+                alias: req.alias_name,
+            }),
+        ),
+        "ListAliases" => (
+            Op::ListAliases,
+            model::parse::<model::ListAliases>(body).and_then(|req| {
+                let limit = limit(req.limit)? as u32;
+                Ok(R::ListAliases {
+                    key: optional_key(req.key_id.as_deref())?,
+                    limit,
+                    marker: req.marker.unwrap_or_default(),
+                })
+            }),
+        ),
+        "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => (
+            if target == "GenerateDataKey" {
+                Op::GenerateDataKey
+            } else {
+                Op::GenerateDataKeyWithoutPlaintext
+            },
+            model::parse::<model::GenerateDataKey>(body).and_then(|req| {
+                let bytes = data_key_bytes(req.number_of_bytes, req.key_spec.as_deref())?;
+                refuse(data_plane_refusal(req.dry_run, req.recipient.as_ref(), None))?;
+                Ok(R::GenerateDataKey {
+                    key: key(&req.key_id)?,
+                    context: req.encryption_context.unwrap_or_default(),
+                    bytes,
+                    with_plaintext: target == "GenerateDataKey",
+                })
+            }),
+        ),
+        "Encrypt" => (
+            Op::Wrap,
+            model::parse::<model::Encrypt>(body).and_then(|req| {
+                let plaintext = req.plaintext.decode("Plaintext")?;
+                refuse(data_plane_refusal(
+                    req.dry_run,
+                    None,
+                    req.encryption_algorithm.as_deref(),
+                ))?;
+                Ok(R::Encrypt {
+                    key: key(&req.key_id)?,
+                    plaintext,
+                    context: req.encryption_context.unwrap_or_default(),
+                })
+            }),
+        ),
+        "Decrypt" => (
+            Op::Unwrap,
+            model::parse::<model::Decrypt>(body).and_then(|req| {
+                let blob = req.ciphertext_blob.decode("CiphertextBlob")?;
+                refuse(data_plane_refusal(
+                    req.dry_run,
+                    req.recipient.as_ref(),
+                    req.encryption_algorithm.as_deref(),
+                ))?;
+                Ok(R::Decrypt {
+                    blob,
+                    context: req.encryption_context.unwrap_or_default(),
+                    key: optional_key(req.key_id.as_deref())?,
+                })
+            }),
+        ),
+        "ReEncrypt" => (
+            Op::ReWrap,
+            model::parse::<model::ReEncrypt>(body).and_then(|req| {
+                let blob = req.ciphertext_blob.decode("CiphertextBlob")?;
+                refuse(data_plane_refusal(
+                    req.dry_run,
+                    None,
+                    req.source_encryption_algorithm.as_deref(),
+                ))?;
+                refuse(data_plane_refusal(
+                    None,
+                    None,
+                    req.destination_encryption_algorithm.as_deref(),
+                ))?;
+                Ok(R::ReEncrypt {
+                    blob,
+                    destination: key(&req.destination_key_id)?,
+                    source: optional_key(req.source_key_id.as_deref())?,
+                    source_context: req.source_encryption_context.unwrap_or_default(),
+                    destination_context: req.destination_encryption_context.unwrap_or_default(),
+                })
+            }),
+        ),
+        "GenerateRandom" => (
+            Op::GenerateRandom,
+            model::parse::<model::GenerateRandom>(body).and_then(|req| {
+                if req.custom_key_store_id.is_some() {
+                    return Err(AwsError::unsupported("custom key stores are not supported"));
+                }
+                refuse(data_plane_refusal(None, req.recipient.as_ref(), None))?;
+                let bytes = req
+                    .number_of_bytes
+                    .ok_or_else(|| AwsError::validation("NumberOfBytes is required"))?;
+                Ok(R::GenerateRandom { bytes })
+            }),
+        ),
+        "GetParametersForImport" => (
+            Op::GetParametersForImport,
+            model::parse::<model::GetParametersForImport>(body).and_then(|req| {
+                let key = key(&req.key_id)?;
+                let algorithm = ImportAlgorithm::parse(&req.wrapping_algorithm).ok_or_else(|| {
+                    AwsError::unsupported(
+                        "WrappingAlgorithm: wrapd offers RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 and RSA_AES_KEY_WRAP_SHA_256",
+                    )
+                })?;
+                let bits = match req.wrapping_key_spec.as_str() {
+                    "RSA_3072" => 3072,
+                    "RSA_4096" => 4096,
+                    _ => {
+                        return Err(AwsError::unsupported(
+                            "WrappingKeySpec: wrapd offers RSA_3072 and RSA_4096",
+                        ));
+                    }
+                };
+                Ok(R::GetParametersForImport {
+                    key,
+                    algorithm,
+                    bits,
+                })
+            }),
+        ),
+        "ImportKeyMaterial" => (
+            Op::ImportKeyMaterial,
+            model::parse::<model::ImportKeyMaterial>(body).and_then(|req| {
+                let key = key(&req.key_id)?;
+                let (token, material, valid_to) = import_members(&req)?;
+                Ok(R::ImportKeyMaterial {
+                    key,
+                    token,
+                    material,
+                    valid_to,
+                })
+            }),
+        ),
+        "DeleteImportedKeyMaterial" => (
+            Op::DeleteImportedKeyMaterial,
+            model::parse::<model::DeleteImportedKeyMaterial>(body).and_then(|req| {
+                let key = key(&req.key_id)?;
+                if req.key_material_id.is_some() {
+                    return Err(AwsError::unsupported(
+                        "KeyMaterialId: wrapd keeps one key material per key",
+                    ));
+                }
+                Ok(R::DeleteImportedKeyMaterial { key })
+            }),
+        ),
+        _ => return None,
+    };
+    Some((operation, request))
+}
+
+/// `Err` of a refusal, if there is one.
+fn refuse(refusal: Option<AwsError>) -> Result<(), AwsError> {
+    refusal.map_or(Ok(()), Err)
+}
+
+/// `NumberOfBytes` or what `KeySpec` means (exactly one of them).
+fn data_key_bytes(number_of_bytes: Option<u32>, key_spec: Option<&str>) -> Result<u32, AwsError> {
+    let bytes = match (number_of_bytes, key_spec) {
+        (Some(n), None) => n,
+        (None, Some("AES_256")) => 32,
+        (None, Some("AES_128")) => 16,
+        (None, Some(other)) => {
+            return Err(AwsError::validation(format!(
+                "KeySpec {} is not AES_256 or AES_128",
+                arn::truncate(other)
+            )));
+        }
+        (None, None) => {
+            return Err(AwsError::validation(
+                "Please specify either number of bytes or key spec.",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(AwsError::validation(
+                "Please specify either number of bytes or key spec, not both.",
+            ));
+        }
+    };
+    if bytes == 0 {
+        return Err(AwsError::validation("NumberOfBytes must be 1 to 64"));
+    }
+    Ok(bytes)
+}
+
+/// The members of an `ImportKeyMaterial`: import token, encrypted material, expiry; or why
+/// the request is refused.
+#[allow(clippy::type_complexity)]
+fn import_members(
+    req: &model::ImportKeyMaterial,
+) -> Result<(Vec<u8>, Vec<u8>, Option<SystemTime>), AwsError> {
+    let token = req.import_token.decode("ImportToken")?;
+    let material = req.encrypted_key_material.decode("EncryptedKeyMaterial")?;
+    let valid_to = match req.valid_to {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e11 => {
+            Some(UNIX_EPOCH + std::time::Duration::from_secs_f64(t))
+        }
+        Some(_) => return Err(AwsError::validation("ValidTo is out of range")),
+    };
+    match (req.expiration_model.as_deref(), valid_to) {
+        (None, _) | (Some("KEY_MATERIAL_EXPIRES"), Some(_)) => {}
+        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), None) => {}
+        (Some("KEY_MATERIAL_EXPIRES"), None) => {
+            return Err(AwsError::validation(
+                "ValidTo is required when ExpirationModel is KEY_MATERIAL_EXPIRES",
+            ));
+        }
+        (Some("KEY_MATERIAL_DOES_NOT_EXPIRE"), Some(_)) => {
+            return Err(AwsError::validation(
+                "ValidTo must be absent when ExpirationModel is KEY_MATERIAL_DOES_NOT_EXPIRE",
+            ));
+        }
+        (Some(_), _) => return Err(AwsError::validation("ExpirationModel is not valid")),
+    }
+    match req.import_type.as_deref() {
+        None | Some("EXISTING_KEY_MATERIAL") => {}
+        Some("NEW_KEY_MATERIAL") => {
+            return Err(AwsError::unsupported(
+                "ImportType NEW_KEY_MATERIAL: keys with imported material are not rotated in wrapd; import into a new key",
+            ));
+        }
+        Some(_) => return Err(AwsError::validation("ImportType is not valid")),
+    }
+    if req.key_material_description.is_some() || req.key_material_id.is_some() {
+        return Err(AwsError::unsupported(
+            "KeyMaterialDescription, KeyMaterialId: wrapd keeps one key material per key",
+        ));
+    }
+    Ok((token, material, valid_to))
+}
+
+/// Why a `CreateKey` asks for something wrapd does not offer, if it does.
+fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
+    let not = |what: &str| Some(AwsError::unsupported(what.to_owned()));
+    if req.description.as_ref().is_some_and(|d| d.len() > 8192) {
+        return Some(AwsError::validation(
+            "Description is at most 8192 characters",
+        ));
+    }
+    if req
+        .key_usage
+        .as_deref()
+        .is_some_and(|u| u != "ENCRYPT_DECRYPT")
+    {
+        return not("KeyUsage: wrapd keys are ENCRYPT_DECRYPT");
+    }
+    for spec in [&req.key_spec, &req.customer_master_key_spec] {
+        if spec.as_deref().is_some_and(|s| s != SYMMETRIC_DEFAULT) {
+            return not("KeySpec: wrapd keys are SYMMETRIC_DEFAULT (AES-256-GCM in the HSM)");
+        }
+    }
+    match req.origin.as_deref() {
+        None | Some("AWS_KMS") => {}
+        Some("EXTERNAL") => {}
+        Some(_) => {
+            return not(
+                "Origin: wrapd keys are generated in its HSM (AWS_KMS) or imported (EXTERNAL)",
+            );
+        }
+    }
+    if req.policy.is_some() || req.bypass_policy_lockout_safety_check == Some(true) {
+        return not(
+            "Policy: key policies are not supported; wrapd's policy file decides who may use a key",
+        );
+    }
+    if req.multi_region == Some(true) {
+        return not("MultiRegion: wrapd keys live in one HSM cluster");
+    }
+    if req.custom_key_store_id.is_some() || req.xks_key_id.is_some() {
+        return not("custom key stores are not supported");
+    }
+    None
+}
+
+/// Why a data-plane request asks for something wrapd does not offer, if it does.
+fn data_plane_refusal(
+    dry_run: Option<bool>,
+    recipient: Option<&Value>,
+    algorithm: Option<&str>,
+) -> Option<AwsError> {
+    if dry_run == Some(true) {
+        return Some(AwsError::unsupported("DryRun is not supported"));
+    }
+    if recipient.is_some() {
+        return Some(AwsError::unsupported(
+            "Recipient (Nitro Enclaves attestation) is not supported",
+        ));
+    }
+    if algorithm.is_some_and(|a| a != SYMMETRIC_DEFAULT) {
+        return Some(AwsError::validation(
+            "EncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key",
+        ));
+    }
+    None
+}
+
+/// A listing's `Limit` and the index its `Marker` names (in-memory listings).
+fn list_position(
+    limit_param: Option<u32>,
+    marker: Option<&str>,
+) -> Result<(usize, usize), AwsError> {
+    let limit = limit(limit_param)?;
+    let start = match marker.map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(start)) => start,
+        Some(Err(_)) => return Err(AwsError::validation("invalid Marker")),
+    };
+    Ok((limit, start))
+}
+
+/// Tags as the API sends them, as a map (a repeated key: the last value wins).
+fn tag_map(tags: Vec<model::Tag>) -> BTreeMap<String, String> {
+    tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect()
+}
+
+/// `Limit`: 1 to 1000, default 100.
+fn limit(limit: Option<u32>) -> Result<usize, AwsError> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n as usize),
+        Some(_) => Err(AwsError::validation(format!(
+            "Limit must be 1 to {MAX_PAGE_SIZE}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arns() -> Arns {
+        Arns::new("us-east-1", "111122223333")
+    }
+
+    #[test]
+    fn every_operation_wrapd_implements_decodes_to_its_policy_operation() {
+        // The operation does not depend on the body: a bad one is refused under it.
+        let body = b"{}";
+        let table = [
+            ("CreateKey", Operation::CreateKey),
+            ("DescribeKey", Operation::DescribeKey),
+            ("ListKeyRotations", Operation::DescribeKey),
+            ("GetKeyRotationStatus", Operation::DescribeKey),
+            ("ListResourceTags", Operation::DescribeKey),
+            ("ListKeys", Operation::ListKeys),
+            ("EnableKey", Operation::EnableKey),
+            ("DisableKey", Operation::DisableKey),
+            ("CancelKeyDeletion", Operation::CancelKeyDeletion),
+            ("ScheduleKeyDeletion", Operation::ScheduleKeyDeletion),
+            ("RotateKeyOnDemand", Operation::RotateKey),
+            ("EnableKeyRotation", Operation::EnableKeyRotation),
+            ("DisableKeyRotation", Operation::DisableKeyRotation),
+            ("TagResource", Operation::TagKey),
+            ("UntagResource", Operation::UntagKey),
+            ("CreateAlias", Operation::CreateAlias),
+            ("UpdateAlias", Operation::UpdateAlias),
+            ("DeleteAlias", Operation::DeleteAlias),
+            ("ListAliases", Operation::ListAliases),
+            ("GenerateDataKey", Operation::GenerateDataKey),
+            (
+                "GenerateDataKeyWithoutPlaintext",
+                Operation::GenerateDataKeyWithoutPlaintext,
+            ),
+            ("Encrypt", Operation::Wrap),
+            ("Decrypt", Operation::Unwrap),
+            ("ReEncrypt", Operation::ReWrap),
+            ("GenerateRandom", Operation::GenerateRandom),
+            ("GetParametersForImport", Operation::GetParametersForImport),
+            ("ImportKeyMaterial", Operation::ImportKeyMaterial),
+            (
+                "DeleteImportedKeyMaterial",
+                Operation::DeleteImportedKeyMaterial,
+            ),
+        ];
+        for (target, operation) in table {
+            let (decoded, _) = decode(target, body, &arns()).expect(target);
+            assert_eq!(decoded, operation, "{target}");
+        }
+        assert!(decode("CreateGrant", body, &arns()).is_none());
+        assert!(decode("", body, &arns()).is_none());
+    }
+
+    #[test]
+    fn a_valid_request_decodes_into_wrapds_terms() {
+        let body = br#"{"KeyId":"arn:aws:kms:us-east-1:111122223333:alias/app","KeySpec":"AES_128","EncryptionContext":{"a":"b"}}"#;
+        let (_, request) = decode("GenerateDataKeyWithoutPlaintext", body, &arns()).unwrap();
+        let Ok(KmsRequest::GenerateDataKey {
+            key,
+            context,
+            bytes,
+            with_plaintext,
+        }) = request
+        else {
+            panic!("not a data key request");
+        };
+        assert_eq!(
+            (key.as_str(), bytes, with_plaintext),
+            ("alias/app", 16, false)
+        );
+        assert_eq!(context.get("a").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn a_request_asking_for_what_wrapd_does_not_offer_is_refused_at_decoding() {
+        for (target, body) in [
+            ("CreateKey", r#"{"KeySpec":"RSA_2048"}"#),
+            ("CreateKey", r#"{"Policy":"{}"}"#),
+            (
+                "GenerateDataKey",
+                r#"{"KeyId":"alias/x","NumberOfBytes":0}"#,
+            ),
+            (
+                "GenerateDataKey",
+                r#"{"KeyId":"alias/x","KeySpec":"AES_256","NumberOfBytes":32}"#,
+            ),
+            ("Decrypt", r#"{"CiphertextBlob":"AAAA","DryRun":true}"#),
+            (
+                "ScheduleKeyDeletion",
+                r#"{"KeyId":"alias/x","PendingWindowInDays":6}"#,
+            ),
+            ("ListKeys", r#"{"Limit":0}"#),
+            ("GenerateRandom", r#"{}"#),
+            ("Encrypt", r#"{"KeyId":"","Plaintext":"AAAA"}"#),
+            ("DescribeKey", r#"{"KeyId":1}"#),
+        ] {
+            let (_, request) = decode(target, body.as_bytes(), &arns()).expect(target);
+            assert!(request.is_err(), "{target} {body}");
+        }
+    }
+}
