@@ -281,26 +281,7 @@ impl DataKeys {
             .kms_ca_bundle
             .clone()
             .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(Into::into));
-        if let Some(bundle) = bundle {
-            use aws_smithy_http_client::tls;
-            let pem = std::fs::read(&bundle)
-                .map_err(|e| CliError::usage(format!("{}: {e}", bundle.display())))?;
-            let trust = tls::TrustStore::empty()
-                .with_native_roots(false)
-                .with_pem_certificate(pem);
-            let http = aws_smithy_http_client::Builder::new()
-                .tls_provider(tls::Provider::Rustls(
-                    tls::rustls_provider::CryptoMode::AwsLc,
-                ))
-                .tls_context(
-                    tls::TlsContext::builder()
-                        .with_trust_store(trust)
-                        .build()
-                        .map_err(|e| CliError::usage(format!("{}: {e}", bundle.display())))?,
-                )
-                .build_https();
-            loader = loader.http_client(http);
-        }
+        loader = loader.http_client(https_client(bundle.as_deref())?);
         let mut shared = loader.load().await;
         if shared.region().is_none() {
             shared = shared
@@ -438,11 +419,40 @@ where
     }
 }
 
+/// The AWS SDKs' HTTPS client: rustls with ring (the build's one crypto provider), trusting
+/// the system's roots, or only the CA certificates of `bundle`.
+fn https_client(
+    bundle: Option<&std::path::Path>,
+) -> Result<aws_sdk_s3::config::SharedHttpClient, CliError> {
+    use aws_smithy_http_client::tls;
+    let trust = match bundle {
+        None => tls::TrustStore::default(),
+        Some(bundle) => {
+            let pem = std::fs::read(bundle)
+                .map_err(|e| CliError::usage(format!("{}: {e}", bundle.display())))?;
+            tls::TrustStore::empty()
+                .with_native_roots(false)
+                .with_pem_certificate(pem)
+        }
+    };
+    let context = tls::TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| CliError::usage(format!("TLS trust store: {e}")))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .tls_context(context)
+        .build_https())
+}
+
 /// The S3 client, and the endpoint it uses when it is not AWS's own: `--s3-endpoint`, the
 /// environment (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`) or the shared config's
 /// `endpoint_url`.
-async fn client(args: &S3Args) -> (Client, Option<String>) {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+async fn client(args: &S3Args) -> Result<(Client, Option<String>), CliError> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(https_client(None)?);
     if let Some(endpoint) = &args.s3_endpoint {
         loader = loader.endpoint_url(endpoint);
     }
@@ -476,7 +486,7 @@ async fn client(args: &S3Args) -> (Client, Option<String>) {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
-    (Client::from_conf(config.build()), endpoint)
+    Ok((Client::from_conf(config.build()), endpoint))
 }
 
 /// The result of `put` or `get`.
@@ -550,7 +560,7 @@ pub async fn run(
                 ));
             }
             let data_key = generated.plaintext;
-            let (client, endpoint) = client(&s3).await;
+            let (client, endpoint) = client(&s3).await?;
             if sse_c {
                 check_sse_c_endpoint(endpoint.as_deref())?;
             }
@@ -651,7 +661,7 @@ pub async fn run(
                 ));
             }
             let expected: BTreeMap<String, String> = context.into_iter().collect();
-            let (client, endpoint) = client(&s3).await;
+            let (client, endpoint) = client(&s3).await?;
             if sse_c {
                 check_sse_c_endpoint(endpoint.as_deref())?;
             }
