@@ -14,12 +14,16 @@
 //! What cannot be zeroized is listed in `SECURITY.md` (bytes inside the HTTP/2 and TLS
 //! buffers of tonic, hyper and rustls; the PKCS#11 library's own copies).
 //!
-//! One of the crate's marked syscall spots: `unsafe` is allowed here, each block with its
-//! `// SAFETY:` comment.
+//! The system calls go through `nix`'s safe wrappers. Wiping the environment block has no
+//! safe wrapper (it writes through `environ`): that one function makes this one of the
+//! crate's marked syscall spots, where `unsafe` is allowed with its `// SAFETY:` comment.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
 
+use nix::sys::mman::{self, MlockAllFlags};
+use nix::sys::prctl;
+use nix::sys::resource::{self, Resource};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -52,28 +56,19 @@ pub struct Hardened {
 /// (`MCL_CURRENT` also locks what is already in memory, such as the PIN read with the
 /// configuration). Call it at start-up, while the process has one thread.
 pub fn harden(lock: LockMemory) -> Result<Hardened> {
-    // SAFETY: prctl with PR_SET_DUMPABLE takes integer arguments and touches no memory of ours.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(os_error("prctl(PR_SET_DUMPABLE)"));
-    }
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
-        return Err(os_error("setrlimit(RLIMIT_CORE)"));
-    }
+    prctl::set_dumpable(false).map_err(|e| os_error("prctl(PR_SET_DUMPABLE)", e))?;
+    resource::setrlimit(Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| os_error("setrlimit(RLIMIT_CORE)", e))?;
     let memory_locked = match lock {
         LockMemory::Off => false,
         LockMemory::Auto | LockMemory::Require => {
             let why_not = if can_lock_everything() {
-                // SAFETY: mlockall takes flags only. MCL_ONFAULT locks pages as they are
-                // touched instead of populating every mapping (thread stacks) up front.
-                let rc = unsafe {
-                    libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT)
-                };
-                (rc != 0).then(|| std::io::Error::last_os_error().to_string())
+                // MCL_ONFAULT (which nix does not name) locks pages as they are touched
+                // instead of populating every mapping (thread stacks) up front.
+                let flags = MlockAllFlags::MCL_CURRENT
+                    | MlockAllFlags::MCL_FUTURE
+                    | MlockAllFlags::from_bits_retain(libc::MCL_ONFAULT);
+                mman::mlockall(flags).err().map(|e| e.to_string())
             } else {
                 Some(
                     "neither CAP_IPC_LOCK nor an unlimited RLIMIT_MEMLOCK (set LimitMEMLOCK=infinity)"
@@ -95,8 +90,8 @@ pub fn harden(lock: LockMemory) -> Result<Hardened> {
         }
     };
     let hardened = Hardened {
-        // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
-        dumpable: unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } != 0,
+        // Unreadable counts as dumpable: the report must not claim what it cannot see.
+        dumpable: prctl::get_dumpable().unwrap_or(true),
         core_limit: core_limit(),
         memory_locked,
     };
@@ -112,30 +107,20 @@ pub fn harden(lock: LockMemory) -> Result<Hardened> {
 /// `CAP_IPC_LOCK` from `linux/capability.h`.
 const CAP_IPC_LOCK: u32 = 14;
 
-fn os_error(what: &str) -> Error {
-    Error::Config(format!("{what}: {}", std::io::Error::last_os_error()))
+fn os_error(what: &str, errno: nix::errno::Errno) -> Error {
+    Error::Config(format!("{what}: {errno}"))
 }
 
+/// The core file size limit in force (unreadable: reported as unlimited).
 fn core_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: u64::MAX,
-        rlim_max: u64::MAX,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) };
-    limit.rlim_cur
+    resource::getrlimit(Resource::RLIMIT_CORE).map_or(u64::MAX, |(soft, _)| soft)
 }
 
 /// Whether `mlockall(MCL_FUTURE)` can never make a later allocation fail: the process has
 /// `CAP_IPC_LOCK` (bit 14 of `CapEff`) or no `RLIMIT_MEMLOCK`.
 fn can_lock_everything() -> bool {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    let unlimited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
-        && limit.rlim_cur == libc::RLIM_INFINITY;
+    let unlimited = resource::getrlimit(Resource::RLIMIT_MEMLOCK)
+        .is_ok_and(|(soft, _)| soft == resource::RLIM_INFINITY);
     let ipc_lock = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
