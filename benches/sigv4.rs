@@ -2,47 +2,31 @@
 //! request, SHA-256 of the body, the day's signing key derived from the secret, HMAC,
 //! constant-time compare) on a request botocore signed (tests/vectors/sigv4-kms.json),
 //! next to the baseline measured in the same run: parsing that request's JSON body, which
-//! every request pays anyway.
+//! every request pays anyway. Compare the two within one run, never across runs.
 //!
-//! `cargo bench --bench sigv4` prints ops/s and latency percentiles for both.
+//! `cargo bench --bench sigv4` (divan: median and spread per call, one thread).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use wrapd::config::AwsAccessKey;
 use wrapd::front::aws::{AccessKeys, model, sigv4};
 use zeroize::Zeroizing;
 
-const RUN: Duration = Duration::from_secs(3);
-
-fn measure(name: &str, mut op: impl FnMut()) {
-    for _ in 0..1000 {
-        op(); // warm-up
-    }
-    let mut histogram = Histogram::<u64>::new(3).unwrap();
-    let start = Instant::now();
-    let mut count = 0u64;
-    while start.elapsed() < RUN {
-        let t = Instant::now();
-        op();
-        histogram
-            .record(t.elapsed().as_nanos().max(1) as u64)
-            .unwrap();
-        count += 1;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{name:<28} {:>10.0} ops/s   p50 {:>6.2} µs   p99 {:>6.2} µs   p99.9 {:>6.2} µs",
-        count as f64 / secs,
-        histogram.value_at_quantile(0.50) as f64 / 1000.0,
-        histogram.value_at_quantile(0.99) as f64 / 1000.0,
-        histogram.value_at_quantile(0.999) as f64 / 1000.0,
-    );
+fn main() {
+    divan::main();
 }
 
-fn main() {
+/// The botocore-signed request and what verifying it needs.
+struct Signed {
+    parts: http::request::Parts,
+    body: Bytes,
+    keys: Arc<AccessKeys>,
+    now: chrono::DateTime<chrono::Utc>,
+    runtime: tokio::runtime::Runtime,
+}
+
+static SIGNED: LazyLock<Signed> = LazyLock::new(|| {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("../tests/vectors/sigv4-kms.json")).unwrap();
     let mut builder = http::Request::post("/");
@@ -50,36 +34,40 @@ fn main() {
         builder = builder.header(name.as_str(), value.as_str().unwrap());
     }
     let (parts, ()) = builder.body(()).unwrap().into_parts();
-    let body = Bytes::from(fixture["body"].as_str().unwrap().to_owned());
-    let keys = Arc::new(AccessKeys::new([AwsAccessKey {
-        id: fixture["access_key"].as_str().unwrap().into(),
-        secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
-        principal: None,
-    }]));
-    let now = sigv4::parse_amz_date("20261123T100000Z").unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    Signed {
+        parts,
+        body: Bytes::from(fixture["body"].as_str().unwrap().to_owned()),
+        keys: Arc::new(AccessKeys::new([AwsAccessKey {
+            id: fixture["access_key"].as_str().unwrap().into(),
+            secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
+            principal: None,
+        }])),
+        now: sigv4::parse_amz_date("20261123T100000Z").unwrap(),
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+    }
+});
 
-    println!(
-        "SigV4 verification of one Decrypt request ({} body bytes), one thread:",
-        body.len()
-    );
-    measure("baseline: parse JSON body", || {
-        let request = model::parse::<model::Decrypt>(&body).unwrap();
-        std::hint::black_box(request);
-    });
-    measure("sigv4::verify", || {
-        let key = runtime
-            .block_on(sigv4::verify(
-                &keys,
-                "us-east-1",
-                "111122223333",
-                &parts,
-                body.clone(),
-                now,
-            ))
-            .unwrap();
-        std::hint::black_box(key);
-    });
+/// The baseline: parsing the request's JSON body.
+#[divan::bench]
+fn baseline_parse_json_body() -> model::Decrypt {
+    model::parse::<model::Decrypt>(divan::black_box(&SIGNED.body)).unwrap()
+}
+
+/// Verifying the request's signature.
+#[divan::bench]
+fn sigv4_verify() -> String {
+    let signed = &*SIGNED;
+    signed
+        .runtime
+        .block_on(sigv4::verify(
+            &signed.keys,
+            "us-east-1",
+            "111122223333",
+            &signed.parts,
+            signed.body.clone(),
+            signed.now,
+        ))
+        .unwrap()
 }
