@@ -23,6 +23,9 @@
 //!   `wrapd_hsm_errors_total{kind}` (`device`, `session`, `call`, `session_wait`; a bad
 //!   ciphertext is not an HSM error), `wrapd_hsm_sessions{state}` (`in_use`, `idle`);
 //! - `wrapd_connections{listener}` (open now) and `wrapd_connections_total{listener}`;
+//! - `wrapd_metadata_disagreements_total{kind}` (`hold`, `alias`): records of the metadata
+//!   store the token's holds or alias tickets overrule (an edited or restored store; see
+//!   `keystore/tickets.rs`), counted each time one is read;
 //! - `wrapd_build_info{version}`: 1.
 //!
 //! Without `[metrics]` no recorder is installed and recording costs nothing.

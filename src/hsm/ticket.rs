@@ -66,8 +66,24 @@ impl Ticket {
     /// The ticket that lets `alias` name `key_id`.
     pub fn alias(alias: &AliasName, key_id: &KeyId) -> Self {
         Self::Alias {
-            name_digest: Sha256::digest(alias.as_str().as_bytes()).into(),
+            name_digest: Self::alias_digest(alias),
             key_id: key_id.clone(),
+        }
+    }
+
+    /// What an alias ticket records of the alias's name.
+    pub fn alias_digest(alias: &AliasName) -> [u8; 32] {
+        Sha256::digest(alias.as_str().as_bytes()).into()
+    }
+
+    /// The key this ticket lets the alias of `alias_digest` name, if it is one of its.
+    pub fn names_for(&self, alias_digest: &[u8; 32]) -> Option<&KeyId> {
+        match self {
+            Self::Alias {
+                name_digest,
+                key_id,
+            } if name_digest == alias_digest => Some(key_id),
+            _ => None,
         }
     }
 

@@ -185,7 +185,18 @@ impl Keystore {
                 )));
             }
         }
+        // A key with imported material has one version, never rotated: a store listing others
+        // (an edit) must not get material placed under a version of its choosing.
+        if key.versions.len() != 1 || key.current_version() != 1 {
+            return Err(Error::WrongState(format!(
+                "the metadata store lists versions other than 1 for key {}, which has imported material (an edited store?): nothing imported",
+                key.id
+            )));
+        }
         let object = ObjectId::new(key.id.clone(), key.current_version());
+        // Whether the material was really gone (expired, deleted): only then does an import
+        // enable a key, whatever state the store gives it.
+        let material_was_absent = !self.token.contains(&object)?;
         self.place_material(&wrapping, wrapped, &object, &check)?;
         // The expiry as a ticket (see `tickets.rs`): the new one before the commit, so that
         // a recorded expiry is always in the token; without expiry, the old ones go first.
@@ -198,14 +209,7 @@ impl Keystore {
             None => self.destroy_tickets(&key.id, Some(Kind::Expiry), |_| false)?,
         }
         let state = match key.state {
-            KeyState::PendingImport => {
-                // A pending-import key's hold (it was disabled, or its deletion cancelled,
-                // before its material went) goes: an import enables it, as in AWS KMS.
-                self.token.destroy_ticket(&crate::hsm::Ticket::Hold {
-                    key_id: key.id.clone(),
-                })?;
-                KeyState::Enabled
-            }
+            KeyState::PendingImport => KeyState::Enabled,
             other => other,
         };
         let material = ImportedMaterial {
@@ -231,6 +235,16 @@ impl Keystore {
             if let Err(err) = self.destroy_tickets(&key.id, Some(Kind::Expiry), |t| t == ticket) {
                 tracing::warn!(key_id = %key.id, error = %err, "could not remove an older expiry ticket (the latest one counts)");
             }
+        }
+        if key.state == KeyState::PendingImport && material_was_absent {
+            // The key's hold (it was disabled, or its deletion cancelled, before its material
+            // went) goes once the import is recorded: an import enables it, as in AWS KMS. A
+            // key the store merely calls pending import keeps its hold.
+            self.token.destroy_ticket(&Ticket::Hold {
+                key_id: key.id.clone(),
+            })?;
+            self.store
+                .set_material(&key.id, Some(&check), state, &material)?;
         }
         self.missing.write().remove(&object);
         tracing::info!(key_id = %key.id, algorithm = wrapping.algorithm.name(), expires = valid_to.is_some(), "key material imported");

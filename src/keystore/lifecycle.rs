@@ -46,6 +46,7 @@ impl Keystore {
                     "alias {alias} already exists"
                 )));
             }
+            self.refuse_recorded_alias(alias)?;
         }
         let now = self.clock.now();
         let id = KeyId::generate();
@@ -165,6 +166,9 @@ impl Keystore {
     }
 
     pub(super) fn set_state(&self, key: &KeyRef, state: KeyState) -> Result<Arc<KeyRecord>> {
+        // Under the fleet's lock, like the other state changes: a hold and the store's state
+        // are changed together, never interleaved with another daemon's change of the key.
+        let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
@@ -187,6 +191,9 @@ impl Keystore {
         if state == KeyState::Enabled {
             self.store.set_state(&key.id, state, None)?;
             self.token.destroy_ticket(&hold)?;
+            // Written again once the hold is gone, so that the other daemons of a fleet,
+            // told by the first write, read the key again after it.
+            self.store.set_state(&key.id, state, None)?;
         } else {
             let held = self.token.has_ticket(&hold)?;
             self.token.create_ticket(&hold)?;

@@ -81,8 +81,12 @@ pub(super) fn is_due(tickets: &[Ticket], kind: Kind, id: &KeyId, now: u64) -> bo
 
 /// How many disagreements between the store and the token are remembered so that each is
 /// logged once (beyond, they are no longer logged one by one: a store writer must not be
-/// able to grow the log or the memory without bound).
+/// able to grow the log or the memory without bound; the metric
+/// `wrapd_metadata_disagreements_total{kind}` counts every one).
 const MAX_REPORTED: usize = 4096;
+
+/// Beyond this many aliases, a record is checked against every ticket read at once.
+const MAX_LOOKUPS_PER_RECORD: usize = 4;
 
 /// The holds and alias tickets of the token, read at once for a pass over many records.
 #[derive(Default)]
@@ -136,7 +140,18 @@ impl Keystore {
         mut record: KeyRecord,
         anchors: Option<&Anchors>,
     ) -> Result<KeyRecord> {
+        // A record with many aliases reads every ticket once rather than asking per alias
+        // (a store writer could add alias rows to make each refresh cost the HSM more).
+        let read;
+        let anchors = match anchors {
+            None if record.aliases.len() > MAX_LOOKUPS_PER_RECORD => {
+                read = Anchors::read(&*self.token)?;
+                Some(&read)
+            }
+            anchors => anchors,
+        };
         if record.state == KeyState::Enabled && self.is_held(&record.id, anchors)? {
+            metrics::counter!("wrapd_metadata_disagreements_total", "kind" => "hold").increment(1);
             self.report(format!("hold {}", record.id), || {
                 tracing::warn!(key_id = %record.id, "the metadata store shows this key enabled, but the token records it disabled (an edited or restored store?): it stays disabled until EnableKey");
             });
@@ -172,6 +187,7 @@ impl Keystore {
     }
 
     fn report_unanchored_alias(&self, alias: &AliasName, id: &KeyId) {
+        metrics::counter!("wrapd_metadata_disagreements_total", "kind" => "alias").increment(1);
         self.report(format!("alias {alias} {id}"), || {
             tracing::warn!(alias = %alias, key_id = %id, "the metadata store points this alias at this key, but no CreateAlias or UpdateAlias did (an edited or restored store?): the alias names nothing");
         });
@@ -391,6 +407,23 @@ mod tests {
             ks.resolve(&KeyRef::Alias(name)),
             Err(Error::AliasNotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_name_whose_row_a_writer_removed_is_not_free_until_deleted() {
+        let (ks, _, store) = fresh();
+        let name = alias("alias/app");
+        let first = ks.create_key("", Some(&name)).unwrap().id.clone();
+        let second = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+        store.delete_alias(&name).unwrap();
+        ks.resync().unwrap();
+        // The token still records the name: it is not taken over by a create.
+        let taken = ks.create_alias(&name, &second);
+        assert!(matches!(taken, Err(Error::AlreadyExists(_))), "{taken:?}");
+        assert_eq!(ks.alias_ticket_keys(&name).unwrap(), vec![first.clone()]);
+        // DeleteAlias (audited, and checked on the recorded key) frees it.
+        assert_eq!(ks.delete_alias(&name).unwrap().1, first);
+        ks.create_alias(&name, &second).unwrap();
     }
 
     #[test]

@@ -20,6 +20,11 @@ pub(super) fn check_alias(
     if ks.resolve(&current).is_ok() {
         gate.check(call, &target_of(ks, &current), None)?;
     }
+    // And every key the token records the name for, which the view may not show (a row a
+    // store writer removed or moved): taking a name over needs rights on what it named.
+    for recorded in ks.alias_ticket_keys(alias)? {
+        gate.check(call, &target_of(ks, &KeyRef::Id(recorded)), None)?;
+    }
     if let Some(key) = new_key {
         gate.check(call, &target_of(ks, key), None)?;
     }

@@ -1249,3 +1249,70 @@ fn a_generated_key_passed_off_as_imported_in_the_store_is_not_destroyed() {
     );
     assert_eq!(key_objects(&generated), 1, "nothing destroyed");
 }
+
+#[test]
+fn a_version_added_in_the_store_takes_no_imported_material() {
+    use wrapd::keystore::{MetadataStore, VersionRecord};
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    let blob = f
+        .keystore
+        .wrap(&by_id(&key), b"sixteen byte dek", &ctx())
+        .unwrap()
+        .blob;
+    // The writer makes the key look as if it had no material and a second version, so
+    // that an import would place known material under a version new wraps would use.
+    let store = writer(&f);
+    let original = store.key(&key.id).unwrap().unwrap();
+    let mut row = original.clone();
+    row.material = None;
+    row.state = KeyState::PendingImport;
+    store.delete_key(&key.id, SystemTime::now()).unwrap();
+    store.create_key(&row, None).unwrap();
+    store
+        .add_version(
+            &key.id,
+            &VersionRecord {
+                version: 2,
+                created_at: SystemTime::now(),
+                wraps_reserved: 0,
+                automatic: false,
+            },
+        )
+        .unwrap();
+    let f = reopened(f);
+    let err = import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &OTHER).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WrongState, "{err}");
+    assert_eq!(key_objects(&key), 1);
+    // The row put back as wrapd wrote it, the key and its blob work as before.
+    store.delete_key(&key.id, SystemTime::now()).unwrap();
+    store.create_key(&original, None).unwrap();
+    let f = reopened(f);
+    let unwrapped = f.keystore.unwrap(&blob, &ctx(), None).unwrap();
+    assert_eq!(&unwrapped.plaintext[..], b"sixteen byte dek");
+}
+
+#[test]
+fn a_disabled_key_made_pending_import_in_the_store_stays_disabled_after_a_reimport() {
+    use wrapd::keystore::MetadataStore;
+    let _serial = serial();
+    let f = fixture();
+    let key = external(&f);
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    f.keystore.disable_key(&by_id(&key)).unwrap();
+    writer(&f)
+        .set_state(&key.id, KeyState::PendingImport, None)
+        .unwrap();
+    let f = reopened(f);
+    // A routine re-import of the same material (to change its expiry, say) succeeds...
+    import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &KNOWN).unwrap();
+    // ...and the key stays disabled: only EnableKey enables it.
+    let refused = f.keystore.wrap(&by_id(&key), b"sixteen byte dek", &ctx());
+    assert_eq!(refused.unwrap_err().kind(), ErrorKind::Disabled);
+    f.keystore.enable_key(&by_id(&key)).unwrap();
+    f.keystore
+        .wrap(&by_id(&key), b"sixteen byte dek", &ctx())
+        .unwrap();
+}
