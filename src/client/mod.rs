@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 
 pub mod cache;
+mod error;
 pub mod keyring;
 pub mod message;
+pub mod output;
 #[cfg(feature = "s3ec")]
 pub mod s3ec;
 
@@ -21,6 +23,8 @@ use zeroize::Zeroizing;
 
 pub use crate::proto::data_key_service_client::DataKeyServiceClient;
 pub use crate::proto::key_service_client::KeyServiceClient;
+pub use error::{ClientError, Failure};
+pub use output::Output;
 
 /// Connection failures, with the address that failed.
 #[derive(Debug, thiserror::Error)]

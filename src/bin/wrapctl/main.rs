@@ -136,7 +136,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("wrapctl: error: {err}");
-            err.exit_code()
+            error::exit_code(&err)
         }
     }
 }

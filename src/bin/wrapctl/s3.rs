@@ -28,8 +28,8 @@ use zeroize::Zeroizing;
 
 use crate::connection::ConnectionArgs;
 use crate::error::{CliError, Failure};
-use crate::files::Output;
 use crate::output::{ErasedReport, Report, fields};
+use wrapd::client::Output;
 
 const MIB: u64 = 1024 * 1024;
 /// S3's smallest part (but the last) and most parts.
