@@ -1,7 +1,9 @@
 //! The thin client: connecting to a daemon, the generated gRPC clients, the AWS Encryption
 //! SDK message format (`message/`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
-//! data key cache in front of them (`cache.rs`), and the S3 Encryption Client's object format
-//! (`s3ec.rs`, feature `s3ec`, part of `s3`).
+//! data key cache in front of them (`cache.rs`), the S3 Encryption Client's object format
+//! (`s3ec.rs`, feature `s3ec`, part of `s3`) and S3 transfers in it (`s3/`, feature `s3`),
+//! the client's error (`error.rs`) and output files that appear only when complete
+//! (`output.rs`).
 //!
 //! It depends on nothing server-side (no PKCS#11, no SQLite), so applications can link it
 //! with `default-features = false, features = ["client"]`.
@@ -13,6 +15,8 @@ mod error;
 pub mod keyring;
 pub mod message;
 pub mod output;
+#[cfg(feature = "s3")]
+pub mod s3;
 #[cfg(feature = "s3ec")]
 pub mod s3ec;
 
