@@ -2,7 +2,7 @@
 //! on them.
 //!
 //! [`Token`] is the boundary the key store sees. [`Pkcs11Token`] implements it on `cryptoki`
-//! and is the only place in the crate that calls PKCS#11 (`pkcs11.rs`, with its session pool
+//! and is the only place in the crate that calls PKCS#11 (`pkcs11/`, with its session pool
 //! in `pool.rs`); `provision.rs` creates a SoftHSM token for `wrapd dev` and tests;
 //! `memory.rs` is an in-memory token for unit tests of the rules above it. Every
 //! method blocks: callers run them off the async executor.

@@ -6,7 +6,7 @@
 //! reflected in an in-memory view, so the data-plane hot path (resolve the key, check its
 //! state, one token call) never touches the database.
 //!
-//! With a store shared by a fleet (PostgreSQL, `postgres.rs`), other daemons change it too:
+//! With a store shared by a fleet (PostgreSQL, `postgres/`), other daemons change it too:
 //! [`Keystore::follow_store`] refreshes the view on the store's notifications and re-reads
 //! everything periodically; a key or version the view does not know is looked up in the
 //! store before it is called unknown; version numbers and wrap blocks are claimed in the
@@ -18,7 +18,7 @@
 //! (create, enable, disable, delete), `rotation.rs` (versions), `aliases.rs`,
 //! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `import.rs` (imported key
 //! material), `tickets.rs` (what the token records out of the store's reach); the store
-//! boundary in `metadata.rs` with `sqlite.rs` and `postgres.rs`; start-up and health here.
+//! boundary in `metadata.rs` with `sqlite.rs` and `postgres/`; start-up and health here.
 
 mod aliases;
 #[doc(hidden)]

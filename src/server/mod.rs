@@ -2,7 +2,8 @@
 //! health and reflection) on its listeners, runs the background tasks, and shuts down
 //! gracefully.
 //!
-//! `unix.rs` binds the unix socket; `logging.rs` sets up `tracing`.
+//! `unix.rs` binds the unix socket; `logging.rs` sets up `tracing` (`otel.rs` its span export,
+//! feature `otel`); `prometheus.rs` the metrics recorder and scrape.
 
 mod authority;
 mod http;

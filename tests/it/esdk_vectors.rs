@@ -2,7 +2,7 @@
 //! `tests/vectors/esdk-v2.json` (see `tests/vectors/generate.py`): wrapd must parse every
 //! header field, derive the same data key and commitment and decrypt the frames. (That it
 //! writes the very same bytes given the same data key and message id is a unit test in
-//! `src/client/message.rs`: choosing a message id is deliberately not public.)
+//! `src/client/message/`: choosing a message id is deliberately not public.)
 //! Then tamper tests: every field of a header, a frame, the final frame and the footer,
 //! changed on its own, is refused with the error that names it.
 

@@ -56,6 +56,25 @@ impl AwsError {
         Self::new("ValidationException", StatusCode::BAD_REQUEST, message)
     }
 
+    /// `ValidationException` for a value outside a member's enumeration, worded as AWS
+    /// words it (scripts match the wording).
+    pub fn not_in_enum(member: &str, value: &str, allowed: &[&str]) -> Self {
+        Self::validation(format!(
+            "1 validation error detected: Value '{}' at '{member}' failed to satisfy constraint: Member must satisfy enum value set: [{}]",
+            super::arn::truncate(value),
+            allowed.join(", ")
+        ))
+    }
+
+    /// `InvalidMarkerException` (400): a pagination marker this listing did not give.
+    pub fn invalid_marker() -> Self {
+        Self::new(
+            "InvalidMarkerException",
+            StatusCode::BAD_REQUEST,
+            "The request contains an invalid marker.",
+        )
+    }
+
     /// `NotFoundException` (404).
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new("NotFoundException", StatusCode::NOT_FOUND, message)

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use super::arn::{self, Arns};
+use super::arn::Arns;
 use super::error::AwsError;
 use super::model;
 use crate::auth::Operation;
@@ -264,7 +264,7 @@ pub fn decode(
             model::parse::<model::ListKeys>(body).and_then(|req| {
                 Ok(R::ListKeys {
                     limit: limit(req.limit)? as u32,
-                    marker: req.marker.unwrap_or_default(),
+                    marker: page_marker(req.marker)?,
                 })
             }),
         ),
@@ -382,7 +382,7 @@ pub fn decode(
                 Ok(R::ListAliases {
                     key: optional_key(req.key_id.as_deref())?,
                     limit,
-                    marker: req.marker.unwrap_or_default(),
+                    marker: page_marker(req.marker)?,
                 })
             }),
         ),
@@ -538,10 +538,11 @@ fn data_key_bytes(number_of_bytes: Option<u32>, key_spec: Option<&str>) -> Resul
         (None, Some("AES_256")) => 32,
         (None, Some("AES_128")) => 16,
         (None, Some(other)) => {
-            return Err(AwsError::validation(format!(
-                "KeySpec {} is not AES_256 or AES_128",
-                arn::truncate(other)
-            )));
+            return Err(AwsError::not_in_enum(
+                "keySpec",
+                other,
+                &["AES_256", "AES_128"],
+            ));
         }
         (None, None) => {
             return Err(AwsError::validation(
@@ -607,13 +608,62 @@ fn import_members(
     Ok((token, material, valid_to))
 }
 
-/// Why a `CreateKey` asks for something wrapd does not offer, if it does.
+/// AWS KMS's `KeySpec` values (botocore's service model); wrapd offers `SYMMETRIC_DEFAULT`.
+const KEY_SPECS: &[&str] = &[
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+    "SYMMETRIC_DEFAULT",
+    "HMAC_224",
+    "HMAC_256",
+    "HMAC_384",
+    "HMAC_512",
+    "SM2",
+    "ML_DSA_44",
+    "ML_DSA_65",
+    "ML_DSA_87",
+    "ECC_NIST_EDWARDS25519",
+];
+
+/// AWS KMS's `KeyUsage` values; wrapd offers `ENCRYPT_DECRYPT`.
+const KEY_USAGES: &[&str] = &[
+    "SIGN_VERIFY",
+    "ENCRYPT_DECRYPT",
+    "GENERATE_VERIFY_MAC",
+    "KEY_AGREEMENT",
+];
+
+/// AWS KMS's `Origin` values; wrapd offers `AWS_KMS` and `EXTERNAL`.
+const ORIGINS: &[&str] = &["AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"];
+
+/// Why a `CreateKey` asks for something wrapd does not offer, if it does: a value AWS KMS
+/// does not know is a `ValidationException` as AWS words it; one AWS knows and wrapd does
+/// not offer is an `UnsupportedOperationException` saying what wrapd offers.
 fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
     let not = |what: &str| Some(AwsError::unsupported(what.to_owned()));
     if req.description.as_ref().is_some_and(|d| d.len() > 8192) {
         return Some(AwsError::validation(
             "Description is at most 8192 characters",
         ));
+    }
+    let members = [
+        ("keyUsage", &req.key_usage, KEY_USAGES),
+        ("keySpec", &req.key_spec, KEY_SPECS),
+        (
+            "customerMasterKeySpec",
+            &req.customer_master_key_spec,
+            KEY_SPECS,
+        ),
+        ("origin", &req.origin, ORIGINS),
+    ];
+    for (member, value, allowed) in members {
+        if let Some(value) = value.as_deref().filter(|v| !allowed.contains(v)) {
+            return Some(AwsError::not_in_enum(member, value, allowed));
+        }
     }
     if req
         .key_usage
@@ -681,9 +731,19 @@ fn list_position(
     let start = match marker.map(str::parse::<usize>) {
         None => 0,
         Some(Ok(start)) => start,
-        Some(Err(_)) => return Err(AwsError::validation("invalid Marker")),
+        Some(Err(_)) => return Err(AwsError::invalid_marker()),
     };
     Ok((limit, start))
+}
+
+/// A listing's `Marker` as the key store's page token (hex: anything else is no marker any
+/// listing gave).
+fn page_marker(marker: Option<String>) -> Result<String, AwsError> {
+    let marker = marker.unwrap_or_default();
+    if hex::decode(&marker).is_err() {
+        return Err(AwsError::invalid_marker());
+    }
+    Ok(marker)
 }
 
 /// Tags as the API sends them, as a map (a repeated key: the last value wins).
@@ -776,6 +836,50 @@ mod tests {
             ("alias/app", 16, false)
         );
         assert_eq!(context.get("a").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn a_value_aws_does_not_know_is_a_validation_error_and_one_wrapd_lacks_is_unsupported() {
+        let refused = |target: &str, body: &str| {
+            let (_, request) = decode(target, body.as_bytes(), &arns()).unwrap();
+            request.err().expect("refused")
+        };
+        let unknown = refused("CreateKey", r#"{"KeySpec":"AES_512"}"#);
+        assert_eq!(unknown.code, "ValidationException");
+        assert!(
+            unknown.message.starts_with(
+                "1 validation error detected: Value 'AES_512' at 'keySpec' failed to satisfy constraint: Member must satisfy enum value set: [RSA_2048,"
+            ),
+            "{}",
+            unknown.message
+        );
+        assert_eq!(
+            refused("CreateKey", r#"{"KeySpec":"RSA_2048"}"#).code,
+            "UnsupportedOperationException"
+        );
+        assert_eq!(
+            refused("CreateKey", r#"{"Origin":"SOMEWHERE"}"#).code,
+            "ValidationException"
+        );
+        assert_eq!(
+            refused("CreateKey", r#"{"Origin":"AWS_CLOUDHSM"}"#).code,
+            "UnsupportedOperationException"
+        );
+        assert_eq!(
+            refused("CreateKey", r#"{"KeyUsage":"WRAP"}"#).code,
+            "ValidationException"
+        );
+        for (target, body) in [
+            ("ListKeyRotations", r#"{"KeyId":"alias/x","Marker":"zz"}"#),
+            ("ListKeys", r#"{"Marker":"zz"}"#),
+            ("ListAliases", r#"{"Marker":"zz"}"#),
+        ] {
+            assert_eq!(
+                refused(target, body).code,
+                "InvalidMarkerException",
+                "{target}"
+            );
+        }
     }
 
     #[test]
