@@ -16,7 +16,7 @@ const TARGETS: &[&str] = &[
     "CreateKey", "DescribeKey", "ListKeyRotations", "GetKeyRotationStatus", "ListResourceTags",
     "ListKeys", "EnableKey", "DisableKey", "CancelKeyDeletion", "ScheduleKeyDeletion",
     "RotateKeyOnDemand", "EnableKeyRotation", "DisableKeyRotation", "TagResource",
-    "UntagResource", "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
+    "UntagResource", "UpdateKeyDescription", "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
     "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncrypt",
     "GenerateRandom", "GetParametersForImport", "ImportKeyMaterial",
     "DeleteImportedKeyMaterial", "CreateGrant",

@@ -81,6 +81,7 @@ operations! {
     DisableKeyRotation: false,
     TagKey: false,
     UntagKey: false,
+    UpdateKeyDescription: false,
     GetParametersForImport: false,
     ImportKeyMaterial: false,
     DeleteImportedKeyMaterial: false,

@@ -228,6 +228,15 @@ pub fn rotation_schedules_and_tags(store: &impl Store) {
         store.set_rotation(&unknown, None).unwrap_err().kind(),
         ErrorKind::NotFound
     );
+    store.set_description(&key.id, "rewritten").unwrap();
+    assert_eq!(
+        store.key(&key.id).unwrap().unwrap().description,
+        "rewritten"
+    );
+    assert_eq!(
+        store.set_description(&unknown, "x").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 /// Wrap reservations only ever grow.

@@ -155,6 +155,26 @@ impl Keystore {
             .ok_or_else(|| Error::Internal("key vanished".into()))
     }
 
+    /// Replaces a key's description (at most [`MAX_DESCRIPTION_LEN`] bytes).
+    pub fn update_description(&self, key: &KeyRef, description: &str) -> Result<Arc<KeyRecord>> {
+        if description.len() > MAX_DESCRIPTION_LEN {
+            return Err(Error::invalid(format!(
+                "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+            )));
+        }
+        let _admin = self.admin.lock();
+        let key = self.resolve(key)?;
+        if key.state == KeyState::PendingDeletion {
+            return Err(Error::WrongState(format!(
+                "key {} is pending deletion",
+                key.id
+            )));
+        }
+        self.store.set_description(&key.id, description)?;
+        self.refresh(&key.id)?
+            .ok_or_else(|| Error::Internal("key vanished".into()))
+    }
+
     /// Enables a disabled key.
     pub fn enable_key(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         self.set_state(key, KeyState::Enabled)

@@ -198,6 +198,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn set_rotation(&self, id: &KeyId, rotation: Option<&RotationSchedule>) -> Result<()>;
     /// Replaces the key's tags.
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()>;
+    /// Replaces a key's description; [`crate::Error::KeyNotFound`] if it does not exist.
+    fn set_description(&self, id: &KeyId, description: &str) -> Result<()>;
     /// Sets the state and the imported material's record of an `EXTERNAL` key, atomically.
     ///
     /// Only if the recorded check value is still `expected` (`None`: none recorded):

@@ -413,6 +413,20 @@ impl MetadataStore for SqliteStore {
         tx.commit().map_err(db_error)
     }
 
+    fn set_description(&self, id: &KeyId, description: &str) -> Result<()> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE keys SET description = ?2 WHERE id = ?1",
+                params![id.as_str(), description],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::KeyNotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_error)?;

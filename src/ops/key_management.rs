@@ -139,6 +139,19 @@ impl Ops {
             .await
     }
 
+    /// Replaces a key's description.
+    pub async fn update_key_description(
+        &self,
+        call: Call,
+        key_id: String,
+        description: String,
+    ) -> Result<KeyView> {
+        self.on_key(call, key_id, move |ks, key| {
+            ks.update_description(key, &description)
+        })
+        .await
+    }
+
     /// Adds tags, or with `remove`, removes the tags named by the keys of `tags`.
     pub async fn tag_key(
         &self,

@@ -250,6 +250,21 @@ fn the_aws_cli_manages_the_key_lifecycle() {
     assert_eq!(described["KeyMetadata"]["KeyState"], "Disabled");
     assert_eq!(described["KeyMetadata"]["Enabled"], false);
     aws_ok(&daemon, &["enable-key", "--key-id", arn]);
+    aws_ok(
+        &daemon,
+        &[
+            "update-key-description",
+            "--key-id",
+            arn,
+            "--description",
+            "renamed by the CLI",
+        ],
+    );
+    let described = aws_ok(&daemon, &["describe-key", "--key-id", arn]);
+    assert_eq!(
+        described["KeyMetadata"]["Description"],
+        "renamed by the CLI"
+    );
     let scheduled = aws_ok(
         &daemon,
         &[

@@ -23,6 +23,7 @@
 //! | `RotateKeyOnDemand` | `RotateKey` |
 //! | `EnableKeyRotation`, `DisableKeyRotation` | the same names |
 //! | `TagResource` / `UntagResource` | `TagKey` / `UntagKey` |
+//! | `UpdateKeyDescription` | the same name |
 //! | `ListKeyRotations`, `GetKeyRotationStatus`, `ListResourceTags` | `DescribeKey` |
 //! | `GetParametersForImport`, `ImportKeyMaterial`, `DeleteImportedKeyMaterial` | the same names |
 //!
@@ -265,6 +266,10 @@ impl AwsApi {
             }
             KmsRequest::Tag { key, tags, remove } => {
                 ops.tag_key(call, key, tags, remove).await?;
+                Ok(json!({}))
+            }
+            KmsRequest::UpdateKeyDescription { key, description } => {
+                ops.update_key_description(call, key, description).await?;
                 Ok(json!({}))
             }
             KmsRequest::PointAlias { alias, key, update } => {

@@ -258,6 +258,14 @@ pub struct TagResource {
     pub tags: Vec<Tag>,
 }
 
+/// `UpdateKeyDescription`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UpdateKeyDescription {
+    pub key_id: String,
+    pub description: String,
+}
+
 /// `UntagResource`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]

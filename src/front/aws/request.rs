@@ -86,6 +86,13 @@ pub enum KmsRequest {
         /// Remove instead of set.
         remove: bool,
     },
+    /// `UpdateKeyDescription`.
+    UpdateKeyDescription {
+        /// The key.
+        key: KeyName,
+        /// `Description`.
+        description: String,
+    },
     /// `CreateAlias` or `UpdateAlias`.
     PointAlias {
         /// `AliasName`.
@@ -352,6 +359,20 @@ pub fn decode(
                         .map(|k| (k, String::new()))
                         .collect(),
                     remove: true,
+                })
+            }),
+        ),
+        "UpdateKeyDescription" => (
+            Op::UpdateKeyDescription,
+            model::parse::<model::UpdateKeyDescription>(body).and_then(|req| {
+                if req.description.len() > 8192 {
+                    return Err(AwsError::validation(
+                        "Description is at most 8192 characters",
+                    ));
+                }
+                Ok(R::UpdateKeyDescription {
+                    key: key(&req.key_id)?,
+                    description: req.description,
                 })
             }),
         ),
@@ -790,6 +811,7 @@ mod tests {
             ("DisableKeyRotation", Operation::DisableKeyRotation),
             ("TagResource", Operation::TagKey),
             ("UntagResource", Operation::UntagKey),
+            ("UpdateKeyDescription", Operation::UpdateKeyDescription),
             ("CreateAlias", Operation::CreateAlias),
             ("UpdateAlias", Operation::UpdateAlias),
             ("DeleteAlias", Operation::DeleteAlias),

@@ -14,7 +14,7 @@ use crate::proto::{
     GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
     KeyMetadata, KeyRef, ListAliasesRequest, ListAliasesResponse, ListKeysRequest,
     ListKeysResponse, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
-    WrappingAlgorithm,
+    UpdateKeyDescriptionRequest, WrappingAlgorithm,
 };
 
 /// The control-plane service.
@@ -206,6 +206,20 @@ impl KeyService for KeyApi {
         metadata(
             self.ops
                 .tag_key(call, req.key_id, req.tags.into_iter().collect(), false)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn update_key_description(
+        &self,
+        request: Request<UpdateKeyDescriptionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::UpdateKeyDescription);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .update_key_description(call, req.key_id, req.description)
                 .await,
         )
     }

@@ -216,6 +216,21 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn set_description(&self, id: &KeyId, description: &str) -> Result<()> {
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE keys SET description = $2 WHERE id = $1",
+                    &[&id.as_str(), &description],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(id.to_string()));
+            }
+            notify_key(tx, id)
+        })
+    }
+
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
         self.tx(|tx| {
             Self::key_exists(tx, id)?;

@@ -507,3 +507,28 @@ async fn tags_are_set_and_removed_over_grpc() {
         .await;
     assert_code(reserved, Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_description_is_replaced_over_grpc_and_bounded() {
+    let daemon = daemon();
+    let mut keys = daemon.keys().await;
+    let key = create_key(&mut keys, "").await;
+    let updated = keys
+        .update_key_description(wrapd::proto::UpdateKeyDescriptionRequest {
+            key_id: key.key_id.clone(),
+            description: "payments, rewritten".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.description, "payments, rewritten");
+    let described = keys.describe_key(key_ref(&key.key_id)).await.unwrap();
+    assert_eq!(described.into_inner().description, "payments, rewritten");
+    let too_long = keys
+        .update_key_description(wrapd::proto::UpdateKeyDescriptionRequest {
+            key_id: key.key_id,
+            description: "x".repeat(8193),
+        })
+        .await;
+    assert_code(too_long, Code::InvalidArgument);
+}
