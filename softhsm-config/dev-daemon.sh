@@ -4,7 +4,8 @@
 # on exit the daemon is stopped and the dir removed.
 start_dev_daemon() {
   ./softhsm-config/install-deps.sh
-  cargo build --release --bins
+  # As dev.sh builds them (no S3 client), so that the two share one build.
+  cargo build --release --no-default-features --features server,cli --bins
   dir="$(mktemp -d)"
   trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
   ./target/release/wrapd dev --state-dir "$dir" > "$dir/ready" 2> "$dir/daemon.log" &
