@@ -138,6 +138,12 @@ pub struct Row {
 }
 
 impl Row {
+    /// A lone caller's floor, p50 in microseconds: the gRPC round trip (echo), the token
+    /// call (raw) and, when each line is synced, the audit line's `fdatasync`, in series.
+    pub fn floor_p50_us(&self, fsync_p50_us: Option<u64>) -> u64 {
+        self.echo.p50_us + self.raw.p50_us + fsync_p50_us.unwrap_or(0)
+    }
+
     /// Raw and echo in series: `1 / (1/raw + 1/echo)` data keys per second.
     pub fn ceiling(&self) -> f64 {
         in_series(self.raw.per_sec, self.echo.per_sec)
@@ -185,6 +191,9 @@ impl FloodRow {
 pub struct Round {
     /// One row per operation and caller count.
     pub rows: Vec<Row>,
+    /// One audit line's write and `fdatasync` in the audit log's directory, p50 in
+    /// microseconds (`None`: the daemon does not sync each line).
+    pub fsync_p50_us: Option<u64>,
     /// One row per caller count of 2 or more, when asked for.
     pub floods: Vec<FloodRow>,
 }
@@ -556,9 +565,31 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
     let echo_socket = echo_dir.path().join("echo.sock");
     let _echo = echo::EchoServer::start(&echo_socket, sample.ciphertext_blob.clone())?;
 
+    let synced_dir = config
+        .audit
+        .as_ref()
+        .filter(|audit| audit.fsync == crate::audit::FsyncPolicy::Always)
+        .map(|audit| {
+            audit
+                .file
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .map_or_else(
+                    || std::path::PathBuf::from("."),
+                    std::path::Path::to_path_buf,
+                )
+        });
     let mut rounds = Vec::with_capacity(options.rounds);
     for _ in 0..options.rounds.max(1) {
         let mut round = Round::default();
+        if let Some(dir) = &synced_dir {
+            let dir = dir.clone();
+            round.fsync_p50_us = Some(
+                tokio::task::spawn_blocking(move || fdatasync_p50_us(&dir))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??,
+            );
+        }
         for &op in &options.ops {
             for &callers in &options.callers {
                 let request = load(op, &key_id, &wire_context, &sample.ciphertext_blob);
@@ -636,6 +667,23 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
     Ok(rounds)
 }
 
+/// How long appending one audit-sized line (400 bytes) and `fdatasync` take in `dir`, p50 of
+/// 200 in microseconds: the floor the audit log adds to each call with `fsync = "always"`.
+fn fdatasync_p50_us(dir: &std::path::Path) -> Result<u64> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::Config(format!("{}: {e}", dir.display()));
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let line = [b'x'; 400];
+    let mut hist = histogram();
+    for _ in 0..200 {
+        let started = Instant::now();
+        file.write_all(&line).map_err(io)?;
+        file.as_file().sync_data().map_err(io)?;
+        let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+    }
+    Ok(hist.value_at_quantile(0.5))
+}
+
 /// Formats one round as tables.
 pub fn format_round(round: &Round) -> String {
     let mut out = format!(
@@ -665,6 +713,35 @@ pub fn format_round(round: &Round) -> String {
             row.wrapd.p99_us,
             row.raw.errors + row.echo.errors + row.wrapd.errors,
         ));
+    }
+    // Single calls only: a batch row's raw figure is per item, its daemon figure per call.
+    let lone: Vec<&Row> = round
+        .rows
+        .iter()
+        .filter(|r| r.callers == 1 && r.op.items() == 1)
+        .collect();
+    if !lone.is_empty() {
+        out.push_str(&format!(
+            "\none caller, p50 µs: the floor (echo + token{}) and the daemon's overhead above it\n",
+            if round.fsync_p50_us.is_some() {
+                " + fdatasync"
+            } else {
+                ""
+            }
+        ));
+        for row in lone {
+            let floor = row.floor_p50_us(round.fsync_p50_us);
+            out.push_str(&format!(
+                "  {:<23} echo {:>6} + token {:>6} + fdatasync {:>6} = floor {:>6}   wrapd {:>6}   overhead {:>6}\n",
+                row.op.name(),
+                row.echo.p50_us,
+                row.raw.p50_us,
+                round.fsync_p50_us.unwrap_or(0),
+                floor,
+                row.wrapd.p50_us,
+                row.wrapd.p50_us as i64 - floor as i64,
+            ));
+        }
     }
     if !round.floods.is_empty() {
         out.push_str(&format!(
