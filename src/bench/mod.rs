@@ -135,6 +135,13 @@ pub struct Row {
     pub echo: Rate,
     /// The daemon.
     pub wrapd: Rate,
+    /// The daemon's CPU time per data key while it was measured, microseconds (from its
+    /// `/proc/PID/stat`; `None` where that cannot be read): a figure the load generator
+    /// sharing the cores does not move.
+    pub wrapd_cpu_us: Option<f64>,
+    /// This process's CPU time per data key during the raw token calls, microseconds: the
+    /// token's own cost.
+    pub raw_cpu_us: Option<f64>,
 }
 
 impl Row {
@@ -461,23 +468,73 @@ async fn measure_row(
 ) -> Result<Row> {
     let (echo_socket, socket) = sockets;
     let (slices, slice) = slices(duration);
+    let daemon = daemon_pid(socket).await;
     let mut raw_tally = Tally::default();
     let mut echo_tally = Tally::default();
     let mut wrapd_tally = Tally::default();
+    let (mut raw_ticks, mut wrapd_ticks) = (Some(0u64), Some(0u64));
     for _ in 0..slices {
+        let before = cpu_ticks(None);
         raw_tally.add(raw(target, op, raw_threads, 0, slice).await);
+        raw_ticks = add_ticks(raw_ticks, before, cpu_ticks(None));
         echo_tally.add(drive(echo_socket, vec![request.clone(); callers], slice).await?);
+        let before = daemon.and_then(|pid| cpu_ticks(Some(pid)));
         wrapd_tally.add(drive(socket, vec![request.clone(); callers], slice).await?);
+        wrapd_ticks = add_ticks(
+            wrapd_ticks,
+            before,
+            daemon.and_then(|pid| cpu_ticks(Some(pid))),
+        );
     }
+    // The token call is per data key: its rate is in data keys already.
+    let raw = raw_tally.rate(1);
+    let wrapd = wrapd_tally.rate(op.items());
+    let per_key = |ticks: Option<u64>, keys: u64| {
+        ticks
+            .filter(|_| keys > 0)
+            .map(|t| t as f64 * 1e6 / USER_HZ / keys as f64)
+    };
     Ok(Row {
         op,
         callers,
         raw_threads,
-        // The token call is per data key: its rate is in data keys already.
-        raw: raw_tally.rate(1),
+        raw_cpu_us: per_key(raw_ticks, raw.calls),
+        wrapd_cpu_us: per_key(wrapd_ticks, wrapd.calls * op.items() as u64),
+        raw,
         echo: echo_tally.rate(op.items()),
-        wrapd: wrapd_tally.rate(op.items()),
+        wrapd,
     })
+}
+
+/// The unit of `/proc/PID/stat`'s CPU times: Linux reports them in USER_HZ, 100 a second on
+/// every architecture it exports to user space that way.
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU time of a process (`None`: this one) so far, in USER_HZ ticks.
+fn cpu_ticks(pid: Option<i32>) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are the 14th and 15th fields of the line, the 12th and 13th here.
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Adds the ticks between two readings to a sum; any missing reading makes it unknown.
+fn add_ticks(sum: Option<u64>, before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(sum? + after?.saturating_sub(before?))
+}
+
+/// The daemon's process id, from the credentials of a connection to its socket.
+async fn daemon_pid(socket: &Path) -> Option<i32> {
+    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    stream.peer_cred().ok()?.pid()
 }
 
 /// The request of `op` for the bench's key, context and sample blob.
@@ -740,6 +797,25 @@ pub fn format_round(round: &Round) -> String {
                 floor,
                 row.wrapd.p50_us,
                 row.wrapd.p50_us as i64 - floor as i64,
+            ));
+        }
+    }
+    let cpu: Vec<&Row> = round
+        .rows
+        .iter()
+        .filter(|r| r.wrapd_cpu_us.is_some() && r.raw_cpu_us.is_some())
+        .collect();
+    if !cpu.is_empty() {
+        out.push_str(
+            "\nCPU per data key, µs: the daemon's (from /proc/PID/stat), and the token's own\n",
+        );
+        for row in cpu {
+            out.push_str(&format!(
+                "  {:<23} {:>3} callers   daemon {:>7.1}   token {:>7.1}\n",
+                row.op.name(),
+                row.callers,
+                row.wrapd_cpu_us.unwrap_or(0.0),
+                row.raw_cpu_us.unwrap_or(0.0),
             ));
         }
     }
