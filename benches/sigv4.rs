@@ -6,11 +6,12 @@
 //!
 //! `cargo bench --bench sigv4` (divan: median and spread per call, one thread).
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use wrapd::config::AwsAccessKey;
-use wrapd::front::aws::{AccessKeys, model, sigv4};
+use wrapd::front::aws::model;
+use wrapd::front::sigv4::{self, AccessKeys};
 use zeroize::Zeroizing;
 
 fn main() {
@@ -21,9 +22,8 @@ fn main() {
 struct Signed {
     parts: http::request::Parts,
     body: Bytes,
-    keys: Arc<AccessKeys>,
+    keys: AccessKeys,
     now: chrono::DateTime<chrono::Utc>,
-    runtime: tokio::runtime::Runtime,
 }
 
 static SIGNED: LazyLock<Signed> = LazyLock::new(|| {
@@ -37,15 +37,12 @@ static SIGNED: LazyLock<Signed> = LazyLock::new(|| {
     Signed {
         parts,
         body: Bytes::from(fixture["body"].as_str().unwrap().to_owned()),
-        keys: Arc::new(AccessKeys::new([AwsAccessKey {
+        keys: AccessKeys::new([AwsAccessKey {
             id: fixture["access_key"].as_str().unwrap().into(),
             secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
             principal: None,
-        }])),
+        }]),
         now: sigv4::parse_amz_date("20261123T100000Z").unwrap(),
-        runtime: tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap(),
     }
 });
 
@@ -59,15 +56,15 @@ fn baseline_parse_json_body() -> model::Decrypt {
 #[divan::bench]
 fn sigv4_verify() -> String {
     let signed = &*SIGNED;
-    signed
-        .runtime
-        .block_on(sigv4::verify(
-            &signed.keys,
-            "us-east-1",
-            "111122223333",
-            &signed.parts,
-            signed.body.clone(),
-            signed.now,
-        ))
-        .unwrap()
+    sigv4::verify(
+        &signed.keys,
+        sigv4::Scope {
+            region: "us-east-1",
+            service: "kms",
+        },
+        &signed.parts,
+        &signed.body,
+        signed.now,
+    )
+    .unwrap()
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what wrapd needs on a fresh Debian/Ubuntu machine, only when missing:
 # SoftHSM2 (the development and test token), and the real clients the interop tests drive:
-# the distribution's AWS CLI (/usr/bin/aws) and PostgreSQL server, boto3, the official AWS Encryption SDK for
+# the distribution's AWS CLI (/usr/bin/aws) and PostgreSQL server, curl and the tools of AWS's
+# XKS proxy test client, boto3, the official AWS Encryption SDK for
 # Python and its CLI, grpcio. Safe to run again.
 set -euo pipefail
 
@@ -26,6 +27,12 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || packages+=(postgresql)
 [ -d /usr/lib/ruby/vendor_ruby/aws-sdk-kms ] || packages+=(ruby-aws-sdk-kms)
 dpkg -s libssl-dev >/dev/null 2>&1 || packages+=(libssl-dev)
 command -v pkg-config >/dev/null || packages+=(pkg-config)
+# AWS's XKS proxy test client (vendored in tests/xks-test-client) is bash over Debian's curl
+# (--aws-sigv4), jq, uuidgen and xxd.
+command -v curl >/dev/null || packages+=(curl)
+command -v jq >/dev/null || packages+=(jq)
+command -v uuidgen >/dev/null || packages+=(uuid-runtime)
+command -v xxd >/dev/null || packages+=(xxd)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -5,11 +5,9 @@
 //! body.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
-
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use wrapd::front::aws::{AccessKeys, Arns, decode, sigv4};
+use wrapd::front::aws::{Arns, decode};
+use wrapd::front::sigv4::{self, AccessKeys};
 
 /// Every operation wrapd decodes, and one it does not.
 const TARGETS: &[&str] = &[
@@ -21,15 +19,6 @@ const TARGETS: &[&str] = &[
     "GenerateRandom", "GetParametersForImport", "ImportKeyMaterial",
     "DeleteImportedKeyMaterial", "CreateGrant",
 ];
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime")
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(3, |b| *b == 0);
@@ -58,14 +47,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (parts, ()) = request.into_parts();
-    let keys = Arc::new(AccessKeys::default());
+    let keys = AccessKeys::default();
     let now = sigv4::parse_amz_date(&String::from_utf8_lossy(date)).unwrap_or_else(chrono::Utc::now);
-    let _ = runtime().block_on(sigv4::verify(
-        &keys,
-        "us-east-1",
-        "111122223333",
-        &parts,
-        Bytes::copy_from_slice(body),
-        now,
-    ));
+    let scope = sigv4::Scope {
+        region: "us-east-1",
+        service: "kms",
+    };
+    let _ = sigv4::verify(&keys, scope, &parts, body, now);
 });

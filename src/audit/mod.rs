@@ -46,7 +46,7 @@ pub struct AuditRecord {
     pub request_id: String,
     /// The caller's main principal (empty if unauthenticated).
     pub principal: String,
-    /// `unix`, `tcp`, `kms`, `aws-kms` or `internal`.
+    /// `unix`, `tcp`, `kms`, `aws-kms`, `xks` or `internal`.
     pub transport: String,
     /// `pid=N` or the remote address.
     pub peer: String,
@@ -62,6 +62,10 @@ pub struct AuditRecord {
     /// The daemon that wrote the line, in a fleet (`[store] instance`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The request metadata of an XKS proxy API call (who in AWS asked, for which KMS key,
+    /// through which service), as AWS KMS sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_metadata: Option<std::collections::BTreeMap<String, String>>,
     /// The key acted on, when known.
     pub key_id: Option<String>,
     /// Its version, when known.

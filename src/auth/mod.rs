@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 pub use cert::principal_from_certificate;
 pub use migrate::{PolicyChange, line_diff, migrate_policy_text};
-pub use policy::{Operation, Policy, PolicyHandle, Target};
+pub use policy::{Group, Operation, Policy, PolicyHandle, RequestAttributes, Target};
 pub use unix::{UnixNames, UnixPeer};
 
 use crate::error::{Error, Result};
@@ -43,16 +43,19 @@ pub enum Transport {
     Kms,
     /// The AWS KMS JSON API: HTTPS with SigV4 access keys.
     AwsKms,
+    /// The XKS proxy API: AWS KMS, over HTTPS with a key store's SigV4 credentials.
+    Xks,
 }
 
 impl Transport {
-    /// `unix`, `tcp`, `kms` or `aws-kms`.
+    /// `unix`, `tcp`, `kms`, `aws-kms` or `xks`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Unix => "unix",
             Self::Tcp => "tcp",
             Self::Kms => "kms",
             Self::AwsKms => "aws-kms",
+            Self::Xks => "xks",
         }
     }
 }
@@ -182,6 +185,18 @@ pub fn kms_plugin_identity(principal: &str, peer: Option<&UnixPeer>) -> Identity
 /// The principal every AWS access key has, whatever else it acts as: `aws:access-key=ID`.
 pub fn access_key_principal(access_key_id: &str) -> String {
     format!("aws:access-key={access_key_id}")
+}
+
+/// The identity of an XKS proxy API request (AWS KMS) whose signature verified with one of
+/// a key store's credentials: the key store's principal (`xks:NAME`), with the credential's
+/// id recorded as the access key.
+pub fn xks_identity(principal: &str, credential_id: &str, remote: Option<SocketAddr>) -> Identity {
+    Identity {
+        principals: vec![principal.to_owned()].into(),
+        transport: Transport::Xks,
+        peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        access_key: Some(credential_id.to_owned()),
+    }
 }
 
 /// The identity of an AWS KMS API caller whose SigV4 signature verified with `access_key_id`:

@@ -7,6 +7,14 @@
 //! operations = ["data-plane"]            # RPC names, or "data-plane", "admin", "all"
 //! keys = ["alias/payments-*"]           # globs over key ids and aliases
 //! require_context = { tenant = "acme" } # entries the encryption context must contain
+//!
+//! [[grant]]
+//! description = "AWS KMS, for S3 in account 111122223333 only"
+//! principals = ["xks:dev"]
+//! operations = ["xks"]                   # XksEncrypt, XksDecrypt, XksGetKeyMetadata
+//!                                        # (XksGetHealthStatus is never checked)
+//! keys = ["key/*"]
+//! require_request = { kmsViaService = "s3", awsPrincipalArn = "arn:aws:iam::111122223333:*" }
 //! ```
 //!
 //! A grant matches a call when one of the caller's principals matches a `principals` glob,
@@ -16,7 +24,13 @@
 //! an alias follows the alias when it is re-pointed. Calls that name no key (`ListKeys`,
 //! `ListAliases` without a key, `CreateKey` without an alias) match only a `keys` glob that
 //! matches `*` itself, i.e. `"*"`. Grants with `require_context` never match calls without
-//! an encryption context (the admin operations).
+//! an encryption context (the admin operations). `require_request` holds globs over the
+//! attributes a front end records for a call: the XKS proxy API's request metadata
+//! (`awsPrincipalArn`, `kmsKeyArn`, `kmsOperation`, `kmsRequestId`, `kmsViaService`,
+//! `awsSourceVpc`, `awsSourceVpce`); a grant with it matches only calls whose attributes
+//! match every entry (an absent attribute never does). A denied call that such a grant
+//! would otherwise have allowed is told which grant and attribute refused it
+//! ([`Policy::explain_denial`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -29,8 +43,20 @@ use serde::Deserialize;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
 
+/// The group an operation belongs to, for the `data-plane`, `admin` and `xks` shorthands
+/// of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// `DataKeyService` RPCs.
+    DataPlane,
+    /// `KeyService` RPCs.
+    Admin,
+    /// The XKS proxy API's operations (AWS KMS's own calls).
+    Xks,
+}
+
 macro_rules! operations {
-    ($($name:ident: $data_plane:expr),* $(,)?) => {
+    ($($name:ident: $group:ident),* $(,)?) => {
         /// Every RPC, and what the policy can grant. `ReWrap` is the RPC; its permission is split
 /// as AWS KMS splits `ReEncryptFrom` / `ReEncryptTo`: the caller needs `ReWrapFrom` on the
 /// source key and `ReWrapTo` on the destination key, so that a right to re-wrap into a
@@ -48,43 +74,52 @@ macro_rules! operations {
                 match self { $(Operation::$name => stringify!($name)),* }
             }
 
+            /// The operation's group.
+            pub fn group(self) -> Group {
+                match self { $(Operation::$name => Group::$group),* }
+            }
+
             /// True for `DataKeyService` RPCs.
             pub fn is_data_plane(self) -> bool {
-                match self { $(Operation::$name => $data_plane),* }
+                self.group() == Group::DataPlane
             }
         }
     };
 }
 
 operations! {
-    GenerateDataKey: true,
-    GenerateDataKeyWithoutPlaintext: true,
-    Wrap: true,
-    Unwrap: true,
-    ReWrap: true,
-    ReWrapFrom: true,
-    ReWrapTo: true,
-    CreateKey: false,
-    DescribeKey: false,
-    ListKeys: false,
-    RotateKey: false,
-    EnableKey: false,
-    DisableKey: false,
-    ScheduleKeyDeletion: false,
-    CancelKeyDeletion: false,
-    CreateAlias: false,
-    UpdateAlias: false,
-    DeleteAlias: false,
-    ListAliases: false,
-    GenerateRandom: true,
-    EnableKeyRotation: false,
-    DisableKeyRotation: false,
-    TagKey: false,
-    UntagKey: false,
-    UpdateKeyDescription: false,
-    GetParametersForImport: false,
-    ImportKeyMaterial: false,
-    DeleteImportedKeyMaterial: false,
+    GenerateDataKey: DataPlane,
+    GenerateDataKeyWithoutPlaintext: DataPlane,
+    Wrap: DataPlane,
+    Unwrap: DataPlane,
+    ReWrap: DataPlane,
+    ReWrapFrom: DataPlane,
+    ReWrapTo: DataPlane,
+    CreateKey: Admin,
+    DescribeKey: Admin,
+    ListKeys: Admin,
+    RotateKey: Admin,
+    EnableKey: Admin,
+    DisableKey: Admin,
+    ScheduleKeyDeletion: Admin,
+    CancelKeyDeletion: Admin,
+    CreateAlias: Admin,
+    UpdateAlias: Admin,
+    DeleteAlias: Admin,
+    ListAliases: Admin,
+    GenerateRandom: DataPlane,
+    EnableKeyRotation: Admin,
+    DisableKeyRotation: Admin,
+    TagKey: Admin,
+    UntagKey: Admin,
+    UpdateKeyDescription: Admin,
+    GetParametersForImport: Admin,
+    ImportKeyMaterial: Admin,
+    DeleteImportedKeyMaterial: Admin,
+    XksGetHealthStatus: Xks,
+    XksGetKeyMetadata: Xks,
+    XksEncrypt: Xks,
+    XksDecrypt: Xks,
 }
 
 /// What a call acts on.
@@ -108,22 +143,40 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawGrant {
     #[serde(default)]
-    #[allow(dead_code)] // documentation for humans; kept so the parser accepts it
     description: Option<String>,
     principals: Vec<String>,
     operations: Vec<String>,
     keys: Vec<String>,
     #[serde(default)]
     require_context: BTreeMap<String, String>,
+    #[serde(default)]
+    require_request: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
 struct Grant {
+    description: Option<String>,
     principals: GlobSet,
     operations: HashSet<Operation>,
     keys: GlobSet,
     require_context: BTreeMap<String, String>,
+    require_request: Vec<(String, String, globset::GlobMatcher)>,
 }
+
+/// What a front end records of a call beyond its key and context, by attribute name (the
+/// XKS proxy API's request metadata), for `require_request` and the audit line.
+pub type RequestAttributes = BTreeMap<String, String>;
+
+/// The attributes `require_request` may name.
+pub const REQUEST_ATTRIBUTES: &[&str] = &[
+    "awsPrincipalArn",
+    "awsSourceVpc",
+    "awsSourceVpce",
+    "kmsKeyArn",
+    "kmsOperation",
+    "kmsRequestId",
+    "kmsViaService",
+];
 
 /// A parsed policy. The empty policy denies everything.
 #[derive(Debug, Default)]
@@ -164,8 +217,9 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
     for name in names {
         match name.as_str() {
             "all" => set.extend(grantable()),
-            "data-plane" => set.extend(grantable().filter(|o| o.is_data_plane())),
-            "admin" => set.extend(grantable().filter(|o| !o.is_data_plane())),
+            "data-plane" => set.extend(grantable().filter(|o| o.group() == Group::DataPlane)),
+            "admin" => set.extend(grantable().filter(|o| o.group() == Group::Admin)),
+            "xks" => set.extend(grantable().filter(|o| o.group() == Group::Xks)),
             "ReWrap" => {
                 return Err(Error::Config(format!(
                     "grant {index}: \"ReWrap\" is split: grant \"ReWrapFrom\" on the keys blobs may come from and \"ReWrapTo\" on the keys they may go to (`wrapd config migrate --config FILE --write` rewrites the policy)"
@@ -177,7 +231,7 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
                     .find(|o| o.name() == other)
                     .ok_or_else(|| {
                         Error::Config(format!(
-                            "grant {index}: unknown operation {other:?} (use an RPC name, \"data-plane\", \"admin\" or \"all\")"
+                            "grant {index}: unknown operation {other:?} (use an RPC name, \"data-plane\", \"admin\", \"xks\" or \"all\")"
                         ))
                     })?;
                 set.insert(*op);
@@ -190,7 +244,7 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
 /// The principal namespaces, one per way of calling: a principal of one can never be produced
 /// by another. TLS principals are built by wrapd from certificate fields (`tls:uri=`,
 /// `tls:dns=`, `tls:cn=`), so no certificate can name a `unix:` or internal `wrapd:` principal.
-pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "aws:", "wrapd:"];
+pub const PRINCIPAL_NAMESPACES: &[&str] = &["unix:", "tls:", "aws:", "xks:", "wrapd:"];
 
 /// Checks that a principal pattern can match a principal of some namespace. Forms from
 /// before the namespaces (`spiffe://…`, `dns:…`, `cn:…`) are refused with what to write.
@@ -206,7 +260,7 @@ fn check_principal_pattern(pattern: &str, index: usize) -> Result<()> {
     }
     let Some(instead) = super::migrate::namespaced(pattern) else {
         return Err(Error::Config(format!(
-            "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=), aws: (AWS access keys: aws:access-key=ID) or wrapd: (internal)"
+            "grant {index}: principal {pattern:?} can never match: principals start with unix: (unix socket), tls: (client certificates: tls:uri=, tls:dns=, tls:cn=), aws: (AWS access keys: aws:access-key=ID), xks: (XKS key stores: xks:NAME) or wrapd: (internal)"
         )));
     };
     Err(Error::Config(format!(
@@ -228,11 +282,24 @@ impl Policy {
                 for pattern in &g.principals {
                     check_principal_pattern(pattern, index)?;
                 }
+                let mut require_request = Vec::new();
+                for (name, pattern) in g.require_request {
+                    if !REQUEST_ATTRIBUTES.contains(&name.as_str()) {
+                        return Err(Error::Config(format!(
+                            "grant {index}: require_request names {name:?}; the attributes are {}",
+                            REQUEST_ATTRIBUTES.join(", ")
+                        )));
+                    }
+                    let matcher = glob(&pattern)?.compile_matcher();
+                    require_request.push((name, pattern, matcher));
+                }
                 Ok(Grant {
+                    description: g.description,
                     principals: glob_set(&g.principals, "principals", index)?,
                     operations: operations(&g.operations, index)?,
                     keys: glob_set(&g.keys, "keys", index)?,
                     require_context: g.require_context,
+                    require_request,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -259,28 +326,49 @@ impl Policy {
         self.grants.is_empty()
     }
 
-    /// Whether any grant allows `op` on `target` to a caller with `principals`.
+    /// Whether any grant allows `op` on `target` to a caller with `principals`, with the
+    /// call's encryption context and request attributes.
     pub fn allows(
         &self,
         principals: &[String],
         op: Operation,
         target: &Target,
         context: Option<&EncryptionContext>,
+        request: &RequestAttributes,
     ) -> bool {
         self.grants.iter().any(|grant| {
-            grant.operations.contains(&op)
-                && principals.iter().any(|p| grant.principals.is_match(p))
-                && match target {
-                    Target::Key(names) => names.iter().any(|n| grant.keys.is_match(n)),
-                    Target::Any => grant.keys.is_match("*"),
-                }
-                && (grant.require_context.is_empty()
-                    || context.is_some_and(|ctx| {
-                        grant
-                            .require_context
-                            .iter()
-                            .all(|(k, v)| ctx.get(k) == Some(v.as_str()))
-                    }))
+            grant.covers(principals, op, target, context)
+                && grant.request_mismatch(request).is_none()
+        })
+    }
+
+    /// Why a call [`Policy::allows`] refused was refused, when a grant would have allowed it
+    /// but for a `require_request` entry: that grant (its number and description) and the
+    /// attribute, for the denial's message and the audit line.
+    pub fn explain_denial(
+        &self,
+        principals: &[String],
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+        request: &RequestAttributes,
+    ) -> Option<String> {
+        self.grants.iter().enumerate().find_map(|(i, grant)| {
+            if !grant.covers(principals, op, target, context) {
+                return None;
+            }
+            let (name, pattern) = grant.request_mismatch(request)?;
+            let described = grant
+                .description
+                .as_deref()
+                .map_or_else(String::new, |d| format!(" ({d:?})"));
+            let got = request
+                .get(name)
+                .map_or_else(|| "none".to_owned(), |v| format!("{:?}", truncate(v)));
+            Some(format!(
+                "grant {}{described} requires {name} to match {pattern:?}; the request has {got}",
+                i + 1
+            ))
         })
     }
 
@@ -290,6 +378,47 @@ impl Policy {
             grant.operations.contains(&op)
                 && principals.iter().any(|p| grant.principals.is_match(p))
         })
+    }
+}
+
+impl Grant {
+    /// Whether the grant names the caller, the operation and the key, and its context
+    /// entries are in the call's context.
+    fn covers(
+        &self,
+        principals: &[String],
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+    ) -> bool {
+        self.operations.contains(&op)
+            && principals.iter().any(|p| self.principals.is_match(p))
+            && match target {
+                Target::Key(names) => names.iter().any(|n| self.keys.is_match(n)),
+                Target::Any => self.keys.is_match("*"),
+            }
+            && (self.require_context.is_empty()
+                || context.is_some_and(|ctx| {
+                    self.require_context
+                        .iter()
+                        .all(|(k, v)| ctx.get(k) == Some(v.as_str()))
+                }))
+    }
+
+    /// The first `require_request` entry the call's attributes do not match.
+    fn request_mismatch<'a>(&'a self, request: &RequestAttributes) -> Option<(&'a str, &'a str)> {
+        self.require_request
+            .iter()
+            .find(|(name, _, matcher)| !request.get(name).is_some_and(|v| matcher.is_match(v)))
+            .map(|(name, pattern, _)| (name.as_str(), pattern.as_str()))
+    }
+}
+
+/// A value shortened for a message (attribute values are up to 2,048 characters).
+fn truncate(value: &str) -> &str {
+    match value.char_indices().nth(128) {
+        Some((i, _)) => &value[..i],
+        None => value,
     }
 }
 
@@ -360,6 +489,11 @@ mod tests {
         principals = ["unix:user=reader"]
         operations = ["DescribeKey", "Unwrap"]
         keys = ["key/0123*"]
+
+        [[grant]]
+        principals = ["xks:dev"]
+        operations = ["xks"]
+        keys = ["*"]
     "#;
 
     fn names(n: &[&str]) -> Target {
@@ -375,6 +509,17 @@ mod tests {
         vec![p.to_owned()]
     }
 
+    /// [`Policy::allows`] for a call without request attributes.
+    fn allows(
+        policy: &Policy,
+        principals: &[String],
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+    ) -> bool {
+        policy.allows(principals, op, target, context, &RequestAttributes::new())
+    }
+
     #[test]
     fn every_operation_is_granted_and_denied_somewhere() {
         let policy = Policy::parse(POLICY).unwrap();
@@ -382,26 +527,30 @@ mod tests {
         let key = names(&["key/aa", "alias/payments-db"]);
         let acme = ctx(&[("tenant", "acme"), ("extra", "ok")]);
         for op in Operation::ALL.iter().filter(|o| **o != Operation::ReWrap) {
-            // Data plane: payments yes (with context), ops group no.
-            // Admin: ops group yes, payments no.
-            let data = op.is_data_plane();
+            // Data plane: payments yes (with context). Admin: the ops group. XKS: xks:dev.
+            let group = op.group();
             assert_eq!(
-                policy.allows(&payments, *op, &key, Some(&acme)),
-                data,
+                allows(&policy, &payments, *op, &key, Some(&acme)),
+                group == Group::DataPlane,
                 "{op:?}"
             );
             assert_eq!(
-                policy.allows(&who("unix:group=ops"), *op, &key, Some(&acme)),
-                !data,
+                allows(&policy, &who("unix:group=ops"), *op, &key, Some(&acme)),
+                group == Group::Admin,
                 "{op:?}"
             );
             assert_eq!(
-                policy.allows(&who("tls:cn=admin-bob"), *op, &Target::Any, None),
-                !data,
+                allows(&policy, &who("tls:cn=admin-bob"), *op, &Target::Any, None),
+                group == Group::Admin,
+                "{op:?}"
+            );
+            assert_eq!(
+                allows(&policy, &who("xks:dev"), *op, &key, None),
+                group == Group::Xks,
                 "{op:?}"
             );
             assert!(
-                !policy.allows(&who("unix:user=nobody"), *op, &key, Some(&acme)),
+                !allows(&policy, &who("unix:user=nobody"), *op, &key, Some(&acme)),
                 "{op:?}"
             );
         }
@@ -414,28 +563,142 @@ mod tests {
         let acme = ctx(&[("tenant", "acme")]);
         let op = Operation::GenerateDataKey;
         // The grant follows the alias: any key currently named alias/payments-*.
-        assert!(policy.allows(
+        assert!(allows(
+            &policy,
             &payments,
             op,
             &names(&["key/ff", "alias/payments-x"]),
             Some(&acme)
         ));
-        assert!(!policy.allows(&payments, op, &names(&["key/ff"]), Some(&acme)));
-        assert!(!policy.allows(&payments, op, &names(&["alias/other"]), Some(&acme)));
+        assert!(!allows(
+            &policy,
+            &payments,
+            op,
+            &names(&["key/ff"]),
+            Some(&acme)
+        ));
+        assert!(!allows(
+            &policy,
+            &payments,
+            op,
+            &names(&["alias/other"]),
+            Some(&acme)
+        ));
         // Required context: present with the value, else denied.
         let key = names(&["alias/payments-x"]);
-        assert!(!policy.allows(&payments, op, &key, Some(&ctx(&[("tenant", "evil")]))));
-        assert!(!policy.allows(&payments, op, &key, Some(&ctx(&[]))));
-        assert!(!policy.allows(&payments, op, &key, None));
+        assert!(!allows(
+            &policy,
+            &payments,
+            op,
+            &key,
+            Some(&ctx(&[("tenant", "evil")]))
+        ));
+        assert!(!allows(&policy, &payments, op, &key, Some(&ctx(&[]))));
+        assert!(!allows(&policy, &payments, op, &key, None));
         // Single operations and id globs.
         let reader = who("unix:user=reader");
-        assert!(policy.allows(&reader, Operation::Unwrap, &names(&["key/0123ab"]), None));
-        assert!(!policy.allows(&reader, Operation::Wrap, &names(&["key/0123ab"]), None));
-        assert!(!policy.allows(&reader, Operation::Unwrap, &names(&["key/9999"]), None));
+        assert!(allows(
+            &policy,
+            &reader,
+            Operation::Unwrap,
+            &names(&["key/0123ab"]),
+            None
+        ));
+        assert!(!allows(
+            &policy,
+            &reader,
+            Operation::Wrap,
+            &names(&["key/0123ab"]),
+            None
+        ));
+        assert!(!allows(
+            &policy,
+            &reader,
+            Operation::Unwrap,
+            &names(&["key/9999"]),
+            None
+        ));
         // "No key in particular" needs a "*" grant.
-        assert!(!policy.allows(&reader, Operation::DescribeKey, &Target::Any, None));
+        assert!(!allows(
+            &policy,
+            &reader,
+            Operation::DescribeKey,
+            &Target::Any,
+            None
+        ));
         assert!(policy.allows_some(&reader, Operation::Unwrap));
         assert!(!policy.allows_some(&reader, Operation::Wrap));
+    }
+
+    #[test]
+    fn a_grant_with_require_request_matches_only_calls_whose_attributes_match() {
+        let policy = Policy::parse(
+            r#"
+            [[grant]]
+            description = "S3 in one account"
+            principals = ["xks:dev"]
+            operations = ["XksEncrypt", "XksDecrypt"]
+            keys = ["key/*"]
+            require_request = { kmsViaService = "s3", awsPrincipalArn = "arn:aws:iam::111122223333:*" }
+            "#,
+        )
+        .unwrap();
+        let xks = who("xks:dev");
+        let key = names(&["key/aa"]);
+        let attributes = |entries: &[(&str, &str)]| -> RequestAttributes {
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let good = attributes(&[
+            ("kmsViaService", "s3"),
+            ("awsPrincipalArn", "arn:aws:iam::111122223333:role/app"),
+        ]);
+        assert!(policy.allows(&xks, Operation::XksEncrypt, &key, None, &good));
+        let ebs = attributes(&[
+            ("kmsViaService", "ebs"),
+            ("awsPrincipalArn", "arn:aws:iam::111122223333:role/app"),
+        ]);
+        assert!(!policy.allows(&xks, Operation::XksEncrypt, &key, None, &ebs));
+        let why = policy
+            .explain_denial(&xks, Operation::XksEncrypt, &key, None, &ebs)
+            .unwrap();
+        assert!(
+            why.contains("grant 1") && why.contains("kmsViaService"),
+            "{why}"
+        );
+        assert!(
+            why.contains("\"ebs\"") && why.contains("S3 in one account"),
+            "{why}"
+        );
+        let other_account = attributes(&[
+            ("kmsViaService", "s3"),
+            ("awsPrincipalArn", "arn:aws:iam::444455556666:role/app"),
+        ]);
+        assert!(!policy.allows(&xks, Operation::XksDecrypt, &key, None, &other_account));
+        // An absent attribute never matches, and a call without any is refused.
+        let absent = attributes(&[("awsPrincipalArn", "arn:aws:iam::111122223333:role/app")]);
+        assert!(!policy.allows(&xks, Operation::XksEncrypt, &key, None, &absent));
+        assert!(!allows(&policy, &xks, Operation::XksEncrypt, &key, None));
+        // No explanation where no grant would have allowed the call.
+        assert!(
+            policy
+                .explain_denial(&xks, Operation::XksGetKeyMetadata, &key, None, &ebs)
+                .is_none()
+        );
+        // Only the documented attributes may be named.
+        let err = Policy::parse(
+            r#"
+            [[grant]]
+            principals = ["xks:dev"]
+            operations = ["xks"]
+            keys = ["*"]
+            require_request = { kmsFoo = "x" }
+            "#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kmsFoo"), "{err}");
     }
 
     /// A policy written for un-namespaced certificate principals fails to load and says what
@@ -480,9 +743,27 @@ mod tests {
         )
         .unwrap();
         let me = who("unix:uid=1");
-        assert!(policy.allows(&me, Operation::ReWrapTo, &names(&["key/scratch"]), None));
-        assert!(!policy.allows(&me, Operation::ReWrapFrom, &names(&["key/other"]), None));
-        assert!(policy.allows(&me, Operation::ReWrapFrom, &names(&["alias/mine"]), None));
+        assert!(allows(
+            &policy,
+            &me,
+            Operation::ReWrapTo,
+            &names(&["key/scratch"]),
+            None
+        ));
+        assert!(!allows(
+            &policy,
+            &me,
+            Operation::ReWrapFrom,
+            &names(&["key/other"]),
+            None
+        ));
+        assert!(allows(
+            &policy,
+            &me,
+            Operation::ReWrapFrom,
+            &names(&["alias/mine"]),
+            None
+        ));
     }
 
     #[test]

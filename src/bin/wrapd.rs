@@ -679,11 +679,16 @@ fn serve_on(
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
         let daemon = Daemon::open(config).await?;
+        let mut xks_key = None;
         if dev.is_some() {
             let keystore = daemon.keystore().clone();
-            tokio::task::spawn_blocking(move || dev::ensure_kubernetes_key(&keystore))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+            xks_key = tokio::task::spawn_blocking(move || {
+                dev::ensure_kubernetes_key(&keystore)?;
+                dev::ensure_xks_key(&keystore)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map(Some)?;
         }
         daemon
             .serve(shutdown, |ready| {
@@ -691,6 +696,11 @@ fn serve_on(
                 if let (Some(setup), Some(aws)) = (dev, ready.aws) {
                     if let Err(err) = setup.write_aws_config(&format!("https://{aws}")) {
                         tracing::warn!(error = %err, "cannot write the dev AWS config file");
+                    }
+                }
+                if let (Some(setup), Some(xks), Some(key)) = (dev, ready.xks, &xks_key) {
+                    if let Err(err) = setup.write_xks_env(xks, key) {
+                        tracing::warn!(error = %err, "cannot write the dev XKS environment file");
                     }
                 }
                 let mut out = std::io::stdout().lock();

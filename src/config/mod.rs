@@ -191,6 +191,38 @@ impl std::fmt::Debug for AwsAccessKey {
     }
 }
 
+/// The XKS proxy API (`[xks]`): HTTPS for AWS KMS's calls to an external key store.
+#[derive(Debug, Clone)]
+pub struct XksConfig {
+    /// Address to bind (port 0 picks a free port, reported in the ready line).
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate chaining to this CA (PEM): mutual TLS,
+    /// as AWS KMS offers it.
+    pub client_ca: Option<PathBuf>,
+    /// When set (with `client_ca`), the client certificate's subject common name must be
+    /// this (AWS KMS presents `cks.kms.<region>.amazonaws.com`).
+    pub client_subject: Option<String>,
+    /// The logical key stores, one per URI path prefix.
+    pub keystores: Vec<XksKeystore>,
+}
+
+/// One logical key store of the XKS proxy API (`[[xks.keystore]]`).
+#[derive(Debug, Clone)]
+pub struct XksKeystore {
+    /// The path prefix before `/kms/xks/v1`, without its slashes (may be empty).
+    pub uri_prefix: String,
+    /// The region of the SigV4 credential scope.
+    pub region: String,
+    /// The principal its requests act as, `xks:NAME`.
+    pub principal: String,
+    /// The SigV4 credentials AWS KMS may sign with (two at once while they rotate).
+    pub credentials: Vec<AwsAccessKey>,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -212,6 +244,8 @@ pub struct Config {
     pub kms: Option<KmsConfig>,
     /// The AWS KMS-compatible JSON API.
     pub aws: Option<AwsConfig>,
+    /// The XKS proxy API.
+    pub xks: Option<XksConfig>,
     /// Prometheus metrics (`[metrics]`, plain HTTP, no authentication).
     pub metrics: Option<MetricsConfig>,
     /// OpenTelemetry span export (`[tracing]`); `None`: no spans leave the daemon.
@@ -414,10 +448,22 @@ impl Config {
                 secret_files.push((at, resolve(file)));
             }
         }
+        for (i, keystore) in raw.xks.iter().flat_map(|x| x.keystores.iter()).enumerate() {
+            for (j, credential) in keystore.credentials.iter().enumerate() {
+                if let Some(file) = &credential.secret_file {
+                    let at = format!("xks.keystore[{}].credential[{}].secret_file", i + 1, j + 1);
+                    secret_files.push((at, resolve(file)));
+                }
+            }
+        }
         let mut secret_envs: Vec<String> = raw.hsm.pin_env.iter().cloned().collect();
         let aws = raw
             .aws
             .map(|a| aws_config(a, &resolve, &mut secret_envs))
+            .transpose()?;
+        let xks = raw
+            .xks
+            .map(|x| xks_config(x, &resolve, &mut secret_envs))
             .transpose()?;
         let store = store_config(raw.store, &resolve, &mut secret_envs)?;
         let max_view_staleness = match &store {
@@ -446,6 +492,7 @@ impl Config {
             policy_file: raw.policy.map(|p| resolve(&p.file)),
             kms,
             aws,
+            xks,
             metrics: raw.metrics.map(metrics_config).transpose()?,
             tracing: raw.tracing.map(tracing_config).transpose()?,
             secret_envs,

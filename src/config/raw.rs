@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) audit: Option<RawAudit>,
     pub(super) kms: Option<RawKms>,
     pub(super) aws: Option<RawAws>,
+    pub(super) xks: Option<RawXks>,
     pub(super) metrics: Option<RawMetrics>,
     pub(super) tracing: Option<RawTracing>,
     #[serde(default)]
@@ -168,6 +169,37 @@ pub(super) struct RawAccessKey {
     pub(super) secret_file: Option<PathBuf>,
     pub(super) secret_env: Option<String>,
     pub(super) principal: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawXks {
+    pub(super) listen: String,
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    pub(super) client_ca: Option<PathBuf>,
+    pub(super) client_subject: Option<String>,
+    #[serde(default, rename = "keystore")]
+    pub(super) keystores: Vec<RawXksKeystore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawXksKeystore {
+    #[serde(default)]
+    pub(super) uri_prefix: String,
+    pub(super) region: String,
+    pub(super) principal: Option<String>,
+    #[serde(default, rename = "credential")]
+    pub(super) credentials: Vec<RawXksCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawXksCredential {
+    pub(super) id: String,
+    pub(super) secret_file: Option<PathBuf>,
+    pub(super) secret_env: Option<String>,
 }
 
 pub(super) fn default_healthz_cache_ms() -> u64 {

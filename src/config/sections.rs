@@ -183,13 +183,7 @@ pub(super) fn aws_config(
             raw.listen
         ))
     })?;
-    let region_ok = !raw.region.is_empty()
-        && raw.region.len() <= 32
-        && raw
-            .region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !region_ok {
+    if !is_region(&raw.region) {
         return Err(Error::Config(format!(
             "aws.region {:?} is not a region name like us-east-1",
             raw.region
@@ -218,26 +212,13 @@ pub(super) fn aws_config(
                 key.id
             )));
         }
-        let secret = match (&key.secret_file, &key.secret_env) {
-            (Some(file), None) => {
-                let path = resolve(file);
-                let text = read_secret_file(&path, &format!("{at}.secret_file"))?;
-                Zeroizing::new(text.trim().to_owned())
-            }
-            (None, Some(var)) => {
-                let value =
-                    Zeroizing::new(std::env::var(var).map_err(|_| {
-                        Error::Config(format!("{at}.secret_env: {var} is not set"))
-                    })?);
-                secret_envs.push(var.clone());
-                Zeroizing::new(value.trim().to_owned())
-            }
-            _ => {
-                return Err(Error::Config(format!(
-                    "{at}: set exactly one of secret_file and secret_env (secrets are never inline)"
-                )));
-            }
-        };
+        let secret = access_key_secret(
+            &at,
+            key.secret_file.as_deref(),
+            key.secret_env.as_deref(),
+            resolve,
+            secret_envs,
+        )?;
         // AWS secret access keys are 40 characters, and the SigV4 verifier takes exactly 40.
         if secret.len() != 40 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Error::Config(format!(
@@ -267,6 +248,167 @@ pub(super) fn aws_config(
         region: raw.region,
         account: raw.account,
         access_keys,
+    })
+}
+
+/// An access key's secret, from its file or environment variable (exactly one), trimmed.
+fn access_key_secret(
+    at: &str,
+    file: Option<&Path>,
+    env: Option<&str>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    secret_envs: &mut Vec<String>,
+) -> Result<Zeroizing<String>> {
+    match (file, env) {
+        (Some(file), None) => {
+            let path = resolve(file);
+            let text = read_secret_file(&path, &format!("{at}.secret_file"))?;
+            Ok(Zeroizing::new(text.trim().to_owned()))
+        }
+        (None, Some(var)) => {
+            let value = Zeroizing::new(
+                std::env::var(var)
+                    .map_err(|_| Error::Config(format!("{at}.secret_env: {var} is not set")))?,
+            );
+            secret_envs.push(var.to_owned());
+            Ok(Zeroizing::new(value.trim().to_owned()))
+        }
+        _ => Err(Error::Config(format!(
+            "{at}: set exactly one of secret_file and secret_env (secrets are never inline)"
+        ))),
+    }
+}
+
+/// Whether `region` is a region name like `us-east-1`.
+fn is_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `[xks]`: the listener, and each key store's prefix, region, principal and credentials,
+/// checked against what the XKS specification allows (AWS KMS refuses anything else).
+pub(super) fn xks_config(
+    raw: RawXks,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    secret_envs: &mut Vec<String>,
+) -> Result<XksConfig> {
+    let listen = raw.listen.parse().map_err(|_| {
+        Error::Config(format!(
+            "xks.listen {:?} is not an address like 127.0.0.1:4444",
+            raw.listen
+        ))
+    })?;
+    if raw.client_subject.is_some() && raw.client_ca.is_none() {
+        return Err(Error::Config(
+            "xks.client_subject needs xks.client_ca: the subject of a client certificate is checked only once its chain is".into(),
+        ));
+    }
+    if raw.keystores.is_empty() {
+        return Err(Error::Config(
+            "[xks] needs at least one [[xks.keystore]]".into(),
+        ));
+    }
+    let mut keystores: Vec<XksKeystore> = Vec::new();
+    for (i, keystore) in raw.keystores.into_iter().enumerate() {
+        let at = format!("xks.keystore[{}]", i + 1);
+        let prefix = keystore.uri_prefix.trim_matches('/').to_owned();
+        let prefix_ok = prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_".contains(&b))
+            && !prefix.contains("//")
+            && format!("/{prefix}/kms/xks/v1").len() <= 128;
+        if !prefix_ok {
+            return Err(Error::Config(format!(
+                "{at}.uri_prefix {:?}: a path of A-Z a-z 0-9 / - _ that keeps the whole path (with /kms/xks/v1) within 128 characters, as AWS KMS requires",
+                keystore.uri_prefix
+            )));
+        }
+        if keystores.iter().any(|k| k.uri_prefix == prefix) {
+            return Err(Error::Config(format!(
+                "{at}.uri_prefix {prefix:?} is listed twice"
+            )));
+        }
+        if !is_region(&keystore.region) {
+            return Err(Error::Config(format!(
+                "{at}.region {:?} is not a region name like us-east-1",
+                keystore.region
+            )));
+        }
+        let principal = match keystore.principal {
+            None if prefix.is_empty() => "xks:default".to_owned(),
+            None => format!("xks:{prefix}"),
+            Some(p) if p.starts_with("xks:") && p.len() > 4 => p,
+            Some(p) if !p.is_empty() && !p.contains(':') => format!("xks:{p}"),
+            Some(p) => {
+                return Err(Error::Config(format!(
+                    "{at}.principal {p:?} must be a name, or xks:NAME"
+                )));
+            }
+        };
+        if keystore.credentials.is_empty() {
+            return Err(Error::Config(format!(
+                "{at} needs at least one [[xks.keystore.credential]]"
+            )));
+        }
+        let mut credentials: Vec<AwsAccessKey> = Vec::new();
+        for (j, credential) in keystore.credentials.into_iter().enumerate() {
+            let at = format!("{at}.credential[{}]", j + 1);
+            let id_ok = (20..=30).contains(&credential.id.len())
+                && credential
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+            if !id_ok {
+                return Err(Error::Config(format!(
+                    "{at}.id {:?} must be 20 to 30 of A-Z 2-7, as AWS KMS requires of an XKS access key id",
+                    credential.id
+                )));
+            }
+            if credentials.iter().any(|c| c.id == credential.id) {
+                return Err(Error::Config(format!(
+                    "{at}.id {:?} is listed twice",
+                    credential.id
+                )));
+            }
+            let secret = access_key_secret(
+                &at,
+                credential.secret_file.as_deref(),
+                credential.secret_env.as_deref(),
+                resolve,
+                secret_envs,
+            )?;
+            let secret_ok = (43..=64).contains(&secret.len())
+                && secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/+=".contains(&b));
+            if !secret_ok {
+                return Err(Error::Config(format!(
+                    "{at}: the secret must be 43 to 64 of A-Z a-z 0-9 / + =, as AWS KMS requires of an XKS secret access key"
+                )));
+            }
+            credentials.push(AwsAccessKey {
+                id: credential.id,
+                secret,
+                principal: None,
+            });
+        }
+        keystores.push(XksKeystore {
+            uri_prefix: prefix,
+            region: keystore.region,
+            principal,
+            credentials,
+        });
+    }
+    Ok(XksConfig {
+        listen,
+        cert: resolve(&raw.cert),
+        key: resolve(&raw.key),
+        client_ca: raw.client_ca.as_deref().map(resolve),
+        client_subject: raw.client_subject,
+        keystores,
     })
 }
 

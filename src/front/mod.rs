@@ -6,6 +6,11 @@
 //! - [`grpc`]: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService` and the Kubernetes KMS v2
 //!   plugin (`v2.KeyManagementService`), on tonic.
 //! - [`aws`]: the AWS KMS-compatible JSON API (`TrentService`), over HTTPS with SigV4.
+//! - [`xks`]: the AWS KMS External Key Store proxy API, over HTTPS with SigV4, for AWS KMS
+//!   itself (keys of an external key store).
+//! - [`sigv4`]: the SigV4 verifier both HTTPS front ends share.
 
 pub mod aws;
 pub mod grpc;
+pub mod sigv4;
+pub mod xks;

@@ -16,8 +16,8 @@
 //!
 //! One file per part: `view.rs` (the view and following a shared store), `lifecycle.rs`
 //! (create, enable, disable, delete), `rotation.rs` (versions), `aliases.rs`,
-//! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `import.rs` (imported key
-//! material), `tickets.rs` (what the token records out of the store's reach); the store
+//! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `external.rs` (raw
+//! AES-GCM for the XKS proxy API), `import.rs` (imported key material), `tickets.rs` (what the token records out of the store's reach); the store
 //! boundary in `metadata.rs` with `sqlite.rs` and `postgres/`; start-up and health here.
 
 mod aliases;
@@ -25,6 +25,7 @@ mod aliases;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod data_plane;
+mod external;
 mod import;
 mod lifecycle;
 mod metadata;
@@ -44,6 +45,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
+pub use external::{ExternalSealed, MAX_EXTERNAL_AAD, MAX_EXTERNAL_PLAINTEXT};
 pub use import::{ImportParameters, MAX_IMPORT_TOKENS_PER_KEY};
 pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,

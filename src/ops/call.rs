@@ -5,7 +5,7 @@ use std::time::Instant;
 use rand::RngCore;
 
 use crate::audit::sha256_hex;
-use crate::auth::{Identity, Operation, Refusal};
+use crate::auth::{Identity, Operation, Refusal, RequestAttributes};
 use crate::context::EncryptionContext;
 
 /// A call, as a front end hands it to the operation layer: the caller (or why it has none),
@@ -21,6 +21,7 @@ pub struct Call {
     pub(super) key_version: Option<u32>,
     pub(super) context: Option<(Vec<String>, String)>,
     pub(super) api_operation: Option<String>,
+    pub(super) attributes: RequestAttributes,
 }
 
 impl Call {
@@ -55,6 +56,7 @@ impl Call {
             key_version: None,
             context: None,
             api_operation: None,
+            attributes: RequestAttributes::new(),
         }
     }
 
@@ -62,6 +64,14 @@ impl Call {
     /// `TrentService.Decrypt`, whose policy operation is `Unwrap`).
     pub fn with_api_operation(mut self, name: impl Into<String>) -> Self {
         self.api_operation = Some(name.into());
+        self
+    }
+
+    /// Records what the front end knows of the call beyond its key and context (the XKS
+    /// proxy API's request metadata): the policy's `require_request` matches it, and the
+    /// audit line carries it.
+    pub fn with_attributes(mut self, attributes: RequestAttributes) -> Self {
+        self.attributes = attributes;
         self
     }
 
@@ -87,6 +97,7 @@ impl Call {
             key_version: None,
             context: None,
             api_operation: self.api_operation.clone(),
+            attributes: self.attributes.clone(),
         }
     }
 

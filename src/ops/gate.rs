@@ -110,14 +110,17 @@ impl Gate {
                 "the audit log cannot be written; key operations are refused".into(),
             ));
         }
-        if self
-            .policy
-            .current()
-            .allows(&identity.principals, op, target, context)
-        {
-            Ok(())
-        } else {
-            Err(denied(op))
+        let policy = self.policy.current();
+        let attributes = &call.attributes;
+        if policy.allows(&identity.principals, op, target, context, attributes) {
+            return Ok(());
+        }
+        match policy.explain_denial(&identity.principals, op, target, context, attributes) {
+            Some(why) => Err(Error::PermissionDenied(format!(
+                "not allowed to {} this key: {why}",
+                op.name()
+            ))),
+            None => Err(denied(op)),
         }
     }
 
@@ -452,6 +455,7 @@ impl Gate {
                 .map(|err| bounded_message(err.public_message())),
             latency_us,
             instance: self.instance.clone(),
+            request_metadata: (!call.attributes.is_empty()).then_some(call.attributes),
             ..Default::default()
         }
     }

@@ -1,6 +1,7 @@
 //! The operation layer: every key operation, once, for every front end.
 //!
-//! A front end (the gRPC services, the Kubernetes KMS v2 plugin, the AWS KMS JSON API)
+//! A front end (the gRPC services, the Kubernetes KMS v2 plugin, the AWS KMS JSON API, the
+//! XKS proxy API)
 //! decodes its request, builds a [`Call`] (the caller's identity from its connection,
 //! a request id, a deadline) and calls a method of [`Ops`] with plain values. The method
 //! validates them, checks the policy, runs the key store operation and writes the audit
@@ -10,7 +11,7 @@
 //!
 //! `call.rs` is the call record, `gate.rs` the policy checks, the job runner and the audit
 //! line, `data_plane.rs` and `key_management.rs` the operations, `kms.rs` those of the
-//! Kubernetes KMS v2 plugin, `refusals.rs` the budget for audit lines of refused callers and
+//! Kubernetes KMS v2 plugin, `xks.rs` those of the XKS proxy API, `refusals.rs` the budget for audit lines of refused callers and
 //! `workers.rs` the threads that run jobs.
 
 mod call;
@@ -20,6 +21,7 @@ mod key_management;
 mod kms;
 mod refusals;
 mod workers;
+mod xks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub use gate::{
 };
 pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
 pub use refusals::LINES_PER_WINDOW as REFUSAL_BUDGET_PER_WINDOW;
+pub use xks::Checked;
 
 use crate::auth::{Operation, Target};
 use crate::blob::Blob;

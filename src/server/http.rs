@@ -1,11 +1,12 @@
-//! The HTTPS listener of the AWS KMS JSON API: HTTP/1.1 (what the AWS SDKs speak to KMS)
-//! over the same TLS accept loop as the gRPC listener (`listen.rs`: connection cap,
-//! handshake timeout, idle timeout, keepalive), without client certificates: callers
-//! authenticate each request with SigV4 instead.
+//! The HTTPS listeners of the AWS KMS JSON API and the XKS proxy API ([`HttpsFront`]):
+//! HTTP/1.1 (what the AWS SDKs speak to KMS, and AWS KMS to a proxy) over the same TLS
+//! accept loop as the gRPC listener (`listen.rs`: connection cap, handshake timeout, idle
+//! timeout, keepalive). Callers authenticate each request with SigV4 (the XKS listener may
+//! also require a client certificate).
 //!
-//! Each connection is served by hyper; a request's body is read up to
-//! [`crate::front::aws::MAX_BODY`] bytes (larger: 413) before the front end sees it, since
-//! the signature covers the body. Headers must arrive within the handshake timeout, and the
+//! Each connection is served by hyper; a request's body is read up to the front end's
+//! [`HttpsFront::MAX_BODY`] bytes (larger: 413) before the front end sees it, since the
+//! signature covers the body. Headers must arrive within the handshake timeout, and the
 //! body within the same time again: a body trickled a byte at a time would otherwise hold
 //! its connection (and a slot of the listener's cap) for as long as the idle timer allows.
 //! A late body is answered `408 RequestTimeoutException` and its connection closed.
@@ -25,16 +26,115 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio_stream::StreamExt;
 
 use super::listen::{Incoming, TlsConnection};
-use crate::front::aws::{AwsApi, AwsError, MAX_BODY};
+use crate::front::aws::{self, AwsApi, AwsError};
+use crate::front::xks::{self, XksApi, XksError};
+
+/// Why a request's body was not read.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyRefusal {
+    /// It did not arrive within the time it had.
+    Late(Duration),
+    /// It is larger than the front end takes.
+    TooLarge,
+    /// It could not be read.
+    Unreadable,
+}
+
+/// A front end served over HTTPS by [`serve`].
+pub trait HttpsFront: Send + Sync + 'static {
+    /// Its name, for the daemon's log.
+    const NAME: &'static str;
+    /// The largest request body it reads.
+    const MAX_BODY: usize;
+    /// Answers one request whose body has been read.
+    fn handle(
+        &self,
+        request: Request<Bytes>,
+        remote: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Response<Bytes>> + Send;
+    /// The answer to a request whose body was not read, in the front end's error form.
+    fn refuse(&self, refusal: BodyRefusal) -> Response<Bytes>;
+}
+
+impl HttpsFront for AwsApi {
+    const NAME: &'static str = "AWS KMS API";
+    const MAX_BODY: usize = aws::MAX_BODY;
+
+    fn handle(
+        &self,
+        request: Request<Bytes>,
+        remote: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Response<Bytes>> + Send {
+        AwsApi::handle(self, request, remote)
+    }
+
+    fn refuse(&self, refusal: BodyRefusal) -> Response<Bytes> {
+        let error = match refusal {
+            BodyRefusal::Late(limit) => AwsError::new(
+                "RequestTimeoutException",
+                StatusCode::REQUEST_TIMEOUT,
+                late(limit),
+            ),
+            BodyRefusal::TooLarge => AwsError::new(
+                "ValidationException",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                too_large(Self::MAX_BODY),
+            ),
+            BodyRefusal::Unreadable => AwsError::validation("the request body could not be read"),
+        };
+        error.response("-")
+    }
+}
+
+impl HttpsFront for XksApi {
+    const NAME: &'static str = "XKS proxy API";
+    const MAX_BODY: usize = xks::MAX_BODY;
+
+    fn handle(
+        &self,
+        request: Request<Bytes>,
+        remote: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Response<Bytes>> + Send {
+        XksApi::handle(self, request, remote)
+    }
+
+    fn refuse(&self, refusal: BodyRefusal) -> Response<Bytes> {
+        let error = match refusal {
+            BodyRefusal::Late(limit) => XksError::new(
+                "ValidationException",
+                StatusCode::REQUEST_TIMEOUT,
+                late(limit),
+            ),
+            BodyRefusal::TooLarge => XksError::new(
+                "UnsupportedOperationException",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                too_large(Self::MAX_BODY),
+            ),
+            BodyRefusal::Unreadable => XksError::validation("the request body could not be read"),
+        };
+        error.response()
+    }
+}
+
+fn late(limit: Duration) -> String {
+    format!(
+        "the request body did not arrive within {} ms",
+        limit.as_millis()
+    )
+}
+
+fn too_large(limit: usize) -> String {
+    format!("the request body is larger than {limit} bytes")
+}
 
 /// Largest request head (request line and headers) read.
 const MAX_HEAD: usize = 64 * 1024;
 
 /// Serves `api` on the connections of `incoming` until `stopped` resolves; then lets the
 /// requests in flight finish (the caller bounds the wait).
-pub async fn serve(
+pub async fn serve<F: HttpsFront>(
     mut incoming: Incoming<TlsConnection>,
-    api: Arc<AwsApi>,
+    api: Arc<F>,
     header_timeout: Duration,
     stopped: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -46,7 +146,7 @@ pub async fn serve(
             next = incoming.next() => match next {
                 Some(Ok(connection)) => connection,
                 Some(Err(err)) => {
-                    tracing::debug!(error = %err, "AWS KMS API: connection failed");
+                    tracing::debug!(error = %err, listener = F::NAME, "connection failed");
                     continue;
                 }
                 None => break,
@@ -56,7 +156,7 @@ pub async fn serve(
         let api = api.clone();
         let service = service_fn(move |request: Request<Body>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(answer(&api, request, remote, header_timeout).await) }
+            async move { Ok::<_, Infallible>(answer(&*api, request, remote, header_timeout).await) }
         });
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
@@ -67,7 +167,7 @@ pub async fn serve(
         let watched = graceful.watch(served);
         tokio::spawn(async move {
             if let Err(err) = watched.await {
-                tracing::debug!(error = %err, "AWS KMS API: connection ended with an error");
+                tracing::debug!(error = %err, listener = F::NAME, "connection ended with an error");
             }
         });
     }
@@ -137,25 +237,16 @@ pub async fn serve_metrics(
 
 /// Reads the body (bounded in size, and in time by `body_timeout`) and hands the request to
 /// the API.
-async fn answer(
-    api: &AwsApi,
+async fn answer<F: HttpsFront>(
+    api: &F,
     request: Request<Body>,
     remote: Option<SocketAddr>,
     body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let read = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    let read = tokio::time::timeout(body_timeout, Limited::new(body, F::MAX_BODY).collect()).await;
     let Ok(read) = read else {
-        let mut response = AwsError::new(
-            "RequestTimeoutException",
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request body did not arrive within {} ms",
-                body_timeout.as_millis()
-            ),
-        )
-        .response("-")
-        .map(Full::new);
+        let mut response = api.refuse(BodyRefusal::Late(body_timeout)).map(Full::new);
         response.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
@@ -168,16 +259,12 @@ async fn answer(
             let too_large = err
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some();
-            let error = if too_large {
-                AwsError::new(
-                    "ValidationException",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is larger than {MAX_BODY} bytes"),
-                )
+            let refusal = if too_large {
+                BodyRefusal::TooLarge
             } else {
-                AwsError::validation("the request body could not be read")
+                BodyRefusal::Unreadable
             };
-            return error.response("-").map(Full::new);
+            return api.refuse(refusal).map(Full::new);
         }
     };
     api.handle(Request::from_parts(parts, body), remote)

@@ -44,10 +44,12 @@ use crate::audit::{AuditLog, HeadStore};
 use crate::auth::{PolicyHandle, UnixNames};
 use crate::config::{
     AwsConfig, Config, KmsConfig, Limits, StoreConfig, TcpListenerConfig, UnixListenerConfig,
+    XksConfig,
 };
 use crate::error::{Error, Result};
 use crate::front::aws::AwsApi;
 use crate::front::grpc::{DataKeyApi, KeyApi, KmsApi};
+use crate::front::xks::XksApi;
 use crate::hsm::Pkcs11Token;
 #[cfg(feature = "postgres")]
 use crate::keystore::PostgresStore;
@@ -87,13 +89,15 @@ pub struct Ready {
     pub kms: Option<PathBuf>,
     /// The AWS KMS API's address.
     pub aws: Option<SocketAddr>,
+    /// The XKS proxy API's address.
+    pub xks: Option<SocketAddr>,
     /// The Prometheus metrics address.
     pub metrics: Option<SocketAddr>,
 }
 
 impl Ready {
     /// The ready line printed on stdout:
-    /// `wrapd ready socket=PATH tcp=ADDR kms=PATH aws=https://ADDR metrics=http://ADDR/metrics`
+    /// `wrapd ready socket=PATH tcp=ADDR kms=PATH aws=https://ADDR xks=https://ADDR metrics=http://ADDR/metrics`
     /// (each part only when that listener is configured).
     pub fn line(&self) -> String {
         let mut line = "wrapd ready".to_owned();
@@ -109,6 +113,9 @@ impl Ready {
         if let Some(aws) = &self.aws {
             line.push_str(&format!(" aws=https://{aws}"));
         }
+        if let Some(xks) = &self.xks {
+            line.push_str(&format!(" xks=https://{xks}"));
+        }
         if let Some(metrics) = &self.metrics {
             line.push_str(&format!(" metrics=http://{metrics}/metrics"));
         }
@@ -122,6 +129,9 @@ pub struct Daemon {
     tcp: Option<TcpListenerConfig>,
     kms: Option<KmsConfig>,
     aws: Option<AwsConfig>,
+    xks: Option<XksConfig>,
+    /// The token's model, for the XKS health answer.
+    hsm_model: String,
     metrics: Option<crate::config::MetricsConfig>,
     /// Set for a shared (fleet) store: how often the view is re-read in full.
     resync_interval: Option<Duration>,
@@ -156,12 +166,14 @@ impl Daemon {
             audit,
             kms,
             aws,
+            xks,
             metrics,
             keystore,
             deletion_check_interval,
             limits,
             ..
         } = config;
+        let hsm_model = format!("PKCS#11 token ({:?} profile)", hsm.profile).to_lowercase();
         if policy_file.is_none() {
             tracing::warn!("no [policy] configured: every call will be denied");
         }
@@ -213,6 +225,8 @@ impl Daemon {
             tcp,
             kms,
             aws,
+            xks,
+            hsm_model,
             metrics,
             deletion_check_interval,
             limits,
@@ -314,6 +328,7 @@ impl Daemon {
             tcp: None,
             kms: None,
             aws: None,
+            xks: None,
             metrics: None,
         };
         let listeners = [
@@ -321,6 +336,7 @@ impl Daemon {
             self.tcp.is_some(),
             self.kms.is_some(),
             self.aws.is_some(),
+            self.xks.is_some(),
         ];
         let limits = self
             .limits
@@ -391,6 +407,26 @@ impl Daemon {
             ready.aws = Some(addr);
         }
 
+        if let Some(xks) = &self.xks {
+            let tls = xks_tls_acceptor(xks)?;
+            let listener = TcpListener::bind(xks.listen)
+                .await
+                .map_err(|e| Error::Config(format!("cannot bind {}: {e}", xks.listen)))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Config(format!("xks listener: {e}")))?;
+            let api = Arc::new(XksApi::new(ops.clone(), xks, self.hsm_model.clone(), 1));
+            let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
+            acceptors.push(acceptor);
+            servers.spawn(listener_result(http::serve(
+                incoming,
+                api,
+                limits.handshake_timeout,
+                stopped(),
+            )));
+            ready.xks = Some(addr);
+        }
+
         if let Some(config) = self.metrics {
             let addr = config.listen;
             if !addr.ip().is_loopback() {
@@ -427,7 +463,7 @@ impl Daemon {
         ];
 
         on_ready(&ready);
-        tracing::info!(socket = ?ready.socket, tcp = ?ready.tcp, kms = ?ready.kms, aws = ?ready.aws, "serving");
+        tracing::info!(socket = ?ready.socket, tcp = ?ready.tcp, kms = ?ready.kms, aws = ?ready.aws, xks = ?ready.xks, "serving");
 
         // Stop accepting on the signal (or if a listener fails), then give in-flight calls
         // DRAIN_TIMEOUT to finish: a client that never reads its GOAWAY must not keep the
@@ -539,6 +575,121 @@ fn server_tls_acceptor(what: &str, cert: &PathBuf, key: &PathBuf) -> Result<TlsA
         .map_err(|e| Error::Config(format!("{what}: TLS certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The XKS listener's TLS: server-only, or, with `client_ca`, client certificates chaining
+/// to it and (with `client_subject`) naming that common name; anything else ends the
+/// handshake, as the specification requires.
+fn xks_tls_acceptor(xks: &XksConfig) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
+    let Some(client_ca) = &xks.client_ca else {
+        return server_tls_acceptor("xks", &xks.cert, &xks.key);
+    };
+    let (certs, key) = certified_key("xks", &xks.cert, &xks.key)?;
+    let pem =
+        |e: &dyn std::fmt::Display| Error::Config(format!("xks: {}: {e}", client_ca.display()));
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read_listener_file("xks", client_ca)?) {
+        roots.add(ca.map_err(|e| pem(&e))?).map_err(|e| pem(&e))?;
+    }
+    let provider = tls_provider();
+    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| pem(&e))?;
+    let verifier: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier> =
+        match &xks.client_subject {
+            Some(subject) => Arc::new(SubjectVerifier {
+                chain,
+                common_name: subject.clone(),
+            }),
+            None => chain,
+        };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("xks: TLS: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("xks: TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A client certificate verifier that, after the chain, requires the certificate's subject
+/// common name to be `common_name` (AWS KMS's is `cks.kms.<region>.amazonaws.com`).
+#[derive(Debug)]
+struct SubjectVerifier {
+    chain: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>,
+    common_name: String,
+}
+
+impl tokio_rustls::rustls::server::danger::ClientCertVerifier for SubjectVerifier {
+    fn root_hint_subjects(&self) -> &[tokio_rustls::rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        now: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::server::danger::ClientCertVerified,
+        tokio_rustls::rustls::Error,
+    > {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(end_entity).map_err(|_| {
+            tokio_rustls::rustls::Error::InvalidCertificate(
+                tokio_rustls::rustls::CertificateError::BadEncoding,
+            )
+        })?;
+        let mut names = certificate.subject().iter_common_name();
+        let matches = names
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .is_some_and(|cn| cn == self.common_name)
+            && names.next().is_none();
+        if matches {
+            Ok(verified)
+        } else {
+            Err(tokio_rustls::rustls::Error::InvalidCertificate(
+                tokio_rustls::rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// The TLS crypto provider of every listener.

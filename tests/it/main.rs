@@ -44,3 +44,4 @@ mod upgrade;
 mod wrapctl_bench;
 mod wrapctl_cli;
 mod wrapctl_files;
+mod xks;

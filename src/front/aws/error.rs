@@ -23,7 +23,7 @@
 //!
 //! Signature failures have their own types (`MissingAuthenticationTokenException`,
 //! `IncompleteSignatureException`, `InvalidSignatureException`,
-//! `UnrecognizedClientException`), built in `sigv4.rs`.
+//! `UnrecognizedClientException`), named by [`crate::front::sigv4`].
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};

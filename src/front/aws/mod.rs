@@ -3,7 +3,7 @@
 //! Encryption Client reach wrapd with a change of endpoint and credentials.
 //!
 //! `POST /` with `X-Amz-Target: TrentService.<Operation>` and a JSON body
-//! (`application/x-amz-json-1.1`), signed with SigV4 (`sigv4.rs`). Each request becomes a
+//! (`application/x-amz-json-1.1`), signed with SigV4 ([`crate::front::sigv4`]). Each request becomes a
 //! [`Call`] of the operation layer, like a gRPC call: the same identity → policy → audit
 //! gate (one audit line per request, transport `aws-kms`, with the access key id and the
 //! KMS operation name), the same key store, the same blobs: a `CiphertextBlob` is a wrapd
@@ -39,15 +39,15 @@
 //! operations), a refused one is audited in one place ([`AwsApi::handle`]), and
 //! `AwsApi::execute` runs each operation and answers as AWS KMS does.
 //!
-//! Files: `arn.rs` (key names), `sigv4.rs` (authentication), `model.rs` (request bodies),
-//! `request.rs` (decoding), `error.rs` (error types and HTTP statuses). The HTTP listener is
+//! Files: `arn.rs` (key names), `model.rs` (request bodies),
+//! `request.rs` (decoding), `error.rs` (error types and HTTP statuses). Signatures are
+//! checked by [`crate::front::sigv4`], shared with the XKS proxy API; the HTTP listener is
 //! `server/http.rs`.
 
 pub mod arn;
 pub mod error;
 pub mod model;
 pub mod request;
-pub mod sigv4;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,16 +63,19 @@ use zeroize::Zeroizing;
 
 pub use arn::Arns;
 pub use error::AwsError;
-pub use sigv4::AccessKeys;
 
 use crate::auth::{Refusal, Transport, aws_identity};
 use crate::config::AwsConfig;
 use crate::error::Error;
+use crate::front::sigv4::{self, AccessKeys, Scope};
 use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{Call, KeyView, Ops};
 use error::json_response;
 use request::SYMMETRIC_DEFAULT;
 pub use request::{DescribeView, KmsRequest, decode};
+
+/// The SigV4 service name of AWS KMS.
+pub const SERVICE: &str = "kms";
 
 /// The `X-Amz-Target` prefix of AWS KMS.
 pub const TARGET_PREFIX: &str = "TrentService.";
@@ -137,25 +140,21 @@ impl AwsApi {
         let operation = decoded.as_ref().map(|(operation, _)| *operation);
         let api_name = format!("{TARGET_PREFIX}{target}");
 
-        let verified = sigv4::verify(
-            &self.keys,
-            self.arns.region(),
-            self.arns.account(),
-            &parts,
-            body.clone(),
-            chrono::Utc::now(),
-        )
-        .await;
+        let scope = Scope {
+            region: self.arns.region(),
+            service: SERVICE,
+        };
+        let verified = sigv4::verify(&self.keys, scope, &parts, &body, chrono::Utc::now());
         let access_key = match verified {
             Ok(access_key) => access_key,
             Err(failure) => {
                 // At debug: callers without credentials must not grow the daemon's log (the
                 // audit log has the refusal, within its budget, and the metrics count it).
-                tracing::debug!(remote = ?remote, code = failure.error.code, access_key = ?failure.claimed_key,
+                tracing::debug!(remote = ?remote, code = failure.code, access_key = ?failure.claimed_key,
                     "AWS KMS API: signature refused");
                 if let Some(op) = operation {
                     let refusal = Refusal {
-                        reason: failure.error.message.clone(),
+                        reason: failure.message.clone(),
                         transport: Some(Transport::AwsKms),
                         peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
                         access_key: failure.claimed_key.clone(),
@@ -165,10 +164,11 @@ impl AwsApi {
                     // The line is written; if it cannot be, the answer is still a refusal.
                     let _ = self
                         .ops
-                        .reject(call, Error::Unauthenticated(failure.error.message.clone()))
+                        .reject(call, Error::Unauthenticated(failure.message.clone()))
                         .await;
                 }
-                return failure.error.response(&request_id);
+                return AwsError::new(failure.code, StatusCode::BAD_REQUEST, failure.message)
+                    .response(&request_id);
             }
         };
         let principal = self.keys.get(&access_key).and_then(|k| k.principal.clone());

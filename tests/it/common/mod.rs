@@ -28,6 +28,8 @@ pub struct DevDaemon {
     pub tcp: std::net::SocketAddr,
     /// The AWS KMS API's URL from the ready line (`https://127.0.0.1:PORT`).
     pub aws: String,
+    /// The XKS proxy API's URL from the ready line (`https://127.0.0.1:PORT`).
+    pub xks: String,
     /// The metrics URL from the ready line, when `[metrics]` is configured.
     pub metrics: Option<String>,
     log_path: PathBuf,
@@ -87,6 +89,7 @@ impl DevDaemon {
             socket: dir.path().join("wrapd.sock"),
             tcp: "0.0.0.0:0".parse().unwrap(),
             aws: String::new(),
+            xks: String::new(),
             metrics: None,
             log_path: dir.path().join("daemon-0.log"),
             dir,
@@ -151,22 +154,31 @@ impl DevDaemon {
                     std::fs::read_to_string(&self.log_path).unwrap_or_default()
                 )
             });
-        let prefix = format!("wrapd ready socket={} tcp=", self.socket.display());
-        let rest = line
-            .strip_prefix(&prefix)
-            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
-        let kms = format!(" kms={} aws=", self.kms_socket().display());
-        let (tcp, aws) = rest
-            .split_once(&kms)
-            .unwrap_or_else(|| panic!("no kms socket and aws URL in the ready line {line:?}"));
-        self.tcp = tcp.parse().expect("tcp address in the ready line");
-        let (aws, metrics) = match aws.split_once(" metrics=") {
-            Some((aws, metrics)) => (aws, Some(metrics.to_owned())),
-            None => (aws, None),
+        // `wrapd ready NAME=VALUE ...`: the listeners `wrapd dev` configures, in any order.
+        let fields: HashMap<&str, &str> = line
+            .strip_prefix("wrapd ready ")
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+            .split(' ')
+            .filter_map(|field| field.split_once('='))
+            .collect();
+        let field = |name: &str| {
+            *fields
+                .get(name)
+                .unwrap_or_else(|| panic!("no {name}= in the ready line {line:?}"))
         };
+        assert_eq!(field("socket"), self.socket.display().to_string(), "{line}");
+        assert_eq!(
+            field("kms"),
+            self.kms_socket().display().to_string(),
+            "{line}"
+        );
+        self.tcp = field("tcp").parse().expect("tcp address in the ready line");
+        let (aws, xks) = (field("aws"), field("xks"));
         assert!(aws.starts_with("https://127.0.0.1:"), "{line}");
+        assert!(xks.starts_with("https://127.0.0.1:"), "{line}");
         self.aws = aws.to_owned();
-        self.metrics = metrics;
+        self.xks = xks.to_owned();
+        self.metrics = fields.get("metrics").map(|m| (*m).to_owned());
         self.child = Some(child);
     }
 

@@ -1,54 +1,49 @@
-//! AWS Signature Version 4 on every request, verified with the configured access keys.
+//! AWS Signature Version 4, verified with configured access keys: the authentication of
+//! both HTTPS front ends, the AWS KMS API (service `kms`) and the XKS proxy API (service
+//! `kms-xks-proxy`, whose secrets are 43 to 64 characters).
 //!
-//! The canonicalisation and the signature check are `scratchstack-aws-signature`'s (a
-//! maintained verifier that ships the AWS SigV4 test suite and compares signatures in
-//! constant time); this module adds the rules of this API on top:
+//! The signature itself is computed by `aws-sigv4`, the AWS SDK for Rust's signer: the
+//! request as received (its signed headers, path, query and body) is signed again with the
+//! secret of the access key it names, and the two signatures are compared in constant time.
+//! This module adds the rules on top:
 //!
 //! - the `Authorization` header is parsed strictly ([`parse_authorization`]): exactly one
 //!   `Credential`, `SignedHeaders` and `Signature`, nothing else, each well formed; the
 //!   header is not signed, so a second credential slipped into it must never be read by
-//!   anyone. The request's identity is the access key whose secret the verifier used;
+//!   anyone. The request's identity is the access key whose secret produced the signature;
 //! - only the `Authorization` header is accepted (no pre-signed query strings), with
 //!   `host`, `x-amz-date`, and, when the request has them, `content-type` and `x-amz-target`
 //!   among the signed headers: the operation a signature covers cannot be swapped;
-//! - the credential scope must be this daemon's region and the service `kms`;
+//! - the credential scope must be the request's date, the front end's region and service,
+//!   and `aws4_request`;
 //! - the request time (`X-Amz-Date`) within ±5 minutes of the daemon's clock, as AWS;
 //! - no session tokens (wrapd has no STS), refused as an unrecognized client.
 //!
-//! The secret is kept in a zeroizing string; the verifier derives the day's signing key
-//! from it for each request, in its own (plain) stack values.
+//! The secrets are kept in zeroizing strings; the signer derives the day's signing key from
+//! one for each request.
 
 use std::collections::HashMap;
-use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
-use bytes::Bytes;
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use http::StatusCode;
-use scratchstack_aws_signature::principal::User;
-use scratchstack_aws_signature::{
-    ConstSignedHeaderRequirements, GetSigningKeyRequest, GetSigningKeyResponse, KSecretKey,
-    SignatureError, SignatureOptions, sigv4_validate_request,
-};
-use std::borrow::Cow;
-use tower::BoxError;
+use subtle::ConstantTimeEq;
 
-use super::arn::PARTITION;
-use super::error::AwsError;
 use crate::config::AwsAccessKey;
 
-/// The SigV4 service name of AWS KMS.
-pub const SERVICE: &str = "kms";
+/// Where a signature must be scoped: the front end's region and SigV4 service name.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// The region, e.g. `us-east-1`.
+    pub region: &'a str,
+    /// The service, e.g. `kms`.
+    pub service: &'a str,
+}
 
 /// How far a request's time may be from the daemon's clock.
 pub const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
-
-/// Headers every signature must cover; and those it must cover when present.
-const REQUIRED_HEADERS: ConstSignedHeaderRequirements = ConstSignedHeaderRequirements::new(
-    &[Cow::Borrowed("host"), Cow::Borrowed("x-amz-date")],
-    &[Cow::Borrowed("content-type"), Cow::Borrowed("x-amz-target")],
-    &[],
-);
 
 /// The access keys requests may be signed with, by id.
 #[derive(Clone, Default)]
@@ -70,19 +65,23 @@ impl AccessKeys {
     }
 }
 
-/// A refused signature: the answer, and the access key id the request claimed (for the
-/// audit line), when it named a plausible one.
+/// A refused signature: the AWS error type and message (each front end answers them in its
+/// own form), and the access key id the request claimed (for the audit line), when it named
+/// a plausible one.
 #[derive(Debug)]
 pub struct AuthFailure {
-    /// The error to answer.
-    pub error: AwsError,
+    /// The AWS error type, e.g. `InvalidSignatureException`.
+    pub code: &'static str,
+    /// What is wrong, in AWS's wording where AWS has one.
+    pub message: String,
     /// The claimed access key id.
     pub claimed_key: Option<String>,
 }
 
 fn failure(code: &'static str, message: impl Into<String>, claimed: Option<String>) -> AuthFailure {
     AuthFailure {
-        error: AwsError::new(code, StatusCode::BAD_REQUEST, message),
+        code,
+        message: message.into(),
         claimed_key: claimed,
     }
 }
@@ -90,6 +89,12 @@ fn failure(code: &'static str, message: impl Into<String>, claimed: Option<Strin
 /// The algorithm of every signature this API accepts.
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 
+/// The terminator of every credential scope.
+const TERMINATOR: &str = "aws4_request";
+
+/// Headers every signature must cover; and those it must cover when the request has them.
+const ALWAYS_SIGNED: [&str; 2] = ["host", "x-amz-date"];
+const SIGNED_WHEN_PRESENT: [&str; 2] = ["content-type", "x-amz-target"];
 /// The parameters of an `Authorization` header, parsed strictly: each of `Credential`,
 /// `SignedHeaders` and `Signature` exactly once, nothing else.
 ///
@@ -202,14 +207,13 @@ pub fn parse_amz_date(value: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
-/// Verifies the request's signature at time `now`; returns the access key id it was signed
-/// with.
-pub async fn verify(
-    keys: &Arc<AccessKeys>,
-    region: &str,
-    account: &str,
+/// Verifies the request's signature at time `now` for `scope`; returns the access key id
+/// it was signed with.
+pub fn verify(
+    keys: &AccessKeys,
+    scope: Scope<'_>,
     parts: &http::request::Parts,
-    body: Bytes,
+    body: &[u8],
     now: DateTime<Utc>,
 ) -> Result<String, AuthFailure> {
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
@@ -230,13 +234,13 @@ pub async fn verify(
             None,
         ));
     }
-    let claimed = match parse_authorization(authorization) {
-        Ok(parsed) => parsed.access_key.to_owned(),
+    let parsed = match parse_authorization(authorization) {
+        Ok(parsed) => parsed,
         Err(message) => {
             return Err(failure("IncompleteSignatureException", message, None));
         }
     };
-    let claimed = Some(claimed);
+    let claimed = Some(parsed.access_key.to_owned());
     if parts.headers.contains_key("x-amz-security-token") {
         return Err(failure(
             "UnrecognizedClientException",
@@ -268,107 +272,155 @@ pub async fn verify(
             claimed,
         ));
     }
-
-    let mut request = http::Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .version(parts.version)
-        .body(body)
-        .map_err(|e| {
-            failure(
-                "IncompleteSignatureException",
-                e.to_string(),
-                claimed.clone(),
-            )
-        })?;
-    *request.headers_mut() = parts.headers.clone();
-
-    // The identity of the request is the access key whose secret the verifier used.
-    let lookup = Arc::new((keys.clone(), account.to_owned(), OnceLock::new()));
-    let used = lookup.clone();
-    let mut signing_keys = tower::service_fn(move |req: GetSigningKeyRequest| {
-        let lookup = lookup.clone();
-        async move {
-            let key = signing_key(&lookup.0, &lookup.1, &req)?;
-            lookup
-                .2
-                .set(req.access_key().to_owned())
-                .map_err(|_| SignatureError::InvalidClientTokenId(String::new()))?;
-            Ok(key)
-        }
-    });
-    let verified = sigv4_validate_request(
-        request,
-        region,
-        SERVICE,
-        &mut signing_keys,
-        now,
-        &REQUIRED_HEADERS,
-        SignatureOptions::default(),
-    )
-    .await;
-    match verified {
-        Ok(_) => match (used.2.get(), claimed) {
-            (Some(used), Some(claimed)) if *used == claimed => Ok(claimed),
-            _ => Err(failure(
-                "IncompleteSignatureException",
-                "the signature was not verified with the access key the credential names",
-                None,
-            )),
-        },
-        Err(err) => Err(match err.downcast::<SignatureError>() {
-            Ok(err) => signature_failure(*err, claimed),
-            Err(other) => failure("IncompleteSignatureException", other.to_string(), claimed),
-        }),
+    check_scope(&parsed, date, scope)
+        .map_err(|(code, message)| failure(code, message, claimed.clone()))?;
+    let signed: Vec<&str> = parsed.signed_headers.split(';').collect();
+    let unsigned = ALWAYS_SIGNED
+        .iter()
+        .chain(
+            SIGNED_WHEN_PRESENT
+                .iter()
+                .filter(|h| parts.headers.contains_key(**h)),
+        )
+        .find(|h| !signed.contains(h));
+    if let Some(name) = unsigned {
+        return Err(failure(
+            "IncompleteSignatureException",
+            format!("the signature must cover the {name} header (SignedHeaders)"),
+            claimed,
+        ));
     }
-}
-
-/// The day's signing key of the access key a request names (the verifier's callback).
-fn signing_key(
-    keys: &AccessKeys,
-    account: &str,
-    req: &GetSigningKeyRequest,
-) -> Result<GetSigningKeyResponse, BoxError> {
-    let key = keys
-        .get(req.access_key())
-        .ok_or_else(|| SignatureError::InvalidClientTokenId(String::new()))?;
-    let secret = KSecretKey::from_str(&key.secret)
-        .map_err(|_| SignatureError::InvalidClientTokenId(String::new()))?;
-    let user = User::new(PARTITION, account, "/", "wrapd")?;
-    Ok(GetSigningKeyResponse::builder()
-        .principal(user)
-        .signing_key(secret.to_ksigning(req.request_date(), req.region(), req.service()))
-        .build()?)
-}
-
-fn signature_failure(err: SignatureError, claimed: Option<String>) -> AuthFailure {
-    match err {
-        SignatureError::InvalidClientTokenId(_) => failure(
+    let Some(key) = keys.get(parsed.access_key) else {
+        return Err(failure(
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
             claimed,
-        ),
-        SignatureError::MissingAuthenticationToken(message) => {
-            failure("MissingAuthenticationTokenException", message, claimed)
-        }
-        SignatureError::SignatureDoesNotMatch(message) => failure(
+        ));
+    };
+    let expected = expected_signature(key, scope, at.into(), parts, &signed, body)
+        .map_err(|message| failure("IncompleteSignatureException", message, claimed.clone()))?;
+    if bool::from(expected.as_bytes().ct_eq(parsed.signature.as_bytes())) {
+        Ok(key.id.clone())
+    } else {
+        Err(failure(
             "InvalidSignatureException",
-            message.unwrap_or_else(|| {
-                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.".to_owned()
-            }),
+            "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
             claimed,
-        ),
-        SignatureError::IncompleteSignature(message) => {
-            failure("IncompleteSignatureException", message, claimed)
-        }
-        other => failure("IncompleteSignatureException", other.to_string(), claimed),
+        ))
     }
+}
+
+/// Checks the credential scope (`DATE/REGION/SERVICE/aws4_request`) against the request's
+/// date and the front end's scope; the error is the AWS type and message.
+fn check_scope(
+    parsed: &Authorization<'_>,
+    date: &str,
+    scope: Scope<'_>,
+) -> Result<(), (&'static str, String)> {
+    let parts: Vec<&str> = parsed.credential.split('/').skip(1).collect();
+    let [day, region, service, terminator] = parts.as_slice() else {
+        return Err((
+            "IncompleteSignatureException",
+            "Credential must be ACCESS_KEY_ID/YYYYMMDD/REGION/SERVICE/aws4_request".to_owned(),
+        ));
+    };
+    if *terminator != TERMINATOR {
+        return Err((
+            "IncompleteSignatureException",
+            format!(
+                "Credential should be scoped with a valid terminator: '{TERMINATOR}', not '{terminator}'."
+            ),
+        ));
+    }
+    let request_day = date.get(..8).unwrap_or_default();
+    if *day != request_day {
+        return Err((
+            "InvalidSignatureException",
+            format!(
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{day}' != '{request_day}', from '{date}'."
+            ),
+        ));
+    }
+    if *region != scope.region {
+        return Err((
+            "InvalidSignatureException",
+            format!(
+                "Credential should be scoped to a valid region, not '{region}'. This endpoint serves '{}'.",
+                scope.region
+            ),
+        ));
+    }
+    if *service != scope.service {
+        return Err((
+            "InvalidSignatureException",
+            format!(
+                "Credential should be scoped to correct service: '{}'.",
+                scope.service
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The signature `key` gives the request as received: its `signed` headers (every value of
+/// each), method, path, query and body, at `at`, in `scope`.
+fn expected_signature(
+    key: &AwsAccessKey,
+    scope: Scope<'_>,
+    at: SystemTime,
+    parts: &http::request::Parts,
+    signed: &[&str],
+    body: &[u8],
+) -> Result<String, String> {
+    let identity =
+        Credentials::new(key.id.as_str(), key.secret.as_str(), None, None, "wrapd").into();
+    let mut settings = SigningSettings::default();
+    // Sign exactly the headers the caller signed: none is left out by name.
+    settings.excluded_headers = Some(Vec::new());
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(scope.region)
+        .name(scope.service)
+        .time(at)
+        .settings(settings)
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let mut headers = Vec::new();
+    for name in signed {
+        for value in parts.headers.get_all(*name) {
+            let value = value
+                .to_str()
+                .map_err(|_| format!("the signed header {name} is not visible ASCII"))?;
+            headers.push((*name, value));
+        }
+    }
+    // The host the signature names is the Host header's (signed, required); the URI's
+    // authority is only a placeholder the signer's parser wants.
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = SignableRequest::new(
+        parts.method.as_str(),
+        format!("https://wrapd.invalid{path}"),
+        headers.into_iter(),
+        SignableBody::Bytes(body),
+    )
+    .map_err(|e| format!("the request cannot be canonicalized: {e}"))?;
+    let (_, signature) = sign(request, &params)
+        .map_err(|e| format!("the request cannot be canonicalized: {e}"))?
+        .into_parts();
+    Ok(signature)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use zeroize::Zeroizing;
+
+    const KMS: Scope<'static> = Scope {
+        region: "us-east-1",
+        service: "kms",
+    };
 
     const GOOD: &str = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7";
 
@@ -455,12 +507,12 @@ mod tests {
         parts
     }
 
-    fn keys() -> Arc<AccessKeys> {
-        Arc::new(AccessKeys::new([AwsAccessKey {
+    fn keys() -> AccessKeys {
+        AccessKeys::new([AwsAccessKey {
             id: "AKIDEXAMPLE0000001".into(),
             secret: Zeroizing::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into()),
             principal: None,
-        }]))
+        }])
     }
 
     fn now() -> DateTime<Utc> {
@@ -470,9 +522,9 @@ mod tests {
     /// A request botocore signed (tests/vectors/sigv4_fixture.py), as parts and body.
     fn botocore_request(
         edit: impl FnOnce(&mut http::HeaderMap, &mut String),
-    ) -> (Arc<AccessKeys>, http::request::Parts, Bytes) {
+    ) -> (AccessKeys, http::request::Parts, Bytes) {
         let fixture: serde_json::Value =
-            serde_json::from_str(include_str!("../../../tests/vectors/sigv4-kms.json")).unwrap();
+            serde_json::from_str(include_str!("../../tests/vectors/sigv4-kms.json")).unwrap();
         let mut builder = http::Request::post("/");
         for (name, value) in fixture["headers"].as_object().unwrap() {
             builder = builder.header(name.as_str(), value.as_str().unwrap());
@@ -480,25 +532,23 @@ mod tests {
         let (mut parts, ()) = builder.body(()).unwrap().into_parts();
         let mut body = fixture["body"].as_str().unwrap().to_owned();
         edit(&mut parts.headers, &mut body);
-        let keys = Arc::new(AccessKeys::new([AwsAccessKey {
+        let keys = AccessKeys::new([AwsAccessKey {
             id: fixture["access_key"].as_str().unwrap().into(),
             secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
             principal: None,
-        }]));
+        }]);
         (keys, parts, Bytes::from(body))
     }
 
-    #[tokio::test]
-    async fn a_request_signed_by_botocore_verifies() {
+    #[test]
+    fn a_request_signed_by_botocore_verifies() {
         let (keys, parts, body) = botocore_request(|_, _| {});
-        let key = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-            .await
-            .unwrap();
+        let key = verify(&keys, KMS, &parts, &body, now()).unwrap();
         assert_eq!(key, "AKIAIOSFODNN7EXAMPLE");
     }
 
-    #[tokio::test]
-    async fn a_signature_for_one_key_is_never_credited_to_another() {
+    #[test]
+    fn a_signature_for_one_key_is_never_credited_to_another() {
         let victim = "AKIAVICTIMVICTIM0001";
         for prefix in ["", "Foo="] {
             let (keys, parts, body) = botocore_request(|headers, _| {
@@ -515,46 +565,38 @@ mod tests {
                 secret: Zeroizing::new("v".repeat(40)),
                 principal: Some("unix:uid=0".into()),
             });
-            let keys = Arc::new(AccessKeys::new(all));
-            let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-                .await
-                .unwrap_err();
-            assert_eq!(err.error.code, "IncompleteSignatureException", "{err:?}");
+            let keys = AccessKeys::new(all);
+            let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();
+            assert_eq!(err.code, "IncompleteSignatureException", "{err:?}");
             assert_eq!(err.claimed_key, None);
         }
     }
 
-    #[tokio::test]
-    async fn a_request_with_two_authorization_headers_is_refused() {
+    #[test]
+    fn a_request_with_two_authorization_headers_is_refused() {
         let (keys, parts, body) = botocore_request(|headers, _| {
             let auth = headers["authorization"].clone();
             headers.append("authorization", auth);
         });
-        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-            .await
-            .unwrap_err();
-        assert_eq!(err.error.code, "IncompleteSignatureException", "{err:?}");
-        assert!(err.error.message.contains("more than one"), "{err:?}");
+        let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();
+        assert_eq!(err.code, "IncompleteSignatureException", "{err:?}");
+        assert!(err.message.contains("more than one"), "{err:?}");
     }
 
-    #[tokio::test]
-    async fn a_signed_request_with_another_operation_or_body_does_not_verify() {
+    #[test]
+    fn a_signed_request_with_another_operation_or_body_does_not_verify() {
         let (keys, parts, body) = botocore_request(|headers, _| {
             headers.insert("x-amz-target", "TrentService.Encrypt".parse().unwrap());
         });
-        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-            .await
-            .unwrap_err();
-        assert_eq!(err.error.code, "InvalidSignatureException");
+        let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();
+        assert_eq!(err.code, "InvalidSignatureException");
         let (keys, parts, body) = botocore_request(|_, body| body.push(' '));
-        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-            .await
-            .unwrap_err();
-        assert_eq!(err.error.code, "InvalidSignatureException");
+        let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();
+        assert_eq!(err.code, "InvalidSignatureException");
     }
 
-    #[tokio::test]
-    async fn a_request_whose_target_is_not_signed_is_refused() {
+    #[test]
+    fn a_request_whose_target_is_not_signed_is_refused() {
         // The operation header is required among the signed headers when present.
         let (keys, parts, body) = botocore_request(|headers, _| {
             let auth = headers["authorization"].to_str().unwrap().replace(
@@ -563,95 +605,58 @@ mod tests {
             );
             headers.insert("authorization", auth.parse().unwrap());
         });
-        let err = verify(&keys, "us-east-1", "111122223333", &parts, body, now())
-            .await
-            .unwrap_err();
+        let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();
         assert_ne!(err.claimed_key, None);
-        assert!(err.error.message.contains("x-amz-target"), "{err:?}");
+        assert!(err.message.contains("x-amz-target"), "{err:?}");
     }
 
-    #[tokio::test]
-    async fn a_request_dated_ten_minutes_off_is_refused_before_its_signature() {
+    #[test]
+    fn a_request_dated_ten_minutes_off_is_refused_before_its_signature() {
         let parts = signed("20261123T101000Z");
-        let err = verify(
-            &keys(),
-            "us-east-1",
-            "111122223333",
-            &parts,
-            Bytes::new(),
-            now(),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.error.code, "InvalidSignatureException");
+        let err = verify(&keys(), KMS, &parts, &[], now()).unwrap_err();
+        assert_eq!(err.code, "InvalidSignatureException");
         assert_eq!(err.claimed_key.as_deref(), Some("AKIDEXAMPLE0000001"));
     }
 
-    #[tokio::test]
-    async fn a_wrong_signature_is_an_invalid_signature() {
+    #[test]
+    fn a_wrong_signature_is_an_invalid_signature() {
+        let parts = signed("20261123T100100Z");
+        let err = verify(&keys(), KMS, &parts, &[], now()).unwrap_err();
+        assert_eq!(err.code, "InvalidSignatureException", "{err:?}");
+    }
+
+    #[test]
+    fn an_unknown_access_key_is_an_unrecognized_client() {
+        let parts = signed("20261123T100100Z");
+        let err = verify(&AccessKeys::default(), KMS, &parts, &[], now()).unwrap_err();
+        assert_eq!(err.code, "UnrecognizedClientException", "{err:?}");
+    }
+
+    #[test]
+    fn a_scope_of_another_region_is_refused() {
         let parts = signed("20261123T100100Z");
         let err = verify(
             &keys(),
-            "us-east-1",
-            "111122223333",
+            Scope {
+                region: "eu-west-1",
+                service: "kms",
+            },
             &parts,
-            Bytes::new(),
+            &[],
             now(),
         )
-        .await
         .unwrap_err();
-        assert_eq!(err.error.code, "InvalidSignatureException", "{err:?}");
+        assert_eq!(err.code, "InvalidSignatureException", "{err:?}");
+        assert!(err.message.contains("region"), "{err:?}");
     }
 
-    #[tokio::test]
-    async fn an_unknown_access_key_is_an_unrecognized_client() {
-        let parts = signed("20261123T100100Z");
-        let err = verify(
-            &Arc::new(AccessKeys::default()),
-            "us-east-1",
-            "111122223333",
-            &parts,
-            Bytes::new(),
-            now(),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.error.code, "UnrecognizedClientException", "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn a_scope_of_another_region_is_refused() {
-        let parts = signed("20261123T100100Z");
-        let err = verify(
-            &keys(),
-            "eu-west-1",
-            "111122223333",
-            &parts,
-            Bytes::new(),
-            now(),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.error.code, "InvalidSignatureException", "{err:?}");
-        assert!(err.error.message.contains("region"), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn an_unsigned_request_is_missing_its_token() {
+    #[test]
+    fn an_unsigned_request_is_missing_its_token() {
         let (parts, ()) = http::Request::post("https://127.0.0.1/")
             .body(())
             .unwrap()
             .into_parts();
-        let err = verify(
-            &keys(),
-            "us-east-1",
-            "111122223333",
-            &parts,
-            Bytes::new(),
-            now(),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.error.code, "MissingAuthenticationTokenException");
+        let err = verify(&keys(), KMS, &parts, &[], now()).unwrap_err();
+        assert_eq!(err.code, "MissingAuthenticationTokenException");
     }
 }
