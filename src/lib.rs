@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! server (listeners: accept loops, limits, unix peers, TLS)
-//!   -> front (gRPC services, KMS v2 plugin, AWS KMS JSON API: decode, build the Call, map
-//!      results and errors)
+//!   -> front (gRPC services, KMS v2 plugin, AWS KMS JSON API, XKS proxy API: decode, build
+//!      the Call, map results and errors)
 //!   -> ops (the operation layer: validation, policy, key store call, audit line; one job)
 //!   -> keystore (keys, versions, aliases, states; metadata store)  ->  hsm (PKCS#11)
 //! beside them: auth (identities from connection records, policy), audit (the log)
@@ -21,13 +21,13 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
-//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: SigV4, ARNs, AWS error types), and each one's error mapping |
+//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: ARNs, AWS error types), the XKS proxy API for AWS KMS external key stores (`front::xks`), the SigV4 verifier both HTTPS front ends share (`front::sigv4`), and each one's error mapping |
 //! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the data plane's worker threads, the KMS plugin's rules |
 //! | [`metrics`] | What is measured and the recording calls: a leaf the audit log, ops and hsm use (the recorder, the scrape and its listener are in `server`) |
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
 //! | [`audit`] | the hash-chained audit log, its group commit ([`audit::writer`]) and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
-//! | [`keystore`] | keys and data-key operations, one file per part (view, lifecycle, rotation, aliases, data plane, import, tickets); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |
+//! | [`keystore`] | keys and data-key operations, one file per part (view, lifecycle, rotation, aliases, data plane, raw AES-GCM for the XKS API, import, tickets); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |
 //! | [`hsm`] | the only PKCS#11 code: the [`hsm::Token`] trait, its cryptoki implementation, the session pool, dev token provisioning |
 //! | [`blob`] | the ciphertext blob format |
 //! | [`context`] | encryption context validation and canonical serialization |

@@ -208,6 +208,8 @@ pub struct XksConfig {
     pub client_subject: Option<String>,
     /// The logical key stores, one per URI path prefix.
     pub keystores: Vec<XksKeystore>,
+    /// The config file it was read from, re-read for its key stores on SIGHUP.
+    pub source: Option<PathBuf>,
 }
 
 /// One logical key store of the XKS proxy API (`[[xks.keystore]]`).
@@ -320,8 +322,39 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base)
-            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.detail())))
+        let mut config = Self::parse(&text, base)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.detail())))?;
+        if let Some(xks) = &mut config.xks {
+            xks.source = Some(path.to_owned());
+        }
+        Ok(config)
+    }
+
+    /// Re-reads only the `[xks]` section of the config file `path` (SIGHUP: key stores and
+    /// their credentials change without a restart). Credentials must come from files then:
+    /// the environment variables of `secret_env` were wiped once read at start.
+    pub fn reload_xks(path: &Path) -> Result<Option<XksConfig>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            Error::Config(format!(
+                "{}: {}",
+                path.display(),
+                e.message().replace('\n', " ")
+            ))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| base.join(p);
+        let mut secret_envs = Vec::new();
+        let xks = raw
+            .xks
+            .map(|x| xks_config(x, &resolve, &mut secret_envs))
+            .transpose()
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.detail())))?;
+        Ok(xks.map(|mut xks| {
+            xks.source = Some(path.to_owned());
+            xks
+        }))
     }
 
     /// Parses config text; relative paths are resolved against `base`.

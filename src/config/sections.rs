@@ -409,6 +409,7 @@ pub(super) fn xks_config(
         client_ca: raw.client_ca.as_deref().map(resolve),
         client_subject: raw.client_subject,
         keystores,
+        source: None,
     })
 }
 

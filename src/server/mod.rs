@@ -343,6 +343,7 @@ impl Daemon {
             .fitted_to_fd_limit(listeners.iter().filter(|l| **l).count());
         let names = Arc::new(UnixNames::default());
         let mut acceptors = Vec::new();
+        let mut reloadable_xks = None;
         if let Some(unix) = &self.unix {
             let listener = bind_unix_socket(&unix.path, unix.mode)?;
             let router = self.router(&ops, &health_service, &limits)?;
@@ -416,6 +417,9 @@ impl Daemon {
                 .local_addr()
                 .map_err(|e| Error::Config(format!("xks listener: {e}")))?;
             let api = Arc::new(XksApi::new(ops.clone(), xks, self.hsm_model.clone(), 1));
+            if let Some(source) = &xks.source {
+                reloadable_xks = Some((api.clone(), source.clone()));
+            }
             let (incoming, acceptor) = listen::tls_incoming(listener, tls, &limits);
             acceptors.push(acceptor);
             servers.spawn(listener_result(http::serve(
@@ -458,7 +462,12 @@ impl Daemon {
                 health.clone(),
                 self.audit.as_ref().map(|a| a.subscribe()),
             )),
-            tokio::spawn(hangup_task(hangup, self.policy.clone(), self.audit.clone())),
+            tokio::spawn(hangup_task(
+                hangup,
+                self.policy.clone(),
+                self.audit.clone(),
+                reloadable_xks,
+            )),
             tokio::spawn(audit_head_task(self.audit.clone())),
         ];
 
@@ -772,12 +781,31 @@ async fn hangup_task(
     mut hangup: tokio::signal::unix::Signal,
     policy: Arc<PolicyHandle>,
     audit: Option<Arc<AuditLog>>,
+    xks: Option<(Arc<XksApi>, PathBuf)>,
 ) {
     while hangup.recv().await.is_some() {
         match policy.reload() {
             Ok(grants) => tracing::info!(grants, "SIGHUP: policy reloaded"),
             Err(err) => {
                 tracing::error!(error = %err, "SIGHUP: the new policy is invalid; the previous one stays in force")
+            }
+        }
+        if let Some((api, path)) = &xks {
+            let path = path.clone();
+            match tokio::task::spawn_blocking(move || Config::reload_xks(&path)).await {
+                Ok(Ok(Some(config))) => {
+                    api.reload(&config);
+                    tracing::info!(
+                        keystores = config.keystores.len(),
+                        "SIGHUP: XKS key stores reloaded"
+                    );
+                }
+                Ok(Ok(None)) => tracing::error!(
+                    "SIGHUP: the config no longer has [xks]; the listener keeps its key stores until a restart"
+                ),
+                Ok(Err(err)) => tracing::error!(error = %err,
+                    "SIGHUP: the [xks] section is invalid; the previous key stores stay in force"),
+                Err(err) => tracing::error!(error = %err, "SIGHUP: the XKS reload failed"),
             }
         }
         if let Some(audit) = &audit {

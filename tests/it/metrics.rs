@@ -80,8 +80,8 @@ async fn counters_move_by_exactly_the_workload() {
     assert_eq!(moved("wrapd_audit_lines_per_sync_sum"), 6.0, "{after}");
     let syncs = moved("wrapd_audit_lines_per_sync_count");
     assert!((1.0..=6.0).contains(&syncs), "{after}");
-    // The dev Kubernetes key and the new one.
-    assert_eq!(value(&after, "wrapd_keys{state=\"ENABLED\"}"), 2.0);
+    // The dev Kubernetes and XKS keys, and the new one.
+    assert_eq!(value(&after, "wrapd_keys{state=\"ENABLED\"}"), 3.0);
     assert!(after.contains("wrapd_build_info{version="));
     let share = format!("wrapd_key_wrap_share{{key_id=\"{}\"}}", key.key_id);
     assert!(value(&after, &share) > 0.0, "{after}");

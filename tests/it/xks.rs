@@ -425,64 +425,93 @@ fn paths_methods_and_the_load_balancer_check_answer_as_the_specification_says() 
     assert!(answer["xksProxyFleetSize"].as_u64().unwrap() >= 1);
 }
 
-#[test]
-fn a_key_store_takes_two_credentials_at_once_so_they_rotate() {
-    let mut daemon = DevDaemon::start();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stores_credentials_rotate_on_sighup_with_two_accepted_at_once() {
+    let daemon = DevDaemon::start();
     let env = dev_env(&daemon);
-    let config_path = daemon.config_path();
-    let config = std::fs::read_to_string(&config_path).unwrap();
-    let second_secret = "SecondSecretOfFortyThreeOrMoreCharacters0123456789";
-    std::fs::write(daemon.dir().join("xks/second"), second_secret).unwrap();
-    std::fs::set_permissions(
-        daemon.dir().join("xks/second"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-    std::fs::write(
-        &config_path,
-        config.replace(
-            "secret_file = \"xks/secret\"\n",
-            "secret_file = \"xks/secret\"\n\n[[xks.keystore.credential]]\nid = \"SECONDCREDENTIAL2345ABCD\"\nsecret_file = \"xks/second\"\n",
-        ),
-    )
-    .unwrap();
-    daemon.restart();
-    let new_env = dev_env(&daemon);
     let health =
         json!({ "requestMetadata": { "kmsOperation": "KmsHealthCheck", "kmsRequestId": "h1" } });
     let url = format!(
         "https://{}/{}/kms/xks/v1/health",
-        new_env["XKS_PROXY_HOST"], new_env["URI_PREFIX"]
+        env["XKS_PROXY_HOST"], env["URI_PREFIX"]
     );
-    for (id, secret, expected) in [
-        (
-            env["SIGV4_ACCESS_KEY_ID"].as_str(),
-            env["SIGV4_SECRET_ACCESS_KEY"].as_str(),
-            "200",
-        ),
-        ("SECONDCREDENTIAL2345ABCD", second_secret, "200"),
-        (
-            "SECONDCREDENTIAL2345ABCD",
-            env["SIGV4_SECRET_ACCESS_KEY"].as_str(),
-            "401",
-        ),
-    ] {
+    let status = |id: &str, secret: &str| {
         let out = Command::new("curl")
-            .args([
-                "--silent",
-                "--cacert",
-                &new_env["XKS_CA"],
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-            ])
-            .args(["-H", "Content-Type:application/json"])
+            .args(["--silent", "--cacert", &env["XKS_CA"], "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "-H", "Content-Type:application/json"])
             .args(["--aws-sigv4", "aws:amz:us-east-1:kms-xks-proxy"])
             .args(["--user", &format!("{id}:{secret}")])
             .args(["--data-binary", &health.to_string(), &url])
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{id}");
-    }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (first_id, first_secret) = (
+        env["SIGV4_ACCESS_KEY_ID"].clone(),
+        env["SIGV4_SECRET_ACCESS_KEY"].clone(),
+    );
+    let (second_id, second_secret) = (
+        "SECONDCREDENTIAL2345ABCD",
+        "SecondSecretOfFortyThreeOrMoreCharacters0123456789",
+    );
+    let second_file = daemon.dir().join("xks/second");
+    std::fs::write(&second_file, second_secret).unwrap();
+    std::fs::set_permissions(&second_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        status(second_id, second_secret),
+        "401",
+        "not configured yet"
+    );
+
+    // The specification's rotation, step 1: both credentials accepted, without a restart.
+    let config_path = daemon.config_path();
+    let first_block =
+        format!("[[xks.keystore.credential]]\nid = \"{first_id}\"\nsecret_file = \"xks/secret\"\n");
+    let second_block = format!(
+        "[[xks.keystore.credential]]\nid = \"{second_id}\"\nsecret_file = \"xks/second\"\n"
+    );
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains(&first_block), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace(&first_block, &format!("{first_block}\n{second_block}")),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("the second credential is accepted", || async {
+        status(second_id, second_secret) == "200"
+    })
+    .await;
+    assert_eq!(status(&first_id, &first_secret), "200");
+    assert_eq!(
+        status(second_id, &first_secret),
+        "401",
+        "each id with its own secret"
+    );
+
+    // Step 4: the old one removed.
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace(&format!("{first_block}\n"), ""),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("the first credential is refused", || async {
+        status(&first_id, &first_secret) == "401"
+    })
+    .await;
+    assert_eq!(status(second_id, second_secret), "200");
+
+    // An invalid [xks] section leaves the key stores in force.
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, config.replace(second_id, "SHORT")).unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("the reload is refused", || async {
+        daemon
+            .log()
+            .contains("the previous key stores stay in force")
+    })
+    .await;
+    assert_eq!(status(second_id, second_secret), "200");
 }

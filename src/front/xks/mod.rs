@@ -85,7 +85,8 @@ struct Store {
 /// The XKS proxy API over the operation layer.
 pub struct XksApi {
     ops: Ops,
-    stores: Vec<Store>,
+    /// Replaced whole on SIGHUP ([`XksApi::reload`]); a request uses the set it started with.
+    stores: arc_swap::ArcSwap<Vec<Store>>,
     hsm_model: String,
     fleet_size: u32,
     /// The last load balancer check, reused for a second: `/ping` takes no credentials.
@@ -158,18 +159,29 @@ impl XksApi {
     pub fn new(ops: Ops, config: &XksConfig, hsm_model: String, fleet_size: u32) -> Self {
         Self {
             ops,
-            stores: config.keystores.iter().map(Store::new).collect(),
+            stores: arc_swap::ArcSwap::from_pointee(
+                config.keystores.iter().map(Store::new).collect(),
+            ),
             hsm_model,
             fleet_size: fleet_size.max(1),
             last_ping: parking_lot::Mutex::new(None),
         }
     }
 
+    /// Replaces the key stores (prefixes, regions, principals, credentials) with those of
+    /// `config`: SIGHUP, so that SigV4 credentials rotate without a restart. The listener
+    /// and its TLS settings stay as they started.
+    pub fn reload(&self, config: &XksConfig) {
+        self.stores.store(std::sync::Arc::new(
+            config.keystores.iter().map(Store::new).collect(),
+        ));
+    }
+
     /// Finds the key store and route of a path: `/[PREFIX/]kms/xks/v1/ROUTE`. The longest
     /// matching prefix wins.
-    fn route(&self, path: &str) -> Option<(&Store, Route)> {
+    fn route<'a>(stores: &'a [Store], path: &str) -> Option<(&'a Store, Route)> {
         let path = path.strip_prefix('/')?;
-        self.stores
+        stores
             .iter()
             .filter_map(|store| {
                 let rest = if store.prefix.is_empty() {
@@ -207,7 +219,8 @@ impl XksApi {
         if parts.uri.path() == "/ping" && parts.method == Method::GET {
             return self.ping().await;
         }
-        let Some((store, route)) = self.route(parts.uri.path()) else {
+        let stores = self.stores.load_full();
+        let Some((store, route)) = Self::route(&stores, parts.uri.path()) else {
             return XksError::invalid_path().response();
         };
         if parts.method != Method::POST {

@@ -125,7 +125,7 @@ async fn aliases_and_pagination() {
     let daemon = daemon();
     let mut keys = daemon.keys().await;
     let mut data = daemon.data().await;
-    // `wrapd dev` made its own key (alias/kubernetes) first.
+    // `wrapd dev` made its own keys (alias/kubernetes, alias/xks-dev) first.
     let existing: Vec<String> = keys
         .list_keys(ListKeysRequest::default())
         .await
@@ -135,13 +135,13 @@ async fn aliases_and_pagination() {
         .into_iter()
         .map(|k| k.key_id)
         .collect();
-    assert_eq!(existing.len(), 1);
+    assert_eq!(existing.len(), 2);
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(create_key(&mut keys, "").await.key_id);
     }
 
-    // Pages of 2: 2 + 2 + 1, in creation order, every key once.
+    // Pages of 2: 2 + 2 + 2, in creation order, every key once.
     let mut seen = Vec::new();
     let mut token = String::new();
     let mut pages = 0;
@@ -257,7 +257,10 @@ async fn aliases_and_pagination() {
         .unwrap()
         .into_inner();
     let names: Vec<_> = all.aliases.iter().map(|a| a.alias_name.as_str()).collect();
-    assert_eq!(names, ["alias/kubernetes", "alias/svc", "alias/svc-2"]);
+    assert_eq!(
+        names,
+        ["alias/kubernetes", "alias/svc", "alias/svc-2", "alias/xks-dev"]
+    );
     let of_first = keys
         .list_aliases(ListAliasesRequest {
             key_id: ids[0].clone(),
@@ -268,7 +271,7 @@ async fn aliases_and_pagination() {
         .into_inner();
     assert_eq!(of_first.aliases.len(), 1);
     assert_eq!(of_first.aliases[0].alias_name, "alias/svc-2");
-    // One alias per page, three pages.
+    // One alias per page, four pages.
     let mut paged = Vec::new();
     let mut token = String::new();
     loop {
