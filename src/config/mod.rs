@@ -221,6 +221,9 @@ pub struct XksKeystore {
     pub region: String,
     /// The principal its requests act as, `xks:NAME`.
     pub principal: String,
+    /// Its request quota: authenticated requests beyond it (a second's worth at once) are
+    /// answered `ThrottlingException`.
+    pub requests_per_second: Option<std::num::NonZeroU32>,
     /// The SigV4 credentials AWS KMS may sign with (two at once while they rotate).
     pub credentials: Vec<AwsAccessKey>,
 }

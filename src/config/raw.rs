@@ -190,6 +190,7 @@ pub(super) struct RawXksKeystore {
     pub(super) uri_prefix: String,
     pub(super) region: String,
     pub(super) principal: Option<String>,
+    pub(super) requests_per_second: Option<u32>,
     #[serde(default, rename = "credential")]
     pub(super) credentials: Vec<RawXksCredential>,
 }

@@ -395,10 +395,19 @@ pub(super) fn xks_config(
                 principal: None,
             });
         }
+        let requests_per_second = match keystore.requests_per_second {
+            None => None,
+            Some(n) => Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
+                Error::Config(format!(
+                    "{at}.requests_per_second must be at least 1 (leave it out for no quota)"
+                ))
+            })?),
+        };
         keystores.push(XksKeystore {
             uri_prefix: prefix,
             region: keystore.region,
             principal,
+            requests_per_second,
             credentials,
         });
     }

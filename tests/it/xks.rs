@@ -515,3 +515,37 @@ async fn a_key_stores_credentials_rotate_on_sighup_with_two_accepted_at_once() {
     .await;
     assert_eq!(status(second_id, second_secret), "200");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_store_over_its_request_quota_is_answered_throttling() {
+    let daemon = DevDaemon::start();
+    let key = dev_env(&daemon)["KEY_ID"].clone();
+    let config_path = daemon.config_path();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace(
+            "principal = \"xks:dev\"\n",
+            "principal = \"xks:dev\"\nrequests_per_second = 1\n",
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    eventually("the quota is in force", || async {
+        daemon.log().contains("SIGHUP: XKS key stores reloaded")
+    })
+    .await;
+    let answers: Vec<(u16, Value)> = (0..10).map(|_| key_metadata(&daemon, &key)).collect();
+    assert_eq!(answers[0].0, 200, "{:?}", answers[0]);
+    let throttled = answers
+        .iter()
+        .filter(|(status, answer)| *status == 429 && answer["errorName"] == "ThrottlingException")
+        .count();
+    assert!(throttled >= 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _)| *status == 200 || *status == 429),
+        "{answers:?}"
+    );
+}

@@ -12,6 +12,7 @@
 //! | permission denied | `AccessDeniedException` | 403 |
 //! | no such key | `KeyNotFoundException` | 404 |
 //! | unknown path | `InvalidUriPathException` | 404 |
+//! | over the key store's request quota | `ThrottlingException` | 429 |
 //! | not offered (an algorithm other than `AES_GCM`, a value beyond wrapd's sizes) | `UnsupportedOperationException` | 501 |
 //! | token, session or audit log unavailable | `DependencyTimeoutException` | 503 |
 //! | internal | `InternalException` | 500 |

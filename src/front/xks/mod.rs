@@ -8,7 +8,8 @@
 //! `POST [/PREFIX]/kms/xks/v1/keys/{externalKeyId}/metadata|encrypt|decrypt` and
 //! `POST [/PREFIX]/kms/xks/v1/health`, JSON, signed with SigV4 (service `kms-xks-proxy`,
 //! [`crate::front::sigv4`]). Each configured prefix is a logical key store with its own
-//! region, credentials (several at once, so that they rotate) and principal (`xks:NAME`).
+//! region, credentials (several at once, so that they rotate), principal (`xks:NAME`) and
+//! optional request quota (`ThrottlingException` beyond it).
 //! `GET` on those paths is 405; any other path is `InvalidUriPathException`. `GET /ping`
 //! answers a load balancer without credentials: 200 when the token and the audit log
 //! serve, 503 otherwise.
@@ -74,12 +75,13 @@ pub const SESSION_WAIT: Duration = Duration::from_millis(200);
 /// The vendor and model the health answer reports.
 const VENDOR: &str = "wrapd";
 
-/// One logical key store: its prefix, scope, credentials and principal.
+/// One logical key store: its prefix, scope, credentials, principal and quota.
 struct Store {
     prefix: String,
     region: String,
     principal: String,
     keys: AccessKeys,
+    quota: Option<governor::DefaultDirectRateLimiter>,
 }
 
 /// The XKS proxy API over the operation layer.
@@ -264,6 +266,30 @@ impl XksApi {
             }
         };
         let identity = xks_identity(&store.principal, &credential, remote);
+        // After the signature: requests without the key store's credentials never use up
+        // its quota.
+        if store
+            .quota
+            .as_ref()
+            .is_some_and(|quota| quota.check().is_err())
+        {
+            let message = "the key store's request quota is exceeded; retry later";
+            let call = Call::new(Ok(identity), operation, None, deadline)
+                .with_api_operation(route.api_name());
+            let refused = self
+                .ops
+                .reject(call, Error::Unavailable(message.into()))
+                .await;
+            if refused.kind() != crate::error::ErrorKind::Unavailable {
+                return XksError::from_error(&refused).response();
+            }
+            return XksError::new(
+                "ThrottlingException",
+                StatusCode::TOO_MANY_REQUESTS,
+                message,
+            )
+            .response();
+        }
         let answer = self
             .execute(identity, deadline, &route, &body)
             .await
@@ -488,6 +514,9 @@ impl Store {
             region: config.region.clone(),
             principal: config.principal.clone(),
             keys: AccessKeys::new(config.credentials.iter().cloned()),
+            quota: config
+                .requests_per_second
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
         }
     }
 }

@@ -259,7 +259,12 @@ async fn aliases_and_pagination() {
     let names: Vec<_> = all.aliases.iter().map(|a| a.alias_name.as_str()).collect();
     assert_eq!(
         names,
-        ["alias/kubernetes", "alias/svc", "alias/svc-2", "alias/xks-dev"]
+        [
+            "alias/kubernetes",
+            "alias/svc",
+            "alias/svc-2",
+            "alias/xks-dev"
+        ]
     );
     let of_first = keys
         .list_aliases(ListAliasesRequest {
