@@ -609,14 +609,10 @@ fn xks_tls_acceptor(xks: &XksConfig) -> Result<TlsAcceptor> {
     let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| pem(&e))?;
-    let verifier: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier> =
-        match &xks.client_subject {
-            Some(subject) => Arc::new(SubjectVerifier {
-                chain,
-                common_name: subject.clone(),
-            }),
-            None => chain,
-        };
+    let verifier = Arc::new(XksClientVerifier {
+        chain,
+        common_name: xks.client_subject.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("xks: TLS: {e}")))?
@@ -627,15 +623,17 @@ fn xks_tls_acceptor(xks: &XksConfig) -> Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A client certificate verifier that, after the chain, requires the certificate's subject
-/// common name to be `common_name` (AWS KMS's is `cks.kms.<region>.amazonaws.com`).
+/// The XKS listener's client certificate verifier: the chain (rustls's), then, when set, the
+/// subject common name (AWS KMS's is `cks.kms.<region>.amazonaws.com`). Every refusal ends
+/// the handshake with a `handshake_failure` alert, as AWS's XKS test client expects of a
+/// proxy (rustls would name the reason, e.g. `unknown_ca`, otherwise).
 #[derive(Debug)]
-struct SubjectVerifier {
+struct XksClientVerifier {
     chain: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>,
-    common_name: String,
+    common_name: Option<String>,
 }
 
-impl tokio_rustls::rustls::server::danger::ClientCertVerifier for SubjectVerifier {
+impl tokio_rustls::rustls::server::danger::ClientCertVerifier for XksClientVerifier {
     fn root_hint_subjects(&self) -> &[tokio_rustls::rustls::DistinguishedName] {
         self.chain.root_hint_subjects()
     }
@@ -649,26 +647,29 @@ impl tokio_rustls::rustls::server::danger::ClientCertVerifier for SubjectVerifie
         tokio_rustls::rustls::server::danger::ClientCertVerified,
         tokio_rustls::rustls::Error,
     > {
+        // rustls answers `Error::General` with a `handshake_failure` alert.
+        let refuse = |why: String| tokio_rustls::rustls::Error::General(why);
         let verified = self
             .chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let (_, certificate) = x509_parser::parse_x509_certificate(end_entity).map_err(|_| {
-            tokio_rustls::rustls::Error::InvalidCertificate(
-                tokio_rustls::rustls::CertificateError::BadEncoding,
-            )
-        })?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| refuse(format!("client certificate refused: {e}")))?;
+        let Some(expected) = &self.common_name else {
+            return Ok(verified);
+        };
+        let (_, certificate) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| refuse("client certificate unreadable".into()))?;
         let mut names = certificate.subject().iter_common_name();
         let matches = names
             .next()
             .and_then(|cn| cn.as_str().ok())
-            .is_some_and(|cn| cn == self.common_name)
+            .is_some_and(|cn| cn == expected)
             && names.next().is_none();
         if matches {
             Ok(verified)
         } else {
-            Err(tokio_rustls::rustls::Error::InvalidCertificate(
-                tokio_rustls::rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(refuse(format!(
+                "the client certificate's subject is not CN={expected}"
+            )))
         }
     }
 

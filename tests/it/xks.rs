@@ -123,6 +123,39 @@ fn key_metadata(daemon: &DevDaemon, key: &str) -> (u16, Value) {
     )
 }
 
+/// Runs AWS's XKS proxy test client with `env` (dev.env's variables), and with `mtls` (a
+/// client key and certificate) when given; returns its summary line.
+fn run_test_client(env: &HashMap<String, String>, mtls: Option<(&Path, &Path)>) -> String {
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xks-test-client");
+    let mut command = Command::new("bash");
+    // Its output goes through a pipe: it writes headers to /dev/stderr, which would
+    // truncate a file shared with stdout.
+    command
+        .arg("-c")
+        .arg("./test-xks-proxy 2>&1 | cat")
+        .current_dir(&client)
+        .envs(env)
+        .env("REGION", &env["XKS_REGION"])
+        .env("SECURE", format!("--cacert {}", env["XKS_CA"]))
+        .env("ANSI_ESCAPE", "0");
+    if let Some((key, cert)) = mtls {
+        command.env(
+            "MTLS",
+            format!("--key {} --cert {}", key.display(), cert.display()),
+        );
+    }
+    let out = command.output().expect("bash");
+    let output = String::from_utf8_lossy(&out.stdout);
+    let summary = output
+        .lines()
+        .rev()
+        .find(|line| line.contains("tests PASSED") || line.contains("tests FAILED"))
+        .unwrap_or_else(|| panic!("no summary from the test client:\n{output}"));
+    let failed: Vec<&str> = output.lines().filter(|l| l.contains("FAILED")).collect();
+    assert!(failed.is_empty(), "{}\n{output}", failed.join("\n"));
+    summary.trim().to_owned()
+}
+
 #[test]
 fn aws_xks_proxy_test_client_passes_against_wrapd_dev() {
     let daemon = DevDaemon::start();
@@ -149,34 +182,7 @@ fn aws_xks_proxy_test_client_passes_against_wrapd_dev() {
         daemon.xks,
         "the ready line and dev.env name the same listener"
     );
-    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xks-test-client");
-    // The client's own variables, from dev.env; its output goes through a pipe (it writes
-    // headers to /dev/stderr, which would truncate a shared file).
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg("./test-xks-proxy 2>&1 | cat")
-        .current_dir(&client)
-        .envs(&env)
-        .env("REGION", &env["XKS_REGION"])
-        .env("SECURE", format!("--cacert {}", env["XKS_CA"]))
-        .env("ANSI_ESCAPE", "0")
-        .output()
-        .expect("bash");
-    let output = String::from_utf8_lossy(&out.stdout);
-    let summary = output
-        .lines()
-        .rev()
-        .find(|line| line.contains("tests PASSED") || line.contains("tests FAILED"))
-        .unwrap_or_else(|| panic!("no summary from the test client:\n{output}"));
-    assert!(
-        summary.contains("All 35 tests PASSED"),
-        "{summary}\n{}",
-        output
-            .lines()
-            .filter(|line| line.contains("FAILED"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert_eq!(run_test_client(&env, None), "All 35 tests PASSED.");
     // Every request the client made is audited with its request metadata, never the
     // plaintext.
     let lines = daemon.audit_lines();
@@ -548,4 +554,52 @@ async fn a_key_store_over_its_request_quota_is_answered_throttling() {
             .all(|(status, _)| *status == 200 || *status == 429),
         "{answers:?}"
     );
+}
+
+#[test]
+fn with_mutual_tls_only_aws_kmss_subject_completes_a_handshake() {
+    let mut daemon = DevDaemon::start();
+    let pki = daemon.dir().join("pki");
+    let subject = "cks.kms.us-east-1.amazonaws.com";
+    let issued = Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .args(["pki", "issue", "--dir"])
+        .arg(&pki)
+        .args(["client", "--cn", subject, "--out", "kms"])
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    let config_path = daemon.config_path();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let listener = "key = \"pki/server.key\"\n\n[[xks.keystore]]";
+    assert!(config.contains(listener), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace(
+            listener,
+            &format!("key = \"pki/server.key\"\nclient_ca = \"pki/ca.pem\"\nclient_subject = \"{subject}\"\n\n[[xks.keystore]]"),
+        ),
+    )
+    .unwrap();
+    daemon.restart();
+    let env = dev_env(&daemon);
+    // AWS's client, with the certificate AWS KMS would present: its 35 tests, and its two
+    // negative ones (an expired and a self-signed certificate end the handshake).
+    let summary = run_test_client(&env, Some((&pki.join("kms.key"), &pki.join("kms.pem"))));
+    assert_eq!(summary, "All 37 tests PASSED.");
+    // A certificate of the same CA naming another subject, and none at all, are refused.
+    for cert in [Some("client"), None] {
+        let mut curl = Command::new("curl");
+        curl.args(["--silent", "--cacert", &env["XKS_CA"], "-o", "/dev/null"]);
+        if let Some(name) = cert {
+            curl.arg("--cert")
+                .arg(pki.join(format!("{name}.pem")))
+                .arg("--key")
+                .arg(pki.join(format!("{name}.key")));
+        }
+        let out = curl
+            .arg(format!("https://{}/ping", env["XKS_PROXY_HOST"]))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cert:?} completed a handshake");
+    }
 }
