@@ -61,6 +61,7 @@ fn sigv4_verify() -> String {
         sigv4::Scope {
             region: "us-east-1",
             service: "kms",
+            signed_when_present: &["content-type", "x-amz-target"],
         },
         &signed.parts,
         &signed.body,

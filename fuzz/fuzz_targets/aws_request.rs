@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
     let scope = sigv4::Scope {
         region: "us-east-1",
         service: "kms",
+        signed_when_present: &["content-type", "x-amz-target"],
     };
     let _ = sigv4::verify(&keys, scope, &parts, body, now);
 });

@@ -74,6 +74,12 @@ macro_rules! operations {
                 match self { $(Operation::$name => stringify!($name)),* }
             }
 
+            /// Whether a call of it is checked against the policy: every operation but the
+            /// XKS health check, which the XKS specification excludes from authorization.
+            pub fn is_authorized(self) -> bool {
+                !matches!(self, Operation::XksGetHealthStatus)
+            }
+
             /// The operation's group.
             pub fn group(self) -> Group {
                 match self { $(Operation::$name => Group::$group),* }
@@ -216,7 +222,9 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
     let grantable = || Operation::ALL.iter().filter(|o| **o != Operation::ReWrap);
     for name in names {
         match name.as_str() {
-            "all" => set.extend(grantable()),
+            // Every RPC; the XKS operations only by name or "xks": they are AWS KMS's, and a
+            // grant of "all" to a broad principal glob must not hand them to key stores.
+            "all" => set.extend(grantable().filter(|o| o.group() != Group::Xks)),
             "data-plane" => set.extend(grantable().filter(|o| o.group() == Group::DataPlane)),
             "admin" => set.extend(grantable().filter(|o| o.group() == Group::Admin)),
             "xks" => set.extend(grantable().filter(|o| o.group() == Group::Xks)),
@@ -687,6 +695,19 @@ mod tests {
                 .explain_denial(&xks, Operation::XksGetKeyMetadata, &key, None, &ebs)
                 .is_none()
         );
+        // "all" is every RPC, never the XKS operations: a broad grant must not hand them to
+        // every key store.
+        let broad = Policy::parse(
+            r#"
+            [[grant]]
+            principals = ["*"]
+            operations = ["all"]
+            keys = ["*"]
+            "#,
+        )
+        .unwrap();
+        assert!(!allows(&broad, &xks, Operation::XksEncrypt, &key, None));
+        assert!(allows(&broad, &xks, Operation::DescribeKey, &key, None));
         // Only the documented attributes may be named.
         let err = Policy::parse(
             r#"

@@ -348,6 +348,11 @@ pub(super) fn xks_config(
                 )));
             }
         };
+        if keystores.iter().any(|k| k.principal == principal) {
+            return Err(Error::Config(format!(
+                "{at}.principal {principal:?} is another key store's: each key store needs a principal of its own, or they share every grant"
+            )));
+        }
         if keystore.credentials.is_empty() {
             return Err(Error::Config(format!(
                 "{at} needs at least one [[xks.keystore.credential]]"

@@ -235,3 +235,72 @@ fn an_aws_account_is_twelve_digits() {
     let bad = AWS.replace("111122223333", "12345");
     assert!(Config::parse(&format!("{GOOD}{bad}"), dir.path()).is_err());
 }
+
+const XKS: &str = r#"
+    [xks]
+    listen = "127.0.0.1:0"
+    cert = "server.pem"
+    key = "server.key"
+
+    [[xks.keystore]]
+    uri_prefix = "/tenant-a/"
+    region = "eu-west-1"
+
+    [[xks.keystore.credential]]
+    id = "AAAAAAAAAAAAAAAAAAAAAAAAAA"
+    secret_file = "xks-secret"
+"#;
+
+fn xks_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_pin(dir.path());
+    std::fs::write(
+        dir.path().join("xks-secret"),
+        format!("{}\n", "s".repeat(43)),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn an_xks_key_store_is_named_after_its_prefix_and_checked_as_aws_kms_checks_it() {
+    let dir = xks_dir();
+    let config = Config::parse(&format!("{GOOD}{XKS}"), dir.path()).unwrap();
+    let xks = config.xks.unwrap();
+    let store = &xks.keystores[0];
+    assert_eq!(store.uri_prefix, "tenant-a");
+    assert_eq!(store.principal, "xks:tenant-a");
+    assert_eq!(store.credentials[0].secret.len(), 43);
+    assert!(
+        !format!("{store:?}").contains("sssss"),
+        "Debug redacts the secret"
+    );
+    let refused = |from: &str, to: &str| {
+        let text = format!("{GOOD}{}", XKS.replace(from, to));
+        Config::parse(&text, dir.path()).unwrap_err().to_string()
+    };
+    // AWS KMS's rules for ids (20 to 30 of A-Z 2-7) and secrets (43 to 64).
+    assert!(refused("AAAAAAAAAAAAAAAAAAAAAAAAAA", "AAAA").contains("20 to 30"));
+    assert!(
+        refused("AAAAAAAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAAAAAAA1").contains("A-Z 2-7")
+    );
+    std::fs::write(dir.path().join("short"), "s".repeat(40)).unwrap();
+    assert!(refused("xks-secret", "short").contains("43 to 64"));
+    assert!(refused("/tenant-a/", "a//b").contains("uri_prefix"));
+    assert!(refused("[xks]", "[xks]\nclient_subject = \"x\"").contains("client_ca"));
+    // Two key stores with one principal would share every grant.
+    let twice = format!(
+        "{GOOD}{XKS}{}",
+        r#"
+    [[xks.keystore]]
+    uri_prefix = "other"
+    region = "eu-west-1"
+    principal = "xks:tenant-a"
+    [[xks.keystore.credential]]
+    id = "BBBBBBBBBBBBBBBBBBBBBBBBBB"
+    secret_file = "xks-secret"
+"#
+    );
+    let err = Config::parse(&twice, dir.path()).unwrap_err().to_string();
+    assert!(err.contains("another key store's"), "{err}");
+}

@@ -33,14 +33,24 @@ use subtle::ConstantTimeEq;
 
 use crate::config::AwsAccessKey;
 
-/// Where a signature must be scoped: the front end's region and SigV4 service name.
+/// Where a signature must be scoped (the front end's region and SigV4 service name), and
+/// the headers it must cover when a request has them (besides `host` and `x-amz-date`,
+/// always).
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
     /// The region, e.g. `us-east-1`.
     pub region: &'a str,
     /// The service, e.g. `kms`.
     pub service: &'a str,
+    /// Headers the signature must cover when present: the AWS KMS API's operation header
+    /// (`x-amz-target`) and content type; none for the XKS API, whose operation is in the
+    /// (signed) path and whose caller, AWS KMS, signs `host;x-amz-date` only.
+    pub signed_when_present: &'a [&'a str],
 }
+
+/// Most headers a signature may name: the SDKs sign a handful, and every name costs the
+/// canonicalization.
+pub const MAX_SIGNED_HEADERS: usize = 32;
 
 /// How far a request's time may be from the daemon's clock.
 pub const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
@@ -92,9 +102,8 @@ const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 /// The terminator of every credential scope.
 const TERMINATOR: &str = "aws4_request";
 
-/// Headers every signature must cover; and those it must cover when the request has them.
+/// Headers every signature must cover.
 const ALWAYS_SIGNED: [&str; 2] = ["host", "x-amz-date"];
-const SIGNED_WHEN_PRESENT: [&str; 2] = ["content-type", "x-amz-target"];
 /// The parameters of an `Authorization` header, parsed strictly: each of `Credential`,
 /// `SignedHeaders` and `Signature` exactly once, nothing else.
 ///
@@ -176,6 +185,14 @@ pub fn parse_authorization(value: &str) -> Result<Authorization<'_>, String> {
     };
     if !signed_headers.split(';').all(header_name) {
         return Err("SignedHeaders must be lowercase header names separated by ;".to_owned());
+    }
+    // Sorted and each once, as SigV4 writes them: a name listed twice would have every value
+    // of its header signed twice over, and a list out of order is not one a signer wrote.
+    let names: Vec<&str> = signed_headers.split(';').collect();
+    if names.len() > MAX_SIGNED_HEADERS || names.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err(format!(
+            "SignedHeaders must list at most {MAX_SIGNED_HEADERS} header names, sorted, each once"
+        ));
     }
     if signature.len() != 64
         || !signature
@@ -278,7 +295,8 @@ pub fn verify(
     let unsigned = ALWAYS_SIGNED
         .iter()
         .chain(
-            SIGNED_WHEN_PRESENT
+            scope
+                .signed_when_present
                 .iter()
                 .filter(|h| parts.headers.contains_key(**h)),
         )
@@ -287,6 +305,13 @@ pub fn verify(
         return Err(failure(
             "IncompleteSignatureException",
             format!("the signature must cover the {name} header (SignedHeaders)"),
+            claimed,
+        ));
+    }
+    if let Some(name) = signed.iter().find(|h| !parts.headers.contains_key(**h)) {
+        return Err(failure(
+            "IncompleteSignatureException",
+            format!("SignedHeaders names {name}, which the request does not carry"),
             claimed,
         ));
     }
@@ -420,6 +445,7 @@ mod tests {
     const KMS: Scope<'static> = Scope {
         region: "us-east-1",
         service: "kms",
+        signed_when_present: &["content-type", "x-amz-target"],
     };
 
     const GOOD: &str = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7";
@@ -482,6 +508,109 @@ mod tests {
         for trick in &tricks {
             assert!(parse_authorization(trick).is_err(), "accepted: {trick}");
         }
+    }
+
+    #[test]
+    fn signed_headers_must_be_sorted_unique_and_few() {
+        let with = |headers: &str| GOOD.replace("host;x-amz-date", headers);
+        for bad in [
+            with("x-amz-date;host"),
+            with("host;host;x-amz-date"),
+            with(&format!("{}host;x-amz-date", "a;".repeat(300))),
+            with(
+                &(0..40)
+                    .map(|i| format!("h{i:02}"))
+                    .collect::<Vec<_>>()
+                    .join(";"),
+            ),
+        ] {
+            assert!(parse_authorization(&bad).is_err(), "accepted: {bad}");
+        }
+        assert!(parse_authorization(&with("content-type;host;x-amz-date")).is_ok());
+    }
+
+    /// A request as AWS KMS signs an XKS call: `host;x-amz-date` only, a 64-character
+    /// secret, and a `Content-Type` header it does not sign.
+    fn xks_request(signed_at: DateTime<Utc>) -> (AccessKeys, http::request::Parts, Bytes) {
+        let secret = "s".repeat(64);
+        let key = AwsAccessKey {
+            id: "AAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            secret: Zeroizing::new(secret.clone()),
+            principal: None,
+        };
+        let body = Bytes::from_static(br#"{"requestMetadata":{}}"#);
+        let identity = Credentials::new(key.id.as_str(), secret.as_str(), None, None, "t").into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region("eu-west-1")
+            .name("kms-xks-proxy")
+            .time(signed_at.into())
+            .settings(SigningSettings::default())
+            .build()
+            .unwrap()
+            .into();
+        let signable = SignableRequest::new(
+            "POST",
+            "https://xks.example.com/p/kms/xks/v1/health",
+            [("host", "xks.example.com")].into_iter(),
+            SignableBody::Bytes(&body),
+        )
+        .unwrap();
+        let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+        let mut builder = http::Request::post("/p/kms/xks/v1/health")
+            .header("host", "xks.example.com")
+            .header("content-type", "application/json");
+        for (name, value) in instructions.headers() {
+            builder = builder.header(name, value);
+        }
+        let (parts, ()) = builder.body(()).unwrap().into_parts();
+        (AccessKeys::new([key]), parts, body)
+    }
+
+    #[test]
+    fn a_request_signed_as_aws_kms_signs_xks_calls_verifies_with_a_long_secret() {
+        let (keys, parts, body) = xks_request(now());
+        let xks = Scope {
+            region: "eu-west-1",
+            service: "kms-xks-proxy",
+            signed_when_present: &[],
+        };
+        assert_eq!(
+            verify(&keys, xks, &parts, &body, now()).unwrap(),
+            "AAAAAAAAAAAAAAAAAAAAAAAAAA"
+        );
+        // Where the content type must be signed (the AWS KMS API), the same request is not.
+        let strict = Scope {
+            signed_when_present: &["content-type"],
+            ..xks
+        };
+        let err = verify(&keys, strict, &parts, &body, now()).unwrap_err();
+        assert!(err.message.contains("content-type"), "{err:?}");
+        // Another service or body does not verify.
+        let other = Scope {
+            service: "kms",
+            ..xks
+        };
+        assert!(verify(&keys, other, &parts, &body, now()).is_err());
+        let err = verify(&keys, xks, &parts, &Bytes::from_static(b"{}"), now()).unwrap_err();
+        assert_eq!(err.code, "InvalidSignatureException");
+    }
+
+    #[test]
+    fn a_signed_header_the_request_lacks_is_refused() {
+        let (keys, mut parts, body) = xks_request(now());
+        let auth = parts.headers["authorization"].to_str().unwrap().replace(
+            "SignedHeaders=host;x-amz-date",
+            "SignedHeaders=host;x-amz-date;x-extra",
+        );
+        parts.headers.insert("authorization", auth.parse().unwrap());
+        let xks = Scope {
+            region: "eu-west-1",
+            service: "kms-xks-proxy",
+            signed_when_present: &[],
+        };
+        let err = verify(&keys, xks, &parts, &body, now()).unwrap_err();
+        assert!(err.message.contains("x-extra"), "{err:?}");
     }
 
     #[test]
@@ -639,7 +768,7 @@ mod tests {
             &keys(),
             Scope {
                 region: "eu-west-1",
-                service: "kms",
+                ..KMS
             },
             &parts,
             &[],

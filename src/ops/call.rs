@@ -22,6 +22,9 @@ pub struct Call {
     pub(super) context: Option<(Vec<String>, String)>,
     pub(super) api_operation: Option<String>,
     pub(super) attributes: RequestAttributes,
+    /// Which grant would have allowed a denied call but for its request attributes: for the
+    /// audit line only (the caller gets the plain denial, which names no grant).
+    pub(super) denial: std::sync::OnceLock<String>,
 }
 
 impl Call {
@@ -57,6 +60,7 @@ impl Call {
             context: None,
             api_operation: None,
             attributes: RequestAttributes::new(),
+            denial: std::sync::OnceLock::new(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Call {
             context: None,
             api_operation: self.api_operation.clone(),
             attributes: self.attributes.clone(),
+            denial: std::sync::OnceLock::new(),
         }
     }
 

@@ -22,7 +22,7 @@ use super::Call;
 use super::refusals::{Admit, LINES_PER_WINDOW, RefusalBudget, WINDOW};
 use super::workers::{Job, Workers};
 use crate::audit::{AuditLog, AuditRecord, AuditWriter};
-use crate::auth::{Identity, Operation, PolicyHandle, Target};
+use crate::auth::{Group, Identity, Operation, PolicyHandle, Target};
 use crate::context::EncryptionContext;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hsm::with_deadline;
@@ -115,13 +115,12 @@ impl Gate {
         if policy.allows(&identity.principals, op, target, context, attributes) {
             return Ok(());
         }
-        match policy.explain_denial(&identity.principals, op, target, context, attributes) {
-            Some(why) => Err(Error::PermissionDenied(format!(
-                "not allowed to {} this key: {why}",
-                op.name()
-            ))),
-            None => Err(denied(op)),
+        if let Some(why) =
+            policy.explain_denial(&identity.principals, op, target, context, attributes)
+        {
+            let _ = call.denial.set(why);
         }
+        Err(denied(op))
     }
 
     /// For a call whose key cannot be known yet (or at all: an unparseable blob): allowed to
@@ -258,12 +257,24 @@ impl Gate {
         let (done, answer) = oneshot::channel();
         let gate = self.clone();
         let keystore = keystore.clone();
-        let data_plane = call.op.is_data_plane();
+        // Data-plane and XKS calls run on the workers (one HSM session each); the admin
+        // operations on tokio's blocking pool, so that they never queue behind data keys.
+        let data_plane = call.op.group() != Group::Admin;
         let span = request_span(&call, &call.request_id);
         let task: Job = Box::new(move || {
             let result = {
                 let _entered = span.enter();
-                guarded(|| with_deadline(call.deadline, || job(&gate, &keystore, &mut call)))
+                if call
+                    .deadline
+                    .is_some_and(|deadline| Instant::now() >= deadline)
+                {
+                    // Its caller has given up: token work now would be wasted.
+                    Err(Error::Unavailable(
+                        "the call's deadline passed before it could start".into(),
+                    ))
+                } else {
+                    guarded(|| with_deadline(call.deadline, || job(&gate, &keystore, &mut call)))
+                }
             };
             record_key(&span, &call);
             gate.log(&call, &result);
@@ -449,10 +460,12 @@ impl Gate {
             context_keys,
             context_hash,
             outcome: outcome.to_owned(),
-            error: result
-                .as_ref()
-                .err()
-                .map(|err| bounded_message(err.public_message())),
+            error: result.as_ref().err().map(|err| {
+                bounded_message(match call.denial.get() {
+                    Some(why) => format!("{}: {why}", err.public_message()),
+                    None => err.public_message(),
+                })
+            }),
             latency_us,
             instance: self.instance.clone(),
             request_metadata: (!call.attributes.is_empty()).then_some(call.attributes),

@@ -234,7 +234,9 @@ impl Ops {
                 if let Some(count) = summary {
                     gate.write_refusal_summary(count);
                 }
-                gate.check_some(call, call.op())?;
+                if call.op().is_authorized() {
+                    gate.check_some(call, call.op())?;
+                }
                 Err::<(), _>(outcome)
             })
             .await;

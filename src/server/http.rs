@@ -100,14 +100,12 @@ impl HttpsFront for XksApi {
 
     fn refuse(&self, refusal: BodyRefusal) -> Response<Bytes> {
         let error = match refusal {
-            BodyRefusal::Late(limit) => XksError::new(
-                "ValidationException",
-                StatusCode::REQUEST_TIMEOUT,
-                late(limit),
-            ),
+            // The specification's statuses for its error names (the connection of a late
+            // body is closed all the same).
+            BodyRefusal::Late(limit) => XksError::validation(late(limit)),
             BodyRefusal::TooLarge => XksError::new(
                 "UnsupportedOperationException",
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::NOT_IMPLEMENTED,
                 too_large(Self::MAX_BODY),
             ),
             BodyRefusal::Unreadable => XksError::validation("the request body could not be read"),

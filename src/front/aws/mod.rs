@@ -143,6 +143,7 @@ impl AwsApi {
         let scope = Scope {
             region: self.arns.region(),
             service: SERVICE,
+            signed_when_present: &["content-type", "x-amz-target"],
         };
         let verified = sigv4::verify(&self.keys, scope, &parts, &body, chrono::Utc::now());
         let access_key = match verified {

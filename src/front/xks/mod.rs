@@ -93,6 +93,8 @@ pub struct XksApi {
     fleet_size: u32,
     /// The last load balancer check, reused for a second: `/ping` takes no credentials.
     last_ping: parking_lot::Mutex<Option<(Instant, bool)>>,
+    /// Held while a check runs: one at a time, the others answer from the last one.
+    pinging: tokio::sync::Mutex<()>,
 }
 
 /// What a request asks for, from its path.
@@ -167,6 +169,7 @@ impl XksApi {
             hsm_model,
             fleet_size: fleet_size.max(1),
             last_ping: parking_lot::Mutex::new(None),
+            pinging: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -242,6 +245,7 @@ impl XksApi {
         let scope = Scope {
             region: &store.region,
             service: SERVICE,
+            signed_when_present: &[],
         };
         let credential = match sigv4::verify(&store.keys, scope, &parts, &body, chrono::Utc::now())
         {
@@ -261,8 +265,12 @@ impl XksApi {
                     .ops
                     .reject(call, Error::Unauthenticated(failure.message.clone()))
                     .await;
-                return XksError::authentication(format!("{}: {}", failure.code, failure.message))
-                    .response();
+                // The reason is in the audit line; the caller learns no more than that the
+                // signature did not verify (not which part, the region or the clock).
+                return XksError::authentication(
+                    "The request signature could not be verified with the key store's credentials.",
+                )
+                .response();
             }
         };
         let identity = xks_identity(&store.principal, &credential, remote);
@@ -314,23 +322,15 @@ impl XksApi {
             Route::Key(..) => Required::Crypto,
         };
         // The request metadata first: it names the request (its id and attributes) for the
-        // audit line of every outcome after this one.
-        let parsed: Result<serde_json::Value, XksError> = model::parse(body);
-        let metadata_member = parsed
-            .as_ref()
-            .ok()
-            .and_then(|v| v.get("requestMetadata"))
-            .cloned();
-        let request_metadata: Option<model::RequestMetadata> =
-            metadata_member.and_then(|v| serde_json::from_value(v).ok());
+        // audit line of every outcome after this one. Only that member is read here (the
+        // rest of the body, with any plaintext, is skipped, not copied).
+        let parsed: Result<model::MetadataOnly, XksError> = model::parse(body);
+        let request_metadata = parsed.and_then(|parsed| model::metadata(parsed.request_metadata));
         let request_id = request_metadata
             .as_ref()
+            .ok()
             .and_then(|m| m.request_id())
             .map(str::to_owned);
-        let attributes = request_metadata
-            .as_ref()
-            .map(|m| m.attributes(required))
-            .transpose();
         let call = Call::new(
             Ok(identity),
             route.operation(),
@@ -338,10 +338,7 @@ impl XksApi {
             deadline,
         )
         .with_api_operation(route.api_name());
-        let checked = parsed.and_then(|_| {
-            let attributes = attributes?;
-            attributes.ok_or_else(|| XksError::validation("requestMetadata is required"))
-        });
+        let checked = request_metadata.and_then(|m| m.attributes(required));
         let attributes = match checked {
             Ok(attributes) => attributes,
             Err(err) => return Err(self.reject(call, err).await),
@@ -479,20 +476,24 @@ impl XksApi {
     }
 
     /// The load balancer check: no credentials, no audit line; the same probe as the
-    /// health answer, at most once a second.
+    /// health answer, at most one at a time and once a second, bounded like a call (so that
+    /// callers without credentials can never keep the token's sessions busy).
     async fn ping(&self) -> Response<Bytes> {
-        let now = Instant::now();
         let cached = *self.last_ping.lock();
-        let ok = match cached {
-            Some((at, ok)) if now.duration_since(at) < Duration::from_secs(1) => ok,
-            _ => {
+        let fresh = |at: Instant| at.elapsed() < Duration::from_secs(1);
+        let ok = match (cached, self.pinging.try_lock()) {
+            (Some((at, ok)), _) if fresh(at) => ok,
+            // A check is running: the last answer (none yet: not healthy).
+            (cached, Err(_)) => cached.is_some_and(|(_, ok)| ok),
+            (_, Ok(_running)) => {
                 let keystore = self.ops.keystore().clone();
-                let token_ok = matches!(
-                    tokio::task::spawn_blocking(move || keystore.probe()).await,
-                    Ok(Ok(()))
-                );
-                let ok = token_ok && self.ops.gate().audit_healthy();
-                *self.last_ping.lock() = Some((now, ok));
+                let deadline = Some(Instant::now() + SESSION_WAIT);
+                let probed = tokio::task::spawn_blocking(move || {
+                    crate::hsm::with_deadline(deadline, || keystore.probe())
+                })
+                .await;
+                let ok = matches!(probed, Ok(Ok(()))) && self.ops.gate().audit_healthy();
+                *self.last_ping.lock() = Some((Instant::now(), ok));
                 ok
             }
         };

@@ -109,8 +109,8 @@ pub struct MetadataOnly {
     pub request_metadata: Option<RequestMetadata>,
 }
 
-/// An Encrypt body.
-#[derive(Debug, Deserialize)]
+/// An Encrypt body (no `Debug`: it holds the plaintext).
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptBody {
     /// Required.
@@ -122,7 +122,7 @@ pub struct EncryptBody {
 }
 
 /// A Decrypt body.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DecryptBody {
     /// Required.
@@ -135,7 +135,7 @@ pub struct DecryptBody {
     authentication_tag: Option<String>,
 }
 
-/// An Encrypt request, checked.
+/// An Encrypt request, checked (no `Debug`: it holds the plaintext).
 pub struct EncryptRequest {
     /// The plaintext.
     pub plaintext: Zeroizing<Vec<u8>>,
