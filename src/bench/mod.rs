@@ -27,6 +27,7 @@
 
 mod echo;
 mod soak;
+mod xks;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -60,6 +61,10 @@ pub enum BenchOp {
     BatchUnwrap,
     /// BatchGenerateDataKey of [`BENCH_BATCH`] items per call.
     BatchGenerate,
+    /// The XKS proxy API's Encrypt of a 32-byte data key, as AWS KMS sends it for a
+    /// GenerateDataKey (HTTPS, SigV4, with an integrity value); its echo is the same HTTPS
+    /// listener answering a fixed body.
+    XksEncrypt,
 }
 
 impl BenchOp {
@@ -70,13 +75,14 @@ impl BenchOp {
             Self::Generate => "GenerateDataKey",
             Self::BatchUnwrap => "BatchUnwrap x64",
             Self::BatchGenerate => "BatchGenerateDataKey x64",
+            Self::XksEncrypt => "XKS Encrypt",
         }
     }
 
     /// Data keys per call.
     fn items(self) -> usize {
         match self {
-            Self::Unwrap | Self::Generate => 1,
+            Self::Unwrap | Self::Generate | Self::XksEncrypt => 1,
             Self::BatchUnwrap | Self::BatchGenerate => BENCH_BATCH,
         }
     }
@@ -103,6 +109,9 @@ pub struct BenchOptions {
     pub flood: bool,
     /// How many times to measure everything.
     pub rounds: usize,
+    /// The XKS listener's address, when `--op xks-encrypt` is measured and the config's
+    /// `[xks] listen` has port 0 (the ready line names the one bound).
+    pub xks: Option<std::net::SocketAddr>,
 }
 
 /// One measured rate.
@@ -347,6 +356,15 @@ struct RawTarget {
     blob: Blob,
     /// The blob's ciphertext with its GCM tag's last byte flipped (the flood's).
     bad_ciphertext: Vec<u8>,
+    /// The AAD of the XKS Encrypt the bench sends, as the daemon builds it.
+    xks_aad: Vec<u8>,
+}
+
+/// The XKS paths of a row: the daemon's listener, the echo, and the body every caller sends.
+struct XksPaths {
+    daemon: xks::XksEndpoint,
+    echo: xks::XksEcho,
+    body: bytes::Bytes,
 }
 
 /// The raw baseline: `threads` threads calling the token directly for `duration`, the
@@ -393,6 +411,10 @@ async fn raw(
                         BenchOp::Generate | BenchOp::BatchGenerate => target
                             .token
                             .generate_and_encrypt(&target.object, 32, &target.aad)
+                            .is_ok(),
+                        BenchOp::XksEncrypt => target
+                            .token
+                            .encrypt(&target.object, &[7u8; 32], &target.xks_aad)
                             .is_ok(),
                     };
                     tally(&mut hist, &mut errors, t, ok);
@@ -457,6 +479,7 @@ fn slices(duration: Duration) -> (u32, Duration) {
 /// `duration` each, so that a slow spell of the machine falls on all three alike rather
 /// than on whichever was measured during it (a shared 2-core machine drifts by tens of
 /// percent within seconds).
+#[allow(clippy::too_many_arguments)]
 async fn measure_row(
     target: &Arc<RawTarget>,
     op: BenchOp,
@@ -464,6 +487,7 @@ async fn measure_row(
     raw_threads: usize,
     sockets: (&Path, &Path),
     request: &Load,
+    xks_paths: Option<&XksPaths>,
     duration: Duration,
 ) -> Result<Row> {
     let (echo_socket, socket) = sockets;
@@ -477,9 +501,21 @@ async fn measure_row(
         let before = cpu_ticks(None);
         raw_tally.add(raw(target, op, raw_threads, 0, slice).await);
         raw_ticks = add_ticks(raw_ticks, before, cpu_ticks(None));
-        echo_tally.add(drive(echo_socket, vec![request.clone(); callers], slice).await?);
-        let before = daemon.and_then(|pid| cpu_ticks(Some(pid)));
-        wrapd_tally.add(drive(socket, vec![request.clone(); callers], slice).await?);
+        let before = match (op, xks_paths) {
+            (BenchOp::XksEncrypt, Some(paths)) => {
+                echo_tally
+                    .add(xks::drive(&paths.echo.endpoint, callers, &paths.body, slice).await?);
+                let before = daemon.and_then(|pid| cpu_ticks(Some(pid)));
+                wrapd_tally.add(xks::drive(&paths.daemon, callers, &paths.body, slice).await?);
+                before
+            }
+            _ => {
+                echo_tally.add(drive(echo_socket, vec![request.clone(); callers], slice).await?);
+                let before = daemon.and_then(|pid| cpu_ticks(Some(pid)));
+                wrapd_tally.add(drive(socket, vec![request.clone(); callers], slice).await?);
+                before
+            }
+        };
         wrapd_ticks = add_ticks(
             wrapd_ticks,
             before,
@@ -550,7 +586,8 @@ fn load(op: BenchOp, key_id: &str, context: &HashMap<String, String>, blob: &[u8
         number_of_bytes: 32,
     };
     match op {
-        BenchOp::Unwrap => Load::Unwrap(unwrap),
+        // XKS rows send their own requests (`xks.rs`); this one is never sent.
+        BenchOp::Unwrap | BenchOp::XksEncrypt => Load::Unwrap(unwrap),
         BenchOp::Generate => Load::Generate(generate),
         BenchOp::BatchUnwrap => Load::BatchUnwrap(BatchUnwrapRequest {
             items: vec![unwrap; BENCH_BATCH],
@@ -612,8 +649,38 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
         object: ObjectId::new(blob.key_id.clone(), blob.key_version),
         aad: Blob::aad(&blob.key_id, blob.key_version, &context.serialize()),
         bad_ciphertext: Blob::parse(&bad_blob)?.ciphertext,
+        xks_aad: xks::token_aad(blob.key_version),
         blob,
     });
+    let xks_paths = if options.ops.contains(&BenchOp::XksEncrypt) {
+        let xks_config = config.xks.as_ref().ok_or_else(|| {
+            Error::Config("--op xks-encrypt needs the daemon's [xks] section".into())
+        })?;
+        let addr = match options.xks {
+            Some(addr) => addr,
+            None if xks_config.listen.port() != 0 => xks_config.listen,
+            None => {
+                return Err(Error::Config(
+                    "[xks] listens on port 0: give the address of its ready line with --xks-endpoint"
+                        .into(),
+                ));
+            }
+        };
+        let external = target
+            .blob
+            .key_id
+            .as_str()
+            .strip_prefix(crate::ids::KeyId::PREFIX)
+            .unwrap_or_default()
+            .to_owned();
+        Some(XksPaths {
+            daemon: xks::XksEndpoint::daemon(addr, xks_config, &external)?,
+            echo: xks::XksEcho::start().await?,
+            body: xks::encrypt_body(),
+        })
+    } else {
+        None
+    };
 
     let echo_dir = tempfile::Builder::new()
         .prefix("wrapd-bench-")
@@ -659,6 +726,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                         raw_threads,
                         (&echo_socket, &socket),
                         &request,
+                        xks_paths.as_ref(),
                         options.duration,
                     )
                     .await?,

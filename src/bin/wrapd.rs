@@ -127,6 +127,10 @@ enum Command {
         /// Measure everything this many times, and print each figure's range.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// The XKS listener's address (`--op xks-encrypt`), when the config's `[xks] listen`
+        /// has port 0: the `xks=` address of the daemon's ready line, without `https://`.
+        #[arg(long)]
+        xks_endpoint: Option<std::net::SocketAddr>,
     },
 }
 
@@ -406,6 +410,7 @@ fn run(command: Command) -> Result<()> {
             ops,
             no_flood,
             rounds,
+            xks_endpoint,
         } => {
             let config = load(&config, Logging::Now)?;
             let options = BenchOptions {
@@ -423,6 +428,7 @@ fn run(command: Command) -> Result<()> {
                 key,
                 flood: !no_flood,
                 rounds: rounds.clamp(1, 100),
+                xks: xks_endpoint,
             };
             let rounds = runtime()?.block_on(bench::run(config, options))?;
             for (i, round) in rounds.iter().enumerate() {

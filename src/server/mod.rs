@@ -6,8 +6,8 @@
 //! feature `otel`); `prometheus.rs` the metrics recorder and scrape.
 
 mod authority;
-mod http;
-mod listen;
+pub(crate) mod http;
+pub(crate) mod listen;
 mod logging;
 #[cfg(feature = "otel")]
 mod otel;

@@ -93,3 +93,44 @@ fn wrapd_bench_prints_raw_echo_ceiling_wrapd_and_the_flood_for_every_round() {
         "caller errors are logged at debug"
     );
 }
+
+#[test]
+fn wrapd_bench_measures_the_xks_api_against_its_https_echo() {
+    let daemon = DevDaemon::start();
+    let endpoint = daemon.xks.strip_prefix("https://").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .arg("bench")
+        .arg("--config")
+        .arg(daemon.config_path())
+        .args(["--op", "xks-encrypt", "--xks-endpoint", endpoint])
+        .args(["--concurrency", "1", "--concurrency", "4", "--seconds", "1"])
+        .arg("--no-flood")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("XKS Encrypt "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for row in &rows {
+        let figures = &row[row.len() - 9..];
+        for rate in &figures[1..5] {
+            assert!(rate.parse::<f64>().unwrap() > 0.0, "{row:?}");
+        }
+        assert_eq!(*figures.last().unwrap(), "0", "no errors: {row:?}");
+    }
+    // Every daemon call was a real, audited XKS Encrypt.
+    let audited = daemon
+        .audit_lines()
+        .iter()
+        .filter(|l| l.operation == "XksEncrypt" && l.outcome == "OK")
+        .count();
+    assert!(audited > 0);
+}
