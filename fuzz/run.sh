@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(blob context config policy audit_verify message authority aws_request s3_envelope)
+[ ${#targets[@]} -gt 0 ] || targets=(blob context config policy audit_verify message authority aws_request xks_request s3_envelope)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${secs}s"
