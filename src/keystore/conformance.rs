@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord,
+    VersionRecord, VersionUsage,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, ErrorKind};
@@ -361,6 +361,38 @@ pub fn audit_heads_only_move_forward(store: &impl Store) {
     assert_eq!(store.audit_head("/var/log/a").unwrap(), Some(head(9, 'd')));
 }
 
+/// Version usage: batches add up (counts summed, the earliest first and latest last use), a
+/// version that does not exist is skipped, and the usage goes with the key.
+pub fn version_usage_adds_up(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, None).unwrap();
+    let t = |s: u64| millis(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s));
+    let used = |wraps, unwraps, first, last| VersionUsage {
+        wraps,
+        unwraps,
+        first_used: Some(t(first)),
+        last_used: Some(t(last)),
+    };
+    assert!(store.usage(&key.id).unwrap().is_empty(), "never used");
+    store
+        .add_usage(&[
+            (key.id.clone(), 1, used(3, 1, 10, 20)),
+            // Another daemon's batch for a version no store row has: skipped, no error.
+            (key.id.clone(), 9, used(5, 5, 1, 2)),
+        ])
+        .unwrap();
+    store
+        .add_usage(&[(key.id.clone(), 1, used(2, 4, 5, 15))])
+        .unwrap();
+    assert_eq!(
+        store.usage(&key.id).unwrap(),
+        vec![(1, used(5, 5, 5, 20))],
+        "summed: the earliest first use, the latest last use"
+    );
+    store.delete_key(&key.id, SystemTime::now()).unwrap();
+    assert!(store.usage(&key.id).unwrap().is_empty());
+}
+
 /// Generates the conformance tests for a backend: `$make` makes a fresh, empty store.
 #[macro_export]
 #[doc(hidden)]
@@ -402,6 +434,10 @@ macro_rules! metadata_store_conformance {
             #[test]
             fn imported_material() {
                 suite::imported_material(&$make);
+            }
+            #[test]
+            fn version_usage_adds_up() {
+                suite::version_usage_adds_up(&$make);
             }
             #[test]
             fn audit_heads_only_move_forward() {

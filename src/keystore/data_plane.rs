@@ -34,6 +34,7 @@ impl Keystore {
             iv: sealed.iv,
             ciphertext: sealed.ciphertext,
         };
+        self.record_use(&key.id, version, true);
         Ok(GeneratedKey {
             plaintext,
             wrapped: Wrapped {
@@ -61,6 +62,19 @@ impl Keystore {
     }
 
     pub(super) fn seal(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        let wrapped = self.seal_uncounted(key_id, version, plaintext, context)?;
+        self.record_use(key_id, version, true);
+        Ok(wrapped)
+    }
+
+    /// [`Keystore::seal`] without counting the use (the health probe's).
+    pub(super) fn seal_uncounted(
         &self,
         key_id: &KeyId,
         version: u32,
@@ -207,6 +221,18 @@ impl Keystore {
     /// Unwraps a blob. Every failure to authenticate is [`Error::InvalidCiphertext`]; `expected`
     /// (if given) must name the key the blob is wrapped under.
     pub fn unwrap(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+        expected: Option<&KeyRef>,
+    ) -> Result<Unwrapped> {
+        let unwrapped = self.unwrap_uncounted(blob, context, expected)?;
+        self.record_use(&unwrapped.key_id, unwrapped.key_version, false);
+        Ok(unwrapped)
+    }
+
+    /// [`Keystore::unwrap`] without counting the use (the health probe's).
+    pub(super) fn unwrap_uncounted(
         &self,
         blob: &[u8],
         context: &EncryptionContext,

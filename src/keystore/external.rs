@@ -74,6 +74,7 @@ impl Keystore {
         tag.copy_from_slice(&sealed.ciphertext[split..]);
         let mut ciphertext = sealed.ciphertext;
         ciphertext.truncate(split);
+        self.record_use(&record.id, version, true);
         Ok(ExternalSealed {
             version,
             iv: sealed.iv,
@@ -86,6 +87,22 @@ impl Keystore {
     /// the key does not have, an IV that is not 12 bytes and a tag mismatch are all
     /// [`Error::InvalidCiphertext`]; a key that is not usable is its state's error.
     pub fn decrypt_external(
+        &self,
+        key: &KeyId,
+        version: u32,
+        iv: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let plaintext = self.check_external(key, version, iv, ciphertext, tag, aad)?;
+        self.record_use(key, version, false);
+        Ok(plaintext)
+    }
+
+    /// [`Keystore::decrypt_external`] without counting the use: the check of an encryption's
+    /// output before it is answered, which is the daemon's, not a caller's.
+    pub fn check_external(
         &self,
         key: &KeyId,
         version: u32,

@@ -105,6 +105,37 @@ pub struct VersionRecord {
     pub automatic: bool,
 }
 
+/// How a key version was used: wraps and unwraps counted, first and last use. Each daemon
+/// counts its own calls and adds them to the store in batches ([`MetadataStore::add_usage`]),
+/// so that the store holds the fleet's sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VersionUsage {
+    /// Wraps (data keys generated or wrapped, XKS encryptions).
+    pub wraps: u64,
+    /// Unwraps (blobs unwrapped, re-wrap sources, XKS decryptions).
+    pub unwraps: u64,
+    /// The first use recorded.
+    pub first_used: Option<SystemTime>,
+    /// The last use recorded.
+    pub last_used: Option<SystemTime>,
+}
+
+impl VersionUsage {
+    /// Adds `other` to this: counts summed, the earliest first use and the latest last use.
+    pub fn add(&mut self, other: &VersionUsage) {
+        self.wraps = self.wraps.saturating_add(other.wraps);
+        self.unwraps = self.unwraps.saturating_add(other.unwraps);
+        self.first_used = match (self.first_used, other.first_used) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_used = match (self.last_used, other.last_used) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// What other daemons changed, as a shared store reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreChanges {
@@ -229,6 +260,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>>;
     /// Every alias and its key.
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
+    /// Adds usage counted by this daemon to each version's (one transaction; a version that
+    /// no longer exists is skipped).
+    fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()>;
+    /// The usage recorded for a key's versions (versions never used are absent).
+    fn usage(&self, id: &KeyId) -> Result<Vec<(u32, VersionUsage)>>;
     /// The key one alias names.
     fn alias(&self, alias: &AliasName) -> Result<Option<KeyId>> {
         Ok(self

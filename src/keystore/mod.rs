@@ -17,8 +17,9 @@
 //! One file per part: `view.rs` (the view and following a shared store), `lifecycle.rs`
 //! (create, enable, disable, delete), `rotation.rs` (versions), `aliases.rs`,
 //! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `external.rs` (raw
-//! AES-GCM for the XKS proxy API), `import.rs` (imported key material), `tickets.rs` (what the token records out of the store's reach); the store
-//! boundary in `metadata.rs` with `sqlite.rs` and `postgres/`; start-up and health here.
+//! AES-GCM for the XKS proxy API), `import.rs` (imported key material), `tickets.rs` (what
+//! the token records out of the store's reach), `usage.rs` (how each version is used); the
+//! store boundary in `metadata.rs` with `sqlite.rs` and `postgres/`; start-up and health here.
 
 mod aliases;
 #[doc(hidden)]
@@ -36,6 +37,7 @@ mod read_through;
 mod rotation;
 mod sqlite;
 mod tickets;
+mod usage;
 mod view;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -49,7 +51,7 @@ pub use external::{ExternalSealed, MAX_EXTERNAL_AAD, MAX_EXTERNAL_PLAINTEXT};
 pub use import::{ImportParameters, MAX_IMPORT_TOKENS_PER_KEY};
 pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord,
+    StoreChanges, VersionRecord, VersionUsage,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::{INSTANCE_WAIT, PostgresStore};
@@ -383,6 +385,8 @@ pub struct Keystore {
     read_through: read_through::ReadThrough,
     /// Serializes GetParametersForImport (see `import.rs`).
     import_parameters: Mutex<()>,
+    /// Uses counted since the last flush to the store, per key version (see `usage.rs`).
+    usage: Mutex<HashMap<(KeyId, u32), VersionUsage>>,
     /// Disagreements between the store and the token's holds and alias tickets already
     /// logged (see `tickets.rs`).
     reported: Mutex<HashSet<String>>,
@@ -472,6 +476,7 @@ impl Keystore {
             last_sync: Mutex::new(std::time::Instant::now()),
             read_through: read_through::ReadThrough::default(),
             import_parameters: Mutex::new(()),
+            usage: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashSet::new()),
         };
         keystore.adopt_holds_and_aliases_once()?;
@@ -534,7 +539,7 @@ impl Keystore {
         let context = EncryptionContext::default();
         let cached = self.probe.lock().clone();
         if let Some(blob) = cached {
-            match self.unwrap(&blob, &context, None) {
+            match self.unwrap_uncounted(&blob, &context, None) {
                 Ok(_) => return Ok(()),
                 Err(err) if err.kind() == ErrorKind::Unavailable => return Err(err),
                 Err(_) => *self.probe.lock() = None, // the probe key changed state: replace it
@@ -550,8 +555,9 @@ impl Keystore {
         let Some(id) = key else {
             return self.token.ping();
         };
-        let wrapped = self.wrap(&KeyRef::Id(id), b"wrapd health probe", &context)?;
-        self.unwrap(&wrapped.blob, &context, None)?;
+        let (key, version) = self.wrapping_version(&KeyRef::Id(id))?;
+        let wrapped = self.seal_uncounted(&key.id, version, b"wrapd health probe", &context)?;
+        self.unwrap_uncounted(&wrapped.blob, &context, None)?;
         *self.probe.lock() = Some(wrapped.blob);
         Ok(())
     }

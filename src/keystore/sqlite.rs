@@ -9,14 +9,14 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord, corrupt, from_millis, other_material, to_millis,
+    VersionRecord, VersionUsage, corrupt, from_millis, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
@@ -26,6 +26,8 @@ const MIGRATION_2: &str = include_str!("migrations/sqlite/0002.sql");
 /// Schema 3: key import: where a key's material comes from, and the imported material's check
 /// value, presence and expiry.
 const MIGRATION_3: &str = include_str!("migrations/sqlite/0003.sql");
+/// Schema 4: version usage.
+const MIGRATION_4: &str = include_str!("migrations/sqlite/0004.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.
@@ -81,6 +83,12 @@ impl SqliteStore {
         if version < 3 {
             conn.execute_batch(&format!(
                 "BEGIN; {MIGRATION_3} PRAGMA user_version = 3; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
+        if version < 4 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_4} PRAGMA user_version = 4; COMMIT;"
             ))
             .map_err(db_error)?;
         }
@@ -580,6 +588,63 @@ impl MetadataStore for SqliteStore {
         ids.iter()
             .map(|id| KeyId::parse(id).map_err(|_| corrupt("key id", id)))
             .collect()
+    }
+
+    fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO version_usage (key_id, version, wraps, unwraps, first_used, last_used)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS
+                         (SELECT 1 FROM key_versions WHERE key_id = ?1 AND version = ?2)
+                     ON CONFLICT (key_id, version) DO UPDATE SET
+                         wraps = wraps + excluded.wraps,
+                         unwraps = unwraps + excluded.unwraps,
+                         first_used = min(coalesce(first_used, excluded.first_used),
+                                          coalesce(excluded.first_used, first_used)),
+                         last_used = max(coalesce(last_used, excluded.last_used),
+                                         coalesce(excluded.last_used, last_used))",
+                )
+                .map_err(db_error)?;
+            for (id, version, used) in usage {
+                stmt.execute(params![
+                    id.as_str(),
+                    version,
+                    i64::try_from(used.wraps).unwrap_or(i64::MAX),
+                    i64::try_from(used.unwraps).unwrap_or(i64::MAX),
+                    used.first_used.map(to_millis),
+                    used.last_used.map(to_millis),
+                ])
+                .map_err(db_error)?;
+            }
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    fn usage(&self, id: &KeyId) -> Result<Vec<(u32, VersionUsage)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT version, wraps, unwraps, first_used, last_used FROM version_usage
+                 WHERE key_id = ?1 ORDER BY version",
+            )
+            .map_err(db_error)?;
+        stmt.query_map([id.as_str()], |row| {
+            Ok((
+                row.get::<_, u32>(0)?,
+                VersionUsage {
+                    wraps: row.get::<_, i64>(1)?.max(0) as u64,
+                    unwraps: row.get::<_, i64>(2)?.max(0) as u64,
+                    first_used: row.get::<_, Option<i64>>(3)?.map(from_millis),
+                    last_used: row.get::<_, Option<i64>>(4)?.map(from_millis),
+                },
+            ))
+        })
+        .map_err(db_error)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db_error)
     }
 
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>> {

@@ -89,7 +89,18 @@ impl Ops {
 
     /// A key, by id or alias.
     pub async fn describe_key(&self, call: Call, key_id: String) -> Result<KeyView> {
-        self.on_key(call, key_id, |ks, key| ks.resolve(key)).await
+        self.run(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            let key = ks.resolve(&key)?;
+            call.key(key.id.to_string(), Some(key.current_version()));
+            let usage = ks.version_usage(&key)?;
+            let mut view = KeyView::of(ks, key);
+            for version in &mut view.versions {
+                version.usage = usage.get(&version.version).copied();
+            }
+            Ok(view)
+        })
+        .await
     }
 
     /// Adds a version to a key.

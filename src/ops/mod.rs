@@ -46,7 +46,7 @@ use crate::hsm::ImportAlgorithm;
 use crate::ids::{AliasName, KeyId, KeyRef};
 use crate::keystore::{
     GeneratedKey, ImportParameters, KeyOrigin, KeyRecord, Keystore, Page, Rewrapped, Unwrapped,
-    Wrapped,
+    VersionUsage, Wrapped,
 };
 
 /// Encryption-context keys with this prefix are reserved for wrapd's own bindings (the
@@ -76,6 +76,8 @@ pub struct VersionView {
     pub available: bool,
     /// Made on the key's rotation schedule (or at the wrap limit), not by a caller.
     pub automatic: bool,
+    /// How it has been used, fleet-wide (DescribeKey only; `None` in other answers).
+    pub usage: Option<VersionUsage>,
 }
 
 impl KeyView {
@@ -89,6 +91,7 @@ impl KeyView {
                 wrap_count: keystore.wrap_count(&key, v),
                 available: key.has_material() && !keystore.is_missing(&key.id, v.version),
                 automatic: v.automatic,
+                usage: None,
             })
             .collect();
         Self { key, versions }

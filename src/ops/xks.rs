@@ -72,7 +72,7 @@ impl Ops {
                 });
             };
             let value = integrity(&sealed);
-            let decrypted = ks.decrypt_external(
+            let decrypted = ks.check_external(
                 &key,
                 sealed.version,
                 &sealed.iv,

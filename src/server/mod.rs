@@ -469,6 +469,7 @@ impl Daemon {
                 reloadable_xks,
             )),
             tokio::spawn(audit_head_task(self.audit.clone())),
+            tokio::spawn(usage_task(self.keystore.clone())),
         ];
 
         on_ready(&ready);
@@ -518,6 +519,14 @@ impl Daemon {
         let stopping = ops.gate().clone();
         if let Err(err) = tokio::task::spawn_blocking(move || stopping.shutdown()).await {
             tracing::error!(error = %err, "stopping the operation workers");
+        }
+        let keystore = self.keystore.clone();
+        match tokio::task::spawn_blocking(move || keystore.flush_usage()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "the last version usage counts were not stored")
+            }
+            Err(err) => tracing::warn!(error = %err, "storing the version usage counts failed"),
         }
         if let Some(audit) = &self.audit {
             let audit = audit.clone();
@@ -821,6 +830,26 @@ async fn hangup_task(
                 }
                 Err(err) => tracing::error!(error = %err, "SIGHUP: the audit log reopen failed"),
             }
+        }
+    }
+}
+
+/// How often each daemon adds its version usage counts to the metadata store.
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Adds the version usage counted since the last time to the metadata store, every
+/// [`USAGE_FLUSH_INTERVAL`] (and once more at shutdown, in `serve`).
+async fn usage_task(keystore: Arc<Keystore>) {
+    let mut ticker = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let keystore = keystore.clone();
+        match tokio::task::spawn_blocking(move || keystore.flush_usage()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot store version usage counts; will retry")
+            }
+            Err(err) => tracing::warn!(error = %err, "version usage task failed"),
         }
     }
 }

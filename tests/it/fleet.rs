@@ -1188,3 +1188,47 @@ async fn a_due_deletion_runs_once_and_the_other_daemons_see_the_key_gone() {
         );
     }
 }
+
+#[tokio::test]
+async fn version_usage_is_the_sum_of_every_daemons_counts() {
+    let (_dev, nodes) = fleet(2);
+    let key = create_key(&mut nodes[0].keys().await, "").await;
+    let mut blobs = Vec::new();
+    for node in &nodes {
+        for _ in 0..2 {
+            blobs.push(generate(&mut node.data().await, &key.key_id, &[("a", "b")]).await);
+        }
+    }
+    for generated in &blobs[..3] {
+        nodes[1]
+            .data()
+            .await
+            .unwrap(UnwrapRequest {
+                ciphertext_blob: generated.ciphertext_blob.clone(),
+                encryption_context: ctx(&[("a", "b")]),
+                key_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // Each daemon adds its counts to the store every 2 s; either then sees the sum.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let described = nodes[0]
+            .keys()
+            .await
+            .describe_key(key_ref(&key.key_id))
+            .await
+            .unwrap()
+            .into_inner();
+        let usage = described.versions[0].usage.unwrap();
+        if (usage.wraps, usage.unwraps) == (4, 3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never reached 4 wraps and 3 unwraps: {usage:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -41,6 +41,7 @@ mod startup_and_secrets;
 mod token_protection;
 mod tracing;
 mod upgrade;
+mod version_usage;
 mod wrapctl_bench;
 mod wrapctl_cli;
 mod wrapctl_files;

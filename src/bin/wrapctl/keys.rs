@@ -69,6 +69,12 @@ pub enum KeysCommand {
         /// Key id or alias.
         key: String,
     },
+    /// A key's versions and how each has been used (wraps, unwraps, first and last use,
+    /// fleet-wide): the evidence for whether an old version is still needed.
+    Versions {
+        /// Key id or alias.
+        key: String,
+    },
     /// Add a new version to a key.
     Rotate {
         /// Key id or alias.
@@ -154,6 +160,67 @@ struct Version {
     wrap_count: u64,
     available: bool,
     automatic: bool,
+    /// Counted uses (DescribeKey answers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+/// How a version was used, as printed.
+#[derive(Serialize, Clone)]
+struct Usage {
+    wraps: u64,
+    unwraps: u64,
+    first_used: Option<String>,
+    last_used: Option<String>,
+}
+
+/// `wrapctl keys versions`: a key's versions with their usage.
+#[derive(Serialize)]
+struct Versions {
+    key_id: String,
+    current_version: u32,
+    versions: Vec<Version>,
+}
+
+impl Report for Versions {
+    fn human(&self) -> String {
+        table(
+            [
+                "VERSION",
+                "CURRENT",
+                "CREATED",
+                "WRAPS",
+                "UNWRAPS",
+                "FIRST USED",
+                "LAST USED",
+                "AVAILABLE",
+            ],
+            self.versions.iter().map(|v| {
+                let usage = v.usage.clone().unwrap_or(Usage {
+                    wraps: 0,
+                    unwraps: 0,
+                    first_used: None,
+                    last_used: None,
+                });
+                let never = || "never".to_owned();
+                [
+                    v.version.to_string(),
+                    if v.version == self.current_version {
+                        "yes"
+                    } else {
+                        ""
+                    }
+                    .to_owned(),
+                    v.created_at.clone().unwrap_or_default(),
+                    usage.wraps.to_string(),
+                    usage.unwraps.to_string(),
+                    usage.first_used.unwrap_or_else(never),
+                    usage.last_used.unwrap_or_else(never),
+                    v.available.to_string(),
+                ]
+            }),
+        )
+    }
 }
 
 fn timestamp(t: &Option<prost_types::Timestamp>) -> Option<String> {
@@ -187,6 +254,12 @@ impl From<&KeyMetadata> for Key {
                     wrap_count: v.wrap_count,
                     available: v.available,
                     automatic: v.automatic,
+                    usage: v.usage.as_ref().map(|u| Usage {
+                        wraps: u.wraps,
+                        unwraps: u.unwraps,
+                        first_used: timestamp(&u.first_used),
+                        last_used: timestamp(&u.last_used),
+                    }),
                 })
                 .collect(),
         }
@@ -320,6 +393,14 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
             client.delete_imported_key_material(key_ref(key)).await
         }
         KeysCommand::Describe { key } => client.describe_key(key_ref(key)).await,
+        KeysCommand::Versions { key } => {
+            let described = Key::from(&client.describe_key(key_ref(key)).await?.into_inner());
+            return Ok(Box::new(Versions {
+                key_id: described.key_id,
+                current_version: described.current_version,
+                versions: described.versions,
+            }));
+        }
         KeysCommand::Rotate { key } => client.rotate_key(key_ref(key)).await,
         KeysCommand::Enable { key } => client.enable_key(key_ref(key)).await,
         KeysCommand::Disable { key } => client.disable_key(key_ref(key)).await,

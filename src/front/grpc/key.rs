@@ -47,6 +47,12 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
                 wrap_count: v.wrap_count,
                 available: v.available,
                 automatic: v.automatic,
+                usage: v.usage.map(|u| proto::KeyVersionUsage {
+                    wraps: u.wraps,
+                    unwraps: u.unwraps,
+                    first_used: u.first_used.map(Into::into),
+                    last_used: u.last_used.map(Into::into),
+                }),
             })
             .collect(),
         rotation_period_days: key.rotation.map_or(0, |r| r.period_days),

@@ -43,7 +43,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::PostgresOptions;
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord, corrupt, from_millis, other_material, to_millis,
+    StoreChanges, VersionRecord, VersionUsage, corrupt, from_millis, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -88,6 +88,7 @@ pub const INSTANCE_WAIT: Duration = Duration::from_secs(5);
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/postgres/0001.sql")),
     (2, include_str!("../migrations/postgres/0002.sql")),
+    (3, include_str!("../migrations/postgres/0003.sql")),
 ];
 
 /// The PostgreSQL metadata store.

@@ -333,6 +333,63 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
+        self.tx(|tx| {
+            let stmt = tx
+                .prepare(
+                    "INSERT INTO version_usage (key_id, version, wraps, unwraps, first_used, last_used)
+                     SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS
+                         (SELECT 1 FROM key_versions WHERE key_id = $1 AND version = $2)
+                     ON CONFLICT (key_id, version) DO UPDATE SET
+                         wraps = version_usage.wraps + EXCLUDED.wraps,
+                         unwraps = version_usage.unwraps + EXCLUDED.unwraps,
+                         first_used = LEAST(version_usage.first_used, EXCLUDED.first_used),
+                         last_used = GREATEST(version_usage.last_used, EXCLUDED.last_used)",
+                )
+                .map_err(pg_error)?;
+            for (id, version, used) in usage {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &id.as_str(),
+                        &version_i32(*version)?,
+                        &i64::try_from(used.wraps).unwrap_or(i64::MAX),
+                        &i64::try_from(used.unwraps).unwrap_or(i64::MAX),
+                        &used.first_used.map(to_millis),
+                        &used.last_used.map(to_millis),
+                    ],
+                )
+                .map_err(pg_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn usage(&self, id: &KeyId) -> Result<Vec<(u32, VersionUsage)>> {
+        self.with(|client| {
+            Ok(client
+                .query(
+                    "SELECT version, wraps, unwraps, first_used, last_used FROM version_usage
+                     WHERE key_id = $1 ORDER BY version",
+                    &[&id.as_str()],
+                )
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i32>(0).max(0) as u32,
+                        VersionUsage {
+                            wraps: r.get::<_, i64>(1).max(0) as u64,
+                            unwraps: r.get::<_, i64>(2).max(0) as u64,
+                            first_used: r.get::<_, Option<i64>>(3).map(from_millis),
+                            last_used: r.get::<_, Option<i64>>(4).map(from_millis),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>> {
         self.with(|client| {
             let rows = client

@@ -1,0 +1,12 @@
+-- How each key version is used (wraps, unwraps, first and last use), added up by every
+-- daemon from batches of its own counts.
+CREATE TABLE version_usage (
+    key_id     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    wraps      BIGINT NOT NULL DEFAULT 0,
+    unwraps    BIGINT NOT NULL DEFAULT 0,
+    first_used BIGINT,
+    last_used  BIGINT,
+    PRIMARY KEY (key_id, version),
+    FOREIGN KEY (key_id, version) REFERENCES key_versions(key_id, version) ON DELETE CASCADE
+);
