@@ -122,6 +122,8 @@ operations! {
     GetParametersForImport: Admin,
     ImportKeyMaterial: Admin,
     DeleteImportedKeyMaterial: Admin,
+    RetireKeyVersion: Admin,
+    RestoreKeyVersion: Admin,
     XksGetHealthStatus: Xks,
     XksGetKeyMetadata: Xks,
     XksEncrypt: Xks,

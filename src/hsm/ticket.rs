@@ -12,7 +12,9 @@
 //! Two more kinds keep a store writer from widening what a key may be used for or by whom:
 //! a *hold* (DisableKey, ScheduleKeyDeletion; removed by EnableKey) keeps a key unusable
 //! whatever state the store gives it, and an *alias* ticket (CreateAlias, UpdateAlias;
-//! removed by UpdateAlias and DeleteAlias) is what makes an alias row name a key at all.
+//! removed by UpdateAlias and DeleteAlias) is what makes an alias row name a key at all; a
+//! *retired* ticket (RetireKeyVersion; removed by RestoreKeyVersion) keeps a version from
+//! unwrapping whatever the store says of it.
 
 use sha2::{Digest, Sha256};
 
@@ -48,6 +50,14 @@ pub enum Ticket {
         name_digest: [u8; 32],
         /// The key.
         key_id: KeyId,
+    },
+    /// RetireKeyVersion, and no RestoreKeyVersion since: the version unwraps nothing,
+    /// whatever the store says of it.
+    Retired {
+        /// The key.
+        key_id: KeyId,
+        /// The version.
+        version: u32,
     },
     /// The store's pending deletions and expiries were adopted as tickets, once, when a
     /// release with tickets first started on this token (see `Keystore::open`).
@@ -93,6 +103,7 @@ impl Ticket {
             Self::Deletion { key_id, .. }
             | Self::Expiry { key_id, .. }
             | Self::Hold { key_id }
+            | Self::Retired { key_id, .. }
             | Self::Alias { key_id, .. } => Some(key_id),
             Self::Adopted | Self::AdoptedHoldsAndAliases => None,
         }
@@ -104,6 +115,7 @@ impl Ticket {
             Self::Deletion { key_id, due } => format!("ticket:delete:{key_id}:{due}"),
             Self::Expiry { key_id, due } => format!("ticket:expire:{key_id}:{due}"),
             Self::Hold { key_id } => format!("ticket:hold:{key_id}"),
+            Self::Retired { key_id, version } => format!("ticket:retired:{key_id}:{version}"),
             Self::Alias {
                 name_digest,
                 key_id,
@@ -134,6 +146,13 @@ impl Ticket {
                 Some(Self::Alias {
                     name_digest,
                     key_id: KeyId::parse(key).ok()?,
+                })
+            }
+            "retired" => {
+                let (key, version) = rest.rsplit_once(':')?;
+                Some(Self::Retired {
+                    key_id: KeyId::parse(key).ok()?,
+                    version: version.parse().ok()?,
                 })
             }
             "delete" | "expire" => {
@@ -171,6 +190,10 @@ mod tests {
                 key_id: key_id.clone(),
             },
             Ticket::alias(&AliasName::parse("alias/app").unwrap(), &key_id),
+            Ticket::Retired {
+                key_id: key_id.clone(),
+                version: 3,
+            },
             Ticket::Adopted,
             Ticket::AdoptedHoldsAndAliases,
         ] {

@@ -37,6 +37,7 @@ fn record(state: KeyState) -> KeyRecord {
             created_at: now,
             wraps_reserved: 0,
             automatic: false,
+            retired: false,
         }],
         aliases: vec![],
         rotation: None,
@@ -174,6 +175,7 @@ pub fn versions_and_pending_versions(store: &impl Store) {
         created_at: millis(SystemTime::now()),
         wraps_reserved: 0,
         automatic: true,
+        retired: false,
     };
     store.add_version(&key.id, &v2).unwrap();
     assert!(

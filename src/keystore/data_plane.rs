@@ -258,6 +258,9 @@ impl Keystore {
         if !known(&key) {
             return Err(Error::InvalidCiphertext);
         }
+        if retirement::is_retired(&key, blob.key_version) {
+            return Err(retirement::retired(&key.id, blob.key_version));
+        }
         let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
         let decrypted = self.token.decrypt(
             &ObjectId::new(blob.key_id.clone(), blob.key_version),

@@ -119,6 +119,9 @@ impl Keystore {
         if !known || iv.len() != IV_LEN || tag.len() != TAG_LEN {
             return Err(Error::InvalidCiphertext);
         }
+        if retirement::is_retired(&record, version) {
+            return Err(retirement::retired(&record.id, version));
+        }
         if ciphertext.len() > MAX_EXTERNAL_PLAINTEXT {
             return Err(Error::Unsupported(format!(
                 "the ciphertext is longer than {MAX_EXTERNAL_PLAINTEXT} bytes"

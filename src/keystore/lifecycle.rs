@@ -72,6 +72,7 @@ impl Keystore {
                 created_at: now,
                 wraps_reserved: 0,
                 automatic: false,
+                retired: false,
             }],
             aliases: alias.into_iter().cloned().collect(),
             rotation: None,

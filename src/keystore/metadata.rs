@@ -103,6 +103,8 @@ pub struct VersionRecord {
     /// True when the daemon made it on the key's rotation schedule, false when a caller
     /// asked (or for the first version).
     pub automatic: bool,
+    /// Retired (RetireKeyVersion): nothing unwraps with it until RestoreKeyVersion.
+    pub retired: bool,
 }
 
 /// How a key version was used: wraps and unwraps counted, first and last use. Each daemon
@@ -260,6 +262,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn keys_due_for_deletion(&self, now: SystemTime) -> Result<Vec<KeyId>>;
     /// Every alias and its key.
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
+    /// Retires or restores a version (KeyNotFound if the key has no such version).
+    fn set_version_retired(&self, id: &KeyId, version: u32, retired: bool) -> Result<()>;
     /// Adds usage counted by this daemon to each version's (one transaction; a version that
     /// no longer exists is skipped).
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()>;

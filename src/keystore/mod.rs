@@ -15,7 +15,8 @@
 //! Every method blocks (token and database calls): run them off the async executor.
 //!
 //! One file per part: `view.rs` (the view and following a shared store), `lifecycle.rs`
-//! (create, enable, disable, delete), `rotation.rs` (versions), `aliases.rs`,
+//! (create, enable, disable, delete), `rotation.rs` (versions), `retirement.rs` (retiring and
+//! restoring versions), `aliases.rs`,
 //! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `external.rs` (raw
 //! AES-GCM for the XKS proxy API), `import.rs` (imported key material), `tickets.rs` (what
 //! the token records out of the store's reach), `usage.rs` (how each version is used); the
@@ -34,6 +35,7 @@ mod metadata;
 mod postgres;
 mod postgres_options;
 mod read_through;
+mod retirement;
 mod rotation;
 mod sqlite;
 mod tickets;

@@ -114,6 +114,7 @@ impl Keystore {
                 created_at: self.clock.now(),
                 wraps_reserved: 0,
                 automatic,
+                retired: false,
             },
         )?;
         tracing::info!(key_id = %key.id, version, automatic, "key rotated");
@@ -220,6 +221,7 @@ impl Keystore {
                 created_at: self.clock.now(),
                 wraps_reserved: self.config.max_wraps_per_version,
                 automatic: false,
+                retired: false,
             },
         )?;
         self.refresh(id)?;

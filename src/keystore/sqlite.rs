@@ -171,7 +171,7 @@ impl SqliteStore {
             .map_err(db_error)?;
         let mut stmt = conn
             .prepare_cached(
-                "SELECT version, created_at, wraps_reserved, automatic FROM key_versions
+                "SELECT version, created_at, wraps_reserved, automatic, retired FROM key_versions
                  WHERE key_id = ?1 ORDER BY version",
             )
             .map_err(db_error)?;
@@ -182,6 +182,7 @@ impl SqliteStore {
                     created_at: from_millis(row.get(1)?),
                     wraps_reserved: row.get::<_, i64>(2)?.max(0) as u64,
                     automatic: row.get::<_, i64>(3)? != 0,
+                    retired: row.get::<_, i64>(4)? != 0,
                 })
             })
             .map_err(db_error)?
@@ -590,6 +591,20 @@ impl MetadataStore for SqliteStore {
             .collect()
     }
 
+    fn set_version_retired(&self, id: &KeyId, version: u32, retired: bool) -> Result<()> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE key_versions SET retired = ?3 WHERE key_id = ?1 AND version = ?2",
+                params![id.as_str(), version, i64::from(retired)],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::KeyNotFound(format!("{id} version {version}")));
+        }
+        Ok(())
+    }
+
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_error)?;
@@ -804,6 +819,7 @@ mod tests {
                 created_at: from_millis(to_millis(SystemTime::now())),
                 wraps_reserved: 0,
                 automatic: false,
+                retired: false,
             }],
             aliases: vec![],
             rotation: None,

@@ -93,6 +93,7 @@ const MAX_LOOKUPS_PER_RECORD: usize = 4;
 pub(super) struct Anchors {
     holds: HashSet<KeyId>,
     aliases: HashSet<Ticket>,
+    retired: HashSet<(KeyId, u32)>,
 }
 
 impl Anchors {
@@ -106,6 +107,9 @@ impl Anchors {
                 }
                 Ticket::Alias { .. } => {
                     anchors.aliases.insert(ticket);
+                }
+                Ticket::Retired { key_id, version } => {
+                    anchors.retired.insert((key_id, version));
                 }
                 _ => {}
             }
@@ -133,8 +137,20 @@ impl Keystore {
         }
     }
 
-    /// A record read from the store, as the token lets it stand: disabled if held, and
-    /// named only by the aliases the token records for it.
+    /// Whether the token records `version` of `id` as retired.
+    fn is_retired(&self, id: &KeyId, version: u32, anchors: Option<&Anchors>) -> Result<bool> {
+        match anchors {
+            Some(anchors) => Ok(anchors.retired.contains(&(id.clone(), version))),
+            None => self.token.has_ticket(&Ticket::Retired {
+                key_id: id.clone(),
+                version,
+            }),
+        }
+    }
+
+    /// A record read from the store, as the token lets it stand: disabled if held, its
+    /// versions retired if the token says so, and named only by the aliases the token records
+    /// for it.
     pub(super) fn anchored(
         &self,
         mut record: KeyRecord,
@@ -144,7 +160,7 @@ impl Keystore {
         // (a store writer could add alias rows to make each refresh cost the HSM more).
         let read;
         let anchors = match anchors {
-            None if record.aliases.len() > MAX_LOOKUPS_PER_RECORD => {
+            None if record.aliases.len() + record.versions.len() > MAX_LOOKUPS_PER_RECORD => {
                 read = Anchors::read(&*self.token)?;
                 Some(&read)
             }
@@ -156,6 +172,16 @@ impl Keystore {
                 tracing::warn!(key_id = %record.id, "the metadata store shows this key enabled, but the token records it disabled (an edited or restored store?): it stays disabled until EnableKey");
             });
             record.state = KeyState::Disabled;
+        }
+        for version in &mut record.versions {
+            if !version.retired && self.is_retired(&record.id, version.version, anchors)? {
+                metrics::counter!("wrapd_metadata_disagreements_total", "kind" => "retired")
+                    .increment(1);
+                self.report(format!("retired {} {}", record.id, version.version), || {
+                    tracing::warn!(key_id = %record.id, version = version.version, "the metadata store shows this version in use, but the token records it retired (an edited or restored store?): it stays retired until RestoreKeyVersion");
+                });
+                version.retired = true;
+            }
         }
         let mut names = Vec::with_capacity(record.aliases.len());
         for alias in std::mem::take(&mut record.aliases) {
@@ -287,7 +313,7 @@ impl Keystore {
 mod tests {
     use super::*;
     use crate::context::EncryptionContext;
-    use crate::error::Error;
+    use crate::error::{Error, ErrorKind};
     use crate::hsm::memory::MemoryToken;
     use crate::ids::KeyRef;
     use crate::keystore::metadata::MetadataStore;
@@ -335,6 +361,51 @@ mod tests {
         // EnableKey, the audited call, is what makes it usable again.
         ks.enable_key(&key).unwrap();
         wraps(&ks, &key).unwrap();
+    }
+
+    #[test]
+    fn a_version_restored_only_in_the_store_stays_retired() {
+        let (ks, token, store) = fresh();
+        let key = ks.create_key("k", None).unwrap();
+        let id = KeyRef::Id(key.id.clone());
+        let ctx = EncryptionContext::default();
+        let old = ks.wrap(&id, b"data", &ctx).unwrap();
+        ks.rotate_key(&id).unwrap();
+        assert_eq!(
+            ks.retire_version(&id, 2).unwrap_err().kind(),
+            ErrorKind::WrongState,
+            "the current version cannot be retired"
+        );
+        ks.retire_version(&id, 1).unwrap();
+        let err = ks.unwrap(&old.blob, &ctx, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WrongState);
+        assert!(
+            err.to_string().contains("version 1") && err.to_string().contains("RestoreKeyVersion")
+        );
+        // A store writer puts the version back in use: the token's ticket keeps it retired,
+        // on this daemon's refresh and after a restart alike.
+        store.set_version_retired(&key.id, 1, false).unwrap();
+        ks.refresh(&key.id).unwrap();
+        assert_eq!(
+            ks.unwrap(&old.blob, &ctx, None).unwrap_err().kind(),
+            ErrorKind::WrongState
+        );
+        let reopened = open(&token, &store);
+        assert_eq!(
+            reopened.unwrap(&old.blob, &ctx, None).unwrap_err().kind(),
+            ErrorKind::WrongState
+        );
+        // RestoreKeyVersion brings it back; new wraps were never affected.
+        reopened.wrap(&id, b"new", &ctx).unwrap();
+        reopened.restore_version(&id, 1).unwrap();
+        assert_eq!(
+            &*reopened.unwrap(&old.blob, &ctx, None).unwrap().plaintext,
+            b"data"
+        );
+        assert_eq!(
+            reopened.retire_version(&id, 9).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -103,6 +103,28 @@ impl Ops {
         .await
     }
 
+    /// Retires (`retire`) or restores a version of a key; the audit line names the version.
+    pub async fn set_key_version_retired(
+        &self,
+        call: Call,
+        key_id: String,
+        version: u32,
+        retire: bool,
+    ) -> Result<KeyView> {
+        self.run(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            call.key(key.to_string(), Some(version));
+            let record = if retire {
+                ks.retire_version(&key, version)?
+            } else {
+                ks.restore_version(&key, version)?
+            };
+            call.key(record.id.to_string(), Some(version));
+            Ok(KeyView::of(ks, record))
+        })
+        .await
+    }
+
     /// Adds a version to a key.
     pub async fn rotate_key(&self, call: Call, key_id: String) -> Result<KeyView> {
         self.on_key(call, key_id, |ks, key| ks.rotate_key(key))

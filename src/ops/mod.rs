@@ -78,6 +78,8 @@ pub struct VersionView {
     pub automatic: bool,
     /// How it has been used, fleet-wide (DescribeKey only; `None` in other answers).
     pub usage: Option<VersionUsage>,
+    /// Retired: it unwraps nothing until restored.
+    pub retired: bool,
 }
 
 impl KeyView {
@@ -92,6 +94,7 @@ impl KeyView {
                 available: key.has_material() && !keystore.is_missing(&key.id, v.version),
                 automatic: v.automatic,
                 usage: None,
+                retired: v.retired,
             })
             .collect();
         Self { key, versions }

@@ -149,6 +149,7 @@ mod postgres_store {
                 created_at: std::time::SystemTime::now(),
                 wraps_reserved: 0,
                 automatic: false,
+                retired: false,
             }],
             aliases: vec![],
             rotation: None,

@@ -1279,6 +1279,7 @@ fn a_version_added_in_the_store_takes_no_imported_material() {
                 created_at: SystemTime::now(),
                 wraps_reserved: 0,
                 automatic: false,
+                retired: false,
             },
         )
         .unwrap();

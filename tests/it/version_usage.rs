@@ -1,6 +1,6 @@
-//! Version usage: what a known workload did to each version of a key, counted exactly, shown
-//! by DescribeKey and `wrapctl keys versions`, kept across a restart; the daemon's own health
-//! probes never counted.
+//! Key versions: what a known workload did to each version, counted exactly, shown by
+//! DescribeKey and `wrapctl keys versions`, kept across a restart (the daemon's own health
+//! probes never counted); and retiring a version, which stops its blobs until it is restored.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wrapd::proto::{
-    CreateKeyRequest, GenerateDataKeyRequest, KeyRef, KeyVersionUsage, UnwrapRequest,
+    CreateKeyRequest, GenerateDataKeyRequest, KeyRef, KeyVersionRequest, KeyVersionUsage,
+    UnwrapRequest,
 };
 
 use crate::common::DevDaemon;
@@ -134,4 +135,116 @@ async fn version_usage_counts_exactly_what_a_known_workload_did_across_a_restart
     let probe_key = usage(&daemon, "alias/kubernetes").await;
     assert_eq!(counts(&probe_key), vec![(1, 0, 0)]);
     assert!(probe_key[0].1.first_used.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_version_unwraps_nothing_until_restored() {
+    let mut daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = keys
+        .create_key(CreateKeyRequest {
+            description: "retire".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    let mut data = daemon.data().await;
+    let generate = GenerateDataKeyRequest {
+        key_id: key.clone(),
+        encryption_context: HashMap::new(),
+        number_of_bytes: 32,
+    };
+    let old = data
+        .generate_data_key(generate.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    keys.rotate_key(KeyRef {
+        key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    let version = |v: u32| KeyVersionRequest {
+        key_id: key.clone(),
+        version: v,
+    };
+    // The current version cannot be retired; a version the key lacks is not found.
+    let err = keys.retire_key_version(version(2)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = keys.retire_key_version(version(7)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    // Retired with wrapctl.
+    let retired = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .arg("--json")
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["keys", "retire-version", &key, "1"])
+        .output()
+        .unwrap();
+    assert!(retired.status.success(), "{retired:?}");
+    let json: Value = serde_json::from_slice(&retired.stdout).unwrap();
+    assert_eq!(json["versions"][0]["retired"], true);
+    assert_eq!(json["versions"][1]["retired"], false);
+
+    let unwrap = UnwrapRequest {
+        ciphertext_blob: old.ciphertext_blob.clone(),
+        encryption_context: HashMap::new(),
+        key_id: String::new(),
+    };
+    let refused = |err: tonic::Status| {
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("version 1") && err.message().contains("restore-version"),
+            "{err:?}"
+        );
+    };
+    refused(data.unwrap(unwrap.clone()).await.unwrap_err());
+    refused(
+        data.re_wrap(wrapd::proto::ReWrapRequest {
+            ciphertext_blob: old.ciphertext_blob.clone(),
+            source_encryption_context: HashMap::new(),
+            destination_key_id: String::new(),
+            destination_encryption_context: HashMap::new(),
+        })
+        .await
+        .unwrap_err(),
+    );
+    // New data keys are unaffected (the current version).
+    let new = data
+        .generate_data_key(generate.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(new.key_version, 2);
+
+    // Still retired after a restart; restored, the old blob unwraps again.
+    daemon.restart();
+    let mut data = daemon.data().await;
+    refused(data.unwrap(unwrap.clone()).await.unwrap_err());
+    daemon
+        .keys()
+        .await
+        .restore_key_version(version(1))
+        .await
+        .unwrap();
+    let unwrapped = data.unwrap(unwrap).await.unwrap().into_inner();
+    assert_eq!(unwrapped.plaintext, old.plaintext);
+
+    // Each change is audited with the version it changed.
+    let lines = daemon.audit_lines();
+    for op in ["RetireKeyVersion", "RestoreKeyVersion"] {
+        let line = lines
+            .iter()
+            .find(|l| l.operation == op && l.outcome == "OK")
+            .unwrap_or_else(|| panic!("no {op} line"));
+        assert_eq!(line.key_version, Some(1), "{line:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.operation == "Unwrap" && l.outcome == "FAILED_PRECONDITION")
+    );
 }

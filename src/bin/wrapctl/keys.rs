@@ -7,8 +7,8 @@ use wrapd::client::KeyServiceClient;
 use wrapd::key_import::{ImportAlgorithm, KEY_MATERIAL_LEN, wrap_key_material};
 use wrapd::proto::{
     CreateKeyRequest, EnableKeyRotationRequest, GetParametersForImportRequest,
-    ImportKeyMaterialRequest, KeyMetadata, KeyOrigin, KeyRef, KeyState, ListKeysRequest,
-    ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest, WrappingAlgorithm,
+    ImportKeyMaterialRequest, KeyMetadata, KeyOrigin, KeyRef, KeyState, KeyVersionRequest,
+    ListKeysRequest, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest, WrappingAlgorithm,
 };
 use zeroize::Zeroizing;
 
@@ -74,6 +74,21 @@ pub enum KeysCommand {
     Versions {
         /// Key id or alias.
         key: String,
+    },
+    /// Retire a version that is not the current one: its blobs stop unwrapping (with an
+    /// error naming it) until it is restored; its key material stays in the HSM.
+    RetireVersion {
+        /// Key id or alias.
+        key: String,
+        /// The version.
+        version: u32,
+    },
+    /// Restore a retired version: its blobs unwrap again.
+    RestoreVersion {
+        /// Key id or alias.
+        key: String,
+        /// The version.
+        version: u32,
     },
     /// Add a new version to a key.
     Rotate {
@@ -160,6 +175,7 @@ struct Version {
     wrap_count: u64,
     available: bool,
     automatic: bool,
+    retired: bool,
     /// Counted uses (DescribeKey answers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
@@ -187,7 +203,7 @@ impl Report for Versions {
         table(
             [
                 "VERSION",
-                "CURRENT",
+                "STATE",
                 "CREATED",
                 "WRAPS",
                 "UNWRAPS",
@@ -206,9 +222,11 @@ impl Report for Versions {
                 [
                     v.version.to_string(),
                     if v.version == self.current_version {
-                        "yes"
+                        "current"
+                    } else if v.retired {
+                        "retired"
                     } else {
-                        ""
+                        "active"
                     }
                     .to_owned(),
                     v.created_at.clone().unwrap_or_default(),
@@ -254,6 +272,7 @@ impl From<&KeyMetadata> for Key {
                     wrap_count: v.wrap_count,
                     available: v.available,
                     automatic: v.automatic,
+                    retired: v.retired,
                     usage: v.usage.as_ref().map(|u| Usage {
                         wraps: u.wraps,
                         unwraps: u.unwraps,
@@ -302,7 +321,14 @@ impl Report for Key {
         ]);
         text.push('\n');
         text.push_str(&table(
-            ["VERSION", "CREATED", "WRAPS", "AVAILABLE", "AUTOMATIC"],
+            [
+                "VERSION",
+                "CREATED",
+                "WRAPS",
+                "AVAILABLE",
+                "AUTOMATIC",
+                "RETIRED",
+            ],
             self.versions.iter().map(|v| {
                 [
                     v.version.to_string(),
@@ -310,6 +336,7 @@ impl Report for Key {
                     v.wrap_count.to_string(),
                     v.available.to_string(),
                     v.automatic.to_string(),
+                    v.retired.to_string(),
                 ]
             }),
         ));
@@ -402,6 +429,22 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
             }));
         }
         KeysCommand::Rotate { key } => client.rotate_key(key_ref(key)).await,
+        KeysCommand::RetireVersion { key, version } => {
+            client
+                .retire_key_version(KeyVersionRequest {
+                    key_id: key,
+                    version,
+                })
+                .await
+        }
+        KeysCommand::RestoreVersion { key, version } => {
+            client
+                .restore_key_version(KeyVersionRequest {
+                    key_id: key,
+                    version,
+                })
+                .await
+        }
         KeysCommand::Enable { key } => client.enable_key(key_ref(key)).await,
         KeysCommand::Disable { key } => client.disable_key(key_ref(key)).await,
         KeysCommand::ScheduleDeletion { key, days } => {

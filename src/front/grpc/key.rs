@@ -12,8 +12,8 @@ use crate::proto::key_service_server::KeyService;
 use crate::proto::{
     self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest,
     GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
-    KeyMetadata, KeyRef, ListAliasesRequest, ListAliasesResponse, ListKeysRequest,
-    ListKeysResponse, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
+    KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest, ListAliasesResponse,
+    ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
     UpdateKeyDescriptionRequest, WrappingAlgorithm,
 };
 
@@ -53,6 +53,7 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
                     first_used: u.first_used.map(Into::into),
                     last_used: u.last_used.map(Into::into),
                 }),
+                retired: v.retired,
             })
             .collect(),
         rotation_period_days: key.rotation.map_or(0, |r| r.period_days),
@@ -158,6 +159,34 @@ impl KeyService for KeyApi {
                     req.encrypted_key_material,
                     valid_to,
                 )
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn retire_key_version(
+        &self,
+        request: Request<KeyVersionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::RetireKeyVersion);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .set_key_version_retired(call, req.key_id, req.version, true)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn restore_key_version(
+        &self,
+        request: Request<KeyVersionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::RestoreKeyVersion);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .set_key_version_retired(call, req.key_id, req.version, false)
                 .await,
         )
     }

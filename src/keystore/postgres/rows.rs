@@ -42,7 +42,7 @@ impl PostgresStore {
         };
         let versions = client
             .query(
-                "SELECT version, created_at, wraps_reserved, automatic FROM key_versions
+                "SELECT version, created_at, wraps_reserved, automatic, retired FROM key_versions
                  WHERE key_id = $1 ORDER BY version",
                 &[&id],
             )
@@ -53,6 +53,7 @@ impl PostgresStore {
                 created_at: from_millis(r.get(1)),
                 wraps_reserved: r.get::<_, i64>(2).max(0) as u64,
                 automatic: r.get(3),
+                retired: r.get(4),
             })
             .collect();
         let aliases = client

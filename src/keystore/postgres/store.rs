@@ -333,6 +333,21 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn set_version_retired(&self, id: &KeyId, version: u32, retired: bool) -> Result<()> {
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE key_versions SET retired = $3 WHERE key_id = $1 AND version = $2",
+                    &[&id.as_str(), &version_i32(version)?, &retired],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(format!("{id} version {version}")));
+            }
+            notify_key(tx, id)
+        })
+    }
+
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
         self.tx(|tx| {
             let stmt = tx
