@@ -9,7 +9,7 @@
 //! remove them. A key's objects are destroyed only when its ticket is due *and* the store
 //! agrees: either one can hold a destruction back, neither can cause one alone.
 //!
-//! Two more kinds keep a store writer from widening what a key may be used for or by whom:
+//! Three more kinds keep a store writer from widening what a key may be used for or by whom:
 //! a *hold* (DisableKey, ScheduleKeyDeletion; removed by EnableKey) keeps a key unusable
 //! whatever state the store gives it, and an *alias* ticket (CreateAlias, UpdateAlias;
 //! removed by UpdateAlias and DeleteAlias) is what makes an alias row name a key at all; a

@@ -45,6 +45,17 @@ impl Keystore {
         })
     }
 
+    /// [`Keystore::wrap`] without counting the use: the daemon's own health round trips.
+    pub fn wrap_uncounted(
+        &self,
+        key: &KeyRef,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Wrapped> {
+        let (key, version) = self.wrapping_version(key)?;
+        self.seal_uncounted(&key.id, version, plaintext, context)
+    }
+
     /// Wraps caller-supplied plaintext (1..=4096 bytes).
     pub fn wrap(
         &self,
@@ -106,6 +117,10 @@ impl Keystore {
             let record = self.resolve(key)?;
             self.usable(&record)?;
             let version = record.current_version();
+            if retirement::is_retired(&record, version) {
+                // Only an edited store makes the current version a retired one.
+                return Err(retirement::retired(&record.id, version));
+            }
             if self.count_wrap(&record, version)? {
                 return Ok((record, version));
             }
@@ -231,8 +246,8 @@ impl Keystore {
         Ok(unwrapped)
     }
 
-    /// [`Keystore::unwrap`] without counting the use (the health probe's).
-    pub(super) fn unwrap_uncounted(
+    /// [`Keystore::unwrap`] without counting the use: the daemon's own health round trips.
+    pub fn unwrap_uncounted(
         &self,
         blob: &[u8],
         context: &EncryptionContext,
@@ -258,9 +273,6 @@ impl Keystore {
         if !known(&key) {
             return Err(Error::InvalidCiphertext);
         }
-        if retirement::is_retired(&key, blob.key_version) {
-            return Err(retirement::retired(&key.id, blob.key_version));
-        }
         let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
         let decrypted = self.token.decrypt(
             &ObjectId::new(blob.key_id.clone(), blob.key_version),
@@ -282,6 +294,10 @@ impl Keystore {
             }
             other => other?,
         };
+        // Only once the tag verified: a forged blob must not learn which versions are retired.
+        if retirement::is_retired(&key, blob.key_version) {
+            return Err(retirement::retired(&key.id, blob.key_version));
+        }
         Ok(Unwrapped {
             plaintext,
             key_id: blob.key_id,

@@ -119,9 +119,6 @@ impl Keystore {
         if !known || iv.len() != IV_LEN || tag.len() != TAG_LEN {
             return Err(Error::InvalidCiphertext);
         }
-        if retirement::is_retired(&record, version) {
-            return Err(retirement::retired(&record.id, version));
-        }
         if ciphertext.len() > MAX_EXTERNAL_PLAINTEXT {
             return Err(Error::Unsupported(format!(
                 "the ciphertext is longer than {MAX_EXTERNAL_PLAINTEXT} bytes"
@@ -130,8 +127,14 @@ impl Keystore {
         let mut sealed = Vec::with_capacity(ciphertext.len() + TAG_LEN);
         sealed.extend_from_slice(ciphertext);
         sealed.extend_from_slice(tag);
-        self.token
-            .decrypt(&ObjectId::new(record.id.clone(), version), iv, &sealed, aad)
+        let plaintext =
+            self.token
+                .decrypt(&ObjectId::new(record.id.clone(), version), iv, &sealed, aad)?;
+        // Only once the tag verified: a forgery must not learn which versions are retired.
+        if retirement::is_retired(&record, version) {
+            return Err(retirement::retired(&record.id, version));
+        }
+        Ok(plaintext)
     }
 
     /// The key for the XKS API's metadata answer (resolved like any use, read through the

@@ -388,7 +388,7 @@ pub struct Keystore {
     /// Serializes GetParametersForImport (see `import.rs`).
     import_parameters: Mutex<()>,
     /// Uses counted since the last flush to the store, per key version (see `usage.rs`).
-    usage: Mutex<HashMap<(KeyId, u32), VersionUsage>>,
+    usage: Mutex<HashMap<KeyId, BTreeMap<u32, VersionUsage>>>,
     /// Disagreements between the store and the token's holds and alias tickets already
     /// logged (see `tickets.rs`).
     reported: Mutex<HashSet<String>>,

@@ -23,10 +23,15 @@ impl Keystore {
         // together, never interleaved with another daemon's change of the version.
         let _fleet = MaintenanceLock::wait(&*self.store, MAINTENANCE_LOCK_WAIT)?;
         let _admin = self.admin.lock();
-        let record = self.resolve(key)?;
+        // The store's record, read under the fleet lock: the current version as the fleet
+        // knows it, not as this daemon's view last did.
+        let id = self.resolve(key)?.id.clone();
+        let record = self
+            .refresh(&id)?
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
         if !record.versions.iter().any(|v| v.version == version) {
             return Err(Error::KeyNotFound(format!(
-                "key {} has no version {version}",
+                "{} version {version}",
                 record.id
             )));
         }
@@ -53,9 +58,9 @@ impl Keystore {
                 return Err(err);
             }
         } else {
-            // The store first, so that a failure leaves it retired; written again once the
-            // ticket is gone, so that the fleet, told by the first write, reads it after it.
-            self.store.set_version_retired(&record.id, version, false)?;
+            // The ticket first, then the store once: the fleet, told by the write, reads a
+            // version the token no longer holds retired. If the write fails, the store still
+            // says retired, and so does every view.
             self.token.destroy_ticket(&ticket)?;
             self.store.set_version_retired(&record.id, version, false)?;
         }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
@@ -28,6 +28,8 @@ const MIGRATION_2: &str = include_str!("migrations/sqlite/0002.sql");
 const MIGRATION_3: &str = include_str!("migrations/sqlite/0003.sql");
 /// Schema 4: version usage.
 const MIGRATION_4: &str = include_str!("migrations/sqlite/0004.sql");
+/// Schema 5: version retirement.
+const MIGRATION_5: &str = include_str!("migrations/sqlite/0005.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.
@@ -89,6 +91,12 @@ impl SqliteStore {
         if version < 4 {
             conn.execute_batch(&format!(
                 "BEGIN; {MIGRATION_4} PRAGMA user_version = 4; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
+        if version < 5 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_5} PRAGMA user_version = 5; COMMIT;"
             ))
             .map_err(db_error)?;
         }

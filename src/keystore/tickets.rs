@@ -160,7 +160,7 @@ impl Keystore {
         // (a store writer could add alias rows to make each refresh cost the HSM more).
         let read;
         let anchors = match anchors {
-            None if record.aliases.len() + record.versions.len() > MAX_LOOKUPS_PER_RECORD => {
+            None if record.aliases.len() > MAX_LOOKUPS_PER_RECORD => {
                 read = Anchors::read(&*self.token)?;
                 Some(&read)
             }
@@ -173,8 +173,28 @@ impl Keystore {
             });
             record.state = KeyState::Disabled;
         }
+        // Retired versions: the store's flag, or the token's ticket. Without the tickets at
+        // hand, the token is asked only about a version this daemon's view holds retired and
+        // the store no longer does (a RestoreKeyVersion, or an edited store): every other
+        // version would cost a token call per refresh for nothing.
+        let held_retired: HashSet<u32> = match anchors {
+            Some(_) => HashSet::new(),
+            None => self
+                .read_view()
+                .keys
+                .get(&record.id)
+                .map(|k| {
+                    k.versions
+                        .iter()
+                        .filter(|v| v.retired)
+                        .map(|v| v.version)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
         for version in &mut record.versions {
-            if !version.retired && self.is_retired(&record.id, version.version, anchors)? {
+            let ask = anchors.is_some() || held_retired.contains(&version.version);
+            if !version.retired && ask && self.is_retired(&record.id, version.version, anchors)? {
                 metrics::counter!("wrapd_metadata_disagreements_total", "kind" => "retired")
                     .increment(1);
                 self.report(format!("retired {} {}", record.id, version.version), || {

@@ -6,7 +6,8 @@
 //!
 //! The counts are evidence for an operator deciding whether a version is still needed, not a
 //! guarantee: a daemon killed before its flush loses its last few seconds of counts (its
-//! last use may be later than the store says), and a store writer can change them.
+//! last use may be later than the store says), a batch whose commit was acknowledged to no
+//! one may be counted twice, and a store writer can change them.
 
 use super::*;
 
@@ -15,34 +16,46 @@ impl Keystore {
     pub(super) fn record_use(&self, key: &KeyId, version: u32, wrap: bool) {
         // At the store's precision, so that a use reads the same before and after a flush.
         let now = metadata::from_millis(metadata::to_millis(self.clock.now()));
-        let mut pending = self.usage.lock();
-        let entry = pending.entry((key.clone(), version)).or_default();
-        if wrap {
-            entry.wraps += 1;
-        } else {
-            entry.unwraps += 1;
-        }
-        entry.add(&VersionUsage {
+        let used = VersionUsage {
+            wraps: u64::from(wrap),
+            unwraps: u64::from(!wrap),
             first_used: Some(now),
             last_used: Some(now),
-            ..VersionUsage::default()
-        });
+        };
+        let mut pending = self.usage.lock();
+        // The key id is cloned (allocated) only for a key's first use since the last flush.
+        let versions = match pending.get_mut(key) {
+            Some(versions) => versions,
+            None => pending.entry(key.clone()).or_default(),
+        };
+        versions.entry(version).or_default().add(&used);
     }
 
     /// Adds the counts since the last flush to the store; how many versions they were for.
     /// If the store fails, the counts are kept for the next flush.
     pub fn flush_usage(&self) -> Result<usize> {
-        let batch: Vec<(KeyId, u32, VersionUsage)> = std::mem::take(&mut *self.usage.lock())
+        let mut batch: Vec<(KeyId, u32, VersionUsage)> = std::mem::take(&mut *self.usage.lock())
             .into_iter()
-            .map(|((key, version), usage)| (key, version, usage))
+            .flat_map(|(key, versions)| {
+                versions
+                    .into_iter()
+                    .map(move |(version, usage)| (key.clone(), version, usage))
+            })
             .collect();
+        // In one order on every daemon, so that two flushing at once never deadlock on rows.
+        batch.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         if batch.is_empty() {
             return Ok(0);
         }
         if let Err(err) = self.store.add_usage(&batch) {
             let mut pending = self.usage.lock();
             for (key, version, usage) in batch {
-                pending.entry((key, version)).or_default().add(&usage);
+                pending
+                    .entry(key)
+                    .or_default()
+                    .entry(version)
+                    .or_default()
+                    .add(&usage);
             }
             return Err(err);
         }
@@ -62,10 +75,11 @@ impl Keystore {
                 entry.add(&recorded);
             }
         }
-        let pending = self.usage.lock();
-        for (version, entry) in usage.iter_mut() {
-            if let Some(unflushed) = pending.get(&(key.id.clone(), *version)) {
-                entry.add(unflushed);
+        if let Some(unflushed) = self.usage.lock().get(&key.id) {
+            for (version, entry) in usage.iter_mut() {
+                if let Some(more) = unflushed.get(version) {
+                    entry.add(more);
+                }
             }
         }
         Ok(usage)

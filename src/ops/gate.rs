@@ -264,11 +264,14 @@ impl Gate {
         let task: Job = Box::new(move || {
             let result = {
                 let _entered = span.enter();
-                if call
-                    .deadline
-                    .is_some_and(|deadline| Instant::now() >= deadline)
+                // A data-plane or XKS call whose caller has given up before it started does
+                // no token work (it would change nothing); an admin call, once accepted,
+                // always runs, so that whether it took effect never depends on a queue.
+                if data_plane
+                    && call
+                        .deadline
+                        .is_some_and(|deadline| Instant::now() >= deadline)
                 {
-                    // Its caller has given up: token work now would be wasted.
                     Err(Error::Unavailable(
                         "the call's deadline passed before it could start".into(),
                     ))

@@ -89,14 +89,32 @@ impl Ops {
 
     /// A key, by id or alias.
     pub async fn describe_key(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.describe_key_with(call, key_id, false).await
+    }
+
+    /// DescribeKey with each version's usage (one store read): the gRPC answer. If the store
+    /// cannot answer, the key is described without it (logged), as from the view.
+    pub async fn describe_key_with_usage(&self, call: Call, key_id: String) -> Result<KeyView> {
+        self.describe_key_with(call, key_id, true).await
+    }
+
+    async fn describe_key_with(&self, call: Call, key_id: String, usage: bool) -> Result<KeyView> {
         self.run(call, move |gate, ks, call| {
             let (key, _) = named_key(gate, ks, call, &key_id, None)?;
             let key = ks.resolve(&key)?;
             call.key(key.id.to_string(), Some(key.current_version()));
-            let usage = ks.version_usage(&key)?;
+            let used = match usage.then(|| ks.version_usage(&key)).transpose() {
+                Ok(used) => used,
+                Err(err) => {
+                    tracing::warn!(key_id = %key.id, error = %err, "DescribeKey without version usage: the metadata store did not answer");
+                    None
+                }
+            };
             let mut view = KeyView::of(ks, key);
-            for version in &mut view.versions {
-                version.usage = usage.get(&version.version).copied();
+            if let Some(used) = used {
+                for version in &mut view.versions {
+                    version.usage = used.get(&version.version).copied();
+                }
             }
             Ok(view)
         })

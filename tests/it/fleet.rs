@@ -54,8 +54,8 @@ mod postgres_store {
             .unwrap()
             .get(0);
         // Each migration once (version is the primary key: a second run would have failed
-        // its transaction): the schema, then key import.
-        assert_eq!(applied, 2);
+        // its transaction): the schema, key import, version usage, version retirement.
+        assert_eq!(applied, 4);
     }
 
     #[test]

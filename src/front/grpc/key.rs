@@ -301,7 +301,7 @@ impl KeyService for KeyApi {
         let call = call_of(&request, Operation::DescribeKey);
         metadata(
             self.ops
-                .describe_key(call, request.into_inner().key_id)
+                .describe_key_with_usage(call, request.into_inner().key_id)
                 .await,
         )
     }

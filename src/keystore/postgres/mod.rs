@@ -89,6 +89,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/postgres/0001.sql")),
     (2, include_str!("../migrations/postgres/0002.sql")),
     (3, include_str!("../migrations/postgres/0003.sql")),
+    (4, include_str!("../migrations/postgres/0004.sql")),
 ];
 
 /// The PostgreSQL metadata store.

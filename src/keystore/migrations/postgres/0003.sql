@@ -1,5 +1,3 @@
--- Version retirement (RetireKeyVersion): a retired version unwraps nothing until restored.
-ALTER TABLE key_versions ADD COLUMN retired BOOLEAN NOT NULL DEFAULT FALSE;
 -- How each key version is used (wraps, unwraps, first and last use), added up by every
 -- daemon from batches of its own counts.
 CREATE TABLE version_usage (

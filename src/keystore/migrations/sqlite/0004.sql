@@ -1,5 +1,3 @@
--- Version retirement (RetireKeyVersion): a retired version unwraps nothing until restored.
-ALTER TABLE key_versions ADD COLUMN retired INTEGER NOT NULL DEFAULT 0;
 -- How each key version is used (wraps, unwraps, first and last use), added up by every
 -- daemon from batches of its own counts.
 CREATE TABLE IF NOT EXISTS version_usage (
