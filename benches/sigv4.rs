@@ -41,6 +41,7 @@ static SIGNED: LazyLock<Signed> = LazyLock::new(|| {
             id: fixture["access_key"].as_str().unwrap().into(),
             secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
             principal: None,
+            arn: None,
         }]),
         now: sigv4::parse_amz_date("20261123T100000Z").unwrap(),
     }

@@ -320,7 +320,7 @@ keys = ["{KUBERNETES_ALIAS}"]
             0o600,
         )?;
     }
-    let aws_section = aws_credentials(&dir, &principal)?;
+    let aws_section = aws_credentials(&dir, &principal, &user)?;
     let xks_section = xks_credentials(&dir)?;
     let config = dir.join("wrapd.toml");
     if config.exists() {
@@ -412,8 +412,9 @@ filter = "info"
 
 /// Creates (once) the dev access key of the AWS KMS API for the invoking user: its secret
 /// in `aws/secret` and the AWS shared credentials file `aws/credentials` (both 0600).
-/// Returns the `[aws]` config section that serves it, acting as `principal`.
-fn aws_credentials(dir: &Path, principal: &str) -> Result<String> {
+/// Returns the `[aws]` config section that serves it, acting as `principal`, with the IAM
+/// ARN of the invoking user `user` (`arn:aws:iam::ACCOUNT:user/NAME`).
+fn aws_credentials(dir: &Path, principal: &str, user: &str) -> Result<String> {
     let aws = dir.join("aws");
     fs::DirBuilder::new()
         .recursive(true)
@@ -479,8 +480,18 @@ account = "{AWS_ACCOUNT}"
 id = "{id}"
 secret_file = "aws/secret"
 principal = "{principal}"
+arn = "arn:aws:iam::{AWS_ACCOUNT}:user/{iam_user}"
 "#,
-        id = id.trim()
+        id = id.trim(),
+        // IAM user names are A-Z a-z 0-9 + = , . @ _ -; anything else in a login name becomes -.
+        iam_user = user
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) {
+                c
+            } else {
+                '-'
+            })
+            .collect::<String>()
     ))
 }
 

@@ -200,21 +200,49 @@ pub fn xks_identity(principal: &str, credential_id: &str, remote: Option<SocketA
 }
 
 /// The identity of an AWS KMS API caller whose SigV4 signature verified with `access_key_id`:
-/// the principal the key acts as (from the config), if any, then `aws:access-key=ID`.
+/// the principal the key acts as (from the config), if any, then `aws:access-key=ID`, then
+/// `aws:arn=ARN` when the key names its IAM ARN.
 pub fn aws_identity(
     access_key_id: &str,
     acts_as: Option<&str>,
+    arn: Option<&str>,
     remote: Option<SocketAddr>,
 ) -> Identity {
     let principals: Vec<String> = acts_as
         .map(str::to_owned)
         .into_iter()
         .chain(std::iter::once(access_key_principal(access_key_id)))
+        .chain(arn.map(|arn| format!("aws:arn={arn}")))
         .collect();
     Identity {
         principals: principals.into(),
         transport: Transport::AwsKms,
         peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
         access_key: Some(access_key_id.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_aws_caller_acts_as_its_principal_its_access_key_and_its_iam_arn() {
+        let identity = aws_identity(
+            "AKIAEXAMPLE00000001",
+            Some("tls:uri=spiffe://example.org/app"),
+            Some("arn:aws:iam::111122223333:user/alice"),
+            None,
+        );
+        assert_eq!(
+            &*identity.principals,
+            [
+                "tls:uri=spiffe://example.org/app",
+                "aws:access-key=AKIAEXAMPLE00000001",
+                "aws:arn=arn:aws:iam::111122223333:user/alice",
+            ]
+        );
+        let bare = aws_identity("AKIAEXAMPLE00000001", None, None, None);
+        assert_eq!(&*bare.principals, ["aws:access-key=AKIAEXAMPLE00000001"]);
     }
 }

@@ -179,6 +179,10 @@ pub struct AwsAccessKey {
     pub secret: Zeroizing<String>,
     /// The principal requests signed with it act as (besides `aws:access-key=ID`).
     pub principal: Option<String>,
+    /// The IAM ARN of whoever holds it (`arn:aws:iam::ACCOUNT:user/NAME` or `role/NAME`):
+    /// requests signed with it also act as `aws:arn=ARN`, so that a policy (and, later, a
+    /// key policy) can name callers as AWS does.
+    pub arn: Option<String>,
 }
 
 impl std::fmt::Debug for AwsAccessKey {
@@ -187,6 +191,7 @@ impl std::fmt::Debug for AwsAccessKey {
             .field("id", &self.id)
             .field("secret", &"<redacted>")
             .field("principal", &self.principal)
+            .field("arn", &self.arn)
             .finish()
     }
 }

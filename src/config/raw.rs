@@ -169,6 +169,7 @@ pub(super) struct RawAccessKey {
     pub(super) secret_file: Option<PathBuf>,
     pub(super) secret_env: Option<String>,
     pub(super) principal: Option<String>,
+    pub(super) arn: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

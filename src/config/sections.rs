@@ -235,10 +235,16 @@ pub(super) fn aws_config(
                 )));
             }
         }
+        let arn = key
+            .arn
+            .map(|arn| iam_arn(&arn, &raw.account).map(|()| arn))
+            .transpose()
+            .map_err(|why| Error::Config(format!("{at}.arn: {why}")))?;
         access_keys.push(AwsAccessKey {
             id: key.id,
             secret,
             principal: key.principal,
+            arn,
         });
     }
     Ok(AwsConfig {
@@ -277,6 +283,34 @@ fn access_key_secret(
             "{at}: set exactly one of secret_file and secret_env (secrets are never inline)"
         ))),
     }
+}
+
+/// Checks an IAM principal ARN: `arn:aws:iam::ACCOUNT:user/NAME` or `role/NAME` (with an
+/// optional path), in `account`, the one account of wrapd's AWS API.
+fn iam_arn(arn: &str, account: &str) -> std::result::Result<(), String> {
+    let form = "must be arn:aws:iam::ACCOUNT:user/NAME or arn:aws:iam::ACCOUNT:role/NAME";
+    let rest = arn.strip_prefix("arn:aws:iam::").ok_or(form)?;
+    let (in_account, resource) = rest.split_once(':').ok_or(form)?;
+    let name = resource
+        .strip_prefix("user/")
+        .or_else(|| resource.strip_prefix("role/"))
+        .ok_or(form)?;
+    let name_ok = !name.is_empty()
+        && name.len() <= 512
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_/-".contains(&b));
+    if !name_ok {
+        return Err(format!(
+            "{form}; NAME is 1 to 512 of A-Z a-z 0-9 + = , . @ _ / -"
+        ));
+    }
+    if in_account != account {
+        return Err(format!(
+            "names account {in_account:?}, but aws.account is {account:?} (wrapd's AWS API has one account)"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `region` is a region name like `us-east-1`.
@@ -398,6 +432,7 @@ pub(super) fn xks_config(
                 id: credential.id,
                 secret,
                 principal: None,
+                arn: None,
             });
         }
         let requests_per_second = match keystore.requests_per_second {

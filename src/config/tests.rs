@@ -304,3 +304,34 @@ fn an_xks_key_store_is_named_after_its_prefix_and_checked_as_aws_kms_checks_it()
     let err = Config::parse(&twice, dir.path()).unwrap_err().to_string();
     assert!(err.contains("another key store's"), "{err}");
 }
+
+#[test]
+fn an_aws_access_key_may_name_its_iam_arn_in_the_apis_account() {
+    let dir = aws_dir();
+    let with = |arn: &str| {
+        let text = format!(
+            "{GOOD}{}",
+            AWS.replace(
+                "principal = \"tls:uri=spiffe://example.org/app\"",
+                &format!("principal = \"tls:uri=spiffe://example.org/app\"\narn = \"{arn}\"")
+            )
+        );
+        Config::parse(&text, dir.path())
+    };
+    let config = with("arn:aws:iam::111122223333:user/alice").unwrap();
+    assert_eq!(
+        config.aws.unwrap().access_keys[0].arn.as_deref(),
+        Some("arn:aws:iam::111122223333:user/alice")
+    );
+    assert!(with("arn:aws:iam::111122223333:role/teams/payments").is_ok());
+    for bad in [
+        "arn:aws:iam::999999999999:user/alice",
+        "arn:aws:iam::111122223333:group/admins",
+        "arn:aws:iam::111122223333:user/",
+        "arn:aws:sts::111122223333:assumed-role/x/y",
+        "alice",
+    ] {
+        let err = with(bad).unwrap_err().to_string();
+        assert!(err.contains("arn"), "{bad}: {err}");
+    }
+}

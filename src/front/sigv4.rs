@@ -537,6 +537,7 @@ mod tests {
             id: "AAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
             secret: Zeroizing::new(secret.clone()),
             principal: None,
+            arn: None,
         };
         let body = Bytes::from_static(br#"{"requestMetadata":{}}"#);
         let identity = Credentials::new(key.id.as_str(), secret.as_str(), None, None, "t").into();
@@ -641,6 +642,7 @@ mod tests {
             id: "AKIDEXAMPLE0000001".into(),
             secret: Zeroizing::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into()),
             principal: None,
+            arn: None,
         }])
     }
 
@@ -665,6 +667,7 @@ mod tests {
             id: fixture["access_key"].as_str().unwrap().into(),
             secret: Zeroizing::new(fixture["secret"].as_str().unwrap().into()),
             principal: None,
+            arn: None,
         }]);
         (keys, parts, Bytes::from(body))
     }
@@ -693,6 +696,7 @@ mod tests {
                 id: victim.into(),
                 secret: Zeroizing::new("v".repeat(40)),
                 principal: Some("unix:uid=0".into()),
+                arn: None,
             });
             let keys = AccessKeys::new(all);
             let err = verify(&keys, KMS, &parts, &body, now()).unwrap_err();

@@ -752,3 +752,38 @@ fn the_aws_encryption_cli_round_trips_and_its_files_decrypt_with_wrapctl() {
     );
     assert_eq!(std::fs::read(&mine).unwrap(), data);
 }
+
+#[test]
+fn wrapd_dev_names_the_invoking_users_iam_arn_and_a_policy_can_grant_by_it() {
+    let daemon = DevDaemon::start();
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let arn = config
+        .lines()
+        .find_map(|l| l.strip_prefix("arn = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("an arn for the dev access key")
+        .to_owned();
+    assert!(arn.starts_with("arn:aws:iam::111122223333:user/"), "{arn}");
+    // A policy that names the caller only by that ARN lets it list keys, and nothing else.
+    std::fs::write(
+        daemon.dir().join("policy.toml"),
+        format!(
+            "[[grant]]\nprincipals = [\"aws:arn={arn}\"]\noperations = [\"ListKeys\"]\nkeys = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    // The new policy is in force once CreateKey, which it does not grant, is denied.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match aws_cli(&daemon, &["create-key"]) {
+            Err(err) if err.contains("AccessDeniedException") => break,
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "the policy never reloaded"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    aws_ok(&daemon, &["list-keys"]);
+}

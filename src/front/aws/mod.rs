@@ -173,7 +173,8 @@ impl AwsApi {
             }
         };
         let principal = self.keys.get(&access_key).and_then(|k| k.principal.clone());
-        let identity = aws_identity(&access_key, principal.as_deref(), remote);
+        let arn = self.keys.get(&access_key).and_then(|k| k.arn.clone());
+        let identity = aws_identity(&access_key, principal.as_deref(), arn.as_deref(), remote);
         let Some((operation, request)) = decoded else {
             let name = arn::truncate(&target);
             let message = format!("wrapd does not implement the AWS KMS operation {name}");
