@@ -259,7 +259,8 @@ impl XksApi {
                     peer: remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
                     access_key: failure.claimed_key.clone(),
                 };
-                let call = Call::new(Err(refusal), operation, None, deadline)
+                // No deadline: the refusal's line is written however long the queue is.
+                let call = Call::new(Err(refusal), operation, None, None)
                     .with_api_operation(route.api_name());
                 let _ = self
                     .ops
@@ -282,8 +283,8 @@ impl XksApi {
             .is_some_and(|quota| quota.check().is_err())
         {
             let message = "the key store's request quota is exceeded; retry later";
-            let call = Call::new(Ok(identity), operation, None, deadline)
-                .with_api_operation(route.api_name());
+            let call =
+                Call::new(Ok(identity), operation, None, None).with_api_operation(route.api_name());
             let refused = self
                 .ops
                 .reject(call, Error::Unavailable(message.into()))
