@@ -259,7 +259,7 @@ impl Gate {
         let keystore = keystore.clone();
         // Data-plane and XKS calls run on the workers (one HSM session each); the admin
         // operations on tokio's blocking pool, so that they never queue behind data keys.
-        let data_plane = call.op.group() != Group::Admin;
+        let on_workers = call.op.group() != Group::Admin;
         let span = request_span(&call, &call.request_id);
         let task: Job = Box::new(move || {
             let result = {
@@ -267,7 +267,7 @@ impl Gate {
                 // A data-plane or XKS call whose caller has given up before it started does
                 // no token work (it would change nothing); an admin call, once accepted,
                 // always runs, so that whether it took effect never depends on a queue.
-                if data_plane
+                if on_workers
                     && call
                         .deadline
                         .is_some_and(|deadline| Instant::now() >= deadline)
@@ -289,7 +289,7 @@ impl Gate {
                 let _ = done.send(result);
             });
         });
-        self.dispatch(data_plane, task);
+        self.dispatch(on_workers, task);
         answered(answer.await)
     }
 

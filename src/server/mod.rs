@@ -553,29 +553,50 @@ impl Daemon {
 /// Mutual TLS for the TCP listener: our certificate, and client certificates required to
 /// chain to `client_ca` (rustls checks validity dates and the chain at the handshake).
 fn tls_acceptor(tcp: &TcpListenerConfig) -> Result<TlsAcceptor> {
+    let verifier = chain_verifier("tcp", &tcp.client_ca)?;
+    client_auth_acceptor("tcp", &tcp.cert, &tcp.key, verifier, b"h2")
+}
+
+/// The verifier of client certificates that must chain to the CA(s) in `client_ca` (PEM).
+fn chain_verifier(
+    what: &str,
+    client_ca: &PathBuf,
+) -> Result<Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>> {
+    use tokio_rustls::rustls::RootCertStore;
     use tokio_rustls::rustls::pki_types::CertificateDer;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::server::WebPkiClientVerifier;
-    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
-    let (certs, key) = certified_key("tcp", &tcp.cert, &tcp.key)?;
     let pem =
-        |e: &dyn std::fmt::Display| Error::Config(format!("tcp: {}: {e}", tcp.client_ca.display()));
+        |e: &dyn std::fmt::Display| Error::Config(format!("{what}: {}: {e}", client_ca.display()));
     let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read_listener_file("tcp", &tcp.client_ca)?) {
+    for ca in CertificateDer::pem_slice_iter(&read_listener_file(what, client_ca)?) {
         roots.add(ca.map_err(|e| pem(&e))?).map_err(|e| pem(&e))?;
     }
-    let provider = tls_provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls_provider())
         .build()
-        .map_err(|e| pem(&e))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+        .map_err(|e| pem(&e))
+}
+
+/// TLS for the listener `what` with client certificates checked by `verifier`, speaking
+/// `alpn`.
+fn client_auth_acceptor(
+    what: &str,
+    cert: &PathBuf,
+    key: &PathBuf,
+    verifier: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>,
+    alpn: &[u8],
+) -> Result<TlsAcceptor> {
+    use tokio_rustls::rustls::ServerConfig;
+
+    let (certs, key) = certified_key(what, cert, key)?;
+    let mut config = ServerConfig::builder_with_provider(tls_provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("tcp: TLS: {e}")))?
+        .map_err(|e| Error::Config(format!("{what}: TLS: {e}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| Error::Config(format!("tcp: TLS certificate and key: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+        .map_err(|e| Error::Config(format!("{what}: TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -599,37 +620,14 @@ fn server_tls_acceptor(what: &str, cert: &PathBuf, key: &PathBuf) -> Result<TlsA
 /// to it and (with `client_subject`) naming that common name; anything else ends the
 /// handshake, as the specification requires.
 fn xks_tls_acceptor(xks: &XksConfig) -> Result<TlsAcceptor> {
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::server::WebPkiClientVerifier;
-    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
-
     let Some(client_ca) = &xks.client_ca else {
         return server_tls_acceptor("xks", &xks.cert, &xks.key);
     };
-    let (certs, key) = certified_key("xks", &xks.cert, &xks.key)?;
-    let pem =
-        |e: &dyn std::fmt::Display| Error::Config(format!("xks: {}: {e}", client_ca.display()));
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read_listener_file("xks", client_ca)?) {
-        roots.add(ca.map_err(|e| pem(&e))?).map_err(|e| pem(&e))?;
-    }
-    let provider = tls_provider();
-    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| pem(&e))?;
     let verifier = Arc::new(XksClientVerifier {
-        chain,
+        chain: chain_verifier("xks", client_ca)?,
         common_name: xks.client_subject.clone(),
     });
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("xks: TLS: {e}")))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| Error::Config(format!("xks: TLS certificate and key: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    client_auth_acceptor("xks", &xks.cert, &xks.key, verifier, b"http/1.1")
 }
 
 /// The XKS listener's client certificate verifier: the chain (rustls's), then, when set, the
