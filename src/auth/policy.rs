@@ -124,6 +124,8 @@ operations! {
     DeleteImportedKeyMaterial: Admin,
     RetireKeyVersion: Admin,
     RestoreKeyVersion: Admin,
+    ScheduleKeyVersionDestruction: Admin,
+    CancelKeyVersionDestruction: Admin,
     XksGetHealthStatus: Xks,
     XksGetKeyMetadata: Xks,
     XksEncrypt: Xks,

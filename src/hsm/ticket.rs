@@ -14,7 +14,9 @@
 //! whatever state the store gives it, and an *alias* ticket (CreateAlias, UpdateAlias;
 //! removed by UpdateAlias and DeleteAlias) is what makes an alias row name a key at all; a
 //! *retired* ticket (RetireKeyVersion; removed by RestoreKeyVersion) keeps a version from
-//! unwrapping whatever the store says of it.
+//! unwrapping whatever the store says of it. A *version destruction* ticket
+//! (ScheduleKeyVersionDestruction; removed by CancelKeyVersionDestruction and once carried
+//! out) is to one retired version what a deletion ticket is to a key.
 
 use sha2::{Digest, Sha256};
 
@@ -58,6 +60,16 @@ pub enum Ticket {
         key_id: KeyId,
         /// The version.
         version: u32,
+    },
+    /// ScheduleKeyVersionDestruction: the retired version's object may be destroyed from
+    /// `due` (Unix seconds).
+    VersionDestruction {
+        /// The key.
+        key_id: KeyId,
+        /// The version.
+        version: u32,
+        /// When, in Unix seconds.
+        due: u64,
     },
     /// The store's pending deletions and expiries were adopted as tickets, once, when a
     /// release with tickets first started on this token (see `Keystore::open`).
@@ -104,6 +116,7 @@ impl Ticket {
             | Self::Expiry { key_id, .. }
             | Self::Hold { key_id }
             | Self::Retired { key_id, .. }
+            | Self::VersionDestruction { key_id, .. }
             | Self::Alias { key_id, .. } => Some(key_id),
             Self::Adopted | Self::AdoptedHoldsAndAliases => None,
         }
@@ -116,6 +129,11 @@ impl Ticket {
             Self::Expiry { key_id, due } => format!("ticket:expire:{key_id}:{due}"),
             Self::Hold { key_id } => format!("ticket:hold:{key_id}"),
             Self::Retired { key_id, version } => format!("ticket:retired:{key_id}:{version}"),
+            Self::VersionDestruction {
+                key_id,
+                version,
+                due,
+            } => format!("ticket:destroy-version:{key_id}:{version}:{due}"),
             Self::Alias {
                 name_digest,
                 key_id,
@@ -153,6 +171,15 @@ impl Ticket {
                 Some(Self::Retired {
                     key_id: KeyId::parse(key).ok()?,
                     version: version.parse().ok()?,
+                })
+            }
+            "destroy-version" => {
+                let (rest, due) = rest.rsplit_once(':')?;
+                let (key, version) = rest.rsplit_once(':')?;
+                Some(Self::VersionDestruction {
+                    key_id: KeyId::parse(key).ok()?,
+                    version: version.parse().ok()?,
+                    due: due.parse().ok()?,
                 })
             }
             "delete" | "expire" => {
@@ -194,6 +221,11 @@ mod tests {
                 key_id: key_id.clone(),
                 version: 3,
             },
+            Ticket::VersionDestruction {
+                key_id: key_id.clone(),
+                version: 2,
+                due: 1_800_000_000,
+            },
             Ticket::Adopted,
             Ticket::AdoptedHoldsAndAliases,
         ] {
@@ -205,6 +237,7 @@ mod tests {
         assert_eq!(Ticket::parse(b"ticket:delete:key/x:1"), None);
         assert_eq!(Ticket::parse(b"import:whatever"), None);
         assert_eq!(Ticket::parse(b"ticket:hold:key/x"), None);
+        assert_eq!(Ticket::parse(b"ticket:destroy-version:key/x:1"), None);
         assert_eq!(Ticket::parse(b"ticket:alias:00:key/x"), None);
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord, VersionUsage,
+    VersionDestruction, VersionRecord, VersionUsage,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, ErrorKind};
@@ -32,13 +32,7 @@ fn record(state: KeyState) -> KeyRecord {
         state,
         created_at: now,
         deletion_date: None,
-        versions: vec![VersionRecord {
-            version: 1,
-            created_at: now,
-            wraps_reserved: 0,
-            automatic: false,
-            retired: false,
-        }],
+        versions: vec![VersionRecord::new(1, now, false)],
         aliases: vec![],
         rotation: None,
         tags: Default::default(),
@@ -170,13 +164,7 @@ pub fn versions_and_pending_versions(store: &impl Store) {
     store.begin_version(&key.id, 2).unwrap();
     store.begin_version(&key.id, 2).unwrap(); // resumed
     assert_eq!(store.pending_versions().unwrap(), vec![(key.id.clone(), 2)]);
-    let v2 = VersionRecord {
-        version: 2,
-        created_at: millis(SystemTime::now()),
-        wraps_reserved: 0,
-        automatic: true,
-        retired: false,
-    };
+    let v2 = VersionRecord::new(2, millis(SystemTime::now()), true);
     store.add_version(&key.id, &v2).unwrap();
     assert!(
         store.pending_versions().unwrap().is_empty(),
@@ -395,6 +383,40 @@ pub fn version_usage_adds_up(store: &impl Store) {
     assert!(store.usage(&key.id).unwrap().is_empty());
 }
 
+/// A version's retirement and destruction round-trip; a version the key lacks is not found.
+pub fn version_retirement_and_destruction(store: &impl Store) {
+    let key = record(KeyState::Enabled);
+    store.create_key(&key, None).unwrap();
+    let version =
+        |store: &dyn MetadataStore| store.key(&key.id).unwrap().unwrap().versions[0].clone();
+    let when = millis(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    store.set_version_retired(&key.id, 1, true).unwrap();
+    store
+        .set_version_destruction(&key.id, 1, VersionDestruction::Scheduled(when))
+        .unwrap();
+    let v = version(store);
+    assert!(v.retired);
+    assert_eq!((v.destruction_date, v.destroyed_at), (Some(when), None));
+    store
+        .set_version_destruction(&key.id, 1, VersionDestruction::Destroyed(when))
+        .unwrap();
+    let v = version(store);
+    assert_eq!((v.destruction_date, v.destroyed_at), (None, Some(when)));
+    store
+        .set_version_destruction(&key.id, 1, VersionDestruction::None)
+        .unwrap();
+    let v = version(store);
+    assert_eq!((v.destruction_date, v.destroyed_at), (None, None));
+    assert!(matches!(
+        store.set_version_destruction(&key.id, 2, VersionDestruction::None),
+        Err(Error::KeyNotFound(_))
+    ));
+    assert!(matches!(
+        store.set_version_retired(&key.id, 2, true),
+        Err(Error::KeyNotFound(_))
+    ));
+}
+
 /// Generates the conformance tests for a backend: `$make` makes a fresh, empty store.
 #[macro_export]
 #[doc(hidden)]
@@ -440,6 +462,10 @@ macro_rules! metadata_store_conformance {
             #[test]
             fn version_usage_adds_up() {
                 suite::version_usage_adds_up(&$make);
+            }
+            #[test]
+            fn version_retirement_and_destruction() {
+                suite::version_retirement_and_destruction(&$make);
             }
             #[test]
             fn audit_heads_only_move_forward() {

@@ -273,6 +273,9 @@ impl Keystore {
         if !known(&key) {
             return Err(Error::InvalidCiphertext);
         }
+        // A destroyed version has no object to check the tag with: every blob naming it gets
+        // the same answer, forged or not.
+        retirement::check_not_destroyed(&key, blob.key_version)?;
         let aad = Blob::aad(&blob.key_id, blob.key_version, &context.serialize());
         let decrypted = self.token.decrypt(
             &ObjectId::new(blob.key_id.clone(), blob.key_version),

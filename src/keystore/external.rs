@@ -124,6 +124,7 @@ impl Keystore {
                 "the ciphertext is longer than {MAX_EXTERNAL_PLAINTEXT} bytes"
             )));
         }
+        retirement::check_not_destroyed(&record, version)?;
         let mut sealed = Vec::with_capacity(ciphertext.len() + TAG_LEN);
         sealed.extend_from_slice(ciphertext);
         sealed.extend_from_slice(tag);

@@ -105,6 +105,48 @@ pub struct VersionRecord {
     pub automatic: bool,
     /// Retired (RetireKeyVersion): nothing unwraps with it until RestoreKeyVersion.
     pub retired: bool,
+    /// Set while the version's destruction is scheduled (ScheduleKeyVersionDestruction):
+    /// when its object may be destroyed.
+    pub destruction_date: Option<SystemTime>,
+    /// Set once the version's object was destroyed: its blobs can never be unwrapped again.
+    pub destroyed_at: Option<SystemTime>,
+}
+
+impl VersionRecord {
+    /// A new version, in use.
+    pub fn new(version: u32, created_at: SystemTime, automatic: bool) -> Self {
+        Self {
+            version,
+            created_at,
+            wraps_reserved: 0,
+            automatic,
+            retired: false,
+            destruction_date: None,
+            destroyed_at: None,
+        }
+    }
+}
+
+/// What [`MetadataStore::set_version_destruction`] records of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionDestruction {
+    /// No destruction scheduled (CancelKeyVersionDestruction).
+    None,
+    /// Destruction scheduled for this date.
+    Scheduled(SystemTime),
+    /// The object was destroyed at this time.
+    Destroyed(SystemTime),
+}
+
+impl VersionDestruction {
+    /// The `destruction_date` and `destroyed_at` columns, in Unix milliseconds.
+    pub(super) fn columns(self) -> (Option<i64>, Option<i64>) {
+        match self {
+            Self::None => (None, None),
+            Self::Scheduled(date) => (Some(to_millis(date)), None),
+            Self::Destroyed(at) => (None, Some(to_millis(at))),
+        }
+    }
 }
 
 /// How a key version was used: wraps and unwraps counted, first and last use. Each daemon
@@ -264,6 +306,13 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn all_aliases(&self) -> Result<Vec<(AliasName, KeyId)>>;
     /// Retires or restores a version (KeyNotFound if the key has no such version).
     fn set_version_retired(&self, id: &KeyId, version: u32, retired: bool) -> Result<()>;
+    /// Records a version's destruction: scheduled, cancelled or carried out.
+    fn set_version_destruction(
+        &self,
+        id: &KeyId,
+        version: u32,
+        destruction: VersionDestruction,
+    ) -> Result<()>;
     /// Adds usage counted by this daemon to each version's (one transaction; a version that
     /// no longer exists is skipped).
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()>;

@@ -53,7 +53,7 @@ pub use external::{ExternalSealed, MAX_EXTERNAL_AAD, MAX_EXTERNAL_PLAINTEXT};
 pub use import::{ImportParameters, MAX_IMPORT_TOKENS_PER_KEY};
 pub use metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord, VersionUsage,
+    StoreChanges, VersionDestruction, VersionRecord, VersionUsage,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::{INSTANCE_WAIT, PostgresStore};
@@ -503,6 +503,9 @@ impl Keystore {
         for key in self.read_view().keys.values() {
             for v in &key.versions {
                 let object = ObjectId::new(key.id.clone(), v.version);
+                if v.destroyed_at.is_some() {
+                    continue; // neither missing nor expected: its object was destroyed
+                }
                 if !key.has_material() {
                     // An imported key without material has no object (or one left by an
                     // import that crashed before its commit, which the next import checks).

@@ -109,13 +109,7 @@ impl Keystore {
         self.token.generate_key(&object)?;
         self.store.add_version(
             &key.id,
-            &VersionRecord {
-                version,
-                created_at: self.clock.now(),
-                wraps_reserved: 0,
-                automatic,
-                retired: false,
-            },
+            &VersionRecord::new(version, self.clock.now(), automatic),
         )?;
         tracing::info!(key_id = %key.id, version, automatic, "key rotated");
         self.refresh(&key.id)?
@@ -217,11 +211,8 @@ impl Keystore {
         self.store.add_version(
             id,
             &VersionRecord {
-                version,
-                created_at: self.clock.now(),
                 wraps_reserved: self.config.max_wraps_per_version,
-                automatic: false,
-                retired: false,
+                ..VersionRecord::new(version, self.clock.now(), false)
             },
         )?;
         self.refresh(id)?;

@@ -9,14 +9,15 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionRecord, VersionUsage, corrupt, from_millis, other_material, to_millis,
+    VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis, other_material,
+    to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
@@ -30,6 +31,8 @@ const MIGRATION_3: &str = include_str!("migrations/sqlite/0003.sql");
 const MIGRATION_4: &str = include_str!("migrations/sqlite/0004.sql");
 /// Schema 5: version retirement.
 const MIGRATION_5: &str = include_str!("migrations/sqlite/0005.sql");
+/// Schema 6: version destruction.
+const MIGRATION_6: &str = include_str!("migrations/sqlite/0006.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.
@@ -97,6 +100,12 @@ impl SqliteStore {
         if version < 5 {
             conn.execute_batch(&format!(
                 "BEGIN; {MIGRATION_5} PRAGMA user_version = 5; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
+        if version < 6 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_6} PRAGMA user_version = 6; COMMIT;"
             ))
             .map_err(db_error)?;
         }
@@ -179,8 +188,9 @@ impl SqliteStore {
             .map_err(db_error)?;
         let mut stmt = conn
             .prepare_cached(
-                "SELECT version, created_at, wraps_reserved, automatic, retired FROM key_versions
-                 WHERE key_id = ?1 ORDER BY version",
+                "SELECT version, created_at, wraps_reserved, automatic, retired, destruction_date,
+                        destroyed_at
+                 FROM key_versions WHERE key_id = ?1 ORDER BY version",
             )
             .map_err(db_error)?;
         let versions = stmt
@@ -191,6 +201,8 @@ impl SqliteStore {
                     wraps_reserved: row.get::<_, i64>(2)?.max(0) as u64,
                     automatic: row.get::<_, i64>(3)? != 0,
                     retired: row.get::<_, i64>(4)? != 0,
+                    destruction_date: row.get::<_, Option<i64>>(5)?.map(from_millis),
+                    destroyed_at: row.get::<_, Option<i64>>(6)?.map(from_millis),
                 })
             })
             .map_err(db_error)?
@@ -613,6 +625,27 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
+    fn set_version_destruction(
+        &self,
+        id: &KeyId,
+        version: u32,
+        destruction: VersionDestruction,
+    ) -> Result<()> {
+        let (date, destroyed) = destruction.columns();
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE key_versions SET destruction_date = ?3, destroyed_at = ?4
+                 WHERE key_id = ?1 AND version = ?2",
+                params![id.as_str(), version, date, destroyed],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::KeyNotFound(format!("{id} version {version}")));
+        }
+        Ok(())
+    }
+
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_error)?;
@@ -822,13 +855,11 @@ mod tests {
             state: KeyState::Enabled,
             created_at: from_millis(to_millis(SystemTime::now())),
             deletion_date: None,
-            versions: vec![VersionRecord {
-                version: 1,
-                created_at: from_millis(to_millis(SystemTime::now())),
-                wraps_reserved: 0,
-                automatic: false,
-                retired: false,
-            }],
+            versions: vec![VersionRecord::new(
+                1,
+                from_millis(to_millis(SystemTime::now())),
+                false,
+            )],
             aliases: vec![],
             rotation: None,
             tags: BTreeMap::new(),

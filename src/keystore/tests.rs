@@ -390,3 +390,62 @@ fn unknown_names_are_typed_not_found() {
         Err(Error::KeyNotFound(_))
     ));
 }
+
+#[test]
+fn a_version_destruction_written_only_in_the_store_destroys_nothing() {
+    let (ks, token, store, clock) = with_writer();
+    let id = ks.create_key("", None).unwrap().id.clone();
+    let key = KeyRef::Id(id.clone());
+    ks.rotate_key(&key).unwrap();
+    // Retired and scheduled in the store alone: no ticket, nothing destroyed.
+    store.set_version_retired(&id, 1, true).unwrap();
+    store
+        .set_version_destruction(&id, 1, VersionDestruction::Scheduled(clock.now()))
+        .unwrap();
+    clock.advance(Duration::from_secs(31 * 86_400));
+    assert!(
+        ks.destroy_due_versions(|_, _| panic!("nothing is due"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(token.contains(&ObjectId::new(id, 1)).unwrap());
+}
+
+#[test]
+fn a_version_restored_in_the_store_while_its_destruction_is_due_is_not_destroyed() {
+    let (ks, token, store, clock) = with_writer();
+    let id = ks.create_key("", None).unwrap().id.clone();
+    let key = KeyRef::Id(id.clone());
+    ks.rotate_key(&key).unwrap();
+    ks.retire_version(&key, 1).unwrap();
+    ks.schedule_version_destruction(&key, 1, 7).unwrap();
+    // A store writer cancels: the token's ticket alone does not destroy, and is dropped.
+    store
+        .set_version_destruction(&id, 1, VersionDestruction::None)
+        .unwrap();
+    clock.advance(Duration::from_secs(8 * 86_400));
+    assert!(
+        ks.destroy_due_versions(|_, _| panic!("not due by the store"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(token.contains(&ObjectId::new(id.clone(), 1)).unwrap());
+    assert!(
+        !token
+            .tickets()
+            .unwrap()
+            .iter()
+            .any(|t| matches!(t, Ticket::VersionDestruction { .. })),
+        "the ticket is dropped"
+    );
+    // Written back by the writer later: still nothing, the token no longer records it.
+    store
+        .set_version_destruction(&id, 1, VersionDestruction::Scheduled(clock.now()))
+        .unwrap();
+    assert!(
+        ks.destroy_due_versions(|_, _| panic!("no ticket"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(token.contains(&ObjectId::new(id, 1)).unwrap());
+}

@@ -129,14 +129,55 @@ impl Ops {
         version: u32,
         retire: bool,
     ) -> Result<KeyView> {
+        self.on_version(call, key_id, version, move |ks, key| {
+            if retire {
+                ks.retire_version(key, version)
+            } else {
+                ks.restore_version(key, version)
+            }
+        })
+        .await
+    }
+
+    /// Schedules the destruction of a retired version after `days` (7..=30; 0 means 30).
+    pub async fn schedule_key_version_destruction(
+        &self,
+        call: Call,
+        key_id: String,
+        version: u32,
+        days: u32,
+    ) -> Result<KeyView> {
+        self.on_version(call, key_id, version, move |ks, key| {
+            ks.schedule_version_destruction(key, version, days)
+        })
+        .await
+    }
+
+    /// Cancels the scheduled destruction of a version (it stays retired).
+    pub async fn cancel_key_version_destruction(
+        &self,
+        call: Call,
+        key_id: String,
+        version: u32,
+    ) -> Result<KeyView> {
+        self.on_version(call, key_id, version, move |ks, key| {
+            ks.cancel_version_destruction(key, version)
+        })
+        .await
+    }
+
+    /// Runs a change of one version of a key; the audit line names the version.
+    async fn on_version(
+        &self,
+        call: Call,
+        key_id: String,
+        version: u32,
+        change: impl FnOnce(&Keystore, &KeyRef) -> Result<Arc<KeyRecord>> + Send + 'static,
+    ) -> Result<KeyView> {
         self.run(call, move |gate, ks, call| {
             let (key, _) = named_key(gate, ks, call, &key_id, None)?;
             call.key(key.to_string(), Some(version));
-            let record = if retire {
-                ks.retire_version(&key, version)?
-            } else {
-                ks.restore_version(&key, version)?
-            };
+            let record = change(ks, &key)?;
             call.key(record.id.to_string(), Some(version));
             Ok(KeyView::of(ks, record))
         })

@@ -80,6 +80,10 @@ pub struct VersionView {
     pub usage: Option<VersionUsage>,
     /// Retired: it unwraps nothing until restored.
     pub retired: bool,
+    /// While its destruction is scheduled: when.
+    pub destruction_date: Option<SystemTime>,
+    /// Once destroyed: when.
+    pub destroyed_at: Option<SystemTime>,
 }
 
 impl KeyView {
@@ -91,10 +95,14 @@ impl KeyView {
                 version: v.version,
                 created_at: v.created_at,
                 wrap_count: keystore.wrap_count(&key, v),
-                available: key.has_material() && !keystore.is_missing(&key.id, v.version),
+                available: key.has_material()
+                    && v.destroyed_at.is_none()
+                    && !keystore.is_missing(&key.id, v.version),
                 automatic: v.automatic,
                 usage: None,
                 retired: v.retired,
+                destruction_date: v.destruction_date,
+                destroyed_at: v.destroyed_at,
             })
             .collect();
         Self { key, versions }
@@ -109,6 +117,18 @@ pub const MAX_RANDOM_BYTES: u32 = 1024;
 
 /// The audit operation of a scheduled deletion carried out.
 pub const DESTROY_KEY: &str = "DestroyKey";
+
+/// The audit operation of a scheduled version destruction carried out.
+pub const DESTROY_KEY_VERSION: &str = "DestroyKeyVersion";
+
+/// What one maintenance pass destroyed.
+#[derive(Debug, Default)]
+pub struct Purged {
+    /// Keys deleted.
+    pub keys: Vec<KeyId>,
+    /// Key versions destroyed.
+    pub versions: Vec<(KeyId, u32)>,
+}
 
 /// An alias and the key it names.
 pub type AliasEntry = (AliasName, KeyId);
@@ -208,15 +228,21 @@ impl Ops {
         self.gate.run(&self.keystore, call, job).await
     }
 
-    /// Carries out the scheduled deletions that are due. Each key's `DestroyKey` audit line
-    /// (principal `wrapd:daemon`) is written before its material is destroyed; while the
-    /// audit log cannot be written, nothing is destroyed. Blocks (the background task runs
-    /// it on the blocking pool).
-    pub fn purge_due(&self) -> Result<Vec<KeyId>> {
-        self.keystore.purge_due(|key| {
+    /// Carries out the scheduled deletions and version destructions that are due. Each
+    /// key's `DestroyKey` (each version's `DestroyKeyVersion`) audit line, principal
+    /// `wrapd:daemon`, is written before its material is destroyed; while the audit log
+    /// cannot be written, nothing is destroyed. Blocks (the background task runs it on the
+    /// blocking pool). Returns the keys deleted and the versions destroyed.
+    pub fn purge_due(&self) -> Result<Purged> {
+        let keys = self.keystore.purge_due(|key| {
             self.gate
                 .record_internal(DESTROY_KEY, key.id.as_str(), key.current_version())
-        })
+        })?;
+        let versions = self.keystore.destroy_due_versions(|key, version| {
+            self.gate
+                .record_internal(DESTROY_KEY_VERSION, key.id.as_str(), version)
+        })?;
+        Ok(Purged { keys, versions })
     }
 
     /// Audits a call its front end refuses before any operation (a bad signature, an

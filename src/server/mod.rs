@@ -908,8 +908,12 @@ async fn maintenance_task(ops: Ops, interval: Duration) {
         let _ = tokio::task::spawn_blocking(move || gate.summarize_refusals()).await;
         let ops = ops.clone();
         match tokio::task::spawn_blocking(move || ops.purge_due()).await {
-            Ok(Ok(purged)) if !purged.is_empty() => {
-                tracing::info!(count = purged.len(), "scheduled deletions carried out");
+            Ok(Ok(purged)) if !purged.keys.is_empty() || !purged.versions.is_empty() => {
+                tracing::info!(
+                    keys = purged.keys.len(),
+                    versions = purged.versions.len(),
+                    "scheduled deletions carried out"
+                );
             }
             Ok(Ok(_)) => {}
             Ok(Err(err)) => tracing::error!(error = %err, "scheduled deletion failed; will retry"),

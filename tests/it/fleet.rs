@@ -144,13 +144,11 @@ mod postgres_store {
             state: wrapd::keystore::KeyState::Enabled,
             created_at: std::time::SystemTime::now(),
             deletion_date: None,
-            versions: vec![wrapd::keystore::VersionRecord {
-                version: 1,
-                created_at: std::time::SystemTime::now(),
-                wraps_reserved: 0,
-                automatic: false,
-                retired: false,
-            }],
+            versions: vec![wrapd::keystore::VersionRecord::new(
+                1,
+                std::time::SystemTime::now(),
+                false,
+            )],
             aliases: vec![],
             rotation: None,
             tags: Default::default(),

@@ -1272,16 +1272,7 @@ fn a_version_added_in_the_store_takes_no_imported_material() {
     store.delete_key(&key.id, SystemTime::now()).unwrap();
     store.create_key(&row, None).unwrap();
     store
-        .add_version(
-            &key.id,
-            &VersionRecord {
-                version: 2,
-                created_at: SystemTime::now(),
-                wraps_reserved: 0,
-                automatic: false,
-                retired: false,
-            },
-        )
+        .add_version(&key.id, &VersionRecord::new(2, SystemTime::now(), false))
         .unwrap();
     let f = reopened(f);
     let err = import(&f, &key, ImportAlgorithm::RsaesOaepSha1, &OTHER).unwrap_err();

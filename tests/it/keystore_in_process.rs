@@ -1,5 +1,6 @@
 //! The key store in-process on a real SoftHSM token, with an injectable clock: scheduled
-//! deletion, reconciliation with the token, and the per-version wrap limit.
+//! deletion of keys and of key versions, reconciliation with the token, and the per-version
+//! wrap limit.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -10,7 +11,7 @@ use wrapd::config::Config;
 use wrapd::context::EncryptionContext;
 use wrapd::hsm::{ObjectId, Pkcs11Token, Token};
 use wrapd::ids::{AliasName, KeyId, KeyRef};
-use wrapd::keystore::{Keystore, KeystoreConfig, ManualClock, SqliteStore};
+use wrapd::keystore::{Clock, Keystore, KeystoreConfig, ManualClock, SqliteStore};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -89,6 +90,11 @@ fn ctx() -> EncryptionContext {
     EncryptionContext::from_entries([("app".to_owned(), "test".to_owned())]).unwrap()
 }
 
+/// Milliseconds since the epoch: what the metadata store keeps of a time.
+fn millis(t: SystemTime) -> u128 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
+
 fn objects_of(id: &KeyId) -> Vec<ObjectId> {
     token()
         .list_keys()
@@ -150,6 +156,123 @@ fn scheduled_deletion_destroys_the_key_material_when_due() {
         Err(Error::InvalidCiphertext)
     ));
     assert!(matches!(reopened.resolve(&id), Err(Error::KeyNotFound(_))));
+}
+
+#[test]
+fn a_retired_version_scheduled_for_destruction_loses_its_object_when_due_and_only_then() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let old = f.keystore.wrap(&id, b"old data key", &ctx()).unwrap().blob;
+    f.keystore.rotate_key(&id).unwrap();
+    let new = f.keystore.wrap(&id, b"new data key", &ctx()).unwrap().blob;
+
+    // Only a retired version can be scheduled, and a scheduled one cannot be restored.
+    let refused = f.keystore.schedule_version_destruction(&id, 1, 7);
+    assert!(
+        matches!(&refused, Err(Error::WrongState(m)) if m.contains("not retired")),
+        "{refused:?}"
+    );
+    f.keystore.retire_version(&id, 1).unwrap();
+    assert!(matches!(
+        f.keystore.schedule_version_destruction(&id, 1, 6),
+        Err(Error::InvalidArgument(_))
+    ));
+    let scheduled = f.keystore.schedule_version_destruction(&id, 1, 7).unwrap();
+    assert_eq!(
+        scheduled.versions[0].destruction_date.map(millis),
+        Some(millis(f.clock.now() + 7 * DAY))
+    );
+    assert!(matches!(
+        f.keystore.restore_version(&id, 1),
+        Err(Error::WrongState(_))
+    ));
+
+    f.clock.advance(7 * DAY - Duration::from_secs(1));
+    assert!(
+        f.keystore
+            .destroy_due_versions(|_, _| Ok(()))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(objects_of(&key.id).len(), 2, "not due yet");
+
+    f.clock.advance(Duration::from_secs(2));
+    let refused = f
+        .keystore
+        .destroy_due_versions(|_, _| Err(Error::Unavailable("audit log down".into())));
+    assert!(refused.is_err());
+    assert_eq!(objects_of(&key.id).len(), 2, "nothing destroyed unaudited");
+    let destroyed = f
+        .keystore
+        .destroy_due_versions(|k, v| {
+            assert_eq!((&k.id, v), (&key.id, 1));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(destroyed, vec![(key.id.clone(), 1)]);
+    // Through PKCS#11: version 1's object is gone, version 2's is there.
+    assert_eq!(objects_of(&key.id), vec![ObjectId::new(key.id.clone(), 2)]);
+    let err = f.keystore.unwrap(&old, &ctx(), None).unwrap_err();
+    assert!(
+        matches!(&err, Error::WrongState(m) if m.contains("version 1") && m.contains("destroyed")),
+        "{err:?}"
+    );
+    assert_eq!(
+        &*f.keystore.unwrap(&new, &ctx(), None).unwrap().plaintext,
+        b"new data key"
+    );
+    assert!(
+        f.keystore
+            .destroy_due_versions(|_, _| Ok(()))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        f.keystore.restore_version(&id, 1),
+        Err(Error::WrongState(_))
+    ));
+
+    // After reopening: the version is still known as destroyed, not reported missing.
+    let reopened = open(&f.db, f.clock.clone(), KeystoreConfig::default());
+    assert!(reopened.reconcile().unwrap().missing.is_empty());
+    let record = reopened.resolve(&id).unwrap();
+    assert_eq!(
+        record.versions[0].destroyed_at.map(millis),
+        Some(millis(f.clock.now()))
+    );
+    assert!(matches!(
+        reopened.unwrap(&old, &ctx(), None),
+        Err(Error::WrongState(_))
+    ));
+}
+
+#[test]
+fn a_cancelled_version_destruction_keeps_the_version_retired_and_its_object() {
+    let f = fixture(KeystoreConfig::default());
+    let key = f.keystore.create_key("", None).unwrap();
+    let id = KeyRef::Id(key.id.clone());
+    let old = f.keystore.wrap(&id, b"k", &ctx()).unwrap().blob;
+    f.keystore.rotate_key(&id).unwrap();
+    f.keystore.retire_version(&id, 1).unwrap();
+    f.keystore.schedule_version_destruction(&id, 1, 7).unwrap();
+    f.clock.advance(6 * DAY);
+    let cancelled = f.keystore.cancel_version_destruction(&id, 1).unwrap();
+    assert!(cancelled.versions[0].retired);
+    assert_eq!(cancelled.versions[0].destruction_date, None);
+    f.clock.advance(30 * DAY);
+    assert!(
+        f.keystore
+            .destroy_due_versions(|_, _| Ok(()))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(objects_of(&key.id).len(), 2);
+    f.keystore.restore_version(&id, 1).unwrap();
+    assert_eq!(
+        &*f.keystore.unwrap(&old, &ctx(), None).unwrap().plaintext,
+        b"k"
+    );
 }
 
 #[test]

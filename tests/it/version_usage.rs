@@ -248,3 +248,160 @@ async fn a_retired_version_unwraps_nothing_until_restored() {
             .any(|l| l.operation == "Unwrap" && l.outcome == "FAILED_PRECONDITION")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_version_is_destroyed_when_its_scheduled_destruction_falls_due_audited_first() {
+    let mut daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = keys
+        .create_key(CreateKeyRequest {
+            description: "destroy a version".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    let mut data = daemon.data().await;
+    let generate = GenerateDataKeyRequest {
+        key_id: key.clone(),
+        encryption_context: HashMap::new(),
+        number_of_bytes: 32,
+    };
+    let old = data
+        .generate_data_key(generate.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    keys.rotate_key(KeyRef {
+        key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    let new = data.generate_data_key(generate).await.unwrap().into_inner();
+    let version = |v: u32| KeyVersionRequest {
+        key_id: key.clone(),
+        version: v,
+    };
+    let socket = daemon.socket.clone();
+    let wrapctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .arg("--json")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    // A version in use cannot be scheduled.
+    let refused = wrapctl(&[
+        "keys",
+        "schedule-version-destruction",
+        &key,
+        "1",
+        "--days",
+        "7",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not retired"),
+        "{refused:?}"
+    );
+    keys.retire_key_version(version(1)).await.unwrap();
+    let scheduled = wrapctl(&[
+        "keys",
+        "schedule-version-destruction",
+        &key,
+        "1",
+        "--days",
+        "7",
+    ]);
+    assert!(scheduled.status.success(), "{scheduled:?}");
+    let json: Value = serde_json::from_slice(&scheduled.stdout).unwrap();
+    assert!(
+        json["versions"][0]["destruction_date"].is_string(),
+        "{json}"
+    );
+    // Pending destruction: not restorable until cancelled.
+    let err = keys.restore_key_version(version(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let cancelled = keys
+        .cancel_key_version_destruction(version(1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cancelled.versions[0].destruction_date.is_none());
+    assert!(cancelled.versions[0].retired);
+    keys.schedule_key_version_destruction(wrapd::proto::ScheduleKeyVersionDestructionRequest {
+        key_id: key.clone(),
+        version: 1,
+        pending_window_days: 7,
+    })
+    .await
+    .unwrap();
+
+    // Eight days later (the daemon restarted with its clock ahead), maintenance destroys it.
+    daemon.stop();
+    daemon.set_env("WRAPD_FAULT_CLOCK_SKEW_S", &(8 * 86_400).to_string());
+    daemon.restart_stopped();
+    let keys = daemon.keys().await;
+    crate::common::eventually("version 1 is destroyed", || {
+        let mut keys = keys.clone();
+        let key = key.clone();
+        async move {
+            keys.describe_key(KeyRef { key_id: key })
+                .await
+                .is_ok_and(|k| k.into_inner().versions[0].destroyed_at.is_some())
+        }
+    })
+    .await;
+    let mut data = daemon.data().await;
+    let err = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: old.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("destroyed"), "{err:?}");
+    let unwrapped = data
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: new.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unwrapped.plaintext, new.plaintext);
+    let listed = wrapctl(&["keys", "versions", &key]);
+    let json: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(json["versions"][0]["destroyed_at"].is_string(), "{json}");
+    assert_eq!(json["versions"][0]["available"], false);
+
+    // Every step audited with the version; the destruction by the daemon, once.
+    let lines = daemon.audit_lines();
+    for op in [
+        "ScheduleKeyVersionDestruction",
+        "CancelKeyVersionDestruction",
+        "DestroyKeyVersion",
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l.operation == op && l.outcome == "OK")
+            .unwrap_or_else(|| panic!("no {op} line"));
+        assert_eq!(line.key_version, Some(1), "{line:?}");
+    }
+    let destroyed: Vec<_> = lines
+        .iter()
+        .filter(|l| l.operation == "DestroyKeyVersion")
+        .collect();
+    assert_eq!(destroyed.len(), 1);
+    assert_eq!(destroyed[0].principal, "wrapd:daemon");
+    assert!(
+        !daemon.log().contains("no object in the token"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -8,7 +8,8 @@ use wrapd::key_import::{ImportAlgorithm, KEY_MATERIAL_LEN, wrap_key_material};
 use wrapd::proto::{
     CreateKeyRequest, EnableKeyRotationRequest, GetParametersForImportRequest,
     ImportKeyMaterialRequest, KeyMetadata, KeyOrigin, KeyRef, KeyState, KeyVersionRequest,
-    ListKeysRequest, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest, WrappingAlgorithm,
+    ListKeysRequest, ScheduleKeyDeletionRequest, ScheduleKeyVersionDestructionRequest,
+    TagKeyRequest, UntagKeyRequest, WrappingAlgorithm,
 };
 use zeroize::Zeroizing;
 
@@ -85,6 +86,25 @@ pub enum KeysCommand {
     },
     /// Restore a retired version: its blobs unwrap again.
     RestoreVersion {
+        /// Key id or alias.
+        key: String,
+        /// The version.
+        version: u32,
+    },
+    /// Schedule the destruction of a retired version's key material after 7 to 30 days.
+    /// Once destroyed, what it wrapped can never be unwrapped again: check first with
+    /// `wrapctl keys versions` and `wrapctl census` that nothing uses it.
+    ScheduleVersionDestruction {
+        /// Key id or alias.
+        key: String,
+        /// The version.
+        version: u32,
+        /// Waiting period in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled version destruction (the version stays retired).
+    CancelVersionDestruction {
         /// Key id or alias.
         key: String,
         /// The version.
@@ -176,9 +196,30 @@ struct Version {
     available: bool,
     automatic: bool,
     retired: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destruction_date: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destroyed_at: Option<String>,
     /// Counted uses (DescribeKey answers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+}
+
+impl Version {
+    /// What the version is good for, in one word (or a destruction date).
+    fn state(&self, current_version: u32) -> String {
+        if let Some(at) = &self.destroyed_at {
+            format!("destroyed {at}")
+        } else if let Some(date) = &self.destruction_date {
+            format!("retired, destroyed from {date}")
+        } else if self.version == current_version {
+            "current".to_owned()
+        } else if self.retired {
+            "retired".to_owned()
+        } else {
+            "active".to_owned()
+        }
+    }
 }
 
 /// How a version was used, as printed.
@@ -221,14 +262,7 @@ impl Report for Versions {
                 let never = || "never".to_owned();
                 [
                     v.version.to_string(),
-                    if v.version == self.current_version {
-                        "current"
-                    } else if v.retired {
-                        "retired"
-                    } else {
-                        "active"
-                    }
-                    .to_owned(),
+                    v.state(self.current_version),
                     v.created_at.clone().unwrap_or_default(),
                     usage.wraps.to_string(),
                     usage.unwraps.to_string(),
@@ -273,6 +307,8 @@ impl From<&KeyMetadata> for Key {
                     available: v.available,
                     automatic: v.automatic,
                     retired: v.retired,
+                    destruction_date: timestamp(&v.destruction_date),
+                    destroyed_at: timestamp(&v.destroyed_at),
                     usage: v.usage.as_ref().map(|u| Usage {
                         wraps: u.wraps,
                         unwraps: u.unwraps,
@@ -327,7 +363,7 @@ impl Report for Key {
                 "WRAPS",
                 "AVAILABLE",
                 "AUTOMATIC",
-                "RETIRED",
+                "STATE",
             ],
             self.versions.iter().map(|v| {
                 [
@@ -336,7 +372,7 @@ impl Report for Key {
                     v.wrap_count.to_string(),
                     v.available.to_string(),
                     v.automatic.to_string(),
-                    v.retired.to_string(),
+                    v.state(self.current_version),
                 ]
             }),
         ));
@@ -440,6 +476,23 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
         KeysCommand::RestoreVersion { key, version } => {
             client
                 .restore_key_version(KeyVersionRequest {
+                    key_id: key,
+                    version,
+                })
+                .await
+        }
+        KeysCommand::ScheduleVersionDestruction { key, version, days } => {
+            client
+                .schedule_key_version_destruction(ScheduleKeyVersionDestructionRequest {
+                    key_id: key,
+                    version,
+                    pending_window_days: days,
+                })
+                .await
+        }
+        KeysCommand::CancelVersionDestruction { key, version } => {
+            client
+                .cancel_key_version_destruction(KeyVersionRequest {
                     key_id: key,
                     version,
                 })

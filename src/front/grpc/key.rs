@@ -13,7 +13,8 @@ use crate::proto::{
     self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest,
     GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
     KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest, ListAliasesResponse,
-    ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest, TagKeyRequest, UntagKeyRequest,
+    ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest,
+    ScheduleKeyVersionDestructionRequest, TagKeyRequest, UntagKeyRequest,
     UpdateKeyDescriptionRequest, WrappingAlgorithm,
 };
 
@@ -54,6 +55,8 @@ pub fn key_metadata(view: &KeyView) -> KeyMetadata {
                     last_used: u.last_used.map(Into::into),
                 }),
                 retired: v.retired,
+                destruction_date: v.destruction_date.map(Into::into),
+                destroyed_at: v.destroyed_at.map(Into::into),
             })
             .collect(),
         rotation_period_days: key.rotation.map_or(0, |r| r.period_days),
@@ -187,6 +190,39 @@ impl KeyService for KeyApi {
         metadata(
             self.ops
                 .set_key_version_retired(call, req.key_id, req.version, false)
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn schedule_key_version_destruction(
+        &self,
+        request: Request<ScheduleKeyVersionDestructionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::ScheduleKeyVersionDestruction);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .schedule_key_version_destruction(
+                    call,
+                    req.key_id,
+                    req.version,
+                    req.pending_window_days,
+                )
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn cancel_key_version_destruction(
+        &self,
+        request: Request<KeyVersionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::CancelKeyVersionDestruction);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .cancel_key_version_destruction(call, req.key_id, req.version)
                 .await,
         )
     }

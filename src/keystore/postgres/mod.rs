@@ -43,7 +43,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::PostgresOptions;
 use super::metadata::{
     Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionRecord, VersionUsage, corrupt, from_millis, other_material, to_millis,
+    StoreChanges, VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis,
+    other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -90,6 +91,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../migrations/postgres/0002.sql")),
     (3, include_str!("../migrations/postgres/0003.sql")),
     (4, include_str!("../migrations/postgres/0004.sql")),
+    (5, include_str!("../migrations/postgres/0005.sql")),
 ];
 
 /// The PostgreSQL metadata store.

@@ -42,8 +42,9 @@ impl PostgresStore {
         };
         let versions = client
             .query(
-                "SELECT version, created_at, wraps_reserved, automatic, retired FROM key_versions
-                 WHERE key_id = $1 ORDER BY version",
+                "SELECT version, created_at, wraps_reserved, automatic, retired, destruction_date,
+                        destroyed_at
+                 FROM key_versions WHERE key_id = $1 ORDER BY version",
                 &[&id],
             )
             .map_err(pg_error)?
@@ -54,6 +55,8 @@ impl PostgresStore {
                 wraps_reserved: r.get::<_, i64>(2).max(0) as u64,
                 automatic: r.get(3),
                 retired: r.get(4),
+                destruction_date: r.get::<_, Option<i64>>(5).map(from_millis),
+                destroyed_at: r.get::<_, Option<i64>>(6).map(from_millis),
             })
             .collect();
         let aliases = client

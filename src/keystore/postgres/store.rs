@@ -348,6 +348,28 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn set_version_destruction(
+        &self,
+        id: &KeyId,
+        version: u32,
+        destruction: VersionDestruction,
+    ) -> Result<()> {
+        let (date, destroyed) = destruction.columns();
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE key_versions SET destruction_date = $3, destroyed_at = $4
+                     WHERE key_id = $1 AND version = $2",
+                    &[&id.as_str(), &version_i32(version)?, &date, &destroyed],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(format!("{id} version {version}")));
+            }
+            notify_key(tx, id)
+        })
+    }
+
     fn add_usage(&self, usage: &[(KeyId, u32, VersionUsage)]) -> Result<()> {
         self.tx(|tx| {
             let stmt = tx
