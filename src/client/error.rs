@@ -63,6 +63,11 @@ impl ClientError {
     pub fn usage(message: impl Into<String>) -> Self {
         Self::new(Failure::Usage, message)
     }
+
+    /// The same failure, its message prefixed with what was being done.
+    pub fn context(self, what: &str) -> Self {
+        Self::new(self.failure, format!("{what}: {}", self.message))
+    }
 }
 
 impl fmt::Display for ClientError {

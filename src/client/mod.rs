@@ -2,8 +2,9 @@
 //! SDK message format (`message/`), keyrings of wrapd keys (`keyring.rs`) and the opt-in
 //! data key cache in front of them (`cache.rs`), the S3 Encryption Client's object format
 //! (`s3ec.rs`, feature `s3ec`, part of `s3`) and S3 transfers in it (`s3/`, feature `s3`),
-//! the client's error (`error.rs`) and output files that appear only when complete
-//! (`output.rs`).
+//! the client's error (`error.rs`), output files that appear only when complete
+//! (`output.rs`), re-wrapping stored data keys after a rotation (`rewrap.rs`) and the census
+//! of which key versions protect stored data (`census.rs`).
 //!
 //! It depends on nothing server-side (no PKCS#11, no SQLite), so applications can link it
 //! with `default-features = false, features = ["client"]`.
@@ -11,10 +12,12 @@
 use std::path::{Path, PathBuf};
 
 pub mod cache;
+pub mod census;
 mod error;
 pub mod keyring;
 pub mod message;
 pub mod output;
+pub mod rewrap;
 #[cfg(feature = "s3")]
 pub mod s3;
 #[cfg(feature = "s3ec")]

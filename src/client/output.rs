@@ -80,9 +80,56 @@ impl Output {
 
     /// Moves the complete output into place (after the writer is flushed and dropped).
     pub fn commit(self) -> Result<(), String> {
-        let Some(target) = &self.target else {
+        self.commit_with(false, None)
+    }
+
+    /// [`Output::commit`] that survives a power loss: the file is synced before it is moved
+    /// into place, and its directory after; with `mode`, the file gets those permission bits
+    /// first (the file it replaces had them).
+    pub fn commit_durable(self, mode: Option<u32>) -> Result<(), String> {
+        self.commit_with(true, mode)
+    }
+
+    fn commit_with(self, durable: bool, mode: Option<u32>) -> Result<(), String> {
+        let Some(target) = self.target.clone() else {
             return Ok(());
         };
+        let target = &target;
+        let prepare = |file: &File| -> Result<(), String> {
+            if let Some(mode) = mode {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("cannot set the output's permissions: {e}"))?;
+            }
+            if durable {
+                file.sync_all()
+                    .map_err(|e| format!("cannot sync the output: {e}"))?;
+            }
+            Ok(())
+        };
+        match &self.staged {
+            Staged::Stdout => {}
+            Staged::Unnamed(fd, _) => {
+                prepare(&File::from(fd.try_clone().map_err(|e| e.to_string())?))?
+            }
+            Staged::Named(temp) => {
+                prepare(&File::open(temp).map_err(|e| format!("cannot sync the output: {e}"))?)?
+            }
+        }
+        let dir = match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        self.move_into_place(target)?;
+        if durable {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn move_into_place(self, target: &Path) -> Result<(), String> {
         match self.staged {
             Staged::Stdout => Ok(()),
             Staged::Named(temp) => temp

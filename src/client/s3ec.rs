@@ -67,7 +67,8 @@ pub const INSTRUCTION_SUFFIX: &str = ".instruction";
 /// The metadata entry with the plaintext's length.
 pub const UNENCRYPTED_LENGTH: &str = "x-amz-unencrypted-content-length";
 
-const KEY_V2: &str = "x-amz-key-v2";
+/// The V2 envelope entry holding the wrapped data key (base64).
+pub const KEY_V2: &str = "x-amz-key-v2";
 const IV: &str = "x-amz-iv";
 const CEK: &str = "x-amz-cek-alg";
 const TAG_LEN_BITS: &str = "x-amz-tag-len";
@@ -413,7 +414,8 @@ pub const V3_NONCE_LEN: usize = 28;
 pub const IV_V3: [u8; IV_LEN] = [0x01; IV_LEN];
 
 const C_V3: &str = "x-amz-c";
-const KEY_V3: &str = "x-amz-3";
+/// The V3 envelope entry holding the wrapped data key (base64).
+pub const KEY_V3: &str = "x-amz-3";
 const W_V3: &str = "x-amz-w";
 const T_V3: &str = "x-amz-t";
 const D_V3: &str = "x-amz-d";

@@ -23,7 +23,7 @@ fn python_script(name: &str) -> PathBuf {
 /// The environment every AWS client gets: the dev profile's files, the dev CA (the
 /// environment's `AWS_CA_BUNDLE` would win over the profile's `ca_bundle`), and nothing
 /// from the machine's own AWS setup.
-fn aws_env(daemon: &DevDaemon, command: &mut Command) {
+pub(crate) fn aws_env(daemon: &DevDaemon, command: &mut Command) {
     let dir = daemon.dir();
     for var in [
         "AWS_ACCESS_KEY_ID",

@@ -35,6 +35,7 @@ mod kubernetes_manifests;
 mod metrics;
 mod packaging;
 mod properties;
+mod rewrap;
 #[cfg(feature = "s3")]
 mod s3_encryption;
 mod startup_and_secrets;

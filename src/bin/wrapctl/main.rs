@@ -6,6 +6,8 @@
 //! | `connection.rs` | the shared connection flags (`--socket`, `--endpoint`, `--tls-*`) |
 //! | `keys.rs`, `aliases.rs`, `datakey.rs`, `audit.rs` | one command group each |
 //! | `files.rs` | `encrypt` / `decrypt` of files and pipes |
+//! | `rewrap.rs`, `census.rs` | `rewrap` and `census` of stored messages (and their report, shared by `s3 rewrap`) |
+//! | `tree.rs` | the files under the paths a command names |
 //! | `bench.rs` | `wrapctl bench` |
 //! | `s3.rs` | `wrapctl s3 put` / `get`: objects in the S3 Encryption Client format (feature `s3`) |
 //! | `output.rs` | results as JSON (`--json`, from `Serialize`) or tables for people |
@@ -14,16 +16,20 @@
 mod aliases;
 mod audit;
 mod bench;
+mod census;
 mod connection;
 mod datakey;
 mod error;
 mod files;
 mod keys;
 mod output;
+mod rewrap;
 #[cfg(feature = "s3")]
 mod s3;
+mod tree;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -95,6 +101,39 @@ enum Command {
         max_encrypted_data_keys: u16,
         #[command(flatten)]
         files: FileArgs,
+    },
+    /// Re-wrap the data keys of stored Encryption SDK messages under their key's current
+    /// version (or --to KEY), after a rotation: only the header changes, every frame byte
+    /// stays, and each file is replaced atomically (a rerun skips what is up to date).
+    /// Signed messages (the official SDKs' default suite) cannot be re-wrapped.
+    Rewrap {
+        /// Files, or directories (walked recursively; symbolic links are not followed).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Move every wrapd data key to this key (id or alias) instead.
+        #[arg(long)]
+        to: Option<String>,
+        /// Say what would be re-wrapped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse messages with more encrypted data keys than this.
+        #[arg(long, default_value_t = 10)]
+        max_encrypted_data_keys: u16,
+    },
+    /// Count the objects and bytes each key version protects, from headers alone (no
+    /// decryption, no daemon): Encryption SDK messages under PATH, or S3 Encryption Client
+    /// and SSE-C objects under s3://BUCKET/PREFIX.
+    Census {
+        /// Files or directories, or s3://BUCKET/PREFIX.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Count messages with at most this many encrypted data keys (others are not
+        /// recognized).
+        #[arg(long, default_value_t = 10)]
+        max_encrypted_data_keys: u16,
+        #[cfg(feature = "s3")]
+        #[command(flatten)]
+        s3: s3::S3Args,
     },
     /// Measure thin-client throughput next to `openssl speed` (library, files, 1 KiB
     /// messages with and without the data key cache).
@@ -209,7 +248,50 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             files::decrypt(channels, context, limits, &io.input, &io.output).await?
         }
         #[cfg(feature = "s3")]
-        Command::S3(cmd) => s3::run(&connection, cmd).await?,
+        Command::S3(cmd) => {
+            if let s3::S3Command::Rewrap(args) = cmd {
+                let report = s3::rewrap(&connection, args).await?;
+                let failure = report.failure();
+                output::print(&report, cli.json);
+                return failure.map_or(Ok(()), Err);
+            }
+            s3::run(&connection, cmd).await?
+        }
+        Command::Rewrap {
+            paths,
+            to,
+            dry_run,
+            max_encrypted_data_keys,
+        } => {
+            let channel = connection.connect().await?;
+            let report = rewrap::run(channel, &paths, to, dry_run, max_encrypted_data_keys).await;
+            let failure = report.failure();
+            output::print(&report, cli.json);
+            return failure.map_or(Ok(()), Err);
+        }
+        Command::Census {
+            paths,
+            max_encrypted_data_keys,
+            #[cfg(feature = "s3")]
+            s3,
+        } => {
+            let mut census = wrapd::client::census::Census::default();
+            let mut files = Vec::new();
+            for path in paths {
+                if path.starts_with("s3://") {
+                    #[cfg(feature = "s3")]
+                    s3::census(&mut census, &path, &s3).await?;
+                    #[cfg(not(feature = "s3"))]
+                    return Err(CliError::usage(
+                        "this wrapctl was built without S3 support (feature s3)",
+                    ));
+                } else {
+                    files.push(PathBuf::from(path));
+                }
+            }
+            census::count_files(&mut census, &files, max_encrypted_data_keys);
+            Box::new(census::CensusReport::from(&census))
+        }
         Command::Bench(args) => {
             let channel = if args.offline() {
                 None

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use wrapd::client::DataKeyServiceClient;
+use wrapd::client::census::Census;
+use wrapd::client::rewrap::Rewrapper;
 use wrapd::client::s3::{self as transfer, DataKeys, GetRequest, PutRequest, S3Options};
 
 use crate::connection::ConnectionArgs;
@@ -66,6 +68,79 @@ pub enum S3Command {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// Re-wrap the data keys of the objects under s3://BUCKET/PREFIX under their key's
+    /// current version (or --to KEY), after a rotation. Bodies are never downloaded: the
+    /// metadata (a conditional copy onto itself), the instruction file or the SSE-C tag is
+    /// rewritten; an object changed meanwhile is left alone.
+    Rewrap(S3RewrapArgs),
+}
+
+/// `wrapctl s3 rewrap`.
+#[derive(Args)]
+pub struct S3RewrapArgs {
+    /// s3://BUCKET/PREFIX (or s3://BUCKET for every object).
+    url: String,
+    /// Move every data key to this key (id or alias) instead.
+    #[arg(long)]
+    to: Option<String>,
+    /// Say what would be re-wrapped; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The encryption context the SSE-C objects were put with, K=V (repeatable): an SSE-C
+    /// object's context is not stored with it.
+    #[arg(long = "context", value_parser = crate::parse_entry)]
+    context: Vec<(String, String)>,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+/// The bucket and prefix of `s3://BUCKET/PREFIX` (or `s3://BUCKET`).
+fn bucket_and_prefix(url: &str) -> Result<(String, String), CliError> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| CliError::usage(format!("{url:?} is not s3://BUCKET/PREFIX")))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(CliError::usage(format!("{url:?} names no bucket")));
+    }
+    Ok((bucket.to_owned(), prefix.to_owned()))
+}
+
+/// `wrapctl s3 rewrap`: every object under the prefix, one at a time.
+pub async fn rewrap(
+    connection: &ConnectionArgs,
+    args: S3RewrapArgs,
+) -> Result<crate::rewrap::RewrapReport, CliError> {
+    let (bucket, prefix) = bucket_and_prefix(&args.url)?;
+    let (client, _) = transfer::client(&args.s3.options()).await?;
+    let mut rewrapper = Rewrapper::new(connection.connect().await?, args.to);
+    let objects = transfer::list(&client, &bucket, &prefix).await?;
+    let context: BTreeMap<String, String> = args.context.into_iter().collect();
+    let options = transfer::RewrapOptions {
+        dry_run: args.dry_run,
+        sse_c_context: &context,
+    };
+    let bar = crate::rewrap::progress(objects.len() as u64);
+    let mut items = Vec::with_capacity(objects.len());
+    for object in &objects {
+        bar.set_message(object.key.clone());
+        let outcome =
+            transfer::rewrap_object(&client, &bucket, object, &mut rewrapper, &options).await;
+        items.push(crate::rewrap::Item {
+            path: format!("s3://{bucket}/{}", object.key),
+            outcome,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(crate::rewrap::RewrapReport::new(args.dry_run, items))
+}
+
+/// `wrapctl census s3://BUCKET/PREFIX`: counts the objects under the prefix.
+pub async fn census(census: &mut Census, url: &str, s3: &S3Args) -> Result<(), CliError> {
+    let (bucket, prefix) = bucket_and_prefix(url)?;
+    let (client, _) = transfer::client(&s3.options()).await?;
+    transfer::census(&client, &bucket, &prefix, census).await
 }
 
 /// The S3 Encryption Client format written.
@@ -259,5 +334,6 @@ pub async fn run(
             .await?;
             Ok(Box::new(Transfer(done)))
         }
+        S3Command::Rewrap(args) => Ok(Box::new(rewrap(connection, args).await?)),
     }
 }

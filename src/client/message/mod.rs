@@ -24,14 +24,17 @@
 //! body is checked with the key in the `aws-crypto-public-key` context entry.
 //!
 //! Here: the constants, the header's type and the key derivations; `header.rs` reads and
-//! writes the header, `seal.rs` encrypts, `open.rs` decrypts.
+//! writes the header, `seal.rs` encrypts, `open.rs` decrypts, `rewrap.rs` replaces a stored
+//! message's encrypted data keys without touching its frames.
 
 mod header;
 mod open;
+mod rewrap;
 mod seal;
 
 use header::*;
 pub use open::*;
+pub use rewrap::*;
 pub use seal::*;
 
 use std::io::{Read, Write};

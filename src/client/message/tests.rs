@@ -198,3 +198,55 @@ fn a_wrong_key_fails_on_the_commitment() {
     let err = decrypt(&message, |_| Ok(Zeroizing::new(vec![2u8; 32]))).unwrap_err();
     assert!(err.to_string().contains("commitment"), "{err}");
 }
+
+#[test]
+fn a_rewrapped_header_opens_the_same_frames_left_byte_identical() {
+    let dek = [7u8; 32];
+    let plaintext: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let message = encrypt(&plaintext, &dek, &ctx(), vec![edk()], 4096).unwrap();
+    let stored = StoredHeader::read(&mut &message[..], 10).unwrap();
+    let new_key = EncryptedDataKey {
+        provider_id: PROVIDER_ID.into(),
+        provider_info: b"key/another".to_vec(),
+        ciphertext: vec![9; 120],
+    };
+    let header = stored
+        .with_data_keys(&dek, std::slice::from_ref(&new_key))
+        .unwrap();
+    let mut rewrapped = header.clone();
+    rewrapped.extend_from_slice(&message[stored.len()..]);
+
+    let (read, opened) = decrypt(&rewrapped, |h| {
+        assert_eq!(h.data_keys, vec![new_key.clone()]);
+        Ok(Zeroizing::new(dek.to_vec()))
+    })
+    .unwrap();
+    assert_eq!(&opened[..], &plaintext[..]);
+    assert_eq!(read.context, ctx());
+    // Everything after the header is the original's, byte for byte.
+    let new_stored = StoredHeader::read(&mut &rewrapped[..], 10).unwrap();
+    assert_eq!(
+        &rewrapped[new_stored.len()..],
+        &message[stored.len()..],
+        "frames untouched"
+    );
+}
+
+#[test]
+fn a_tampered_header_or_a_wrong_data_key_is_never_authenticated_again() {
+    let dek = [7u8; 32];
+    let message = encrypt(b"data", &dek, &ctx(), vec![edk()], 4096).unwrap();
+    // A wrong data key: refused on the commitment.
+    let stored = StoredHeader::read(&mut &message[..], 10).unwrap();
+    assert!(stored.with_data_keys(&[8u8; 32], &[edk()]).is_err());
+    // A flipped bit in the encryption context's value ("acme" at 49..53, after the
+    // fixed fields, the entry count and the key): the old tag no longer verifies.
+    let mut tampered = message.clone();
+    tampered[49] ^= 1;
+    let forged = StoredHeader::read(&mut &tampered[..], 10).unwrap();
+    assert_ne!(forged.header.context, ctx());
+    let err = forged.with_data_keys(&dek, &[edk()]).unwrap_err();
+    assert!(err.to_string().contains("authenticate"), "{err}");
+    // No data keys at all: refused.
+    assert!(stored.with_data_keys(&dek, &[]).is_err());
+}

@@ -207,7 +207,7 @@ impl Found {
 const MAX_INSTRUCTION_FILE: usize = 64 * 1024;
 
 /// Reads the instruction file's entries.
-async fn instruction_entries(
+pub(super) async fn instruction_entries(
     client: &Client,
     bucket: &str,
     object: &str,

@@ -10,7 +10,8 @@
 //! out. With SSE-C, S3 encrypts with a fresh data key from wrapd, stored wrapped in an
 //! object tag.
 //!
-//! `put.rs` uploads, `get.rs` downloads; the data keys, the clients and the options are here.
+//! `put.rs` uploads, `get.rs` downloads, `rewrap.rs` re-wraps and counts objects' data keys
+//! without their bodies; the data keys, the clients and the options are here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +23,7 @@ use zeroize::Zeroizing;
 
 pub use get::{GetRequest, get};
 pub use put::{PutRequest, put};
+pub use rewrap::{Listed, RewrapOptions, census, list, rewrap_object};
 
 use super::s3ec::{self, ContentEncryptor};
 use super::{ClientError, DataKeyServiceClient, Failure, Output};
@@ -74,6 +76,7 @@ macro_rules! with_sse_c {
 // Declared after the macro, which they use.
 mod get;
 mod put;
+mod rewrap;
 
 /// Refuses `--sse-c` toward a plain `http://` S3 endpoint that is not on this host: every
 /// request of an SSE-C object carries its key, which must not cross a network in clear.

@@ -1,0 +1,69 @@
+//! `wrapctl census PATH|s3://BUCKET/PREFIX`: how many objects and bytes each key version
+//! protects, from headers alone (`wrapd::client::census`).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use wrapd::client::census::{Census, CensusRow, Tally};
+
+use crate::output::{Report, table};
+use crate::tree::{self, Entry};
+
+/// A census, as printed.
+#[derive(Serialize)]
+pub struct CensusReport {
+    pub versions: Vec<CensusRow>,
+    pub without_wrapd_key: Tally,
+    pub unrecognized: Tally,
+}
+
+impl From<&Census> for CensusReport {
+    fn from(census: &Census) -> Self {
+        Self {
+            versions: census.rows(),
+            without_wrapd_key: census.without_wrapd_key,
+            unrecognized: census.unrecognized,
+        }
+    }
+}
+
+impl Report for CensusReport {
+    fn human(&self) -> String {
+        let mut rows: Vec<[String; 4]> = self
+            .versions
+            .iter()
+            .map(|r| {
+                [
+                    r.key_id.clone(),
+                    r.version.to_string(),
+                    r.objects.to_string(),
+                    r.bytes.to_string(),
+                ]
+            })
+            .collect();
+        for (what, tally) in [
+            ("(no wrapd key)", self.without_wrapd_key),
+            ("(not recognized)", self.unrecognized),
+        ] {
+            if tally.objects > 0 {
+                rows.push([
+                    what.to_owned(),
+                    String::new(),
+                    tally.objects.to_string(),
+                    tally.bytes.to_string(),
+                ]);
+            }
+        }
+        table(["KEY", "VERSION", "OBJECTS", "BYTES"], rows)
+    }
+}
+
+/// Counts the files under `paths` into `census`.
+pub fn count_files(census: &mut Census, paths: &[PathBuf], max_encrypted_data_keys: u16) {
+    for entry in tree::files(paths) {
+        match entry {
+            Entry::File { path, .. } => census.count_message_file(&path, max_encrypted_data_keys),
+            Entry::Unreadable { .. } => census.count_unrecognized(0),
+        }
+    }
+}
