@@ -37,7 +37,7 @@
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
 //! | [`hardening`] | process hardening at start-up: no core dumps, locked memory, the PIN's environment variable wiped |
 //! | [`bench`](mod@bench) | `wrapd bench`: the daemon's throughput against the raw PKCS#11 rate, a bare gRPC echo and the two in series; `wrapd soak` |
-//! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]), the S3 Encryption Client object format (`client::s3ec`, feature `s3ec`, part of `s3`) |
+//! | [`client`] | the thin client (no server dependencies): connecting to a daemon, the AWS Encryption SDK message format ([`client::message`]), keyrings ([`client::keyring`]), the data key cache ([`client::cache`]), re-wrapping stored data keys after a rotation ([`client::rewrap`]) and the census of what each version protects ([`client::census`]), the S3 Encryption Client object format (`client::s3ec`, feature `s3ec`, part of `s3`) |
 //! | [`error`] | the crate's error type and its transport-neutral [`error::ErrorKind`] |
 //! | [`proto`] | code generated from `proto/wrapd/v1/*.proto` |
 //! | [`kms_proto`] | code generated from `proto/kms/v2/api.proto` (the Kubernetes KMS v2 plugin API, served by [`front::grpc::KmsApi`]) |

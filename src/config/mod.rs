@@ -233,6 +233,16 @@ pub struct XksKeystore {
     pub credentials: Vec<AwsAccessKey>,
 }
 
+/// `[[keys.retirement]]`: a key whose versions, but the current one, are retired once
+/// unused for `after_days`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetireUnused {
+    /// The key (id or alias, resolved at each check).
+    pub key: KeyRef,
+    /// Days without a use.
+    pub after_days: u32,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -270,6 +280,9 @@ pub struct Config {
     pub keystore: KeystoreConfig,
     /// How often due deletions are carried out.
     pub deletion_check_interval: Duration,
+    /// `[[keys.retirement]]`: keys whose versions unused for so many days are retired by
+    /// the daemon (off unless listed).
+    pub retire_unused: Vec<RetireUnused>,
     /// Log filter (`RUST_LOG` syntax); `RUST_LOG` wins when set.
     pub log_filter: String,
     /// Log line format.
@@ -419,6 +432,25 @@ impl Config {
                 "keys.max_wraps_per_version must be 1 to 2^32 (random GCM IVs)".into(),
             ));
         }
+        let retire_unused = raw
+            .keys
+            .retirement
+            .iter()
+            .map(|r| {
+                let key = KeyRef::parse(&r.key)
+                    .map_err(|e| Error::Config(format!("keys.retirement key {:?}: {e}", r.key)))?;
+                if !(1..=3650).contains(&r.retire_unused_after_days) {
+                    return Err(Error::Config(format!(
+                        "keys.retirement {}: retire_unused_after_days must be 1 to 3650",
+                        r.key
+                    )));
+                }
+                Ok(RetireUnused {
+                    key,
+                    after_days: r.retire_unused_after_days,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         if raw.keys.deletion_check_interval_secs == 0 {
             return Err(Error::Config(
                 "keys.deletion_check_interval_secs must be at least 1".into(),
@@ -552,6 +584,7 @@ impl Config {
                 max_view_staleness,
             },
             deletion_check_interval: Duration::from_secs(raw.keys.deletion_check_interval_secs),
+            retire_unused,
             log_filter: raw.log.filter.unwrap_or_else(|| "info".to_owned()),
             log_format: raw.log.format,
         })

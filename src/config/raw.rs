@@ -219,6 +219,8 @@ pub(super) struct RawKeys {
     pub(super) max_wraps_per_version: u64,
     #[serde(default = "default_deletion_check_secs")]
     pub(super) deletion_check_interval_secs: u64,
+    #[serde(default)]
+    pub(super) retirement: Vec<RawRetirement>,
 }
 
 impl Default for RawKeys {
@@ -226,8 +228,17 @@ impl Default for RawKeys {
         Self {
             max_wraps_per_version: default_max_wraps(),
             deletion_check_interval_secs: default_deletion_check_secs(),
+            retirement: Vec::new(),
         }
     }
+}
+
+/// `[[keys.retirement]]`: a key whose unused versions are retired automatically.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetirement {
+    pub(super) key: String,
+    pub(super) retire_unused_after_days: u32,
 }
 
 pub(super) fn default_max_wraps() -> u64 {

@@ -335,3 +335,34 @@ fn an_aws_access_key_may_name_its_iam_arn_in_the_apis_account() {
         assert!(err.contains("arn"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn automatic_retirement_is_off_unless_a_key_is_listed_with_1_to_3650_days() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pin(dir.path());
+    assert!(
+        Config::parse(GOOD, dir.path())
+            .unwrap()
+            .retire_unused
+            .is_empty()
+    );
+    let with = |key: &str, days: u32| {
+        Config::parse(
+            &format!(
+                "{GOOD}\n[[keys.retirement]]\nkey = \"{key}\"\nretire_unused_after_days = {days}\n"
+            ),
+            dir.path(),
+        )
+    };
+    let config = with("alias/payments", 90).unwrap();
+    assert_eq!(
+        config.retire_unused,
+        vec![RetireUnused {
+            key: KeyRef::parse("alias/payments").unwrap(),
+            after_days: 90,
+        }]
+    );
+    assert!(with("alias/payments", 0).is_err());
+    assert!(with("alias/payments", 3651).is_err());
+    assert!(with("payments", 90).is_err());
+}

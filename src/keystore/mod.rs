@@ -389,6 +389,8 @@ pub struct Keystore {
     import_parameters: Mutex<()>,
     /// Uses counted since the last flush to the store, per key version (see `usage.rs`).
     usage: Mutex<HashMap<KeyId, BTreeMap<u32, VersionUsage>>>,
+    /// This daemon's wraps and unwraps per version since it started, as flushed (metrics).
+    flushed_usage: Mutex<HashMap<ObjectId, (u64, u64)>>,
     /// Disagreements between the store and the token's holds and alias tickets already
     /// logged (see `tickets.rs`).
     reported: Mutex<HashSet<String>>,
@@ -479,6 +481,7 @@ impl Keystore {
             read_through: read_through::ReadThrough::default(),
             import_parameters: Mutex::new(()),
             usage: Mutex::new(HashMap::new()),
+            flushed_usage: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashSet::new()),
         };
         keystore.adopt_holds_and_aliases_once()?;

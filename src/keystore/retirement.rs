@@ -265,6 +265,46 @@ impl Keystore {
         Ok(destroyed)
     }
 
+    /// Retires each version of `key` but the current one that is neither retired nor
+    /// destroyed and was last used (fleet-wide, as the version usage says; a version never
+    /// used: its creation) more than `days` ago. `before_retire` runs first for each (the
+    /// daemon's audit line); a failure stops there. Never destroys anything.
+    pub fn retire_unused(
+        &self,
+        key: &KeyRef,
+        days: u32,
+        before_retire: impl Fn(&KeyRecord, u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        let record = self.resolve(key)?;
+        let usage = self.version_usage(&record)?;
+        let horizon = self
+            .clock
+            .now()
+            .checked_sub(Duration::from_secs(u64::from(days) * 86_400))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let mut retired = Vec::new();
+        for version in &record.versions {
+            if version.version == record.current_version()
+                || version.retired
+                || version.destroyed_at.is_some()
+            {
+                continue;
+            }
+            let last = usage
+                .get(&version.version)
+                .and_then(|u| u.last_used)
+                .unwrap_or(version.created_at);
+            if last >= horizon {
+                continue;
+            }
+            before_retire(&record, version.version)?;
+            self.retire_version(key, version.version)?;
+            tracing::warn!(key_id = %record.id, version = version.version, days, "key version retired: unused for longer than retire_unused_after_days");
+            retired.push(version.version);
+        }
+        Ok(retired)
+    }
+
     /// The key of a version call, read from the store under the fleet lock (the fleet's
     /// current state, not this daemon's last view), with the version checked to exist.
     fn version_of(&self, key: &KeyRef, version: u32) -> Result<Arc<KeyRecord>> {

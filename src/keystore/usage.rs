@@ -59,7 +59,36 @@ impl Keystore {
             }
             return Err(err);
         }
+        let mut flushed = self.flushed_usage.lock();
+        for (key, version, usage) in &batch {
+            let total = flushed
+                .entry(ObjectId::new(key.clone(), *version))
+                .or_default();
+            total.0 += usage.wraps;
+            total.1 += usage.unwraps;
+        }
         Ok(batch.len())
+    }
+
+    /// This daemon's wraps and unwraps of each version of the keys that exist now, since it
+    /// started, as of the last flush (the per-version metrics: a version's series ends with
+    /// the version, or its key).
+    pub fn flushed_usage(&self) -> Vec<(KeyId, u32, u64, u64)> {
+        let mut flushed = self.flushed_usage.lock();
+        let view = self.read_view();
+        flushed.retain(|object, _| {
+            view.keys.get(&object.key_id).is_some_and(|k| {
+                k.versions
+                    .iter()
+                    .any(|v| v.version == object.version && v.destroyed_at.is_none())
+            })
+        });
+        let mut out: Vec<_> = flushed
+            .iter()
+            .map(|(o, (w, u))| (o.key_id.clone(), o.version, *w, *u))
+            .collect();
+        out.sort();
+        out
     }
 
     /// The usage of each of `key`'s versions: the store's, with this daemon's counts not yet

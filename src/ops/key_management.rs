@@ -329,6 +329,35 @@ impl Ops {
         })
     }
 
+    /// Retires, for each `[[keys.retirement]]` rule, the versions unused for longer than its
+    /// period, each audited first as a `RetireKeyVersion` by `wrapd:daemon`. A key a rule
+    /// names that does not exist is logged and skipped. Blocks.
+    pub fn retire_unused(
+        &self,
+        rules: &[crate::config::RetireUnused],
+    ) -> Result<Vec<(KeyId, u32)>> {
+        let mut retired = Vec::new();
+        for rule in rules {
+            let done = self
+                .keystore
+                .retire_unused(&rule.key, rule.after_days, |key, version| {
+                    self.gate
+                        .record_internal("RetireKeyVersion", key.id.as_str(), version)
+                });
+            match done {
+                Ok(versions) => {
+                    let id = self.keystore.resolve(&rule.key)?.id.clone();
+                    retired.extend(versions.into_iter().map(|v| (id.clone(), v)));
+                }
+                Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {
+                    tracing::warn!(key = %rule.key, "keys.retirement names no key");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(retired)
+    }
+
     /// Keys in creation order, one page at a time.
     pub async fn list_keys(
         &self,

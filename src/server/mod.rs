@@ -138,6 +138,7 @@ pub struct Daemon {
     /// This daemon's name in a fleet, on every audit line.
     instance: Option<String>,
     deletion_check_interval: Duration,
+    retire_unused: Vec<crate::config::RetireUnused>,
     limits: Limits,
     token: Pkcs11Token,
     keystore: Arc<Keystore>,
@@ -170,6 +171,7 @@ impl Daemon {
             metrics,
             keystore,
             deletion_check_interval,
+            retire_unused,
             limits,
             ..
         } = config;
@@ -229,6 +231,7 @@ impl Daemon {
             hsm_model,
             metrics,
             deletion_check_interval,
+            retire_unused,
             limits,
             token,
             keystore: Arc::new(keystore),
@@ -456,7 +459,11 @@ impl Daemon {
         }
 
         let background = [
-            tokio::spawn(maintenance_task(ops.clone(), self.deletion_check_interval)),
+            tokio::spawn(maintenance_task(
+                ops.clone(),
+                self.deletion_check_interval,
+                Arc::new(self.retire_unused.clone()),
+            )),
             tokio::spawn(health_task(
                 self.keystore.clone(),
                 health.clone(),
@@ -882,10 +889,27 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// due, destroys imported material past its expiry (each audited first) and the wrapping
 /// keys of expired import tokens, and writes the summary line of unauthenticated refusals
 /// that had none of their own, at start and then every `interval`.
-async fn maintenance_task(ops: Ops, interval: Duration) {
+async fn maintenance_task(
+    ops: Ops,
+    interval: Duration,
+    retire_unused: Arc<Vec<crate::config::RetireUnused>>,
+) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
+        if !retire_unused.is_empty() {
+            let (retiring, rules) = (ops.clone(), retire_unused.clone());
+            match tokio::task::spawn_blocking(move || retiring.retire_unused(&rules)).await {
+                Ok(Ok(retired)) if !retired.is_empty() => {
+                    tracing::info!(count = retired.len(), "unused key versions retired");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "retiring unused versions failed; will retry")
+                }
+                Err(err) => tracing::error!(error = %err, "retirement task failed"),
+            }
+        }
         let rotating = ops.clone();
         match tokio::task::spawn_blocking(move || rotating.rotate_due()).await {
             Ok(Ok(rotated)) if !rotated.is_empty() => {

@@ -57,6 +57,7 @@ impl Metrics {
         let mut text = self.handle.render();
         if self.per_key_series {
             text.push_str(&wrap_share_series(&self.keystore));
+            text.push_str(&version_usage_series(&self.keystore));
         }
         text
     }
@@ -79,6 +80,33 @@ fn wrap_share_series(keystore: &Keystore) -> String {
                 text,
                 "wrapd_key_wrap_share{{key_id=\"{}\"}} {share}",
                 key.id
+            );
+        }
+    }
+    text
+}
+
+/// `wrapd_key_version_wraps_total{key_id,version}` and `..._unwraps_total`: this daemon's
+/// uses of each version since it started, as of the last usage flush (a fleet's are the sum
+/// over its daemons; the store's fleet-wide totals are in DescribeKey). Only versions that
+/// exist: a destroyed version's or deleted key's series ends with it.
+fn version_usage_series(keystore: &Keystore) -> String {
+    use std::fmt::Write;
+    let usage = keystore.flushed_usage();
+    if usage.is_empty() {
+        return String::new();
+    }
+    let mut text = String::new();
+    for (name, pick) in [
+        ("wrapd_key_version_wraps_total", 0),
+        ("wrapd_key_version_unwraps_total", 1),
+    ] {
+        let _ = writeln!(text, "# TYPE {name} counter");
+        for (key, version, wraps, unwraps) in &usage {
+            let value = if pick == 0 { wraps } else { unwraps };
+            let _ = writeln!(
+                text,
+                "{name}{{key_id=\"{key}\",version=\"{version}\"}} {value}"
             );
         }
     }
@@ -115,5 +143,41 @@ mod tests {
         let text = wrap_share_series(&keystore);
         assert!(text.contains(&kept.id.to_string()), "{text}");
         assert!(!text.contains(&deleted.id.to_string()), "{text}");
+    }
+
+    #[test]
+    fn a_versions_usage_series_counts_its_uses_and_ends_with_the_version() {
+        let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
+        let keystore = Keystore::open(
+            Arc::new(MemoryToken::default()),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            clock.clone(),
+            KeystoreConfig::default(),
+        )
+        .unwrap();
+        let key = KeyRef::Id(keystore.create_key("", None).unwrap().id.clone());
+        let context = crate::context::EncryptionContext::default();
+        let blob = keystore.wrap(&key, b"dek", &context).unwrap().blob;
+        keystore.unwrap(&blob, &context, None).unwrap();
+        keystore.unwrap(&blob, &context, None).unwrap();
+        keystore.rotate_key(&key).unwrap();
+        keystore.wrap(&key, b"dek", &context).unwrap();
+        keystore.flush_usage().unwrap();
+        let text = version_usage_series(&keystore);
+        let id = keystore.resolve(&key).unwrap().id.clone();
+        for line in [
+            format!("wrapd_key_version_wraps_total{{key_id=\"{id}\",version=\"1\"}} 1"),
+            format!("wrapd_key_version_unwraps_total{{key_id=\"{id}\",version=\"1\"}} 2"),
+            format!("wrapd_key_version_wraps_total{{key_id=\"{id}\",version=\"2\"}} 1"),
+        ] {
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        keystore.retire_version(&key, 1).unwrap();
+        keystore.schedule_version_destruction(&key, 1, 7).unwrap();
+        clock.advance(Duration::from_secs(8 * 24 * 3600));
+        keystore.destroy_due_versions(|_, _| Ok(())).unwrap();
+        let text = version_usage_series(&keystore);
+        assert!(!text.contains("version=\"1\""), "{text}");
+        assert!(text.contains("version=\"2\""), "{text}");
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use wrapd::proto::{UnwrapRequest, WrapRequest};
 
 use crate::common::{DevDaemon, ctx, eventually};
@@ -364,10 +364,7 @@ async fn an_unwritable_audit_log_is_a_dependency_timeout() {
     })
     .await;
     let facts = boto3(&daemon, "unavailable", &[]);
-    assert_eq!(
-        facts["code"],
-        serde_json::json!(["DependencyTimeoutException", 503])
-    );
+    assert_eq!(facts["code"], json!(["DependencyTimeoutException", 503]));
 }
 
 #[test]
@@ -786,4 +783,115 @@ fn wrapd_dev_names_the_invoking_users_iam_arn_and_a_policy_can_grant_by_it() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     aws_ok(&daemon, &["list-keys"]);
+}
+
+/// Calls one of wrapd's extensions (`X-Amz-Target: WrapdService.OP`) with Debian's `curl
+/// --aws-sigv4` and the dev credentials; the HTTP status and the JSON answer.
+fn extension(daemon: &DevDaemon, op: &str, body: &Value) -> (u16, Value) {
+    let credentials = std::fs::read_to_string(daemon.dir().join("aws/credentials")).unwrap();
+    let field = |name: &str| {
+        credentials
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .strip_prefix('=')
+                    .map(str::trim)
+            })
+            .unwrap()
+            .to_owned()
+    };
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error"])
+        .arg("--cacert")
+        .arg(daemon.dir().join("pki/ca.pem"))
+        .args(["-H", "Content-Type: application/x-amz-json-1.1"])
+        .args(["-H", &format!("X-Amz-Target: WrapdService.{op}")])
+        .args([
+            "--aws-sigv4",
+            &format!("aws:amz:{}:kms", wrapd::dev::AWS_REGION),
+        ])
+        .args([
+            "--user",
+            &format!(
+                "{}:{}",
+                field("aws_access_key_id"),
+                field("aws_secret_access_key")
+            ),
+        ])
+        .args(["--data-binary", &body.to_string()])
+        .args(["-w", "\n%{http_code}", &format!("{}/", daemon.aws)])
+        .output()
+        .expect("curl (softhsm-config/install-deps.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (text, status) = stdout.rsplit_once('\n').expect("curl's status line");
+    (
+        status.trim().parse().unwrap(),
+        serde_json::from_str(text).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn the_key_version_extensions_retire_and_schedule_destruction_and_list_usage() {
+    let daemon = DevDaemon::start();
+    let arn = create_key(&daemon)["Arn"].as_str().unwrap().to_owned();
+    let generated = aws_ok(
+        &daemon,
+        &[
+            "generate-data-key",
+            "--key-id",
+            &arn,
+            "--key-spec",
+            "AES_256",
+        ],
+    );
+    assert!(generated["CiphertextBlob"].is_string());
+    wrapctl(
+        &daemon,
+        &["keys", "rotate", arn.rsplit_once(':').unwrap().1],
+    );
+
+    let (status, listed) = extension(&daemon, "ListKeyVersions", &json!({ "KeyId": arn }));
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["KeyId"], arn);
+    assert_eq!(listed["CurrentVersion"], 2);
+    assert_eq!(listed["Versions"][0]["Wraps"], 1, "{listed}");
+    assert_eq!(listed["Versions"][1]["Current"], true);
+
+    // Only a retired version can be scheduled; the current one cannot be retired.
+    let key_version = |v: u32| json!({ "KeyId": arn, "Version": v });
+    let (status, refused) = extension(&daemon, "RetireKeyVersion", &key_version(2));
+    assert_ne!(status, 200, "{refused}");
+    assert_eq!(refused["__type"], "KMSInvalidStateException", "{refused}");
+    let schedule = json!({ "KeyId": arn, "Version": 1, "PendingWindowInDays": 7 });
+    let (status, refused) = extension(&daemon, "ScheduleKeyVersionDestruction", &schedule);
+    assert_eq!(refused["__type"], "KMSInvalidStateException", "{refused}");
+    assert_ne!(status, 200);
+    let (status, retired) = extension(&daemon, "RetireKeyVersion", &key_version(1));
+    assert_eq!(status, 200, "{retired}");
+    assert_eq!(retired["Versions"][0]["Retired"], true);
+    let (status, scheduled) = extension(&daemon, "ScheduleKeyVersionDestruction", &schedule);
+    assert_eq!(status, 200, "{scheduled}");
+    assert!(scheduled["Versions"][0]["DestructionDate"].is_number());
+    let (status, cancelled) = extension(&daemon, "CancelKeyVersionDestruction", &key_version(1));
+    assert_eq!(status, 200, "{cancelled}");
+    assert!(cancelled["Versions"][0].get("DestructionDate").is_none());
+    let (status, restored) = extension(&daemon, "RestoreKeyVersion", &key_version(1));
+    assert_eq!(status, 200, "{restored}");
+    assert_eq!(restored["Versions"][0]["Retired"], false);
+
+    // An unknown extension is refused like an unknown AWS operation; audited under its name.
+    let (status, unknown) = extension(&daemon, "DestroyEverything", &json!({}));
+    assert_eq!(status, 400);
+    assert_eq!(
+        unknown["__type"], "UnsupportedOperationException",
+        "{unknown}"
+    );
+    let lines = daemon.audit_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.operation == "ScheduleKeyVersionDestruction" && l.outcome == "OK"),
+        "{lines:?}"
+    );
 }

@@ -368,3 +368,106 @@ async fn status_is_unhealthy_while_the_audit_log_fails_closed() {
     })
     .await;
 }
+
+/// Each version of `alias/kubernetes` and its unwraps so far, as DescribeKey reports them.
+async fn unwraps(daemon: &DevDaemon) -> Vec<(u32, u64)> {
+    daemon
+        .keys()
+        .await
+        .describe_key(KeyRef {
+            key_id: "alias/kubernetes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .map(|v| (v.version, v.usage.map_or(0, |u| u.unwraps)))
+        .collect()
+}
+
+/// Rotation end to end for the API server: secrets written before a rotation decrypt after
+/// it; once a storage migration has re-encrypted them (what `kubectl get secrets -A -o json |
+/// kubectl replace -f -` makes the API server do), reads no longer touch the old version,
+/// the version usage shows it, and retiring the old version breaks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rotation_and_a_storage_migration_the_old_version_is_unused_and_retires_safely() {
+    let mut daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    let mut secrets = Vec::new();
+    for i in 0..5u8 {
+        secrets.push((vec![i; 32], encrypt(&mut client, &[i; 32]).await));
+    }
+    let key_id = status(&mut client).await.key_id;
+    daemon
+        .keys()
+        .await
+        .rotate_key(KeyRef {
+            key_id: "alias/kubernetes".into(),
+        })
+        .await
+        .unwrap();
+    // Status names the new version: the API server re-encrypts on its next write.
+    let rotated = status(&mut client).await.key_id;
+    assert_ne!(rotated, key_id);
+    assert!(rotated.ends_with(":2"), "{rotated}");
+
+    // The storage migration: every secret read (old version) and written again (new).
+    let mut migrated = Vec::new();
+    for (dek, (ciphertext, key_id)) in &secrets {
+        let read = client
+            .decrypt(decrypt(ciphertext, key_id, "migrate"))
+            .await
+            .expect("written before the rotation")
+            .into_inner()
+            .plaintext;
+        assert_eq!(&read, dek);
+        let (ciphertext, key_id) = encrypt(&mut client, &read).await;
+        assert!(key_id.ends_with(":2"), "{key_id}");
+        migrated.push((dek.clone(), ciphertext, key_id));
+    }
+    // Counted at shutdown: the old version served exactly the migration's reads.
+    daemon.restart();
+    let after_migration = unwraps(&daemon).await;
+    assert_eq!(after_migration, vec![(1, 5), (2, 0)]);
+
+    // Reads after the migration use the new version only.
+    let mut client = kms(&daemon).await;
+    for (dek, ciphertext, key_id) in &migrated {
+        let read = client
+            .decrypt(decrypt(ciphertext, key_id, "read"))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext;
+        assert_eq!(&read, dek);
+    }
+    daemon.restart();
+    assert_eq!(
+        unwraps(&daemon).await,
+        vec![(1, 5), (2, 5)],
+        "version 1 is no longer used"
+    );
+
+    // Retiring it breaks nothing the API server still reads.
+    daemon
+        .keys()
+        .await
+        .retire_key_version(wrapd::proto::KeyVersionRequest {
+            key_id: "alias/kubernetes".into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    let mut client = kms(&daemon).await;
+    for (dek, ciphertext, key_id) in &migrated {
+        let read = client
+            .decrypt(decrypt(ciphertext, key_id, "after-retire"))
+            .await
+            .expect("migrated secrets read after the old version is retired")
+            .into_inner()
+            .plaintext;
+        assert_eq!(&read, dek);
+    }
+    assert_eq!(status(&mut client).await.healthz, "ok");
+}

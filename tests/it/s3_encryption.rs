@@ -105,7 +105,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let daemon = DevDaemon::start();
+    setup_with_env(&[])
+}
+
+fn setup_with_env(env: &[(&str, &str)]) -> Setup {
+    let daemon = DevDaemon::start_with_env(env);
     let s3 = LocalS3::start();
     s3.bucket("objects");
     let dir = daemon.dir().join("s3");
@@ -875,4 +879,219 @@ fn sse_c_toward_a_plain_http_endpoint_off_this_host_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("is not https://"), "{stderr}");
+}
+
+impl Setup {
+    /// The key's id (`key/…`), from its ARN.
+    fn key_id(&self) -> String {
+        self.arn.rsplit_once(':').unwrap().1.to_owned()
+    }
+
+    fn rotate(&self) {
+        let out = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+            .arg("--socket")
+            .arg(&self.daemon.socket)
+            .args(["keys", "rotate", &self.key_id()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    /// `wrapctl ARGS` that may fail with a report: its JSON and whether it succeeded.
+    fn wrapctl_report(&self, args: &[&str]) -> (Value, bool, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+        s3_env(&mut command);
+        let out = command
+            .arg("--json")
+            .arg("--socket")
+            .arg(&self.daemon.socket)
+            .args(args)
+            .args(["--s3-endpoint", &self.s3.url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "wrapctl panicked: {stderr}");
+        let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (report, out.status.success(), stderr)
+    }
+
+    /// `(version, objects)` of each row of `wrapctl census s3://objects/PREFIX`, and the
+    /// objects without a wrapd key.
+    fn census(&self, prefix: &str) -> (Vec<(u64, u64)>, u64) {
+        let census = self
+            .wrapctl(&["census", &format!("s3://objects/{prefix}")])
+            .unwrap();
+        let rows = census["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["version"].as_u64().unwrap(),
+                    r["objects"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        (
+            rows,
+            census["without_wrapd_key"]["objects"].as_u64().unwrap(),
+        )
+    }
+}
+
+#[test]
+fn s3_rewrap_moves_every_envelope_to_the_current_version_and_the_official_clients_still_read_them()
+{
+    let s = setup();
+    let input = s.path("rw.in");
+    std::fs::write(&input, content(70_000)).unwrap();
+    // Every placement and format: wrapctl's, the official Ruby client's, an SSE-C object,
+    // and an object that is not encrypted.
+    s.put(&input, "rw/v2-meta", &["--context", "tenant=acme"]);
+    s.put(&input, "rw/v2-instr", &["--instruction-file"]);
+    s.put(&input, "rw/v3-meta", &["--format", "v3"]);
+    s.put(
+        &input,
+        "rw/v3-instr",
+        &["--format", "v3", "--instruction-file"],
+    );
+    s.put(&input, "rw/ssec", &["--sse-c", "--context", "app=ssec"]);
+    s.ruby("put", "rw/ruby", &input, r#"{"tenant":"acme"}"#, "metadata");
+    s.s3.s3api(&[
+        "put-object",
+        "--bucket",
+        "objects",
+        "--key",
+        "rw/plain",
+        "--body",
+        input.to_str().unwrap(),
+        "--content-type",
+        "text/x-plain",
+    ]);
+    let head = |key: &str| {
+        s.s3.s3api(&["head-object", "--bucket", "objects", "--key", key])
+    };
+    let ruby_type = head("rw/ruby")["ContentType"].clone();
+    assert_eq!(s.census("rw/"), (vec![(1, 6)], 1));
+
+    s.rotate();
+    let (dry, ok, stderr) = s.wrapctl_report(&["s3", "rewrap", "s3://objects/rw/", "--dry-run"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(dry["summary"]["would-rewrap"], 6, "{dry}");
+    assert_eq!(
+        s.census("rw/"),
+        (vec![(1, 6)], 1),
+        "a dry run changes nothing"
+    );
+
+    let (report, ok, stderr) =
+        s.wrapctl_report(&["s3", "rewrap", "s3://objects/rw/", "--context", "app=ssec"]);
+    assert!(ok, "{stderr}\n{report}");
+    assert_eq!(report["summary"]["rewrapped"], 6, "{report}");
+    assert_eq!(report["summary"]["skipped"], 1, "{report}");
+    assert_eq!(s.census("rw/"), (vec![(2, 6)], 1));
+    assert_eq!(
+        head("rw/ruby")["ContentType"],
+        ruby_type,
+        "content headers kept"
+    );
+
+    // Version 1 retired: every object reads, with wrapctl and the official clients.
+    let out = Command::new(env!("CARGO_BIN_EXE_wrapctl"))
+        .arg("--socket")
+        .arg(&s.daemon.socket)
+        .args(["keys", "retire-version", &s.key_id(), "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (key, args) in [
+        ("rw/v2-meta", &["--context", "tenant=acme"][..]),
+        ("rw/v2-instr", &[][..]),
+        ("rw/v3-meta", &[][..]),
+        ("rw/v3-instr", &[][..]),
+        ("rw/ssec", &["--sse-c", "--context", "app=ssec"][..]),
+        ("rw/ruby", &["--context", "tenant=acme"][..]),
+    ] {
+        let output = s.path("rw.out");
+        s.get(key, &output, args)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(std::fs::read(&output).unwrap(), content(70_000), "{key}");
+    }
+    for (key, context, placement) in [
+        ("rw/ruby", r#"{"tenant":"acme"}"#, "metadata"),
+        ("rw/v2-meta", r#"{"tenant":"acme"}"#, "metadata"),
+        ("rw/v2-instr", "{}", "instruction_file"),
+    ] {
+        let output = s.path("ruby.out");
+        s.ruby("get", key, &output, context, placement);
+        assert_eq!(std::fs::read(&output).unwrap(), content(70_000), "{key}");
+    }
+    let output = s.path("py.out");
+    s.python("get", "rw/v3-meta", &output, "{}", "v3");
+    assert_eq!(std::fs::read(&output).unwrap(), content(70_000));
+
+    let (again, ok, _) = s.wrapctl_report(&["s3", "rewrap", "s3://objects/rw/"]);
+    assert!(ok);
+    assert_eq!(again["summary"]["up-to-date"], 6, "{again}");
+}
+
+#[test]
+fn s3_rewrap_leaves_an_object_that_changed_meanwhile_alone() {
+    // Token calls slowed down: the object is replaced while its data key is re-wrapped.
+    let s = setup_with_env(&[("WRAPD_FAULT_STALL_MS", "1500")]);
+    let input = s.path("race.in");
+    std::fs::write(&input, content(1000)).unwrap();
+    s.put(&input, "race/object", &[]);
+    s.rotate();
+    let audit = s.daemon.dir().join("audit.log");
+    let described = || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"DescribeKey\""))
+            .count()
+    };
+    let before = described();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wrapctl"));
+    s3_env(&mut command);
+    let child = command
+        .arg("--json")
+        .arg("--socket")
+        .arg(&s.daemon.socket)
+        .args(["s3", "rewrap", "s3://objects/race/"])
+        .args(["--s3-endpoint", &s.s3.url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once wrapctl knows the destination it is in ReWrap, stalled in the token: a writer
+    // replaces the object now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while described() == before {
+        assert!(Instant::now() < deadline, "no DescribeKey");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let replacement = s.path("replacement");
+    std::fs::write(&replacement, b"written meanwhile").unwrap();
+    s.s3.s3api(&[
+        "put-object",
+        "--bucket",
+        "objects",
+        "--key",
+        "race/object",
+        "--body",
+        replacement.to_str().unwrap(),
+    ]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("race/object") && stderr.contains("changed"),
+        "{stderr}"
+    );
+    // The writer's object stands, untouched by the re-wrap.
+    let head =
+        s.s3.s3api(&["head-object", "--bucket", "objects", "--key", "race/object"]);
+    assert!(head["Metadata"].get("x-amz-key-v2").is_none(), "{head}");
+    assert_eq!(head["ContentLength"], 17);
 }

@@ -405,3 +405,88 @@ async fn a_retired_version_is_destroyed_when_its_scheduled_destruction_falls_due
         daemon.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_unused_for_retire_unused_after_days_are_retired_by_the_daemon_audited() {
+    let mut daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let key = keys
+        .create_key(CreateKeyRequest {
+            description: "automatic retirement".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    let old = daemon
+        .data()
+        .await
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: key.clone(),
+            encryption_context: HashMap::new(),
+            number_of_bytes: 32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    keys.rotate_key(KeyRef {
+        key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    let mut config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    config.push_str(&format!(
+        "\n[[keys.retirement]]\nkey = \"{key}\"\nretire_unused_after_days = 30\n"
+    ));
+    std::fs::write(daemon.config_path(), config).unwrap();
+    // 31 days later, the daemon retires version 1 at its first maintenance pass.
+    daemon.stop();
+    daemon.set_env("WRAPD_FAULT_CLOCK_SKEW_S", &(31 * 86_400).to_string());
+    daemon.restart_stopped();
+    let keys = daemon.keys().await;
+    crate::common::eventually("version 1 is retired", || {
+        let mut keys = keys.clone();
+        let key = key.clone();
+        async move {
+            keys.describe_key(KeyRef { key_id: key })
+                .await
+                .is_ok_and(|k| k.into_inner().versions[0].retired)
+        }
+    })
+    .await;
+    let described = daemon
+        .keys()
+        .await
+        .describe_key(KeyRef {
+            key_id: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !described.versions[1].retired,
+        "the current version never is"
+    );
+    assert!(
+        described.versions[0].destroyed_at.is_none(),
+        "never destroyed"
+    );
+    let err = daemon
+        .data()
+        .await
+        .unwrap(UnwrapRequest {
+            ciphertext_blob: old.ciphertext_blob,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let lines = daemon.audit_lines();
+    let line = lines
+        .iter()
+        .find(|l| l.operation == "RetireKeyVersion")
+        .expect("the retirement is audited");
+    assert_eq!(line.principal, "wrapd:daemon");
+    assert_eq!(line.key_version, Some(1));
+}

@@ -72,13 +72,17 @@ use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{Call, KeyView, Ops};
 use error::json_response;
 use request::SYMMETRIC_DEFAULT;
-pub use request::{DescribeView, KmsRequest, decode};
+pub use request::{DescribeView, KmsRequest, VersionChange, decode, decode_extension};
 
 /// The SigV4 service name of AWS KMS.
 pub const SERVICE: &str = "kms";
 
 /// The `X-Amz-Target` prefix of AWS KMS.
 pub const TARGET_PREFIX: &str = "TrentService.";
+
+/// The `X-Amz-Target` prefix of wrapd's extensions (key versions), kept out of AWS's
+/// namespace so that no future AWS operation can collide with one.
+pub const EXTENSION_PREFIX: &str = "WrapdService.";
 
 /// Largest request body read (the largest valid one, ReEncrypt with two large contexts, is
 /// far smaller).
@@ -112,12 +116,19 @@ impl AwsApi {
     ) -> Response<Bytes> {
         let request_id = request_id();
         let (parts, body) = request.into_parts();
-        let target = parts
+        let named = parts
             .headers
             .get("x-amz-target")
             .and_then(|v| v.to_str().ok())
-            .and_then(|t| t.strip_prefix(TARGET_PREFIX))
-            .map(str::to_owned);
+            .and_then(|t| {
+                [TARGET_PREFIX, EXTENSION_PREFIX]
+                    .into_iter()
+                    .find_map(|ns| t.strip_prefix(ns).map(|op| (ns, op.to_owned())))
+            });
+        let (namespace, target) = match named {
+            Some((namespace, target)) => (namespace, Some(target)),
+            None => (TARGET_PREFIX, None),
+        };
         if parts.method != Method::POST || parts.uri.path() != "/" {
             return AwsError::new(
                 "UnknownOperationException",
@@ -136,9 +147,13 @@ impl AwsApi {
         };
         // Decoded before the signature is checked (pure, and the body is bounded), so that
         // even a refusal of the signature is audited under its operation; acted on only after.
-        let decoded = request::decode(&target, &body, &self.arns);
+        let decoded = if namespace == EXTENSION_PREFIX {
+            request::decode_extension(&target, &body, &self.arns)
+        } else {
+            request::decode(&target, &body, &self.arns)
+        };
         let operation = decoded.as_ref().map(|(operation, _)| *operation);
-        let api_name = format!("{TARGET_PREFIX}{target}");
+        let api_name = format!("{namespace}{target}");
 
         let scope = Scope {
             region: self.arns.region(),
@@ -183,7 +198,7 @@ impl AwsApi {
                 .reject_unsupported(
                     identity,
                     request_id.clone(),
-                    format!("{TARGET_PREFIX}{name}"),
+                    format!("{namespace}{name}"),
                     message,
                 )
                 .await;
@@ -257,6 +272,35 @@ impl AwsApi {
                     "KeyState": key_state(view.key.state),
                     "PendingWindowInDays": days,
                 }))
+            }
+            KmsRequest::ListKeyVersions { key } => {
+                let view = ops.describe_key_with_usage(call, key).await?;
+                Ok(self.key_versions(&view))
+            }
+            KmsRequest::ChangeKeyVersion {
+                key,
+                version,
+                change,
+            } => {
+                let view = match change {
+                    VersionChange::Retire => {
+                        ops.set_key_version_retired(call, key, version, true)
+                            .await?
+                    }
+                    VersionChange::Restore => {
+                        ops.set_key_version_retired(call, key, version, false)
+                            .await?
+                    }
+                    VersionChange::ScheduleDestruction(days) => {
+                        ops.schedule_key_version_destruction(call, key, version, days)
+                            .await?
+                    }
+                    VersionChange::CancelDestruction => {
+                        ops.cancel_key_version_destruction(call, key, version)
+                            .await?
+                    }
+                };
+                Ok(self.key_versions(&view))
             }
             KmsRequest::RotateKeyOnDemand { key } => {
                 let view = ops.rotate_key(call, key).await?;
@@ -538,6 +582,48 @@ fn key_state(state: KeyState) -> &'static str {
 }
 
 /// A timestamp as the JSON protocol carries it: seconds since the epoch.
+impl AwsApi {
+    /// The answer of wrapd's key version extensions: the key and each version's state (and,
+    /// from `ListKeyVersions`, its usage).
+    fn key_versions(&self, view: &KeyView) -> Value {
+        let versions: Vec<Value> = view
+            .versions
+            .iter()
+            .map(|v| {
+                let mut entry = json!({
+                    "Version": v.version,
+                    "CreationDate": epoch(v.created_at),
+                    "Current": v.version == view.key.current_version(),
+                    "Retired": v.retired,
+                    "Available": v.available,
+                });
+                if let Some(date) = v.destruction_date {
+                    entry["DestructionDate"] = json!(epoch(date));
+                }
+                if let Some(at) = v.destroyed_at {
+                    entry["DestroyedDate"] = json!(epoch(at));
+                }
+                if let Some(usage) = v.usage {
+                    entry["Wraps"] = json!(usage.wraps);
+                    entry["Unwraps"] = json!(usage.unwraps);
+                    if let Some(first) = usage.first_used {
+                        entry["FirstUsedDate"] = json!(epoch(first));
+                    }
+                    if let Some(last) = usage.last_used {
+                        entry["LastUsedDate"] = json!(epoch(last));
+                    }
+                }
+                entry
+            })
+            .collect();
+        json!({
+            "KeyId": self.arns.key_arn(&view.key.id),
+            "CurrentVersion": view.key.current_version(),
+            "Versions": versions,
+        })
+    }
+}
+
 fn epoch(time: SystemTime) -> f64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_millis() as f64 / 1000.0)

@@ -92,6 +92,23 @@ pub struct KeyOnly {
     pub grant_tokens: Option<Vec<String>>,
 }
 
+/// wrapd's extensions that take a key and one of its versions (`RetireKeyVersion`, …).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct KeyVersion {
+    pub key_id: String,
+    pub version: u32,
+}
+
+/// wrapd's extension `ScheduleKeyVersionDestruction`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ScheduleKeyVersionDestruction {
+    pub key_id: String,
+    pub version: u32,
+    pub pending_window_in_days: Option<u32>,
+}
+
 /// `GetParametersForImport`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]

@@ -86,6 +86,20 @@ pub enum KmsRequest {
         /// Remove instead of set.
         remove: bool,
     },
+    /// wrapd's extension `ListKeyVersions`: the versions with their usage.
+    ListKeyVersions {
+        /// The key.
+        key: KeyName,
+    },
+    /// wrapd's extensions that change one version of a key.
+    ChangeKeyVersion {
+        /// The key.
+        key: KeyName,
+        /// `Version`.
+        version: u32,
+        /// What happens to it.
+        change: VersionChange,
+    },
     /// `UpdateKeyDescription`.
     UpdateKeyDescription {
         /// The key.
@@ -211,6 +225,69 @@ pub enum DescribeView {
         /// The index `Marker` names.
         start: usize,
     },
+}
+
+/// What a wrapd extension does to a key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionChange {
+    /// `RetireKeyVersion`.
+    Retire,
+    /// `RestoreKeyVersion`.
+    Restore,
+    /// `ScheduleKeyVersionDestruction` after this many days.
+    ScheduleDestruction(u32),
+    /// `CancelKeyVersionDestruction`.
+    CancelDestruction,
+}
+
+/// Decodes a request to one of wrapd's extensions, `WrapdService.<target>` (the rest of the
+/// key version life, which AWS KMS does not have): `None` for a name it does not know.
+pub fn decode_extension(
+    target: &str,
+    body: &[u8],
+    arns: &Arns,
+) -> Option<(Operation, Result<KmsRequest, AwsError>)> {
+    use Operation as Op;
+    let change = |change: VersionChange| {
+        model::parse::<model::KeyVersion>(body).and_then(|req| {
+            Ok(KmsRequest::ChangeKeyVersion {
+                key: arns.key_ref(&req.key_id)?,
+                version: req.version,
+                change,
+            })
+        })
+    };
+    Some(match target {
+        "ListKeyVersions" => (
+            Op::DescribeKey,
+            model::parse::<model::KeyOnly>(body).and_then(|req| {
+                Ok(KmsRequest::ListKeyVersions {
+                    key: arns.key_ref(&req.key_id)?,
+                })
+            }),
+        ),
+        "RetireKeyVersion" => (Op::RetireKeyVersion, change(VersionChange::Retire)),
+        "RestoreKeyVersion" => (Op::RestoreKeyVersion, change(VersionChange::Restore)),
+        "CancelKeyVersionDestruction" => (
+            Op::CancelKeyVersionDestruction,
+            change(VersionChange::CancelDestruction),
+        ),
+        "ScheduleKeyVersionDestruction" => (
+            Op::ScheduleKeyVersionDestruction,
+            model::parse::<model::ScheduleKeyVersionDestruction>(body).and_then(|req| {
+                let days = req.pending_window_in_days.unwrap_or(30);
+                if !(7..=30).contains(&days) {
+                    return Err(AwsError::validation("PendingWindowInDays must be 7 to 30"));
+                }
+                Ok(KmsRequest::ChangeKeyVersion {
+                    key: arns.key_ref(&req.key_id)?,
+                    version: req.version,
+                    change: VersionChange::ScheduleDestruction(days),
+                })
+            }),
+        ),
+        _ => return None,
+    })
 }
 
 /// Decodes a request to `TrentService.<target>`: `None` for an operation wrapd does not
