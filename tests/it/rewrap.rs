@@ -99,14 +99,15 @@ fn census(daemon: &DevDaemon, path: &Path) -> Value {
     json(&out)
 }
 
-/// `(version, objects)` of each census row.
-fn census_rows(census: &Value) -> Vec<(u64, u64)> {
+/// `(key, version, objects)` of each census row.
+fn census_rows(census: &Value) -> Vec<(String, u64, u64)> {
     census["versions"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
             (
+                r["key_id"].as_str().unwrap().to_owned(),
                 r["version"].as_u64().unwrap(),
                 r["objects"].as_u64().unwrap(),
             )
@@ -158,6 +159,28 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
         );
         assert!(out.status.success(), "{out:?}");
     }
+    // Another key's message, which its rotation does not concern.
+    let other_key = json(&wrapctl(
+        &daemon,
+        &["keys", "create", "--description", "other"],
+    ))["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = store.join("b/other.enc");
+    let out = wrapctl(
+        &daemon,
+        &[
+            "encrypt",
+            "--key",
+            &other_key,
+            "--input",
+            s(&plain),
+            "--output",
+            s(&other),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
     let mut bytes = std::fs::read(&one).unwrap();
     // The context's value ("acme", after the fixed fields, the entry count and the key).
     bytes[49] ^= 1;
@@ -166,7 +189,9 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
     let messages = [&one, &two, &three, &four];
 
     let before = census(&daemon, &store);
-    assert_eq!(census_rows(&before), vec![(1, 6)], "{before}");
+    let mut expected = vec![(key_id.clone(), 1, 6), (other_key.clone(), 1, 1)];
+    expected.sort();
+    assert_eq!(census_rows(&before), expected, "{before}");
     assert_eq!(before["unrecognized"]["objects"], 1);
 
     daemon
@@ -201,6 +226,7 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
     assert!(stderr.contains("tampered.enc"), "{stderr}");
     let report = json(&run);
     assert_eq!(report["summary"]["rewrapped"], 4, "{report}");
+    assert_eq!(report["summary"]["up-to-date"], 1, "{report}");
     assert_eq!(report["summary"]["failed"], 2, "{report}");
     assert_eq!(report["summary"]["skipped"], 1, "{report}");
 
@@ -231,9 +257,15 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
 
     // The census shows what is left on version 1; a second run finds the rest up to date.
     let after = census(&daemon, &store);
-    assert_eq!(census_rows(&after), vec![(1, 2), (2, 4)], "{after}");
+    let mut expected = vec![
+        (key_id.clone(), 1, 2),
+        (key_id.clone(), 2, 4),
+        (other_key.clone(), 1, 1),
+    ];
+    expected.sort();
+    assert_eq!(census_rows(&after), expected, "{after}");
     let again = json(&wrapctl(&daemon, &["rewrap", s(&store)]));
-    assert_eq!(again["summary"]["up-to-date"], 4, "{again}");
+    assert_eq!(again["summary"]["up-to-date"], 5, "{again}");
 }
 
 /// Messages made with the client library: `count` files in `dir`, all under `key`.
