@@ -37,8 +37,10 @@ pub struct Census {
     pub versions: BTreeMap<KeyVersion, Tally>,
     /// Objects in a format the census reads, protected by no wrapd key.
     pub without_wrapd_key: Tally,
-    /// Objects in no format the census reads (or unreadable).
+    /// Objects in no format the census reads.
     pub unrecognized: Tally,
+    /// Objects that could not be read (path and why): the census is incomplete.
+    pub errors: Vec<(String, String)>,
 }
 
 /// One row of a census, as printed.
@@ -73,11 +75,18 @@ impl Census {
         self.unrecognized.add(bytes);
     }
 
+    /// Records an object that could not be read: the census cannot say what protects it.
+    pub fn count_error(&mut self, object: String, reason: String) {
+        self.errors.push((object, reason));
+    }
+
     /// Counts the file at `path`: an Encryption SDK message (its header is read, with at
-    /// most `max_data_keys` encrypted data keys), or unrecognized.
+    /// most `max_data_keys` encrypted data keys), unrecognized, or an error (unreadable, or
+    /// a message over the limit).
     pub fn count_message_file(&mut self, path: &Path, max_data_keys: u16) {
-        let Ok(file) = File::open(path) else {
-            return self.count_unrecognized(0);
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) => return self.count_error(path.display().to_string(), err.to_string()),
         };
         let bytes = file.metadata().map_or(0, |m| m.len());
         let mut reader = BufReader::with_capacity(16 * 1024, file);
@@ -96,6 +105,9 @@ impl Census {
                     .map(|e| &e.ciphertext[..]),
                 bytes,
             ),
+            Err(err) if err.to_string().contains("max_encrypted_data_keys") => {
+                self.count_error(path.display().to_string(), err.to_string());
+            }
             Err(_) => self.count_unrecognized(bytes),
         }
     }

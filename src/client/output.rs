@@ -80,22 +80,36 @@ impl Output {
 
     /// Moves the complete output into place (after the writer is flushed and dropped).
     pub fn commit(self) -> Result<(), String> {
-        self.commit_with(false, None)
+        self.commit_with(false, None, None)
     }
 
     /// [`Output::commit`] that survives a power loss: the file is synced before it is moved
-    /// into place, and its directory after; with `mode`, the file gets those permission bits
-    /// first (the file it replaces had them).
-    pub fn commit_durable(self, mode: Option<u32>) -> Result<(), String> {
-        self.commit_with(true, mode)
+    /// into place, and its directory after; with `mode` and `owner` (user and group), the
+    /// file gets them first (the file it replaces had them). An owner that cannot be given
+    /// is an error, and nothing is moved.
+    pub fn commit_durable(
+        self,
+        mode: Option<u32>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), String> {
+        self.commit_with(true, mode, owner)
     }
 
-    fn commit_with(self, durable: bool, mode: Option<u32>) -> Result<(), String> {
+    fn commit_with(
+        self,
+        durable: bool,
+        mode: Option<u32>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), String> {
         let Some(target) = self.target.clone() else {
             return Ok(());
         };
         let target = &target;
         let prepare = |file: &File| -> Result<(), String> {
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+                    .map_err(|e| format!("cannot give the output the original's owner: {e}"))?;
+            }
             if let Some(mode) = mode {
                 use std::os::unix::fs::PermissionsExt;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))

@@ -5,15 +5,17 @@
 //! it to an AWS Encryption SDK message on disk (the S3 objects are in `s3/rewrap.rs`).
 //!
 //! A message file is replaced atomically: the new header and the original frames, byte for
-//! byte, go to an unnamed file in the same directory, which is synced, checked against the
-//! original (unchanged since it was read, or the file is left alone), renamed over it, and
-//! the directory synced. A run killed at any point leaves every file either as it was or
-//! re-wrapped, and a second run skips what is already up to date.
+//! byte, go to an unnamed file in the same directory, which gets the original's owner, group
+//! and permission bits and is synced, checked against the original (unchanged since it was
+//! read, or the file is left alone), renamed over it, and the directory synced. A run killed
+//! at any point leaves every file either as it was or re-wrapped, and a second run skips what
+//! is already up to date. Files reached through a symbolic link, or with several hard links,
+//! are refused. Extended attributes and ACLs are not carried over.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -61,12 +63,13 @@ pub fn is_wrapd_entry(entry: &EncryptedDataKey) -> bool {
     entry.provider_id == PROVIDER_ID || entry.provider_id == AWS_KMS_PROVIDER_ID
 }
 
-/// Re-wraps data keys on one daemon, under their own key's current version or under one
-/// destination key.
+/// Re-wraps data keys on one daemon, under their own key's current version, or those of one
+/// key under another key.
 pub struct Rewrapper {
     data: DataKeyServiceClient<Channel>,
     keys: KeyServiceClient<Channel>,
-    to: Option<String>,
+    /// `(from, to)`: only data keys under `from` move, to `to`.
+    moving: Option<(String, String)>,
     /// Current version of each key asked about, by the name it was asked by.
     current: HashMap<String, KeyVersion>,
 }
@@ -85,20 +88,41 @@ fn wire(context: &EncryptionContext) -> HashMap<String, String> {
 }
 
 impl Rewrapper {
-    /// A re-wrapper on `channel`; with `to`, every data key moves to that key (id or alias).
-    pub fn new(channel: Channel, to: Option<String>) -> Self {
+    /// A re-wrapper on `channel`. With `moving = (FROM, TO)` (ids or aliases), the data
+    /// keys under FROM move to TO and no other moves: naming the source is what keeps a
+    /// planted object from getting another key's data key re-wrapped under TO by whoever
+    /// runs the re-wrap.
+    pub fn new(channel: Channel, moving: Option<(String, String)>) -> Self {
         Self {
             data: DataKeyServiceClient::new(channel.clone()),
             keys: KeyServiceClient::new(channel),
-            to,
+            moving,
             current: HashMap::new(),
         }
     }
 
-    /// Where a data key under `source` belongs: its destination key's current version
-    /// (asked once per key and run).
-    pub async fn destination(&mut self, source: &KeyVersion) -> Result<KeyVersion, ClientError> {
-        let name = self.to.clone().unwrap_or_else(|| source.key_id.clone());
+    /// Where a data key under `source` belongs: its own key's current version, or with a
+    /// move, the destination's for data keys under its source (`None`: it stays where it
+    /// is). Asked once per key and run.
+    pub async fn destination(
+        &mut self,
+        source: &KeyVersion,
+    ) -> Result<Option<KeyVersion>, ClientError> {
+        let name = match self.moving.clone() {
+            None => source.key_id.clone(),
+            Some((from, to)) => {
+                if self.current_of(&from).await?.key_id != source.key_id {
+                    return Ok(None);
+                }
+                to
+            }
+        };
+        self.current_of(&name).await.map(Some)
+    }
+
+    /// The current version of the key `name` names.
+    async fn current_of(&mut self, name: &str) -> Result<KeyVersion, ClientError> {
+        let name = name.to_owned();
         if let Some(known) = self.current.get(&name) {
             return Ok(known.clone());
         }
@@ -257,12 +281,17 @@ async fn rewrap_file(
     dry_run: bool,
 ) -> Result<Outcome, ClientError> {
     let display = path.display();
-    let mut file = File::open(path).map_err(|e| format!("cannot open {display}: {e}"))?;
-    let before = Identity::of(
-        &file
-            .metadata()
-            .map_err(|e| format!("cannot read {display}: {e}"))?,
-    );
+    // Not through a symbolic link: the file is replaced by name, so the name must be the
+    // file's own.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| format!("cannot open {display}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {display}: {e}"))?;
+    let before = Identity::of(&meta);
     let stored = {
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut first = [0u8; 1];
@@ -274,6 +303,10 @@ async fn rewrap_file(
         let mut whole = std::io::Read::chain(&first[..], reader);
         match StoredHeader::read(&mut whole, max_data_keys) {
             Ok(stored) => stored,
+            // A message, refused by the caller's limit: it may hold data keys to move.
+            Err(err) if err.to_string().contains("max_encrypted_data_keys") => {
+                return Err(err.into());
+            }
             Err(err) => {
                 return Ok(Outcome::Skipped {
                     reason: format!("not a readable Encryption SDK message: {err}"),
@@ -292,6 +325,7 @@ async fn rewrap_file(
             continue;
         };
         let destination = rewrapper.destination(&source).await?;
+        let destination = destination.unwrap_or_else(|| source.clone());
         moves.push((i, source, destination));
     }
     if moves.is_empty() {
@@ -310,6 +344,12 @@ async fn rewrap_file(
         ));
     }
     let from: Vec<KeyVersion> = behind.iter().map(|(_, s, _)| s.clone()).collect();
+    if meta.nlink() > 1 {
+        return Err(ClientError::new(
+            Failure::WrongState,
+            "the file has several hard links: replacing it would leave the other names under the old version",
+        ));
+    }
     if dry_run {
         return Ok(Outcome::WouldRewrap {
             from,
@@ -324,7 +364,31 @@ async fn rewrap_file(
     stored.verify(&dek)?;
     let mut entries = header.data_keys.clone();
     let mut to = Vec::new();
-    for (i, _, destination) in &behind {
+    for (i, source, destination) in &behind {
+        // Every entry moved must hold the message's own data key: a planted entry (another
+        // key's data key, under this message's context) is never re-wrapped.
+        if *i != moves[0].0 {
+            let other = rewrapper
+                .unwrap(&entries[*i].ciphertext, &header.context)
+                .await?;
+            if !constant_time_eq(&other, &dek) {
+                return Err(ClientError::new(
+                    Failure::Invalid,
+                    "the message's data key entries do not all hold its data key; left as it is",
+                ));
+            }
+        }
+        let moving_key = source.key_id != destination.key_id;
+        let arn_prefix = {
+            let info = String::from_utf8_lossy(&entries[*i].provider_info).into_owned();
+            split_arn(&info).map(|(prefix, _)| prefix.to_owned())
+        };
+        if entries[*i].provider_id != PROVIDER_ID && moving_key && arn_prefix.is_none() {
+            return Err(ClientError::new(
+                Failure::Invalid,
+                "an aws-kms data key entry that does not name its key by ARN cannot move to another key",
+            ));
+        }
         let (blob, now) = rewrapper
             .rewrap(&entries[*i].ciphertext, &header.context, destination)
             .await?;
@@ -334,8 +398,7 @@ async fn rewrap_file(
         } else if now.key_id != destination_of_arn(&entry.provider_info) {
             // An AWS KMS keyring's entry names its key by ARN: the same ARN prefix, the new
             // key. (Under the same key, the ARN is kept as written: the SDK compares it.)
-            let info = String::from_utf8_lossy(&entry.provider_info).into_owned();
-            if let Some((prefix, _)) = split_arn(&info) {
+            if let Some(prefix) = &arn_prefix {
                 entry.provider_info = format!("{prefix}{}", now.key_id).into_bytes();
             }
         }
@@ -349,6 +412,10 @@ async fn rewrap_file(
     drop(dek);
     replace(path, &mut file, &stored, &new_header, &before)?;
     Ok(Outcome::Rewrapped { from, to })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The `key/…` an `aws-kms` entry's ARN names (empty if it is no key ARN).
@@ -382,14 +449,16 @@ fn replace(
         .and_then(|()| writer.flush())
         .map_err(|e| format!("cannot write the re-wrapped {display}: {e}"))?;
     drop(writer);
-    let now = std::fs::metadata(path).map_err(|e| format!("cannot read {display}: {e}"))?;
+    let now = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read {display}: {e}"))?;
     if Identity::of(&now) != *before {
         return Err(ClientError::new(
             Failure::WrongState,
             format!("{display} changed while it was re-wrapped; left as it is"),
         ));
     }
-    let mode = now.mode() & 0o7777;
-    output.commit_durable(Some(mode))?;
+    // The file's owner, group and permission bits (set-user-id and set-group-id dropped):
+    // the service that reads it must still be able to.
+    let mode = now.mode() & 0o1777;
+    output.commit_durable(Some(mode), Some((now.uid(), now.gid())))?;
     Ok(())
 }

@@ -82,11 +82,17 @@ impl Keystore {
                 return Err(err);
             }
         } else {
+            // A destruction the token still records (one the store no longer shows: a
+            // writer's edit) must not stand over a version back in use.
+            self.destroy_version_tickets(&record.id, version)?;
             // The ticket first, then the store once: the fleet, told by the write, reads a
             // version the token no longer holds retired. If the write fails, the store still
             // says retired, and so does every view.
             self.token.destroy_ticket(&ticket)?;
             self.store.set_version_retired(&record.id, version, false)?;
+            // A restore counts as a use for automatic retirement (`retire_unused`), which
+            // would otherwise retire the version again at its next pass.
+            self.record_restore(&record.id, version);
         }
         tracing::info!(key_id = %record.id, version, retired, "key version retirement changed");
         self.refresh(&record.id)?
@@ -166,7 +172,12 @@ impl Keystore {
         let _admin = self.admin.lock();
         let record = self.version_of(key, version)?;
         let state = version_record(&record, version)?;
-        if state.destroyed_at.is_some() || state.destruction_date.is_none() {
+        // Pending by the store or by the token: a ticket the store no longer shows (a
+        // writer's edit) is cancelled too, so that no later edit can bring it into force.
+        let ticketed = self.token.tickets()?.iter().any(|t| {
+            matches!(t, Ticket::VersionDestruction { key_id, version: v, .. } if *key_id == record.id && *v == version)
+        });
+        if state.destroyed_at.is_some() || (state.destruction_date.is_none() && !ticketed) {
             return Err(Error::WrongState(format!(
                 "the destruction of version {version} of key {} is not pending",
                 record.id
@@ -266,16 +277,24 @@ impl Keystore {
     }
 
     /// Retires each version of `key` but the current one that is neither retired nor
-    /// destroyed and was last used (fleet-wide, as the version usage says; a version never
-    /// used: its creation) more than `days` ago. `before_retire` runs first for each (the
-    /// daemon's audit line); a failure stops there. Never destroys anything.
+    /// destroyed and was last used (fleet-wide, as the version usage says; a restore counts
+    /// as a use; a version never used: its creation) more than `days` ago. Under the fleet's
+    /// maintenance lock (one daemon at a time; none if another holds it), each version read
+    /// again from the store before `before_retire` (the daemon's audit line) and the
+    /// retirement. Never destroys anything.
     pub fn retire_unused(
         &self,
         key: &KeyRef,
         days: u32,
         before_retire: impl Fn(&KeyRecord, u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        let record = self.resolve(key)?;
+        let Some(_maintenance) = MaintenanceLock::take(&*self.store)? else {
+            return Ok(Vec::new()); // another daemon of the fleet is at it
+        };
+        let id = self.resolve(key)?.id.clone();
+        let Some(record) = self.refresh(&id)? else {
+            return Err(Error::KeyNotFound(id.to_string()));
+        };
         let usage = self.version_usage(&record)?;
         let horizon = self
             .clock
@@ -298,7 +317,7 @@ impl Keystore {
                 continue;
             }
             before_retire(&record, version.version)?;
-            self.retire_version(key, version.version)?;
+            self.retire_version(&KeyRef::Id(record.id.clone()), version.version)?;
             tracing::warn!(key_id = %record.id, version = version.version, days, "key version retired: unused for longer than retire_unused_after_days");
             retired.push(version.version);
         }

@@ -485,3 +485,54 @@ fn versions_unused_for_the_period_are_retired_and_recently_used_ones_are_kept() 
     );
     assert!(record.versions.iter().all(|v| v.destroyed_at.is_none()));
 }
+
+#[test]
+fn a_version_restored_after_automatic_retirement_is_not_retired_again() {
+    let (ks, _, _, clock) = with_writer();
+    let key = KeyRef::Id(ks.create_key("", None).unwrap().id.clone());
+    ks.rotate_key(&key).unwrap();
+    clock.advance(Duration::from_secs(31 * 86_400));
+    assert_eq!(ks.retire_unused(&key, 30, |_, _| Ok(())).unwrap(), vec![1]);
+    ks.restore_version(&key, 1).unwrap();
+    // The restore counts as a use: the next passes leave it alone for the period.
+    assert!(
+        ks.retire_unused(&key, 30, |_, _| Ok(()))
+            .unwrap()
+            .is_empty()
+    );
+    clock.advance(Duration::from_secs(29 * 86_400));
+    assert!(
+        ks.retire_unused(&key, 30, |_, _| Ok(()))
+            .unwrap()
+            .is_empty()
+    );
+    clock.advance(Duration::from_secs(2 * 86_400));
+    assert_eq!(ks.retire_unused(&key, 30, |_, _| Ok(())).unwrap(), vec![1]);
+}
+
+#[test]
+fn a_version_destruction_the_store_hid_is_cancelled_by_a_restore_for_good() {
+    let (ks, token, store, clock) = with_writer();
+    let id = ks.create_key("", None).unwrap().id.clone();
+    let key = KeyRef::Id(id.clone());
+    ks.rotate_key(&key).unwrap();
+    ks.retire_version(&key, 1).unwrap();
+    ks.schedule_version_destruction(&key, 1, 7).unwrap();
+    // A writer hides the pending destruction; the operator restores the version.
+    store
+        .set_version_destruction(&id, 1, VersionDestruction::None)
+        .unwrap();
+    ks.restore_version(&key, 1).unwrap();
+    // Later retired again, and the writer puts the old date back: nothing is destroyed.
+    ks.retire_version(&key, 1).unwrap();
+    store
+        .set_version_destruction(&id, 1, VersionDestruction::Scheduled(clock.now()))
+        .unwrap();
+    clock.advance(Duration::from_secs(8 * 86_400));
+    assert!(
+        ks.destroy_due_versions(|_, _| panic!("no ticket"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(token.contains(&ObjectId::new(id, 1)).unwrap());
+}

@@ -31,6 +31,24 @@ impl Keystore {
         versions.entry(version).or_default().add(&used);
     }
 
+    /// Records a RestoreKeyVersion as the version's last use, with no count: automatic
+    /// retirement judges a version by its last use, and a version an operator just brought
+    /// back must not be retired again at the next pass.
+    pub(super) fn record_restore(&self, key: &KeyId, version: u32) {
+        let now = metadata::from_millis(metadata::to_millis(self.clock.now()));
+        let restored = VersionUsage {
+            last_used: Some(now),
+            ..VersionUsage::default()
+        };
+        let mut pending = self.usage.lock();
+        pending
+            .entry(key.clone())
+            .or_default()
+            .entry(version)
+            .or_default()
+            .add(&restored);
+    }
+
     /// Adds the counts since the last flush to the store; how many versions they were for.
     /// If the store fails, the counts are kept for the next flush.
     pub fn flush_usage(&self) -> Result<usize> {

@@ -237,12 +237,17 @@ impl Ops {
         let keys = self.keystore.purge_due(|key| {
             self.gate
                 .record_internal(DESTROY_KEY, key.id.as_str(), key.current_version())
-        })?;
+        });
+        // The versions' pass runs even when the keys' failed: it is also what drops stale
+        // version tickets.
         let versions = self.keystore.destroy_due_versions(|key, version| {
             self.gate
                 .record_internal(DESTROY_KEY_VERSION, key.id.as_str(), version)
-        })?;
-        Ok(Purged { keys, versions })
+        });
+        Ok(Purged {
+            keys: keys?,
+            versions: versions?,
+        })
     }
 
     /// Audits a call its front end refuses before any operation (a bad signature, an

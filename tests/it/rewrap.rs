@@ -203,6 +203,11 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
         .await
         .unwrap();
     let originals: Vec<Vec<u8>> = messages.iter().map(|m| std::fs::read(m).unwrap()).collect();
+    // The service that owns a file must still read it: its owner, group and mode are kept.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(&two, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // Giving a file to another user needs root (as CI runs); elsewhere only the mode counts.
+    let as_root = std::os::unix::fs::chown(&two, Some(4242), Some(4343)).is_ok();
 
     // A dry run changes nothing and says what it would do.
     let dry = wrapctl(&daemon, &["rewrap", "--dry-run", s(&store)]);
@@ -236,6 +241,11 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
         assert_eq!(frames(m), old_frames, "frames of {} unchanged", m.display());
     }
     assert_eq!(versions(&signed), vec![1], "left as it was");
+    let meta = std::fs::metadata(&two).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    if as_root {
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+    }
     assert_eq!(std::fs::read(&tampered).unwrap(), bytes, "left as it was");
 
     // The official SDK reads what it wrote (and what wrapctl wrote by ARN), re-wrapped.
@@ -389,4 +399,111 @@ async fn a_rewrap_killed_mid_run_leaves_every_file_old_or_new_and_a_rerun_finish
         assert_eq!(versions(f), vec![2]);
         assert_eq!(&open(&daemon, f).await, content);
     }
+}
+
+/// A keyring of one key on `daemon`.
+async fn ring(daemon: &DevDaemon, key: &str) -> Keyring {
+    Keyring::new(vec![WrapdKey {
+        client: daemon.data().await,
+        key_id: key.to_owned(),
+    }])
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_to_another_key_needs_its_source_named_and_never_moves_a_planted_data_key() {
+    let daemon = DevDaemon::start();
+    let mut keys = daemon.keys().await;
+    let mut create = async |description: &str| {
+        keys.create_key(wrapd::proto::CreateKeyRequest {
+            description: description.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id
+    };
+    let (own, other, target) = (
+        create("own").await,
+        create("other").await,
+        create("target").await,
+    );
+    let context = EncryptionContext::from_entries([("app".to_owned(), "x".to_owned())]).unwrap();
+    // A message under `own`, with an entry planted after its own: another key's data key
+    // (under the same context), which whoever runs the re-wrap may unwrap and the planter
+    // may not.
+    let mine = ring(&daemon, &own).await.generate(&context).await.unwrap();
+    let planted = ring(&daemon, &other)
+        .await
+        .generate(&context)
+        .await
+        .unwrap();
+    let mut entries = mine.data_keys.clone();
+    entries.extend(planted.data_keys.clone());
+    let dir = daemon.dir().join("planted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("planted.enc");
+    std::fs::write(
+        &path,
+        message::encrypt(b"data", &mine.dek, &context, entries, 4096).unwrap(),
+    )
+    .unwrap();
+    let original = std::fs::read(&path).unwrap();
+
+    let out = wrapctl(&daemon, &["rewrap", "--to", &target, s(&path)]);
+    assert_eq!(out.status.code(), Some(2), "--to without --from: {out:?}");
+    let out = wrapctl(
+        &daemon,
+        &["rewrap", "--from", &other, "--to", &target, s(&path)],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("do not all hold its data key"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), original, "left as it was");
+
+    // A message of its own: `--from own --to target` moves it, and it opens under target.
+    let honest = dir.join("honest.enc");
+    let data_key = ring(&daemon, &own).await.generate(&context).await.unwrap();
+    std::fs::write(
+        &honest,
+        message::encrypt(b"data", &data_key.dek, &context, data_key.data_keys, 4096).unwrap(),
+    )
+    .unwrap();
+    let out = wrapctl(
+        &daemon,
+        &["rewrap", "--from", &own, "--to", &target, s(&honest)],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let moved = header(&honest);
+    assert_eq!(
+        blob_key_version(&moved.header.data_keys[0].ciphertext)
+            .unwrap()
+            .key_id,
+        target
+    );
+    assert_eq!(open(&daemon, &honest).await, b"data");
+}
+
+#[test]
+fn a_census_that_cannot_read_everything_says_so_and_fails() {
+    let daemon = DevDaemon::start();
+    let store = daemon.dir().join("census");
+    std::fs::create_dir_all(store.join("real")).unwrap();
+    std::fs::write(store.join("real/notes.txt"), b"junk").unwrap();
+    std::os::unix::fs::symlink(store.join("real"), store.join("link")).unwrap();
+    // A link inside the tree is not followed, and said so: the census is incomplete.
+    let out = wrapctl(&daemon, &["census", s(&store)]);
+    assert!(!out.status.success(), "{out:?}");
+    let report = json(&out);
+    assert_eq!(
+        report["errors"][0]["object"],
+        s(&store.join("link")),
+        "{report}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("incomplete"));
+    // Named on the command line, a link is followed.
+    let out = wrapctl(&daemon, &["census", s(&store.join("link"))]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["unrecognized"]["objects"], 1);
 }

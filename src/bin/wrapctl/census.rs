@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use wrapd::client::census::{Census, CensusRow, Tally};
 
+use crate::error::{CliError, Failure};
 use crate::output::{Report, table};
 use crate::tree::{self, Entry};
 
@@ -15,6 +16,15 @@ pub struct CensusReport {
     pub versions: Vec<CensusRow>,
     pub without_wrapd_key: Tally,
     pub unrecognized: Tally,
+    /// Objects that could not be read: `{object, reason}`.
+    pub errors: Vec<CensusError>,
+}
+
+/// An object the census could not read.
+#[derive(Serialize)]
+pub struct CensusError {
+    pub object: String,
+    pub reason: String,
 }
 
 impl From<&Census> for CensusReport {
@@ -23,7 +33,37 @@ impl From<&Census> for CensusReport {
             versions: census.rows(),
             without_wrapd_key: census.without_wrapd_key,
             unrecognized: census.unrecognized,
+            errors: census
+                .errors
+                .iter()
+                .map(|(object, reason)| CensusError {
+                    object: object.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
         }
+    }
+}
+
+impl CensusReport {
+    /// The error naming every object that could not be read, if any: an incomplete census
+    /// is no evidence that a version is unused.
+    pub fn failure(&self) -> Option<CliError> {
+        (!self.errors.is_empty()).then(|| {
+            let listed: Vec<String> = self
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.object, e.reason))
+                .collect();
+            CliError::new(
+                Failure::Other,
+                format!(
+                    "the census is incomplete: {} could not be read:\n  {}",
+                    listed.len(),
+                    listed.join("\n  ")
+                ),
+            )
+        })
     }
 }
 
@@ -54,7 +94,14 @@ impl Report for CensusReport {
                 ]);
             }
         }
-        table(["KEY", "VERSION", "OBJECTS", "BYTES"], rows)
+        let mut text = table(["KEY", "VERSION", "OBJECTS", "BYTES"], rows);
+        if !self.errors.is_empty() {
+            text.push_str(&format!(
+                "\n\n{} could not be read (see below)",
+                self.errors.len()
+            ));
+        }
+        text
     }
 }
 
@@ -63,7 +110,9 @@ pub fn count_files(census: &mut Census, paths: &[PathBuf], max_encrypted_data_ke
     for entry in tree::files(paths) {
         match entry {
             Entry::File { path, .. } => census.count_message_file(&path, max_encrypted_data_keys),
-            Entry::Unreadable { .. } => census.count_unrecognized(0),
+            Entry::Unreadable { path, reason } => {
+                census.count_error(path.display().to_string(), reason)
+            }
         }
     }
 }

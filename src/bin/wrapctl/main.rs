@@ -107,12 +107,15 @@ enum Command {
     /// stays, and each file is replaced atomically (a rerun skips what is up to date).
     /// Signed messages (the official SDKs' default suite) cannot be re-wrapped.
     Rewrap {
-        /// Files, or directories (walked recursively; symbolic links are not followed).
+        /// Files, or directories (walked recursively; links inside them are not followed).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Move every wrapd data key to this key (id or alias) instead.
-        #[arg(long)]
+        /// Move the data keys under --from KEY to this key (id or alias) instead.
+        #[arg(long, requires = "from")]
         to: Option<String>,
+        /// With --to: the key whose data keys move (no other key's do).
+        #[arg(long, requires = "to")]
+        from: Option<String>,
         /// Say what would be re-wrapped; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -260,11 +263,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rewrap {
             paths,
             to,
+            from,
             dry_run,
             max_encrypted_data_keys,
         } => {
             let channel = connection.connect().await?;
-            let report = rewrap::run(channel, &paths, to, dry_run, max_encrypted_data_keys).await;
+            let moving = from.zip(to);
+            let report =
+                rewrap::run(channel, &paths, moving, dry_run, max_encrypted_data_keys).await;
             let failure = report.failure();
             output::print(&report, cli.json);
             return failure.map_or(Ok(()), Err);
@@ -290,7 +296,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
             census::count_files(&mut census, &files, max_encrypted_data_keys);
-            Box::new(census::CensusReport::from(&census))
+            let report = census::CensusReport::from(&census);
+            let failure = report.failure();
+            output::print(&report, cli.json);
+            return failure.map_or(Ok(()), Err);
         }
         Command::Bench(args) => {
             let channel = if args.offline() {

@@ -140,11 +140,11 @@ pub fn progress(len: u64) -> indicatif::ProgressBar {
 pub async fn run(
     channel: Channel,
     paths: &[PathBuf],
-    to: Option<String>,
+    moving: Option<(String, String)>,
     dry_run: bool,
     max_encrypted_data_keys: u16,
 ) -> RewrapReport {
-    let mut rewrapper = Rewrapper::new(channel, to);
+    let mut rewrapper = Rewrapper::new(channel, moving);
     let entries = tree::files(paths);
     let bar = progress(entries.len() as u64);
     let mut items = Vec::with_capacity(entries.len());

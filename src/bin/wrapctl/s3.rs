@@ -80,9 +80,12 @@ pub enum S3Command {
 pub struct S3RewrapArgs {
     /// s3://BUCKET/PREFIX (or s3://BUCKET for every object).
     url: String,
-    /// Move every data key to this key (id or alias) instead.
-    #[arg(long)]
+    /// Move the data keys under --from KEY to this key (id or alias) instead.
+    #[arg(long, requires = "from")]
     to: Option<String>,
+    /// With --to: the key whose data keys move (no other key's do).
+    #[arg(long, requires = "to")]
+    from: Option<String>,
     /// Say what would be re-wrapped; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -113,7 +116,7 @@ pub async fn rewrap(
 ) -> Result<crate::rewrap::RewrapReport, CliError> {
     let (bucket, prefix) = bucket_and_prefix(&args.url)?;
     let (client, _) = transfer::client(&args.s3.options()).await?;
-    let mut rewrapper = Rewrapper::new(connection.connect().await?, args.to);
+    let mut rewrapper = Rewrapper::new(connection.connect().await?, args.from.zip(args.to));
     let objects = transfer::list(&client, &bucket, &prefix).await?;
     let context: BTreeMap<String, String> = args.context.into_iter().collect();
     let options = transfer::RewrapOptions {

@@ -1,7 +1,8 @@
 //! The files under the paths a command names: files as named, directories walked
-//! recursively. Symbolic links are not followed (a re-wrap would replace the link with a
-//! file, and a link cycle would never end), and the temporary files wrapctl stages its
-//! outputs in are not listed.
+//! recursively. A path named on the command line is followed if it is a symbolic link (as
+//! `find -H` does); links found inside directories are not (a link cycle would never end,
+//! and a file reached twice would be counted twice). The temporary files wrapctl stages its
+//! outputs in (hidden, `.…wrapctl-…`) are not listed.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ pub enum Entry {
 pub fn files(paths: &[PathBuf]) -> Vec<Entry> {
     let mut out = Vec::new();
     for path in paths {
-        match std::fs::symlink_metadata(path) {
+        match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => walk(path, &mut out),
             Ok(meta) if meta.is_file() => out.push(Entry::File {
                 path: path.clone(),
@@ -53,13 +54,24 @@ fn walk(dir: &Path, out: &mut Vec<Entry>) {
     };
     for entry in entries {
         let path = entry.path();
-        if entry.file_name().to_string_lossy().contains(".wrapctl-") {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(".wrapctl-") || name.starts_with(".wrapctl-") {
             continue; // an output being staged (or left by a killed run)
         }
         match entry.file_type() {
             Ok(kind) if kind.is_dir() => walk(&path, out),
             Ok(kind) if kind.is_file() => out.push(Entry::File { path, named: false }),
-            _ => {}
+            // Said, not skipped silently: what it points at is not looked at.
+            Ok(kind) if kind.is_symlink() => out.push(Entry::Unreadable {
+                path,
+                reason: "a symbolic link inside a directory (not followed; name its target)".into(),
+            }),
+            Ok(_) => {}
+            Err(e) => out.push(Entry::Unreadable {
+                path,
+                reason: e.to_string(),
+            }),
         }
     }
 }

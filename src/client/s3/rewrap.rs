@@ -176,7 +176,16 @@ async fn locate(client: &Client, bucket: &str, key: &str) -> Result<Located, Cli
         .await
     {
         Ok(head) => head.e_tag().map(str::to_owned),
-        Err(_) => return Ok(Located::Nowhere),
+        // Only a missing file means "no envelope": any other failure (no permission, a
+        // server error) must not make an object look unprotected.
+        Err(err)
+            if err
+                .raw_response()
+                .is_some_and(|r| r.status().as_u16() == 404) =>
+        {
+            return Ok(Located::Nowhere);
+        }
+        Err(err) => return Err(s3_error("HeadObject (instruction file)", err)),
     };
     let entries = instruction_entries(client, bucket, key).await?;
     let v3 = matches!(s3ec::detect(&metadata), Format::V3);
@@ -218,7 +227,9 @@ pub async fn census(
     for object in list(client, bucket, prefix).await? {
         match locate(client, bucket, &object.key).await {
             Ok(located) => census.count_blobs(located.blob(), object.size),
-            Err(_) => census.count_unrecognized(object.size),
+            Err(err) => {
+                census.count_error(format!("s3://{bucket}/{}", object.key), err.to_string())
+            }
         }
     }
     Ok(())
@@ -267,7 +278,11 @@ async fn rewrap(
             reason: "no wrapd data key".into(),
         });
     };
-    let destination = rewrapper.destination(&source).await?;
+    let Some(destination) = rewrapper.destination(&source).await? else {
+        return Ok(Outcome::Skipped {
+            reason: "its data key is not under the key being moved".into(),
+        });
+    };
     if source == destination {
         return Ok(Outcome::UpToDate);
     }

@@ -141,7 +141,7 @@ impl AwsApi {
             return AwsError::new(
                 "UnknownOperationException",
                 StatusCode::BAD_REQUEST,
-                "missing or foreign X-Amz-Target: expected TrentService.<Operation>",
+                "missing or foreign X-Amz-Target: expected TrentService.<Operation> (or wrapd's WrapdService.<Operation>)",
             )
             .response(&request_id);
         };
