@@ -58,6 +58,14 @@ operations = ["xks"]
 keys = ["*"]
 "#;
 
+/// With this set to the path of the project's CloudHSM simulator
+/// (`libwrapd_cloudhsm_sim.so`), a new `wrapd dev` state directory runs the daemon on it with
+/// `profile = "cloudhsm"` (the test suite's CloudHSM pass).
+pub const CLOUDHSM_SIM_ENV: &str = "WRAPD_DEV_CLOUDHSM_SIM";
+
+/// The crypto user name of the simulator's `USER:PASSWORD` PIN.
+const CLOUDHSM_SIM_USER: &str = "wrapd";
+
 /// Where SoftHSM's module is usually installed; `WRAPD_PKCS11_MODULE` overrides.
 const SOFTHSM_MODULE_PATHS: &[&str] = &[
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -334,7 +342,18 @@ keys = ["{KUBERNETES_ALIAS}"]
             append(&config, &format!("\n{xks_section}"))?;
         }
     } else {
-        let module = find_softhsm_module()?;
+        // On the project's CloudHSM simulator (tests): the token is still SoftHSM's, beneath
+        // it; the daemon logs in with CloudHSM's USER:PASSWORD form.
+        let (module, profile, pin_file) = match std::env::var_os(CLOUDHSM_SIM_ENV) {
+            Some(sim) => {
+                let pin = fs::read_to_string(dir.join("pin"))
+                    .map_err(|e| io("cannot read the dev PIN", e))?;
+                let user_pin = Zeroizing::new(format!("{CLOUDHSM_SIM_USER}:{}", pin.trim()));
+                write_replace(&dir.join("cloudhsm-pin"), user_pin.as_bytes(), 0o600)?;
+                (PathBuf::from(sim), "cloudhsm", "cloudhsm-pin")
+            }
+            None => (find_softhsm_module()?, "softhsm", "pin"),
+        };
         write_new(
             &config,
             format!(
@@ -344,8 +363,8 @@ keys = ["{KUBERNETES_ALIAS}"]
 [hsm]
 module = "{module}"
 token_label = "{DEV_TOKEN_LABEL}"
-pin_file = "pin"
-profile = "softhsm"
+pin_file = "{pin_file}"
+profile = "{profile}"
 max_sessions = 8
 softhsm2_conf = "softhsm2.conf"
 
@@ -565,11 +584,23 @@ pub fn provision(setup: &DevSetup, config: &Config) -> Result<()> {
         fs::read_to_string(&setup.so_pin)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", setup.so_pin.display())))?,
     );
+    // On the CloudHSM simulator the token is made on SoftHSM beneath it, with the password
+    // part of the USER:PASSWORD PIN.
+    let (module, user_pin) = match config.hsm.profile {
+        crate::hsm::HsmProfile::Cloudhsm => {
+            let pin = config.hsm.pin.expose();
+            let password = pin.split_once(':').map_or(pin, |(_, password)| password);
+            (find_softhsm_module()?, Pin::new(password))
+        }
+        crate::hsm::HsmProfile::Softhsm => {
+            (config.hsm.module.clone(), Pin::new(config.hsm.pin.expose()))
+        }
+    };
     let created = provision_softhsm_token(
-        &config.hsm.module,
+        &module,
         &config.hsm.token_label,
         &Pin::new(&so_pin),
-        &config.hsm.pin,
+        &user_pin,
     )?;
     if created {
         tracing::info!(label = %config.hsm.token_label, "created the dev token");

@@ -14,6 +14,7 @@ mod audit_log;
 mod aws_kms_api;
 #[cfg(feature = "fault-injection")]
 mod cancellation;
+mod cloudhsm;
 mod crash_safety;
 mod daemon_bench;
 mod data_key_cache;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -46,10 +46,50 @@ use crate::blob::{IV_LEN, TAG_LEN};
 use crate::error::{Error, Pkcs11Fault, Result};
 
 /// At most one context re-initialization per this interval because of a missing object.
-const MISSING_RESET_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+const MISSING_RESET_INTERVAL: Duration = Duration::from_secs(2);
 
-/// CloudHSM refuses single-part GCM buffers above 16 KB.
-const CLOUDHSM_MAX_GCM_BYTES: usize = 16 * 1024;
+/// How long a call waits out a busy CloudHSM or a key not yet replicated to the HSM its
+/// call went to, when the caller set no earlier deadline.
+const CLOUDHSM_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Waiting out CloudHSM's transient answers: until when, and the next pause.
+struct TransientWaits {
+    until: Instant,
+    backoff: Duration,
+}
+
+impl TransientWaits {
+    /// Whether `err` is transient and there is time to wait for it.
+    fn allows(&self, err: &Error) -> bool {
+        is_transient(err) && Instant::now() + self.backoff < self.until
+    }
+
+    /// Pauses before the next attempt (doubling up to 100 ms).
+    fn wait(&mut self, err: &Error) {
+        tracing::debug!(error = %err, pause_ms = self.backoff.as_millis() as u64, "CloudHSM busy or key not replicated yet; retrying");
+        metrics::counter!("wrapd_hsm_transient_retries_total").increment(1);
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A busy HSM, or a key object the HSM the call went to does not have yet.
+fn is_transient(err: &Error) -> bool {
+    match err {
+        Error::Pkcs11 { rv, .. } => matches!(
+            rv,
+            RvError::FunctionFailed | RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid
+        ),
+        Error::Unavailable(message) => message.starts_with(MISSING_OBJECT),
+        _ => false,
+    }
+}
+
+/// The start of the error of a key object the token does not find.
+const MISSING_OBJECT: &str = "the token has no object for";
+
+/// The largest buffer CloudHSM takes in one AES-GCM call (its PKCS#11 mechanisms page).
+const CLOUDHSM_MAX_GCM_BYTES: usize = 16_224;
 
 /// A PKCS#11 token behind a bounded session pool. Cheap to clone.
 #[derive(Clone)]
@@ -108,7 +148,6 @@ fn fault_of(rv: RvError) -> Pkcs11Fault {
         | RvError::TokenNotRecognized
         | RvError::CryptokiNotInitialized
         | RvError::GeneralError
-        | RvError::FunctionFailed
         | RvError::HostMemory
         | RvError::SessionCount
         | RvError::SlotIdInvalid => Pkcs11Fault::Device,
@@ -269,13 +308,56 @@ impl Pkcs11Token {
     /// Runs `f` on a pooled session. With `retry`, a call that failed because its session or
     /// the device failed runs once more on a fresh session (after re-initialization for a
     /// device fault); only idempotent calls may retry.
+    ///
+    /// On CloudHSM two answers are waited out instead of failing the caller, with a backoff,
+    /// until the caller's deadline (or [`CLOUDHSM_PATIENCE`]): a busy HSM
+    /// (`CKR_FUNCTION_FAILED`, which the HSM answers without doing the call, so that any
+    /// call may be sent again), and a key object that has not reached the HSM the call was
+    /// routed to yet (a key just created or rotated through another HSM of the cluster).
     fn with_session<T>(&self, retry: bool, f: impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
-        match self.attempt(&f) {
-            Err(err) if retry && outcome_of(&err) != Outcome::Healthy => {
-                tracing::warn!(error = %err, "PKCS#11 call failed; retrying once on a fresh session");
-                self.attempt(&f)
+        let mut retried = false;
+        let mut waits = self.transient_waits();
+        loop {
+            match self.attempt(&f) {
+                Err(err) if waits.as_mut().is_some_and(|w| w.allows(&err)) => {
+                    if let Some(waits) = waits.as_mut() {
+                        waits.wait(&err);
+                    }
+                }
+                Err(err) if retry && !retried && outcome_of(&err) != Outcome::Healthy => {
+                    tracing::warn!(error = %err, "PKCS#11 call failed; retrying once on a fresh session");
+                    retried = true;
+                }
+                other => return other,
             }
-            other => other,
+        }
+    }
+
+    /// How a call waits out CloudHSM's transient answers (`None` on other HSMs).
+    fn transient_waits(&self) -> Option<TransientWaits> {
+        if self.profile() != HsmProfile::Cloudhsm {
+            return None;
+        }
+        let mut until = Instant::now() + CLOUDHSM_PATIENCE;
+        if let Some(caller) = super::call_deadline() {
+            until = until.min(caller);
+        }
+        Some(TransientWaits {
+            until,
+            backoff: Duration::from_millis(2),
+        })
+    }
+
+    /// Whether a decryption's `rv` means the ciphertext (or its tag) is bad, when the session
+    /// still answers. SoftHSM reports a tag mismatch as `CKR_GENERAL_ERROR`; on CloudHSM
+    /// `CKR_FUNCTION_FAILED` is a busy HSM, never a verdict on the ciphertext.
+    fn is_bad_ciphertext(&self, rv: RvError) -> bool {
+        match rv {
+            RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::GeneralError => true,
+            RvError::FunctionFailed => self.profile() != HsmProfile::Cloudhsm,
+            _ => false,
         }
     }
 
@@ -350,11 +432,15 @@ impl Pkcs11Token {
                 // moved away and back). A fresh context answers which, so retire this one,
                 // at most every MISSING_RESET_INTERVAL so that a really lost key cannot make
                 // every other call pay for re-initialization.
-                if self.inner.config.reset_on_missing_object {
+                // On CloudHSM the call may have gone to an HSM the object has not reached
+                // yet: the caller waits it out (`with_session`), no context is retired.
+                if self.inner.config.reset_on_missing_object
+                    && self.profile() != HsmProfile::Cloudhsm
+                {
                     self.reset_for_missing(object);
                 }
                 Err(Error::Unavailable(format!(
-                    "the token has no object for {object}: key material is missing (see the daemon log)"
+                    "{MISSING_OBJECT} {object}: key material is missing (see the daemon log)"
                 )))
             }
             _ => Err(Error::Internal(format!(
@@ -505,13 +591,9 @@ impl Token for Pkcs11Token {
                     .map_err(p11_error)?;
                 match session.decrypt(&Mechanism::AesGcm(params), handle, ciphertext) {
                     Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
-                    Err(CkError::Pkcs11(
-                        RvError::EncryptedDataInvalid
-                        | RvError::EncryptedDataLenRange
-                        | RvError::GeneralError
-                        | RvError::FunctionFailed,
-                        _,
-                    )) if session.get_session_info().is_ok() => {
+                    Err(CkError::Pkcs11(rv, _))
+                        if this.is_bad_ciphertext(rv) && session.get_session_info().is_ok() =>
+                    {
                         // SoftHSM reports a tag mismatch as CKR_GENERAL_ERROR. The session
                         // still answers, so this is a bad ciphertext, not a device fault,
                         // and the session goes back to the pool.

@@ -19,6 +19,22 @@ use wrapd::proto::{
     CreateKeyRequest, GenerateDataKeyRequest, GenerateDataKeyResponse, KeyMetadata,
 };
 
+/// The project's CloudHSM simulator, when this run of the suite is its pass
+/// (`WRAPD_TEST_HSM=cloudhsm-sim`): new dev daemons then run on it with `profile =
+/// "cloudhsm"`. It is built beside the binaries (`cargo build -p wrapd-cloudhsm-sim`).
+pub fn cloudhsm_sim() -> Option<String> {
+    if std::env::var("WRAPD_TEST_HSM").ok()?.as_str() != "cloudhsm-sim" {
+        return None;
+    }
+    let path = Path::new(env!("CARGO_BIN_EXE_wrapd")).with_file_name("libwrapd_cloudhsm_sim.so");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p wrapd-cloudhsm-sim",
+        path.display()
+    );
+    Some(path.display().to_string())
+}
+
 /// A `wrapd dev` daemon as a child process, its log captured to a file.
 pub struct DevDaemon {
     dir: TempDir,
@@ -85,6 +101,13 @@ impl DevDaemon {
         wrapper: &[&str],
         args: &[&str],
     ) -> Self {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(sim) = cloudhsm_sim() {
+            env.push((wrapd::dev::CLOUDHSM_SIM_ENV.into(), sim));
+        }
         let mut daemon = Self {
             socket: dir.path().join("wrapd.sock"),
             tcp: "0.0.0.0:0".parse().unwrap(),
@@ -95,10 +118,7 @@ impl DevDaemon {
             dir,
             child: None,
             starts: 0,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env,
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             args: args.iter().map(|s| s.to_string()).collect(),
         };

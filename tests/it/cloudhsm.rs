@@ -1,0 +1,237 @@
+//! The daemon on a simulated CloudHSM cluster (the project's PKCS#11 module,
+//! `cloudhsm-sim/`, in front of SoftHSM, `profile = "cloudhsm"`): a key just made on one HSM
+//! is usable at once while it replicates to the other, one HSM taken down under 64 callers
+//! costs no call, and a busy HSM slows callers down instead of failing them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wrapd::proto::{CreateKeyRequest, GenerateDataKeyRequest, UnwrapRequest};
+
+use crate::common::DevDaemon;
+
+/// A dev daemon on the simulator with `settings` (`WRAPD_SIM_*`), and the simulator's
+/// control file.
+fn on_cluster(settings: &[(&str, &str)]) -> (DevDaemon, std::path::PathBuf, tempfile::TempDir) {
+    let sim = std::path::Path::new(env!("CARGO_BIN_EXE_wrapd"))
+        .with_file_name("libwrapd_cloudhsm_sim.so");
+    assert!(
+        sim.exists(),
+        "{} is missing: cargo build -p wrapd-cloudhsm-sim",
+        sim.display()
+    );
+    let controls = tempfile::tempdir().unwrap();
+    let control = controls.path().join("control");
+    std::fs::write(&control, "").unwrap();
+    let mut env: Vec<(&str, &str)> = vec![
+        ("WRAPD_DEV_CLOUDHSM_SIM", sim.to_str().unwrap()),
+        ("WRAPD_SIM_CONTROL", control.to_str().unwrap()),
+    ];
+    env.extend_from_slice(settings);
+    let daemon = DevDaemon::start_with_env(&env);
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    assert!(config.contains("profile = \"cloudhsm\""), "{config}");
+    (daemon, control, controls)
+}
+
+async fn new_key(daemon: &DevDaemon) -> String {
+    daemon
+        .keys()
+        .await
+        .create_key(CreateKeyRequest {
+            description: "cluster".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id
+}
+
+fn generate(key: &str) -> GenerateDataKeyRequest {
+    GenerateDataKeyRequest {
+        key_id: key.to_owned(),
+        encryption_context: Default::default(),
+        number_of_bytes: 32,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_just_made_on_one_hsm_is_usable_at_once_while_it_replicates() {
+    let (daemon, _control, _dir) =
+        on_cluster(&[("WRAPD_SIM_HSMS", "2"), ("WRAPD_SIM_REPLICATION_MS", "300")]);
+    let mut data = daemon.data().await;
+    let mut keys = daemon.keys().await;
+    for _ in 0..4 {
+        // Made on one HSM; the calls right after it are spread over both.
+        let key = new_key(&daemon).await;
+        for _ in 0..4 {
+            let generated = data
+                .generate_data_key(generate(&key))
+                .await
+                .expect("usable at once, never missing")
+                .into_inner();
+            let unwrapped = data
+                .unwrap(UnwrapRequest {
+                    ciphertext_blob: generated.ciphertext_blob,
+                    ..Default::default()
+                })
+                .await
+                .expect("never an invalid ciphertext")
+                .into_inner();
+            assert_eq!(unwrapped.plaintext, generated.plaintext);
+        }
+        // A rotation's new version, the same.
+        keys.rotate_key(wrapd::proto::KeyRef {
+            key_id: key.clone(),
+        })
+        .await
+        .unwrap();
+        let generated = data
+            .generate_data_key(generate(&key))
+            .await
+            .expect("the new version usable at once")
+            .into_inner();
+        assert_eq!(generated.key_version, 2);
+    }
+    assert!(
+        !daemon.log().contains("re-initializing the PKCS#11 context"),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// `callers` tasks unwrapping `blob` until `stop`; the calls made and the failures.
+async fn unwrap_load(
+    daemon: &DevDaemon,
+    blob: Vec<u8>,
+    callers: usize,
+    run: Duration,
+    during: impl FnOnce() + Send + 'static,
+) -> (u64, Vec<String>) {
+    let done = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let stop = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let mut data = daemon.data().await;
+        let (blob, done, failures) = (blob.clone(), done.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let request = UnwrapRequest {
+                    ciphertext_blob: blob.clone(),
+                    ..Default::default()
+                };
+                match data.unwrap(request).await {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => failures.lock().push(format!("{status:?}")),
+                }
+            }
+        }));
+    }
+    let controller = tokio::task::spawn_blocking(during);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    controller.await.unwrap();
+    let failures = failures.lock().clone();
+    (done.load(Ordering::Relaxed), failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hsm_taken_down_under_64_callers_costs_no_call_and_is_used_again_when_back() {
+    let (daemon, control, _dir) = on_cluster(&[
+        ("WRAPD_SIM_HSMS", "2"),
+        ("WRAPD_SIM_LATENCY_US", "1000"),
+        ("WRAPD_SIM_CONCURRENCY", "8"),
+    ]);
+    let key = new_key(&daemon).await;
+    let blob = daemon
+        .data()
+        .await
+        .generate_data_key(generate(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let flip = control.clone();
+    let (done, failures) = unwrap_load(&daemon, blob, 64, Duration::from_secs(3), move || {
+        std::thread::sleep(Duration::from_millis(800));
+        std::fs::write(&flip, "down 1\n").unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+        std::fs::write(&flip, "").unwrap();
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(done > 100, "{done} calls");
+    assert!(
+        daemon.log().contains("retrying once on a fresh session"),
+        "calls in flight on the HSM that went down failed and were sent again: {}",
+        daemon.log()
+    );
+    // Back: with the other HSM down now, calls still go through (to the one that returned).
+    std::fs::write(&control, "down 0\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let generated = daemon
+        .data()
+        .await
+        .generate_data_key(generate(&key))
+        .await
+        .expect("served by the HSM that came back");
+    assert_eq!(generated.into_inner().plaintext.len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_hsm_slows_callers_down_instead_of_failing_them() {
+    // One HSM serving one call at a time, answering "busy" after 5 ms of queueing.
+    let (mut daemon, _control, _dir) = on_cluster(&[
+        ("WRAPD_SIM_HSMS", "1"),
+        ("WRAPD_SIM_LATENCY_US", "2000"),
+        ("WRAPD_SIM_CONCURRENCY", "1"),
+        ("WRAPD_SIM_QUEUE_MS", "5"),
+    ]);
+    let mut config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    config.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    let key = new_key(&daemon).await;
+    let blob = daemon
+        .data()
+        .await
+        .generate_data_key(generate(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let (done, failures) = unwrap_load(&daemon, blob, 16, Duration::from_secs(2), || {}).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(done > 50, "{done} calls");
+    let metrics = crate::metrics::scrape(
+        daemon
+            .metrics
+            .as_deref()
+            .expect("metrics= in the ready line"),
+    );
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wrapd_hsm_transient_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        retries > 0.0,
+        "the HSM was busy and the calls waited: {metrics}"
+    );
+}
