@@ -17,5 +17,7 @@ if [ "$#" -eq 0 ]; then
   WRAPD_TEST_HSM=cloudhsm-sim cargo test --all-features --test it -- \
     access_control:: audit_log:: aws_kms_api:: cancellation:: crash_safety:: \
     data_key_cache:: data_plane:: grpc_clients:: key_lifecycle:: keyrings:: kms_plugin:: \
-    metrics:: rewrap:: s3_encryption:: version_usage:: wrapctl_cli:: wrapctl_files:: xks::
+    metrics:: rewrap:: s3_encryption:: version_usage:: wrapctl_cli:: wrapctl_files:: xks:: \
+    --skip kms_plugin::healthz_is_not_ok_when_the_key_cannot_be_used
+  # (That one moves SoftHSM's token directory away and back, which a CloudHSM cannot do.)
 fi

@@ -328,6 +328,16 @@ impl Pkcs11Token {
                     tracing::warn!(error = %err, "PKCS#11 call failed; retrying once on a fresh session");
                     retried = true;
                 }
+                Err(Error::Unavailable(message))
+                    if waits.is_some() && message.starts_with(MISSING_OBJECT) =>
+                {
+                    // Still missing after the wait: not replication. As on SoftHSM, a fresh
+                    // context answers whether the library's view went stale.
+                    if self.inner.config.reset_on_missing_object {
+                        self.reset_for_missing(&message);
+                    }
+                    return Err(Error::Unavailable(message));
+                }
                 other => return other,
             }
         }
@@ -433,7 +443,7 @@ impl Pkcs11Token {
                 // at most every MISSING_RESET_INTERVAL so that a really lost key cannot make
                 // every other call pay for re-initialization.
                 // On CloudHSM the call may have gone to an HSM the object has not reached
-                // yet: the caller waits it out (`with_session`), no context is retired.
+                // yet: the caller waits it out first (`with_session`).
                 if self.inner.config.reset_on_missing_object
                     && self.profile() != HsmProfile::Cloudhsm
                 {
@@ -450,7 +460,7 @@ impl Pkcs11Token {
         }
     }
 
-    fn reset_for_missing(&self, object: &ObjectId) {
+    fn reset_for_missing(&self, object: &dyn std::fmt::Display) {
         let mut last = self.inner.last_missing_reset.lock();
         if last.is_none_or(|at| at.elapsed() >= MISSING_RESET_INTERVAL) {
             *last = Some(Instant::now());
