@@ -206,7 +206,14 @@ impl Keystore {
             .unwrap_or(0)
             .max(counter.reserved);
         if start < floor {
-            tracing::error!(key_id = %id, version, store = start, recorded = floor, "the metadata store counts fewer wraps than were made (an edited or restored store?): counting on from the record");
+            // A mark is recorded up to WRAP_MARK_AHEAD past the wraps claimed, so after a
+            // restart the store is normally below it by less than that: counted on from the
+            // mark without alarm. Further below, the store lost claims it had made.
+            if floor - start > WRAP_MARK_AHEAD + WRAP_RESERVATION_BLOCK {
+                tracing::error!(key_id = %id, version, store = start, recorded = floor, "the metadata store counts fewer wraps than were made (an edited or restored store?): counting on from the record");
+            } else {
+                tracing::debug!(key_id = %id, version, store = start, recorded = floor, "counting on from the wrap mark recorded ahead in the token");
+            }
             total = self.store.claim_wraps(id, version, floor - start)?;
         }
         let mark = marks.iter().copied().max().unwrap_or(0);
