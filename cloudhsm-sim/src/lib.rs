@@ -385,6 +385,48 @@ fn finish(sim: &Sim, session: CK_SESSION_HANDLE) {
     }
 }
 
+/// A single-part `C_Encrypt` or `C_Decrypt` (`call`): a GCM buffer over the limit is
+/// refused with `too_long`, and the call goes to an HSM holding the operation's key. A
+/// refused call ends the operation, as in PKCS#11; so does any answer but a size query or a
+/// buffer too small.
+fn single_part(
+    sim: &Sim,
+    session: CK_SESSION_HANDLE,
+    len: CK_ULONG,
+    out: CK_BYTE_PTR,
+    too_long: CK_RV,
+    call: impl FnOnce() -> CK_RV,
+) -> CK_RV {
+    let Some(operation) = lock(&sim.operations).get(&session).copied() else {
+        return call();
+    };
+    if operation.gcm && len as usize > MAX_GCM_BYTES {
+        finish(sim, session);
+        return too_long;
+    }
+    let rv = match sim.cluster.serve(Some(operation.key)) {
+        Ok(_serving) => call(),
+        Err(refused) => {
+            finish(sim, session);
+            return refused;
+        }
+    };
+    if !out.is_null() && rv != CKR_BUFFER_TOO_SMALL {
+        lock(&sim.operations).remove(&session);
+    }
+    rv
+}
+
+/// A multi-part `C_EncryptUpdate` or `C_DecryptUpdate` (`call`): refused for GCM, which
+/// CloudHSM does single-part only.
+fn multi_part(sim: &Sim, session: CK_SESSION_HANDLE, call: impl FnOnce() -> CK_RV) -> CK_RV {
+    if lock(&sim.operations).get(&session).is_some_and(|o| o.gcm) {
+        return CKR_MECHANISM_INVALID;
+    }
+    let _serving = serve!(sim);
+    call()
+}
+
 unsafe extern "C" fn encrypt(
     session: CK_SESSION_HANDLE,
     data: CK_BYTE_PTR,
@@ -393,25 +435,9 @@ unsafe extern "C" fn encrypt(
     out_len: CK_ULONG_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
-    let Some(operation) = lock(&sim.operations).get(&session).copied() else {
-        return lower!(sim, C_Encrypt(session, data, len, out, out_len));
-    };
-    if operation.gcm && len as usize > MAX_GCM_BYTES {
-        finish(sim, session);
-        return CKR_DATA_LEN_RANGE;
-    }
-    let rv = match sim.cluster.serve(Some(operation.key)) {
-        Ok(_serving) => lower!(sim, C_Encrypt(session, data, len, out, out_len)),
-        Err(refused) => {
-            finish(sim, session);
-            return refused;
-        }
-    };
-    // A size query (no output buffer) or a buffer too small leaves the operation going.
-    if !out.is_null() && rv != CKR_BUFFER_TOO_SMALL {
-        lock(&sim.operations).remove(&session);
-    }
-    rv
+    single_part(sim, session, len, out, CKR_DATA_LEN_RANGE, || {
+        lower!(sim, C_Encrypt(session, data, len, out, out_len))
+    })
 }
 
 unsafe extern "C" fn encrypt_update(
@@ -422,11 +448,9 @@ unsafe extern "C" fn encrypt_update(
     out_len: CK_ULONG_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
-    if lock(&sim.operations).get(&session).is_some_and(|o| o.gcm) {
-        return CKR_MECHANISM_INVALID;
-    }
-    let _serving = serve!(sim);
-    lower!(sim, C_EncryptUpdate(session, data, len, out, out_len))
+    multi_part(sim, session, || {
+        lower!(sim, C_EncryptUpdate(session, data, len, out, out_len))
+    })
 }
 
 unsafe extern "C" fn decrypt_init(
@@ -459,24 +483,9 @@ unsafe extern "C" fn decrypt(
     out_len: CK_ULONG_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
-    let Some(operation) = lock(&sim.operations).get(&session).copied() else {
-        return lower!(sim, C_Decrypt(session, data, len, out, out_len));
-    };
-    if operation.gcm && len as usize > MAX_GCM_BYTES {
-        finish(sim, session);
-        return CKR_ENCRYPTED_DATA_LEN_RANGE;
-    }
-    let rv = match sim.cluster.serve(Some(operation.key)) {
-        Ok(_serving) => lower!(sim, C_Decrypt(session, data, len, out, out_len)),
-        Err(refused) => {
-            finish(sim, session);
-            return refused;
-        }
-    };
-    if !out.is_null() && rv != CKR_BUFFER_TOO_SMALL {
-        lock(&sim.operations).remove(&session);
-    }
-    rv
+    single_part(sim, session, len, out, CKR_ENCRYPTED_DATA_LEN_RANGE, || {
+        lower!(sim, C_Decrypt(session, data, len, out, out_len))
+    })
 }
 
 unsafe extern "C" fn decrypt_update(
@@ -487,11 +496,9 @@ unsafe extern "C" fn decrypt_update(
     out_len: CK_ULONG_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
-    if lock(&sim.operations).get(&session).is_some_and(|o| o.gcm) {
-        return CKR_MECHANISM_INVALID;
-    }
-    let _serving = serve!(sim);
-    lower!(sim, C_DecryptUpdate(session, data, len, out, out_len))
+    multi_part(sim, session, || {
+        lower!(sim, C_DecryptUpdate(session, data, len, out, out_len))
+    })
 }
 
 unsafe extern "C" fn generate_key(

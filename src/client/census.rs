@@ -6,12 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::message::StoredHeader;
+use super::message::Found;
 use super::rewrap::{KeyVersion, blob_key_version, is_wrapd_entry};
 
 /// Objects and their bytes.
@@ -90,13 +90,8 @@ impl Census {
         };
         let bytes = file.metadata().map_or(0, |m| m.len());
         let mut reader = BufReader::with_capacity(16 * 1024, file);
-        let mut first = [0u8; 1];
-        if reader.read(&mut first).ok() != Some(1) || first[0] != 0x02 {
-            return self.count_unrecognized(bytes);
-        }
-        let mut whole = std::io::Read::chain(&first[..], reader);
-        match StoredHeader::read(&mut whole, max_data_keys) {
-            Ok(stored) => self.count_blobs(
+        match Found::read(&mut reader, max_data_keys) {
+            Found::Message(stored) => self.count_blobs(
                 stored
                     .header
                     .data_keys
@@ -105,10 +100,8 @@ impl Census {
                     .map(|e| &e.ciphertext[..]),
                 bytes,
             ),
-            Err(err) if err.to_string().contains("max_encrypted_data_keys") => {
-                self.count_error(path.display().to_string(), err.to_string());
-            }
-            Err(_) => self.count_unrecognized(bytes),
+            Found::OverLimit(err) => self.count_error(path.display().to_string(), err.to_string()),
+            Found::NotAMessage(_) => self.count_unrecognized(bytes),
         }
     }
 

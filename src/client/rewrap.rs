@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use super::keyring::split_arn;
-use super::message::{AWS_KMS_PROVIDER_ID, EncryptedDataKey, PROVIDER_ID, StoredHeader};
+use super::message::{AWS_KMS_PROVIDER_ID, EncryptedDataKey, Found, PROVIDER_ID, StoredHeader};
 use super::{ClientError, DataKeyServiceClient, Failure, KeyServiceClient, Output};
 use crate::blob::Blob;
 use crate::context::EncryptionContext;
@@ -292,27 +292,14 @@ async fn rewrap_file(
         .metadata()
         .map_err(|e| format!("cannot read {display}: {e}"))?;
     let before = Identity::of(&meta);
-    let stored = {
-        let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
-        let mut first = [0u8; 1];
-        if reader.read(&mut first).ok() != Some(1) || first[0] != 0x02 {
-            return Ok(Outcome::Skipped {
-                reason: "not an Encryption SDK message".into(),
-            });
-        }
-        let mut whole = std::io::Read::chain(&first[..], reader);
-        match StoredHeader::read(&mut whole, max_data_keys) {
-            Ok(stored) => stored,
-            // A message, refused by the caller's limit: it may hold data keys to move.
-            Err(err) if err.to_string().contains("max_encrypted_data_keys") => {
-                return Err(err.into());
-            }
-            Err(err) => {
-                return Ok(Outcome::Skipped {
-                    reason: format!("not a readable Encryption SDK message: {err}"),
-                });
-            }
-        }
+    let stored = match Found::read(
+        &mut BufReader::with_capacity(64 * 1024, &mut file),
+        max_data_keys,
+    ) {
+        Found::Message(stored) => stored,
+        // A message, refused by the caller's limit: it may hold data keys to move.
+        Found::OverLimit(err) => return Err(err.into()),
+        Found::NotAMessage(reason) => return Ok(Outcome::Skipped { reason }),
     };
     let header = &stored.header;
     // Each wrapd entry, where it is and where it belongs.

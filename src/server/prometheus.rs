@@ -121,8 +121,8 @@ mod tests {
     use crate::keystore::{KeystoreConfig, ManualClock, SqliteStore};
     use std::time::Duration;
 
-    #[test]
-    fn a_deleted_keys_series_is_gone_from_the_next_scrape() {
+    /// A key store on a memory token, and its clock.
+    fn keystore() -> (Keystore, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
         let keystore = Keystore::open(
             Arc::new(MemoryToken::default()),
@@ -131,6 +131,12 @@ mod tests {
             KeystoreConfig::default(),
         )
         .unwrap();
+        (keystore, clock)
+    }
+
+    #[test]
+    fn a_deleted_keys_series_is_gone_from_the_next_scrape() {
+        let (keystore, clock) = keystore();
         let kept = keystore.create_key("", None).unwrap();
         let deleted = keystore.create_key("", None).unwrap();
         let text = wrap_share_series(&keystore);
@@ -147,14 +153,7 @@ mod tests {
 
     #[test]
     fn a_versions_usage_series_counts_its_uses_and_ends_with_the_version() {
-        let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
-        let keystore = Keystore::open(
-            Arc::new(MemoryToken::default()),
-            Arc::new(SqliteStore::in_memory().unwrap()),
-            clock.clone(),
-            KeystoreConfig::default(),
-        )
-        .unwrap();
+        let (keystore, clock) = keystore();
         let key = KeyRef::Id(keystore.create_key("", None).unwrap().id.clone());
         let context = crate::context::EncryptionContext::default();
         let blob = keystore.wrap(&key, b"dek", &context).unwrap().blob;

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Named in the error of a message over the reader's limit of encrypted data keys.
+pub(super) const TOO_MANY_DATA_KEYS: &str = "max_encrypted_data_keys";
+
 pub(super) fn push_field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     let len =
         u16::try_from(bytes.len()).map_err(|_| Error::invalid("a header field is over 64 KiB"))?;
@@ -33,7 +36,7 @@ impl Header {
         }
         if count > max_data_keys {
             return Err(Error::invalid(format!(
-                "the message has {count} encrypted data keys, more than the {max_data_keys} allowed (max_encrypted_data_keys)"
+                "the message has {count} encrypted data keys, more than the {max_data_keys} allowed ({TOO_MANY_DATA_KEYS})"
             )));
         }
         let mut data_keys = Vec::with_capacity(usize::from(count));

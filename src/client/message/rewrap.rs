@@ -11,6 +11,37 @@
 
 use super::*;
 
+/// What the start of a stored object is, for the tools that walk stored data (census,
+/// re-wrap).
+#[derive(Debug)]
+pub enum Found {
+    /// A message's header.
+    Message(Box<StoredHeader>),
+    /// A message with more encrypted data keys than the reader allows: it may be protected
+    /// by wrapd keys the reader did not look at.
+    OverLimit(Error),
+    /// Not a message (or not one this reader can read), and why.
+    NotAMessage(String),
+}
+
+impl Found {
+    /// Reads the start of `input`: a version-2 message's header, or what else it is.
+    pub fn read(input: &mut impl Read, max_data_keys: u16) -> Self {
+        let mut first = [0u8; 1];
+        if input.read(&mut first).ok() != Some(1) || first[0] != VERSION {
+            return Self::NotAMessage("not an Encryption SDK message".into());
+        }
+        let mut whole = Read::chain(&first[..], input);
+        match StoredHeader::read(&mut whole, max_data_keys) {
+            Ok(stored) => Self::Message(Box::new(stored)),
+            Err(err) if err.to_string().contains(header::TOO_MANY_DATA_KEYS) => {
+                Self::OverLimit(err)
+            }
+            Err(err) => Self::NotAMessage(format!("not a readable Encryption SDK message: {err}")),
+        }
+    }
+}
+
 /// The header at the start of a stored message, with its bytes as written.
 #[derive(Debug, Clone)]
 pub struct StoredHeader {
