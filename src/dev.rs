@@ -354,6 +354,11 @@ keys = ["{KUBERNETES_ALIAS}"]
             }
             None => (find_softhsm_module()?, "softhsm", "pin"),
         };
+        let max_sessions = if profile == "cloudhsm" {
+            crate::hsm::HsmProfile::Cloudhsm.default_max_sessions()
+        } else {
+            crate::hsm::HsmProfile::Softhsm.default_max_sessions()
+        };
         write_new(
             &config,
             format!(
@@ -365,7 +370,7 @@ module = "{module}"
 token_label = "{DEV_TOKEN_LABEL}"
 pin_file = "{pin_file}"
 profile = "{profile}"
-max_sessions = 8
+max_sessions = {max_sessions}
 softhsm2_conf = "softhsm2.conf"
 
 [store]

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,12 +56,14 @@ impl Settings {
 }
 
 /// What the control file says: `down N`, `slow N MICROSECONDS`, `throttle N`, one per line
-/// (HSMs numbered from 0; `#` starts a comment).
+/// (HSMs numbered from 0; `#` starts a comment), and `report PATH`: write the cluster's
+/// counters ([`Cluster::report`]) to PATH when the file is read.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Controls {
     down: HashSet<usize>,
     throttled: HashSet<usize>,
     slow: HashMap<usize, Duration>,
+    report: Option<PathBuf>,
 }
 
 impl Controls {
@@ -83,6 +85,9 @@ impl Controls {
                     if let Some(us) = words.get(2).and_then(|w| w.parse::<u64>().ok()) {
                         controls.slow.insert(n, Duration::from_micros(us));
                     }
+                }
+                (Some("report"), _) => {
+                    controls.report = words.get(1).map(PathBuf::from);
                 }
                 _ => {}
             }
@@ -115,6 +120,12 @@ pub struct Cluster {
     objects: Mutex<HashMap<CK_OBJECT_HANDLE, Origin>>,
     next: AtomicUsize,
     controls: Mutex<(Option<SystemTime>, Instant, Controls)>,
+    /// Calls that reached an HSM (took a slot), since the module was loaded.
+    round_trips: AtomicU64,
+    /// Calls holding a slot now, on every HSM.
+    in_flight: AtomicUsize,
+    /// The most calls that held a slot at once since the last report.
+    peak_in_flight: AtomicUsize,
 }
 
 /// A call being served by an HSM: it holds one of the HSM's slots until dropped.
@@ -129,6 +140,7 @@ impl Drop for Serving<'_> {
         let hsm = &self.cluster.hsms[self.hsm];
         let mut busy = lock(&hsm.busy);
         *busy = busy.saturating_sub(1);
+        self.cluster.in_flight.fetch_sub(1, Ordering::AcqRel);
         hsm.freed.notify_one();
     }
 }
@@ -156,7 +168,23 @@ impl Cluster {
             objects: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             controls: Mutex::new((None, Instant::now(), Controls::default())),
+            round_trips: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// The counters a test reads (`report PATH` in the control file): `round_trips N` (calls
+    /// that reached an HSM so far) and `peak_in_flight N` (the most calls served at once
+    /// since the last report, which starts the next period).
+    pub fn report(&self) -> String {
+        let peak = self
+            .peak_in_flight
+            .swap(self.in_flight.load(Ordering::Acquire), Ordering::AcqRel);
+        format!(
+            "round_trips {}\npeak_in_flight {peak}\n",
+            self.round_trips.load(Ordering::Acquire)
+        )
     }
 
     /// The controls now (the file is looked at no more than every 20 ms).
@@ -173,6 +201,10 @@ impl Cluster {
                 cached.2 = std::fs::read_to_string(path)
                     .map(|t| Controls::parse(&t))
                     .unwrap_or_default();
+                if let Some(report) = &cached.2.report {
+                    // Best effort: a test that cannot read it fails on its own.
+                    let _ = std::fs::write(report, self.report());
+                }
             }
         }
         cached.2.clone()
@@ -247,6 +279,9 @@ impl Cluster {
             }
             *busy += 1;
         }
+        self.round_trips.fetch_add(1, Ordering::AcqRel);
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::AcqRel);
         let serving = Serving {
             cluster: self,
             hsm: index,
@@ -327,7 +362,10 @@ mod tests {
 
     #[test]
     fn the_control_file_names_hsms_down_slow_and_throttling() {
-        let controls = Controls::parse("down 1\n# a comment\nslow 0 2500\nthrottle 2\nnonsense\n");
+        let controls = Controls::parse(
+            "down 1\n# a comment\nslow 0 2500\nthrottle 2\nnonsense\nreport /tmp/counters\n",
+        );
+        assert_eq!(controls.report, Some(PathBuf::from("/tmp/counters")));
         assert!(controls.down.contains(&1));
         assert!(controls.throttled.contains(&2));
         assert_eq!(controls.slow.get(&0), Some(&Duration::from_micros(2500)));
@@ -363,6 +401,20 @@ mod tests {
         assert_eq!(cluster.serve(None).err(), Some(codes::THROTTLED));
         drop(first);
         assert!(cluster.serve(None).is_ok());
+    }
+
+    #[test]
+    fn the_report_counts_round_trips_and_the_most_calls_served_at_once() {
+        let cluster = cluster(2, 2, 0, 0);
+        let held: Vec<_> = (0..3).map(|_| cluster.serve(None).unwrap()).collect();
+        drop(held);
+        drop(cluster.serve(None).unwrap());
+        assert_eq!(cluster.report(), "round_trips 4\npeak_in_flight 3\n");
+        assert_eq!(
+            cluster.report(),
+            "round_trips 4\npeak_in_flight 0\n",
+            "a report starts the next period"
+        );
     }
 
     #[test]

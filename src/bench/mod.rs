@@ -112,6 +112,9 @@ pub struct BenchOptions {
     /// The XKS listener's address, when `--op xks-encrypt` is measured and the config's
     /// `[xks] listen` has port 0 (the ready line names the one bound).
     pub xks: Option<std::net::SocketAddr>,
+    /// The CloudHSM simulator's control file: every row is measured again with one HSM
+    /// down (`down 1` written to it, emptied afterwards).
+    pub hsm_down_control: Option<std::path::PathBuf>,
 }
 
 /// One measured rate.
@@ -138,6 +141,11 @@ pub struct Row {
     pub callers: usize,
     /// Threads (and sessions) of the raw baseline.
     pub raw_threads: usize,
+    /// Whether the token waits on the network (CloudHSM): then the raw baseline runs as many
+    /// threads as callers, and measures the HSM's capacity rather than this machine's cores.
+    pub networked: bool,
+    /// Measured with one HSM of the simulated cluster down.
+    pub hsm_down: bool,
     /// Raw PKCS#11, in-process.
     pub raw: Rate,
     /// The bare tonic echo, same transport and callers.
@@ -154,6 +162,15 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row's name in the tables: the operation, and whether an HSM was down.
+    pub fn label(&self) -> String {
+        if self.hsm_down {
+            format!("{}, 1 HSM down", self.op.name())
+        } else {
+            self.op.name().to_owned()
+        }
+    }
+
     /// A lone caller's floor, p50 in microseconds: the gRPC round trip (echo), the token
     /// call (raw) and, when each line is synced, the audit line's `fdatasync`, in series.
     pub fn floor_p50_us(&self, fsync_p50_us: Option<u64>) -> u64 {
@@ -534,6 +551,8 @@ async fn measure_row(
         op,
         callers,
         raw_threads,
+        networked: false,
+        hsm_down: false,
         raw_cpu_us: per_key(raw_ticks, raw.calls),
         wrapd_cpu_us: per_key(wrapd_ticks, wrapd.calls * op.items() as u64),
         raw,
@@ -639,8 +658,19 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let most = options.callers.iter().copied().max().unwrap_or(1);
+    // On a local token the raw baseline is bound by the cores: more threads than cores only
+    // queue for them. A networked HSM's calls wait on the network, so the baseline runs a
+    // thread per caller and measures the HSM's capacity.
+    let networked = config.hsm.profile.is_networked();
+    let raw_threads = move |callers: usize| {
+        if networked {
+            callers
+        } else {
+            callers.min(cores).max(1)
+        }
+    };
     let mut hsm = config.hsm;
-    hsm.max_sessions = most.min(cores).max(1);
+    hsm.max_sessions = raw_threads(most);
     let token = tokio::task::spawn_blocking(move || Pkcs11Token::open(hsm))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -714,23 +744,31 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                     .map_err(|e| Error::Internal(e.to_string()))??,
             );
         }
-        for &op in &options.ops {
-            for &callers in &options.callers {
-                let request = load(op, &key_id, &wire_context, &sample.ciphertext_blob);
-                let raw_threads = callers.min(cores).max(1);
-                round.rows.push(
-                    measure_row(
-                        &target,
-                        op,
-                        callers,
-                        raw_threads,
-                        (&echo_socket, &socket),
-                        &request,
-                        xks_paths.as_ref(),
-                        options.duration,
-                    )
-                    .await?,
-                );
+        let passes: &[bool] = if options.hsm_down_control.is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &hsm_down in passes {
+            if let Some(control) = &options.hsm_down_control {
+                set_hsm_down(control, hsm_down)?;
+            }
+            let measured = measure_rows(
+                &target,
+                &options,
+                (&echo_socket, &socket),
+                xks_paths.as_ref(),
+                |op| load(op, &key_id, &wire_context, &sample.ciphertext_blob),
+                raw_threads,
+            )
+            .await;
+            if hsm_down && let Some(control) = &options.hsm_down_control {
+                set_hsm_down(control, false)?;
+            }
+            for mut row in measured? {
+                row.networked = networked;
+                row.hsm_down = hsm_down;
+                round.rows.push(row);
             }
         }
         if options.flood {
@@ -752,7 +790,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                 let mut flooded = vec![good.clone(); callers - half];
                 flooded.extend(vec![Load::BadUnwrap(bad); half]);
                 let (count, slice) = slices(options.duration);
-                let raw_threads = callers.min(cores).max(1);
+                let raw_threads = raw_threads(callers);
                 let mut good_only = Tally::default();
                 let mut good_flooded = Tally::default();
                 let mut bad_flooded = Tally::default();
@@ -794,6 +832,48 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
 
 /// How long appending one audit-sized line (400 bytes) and `fdatasync` take in `dir`, p50 of
 /// 200 in microseconds: the floor the audit log adds to each call with `fsync = "always"`.
+/// One row per operation and caller count, in that order.
+async fn measure_rows(
+    target: &Arc<RawTarget>,
+    options: &BenchOptions,
+    sockets: (&Path, &Path),
+    xks_paths: Option<&XksPaths>,
+    request: impl Fn(BenchOp) -> Load,
+    raw_threads: impl Fn(usize) -> usize,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &op in &options.ops {
+        for &callers in &options.callers {
+            rows.push(
+                measure_row(
+                    target,
+                    op,
+                    callers,
+                    raw_threads(callers),
+                    sockets,
+                    &request(op),
+                    xks_paths,
+                    options.duration,
+                )
+                .await?,
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// Takes HSM 1 of the simulated cluster down (`down`) or brings it back, through the
+/// simulator's control file, which the daemon's module and the bench's own read alike.
+fn set_hsm_down(control: &Path, down: bool) -> Result<()> {
+    let text = if down { "down 1\n" } else { "" };
+    std::fs::write(control, text)
+        .map_err(|e| Error::Config(format!("{}: {e}", control.display())))?;
+    // The module notices the change on its next call; calls in flight on the HSM that went
+    // down fail over to the other within their deadlines.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(())
+}
+
 fn fdatasync_p50_us(dir: &std::path::Path) -> Result<u64> {
     use std::io::Write;
     let io = |e: std::io::Error| Error::Config(format!("{}: {e}", dir.display()));
@@ -812,7 +892,7 @@ fn fdatasync_p50_us(dir: &std::path::Path) -> Result<u64> {
 /// Formats one round as tables.
 pub fn format_round(round: &Round) -> String {
     let mut out = format!(
-        "{:<25} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6}\n",
+        "{:<30} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6}\n",
         "operation",
         "callers",
         "raw/s",
@@ -826,8 +906,8 @@ pub fn format_round(round: &Round) -> String {
     );
     for row in &round.rows {
         out.push_str(&format!(
-            "{:<25} {:>7} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>5.0}% {:>8} {:>8} {:>6}\n",
-            row.op.name(),
+            "{:<30} {:>7} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>5.0}% {:>8} {:>8} {:>6}\n",
+            row.label(),
             row.callers,
             row.raw.per_sec,
             row.echo.per_sec,
@@ -840,6 +920,31 @@ pub fn format_round(round: &Round) -> String {
         ));
     }
     // Single calls only: a batch row's raw figure is per item, its daemon figure per call.
+    let networked: Vec<&Row> = round
+        .rows
+        .iter()
+        .filter(|r| r.networked && r.callers > 1)
+        .collect();
+    if !networked.is_empty() {
+        out.push_str(
+            "\nnetworked HSM: its capacity (raw, a thread per caller), this machine's in-series \
+             ceiling, and the daemon's share of the lower, which bounds it\n",
+        );
+        for row in networked {
+            let bound = row.raw.per_sec.min(row.ceiling());
+            out.push_str(&format!(
+                "  {:<28} {:>3} callers   capacity {:>7.0}/s   ceiling {:>7.0}/s   wrapd {:>7.0}/s = {:>3.0}% of capacity, {:>3.0}% of the {}\n",
+                row.label(),
+                row.callers,
+                row.raw.per_sec,
+                row.ceiling(),
+                row.wrapd.per_sec,
+                100.0 * ratio(row.wrapd.per_sec, row.raw.per_sec),
+                100.0 * ratio(row.wrapd.per_sec, bound),
+                if row.ceiling() < row.raw.per_sec { "ceiling" } else { "capacity" },
+            ));
+        }
+    }
     let lone: Vec<&Row> = round
         .rows
         .iter()
@@ -857,8 +962,8 @@ pub fn format_round(round: &Round) -> String {
         for row in lone {
             let floor = row.floor_p50_us(round.fsync_p50_us);
             out.push_str(&format!(
-                "  {:<23} echo {:>6} + token {:>6} + fdatasync {:>6} = floor {:>6}   wrapd {:>6}   overhead {:>6}\n",
-                row.op.name(),
+                "  {:<28} echo {:>6} + token {:>6} + fdatasync {:>6} = floor {:>6}   wrapd {:>6}   overhead {:>6}\n",
+                row.label(),
                 row.echo.p50_us,
                 row.raw.p50_us,
                 round.fsync_p50_us.unwrap_or(0),
@@ -879,8 +984,8 @@ pub fn format_round(round: &Round) -> String {
         );
         for row in cpu {
             out.push_str(&format!(
-                "  {:<23} {:>3} callers   daemon {:>7.1}   token {:>7.1}\n",
-                row.op.name(),
+                "  {:<28} {:>3} callers   daemon {:>7.1}   token {:>7.1}\n",
+                row.label(),
                 row.callers,
                 row.wrapd_cpu_us.unwrap_or(0.0),
                 row.raw_cpu_us.unwrap_or(0.0),
@@ -931,7 +1036,7 @@ pub fn format_summary(rounds: &[Round]) -> String {
         return String::new();
     };
     let mut out = format!(
-        "over {} rounds (lowest - highest):\n{:<25} {:>7} {:>19} {:>19} {:>13} {:>15}\n",
+        "over {} rounds (lowest - highest):\n{:<30} {:>7} {:>19} {:>19} {:>13} {:>15}\n",
         rounds.len(),
         "operation",
         "callers",
@@ -947,8 +1052,8 @@ pub fn format_summary(rounds: &[Round]) -> String {
         let share = range(rows.iter().map(|r| 100.0 * r.share()));
         let p99 = range(rows.iter().map(|r| r.wrapd.p99_us as f64));
         out.push_str(&format!(
-            "{:<25} {:>7} {:>9.0} - {:<7.0} {:>9.0} - {:<7.0} {:>5} - {:<5} {:>6.0} - {:<6.0}\n",
-            row.op.name(),
+            "{:<30} {:>7} {:>9.0} - {:<7.0} {:>9.0} - {:<7.0} {:>5} - {:<5} {:>6.0} - {:<6.0}\n",
+            row.label(),
             row.callers,
             ceiling.0,
             ceiling.1,

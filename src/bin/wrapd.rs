@@ -131,6 +131,11 @@ enum Command {
         /// has port 0: the `xks=` address of the daemon's ready line, without `https://`.
         #[arg(long)]
         xks_endpoint: Option<std::net::SocketAddr>,
+        /// On the project's CloudHSM simulator: its control file (`WRAPD_SIM_CONTROL`, the
+        /// same for the daemon and this bench). Every row is measured a second time with
+        /// one HSM of the cluster down.
+        #[arg(long)]
+        hsm_down_control: Option<PathBuf>,
     },
 }
 
@@ -411,6 +416,7 @@ fn run(command: Command) -> Result<()> {
             no_flood,
             rounds,
             xks_endpoint,
+            hsm_down_control,
         } => {
             let config = load(&config, Logging::Now)?;
             let options = BenchOptions {
@@ -429,6 +435,7 @@ fn run(command: Command) -> Result<()> {
                 flood: !no_flood,
                 rounds: rounds.clamp(1, 100),
                 xks: xks_endpoint,
+                hsm_down_control,
             };
             let rounds = runtime()?.block_on(bench::run(config, options))?;
             for (i, round) in rounds.iter().enumerate() {

@@ -424,7 +424,11 @@ impl Config {
                 "hsm.token_label must be 1 to 32 bytes".into(),
             ));
         }
-        if !(1..=1024).contains(&raw.hsm.max_sessions) {
+        let max_sessions = raw
+            .hsm
+            .max_sessions
+            .unwrap_or_else(|| raw.hsm.profile.default_max_sessions());
+        if !(1..=1024).contains(&max_sessions) {
             return Err(Error::Config("hsm.max_sessions must be 1 to 1024".into()));
         }
         if raw.keys.max_wraps_per_version == 0 || raw.keys.max_wraps_per_version > 1 << 32 {
@@ -554,7 +558,7 @@ impl Config {
                 token_label: raw.hsm.token_label,
                 pin,
                 profile: raw.hsm.profile,
-                max_sessions: raw.hsm.max_sessions,
+                max_sessions,
                 session_wait: Duration::from_millis(raw.hsm.session_wait_ms),
                 reset_on_missing_object: max_view_staleness.is_none(),
             },

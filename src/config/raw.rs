@@ -58,15 +58,11 @@ pub(super) struct RawHsm {
     pub(super) pin_file: Option<PathBuf>,
     pub(super) pin_env: Option<String>,
     pub(super) profile: HsmProfile,
-    #[serde(default = "default_max_sessions")]
-    pub(super) max_sessions: usize,
+    /// Default: [`HsmProfile::default_max_sessions`].
+    pub(super) max_sessions: Option<usize>,
     #[serde(default = "default_session_wait_ms")]
     pub(super) session_wait_ms: u64,
     pub(super) softhsm2_conf: Option<PathBuf>,
-}
-
-pub(super) fn default_max_sessions() -> usize {
-    8
 }
 
 pub(super) fn default_session_wait_ms() -> u64 {

@@ -280,6 +280,22 @@ pub enum HsmProfile {
     Cloudhsm,
 }
 
+impl HsmProfile {
+    /// Whether each token call waits on the network (an HSM cluster) rather than on this
+    /// machine's cores: then the daemon keeps many calls in flight (more sessions, a batch
+    /// spread over every session) instead of sparing the cores.
+    pub fn is_networked(self) -> bool {
+        self == Self::Cloudhsm
+    }
+
+    /// `hsm.max_sessions` when the config does not say: 8 on a local token (more sessions
+    /// than cores only queue for the cores), 32 on CloudHSM (a cluster of two HSMs takes
+    /// about 16 calls at once; twice that keeps them busy while answers travel back).
+    pub fn default_max_sessions(self) -> usize {
+        if self.is_networked() { 32 } else { 8 }
+    }
+}
+
 /// What [`Pkcs11Token::open`] needs. The PIN is zeroized on drop and never printed.
 #[derive(Debug)]
 pub struct HsmConfig {

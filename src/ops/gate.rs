@@ -36,6 +36,8 @@ pub struct Gate {
     /// The data plane's threads; without them (unit tests), every job goes to the blocking
     /// pool.
     workers: Option<Workers>,
+    /// The fewest items of a batch worth a job of their own (see `batch_jobs`).
+    batch_share: usize,
     /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
     /// its line itself and waits.
     writer: Option<AuditWriter>,
@@ -51,6 +53,7 @@ impl Gate {
             audit,
             instance: None,
             workers: None,
+            batch_share: LOCAL_BATCH_SHARE,
             writer: None,
             refusals: RefusalBudget::default(),
         }
@@ -59,9 +62,11 @@ impl Gate {
     /// Runs data-plane jobs on `threads` worker threads of their own (one per HSM session),
     /// and, when audit lines wait for `fdatasync`, has them written by group commit
     /// ([`AuditWriter`]) so that a job's thread does not wait for the disk while another
-    /// thread is writing.
-    pub fn with_workers(mut self, threads: usize) -> Result<Self> {
+    /// thread is writing. On a `networked` HSM a batch's items spread over every worker,
+    /// since each waits for its round trip rather than for a core.
+    pub fn with_workers(mut self, threads: usize, networked: bool) -> Result<Self> {
         self.workers = Some(Workers::start(threads)?);
+        self.batch_share = if networked { 1 } else { LOCAL_BATCH_SHARE };
         if let Some(audit) = self.audit.as_ref().filter(|audit| audit.syncs()) {
             self.writer = Some(AuditWriter::new(audit.clone()));
         }
@@ -298,8 +303,8 @@ impl Gate {
     /// written with one `fdatasync`. If the lines cannot be written, the whole batch fails
     /// with [`Error::Unavailable`] (the log fails closed).
     ///
-    /// A batch of more than `MIN_BATCH_SHARE` (16) items is worked on by several jobs at once,
-    /// up to one per worker thread (each thread holds its own HSM session): each job takes
+    /// A batch of more than `LOCAL_BATCH_SHARE` (16) items is worked on by several jobs at once
+    /// (on a networked HSM, every batch of two or more), up to one per worker thread (each thread holds its own HSM session): each job takes
     /// the next item not yet taken until none is left, so a job that is slow (its thread
     /// waits for the token, or starts late behind other calls) leaves its share to the others.
     /// With one job per batch, a lone caller's batch stayed at about half of the raw PKCS#11
@@ -342,7 +347,7 @@ impl Gate {
     fn batch_jobs(&self, data_plane: bool, len: usize) -> usize {
         match &self.workers {
             Some(workers) if data_plane => {
-                workers.count().min(len.div_ceil(MIN_BATCH_SHARE)).max(1)
+                workers.count().min(len.div_ceil(self.batch_share)).max(1)
             }
             _ => 1,
         }
@@ -477,10 +482,12 @@ impl Gate {
     }
 }
 
-/// Items per job a batch is split for ([`Gate::run_batch`]): a batch of `n` items gets at
-/// most `n / 16` jobs (rounded up), since for fewer items handing work to another thread
-/// costs more than running it there gains.
-const MIN_BATCH_SHARE: usize = 16;
+/// Items per job a batch is split for ([`Gate::run_batch`]) on a local token: a batch of `n`
+/// items gets at most `n / 16` jobs (rounded up), since for fewer items handing work to
+/// another thread costs more than running it there gains. On a networked HSM each item is
+/// worth a job: an item waits about a millisecond for its round trip, a hand-over costs
+/// microseconds.
+const LOCAL_BATCH_SHARE: usize = 16;
 
 /// The audit line's operation for a call of an operation wrapd does not have.
 pub const UNSUPPORTED_OPERATION: &str = "Unsupported";
@@ -699,7 +706,7 @@ mod tests {
         let policy = PolicyHandle::fixed(Policy::parse("").unwrap());
         let gate = Arc::new(
             Gate::new(Arc::new(policy), Some(audit))
-                .with_workers(4)
+                .with_workers(4, false)
                 .unwrap(),
         );
         let keystore = Arc::new(

@@ -300,7 +300,7 @@ impl Daemon {
         let gate = Arc::new(
             Gate::new(self.policy.clone(), self.audit.clone())
                 .with_instance(self.instance.clone())
-                .with_workers(self.workers)?,
+                .with_workers(self.workers, self.token.profile().is_networked())?,
         );
         // A fleet's daemons follow each other's changes through the shared store.
         let following = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -160,6 +160,10 @@ async fn one_hsm_taken_down_under_64_callers_costs_no_call_and_is_used_again_whe
     let flip = control.clone();
     let (done, failures) = unwrap_load(&daemon, blob, 64, Duration::from_secs(3), move || {
         std::thread::sleep(Duration::from_millis(800));
+        // Slow first, so that calls are surely in flight on it when it goes down, however
+        // the machine schedules the callers.
+        std::fs::write(&flip, "slow 1 300000\n").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
         std::fs::write(&flip, "down 1\n").unwrap();
         std::thread::sleep(Duration::from_millis(1200));
         std::fs::write(&flip, "").unwrap();
@@ -233,5 +237,179 @@ async fn a_busy_hsm_slows_callers_down_instead_of_failing_them() {
     assert!(
         retries > 0.0,
         "the HSM was busy and the calls waited: {metrics}"
+    );
+}
+
+/// The simulator's counters (`report PATH` in its control file): calls that reached an HSM
+/// so far, and the most served at once since the last report. `call` makes one call, which
+/// has the module read the control file (not counted in the report it writes).
+async fn cluster_report(
+    control: &std::path::Path,
+    dir: &std::path::Path,
+    call: impl std::future::Future<Output = ()>,
+) -> (u64, u64) {
+    let report = dir.join("report");
+    let _ = std::fs::remove_file(&report);
+    std::fs::write(control, format!("report {}\n", report.display())).unwrap();
+    // The module looks at the control file at most every 20 ms.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    call.await;
+    let text = std::fs::read_to_string(&report).expect("the simulator wrote its report");
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text:?}"))
+    };
+    (value("round_trips "), value("peak_in_flight "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwrap_and_a_generate_data_key_each_take_one_round_trip_to_the_hsm() {
+    let (daemon, control, dir) = on_cluster(&[("WRAPD_SIM_HSMS", "2")]);
+    let key = new_key(&daemon).await;
+    let mut data = daemon.data().await;
+    let blob = data
+        .generate_data_key(generate(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let unwrap = UnwrapRequest {
+        ciphertext_blob: blob,
+        ..Default::default()
+    };
+    let mut probe = data.clone();
+    let probe_call = || {
+        let request = unwrap.clone();
+        let mut client = probe.clone();
+        async move {
+            client.unwrap(request).await.unwrap();
+        }
+    };
+    const CALLS: u64 = 40;
+    let (before, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    for _ in 0..CALLS {
+        data.unwrap(unwrap.clone()).await.unwrap();
+    }
+    let (after, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    // The probe that triggered the first report is counted in the second.
+    let unwraps = after - before - 1;
+    assert!(
+        (CALLS..CALLS + CALLS / 4).contains(&unwraps),
+        "{unwraps} round trips for {CALLS} Unwraps (a length query first would make it {})",
+        2 * CALLS
+    );
+
+    let (before, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    for _ in 0..CALLS {
+        data.generate_data_key(generate(&key)).await.unwrap();
+    }
+    let (after, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    let generates = after - before - 1;
+    assert!(
+        (CALLS..CALLS + CALLS / 4).contains(&generates),
+        "{generates} round trips for {CALLS} GenerateDataKeys (random bytes drawn per call \
+         would make it {})",
+        2 * CALLS
+    );
+    probe = data;
+    drop(probe);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_callers_batch_is_spread_over_the_clusters_slots() {
+    let (daemon, control, dir) = on_cluster(&[
+        ("WRAPD_SIM_HSMS", "2"),
+        ("WRAPD_SIM_LATENCY_US", "1000"),
+        ("WRAPD_SIM_CONCURRENCY", "8"),
+    ]);
+    let key = new_key(&daemon).await;
+    let mut data = daemon.data().await;
+    let blob = data
+        .generate_data_key(generate(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let item = UnwrapRequest {
+        ciphertext_blob: blob,
+        ..Default::default()
+    };
+    let batch = wrapd::proto::BatchUnwrapRequest {
+        items: vec![item.clone(); 64],
+    };
+    let single = |mut client: wrapd::proto::data_key_service_client::DataKeyServiceClient<_>| {
+        let item = item.clone();
+        async move {
+            client.unwrap(item).await.unwrap();
+        }
+    };
+    cluster_report(&control, dir.path(), single(data.clone())).await;
+    let results = data.batch_unwrap(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 64);
+    let (_, peak) = cluster_report(&control, dir.path(), single(data.clone())).await;
+    // 16 slots in all; one job per 16 items (as on a local token) would keep at most 4 busy.
+    assert!(
+        peak >= 12,
+        "at most {peak} of the 16 slots were busy at once during a batch of 64"
+    );
+}
+
+#[test]
+fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one_hsm_down() {
+    let settings = [
+        ("WRAPD_SIM_HSMS", "2"),
+        ("WRAPD_SIM_LATENCY_US", "300"),
+        ("WRAPD_SIM_CONCURRENCY", "4"),
+    ];
+    let (daemon, control, _dir) = on_cluster(&settings);
+    // The bench's own token calls go through a simulator with the same settings and the
+    // same control file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .envs(settings)
+        .env("WRAPD_SIM_CONTROL", &control)
+        .arg("bench")
+        .arg("--config")
+        .arg(daemon.config_path())
+        .args(["--op", "unwrap", "--concurrency", "1", "--concurrency", "8"])
+        .args(["--seconds", "1", "--no-flood", "--hsm-down-control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = |name: &str| -> Vec<Vec<String>> {
+        stdout
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].trim_start().starts_with(char::is_numeric)
+            })
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let up = rows("Unwrap");
+    let down = rows("Unwrap, 1 HSM down");
+    assert_eq!((up.len(), down.len()), (2, 2), "{stdout}");
+    for row in up.iter().chain(&down) {
+        // ... raw, echo, ceiling, wrapd, share, p50, p99, errors
+        let figures = &row[row.len() - 8..];
+        for rate in &figures[..4] {
+            assert!(rate.parse::<f64>().unwrap() > 0.0, "{row:?}");
+        }
+        assert_eq!(figures[7], "0", "no errors, with an HSM down too: {row:?}");
+    }
+    assert!(
+        stdout.contains("networked HSM: its capacity"),
+        "the capacity section: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&control).unwrap(),
+        "",
+        "the HSM is brought back afterwards"
     );
 }

@@ -7,16 +7,21 @@
 //!
 //! Here: the token, its sessions (checkout, one retry on a fresh session) and handle cache,
 //! and the [`Token`] implementation; `templates.rs` the objects' attributes and the searches
-//! by `CKA_ID`; `import.rs` wrapping key pairs and imported material; `faults.rs` the fault
-//! hook of fault tests.
+//! by `CKA_ID`; `import.rs` wrapping key pairs and imported material; `single_call.rs`
+//! AES-GCM in one module call (no length query first); `random_reserve.rs` data keys drawn
+//! ahead from a networked HSM; `faults.rs` the fault hook of fault tests.
 
 mod faults;
 mod import;
+mod random_reserve;
+mod single_call;
 mod templates;
 
 #[cfg(feature = "fault-injection")]
 pub use faults::Fault;
 use import::*;
+use random_reserve::RandomReserve;
+use single_call::SingleCall;
 use templates::*;
 
 use std::collections::HashMap;
@@ -100,6 +105,11 @@ pub struct Pkcs11Token {
 struct Inner {
     config: HsmConfig,
     pool: Pool,
+    /// AES-GCM in one module call each (see `single_call.rs`).
+    single_call: SingleCall,
+    /// Data keys drawn ahead from a networked HSM (`None` on a local token; see
+    /// `random_reserve.rs`).
+    random_reserve: Option<RandomReserve>,
     /// Handles of key objects in the current context; cleared when the context is retired.
     handles: Mutex<HashMap<ObjectId, ObjectHandle>>,
     /// Creating or destroying a token object takes this exclusively, every other call
@@ -184,9 +194,12 @@ impl Pkcs11Token {
     /// Loads the module, finds the token, logs in once to check the PIN. Errors here are
     /// start-up errors with a clear message (missing module, missing token, wrong PIN).
     pub fn open(config: HsmConfig) -> Result<Self> {
+        let single_call = SingleCall::load(&config.module)?;
         let token = Self {
             inner: Arc::new(Inner {
                 pool: Pool::new(config.max_sessions),
+                single_call,
+                random_reserve: config.profile.is_networked().then(RandomReserve::new),
                 config,
                 handles: Mutex::new(HashMap::new()),
                 object_store: RwLock::new(()),
@@ -517,8 +530,16 @@ impl Pkcs11Token {
             // On CloudHSM the HSM writes the IV it chose into `iv` (zeroes going in).
             let params =
                 GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8)).map_err(p11_error)?;
-            let ciphertext = session
-                .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+            let ciphertext = self
+                .inner
+                .single_call
+                .encrypt(
+                    session,
+                    &Mechanism::AesGcm(params),
+                    handle,
+                    plaintext,
+                    plaintext.len() + TAG_LEN,
+                )
                 .map_err(p11_error)?;
             if ciphertext.len() != plaintext.len() + TAG_LEN {
                 return Err(Error::Internal(format!(
@@ -566,10 +587,16 @@ impl Token for Pkcs11Token {
     ) -> Result<(Zeroizing<Vec<u8>>, Sealed)> {
         let _shared = self.shared();
         self.with_session(true, |session, this| {
-            let mut plaintext = Zeroizing::new(vec![0u8; len]);
-            session
-                .generate_random_slice(&mut plaintext)
-                .map_err(p11_error)?;
+            let plaintext = match &this.inner.random_reserve {
+                Some(reserve) => reserve.take(session, len)?,
+                None => {
+                    let mut plaintext = Zeroizing::new(vec![0u8; len]);
+                    session
+                        .generate_random_slice(&mut plaintext)
+                        .map_err(p11_error)?;
+                    plaintext
+                }
+            };
             let sealed = this.seal(session, object, &plaintext, aad)?;
             Ok((plaintext, sealed))
         })
@@ -599,8 +626,15 @@ impl Token for Pkcs11Token {
                 let mut iv = iv.to_vec();
                 let params = GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8))
                     .map_err(p11_error)?;
-                match session.decrypt(&Mechanism::AesGcm(params), handle, ciphertext) {
-                    Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+                let decrypted = this.inner.single_call.decrypt(
+                    session,
+                    &Mechanism::AesGcm(params),
+                    handle,
+                    ciphertext,
+                    ciphertext.len(),
+                );
+                match decrypted {
+                    Ok(plaintext) => Ok(plaintext),
                     Err(CkError::Pkcs11(rv, _))
                         if this.is_bad_ciphertext(rv) && session.get_session_info().is_ok() =>
                     {
