@@ -42,6 +42,11 @@ fn bench_reports_every_part() {
         assert!(r["encrypt_gbps"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["decrypt_gbps"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // The files' rate as a share of the plain copy's, measured in the same run.
+    let files = row("wrapctl files", "threads", 1.into());
+    for share in ["encrypt_of_copy", "decrypt_of_copy"] {
+        assert!(files[share].as_f64().unwrap() > 0.0, "{files}");
+    }
     row("openssl", "threads", 1.into());
     for part in ["1 KiB encrypt", "1 KiB decrypt"] {
         for cache in [false, true] {

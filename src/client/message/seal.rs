@@ -110,10 +110,18 @@ pub(super) fn encrypt_stream_with_id(
 
 /// The batch pipeline of encryption and decryption: `read` fills a batch (true once the input
 /// ended), `work` seals or opens it (in parallel on the rayon pool), `write` puts it out.
-/// Two batches alternate: while the workers `work` on one, the calling thread writes the
-/// previous one and reads the next (`rayon::join`; on a one-thread pool they run in turn).
+///
+/// With more than one rayon thread the three overlap: a writer thread of its own writes the
+/// worked batches in order, while the calling thread reads the next batch and the pool works
+/// on the current one (`rayon::join`). Reading and writing are mostly the kernel copying
+/// between the page cache and the batch buffers; with both on one thread in turn, as before,
+/// a file went at about 70 % of a plain copy's rate with two threads. At most
+/// [`PIPELINE_BATCHES`] batches exist at once. On a one-thread pool everything runs in turn
+/// on the calling thread, with one batch.
+///
 /// `first` is small, so that small messages do not pay for big buffers; `big` makes the
-/// other buffer, and replaces `first` once it has been written.
+/// others, and replaces `first` once it has been written. Only worked batches are written:
+/// nothing unauthenticated gets out. After an error no further batch is read or worked.
 pub(super) fn pipeline<B: Send>(
     mut first: B,
     big: impl Fn() -> B + Sync,
@@ -121,39 +129,104 @@ pub(super) fn pipeline<B: Send>(
     work: impl Fn(&mut B) -> Result<()> + Sync,
     mut write: impl FnMut(&B) -> Result<()> + Send,
 ) -> Result<()> {
-    if read(&mut first)? {
+    let mut done = read(&mut first)?;
+    if done {
         // One batch: nothing to overlap.
         work(&mut first)?;
         return write(&first);
     }
-    let mut current = first;
-    let mut spare = big();
-    // `spare` holds a worked batch not written yet; `small_spare`: that batch is `first`.
-    let (mut spare_worked, mut small_spare, mut rounds) = (false, false, 0u64);
-    loop {
-        let (io, worked) = rayon::join(
-            || -> Result<bool> {
-                if spare_worked {
-                    write(&spare)?;
-                    if small_spare {
-                        spare = big();
-                    }
+    if rayon::current_num_threads() == 1 {
+        let mut batch = first;
+        work(&mut batch)?;
+        write(&batch)?;
+        batch = big();
+        loop {
+            done = read(&mut batch)?;
+            work(&mut batch)?;
+            write(&batch)?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+    std::thread::scope(|scope| {
+        // Worked batches to the writer, in order; written ones back for reuse.
+        let (to_writer, worked) = std::sync::mpsc::sync_channel::<B>(1);
+        let (written, free) = std::sync::mpsc::channel::<B>();
+        let writer = scope.spawn(move || -> Result<()> {
+            for batch in worked {
+                write(&batch)?;
+                // The reader may have finished: a batch nobody takes back is dropped.
+                let _ = written.send(batch);
+            }
+            Ok(())
+        });
+        let mut batches = Batches {
+            free,
+            made: 1,
+            first_returned: false,
+        };
+        let mut current = first;
+        let outcome = (|| -> Result<()> {
+            loop {
+                let Some(mut next) = batches.next(&big) else {
+                    return Ok(()); // the writer stopped: its error is reported below
+                };
+                let (filled, worked) = rayon::join(|| read(&mut next), || work(&mut current));
+                worked?;
+                done = filled?;
+                if to_writer.send(current).is_err() {
+                    return Ok(());
                 }
-                read(&mut spare)
-            },
-            || work(&mut current),
-        );
-        worked?;
-        let done = io?;
-        std::mem::swap(&mut current, &mut spare);
-        spare_worked = true;
-        small_spare = rounds == 0;
-        rounds += 1;
-        if done {
-            // Only worked batches are written: nothing unauthenticated gets out.
-            work(&mut current)?;
-            write(&spare)?;
-            return write(&current);
+                current = next;
+                if done {
+                    work(&mut current)?;
+                    let _ = to_writer.send(current);
+                    return Ok(());
+                }
+            }
+        })();
+        drop(to_writer);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("the writer thread panicked".into())));
+        // A write error explains a stop the reader saw; otherwise the reader's own error.
+        wrote.and(outcome)
+    })
+}
+
+/// Most batches of one message in memory at once in [`pipeline`]: one being read, one being
+/// worked, one waiting for the writer and one being written.
+const PIPELINE_BATCHES: usize = 4;
+
+/// The batches of [`pipeline`]: new ones until [`PIPELINE_BATCHES`] exist, then the written
+/// ones back from the writer.
+struct Batches<B> {
+    free: std::sync::mpsc::Receiver<B>,
+    made: usize,
+    /// Whether the small first batch has come back (it is replaced by a big one).
+    first_returned: bool,
+}
+
+impl<B> Batches<B> {
+    /// A batch to read into; `None` once the writer has stopped.
+    fn next(&mut self, big: &impl Fn() -> B) -> Option<B> {
+        let returned = match self.free.try_recv() {
+            Ok(batch) => Some(batch),
+            Err(_) if self.made < PIPELINE_BATCHES => None,
+            Err(_) => Some(self.free.recv().ok()?),
+        };
+        match returned {
+            // Batches come back in the order they were sent: the first is the small one.
+            Some(_) if !self.first_returned => {
+                self.first_returned = true;
+                Some(big())
+            }
+            Some(batch) => Some(batch),
+            None => {
+                self.made += 1;
+                Some(big())
+            }
         }
     }
 }

@@ -250,3 +250,84 @@ fn a_tampered_header_or_a_wrong_data_key_is_never_authenticated_again() {
     // No data keys at all: refused.
     assert!(stored.with_data_keys(&dek, &[]).is_err());
 }
+
+/// Runs [`seal::pipeline`] over `batches` numbered batches on a pool of `threads`; `work`
+/// fails on batch `bad_work` and `write` on batch `bad_write`. What was written, in order,
+/// and the outcome.
+fn run_pipeline(
+    threads: usize,
+    batches: u32,
+    bad_work: Option<u32>,
+    bad_write: Option<u32>,
+) -> (Vec<u32>, Result<()>) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let mut next = 0u32;
+    let mut written = Vec::new();
+    let outcome = pool.install(|| {
+        seal::pipeline(
+            (0u32, false),
+            || (0u32, false),
+            |batch| {
+                *batch = (next, false);
+                next += 1;
+                Ok(next == batches)
+            },
+            |batch| {
+                if Some(batch.0) == bad_work {
+                    return Err(Error::InvalidCiphertext);
+                }
+                batch.1 = true;
+                Ok(())
+            },
+            |batch| {
+                assert!(batch.1, "batch {} written before it was worked", batch.0);
+                if Some(batch.0) == bad_write {
+                    return Err(Error::invalid("disk full"));
+                }
+                written.push(batch.0);
+                Ok(())
+            },
+        )
+    });
+    (written, outcome)
+}
+
+#[test]
+fn the_pipeline_writes_every_batch_once_in_order_on_one_thread_and_on_several() {
+    for threads in [1, 2, 4] {
+        for batches in [1, 2, 3, 50] {
+            let (written, outcome) = run_pipeline(threads, batches, None, None);
+            outcome.unwrap();
+            assert_eq!(
+                written,
+                (0..batches).collect::<Vec<_>>(),
+                "{threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_batch_that_fails_to_open_stops_the_pipeline_with_nothing_written_from_it_on() {
+    for threads in [1, 2] {
+        let (written, outcome) = run_pipeline(threads, 50, Some(20), None);
+        assert!(
+            matches!(outcome, Err(Error::InvalidCiphertext)),
+            "{outcome:?}"
+        );
+        assert_eq!(written, (0..20).collect::<Vec<_>>(), "{threads} threads");
+    }
+}
+
+#[test]
+fn a_write_error_stops_the_pipeline_and_is_the_error_reported() {
+    for threads in [1, 2] {
+        let (written, outcome) = run_pipeline(threads, 50, None, Some(7));
+        let message = outcome.unwrap_err().to_string();
+        assert!(message.contains("disk full"), "{message}");
+        assert_eq!(written, (0..7).collect::<Vec<_>>(), "{threads} threads");
+    }
+}
