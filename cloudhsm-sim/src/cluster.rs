@@ -31,6 +31,8 @@ pub struct Settings {
     pub max_sessions: usize,
     /// The file of controls, re-read when it changes.
     pub control: Option<PathBuf>,
+    /// How long a session may sit unused before it is dropped (`None`: never).
+    pub session_idle: Option<Duration>,
 }
 
 impl Settings {
@@ -51,6 +53,9 @@ impl Settings {
             replication: Duration::from_millis(number("WRAPD_SIM_REPLICATION_MS", 0)),
             max_sessions: number("WRAPD_SIM_MAX_SESSIONS", 1024).max(1) as usize,
             control: std::env::var_os("WRAPD_SIM_CONTROL").map(PathBuf::from),
+            session_idle: Some(number("WRAPD_SIM_SESSION_IDLE_MS", 0))
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
         }
     }
 }
@@ -210,6 +215,11 @@ impl Cluster {
         cached.2.clone()
     }
 
+    /// The cluster's settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// Counts a new session, or refuses it: no HSM up, or the session limit reached.
     pub fn open_session(&self) -> Result<(), CK_RV> {
         let controls = self.controls();
@@ -357,6 +367,7 @@ mod tests {
             replication: Duration::from_millis(replication_ms),
             max_sessions: 4,
             control: None,
+            session_idle: None,
         })
     }
 

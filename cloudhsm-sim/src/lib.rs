@@ -23,6 +23,11 @@
 //!   `CKR_FUNCTION_NOT_SUPPORTED`.
 //! - Session objects (`CKA_TOKEN` false) live on the HSM of the session that made them only.
 //!
+//! **Idle sessions dropped** (not from AWS's documentation: a stand-in for connections closed
+//! while idle by the client library or the network on the way): with
+//! `WRAPD_SIM_SESSION_IDLE_MS`, a session unused for longer is gone, and every call on it
+//! answers `CKR_SESSION_HANDLE_INVALID`.
+//!
 //! **A cluster** (`cluster.rs`): `WRAPD_SIM_HSMS` HSMs. Every call that reaches an HSM
 //! (encryption, decryption, key generation, unwrapping, destruction, random, search,
 //! attributes, login) goes to the least busy HSM that is up, as the SDK balances operations
@@ -85,6 +90,32 @@ struct Sim {
     operations: std::sync::Mutex<std::collections::HashMap<CK_SESSION_HANDLE, Operation>>,
     /// The HSM each session's search was routed to.
     searches: std::sync::Mutex<std::collections::HashMap<CK_SESSION_HANDLE, usize>>,
+    /// When each open session was last used (`WRAPD_SIM_SESSION_IDLE_MS`).
+    last_used: std::sync::Mutex<std::collections::HashMap<CK_SESSION_HANDLE, std::time::Instant>>,
+}
+
+impl Sim {
+    /// Counts a call on `session` as its use; false if the session sat idle longer than
+    /// the idle limit, and was dropped.
+    fn use_session(&self, session: CK_SESSION_HANDLE) -> bool {
+        let Some(limit) = self.cluster.settings().session_idle else {
+            return true;
+        };
+        let mut last_used = lock(&self.last_used);
+        let now = std::time::Instant::now();
+        match last_used.get_mut(&session) {
+            Some(at) if now.duration_since(*at) > limit => {
+                last_used.remove(&session);
+                false
+            }
+            Some(at) => {
+                *at = now;
+                true
+            }
+            // Dropped before, or not opened through this module.
+            None => false,
+        }
+    }
 }
 
 static SIM: OnceLock<Option<Sim>> = OnceLock::new();
@@ -120,6 +151,7 @@ fn load() -> Option<Sim> {
         cluster: Cluster::new(Settings::from_env()),
         operations: std::sync::Mutex::new(std::collections::HashMap::new()),
         searches: std::sync::Mutex::new(std::collections::HashMap::new()),
+        last_used: std::sync::Mutex::new(std::collections::HashMap::new()),
     })
 }
 
@@ -143,6 +175,17 @@ macro_rules! sim_or_fail {
         match sim() {
             Some(sim) => sim,
             None => return CKR_GENERAL_ERROR,
+        }
+    };
+}
+
+/// Refuses a call on a session the client library has dropped for being idle (`return`s
+/// `CKR_SESSION_HANDLE_INVALID` from the calling function); counts the call as the
+/// session's use otherwise.
+macro_rules! live_session {
+    ($sim:expr, $session:expr) => {
+        if !$sim.use_session($session) {
+            return CKR_SESSION_HANDLE_INVALID;
         }
     };
 }
@@ -228,6 +271,7 @@ unsafe extern "C" fn finalize(reserved: CK_VOID_PTR) -> CK_RV {
     sim.cluster.close_all();
     lock(&sim.operations).clear();
     lock(&sim.searches).clear();
+    lock(&sim.last_used).clear();
     lower!(sim, C_Finalize(reserved))
 }
 
@@ -252,7 +296,9 @@ unsafe extern "C" fn open_session(
         sim,
         C_OpenSession(slot, flags, application, notify, session)
     );
-    if rv != CKR_OK {
+    if rv == CKR_OK {
+        lock(&sim.last_used).insert(unsafe { *session }, std::time::Instant::now());
+    } else {
         sim.cluster.close_session();
     }
     rv
@@ -262,6 +308,7 @@ unsafe extern "C" fn close_session(session: CK_SESSION_HANDLE) -> CK_RV {
     let sim = sim_or_fail!();
     lock(&sim.operations).remove(&session);
     lock(&sim.searches).remove(&session);
+    lock(&sim.last_used).remove(&session);
     let rv = lower!(sim, C_CloseSession(session));
     if rv == CKR_OK {
         sim.cluster.close_session();
@@ -274,6 +321,7 @@ unsafe extern "C" fn close_all_sessions(slot: CK_SLOT_ID) -> CK_RV {
     sim.cluster.close_all();
     lock(&sim.operations).clear();
     lock(&sim.searches).clear();
+    lock(&sim.last_used).clear();
     lower!(sim, C_CloseAllSessions(slot))
 }
 
@@ -328,6 +376,7 @@ unsafe extern "C" fn encrypt_init(
     key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let params = match unsafe { gcm_params(mechanism) } {
         Ok(params) => params,
         Err(rv) => return rv,
@@ -459,6 +508,7 @@ unsafe extern "C" fn decrypt_init(
     key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let gcm = match unsafe { gcm_params(mechanism) } {
         Ok(params) => params.is_some(),
         Err(rv) => return rv,
@@ -509,6 +559,7 @@ unsafe extern "C" fn generate_key(
     key: CK_OBJECT_HANDLE_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let serving = serve!(sim);
     let rv = lower!(sim, C_GenerateKey(session, mechanism, template, count, key));
     if rv == CKR_OK && !key.is_null() {
@@ -529,6 +580,7 @@ unsafe extern "C" fn generate_key_pair(
     private: CK_OBJECT_HANDLE_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let serving = serve!(sim);
     let rv = lower!(
         sim,
@@ -561,6 +613,7 @@ unsafe extern "C" fn create_object(
     object: CK_OBJECT_HANDLE_PTR,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let serving = serve!(sim);
     let rv = lower!(sim, C_CreateObject(session, template, count, object));
     if rv == CKR_OK && !object.is_null() {
@@ -644,6 +697,7 @@ unsafe extern "C" fn wrap_key(
 
 unsafe extern "C" fn destroy_object(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let _serving = serve!(sim, object);
     let rv = lower!(sim, C_DestroyObject(session, object));
     if rv == CKR_OK {
@@ -659,6 +713,7 @@ unsafe extern "C" fn get_attribute_value(
     count: CK_ULONG,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let _serving = serve!(sim, object);
     lower!(sim, C_GetAttributeValue(session, object, template, count))
 }
@@ -669,6 +724,7 @@ unsafe extern "C" fn find_objects_init(
     count: CK_ULONG,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let serving = serve!(sim);
     let rv = lower!(sim, C_FindObjectsInit(session, template, count));
     if rv == CKR_OK {
@@ -726,6 +782,7 @@ unsafe extern "C" fn generate_random(
     len: CK_ULONG,
 ) -> CK_RV {
     let sim = sim_or_fail!();
+    live_session!(sim, session);
     let _serving = serve!(sim);
     lower!(sim, C_GenerateRandom(session, out, len))
 }

@@ -428,6 +428,15 @@ impl Config {
             .hsm
             .max_sessions
             .unwrap_or_else(|| raw.hsm.profile.default_max_sessions());
+        let session_keepalive_ms = raw
+            .hsm
+            .session_keepalive_ms
+            .unwrap_or_else(|| raw.hsm.profile.default_session_keepalive_ms());
+        if session_keepalive_ms != 0 && !(100..=3_600_000).contains(&session_keepalive_ms) {
+            return Err(Error::Config(
+                "hsm.session_keepalive_ms must be 0 (off) or 100 to 3,600,000".into(),
+            ));
+        }
         if !(1..=1024).contains(&max_sessions) {
             return Err(Error::Config("hsm.max_sessions must be 1 to 1024".into()));
         }
@@ -560,6 +569,8 @@ impl Config {
                 profile: raw.hsm.profile,
                 max_sessions,
                 session_wait: Duration::from_millis(raw.hsm.session_wait_ms),
+                session_keepalive: (session_keepalive_ms > 0)
+                    .then(|| Duration::from_millis(session_keepalive_ms)),
                 reset_on_missing_object: max_view_staleness.is_none(),
             },
             softhsm2_conf: raw.hsm.softhsm2_conf.as_deref().map(resolve),

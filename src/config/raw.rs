@@ -62,6 +62,8 @@ pub(super) struct RawHsm {
     pub(super) max_sessions: Option<usize>,
     #[serde(default = "default_session_wait_ms")]
     pub(super) session_wait_ms: u64,
+    /// Default: [`HsmProfile::default_session_keepalive_ms`].
+    pub(super) session_keepalive_ms: Option<u64>,
     pub(super) softhsm2_conf: Option<PathBuf>,
 }
 

@@ -37,6 +37,28 @@ fn parses_and_resolves_paths() {
 }
 
 #[test]
+fn a_networked_hsm_gets_more_sessions_and_a_keep_alive_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pin(dir.path());
+    let local = Config::parse(GOOD, dir.path()).unwrap();
+    assert_eq!(
+        (local.hsm.max_sessions, local.hsm.session_keepalive),
+        (8, None)
+    );
+    let cloudhsm = GOOD.replace("profile = \"softhsm\"", "profile = \"cloudhsm\"");
+    let networked = Config::parse(&cloudhsm, dir.path()).unwrap();
+    assert_eq!(
+        (networked.hsm.max_sessions, networked.hsm.session_keepalive),
+        (32, Some(Duration::from_secs(60)))
+    );
+    let set = |line: &str| cloudhsm.replace("[store]", &format!("{line}\n    [store]"));
+    let off = Config::parse(&set("session_keepalive_ms = 0"), dir.path()).unwrap();
+    assert_eq!(off.hsm.session_keepalive, None);
+    let err = Config::parse(&set("session_keepalive_ms = 5"), dir.path()).unwrap_err();
+    assert!(err.to_string().contains("session_keepalive_ms"), "{err}");
+}
+
+#[test]
 fn rejects_inline_pin_unknown_fields_and_bad_values() {
     let dir = tempfile::tempdir().unwrap();
     write_pin(dir.path());

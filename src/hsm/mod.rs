@@ -294,6 +294,13 @@ impl HsmProfile {
     pub fn default_max_sessions(self) -> usize {
         if self.is_networked() { 32 } else { 8 }
     }
+
+    /// `hsm.session_keepalive_ms` when the config does not say: a minute on a networked HSM,
+    /// whose sessions live on connections that can be dropped while idle; off on a local
+    /// token.
+    pub fn default_session_keepalive_ms(self) -> u64 {
+        if self.is_networked() { 60_000 } else { 0 }
+    }
 }
 
 /// What [`Pkcs11Token::open`] needs. The PIN is zeroized on drop and never printed.
@@ -311,6 +318,9 @@ pub struct HsmConfig {
     pub max_sessions: usize,
     /// How long a call waits for a free session before failing with UNAVAILABLE.
     pub session_wait: Duration,
+    /// Sessions idle this long get a cheap call, so that the client library and the network
+    /// between it and the HSM keep them (`None`: never).
+    pub session_keepalive: Option<Duration>,
     /// Re-initialize the PKCS#11 context when a key object the metadata lists is not found
     /// (a library whose view of the token went stale). Off in a fleet: there, a missing
     /// object is another daemon's scheduled deletion (or replication still under way), and

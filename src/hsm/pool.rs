@@ -38,7 +38,8 @@ struct State {
     /// A retired context, finalized once its last session is gone.
     retired: Option<Pkcs11>,
     generation: u64,
-    idle: Vec<Session>,
+    /// Idle sessions, each with the time it was checked in (the newest last).
+    idle: Vec<(Session, Instant)>,
     /// Sessions idle or checked out.
     open: usize,
 }
@@ -94,7 +95,7 @@ impl Pool {
         let mut state = self.lock();
         loop {
             if let Some(context) = state.context.clone() {
-                if let Some(session) = state.idle.pop() {
+                if let Some((session, _)) = state.idle.pop() {
                     let generation = state.generation;
                     Self::report(&state);
                     return Ok(Loan {
@@ -159,7 +160,7 @@ impl Pool {
         let mut state = self.lock();
         let current = loan.generation == state.generation && state.context.is_some();
         let retired = if outcome == Outcome::Healthy && current {
-            state.idle.push(loan.session);
+            state.idle.push((loan.session, Instant::now()));
             false
         } else {
             state.open -= 1;
@@ -200,6 +201,32 @@ impl Pool {
             tracing::warn!("retiring the PKCS#11 context; it is re-initialized on next use");
             state.retired = Some(old.pkcs11);
         }
+    }
+
+    /// Checks out every session idle for `idle_for` or longer (the oldest first), to be used
+    /// and checked in again ([`Pool::checkin`]): the keep-alive's.
+    pub fn take_idle_for(&self, idle_for: std::time::Duration) -> Vec<Loan> {
+        let mut state = self.lock();
+        if state.context.is_none() {
+            return Vec::new();
+        }
+        let generation = state.generation;
+        // Checked in last, used first: the stale ones are at the front.
+        let stale = state
+            .idle
+            .iter()
+            .take_while(|(_, since)| since.elapsed() >= idle_for)
+            .count();
+        let taken = state
+            .idle
+            .drain(..stale)
+            .map(|(session, _)| Loan {
+                session,
+                generation,
+            })
+            .collect();
+        Self::report(&state);
+        taken
     }
 
     /// Closes every idle session (graceful shutdown).

@@ -477,6 +477,7 @@ impl Daemon {
             )),
             tokio::spawn(audit_head_task(self.audit.clone())),
             tokio::spawn(usage_task(self.keystore.clone())),
+            tokio::spawn(session_keepalive_task(self.token.clone())),
         ];
 
         on_ready(&ready);
@@ -855,6 +856,24 @@ async fn usage_task(keystore: Arc<Keystore>) {
                 tracing::warn!(error = %err, "cannot store version usage counts; will retry")
             }
             Err(err) => tracing::warn!(error = %err, "version usage task failed"),
+        }
+    }
+}
+
+/// Keeps idle HSM sessions open ([`Pkcs11Token::keep_alive`]): every half keep-alive
+/// interval, so that no session stays idle much longer than the interval. Returns at once
+/// when the keep-alive is off.
+async fn session_keepalive_task(token: Pkcs11Token) {
+    let Some(interval) = token.session_keepalive() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(interval / 2);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let token = token.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || token.keep_alive()).await {
+            tracing::warn!(error = %err, "session keep-alive task failed");
         }
     }
 }

@@ -413,3 +413,65 @@ fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one
         "the HSM is brought back afterwards"
     );
 }
+
+/// A cluster whose client library drops sessions idle for 400 ms, and a daemon whose
+/// keep-alive calls sessions idle for `keepalive_ms` (0: never).
+fn with_idle_limit(keepalive_ms: u64) -> (DevDaemon, std::path::PathBuf, tempfile::TempDir) {
+    let (mut daemon, control, dir) = on_cluster(&[("WRAPD_SIM_SESSION_IDLE_MS", "400")]);
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let config = config.replacen(
+        "profile = \"cloudhsm\"\n",
+        &format!("profile = \"cloudhsm\"\nsession_keepalive_ms = {keepalive_ms}\n"),
+        1,
+    );
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    (daemon, control, dir)
+}
+
+/// Uses several sessions at once (so the pool keeps several idle), waits three idle limits,
+/// and makes the calls again.
+async fn calls_around_a_quiet_spell(daemon: &DevDaemon) {
+    let key = new_key(daemon).await;
+    for round in 0..2 {
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        let mut calls = Vec::new();
+        for _ in 0..8 {
+            let mut data = daemon.data().await;
+            let request = generate(&key);
+            calls.push(tokio::spawn(async move {
+                data.generate_data_key(request).await.map(|_| ())
+            }));
+        }
+        for call in calls {
+            call.await
+                .unwrap()
+                .expect("no call fails after a quiet spell");
+        }
+        new_key(daemon).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_kept_open_so_that_calls_after_a_quiet_spell_find_them_alive() {
+    let (daemon, _control, _dir) = with_idle_limit(150);
+    calls_around_a_quiet_spell(&daemon).await;
+    let log = daemon.log();
+    assert!(
+        !log.contains("the HSM session was gone") && !log.contains("failed its keep-alive call"),
+        "no session was dropped: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_keep_alive_dropped_sessions_cost_retries_but_no_call() {
+    let (daemon, _control, _dir) = with_idle_limit(0);
+    calls_around_a_quiet_spell(&daemon).await;
+    let log = daemon.log();
+    assert!(
+        log.contains("the HSM session was gone; retrying on another"),
+        "the calls after the quiet spell found dropped sessions and went again: {log}"
+    );
+}

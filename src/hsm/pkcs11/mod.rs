@@ -180,6 +180,18 @@ fn outcome_of(err: &Error) -> Outcome {
     }
 }
 
+/// A session handle the library does not know (closed by it, or by the network on the way):
+/// the call was refused before it ran.
+fn is_session_gone(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Pkcs11 {
+            rv: RvError::SessionHandleInvalid,
+            ..
+        }
+    )
+}
+
 fn is_stale_handle(err: &Error) -> bool {
     matches!(
         err,
@@ -230,6 +242,43 @@ impl Pkcs11Token {
     /// The configured profile.
     pub fn profile(&self) -> HsmProfile {
         self.inner.config.profile
+    }
+
+    /// How often sessions idle that long get a keep-alive call (`hsm.session_keepalive_ms`).
+    pub fn session_keepalive(&self) -> Option<Duration> {
+        self.inner.config.session_keepalive
+    }
+
+    /// Gives every session idle for the keep-alive interval a cheap call to the HSM (one
+    /// random byte), so that the client library and the network keep it open; a session
+    /// whose call fails is dropped here, and replaced when next needed, rather than in a
+    /// caller's call. Returns how many sessions were called.
+    pub fn keep_alive(&self) -> usize {
+        let Some(idle_for) = self.inner.config.session_keepalive else {
+            return 0;
+        };
+        let _shared = self.shared();
+        let loans = self.inner.pool.take_idle_for(idle_for);
+        let count = loans.len();
+        for loan in loans {
+            let mut byte = [0u8; 1];
+            let result = loan
+                .session
+                .generate_random_slice(&mut byte)
+                .map_err(p11_error);
+            let outcome = match &result {
+                Ok(()) => Outcome::Healthy,
+                Err(err) => {
+                    tracing::warn!(error = %err, "an idle HSM session failed its keep-alive call");
+                    outcome_of(err)
+                }
+            };
+            if outcome == Outcome::DeviceFault {
+                self.clear_handles();
+            }
+            self.inner.pool.checkin(loan, outcome);
+        }
+        count
     }
 
     /// Closes idle sessions (graceful shutdown); busy ones close when returned.
@@ -329,6 +378,10 @@ impl Pkcs11Token {
     /// routed to yet (a key just created or rotated through another HSM of the cluster).
     fn with_session<T>(&self, retry: bool, f: impl Fn(&Session, &Self) -> Result<T>) -> Result<T> {
         let mut retried = false;
+        // Idle sessions the library dropped are found one call at a time, each dropped from
+        // the pool when found; the call ran on none of them, so any call goes again, on the
+        // next session, at most once per session the pool can hold.
+        let mut gone = 0;
         let mut waits = self.transient_waits();
         loop {
             match self.attempt(&f) {
@@ -336,6 +389,10 @@ impl Pkcs11Token {
                     if let Some(waits) = waits.as_mut() {
                         waits.wait(&err);
                     }
+                }
+                Err(err) if is_session_gone(&err) && gone < self.inner.config.max_sessions => {
+                    tracing::warn!(error = %err, "the HSM session was gone; retrying on another");
+                    gone += 1;
                 }
                 Err(err) if retry && !retried && outcome_of(&err) != Outcome::Healthy => {
                     tracing::warn!(error = %err, "PKCS#11 call failed; retrying once on a fresh session");
