@@ -245,7 +245,10 @@ fn the_aws_cli_manages_the_key_lifecycle() {
         aliases["Aliases"][0]["AliasName"], "alias/life",
         "{aliases}"
     );
-    aws_ok(&daemon, &["disable-key", "--key-id", "alias/life"]);
+    // Key management takes a key id or ARN only, as on AWS; DescribeKey takes the alias.
+    let by_alias = aws_cli(&daemon, &["disable-key", "--key-id", "alias/life"]).unwrap_err();
+    assert!(by_alias.contains("NotFoundException"), "{by_alias}");
+    aws_ok(&daemon, &["disable-key", "--key-id", arn]);
     let described = aws_ok(&daemon, &["describe-key", "--key-id", "alias/life"]);
     assert_eq!(described["KeyMetadata"]["KeyState"], "Disabled");
     assert_eq!(described["KeyMetadata"]["Enabled"], false);
@@ -328,17 +331,29 @@ fn boto3_sees_each_error_type_with_its_http_status() {
     let daemon = DevDaemon::start();
     let statuses = boto3(&daemon, "errors", &[]);
     let expected = [
-        ("NotFoundException", 404),
+        ("NotFoundException", 400),
         ("InvalidCiphertextException", 400),
         ("IncorrectKeyException", 400),
         ("ValidationException", 400),
-        ("AlreadyExistsException", 409),
+        ("AlreadyExistsException", 400),
         ("UnsupportedOperationException", 400),
-        ("DisabledException", 409),
-        ("KMSInvalidStateException", 409),
+        ("DisabledException", 400),
+        ("KMSInvalidStateException", 400),
     ];
     for (code, status) in expected {
         assert_eq!(statuses[code], status, "{code}: {statuses}");
+    }
+}
+
+#[test]
+fn boto3_is_refused_an_alias_where_aws_takes_only_a_key_id_or_arn() {
+    let daemon = DevDaemon::start();
+    let refused = boto3(&daemon, "key_id_forms", &[]);
+    let refused = refused.as_object().expect("a JSON object");
+    // Six key-management calls and an alias target, each with an alias name and an alias ARN.
+    assert_eq!(refused.len(), 14, "{refused:?}");
+    for (call, code) in refused {
+        assert_eq!(code, "NotFoundException", "{call}");
     }
 }
 
@@ -364,7 +379,7 @@ async fn an_unwritable_audit_log_is_a_dependency_timeout() {
     })
     .await;
     let facts = boto3(&daemon, "unavailable", &[]);
-    assert_eq!(facts["code"], json!(["DependencyTimeoutException", 503]));
+    assert_eq!(facts["code"], json!(["DependencyTimeoutException", 500]));
 }
 
 #[test]

@@ -168,6 +168,34 @@ def errors():
     print(json.dumps({code: status for code, (_, status) in found.items()}))
 
 
+def key_id_forms():
+    """Where AWS takes only a key id or key ARN, an alias (name or ARN) is refused as AWS
+    refuses it; where AWS takes an alias, it works."""
+    c = kms()
+    key = c.create_key()["KeyMetadata"]
+    c.create_alias(AliasName="alias/forms", TargetKeyId=key["KeyId"])
+    alias_arn = key["Arn"].split(":key/")[0] + ":alias/forms"
+    refused = {}
+    for alias in ["alias/forms", alias_arn]:
+        for name, call, kwargs in [
+            ("EnableKeyRotation", c.enable_key_rotation, {}),
+            ("TagResource", c.tag_resource, {"Tags": [{"TagKey": "a", "TagValue": "b"}]}),
+            ("DisableKey", c.disable_key, {}),
+            ("ScheduleKeyDeletion", c.schedule_key_deletion, {"PendingWindowInDays": 7}),
+            ("GetKeyRotationStatus", c.get_key_rotation_status, {}),
+            ("ListResourceTags", c.list_resource_tags, {}),
+        ]:
+            refused[f"{name} {alias}"] = error_code(call, KeyId=alias, **kwargs)[0]
+        refused[f"CreateAlias {alias}"] = error_code(
+            c.create_alias, AliasName="alias/chained", TargetKeyId=alias
+        )[0]
+    # The key was left as it was; the forms AWS takes work.
+    assert c.describe_key(KeyId="alias/forms")["KeyMetadata"]["KeyState"] == "Enabled"
+    assert c.get_key_rotation_status(KeyId=key["Arn"])["KeyRotationEnabled"] is False
+    c.generate_data_key(KeyId=alias_arn, NumberOfBytes=32)
+    print(json.dumps(refused))
+
+
 def unavailable():
     """The audit log cannot be written (the Rust test broke it): DependencyTimeoutException."""
     c = kms()
@@ -265,6 +293,7 @@ if __name__ == "__main__":
         "operations": operations,
         "pagination": pagination,
         "errors": errors,
+        "key_id_forms": key_id_forms,
         "unavailable": unavailable,
         "denied": denied,
         "auth": auth,

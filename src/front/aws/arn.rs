@@ -4,7 +4,10 @@
 //! A wrapd key `key/2f6c…` has the bare id `2f6c…` and the ARN
 //! `arn:aws:kms:<region>:<account>:key/2f6c…`; an alias `alias/NAME` has the ARN
 //! `arn:aws:kms:<region>:<account>:alias/NAME`. Every `KeyId` parameter takes any of the four
-//! forms (and wrapd's own `key/…`); every response names a key by its ARN, always spelled
+//! forms (and wrapd's own `key/…`) where AWS takes all four ([`Arns::key_ref`]); where AWS
+//! takes only a key id or key ARN (key management: rotation, tags, state, deletion, import,
+//! an alias's target), so does wrapd ([`Arns::key_id_ref`]), so that code developed against
+//! wrapd does not break on AWS. Every response names a key by its ARN, always spelled
 //! the same way, because the Encryption SDK compares the `KeyId` of a Decrypt answer with
 //! the ARN it stored in the message.
 
@@ -98,6 +101,22 @@ impl Arns {
     }
 }
 
+impl Arns {
+    /// A `KeyId` parameter that AWS takes only as a key id or key ARN, in wrapd's form
+    /// (`key/HEX`): an alias name or alias ARN is `NotFoundException`, as an id that is not
+    /// one.
+    pub fn key_id_ref(&self, param: &str) -> Result<String, AwsError> {
+        let key = self.key_ref(param)?;
+        if key.starts_with(AliasName::PREFIX) {
+            return Err(AwsError::not_found(format!(
+                "Invalid keyId {}: this operation takes a key id or key ARN, not an alias",
+                truncate(param)
+            )));
+        }
+        Ok(key)
+    }
+}
+
 /// The bare key id: the 32 hex digits of `key/HEX`.
 pub fn bare_id(id: &KeyId) -> &str {
     id.as_str()
@@ -145,6 +164,23 @@ mod tests {
                 .unwrap(),
             "alias/app"
         );
+    }
+
+    #[test]
+    fn where_aws_takes_only_a_key_id_or_arn_an_alias_is_not_found() {
+        let arns = arns();
+        let key = format!("key/{HEX}");
+        for form in [
+            HEX.to_owned(),
+            format!("arn:aws:kms:eu-west-3:111122223333:key/{HEX}"),
+        ] {
+            assert_eq!(arns.key_id_ref(&form).unwrap(), key, "{form}");
+        }
+        for alias in ["alias/app", "arn:aws:kms:eu-west-3:111122223333:alias/app"] {
+            let err = arns.key_id_ref(alias).unwrap_err();
+            assert_eq!(err.code, "NotFoundException", "{alias}");
+            assert!(err.message.contains("not an alias"), "{}", err.message);
+        }
     }
 
     #[test]

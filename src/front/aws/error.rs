@@ -1,5 +1,8 @@
 //! AWS KMS errors: an error type name (`__type`), a message and an HTTP status, as the AWS
-//! SDKs parse them (they key on `__type`; the statuses are those of the KMS service model).
+//! SDKs parse them (they key on `__type`). The statuses are AWS KMS's own, as its API
+//! reference lists them for each error: 400 for every error of the caller's, 500 for the
+//! service's (`DependencyTimeoutException`, `KMSInternalException`); the service model
+//! (botocore's) does not give them.
 //!
 //! One table maps wrapd's [`ErrorKind`] onto them:
 //!
@@ -8,17 +11,17 @@
 //! | invalid argument | `ValidationException` | 400 |
 //! | invalid ciphertext | `InvalidCiphertextException` | 400 |
 //! | blob under another key than the one named | `IncorrectKeyException` | 400 |
-//! | not found | `NotFoundException` | 404 |
-//! | already exists | `AlreadyExistsException` | 409 |
-//! | key disabled | `DisabledException` | 409 |
-//! | other wrong state (pending deletion) | `KMSInvalidStateException` | 409 |
+//! | not found | `NotFoundException` | 400 |
+//! | already exists | `AlreadyExistsException` | 400 |
+//! | key disabled | `DisabledException` | 400 |
+//! | other wrong state (pending deletion) | `KMSInvalidStateException` | 400 |
 //! | wrap limit of a version reached | `LimitExceededException` | 400 |
 //! | import token unknown / expired | `InvalidImportTokenException` / `ExpiredImportTokenException` | 400 |
 //! | imported material differs from the key's | `IncorrectKeyMaterialException` | 400 |
 //! | not offered (e.g. a wrapping algorithm the token lacks) | `UnsupportedOperationException` | 400 |
 //! | permission denied | `AccessDeniedException` | 400 |
 //! | unauthenticated | `UnrecognizedClientException` | 400 |
-//! | token or audit log unavailable | `DependencyTimeoutException` | 503 |
+//! | token or audit log unavailable | `DependencyTimeoutException` | 500 |
 //! | internal | `KMSInternalException` | 500 |
 //!
 //! Signature failures have their own types (`MissingAuthenticationTokenException`,
@@ -75,9 +78,9 @@ impl AwsError {
         )
     }
 
-    /// `NotFoundException` (404).
+    /// `NotFoundException` (400).
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new("NotFoundException", StatusCode::NOT_FOUND, message)
+        Self::new("NotFoundException", StatusCode::BAD_REQUEST, message)
     }
 
     /// `UnsupportedOperationException` (400): an operation, or a parameter value, that
@@ -96,10 +99,10 @@ impl AwsError {
             ErrorKind::InvalidArgument => ("ValidationException", StatusCode::BAD_REQUEST),
             ErrorKind::InvalidCiphertext => ("InvalidCiphertextException", StatusCode::BAD_REQUEST),
             ErrorKind::IncorrectKey => ("IncorrectKeyException", StatusCode::BAD_REQUEST),
-            ErrorKind::NotFound => ("NotFoundException", StatusCode::NOT_FOUND),
-            ErrorKind::AlreadyExists => ("AlreadyExistsException", StatusCode::CONFLICT),
-            ErrorKind::Disabled => ("DisabledException", StatusCode::CONFLICT),
-            ErrorKind::WrongState => ("KMSInvalidStateException", StatusCode::CONFLICT),
+            ErrorKind::NotFound => ("NotFoundException", StatusCode::BAD_REQUEST),
+            ErrorKind::AlreadyExists => ("AlreadyExistsException", StatusCode::BAD_REQUEST),
+            ErrorKind::Disabled => ("DisabledException", StatusCode::BAD_REQUEST),
+            ErrorKind::WrongState => ("KMSInvalidStateException", StatusCode::BAD_REQUEST),
             ErrorKind::LimitReached => ("LimitExceededException", StatusCode::BAD_REQUEST),
             ErrorKind::InvalidImportToken => {
                 ("InvalidImportTokenException", StatusCode::BAD_REQUEST)
@@ -115,7 +118,7 @@ impl AwsError {
             ErrorKind::Unauthenticated => ("UnrecognizedClientException", StatusCode::BAD_REQUEST),
             ErrorKind::Unavailable => (
                 "DependencyTimeoutException",
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::INTERNAL_SERVER_ERROR,
             ),
             _ => ("KMSInternalException", StatusCode::INTERNAL_SERVER_ERROR),
         };
@@ -169,18 +172,18 @@ mod tests {
             (Error::invalid("x"), "ValidationException", 400),
             (Error::InvalidCiphertext, "InvalidCiphertextException", 400),
             (Error::IncorrectKey, "IncorrectKeyException", 400),
-            (Error::KeyNotFound("k".into()), "NotFoundException", 404),
-            (Error::AliasNotFound("a".into()), "NotFoundException", 404),
+            (Error::KeyNotFound("k".into()), "NotFoundException", 400),
+            (Error::AliasNotFound("a".into()), "NotFoundException", 400),
             (
                 Error::AlreadyExists("a".into()),
                 "AlreadyExistsException",
-                409,
+                400,
             ),
-            (Error::Disabled("k".into()), "DisabledException", 409),
+            (Error::Disabled("k".into()), "DisabledException", 400),
             (
                 Error::WrongState("k".into()),
                 "KMSInvalidStateException",
-                409,
+                400,
             ),
             (
                 Error::PermissionDenied("no".into()),
@@ -190,7 +193,7 @@ mod tests {
             (
                 Error::Unavailable("later".into()),
                 "DependencyTimeoutException",
-                503,
+                500,
             ),
             (
                 Error::Internal("secret detail".into()),
@@ -213,7 +216,7 @@ mod tests {
     #[test]
     fn the_body_carries_type_and_message() {
         let response = AwsError::not_found("Key 'x' does not exist").response("rid-1");
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(response.headers()["x-amzn-requestid"], "rid-1");
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(body["__type"], "NotFoundException");

@@ -297,7 +297,10 @@ pub fn decode(
     body: &[u8],
     arns: &Arns,
 ) -> Option<(Operation, Result<KmsRequest, AwsError>)> {
+    // Any of the four forms (key id, key ARN, alias name, alias ARN), or, where AWS takes
+    // only the first two, those (`key_id`).
     let key = |param: &str| arns.key_ref(param);
+    let key_id = |param: &str| arns.key_id_ref(param);
     let optional_key = |param: Option<&str>| param.map_or(Ok(String::new()), key);
     use KmsRequest as R;
     use Operation as Op;
@@ -320,7 +323,11 @@ pub fn decode(
             Op::DescribeKey,
             model::parse::<model::KeyOnly>(body).and_then(|req| {
                 Ok(R::DescribeKey {
-                    key: key(&req.key_id)?,
+                    key: if target == "DescribeKey" {
+                        key(&req.key_id)?
+                    } else {
+                        key_id(&req.key_id)?
+                    },
                     view: if target == "DescribeKey" {
                         DescribeView::Metadata
                     } else {
@@ -334,7 +341,7 @@ pub fn decode(
             model::parse::<model::ListOfKey>(body).and_then(|req| {
                 let (limit, start) = list_position(req.limit, req.marker.as_deref())?;
                 Ok(R::DescribeKey {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     view: if target == "ListKeyRotations" {
                         DescribeView::Rotations { limit, start }
                     } else {
@@ -360,7 +367,7 @@ pub fn decode(
             },
             model::parse::<model::KeyOnly>(body).and_then(|req| {
                 Ok(R::SetKeyEnabled {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     enable: target == "EnableKey",
                 })
             }),
@@ -369,7 +376,7 @@ pub fn decode(
             Op::CancelKeyDeletion,
             model::parse::<model::KeyOnly>(body).and_then(|req| {
                 Ok(R::CancelKeyDeletion {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                 })
             }),
         ),
@@ -381,7 +388,7 @@ pub fn decode(
                     return Err(AwsError::validation("PendingWindowInDays must be 7 to 30"));
                 }
                 Ok(R::ScheduleKeyDeletion {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     days,
                 })
             }),
@@ -390,7 +397,7 @@ pub fn decode(
             Op::RotateKey,
             model::parse::<model::KeyOnly>(body).and_then(|req| {
                 Ok(R::RotateKeyOnDemand {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                 })
             }),
         ),
@@ -398,7 +405,7 @@ pub fn decode(
             Op::EnableKeyRotation,
             model::parse::<model::EnableKeyRotation>(body).and_then(|req| {
                 Ok(R::SetKeyRotation {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     period: Some(
                         req.rotation_period_in_days
                             .unwrap_or(crate::ops::DEFAULT_ROTATION_DAYS),
@@ -410,7 +417,7 @@ pub fn decode(
             Op::DisableKeyRotation,
             model::parse::<model::KeyOnly>(body).and_then(|req| {
                 Ok(R::SetKeyRotation {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     period: None,
                 })
             }),
@@ -419,7 +426,7 @@ pub fn decode(
             Op::TagKey,
             model::parse::<model::TagResource>(body).and_then(|req| {
                 Ok(R::Tag {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     tags: tag_map(req.tags),
                     remove: false,
                 })
@@ -429,7 +436,7 @@ pub fn decode(
             Op::UntagKey,
             model::parse::<model::UntagResource>(body).and_then(|req| {
                 Ok(R::Tag {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     tags: req
                         .tag_keys
                         .into_iter()
@@ -448,7 +455,7 @@ pub fn decode(
                     ));
                 }
                 Ok(R::UpdateKeyDescription {
-                    key: key(&req.key_id)?,
+                    key: key_id(&req.key_id)?,
                     description: req.description,
                 })
             }),
@@ -461,7 +468,7 @@ pub fn decode(
             },
             model::parse::<model::PointAlias>(body).and_then(|req| {
                 Ok(R::PointAlias {
-                    key: key(&req.target_key_id)?,
+                    key: key_id(&req.target_key_id)?,
                     alias: req.alias_name,
                     update: target == "UpdateAlias",
                 })
@@ -478,7 +485,7 @@ pub fn decode(
             model::parse::<model::ListAliases>(body).and_then(|req| {
                 let limit = limit(req.limit)? as u32;
                 Ok(R::ListAliases {
-                    key: optional_key(req.key_id.as_deref())?,
+                    key: req.key_id.as_deref().map_or(Ok(String::new()), key_id)?,
                     limit,
                     marker: page_marker(req.marker)?,
                 })
@@ -572,7 +579,7 @@ pub fn decode(
         "GetParametersForImport" => (
             Op::GetParametersForImport,
             model::parse::<model::GetParametersForImport>(body).and_then(|req| {
-                let key = key(&req.key_id)?;
+                let key = key_id(&req.key_id)?;
                 let algorithm = ImportAlgorithm::parse(&req.wrapping_algorithm).ok_or_else(|| {
                     AwsError::unsupported(
                         "WrappingAlgorithm: wrapd offers RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 and RSA_AES_KEY_WRAP_SHA_256",
@@ -597,7 +604,7 @@ pub fn decode(
         "ImportKeyMaterial" => (
             Op::ImportKeyMaterial,
             model::parse::<model::ImportKeyMaterial>(body).and_then(|req| {
-                let key = key(&req.key_id)?;
+                let key = key_id(&req.key_id)?;
                 let (token, material, valid_to) = import_members(&req)?;
                 Ok(R::ImportKeyMaterial {
                     key,
@@ -610,7 +617,7 @@ pub fn decode(
         "DeleteImportedKeyMaterial" => (
             Op::DeleteImportedKeyMaterial,
             model::parse::<model::DeleteImportedKeyMaterial>(body).and_then(|req| {
-                let key = key(&req.key_id)?;
+                let key = key_id(&req.key_id)?;
                 if req.key_material_id.is_some() {
                     return Err(AwsError::unsupported(
                         "KeyMaterialId: wrapd keeps one key material per key",
