@@ -56,6 +56,9 @@ pub enum Error {
     /// Key material that differs from the material imported into the key before.
     #[error("{0}")]
     IncorrectKeyMaterial(String),
+    /// A key policy document that does not parse, or that would lock its author out.
+    #[error("{0}")]
+    MalformedPolicy(String),
     /// Something wrapd or the token does not offer (a wrapping algorithm the token's PKCS#11
     /// library cannot unwrap with). The message names the alternative.
     #[error("{0}")]
@@ -157,6 +160,8 @@ pub enum ErrorKind {
     ExpiredImportToken,
     /// Imported material that differs from the key's (INVALID_ARGUMENT).
     IncorrectKeyMaterial,
+    /// A key policy that does not parse or would lock its author out (INVALID_ARGUMENT).
+    MalformedPolicy,
     /// Not offered by wrapd or its token (FAILED_PRECONDITION).
     Unsupported,
     /// No identity (UNAUTHENTICATED).
@@ -180,7 +185,8 @@ impl ErrorKind {
             | Self::IncorrectKey
             | Self::InvalidImportToken
             | Self::ExpiredImportToken
-            | Self::IncorrectKeyMaterial => (3, "INVALID_ARGUMENT"),
+            | Self::IncorrectKeyMaterial
+            | Self::MalformedPolicy => (3, "INVALID_ARGUMENT"),
             Self::NotFound => (5, "NOT_FOUND"),
             Self::AlreadyExists => (6, "ALREADY_EXISTS"),
             Self::PermissionDenied => (7, "PERMISSION_DENIED"),
@@ -217,6 +223,7 @@ impl Error {
             Self::InvalidImportToken(_) => ErrorKind::InvalidImportToken,
             Self::ExpiredImportToken(_) => ErrorKind::ExpiredImportToken,
             Self::IncorrectKeyMaterial(_) => ErrorKind::IncorrectKeyMaterial,
+            Self::MalformedPolicy(_) => ErrorKind::MalformedPolicy,
             Self::Unsupported(_) => ErrorKind::Unsupported,
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,

@@ -24,7 +24,7 @@
 //! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: ARNs, AWS error types), the XKS proxy API for AWS KMS external key stores (`front::xks`), the SigV4 verifier both HTTPS front ends share (`front::sigv4`), and each one's error mapping |
 //! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the data plane's worker threads, the KMS plugin's rules |
 //! | [`metrics`] | What is measured and the recording calls: a leaf the audit log, ops and hsm use (the recorder, the scrape and its listener are in `server`) |
-//! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]) and the policy |
+//! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]), the policy file, and key policies (`auth::key_policy`: parsing and evaluation) |
 //! | [`audit`] | the hash-chained audit log, its group commit ([`audit::writer`]) and its verifier (the verifier is client-side too) |
 //! | [`pki`] | `wrapd pki`: a small CA for mutual TLS |
 //! | [`keystore`] | keys and data-key operations, one file per part (view, lifecycle, rotation, aliases, data plane, raw AES-GCM for the XKS API, import, tickets); the [`keystore::MetadataStore`] boundary and its SQLite and PostgreSQL implementations |

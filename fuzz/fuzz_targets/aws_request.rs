@@ -14,7 +14,7 @@ const TARGETS: &[&str] = &[
     "CreateKey", "DescribeKey", "ListKeyRotations", "GetKeyRotationStatus", "ListResourceTags",
     "ListKeys", "EnableKey", "DisableKey", "CancelKeyDeletion", "ScheduleKeyDeletion",
     "RotateKeyOnDemand", "EnableKeyRotation", "DisableKeyRotation", "TagResource",
-    "UntagResource", "UpdateKeyDescription", "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
+    "UntagResource", "UpdateKeyDescription", "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases",
     "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Encrypt", "Decrypt", "ReEncrypt",
     "GenerateRandom", "GetParametersForImport", "ImportKeyMaterial",
     "DeleteImportedKeyMaterial", "CreateGrant",

@@ -17,6 +17,7 @@
 //! denied.
 
 mod cert;
+pub mod key_policy;
 mod migrate;
 mod policy;
 mod unix;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 pub use cert::principal_from_certificate;
 pub use migrate::{PolicyChange, line_diff, migrate_policy_text};
-pub use policy::{Group, Operation, Policy, PolicyHandle, RequestAttributes, Target};
+pub use policy::{Group, KeyPolicies, Operation, Policy, PolicyHandle, RequestAttributes, Target};
 pub use unix::{UnixNames, UnixPeer};
 
 use crate::error::{Error, Result};

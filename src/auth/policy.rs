@@ -40,6 +40,7 @@ use arc_swap::ArcSwap;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
+use super::key_policy::KeyPolicy;
 use crate::context::EncryptionContext;
 use crate::error::{Error, Result};
 
@@ -126,6 +127,9 @@ operations! {
     RestoreKeyVersion: Admin,
     ScheduleKeyVersionDestruction: Admin,
     CancelKeyVersionDestruction: Admin,
+    GetKeyPolicy: Admin,
+    PutKeyPolicy: Admin,
+    ListKeyPolicies: Admin,
     XksGetHealthStatus: Xks,
     XksGetKeyMetadata: Xks,
     XksEncrypt: Xks,
@@ -136,8 +140,9 @@ operations! {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A key, by all its names: id and aliases (or, for a key that does not exist, the
-    /// name as requested, so that a denial does not reveal whether it exists).
-    Key(Vec<String>),
+    /// name as requested, so that a denial does not reveal whether it exists), and its key
+    /// policy (`None`: AWS's default policy, which leaves every call to this file).
+    Key(Vec<String>, Option<Arc<KeyPolicy>>),
     /// No key in particular.
     Any,
 }
@@ -147,6 +152,22 @@ pub enum Target {
 struct RawPolicy {
     #[serde(default, rename = "grant")]
     grants: Vec<RawGrant>,
+    #[serde(default)]
+    key_policies: KeyPolicies,
+}
+
+/// What a key policy's `Allow` naming the caller does (`key_policies` in the policy file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyPolicies {
+    /// The default: key policies restrict. A `Deny` denies; an `Allow`, whether it names the
+    /// caller or its account, still needs a grant of this file. Key policies live in the
+    /// metadata store, which a fleet shares; this file is each host's own, so a store writer
+    /// cannot give anyone access.
+    #[default]
+    Restrict,
+    /// As AWS KMS: a key policy statement that names the caller allows without a grant.
+    Grant,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +213,7 @@ pub const REQUEST_ATTRIBUTES: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct Policy {
     grants: Vec<Grant>,
+    key_policies: KeyPolicies,
 }
 
 fn glob(pattern: &str) -> Result<Glob> {
@@ -315,7 +337,15 @@ impl Policy {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { grants })
+        Ok(Self {
+            grants,
+            key_policies: raw.key_policies,
+        })
+    }
+
+    /// What a key policy's `Allow` naming the caller does.
+    pub fn key_policies(&self) -> KeyPolicies {
+        self.key_policies
     }
 
     /// Reads and parses a policy file.
@@ -406,7 +436,7 @@ impl Grant {
         self.operations.contains(&op)
             && principals.iter().any(|p| self.principals.is_match(p))
             && match target {
-                Target::Key(names) => names.iter().any(|n| self.keys.is_match(n)),
+                Target::Key(names, _) => names.iter().any(|n| self.keys.is_match(n)),
                 Target::Any => self.keys.is_match("*"),
             }
             && (self.require_context.is_empty()
@@ -509,7 +539,7 @@ mod tests {
     "#;
 
     fn names(n: &[&str]) -> Target {
-        Target::Key(n.iter().map(|s| s.to_string()).collect())
+        Target::Key(n.iter().map(|s| s.to_string()).collect(), None)
     }
 
     fn ctx(entries: &[(&str, &str)]) -> EncryptionContext {

@@ -106,6 +106,7 @@ impl From<crate::Error> for ClientError {
             | ErrorKind::InvalidImportToken
             | ErrorKind::ExpiredImportToken
             | ErrorKind::IncorrectKeyMaterial
+            | ErrorKind::MalformedPolicy
             | ErrorKind::AlreadyExists => Failure::Invalid,
             ErrorKind::Unavailable => Failure::Unavailable,
             ErrorKind::WrongState

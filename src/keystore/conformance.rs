@@ -38,6 +38,7 @@ fn record(state: KeyState) -> KeyRecord {
         tags: Default::default(),
         origin: Default::default(),
         material: None,
+        policy: None,
     }
 }
 
@@ -226,6 +227,24 @@ pub fn rotation_schedules_and_tags(store: &impl Store) {
     assert_eq!(
         store.set_description(&unknown, "x").unwrap_err().kind(),
         ErrorKind::NotFound
+    );
+    // The key policy: none for a key made without one, then the document as written.
+    assert_eq!(store.key(&key.id).unwrap().unwrap().policy, None);
+    store.set_policy(&key.id, "{\"Statement\":[]}").unwrap();
+    assert_eq!(
+        store.key(&key.id).unwrap().unwrap().policy.as_deref(),
+        Some("{\"Statement\":[]}")
+    );
+    assert_eq!(
+        store.set_policy(&unknown, "{}").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    let mut with_policy = record(KeyState::Enabled);
+    with_policy.policy = Some("{\"Id\":\"made with it\"}".into());
+    store.create_key(&with_policy, None).unwrap();
+    assert_eq!(
+        store.key(&with_policy.id).unwrap().unwrap().policy,
+        with_policy.policy
     );
 }
 

@@ -33,6 +33,19 @@ impl Keystore {
         tags: &BTreeMap<String, String>,
         origin: KeyOrigin,
     ) -> Result<Arc<KeyRecord>> {
+        self.create_key_with_policy(description, alias, tags, origin, None)
+    }
+
+    /// [`Keystore::create_key_from`] with a key policy document (checked by the caller;
+    /// `None`: AWS's default policy), written with the key in one step.
+    pub fn create_key_with_policy(
+        &self,
+        description: &str,
+        alias: Option<&AliasName>,
+        tags: &BTreeMap<String, String>,
+        origin: KeyOrigin,
+        policy: Option<&str>,
+    ) -> Result<Arc<KeyRecord>> {
         let tags = checked_tags(&BTreeMap::new(), tags, false)?;
         if description.len() > MAX_DESCRIPTION_LEN {
             return Err(Error::invalid(format!(
@@ -71,6 +84,7 @@ impl Keystore {
             aliases: alias.into_iter().cloned().collect(),
             rotation: None,
             tags,
+            policy: policy.map(str::to_owned),
         };
         // The alias's ticket before the store's row: a row without its ticket names nothing.
         let alias_ticket = alias.map(|alias| Ticket::alias(alias, &id));
@@ -136,6 +150,19 @@ impl Keystore {
         tags: &BTreeMap<String, String>,
         remove: bool,
     ) -> Result<Arc<KeyRecord>> {
+        self.change_metadata(key, |store, key| {
+            let updated = checked_tags(&key.tags, tags, remove)?;
+            store.set_tags(&key.id, &updated)
+        })
+    }
+
+    /// Changes what the store records of a key that is not pending deletion (tags, the
+    /// description, the key policy), under the admin lock, and answers with the key re-read.
+    fn change_metadata(
+        &self,
+        key: &KeyRef,
+        write: impl FnOnce(&dyn MetadataStore, &KeyRecord) -> Result<()>,
+    ) -> Result<Arc<KeyRecord>> {
         let _admin = self.admin.lock();
         let key = self.resolve(key)?;
         if key.state == KeyState::PendingDeletion {
@@ -144,8 +171,7 @@ impl Keystore {
                 key.id
             )));
         }
-        let updated = checked_tags(&key.tags, tags, remove)?;
-        self.store.set_tags(&key.id, &updated)?;
+        write(self.store.as_ref(), &key)?;
         self.refresh(&key.id)?
             .ok_or_else(|| Error::Internal("key vanished".into()))
     }
@@ -157,17 +183,14 @@ impl Keystore {
                 "description is longer than {MAX_DESCRIPTION_LEN} bytes"
             )));
         }
-        let _admin = self.admin.lock();
-        let key = self.resolve(key)?;
-        if key.state == KeyState::PendingDeletion {
-            return Err(Error::WrongState(format!(
-                "key {} is pending deletion",
-                key.id
-            )));
-        }
-        self.store.set_description(&key.id, description)?;
-        self.refresh(&key.id)?
-            .ok_or_else(|| Error::Internal("key vanished".into()))
+        self.change_metadata(key, |store, key| {
+            store.set_description(&key.id, description)
+        })
+    }
+
+    /// Replaces the key policy document (checked by the caller).
+    pub fn put_key_policy(&self, key: &KeyRef, policy: &str) -> Result<Arc<KeyRecord>> {
+        self.change_metadata(key, |store, key| store.set_policy(&key.id, policy))
     }
 
     /// Enables a disabled key.

@@ -225,6 +225,9 @@ pub struct KeyRecord {
     pub origin: KeyOrigin,
     /// For `EXTERNAL` keys that had material imported.
     pub material: Option<ImportedMaterial>,
+    /// The key policy document (`None`: a key made before key policies, which has AWS's
+    /// default policy, [`crate::auth::key_policy::KeyPolicy::default_document`]).
+    pub policy: Option<String>,
 }
 
 impl KeyRecord {
@@ -275,6 +278,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()>;
     /// Replaces a key's description; [`crate::Error::KeyNotFound`] if it does not exist.
     fn set_description(&self, id: &KeyId, description: &str) -> Result<()>;
+    /// Replaces the key policy document.
+    fn set_policy(&self, id: &KeyId, policy: &str) -> Result<()>;
     /// Sets the state and the imported material's record of an `EXTERNAL` key, atomically.
     ///
     /// Only if the recorded check value is still `expected` (`None`: none recorded):

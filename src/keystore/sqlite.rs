@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
@@ -33,6 +33,8 @@ const MIGRATION_4: &str = include_str!("migrations/sqlite/0004.sql");
 const MIGRATION_5: &str = include_str!("migrations/sqlite/0005.sql");
 /// Schema 6: version destruction.
 const MIGRATION_6: &str = include_str!("migrations/sqlite/0006.sql");
+/// Key policies.
+const MIGRATION_7: &str = include_str!("migrations/sqlite/0007.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.
@@ -109,6 +111,12 @@ impl SqliteStore {
             ))
             .map_err(db_error)?;
         }
+        if version < 7 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_7} PRAGMA user_version = 7; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -125,7 +133,7 @@ impl SqliteStore {
             .query_row(
                 "SELECT description, state, created_at, deletion_date, rotation_period_days,
                         next_rotation, origin, material_check, material_present,
-                        material_valid_to
+                        material_valid_to, policy
                  FROM keys WHERE id = ?1",
                 [id],
                 |row| {
@@ -143,6 +151,7 @@ impl SqliteStore {
                             row.get::<_, Option<String>>(7)?,
                             row.get::<_, i64>(8)? != 0,
                             row.get::<_, Option<i64>>(9)?,
+                            row.get::<_, Option<String>>(10)?,
                         ),
                     ))
                 },
@@ -151,7 +160,7 @@ impl SqliteStore {
             .map_err(db_error)?;
         let Some((
             (description, state, created_at, deletion_date, period, next),
-            (origin, check, present, valid_to),
+            (origin, check, present, valid_to, policy),
         )) = row
         else {
             return Ok(None);
@@ -231,6 +240,7 @@ impl SqliteStore {
             tags,
             origin,
             material,
+            policy,
         }))
     }
 
@@ -330,14 +340,15 @@ impl MetadataStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_error)?;
         tx.execute(
-            "INSERT INTO keys (id, description, state, created_at, deletion_date)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO keys (id, description, state, created_at, deletion_date, policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 key.id.as_str(),
                 key.description,
                 key.state.as_str(),
                 to_millis(key.created_at),
-                key.deletion_date.map(to_millis)
+                key.deletion_date.map(to_millis),
+                key.policy
             ],
         )
         .map_err(db_error)?;
@@ -448,6 +459,20 @@ impl MetadataStore for SqliteStore {
             .execute(
                 "UPDATE keys SET description = ?2 WHERE id = ?1",
                 params![id.as_str(), description],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            return Err(Error::KeyNotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    fn set_policy(&self, id: &KeyId, policy: &str) -> Result<()> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE keys SET policy = ?2 WHERE id = ?1",
+                params![id.as_str(), policy],
             )
             .map_err(db_error)?;
         if changed == 0 {
@@ -865,6 +890,7 @@ mod tests {
             tags: BTreeMap::new(),
             origin: KeyOrigin::Hsm,
             material: None,
+            policy: None,
         };
         SqliteStore::open(&path)
             .unwrap()

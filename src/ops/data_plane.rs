@@ -80,7 +80,7 @@ impl Ops {
     /// no key at all: each item would only be denied, and a caller with no grant must not
     /// cost the daemon a durable line per item.
     pub(super) async fn may_batch(&self, call: &Call) -> Result<()> {
-        match self.gate.check_some(call, call.op()) {
+        match self.gate.check_some_by_file(call, call.op()) {
             Ok(()) => Ok(()),
             Err(err) => Err(self.reject(call.whole(), err).await),
         }

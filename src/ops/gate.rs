@@ -43,6 +43,8 @@ pub struct Gate {
     writer: Option<AuditWriter>,
     /// How many unauthenticated refusals get a line of their own.
     refusals: RefusalBudget,
+    /// The account of callers without an ARN of their own, for key policies.
+    account: String,
 }
 
 impl Gate {
@@ -56,7 +58,20 @@ impl Gate {
             batch_share: LOCAL_BATCH_SHARE,
             writer: None,
             refusals: RefusalBudget::default(),
+            account: super::key_policies::DEFAULT_ACCOUNT.to_owned(),
         }
+    }
+
+    /// Puts callers without an ARN of their own in `account` (`[aws] account`), for key
+    /// policies.
+    pub fn with_account(mut self, account: impl Into<String>) -> Self {
+        self.account = account.into();
+        self
+    }
+
+    /// The account of callers without an ARN of their own.
+    pub fn account(&self) -> &str {
+        &self.account
     }
 
     /// Runs data-plane jobs on `threads` worker threads of their own (one per HSM session),
@@ -116,6 +131,30 @@ impl Gate {
             ));
         }
         let policy = self.policy.current();
+        // The key policy first: it may deny, allow on its own (`key_policies = "grant"`),
+        // or leave the call to the policy file.
+        if let Target::Key(_, key_policy) = target {
+            use super::key_policies::{Outcome, decide, default_policy};
+            let outcome = match key_policy {
+                Some(key_policy) => decide(
+                    key_policy,
+                    policy.key_policies(),
+                    &self.account,
+                    identity,
+                    op,
+                    context,
+                ),
+                None => default_policy(&self.account, identity),
+            };
+            match outcome {
+                Outcome::Allowed => return Ok(()),
+                Outcome::Denied => {
+                    let _ = call.denial.set("the key policy".into());
+                    return Err(denied(op));
+                }
+                Outcome::FileDecides => {}
+            }
+        }
         let attributes = &call.attributes;
         if policy.allows(&identity.principals, op, target, context, attributes) {
             return Ok(());
@@ -128,14 +167,54 @@ impl Gate {
         Err(denied(op))
     }
 
-    /// For a call whose key cannot be known yet (or at all: an unparseable blob): allowed to
-    /// go on (and fail on its input) only if the caller may do `op` on some key.
-    pub fn check_some(&self, call: &Call, op: Operation) -> Result<()> {
+    /// Whether `policy`, as a new key's, would deny its creator `PutKeyPolicy` on it (the
+    /// key policy alone: the key does not exist for the policy file yet).
+    pub fn key_policy_locks_out(
+        &self,
+        call: &Call,
+        policy: &crate::auth::key_policy::KeyPolicy,
+    ) -> bool {
+        let Ok(identity) = call.identity.as_ref() else {
+            return true;
+        };
+        super::key_policies::decide(
+            policy,
+            self.policy.current().key_policies(),
+            &self.account,
+            identity,
+            Operation::PutKeyPolicy,
+            None,
+        ) == super::key_policies::Outcome::Denied
+    }
+
+    /// [`Gate::check_some`] by the policy file alone, for batches: a caller whose rights come
+    /// only from key policies (`key_policies = "grant"`) makes single calls, so that a caller
+    /// with no grant cannot have a thousand items audited per call.
+    pub fn check_some_by_file(&self, call: &Call, op: Operation) -> Result<()> {
         let identity = call
             .identity
             .as_ref()
             .map_err(|refusal| Error::Unauthenticated(refusal.reason.clone()))?;
         if self.policy.current().allows_some(&identity.principals, op) {
+            Ok(())
+        } else {
+            Err(denied(op))
+        }
+    }
+
+    /// For a call whose key cannot be known yet (or at all: an unparseable blob): allowed to
+    /// go on (and fail on its input) only if the caller may do `op` on some key. With
+    /// `key_policies = "grant"` any key's policy may allow it, which only the key's own check
+    /// can tell: every authenticated caller goes on to that check.
+    pub fn check_some(&self, call: &Call, op: Operation) -> Result<()> {
+        let identity = call
+            .identity
+            .as_ref()
+            .map_err(|refusal| Error::Unauthenticated(refusal.reason.clone()))?;
+        let policy = self.policy.current();
+        if policy.allows_some(&identity.principals, op)
+            || policy.key_policies() == crate::auth::KeyPolicies::Grant
+        {
             Ok(())
         } else {
             Err(denied(op))

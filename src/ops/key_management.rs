@@ -3,6 +3,7 @@
 //! audited; and the maintenance passes that run as `wrapd:daemon`.
 
 use super::*;
+use crate::auth::key_policy::{KeyPolicy, POLICY_NAME};
 
 /// Checks an alias operation: on the alias's own name, never on the other names of the key it
 /// points at, and on every key involved: the key it names now (if any) and the key it is to
@@ -15,7 +16,7 @@ pub(super) fn check_alias(
     alias: &AliasName,
     new_key: Option<&KeyRef>,
 ) -> Result<()> {
-    gate.check(call, &Target::Key(vec![alias.to_string()]), None)?;
+    gate.check(call, &Target::Key(vec![alias.to_string()], None), None)?;
     let current = KeyRef::Alias(alias.clone());
     if ks.resolve(&current).is_ok() {
         gate.check(call, &target_of(ks, &current), None)?;
@@ -29,6 +30,22 @@ pub(super) fn check_alias(
         gate.check(call, &target_of(ks, key), None)?;
     }
     Ok(())
+}
+
+/// AWS KMS's refusal of a key policy that would lock its author out.
+const LOCKOUT: &str =
+    "The new key policy will not allow you to update the key policy in the future.";
+
+/// A key's policy name: `default` (or empty, which means it), its only one.
+fn policy_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == POLICY_NAME {
+        Ok(())
+    } else {
+        Err(Error::KeyNotFound(format!(
+            "no key policy named {:?}: a key's one policy is \"{POLICY_NAME}\"",
+            name.chars().take(128).collect::<String>()
+        )))
+    }
 }
 
 impl Ops {
@@ -70,6 +87,25 @@ impl Ops {
         tags: std::collections::BTreeMap<String, String>,
         origin: KeyOrigin,
     ) -> Result<KeyView> {
+        self.create_key_with_policy(call, description, alias, tags, origin, None, false)
+            .await
+    }
+
+    /// [`Ops::create_key`] with a key policy document (`None`: AWS's default policy). Unless
+    /// `bypass_lockout`, the policy must let the creator change it later (the key-policy
+    /// part of the check: the policy file cannot be asked about a key that does not exist
+    /// yet), as AWS KMS checks.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_key_with_policy(
+        &self,
+        call: Call,
+        description: String,
+        alias: String,
+        tags: std::collections::BTreeMap<String, String>,
+        origin: KeyOrigin,
+        policy: Option<String>,
+        bypass_lockout: bool,
+    ) -> Result<KeyView> {
         self.key_job(call, move |gate, ks, call| {
             gate.check_some(call, call.op())?;
             let alias = if alias.is_empty() {
@@ -78,11 +114,84 @@ impl Ops {
                 Some(AliasName::parse(&alias)?)
             };
             let target = match &alias {
-                Some(alias) => Target::Key(vec![alias.to_string()]),
+                Some(alias) => Target::Key(vec![alias.to_string()], None),
                 None => Target::Any,
             };
             gate.check(call, &target, None)?;
-            ks.create_key_from(&description, alias.as_ref(), &tags, origin)
+            if let Some(policy) = &policy {
+                let parsed = KeyPolicy::parse(policy).map_err(Error::MalformedPolicy)?;
+                if !bypass_lockout && gate.key_policy_locks_out(call, &parsed) {
+                    return Err(Error::MalformedPolicy(LOCKOUT.into()));
+                }
+            }
+            ks.create_key_with_policy(
+                &description,
+                alias.as_ref(),
+                &tags,
+                origin,
+                policy.as_deref(),
+            )
+        })
+        .await
+    }
+
+    /// The key's policy document (`name` must be `default`, AWS KMS's one policy name): the
+    /// stored one, or AWS's default policy for a key made without one.
+    pub async fn get_key_policy(&self, call: Call, key_id: String, name: String) -> Result<String> {
+        self.run(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            policy_name(&name)?;
+            let key = ks.resolve(&key)?;
+            call.key(key.id.to_string(), Some(key.current_version()));
+            Ok(key
+                .policy
+                .clone()
+                .unwrap_or_else(|| KeyPolicy::default_document(gate.account())))
+        })
+        .await
+    }
+
+    /// The names of the key's policies: `default`, its only one.
+    pub async fn list_key_policies(&self, call: Call, key_id: String) -> Result<Vec<String>> {
+        self.run(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            let key = ks.resolve(&key)?;
+            call.key(key.id.to_string(), Some(key.current_version()));
+            Ok(vec![POLICY_NAME.to_owned()])
+        })
+        .await
+    }
+
+    /// Replaces the key's policy document. Unless `bypass_lockout`, the new policy (with the
+    /// policy file) must still let the caller replace it, as AWS KMS checks; else
+    /// [`Error::MalformedPolicy`].
+    pub async fn put_key_policy(
+        &self,
+        call: Call,
+        key_id: String,
+        name: String,
+        policy: String,
+        bypass_lockout: bool,
+    ) -> Result<KeyView> {
+        self.key_job(call, move |gate, ks, call| {
+            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            policy_name(&name)?;
+            let parsed = Arc::new(KeyPolicy::parse(&policy).map_err(Error::MalformedPolicy)?);
+            if !bypass_lockout {
+                let names = match target_of(ks, &key) {
+                    Target::Key(names, _) => names,
+                    Target::Any => Vec::new(),
+                };
+                let after = Target::Key(names, Some(parsed));
+                match gate.check_as(call, Operation::PutKeyPolicy, &after, None) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == crate::error::ErrorKind::PermissionDenied => {
+                        return Err(Error::MalformedPolicy(LOCKOUT.into()));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            ks.put_key_policy(&key, &policy)
         })
         .await
     }

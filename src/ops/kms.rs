@@ -54,12 +54,15 @@ fn kms_key_id(key_id: &impl std::fmt::Display, version: u32) -> String {
 /// `alias/kubernetes`) covers blobs of keys the alias pointed at before.
 fn issued_by_plugin(ks: &Keystore, configured: &KeyRef, blob_key: &KeyRef) -> Target {
     let mut names = vec![configured.to_string()];
+    // The blob key's policy decides, as for any Decrypt of its blobs.
+    let mut policy = None;
     for target in [target_of(ks, configured), target_of(ks, blob_key)] {
-        if let Target::Key(more) = target {
+        if let Target::Key(more, key_policy) = target {
             names.extend(more);
+            policy = key_policy;
         }
     }
-    Target::Key(names)
+    Target::Key(names, policy)
 }
 
 /// The KMS v2 plugin's operations over one configured key.

@@ -10,7 +10,8 @@
 //! format. Nothing here knows a transport: no module below the front ends imports tonic.
 //!
 //! `call.rs` is the call record, `gate.rs` the policy checks, the job runner and the audit
-//! line, `data_plane.rs` and `key_management.rs` the operations, `kms.rs` those of the
+//! line, `key_policies.rs` the gate's key-policy step (how a call looks to a key policy),
+//! `data_plane.rs` and `key_management.rs` the operations, `kms.rs` those of the
 //! Kubernetes KMS v2 plugin, `xks.rs` those of the XKS proxy API, `refusals.rs` the budget for audit lines of refused callers and
 //! `workers.rs` the threads that run jobs.
 
@@ -18,6 +19,7 @@ mod call;
 mod data_plane;
 mod gate;
 mod key_management;
+pub mod key_policies;
 mod kms;
 mod refusals;
 mod workers;
@@ -169,8 +171,9 @@ fn target_of(keystore: &Keystore, key: &KeyRef) -> Target {
             std::iter::once(record.id.to_string())
                 .chain(record.aliases.iter().map(ToString::to_string))
                 .collect(),
+            key_policies::parsed(&record),
         ),
-        Err(_) => Target::Key(vec![key.to_string()]),
+        Err(_) => Target::Key(vec![key.to_string()], None),
     }
 }
 

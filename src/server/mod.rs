@@ -300,6 +300,13 @@ impl Daemon {
         let gate = Arc::new(
             Gate::new(self.policy.clone(), self.audit.clone())
                 .with_instance(self.instance.clone())
+                .with_account(
+                    self.aws
+                        .as_ref()
+                        .map_or(crate::ops::key_policies::DEFAULT_ACCOUNT, |aws| {
+                            aws.account.as_str()
+                        }),
+                )
                 .with_workers(self.workers, self.token.profile().is_networked())?,
         );
         // A fleet's daemons follow each other's changes through the shared store.

@@ -76,7 +76,7 @@ pub(crate) fn aws_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
 }
 
 /// Runs a boto3 scenario of `tests/python/aws_kms_boto3.py`; returns its JSON line.
-fn boto3(daemon: &DevDaemon, scenario: &str, env: &[(&str, &str)]) -> Value {
+pub(crate) fn boto3(daemon: &DevDaemon, scenario: &str, env: &[(&str, &str)]) -> Value {
     let mut command = Command::new("python3");
     aws_env(daemon, &mut command);
     for (k, v) in env {
@@ -413,7 +413,7 @@ fn bad_signatures_unknown_keys_unsigned_and_skewed_requests_are_refused_and_audi
 
 /// Adds a second access key to `daemon`, acting as a principal the dev policy grants
 /// nothing, and restarts it; returns the environment that makes boto3 use that key.
-fn with_outsider_key(daemon: &mut DevDaemon) -> Vec<(&'static str, String)> {
+pub(crate) fn with_outsider_key(daemon: &mut DevDaemon) -> Vec<(&'static str, String)> {
     let dir = daemon.dir().to_owned();
     std::fs::write(
         dir.join("aws/outsider-secret"),
@@ -442,7 +442,7 @@ fn with_outsider_key(daemon: &mut DevDaemon) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
@@ -459,7 +459,7 @@ fn a_signed_call_of_an_operation_wrapd_does_not_have_is_audited() {
     assert_eq!(
         names,
         [
-            Some("TrentService.GetKeyPolicy".to_owned()),
+            Some("TrentService.ListRetirableGrants".to_owned()),
             Some("TrentService.ListGrants".to_owned())
         ]
     );

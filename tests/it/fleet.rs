@@ -55,8 +55,8 @@ mod postgres_store {
             .get(0);
         // Each migration once (version is the primary key: a second run would have failed
         // its transaction): the schema, key import, version usage, version retirement,
-        // version destruction.
-        assert_eq!(applied, 5);
+        // version destruction, key policies.
+        assert_eq!(applied, 6);
     }
 
     #[test]
@@ -155,6 +155,7 @@ mod postgres_store {
             tags: Default::default(),
             origin: Default::default(),
             material: None,
+            policy: None,
         };
         a.create_key(&record, None).unwrap();
         assert!(!a.begin_version(&key, 2).unwrap());

@@ -29,6 +29,7 @@ mod grpc_clients;
 mod hostile_input;
 mod key_import;
 mod key_lifecycle;
+mod key_policies;
 mod keyrings;
 mod keystore_in_process;
 mod kms_plugin;

@@ -196,6 +196,72 @@ def key_id_forms():
     print(json.dumps(refused))
 
 
+def key_policies():
+    """Key policies as AWS answers them: the default policy, a policy that denies Decrypt
+    without a context value, the lockout check and its bypass, a malformed document, and the
+    sequence a Terraform aws_kms_key goes through."""
+    c = kms()
+    account = os.environ["WRAPD_ACCOUNT"]
+    out = {}
+    key = c.create_key()["KeyMetadata"]
+    default = c.get_key_policy(KeyId=key["KeyId"], PolicyName="default")
+    out["default_name"] = default["PolicyName"]
+    out["default_principal"] = json.loads(default["Policy"])["Statement"][0]["Principal"]["AWS"]
+    listed = c.list_key_policies(KeyId=key["Arn"])
+    out["names"] = listed["PolicyNames"]
+    out["truncated"] = listed["Truncated"]
+
+    root = {"Sid": "root", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+            "Action": "kms:*", "Resource": "*"}
+    tenant = {"Sid": "tenant", "Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Resource": "*",
+              "Condition": {"Null": {"kms:EncryptionContext:tenant": "true"}}}
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [root, tenant]})
+    c.put_key_policy(KeyId=key["KeyId"], PolicyName="default", Policy=policy)
+    with_tenant = c.encrypt(KeyId=key["KeyId"], Plaintext=b"x", EncryptionContext={"tenant": "acme"})
+    without = c.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
+    decrypted = c.decrypt(CiphertextBlob=with_tenant["CiphertextBlob"], EncryptionContext={"tenant": "acme"})
+    out["decrypt_with_tenant"] = decrypted["Plaintext"] == b"x"
+    out["decrypt_without_tenant"] = error_code(c.decrypt, CiphertextBlob=without["CiphertextBlob"])[0]
+    out["stored"] = json.loads(c.get_key_policy(KeyId=key["KeyId"])["Policy"])["Statement"][1]["Sid"]
+
+    other = c.create_key()["KeyMetadata"]["KeyId"]
+    elsewhere = json.dumps({"Version": "2012-10-17", "Statement": [dict(root, Principal={"AWS": "999999999999"})]})
+    out["lockout"] = error_code(c.put_key_policy, KeyId=other, PolicyName="default", Policy=elsewhere)[0]
+    out["after_refused_lockout"] = c.describe_key(KeyId=other)["KeyMetadata"]["KeyState"]
+    c.put_key_policy(KeyId=other, PolicyName="default", Policy=elsewhere, BypassPolicyLockoutSafetyCheck=True)
+    out["locked_out"] = error_code(c.describe_key, KeyId=other)[0]
+    out["malformed"] = error_code(c.put_key_policy, KeyId=key["KeyId"], PolicyName="default", Policy="{not json")[0]
+    out["lockout_at_create"] = error_code(c.create_key, Policy=elsewhere)[0]
+
+    # The Terraform aws_kms_key sequence.
+    made = c.create_key(Description="tf", Policy=policy, Tags=[{"TagKey": "env", "TagValue": "test"}])["KeyMetadata"]
+    arn = made["Arn"]
+    described = c.describe_key(KeyId=arn)["KeyMetadata"]
+    assert described["Description"] == "tf" and described["KeyState"] == "Enabled", described
+    got = c.get_key_policy(KeyId=arn, PolicyName="default")
+    assert json.loads(got["Policy"]) == json.loads(policy), got
+    assert c.get_key_rotation_status(KeyId=arn)["KeyRotationEnabled"] is False
+    assert c.list_resource_tags(KeyId=arn)["Tags"] == [{"TagKey": "env", "TagValue": "test"}]
+    c.update_key_description(KeyId=arn, Description="tf, renamed")
+    c.put_key_policy(KeyId=arn, PolicyName="default", Policy=json.dumps({"Version": "2012-10-17", "Statement": [root]}))
+    assert len(json.loads(c.get_key_policy(KeyId=arn, PolicyName="default")["Policy"])["Statement"]) == 1
+    deletion = c.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7)
+    assert deletion["KeyId"] == arn and deletion["KeyState"] == "PendingDeletion", deletion
+    out["terraform"] = "ok"
+    out["key"] = key["KeyId"]
+    print(json.dumps(out))
+
+
+def outsider_encrypt():
+    """Run with a profile whose principal has no grant: an Encrypt under WRAPD_KEY."""
+    c = kms()
+    try:
+        c.encrypt(KeyId=os.environ["WRAPD_KEY"], Plaintext=b"x")
+        print(json.dumps({"code": "OK"}))
+    except ClientError as err:
+        print(json.dumps({"code": err.response["Error"]["Code"]}))
+
+
 def unavailable():
     """The audit log cannot be written (the Rust test broke it): DependencyTimeoutException."""
     c = kms()
@@ -250,7 +316,7 @@ def unsupported():
     """Correctly signed calls of operations wrapd does not have: refused, each audited."""
     c = kms()
     found = {
-        "get_key_policy": error_code(c.get_key_policy, KeyId="f" * 32, PolicyName="default")[0],
+        "list_retirable_grants": error_code(c.list_retirable_grants, RetiringPrincipal="arn:aws:iam::111122223333:user/x")[0],
         "list_grants": error_code(c.list_grants, KeyId="f" * 32)[0],
     }
     assert set(found.values()) == {"UnsupportedOperationException"}, found
@@ -294,6 +360,8 @@ if __name__ == "__main__":
         "pagination": pagination,
         "errors": errors,
         "key_id_forms": key_id_forms,
+        "key_policies": key_policies,
+        "outsider_encrypt": outsider_encrypt,
         "unavailable": unavailable,
         "denied": denied,
         "auth": auth,

@@ -431,6 +431,7 @@ pub async fn run(channel: Channel, cmd: KeysCommand) -> Result<Box<dyn ErasedRep
                     description,
                     alias: alias.unwrap_or_default(),
                     origin: origin as i32,
+                    ..Default::default()
                 })
                 .await
         }

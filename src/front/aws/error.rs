@@ -18,6 +18,7 @@
 //! | wrap limit of a version reached | `LimitExceededException` | 400 |
 //! | import token unknown / expired | `InvalidImportTokenException` / `ExpiredImportTokenException` | 400 |
 //! | imported material differs from the key's | `IncorrectKeyMaterialException` | 400 |
+//! | a key policy that does not parse or would lock its author out | `MalformedPolicyDocumentException` | 400 |
 //! | not offered (e.g. a wrapping algorithm the token lacks) | `UnsupportedOperationException` | 400 |
 //! | permission denied | `AccessDeniedException` | 400 |
 //! | unauthenticated | `UnrecognizedClientException` | 400 |
@@ -112,6 +113,9 @@ impl AwsError {
             }
             ErrorKind::IncorrectKeyMaterial => {
                 ("IncorrectKeyMaterialException", StatusCode::BAD_REQUEST)
+            }
+            ErrorKind::MalformedPolicy => {
+                ("MalformedPolicyDocumentException", StatusCode::BAD_REQUEST)
             }
             ErrorKind::Unsupported => ("UnsupportedOperationException", StatusCode::BAD_REQUEST),
             ErrorKind::PermissionDenied => ("AccessDeniedException", StatusCode::BAD_REQUEST),

@@ -26,9 +26,9 @@
 //! | `UpdateKeyDescription` | the same name |
 //! | `ListKeyRotations`, `GetKeyRotationStatus`, `ListResourceTags` | `DescribeKey` |
 //! | `GetParametersForImport`, `ImportKeyMaterial`, `DeleteImportedKeyMaterial` | the same names |
+//! | `GetKeyPolicy`, `PutKeyPolicy`, `ListKeyPolicies` | the same names |
 //!
-//! What wrapd does not offer is refused, never ignored: key policies (`Policy`: the policy
-//! file decides), other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
+//! What wrapd does not offer is refused, never ignored: grants, other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
 //! multi-Region keys, custom key stores, `DryRun`, Nitro `Recipient`s, and the operations not
 //! in the table (`UnsupportedOperationException`). `GrantTokens` are accepted and unused:
 //! wrapd has no grants. Data keys are 1 to 64 bytes (AWS allows 1,024), so that a blob
@@ -49,6 +49,7 @@ pub mod error;
 pub mod model;
 pub mod request;
 
+use crate::auth::key_policy::POLICY_NAME;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -228,11 +229,39 @@ impl AwsApi {
                 description,
                 tags,
                 origin,
+                policy,
+                bypass_lockout,
             } => {
                 let view = ops
-                    .create_key(call, description, String::new(), tags, origin)
+                    .create_key_with_policy(
+                        call,
+                        description,
+                        String::new(),
+                        tags,
+                        origin,
+                        policy,
+                        bypass_lockout,
+                    )
                     .await?;
                 Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
+            }
+            KmsRequest::GetKeyPolicy { key, name } => {
+                let policy = ops.get_key_policy(call, key, name).await?;
+                Ok(json!({ "Policy": policy, "PolicyName": POLICY_NAME }))
+            }
+            KmsRequest::PutKeyPolicy {
+                key,
+                name,
+                policy,
+                bypass_lockout,
+            } => {
+                ops.put_key_policy(call, key, name, policy, bypass_lockout)
+                    .await?;
+                Ok(json!({}))
+            }
+            KmsRequest::ListKeyPolicies { key } => {
+                let names = ops.list_key_policies(call, key).await?;
+                Ok(json!({ "PolicyNames": names, "Truncated": false }))
             }
             KmsRequest::DescribeKey { key, view } => {
                 let described = ops.describe_key(call, key).await?;

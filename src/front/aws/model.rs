@@ -275,6 +275,33 @@ pub struct TagResource {
     pub tags: Vec<Tag>,
 }
 
+/// `GetKeyPolicy`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GetKeyPolicy {
+    pub key_id: String,
+    pub policy_name: Option<String>,
+}
+
+/// `PutKeyPolicy`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct PutKeyPolicy {
+    pub key_id: String,
+    pub policy_name: Option<String>,
+    pub policy: String,
+    pub bypass_policy_lockout_safety_check: Option<bool>,
+}
+
+/// `ListKeyPolicies`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListKeyPolicies {
+    pub key_id: String,
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+}
+
 /// `UpdateKeyDescription`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]

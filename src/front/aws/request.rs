@@ -31,6 +31,33 @@ pub enum KmsRequest {
         tags: BTreeMap<String, String>,
         /// `Origin`.
         origin: KeyOrigin,
+        /// `Policy` (`None`: the default policy).
+        policy: Option<String>,
+        /// `BypassPolicyLockoutSafetyCheck`.
+        bypass_lockout: bool,
+    },
+    /// `GetKeyPolicy`.
+    GetKeyPolicy {
+        /// The key.
+        key: KeyName,
+        /// `PolicyName` (empty: `default`).
+        name: String,
+    },
+    /// `PutKeyPolicy`.
+    PutKeyPolicy {
+        /// The key.
+        key: KeyName,
+        /// `PolicyName` (empty: `default`).
+        name: String,
+        /// `Policy`.
+        policy: String,
+        /// `BypassPolicyLockoutSafetyCheck`.
+        bypass_lockout: bool,
+    },
+    /// `ListKeyPolicies`.
+    ListKeyPolicies {
+        /// The key.
+        key: KeyName,
     },
     /// `DescribeKey`, and the operations that read what it returns.
     DescribeKey {
@@ -316,6 +343,8 @@ pub fn decode(
                         _ => KeyOrigin::Hsm,
                     },
                     description: req.description.unwrap_or_default(),
+                    policy: req.policy,
+                    bypass_lockout: req.bypass_policy_lockout_safety_check == Some(true),
                 })
             }),
         ),
@@ -443,6 +472,49 @@ pub fn decode(
                         .map(|k| (k, String::new()))
                         .collect(),
                     remove: true,
+                })
+            }),
+        ),
+        "GetKeyPolicy" => (
+            Op::GetKeyPolicy,
+            model::parse::<model::GetKeyPolicy>(body).and_then(|req| {
+                let name = req.policy_name.unwrap_or_default();
+                refuse(policy_name_member(&name))?;
+                Ok(R::GetKeyPolicy {
+                    key: key_id(&req.key_id)?,
+                    name,
+                })
+            }),
+        ),
+        "PutKeyPolicy" => (
+            Op::PutKeyPolicy,
+            model::parse::<model::PutKeyPolicy>(body).and_then(|req| {
+                let name = req.policy_name.unwrap_or_default();
+                refuse(policy_name_member(&name))?;
+                refuse(policy_member(&req.policy))?;
+                Ok(R::PutKeyPolicy {
+                    key: key_id(&req.key_id)?,
+                    name,
+                    policy: req.policy,
+                    bypass_lockout: req.bypass_policy_lockout_safety_check == Some(true),
+                })
+            }),
+        ),
+        "ListKeyPolicies" => (
+            Op::ListKeyPolicies,
+            model::parse::<model::ListKeyPolicies>(body).and_then(|req| {
+                // One policy per key: any limit holds it, and no listing gives a marker.
+                limit(req.limit)?;
+                if let Some(marker) = req.marker {
+                    if marker.is_empty() || marker.len() > 1024 {
+                        return Err(AwsError::validation(
+                            "Marker must be 1 to 1024 characters",
+                        ));
+                    }
+                    return Err(AwsError::invalid_marker());
+                }
+                Ok(R::ListKeyPolicies {
+                    key: key_id(&req.key_id)?,
                 })
             }),
         ),
@@ -791,10 +863,8 @@ fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
             );
         }
     }
-    if req.policy.is_some() || req.bypass_policy_lockout_safety_check == Some(true) {
-        return not(
-            "Policy: key policies are not supported; wrapd's policy file decides who may use a key",
-        );
+    if let Some(refusal) = req.policy.as_deref().and_then(policy_member) {
+        return Some(refusal);
     }
     if req.multi_region == Some(true) {
         return not("MultiRegion: wrapd keys live in one HSM cluster");
@@ -803,6 +873,35 @@ fn create_key_refusal(req: &model::CreateKey) -> Option<AwsError> {
         return not("custom key stores are not supported");
     }
     None
+}
+
+/// The `PolicyName` constraints of the service model (1 to 128 word characters; empty here
+/// means the member was left out).
+fn policy_name_member(name: &str) -> Option<AwsError> {
+    let bad = name.len() > 128 || !name.chars().all(|c| c.is_alphanumeric() || c == '_');
+    bad.then(|| {
+        AwsError::validation(format!(
+            "1 validation error detected: Value '{}' at 'policyName' failed to satisfy constraint: Member must satisfy regular expression pattern: [\\w]+",
+            super::arn::truncate(name)
+        ))
+    })
+}
+
+/// The `Policy` constraints of the service model: 1 to 131,072 characters of tab, newline,
+/// carriage return or U+0020 to U+00FF (the document itself is checked by the key policy
+/// parser, within AWS KMS's 32 KB quota).
+fn policy_member(policy: &str) -> Option<AwsError> {
+    if policy.is_empty() || policy.chars().count() > 131_072 {
+        return Some(AwsError::validation(
+            "1 validation error detected: Value at 'policy' failed to satisfy constraint: Member must have length between 1 and 131072",
+        ));
+    }
+    let allowed = |c: char| matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{ff}');
+    (!policy.chars().all(allowed)).then(|| {
+        AwsError::validation(
+            "1 validation error detected: Value at 'policy' failed to satisfy constraint: Member must satisfy regular expression pattern: [\\u0009\\u000A\\u000D\\u0020-\\u00FF]+",
+        )
+    })
 }
 
 /// Why a data-plane request asks for something wrapd does not offer, if it does.
@@ -992,7 +1091,17 @@ mod tests {
     fn a_request_asking_for_what_wrapd_does_not_offer_is_refused_at_decoding() {
         for (target, body) in [
             ("CreateKey", r#"{"KeySpec":"RSA_2048"}"#),
-            ("CreateKey", r#"{"Policy":"{}"}"#),
+            ("CreateKey", r#"{"Policy":""}"#),
+            ("CreateKey", r#"{"Policy":"{\u0100}"}"#),
+            ("PutKeyPolicy", r#"{"KeyId":"alias/x","Policy":"{}"}"#),
+            (
+                "GetKeyPolicy",
+                r#"{"KeyId":"0123456789abcdef0123456789abcdef","PolicyName":"a-b"}"#,
+            ),
+            (
+                "ListKeyPolicies",
+                r#"{"KeyId":"0123456789abcdef0123456789abcdef","Marker":"x"}"#,
+            ),
             (
                 "GenerateDataKey",
                 r#"{"KeyId":"alias/x","NumberOfBytes":0}"#,

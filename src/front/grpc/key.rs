@@ -5,17 +5,18 @@ use tracing::instrument;
 
 use super::{call_of, status};
 use crate::auth::Operation;
+use crate::auth::key_policy::POLICY_NAME;
 use crate::hsm::ImportAlgorithm;
 use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{AliasEntry, KeyView, Ops};
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest,
-    GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
-    KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest, ListAliasesResponse,
-    ListKeysRequest, ListKeysResponse, ScheduleKeyDeletionRequest,
-    ScheduleKeyVersionDestructionRequest, TagKeyRequest, UntagKeyRequest,
-    UpdateKeyDescriptionRequest, WrappingAlgorithm,
+    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest, GetKeyPolicyRequest,
+    GetKeyPolicyResponse, GetParametersForImportRequest, GetParametersForImportResponse,
+    ImportKeyMaterialRequest, KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest,
+    ListAliasesResponse, ListKeyPoliciesResponse, ListKeysRequest, ListKeysResponse,
+    PutKeyPolicyRequest, ScheduleKeyDeletionRequest, ScheduleKeyVersionDestructionRequest,
+    TagKeyRequest, UntagKeyRequest, UpdateKeyDescriptionRequest, WrappingAlgorithm,
 };
 
 /// The control-plane service.
@@ -324,9 +325,69 @@ impl KeyService for KeyApi {
         };
         metadata(
             self.ops
-                .create_key(call, req.description, req.alias, Default::default(), origin)
+                .create_key_with_policy(
+                    call,
+                    req.description,
+                    req.alias,
+                    Default::default(),
+                    origin,
+                    (!req.policy.is_empty()).then_some(req.policy),
+                    req.bypass_lockout_check,
+                )
                 .await,
         )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn get_key_policy(
+        &self,
+        request: Request<GetKeyPolicyRequest>,
+    ) -> Result<Response<GetKeyPolicyResponse>, Status> {
+        let call = call_of(&request, Operation::GetKeyPolicy);
+        let req = request.into_inner();
+        let policy = self
+            .ops
+            .get_key_policy(call, req.key_id, req.policy_name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetKeyPolicyResponse {
+            policy,
+            policy_name: POLICY_NAME.to_owned(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn put_key_policy(
+        &self,
+        request: Request<PutKeyPolicyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let call = call_of(&request, Operation::PutKeyPolicy);
+        let req = request.into_inner();
+        metadata(
+            self.ops
+                .put_key_policy(
+                    call,
+                    req.key_id,
+                    req.policy_name,
+                    req.policy,
+                    req.bypass_lockout_check,
+                )
+                .await,
+        )
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_key_policies(
+        &self,
+        request: Request<KeyRef>,
+    ) -> Result<Response<ListKeyPoliciesResponse>, Status> {
+        let call = call_of(&request, Operation::ListKeyPolicies);
+        let policy_names = self
+            .ops
+            .list_key_policies(call, request.into_inner().key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListKeyPoliciesResponse { policy_names }))
     }
 
     #[instrument(level = "debug", skip_all)]

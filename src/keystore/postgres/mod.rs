@@ -92,6 +92,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../migrations/postgres/0003.sql")),
     (4, include_str!("../migrations/postgres/0004.sql")),
     (5, include_str!("../migrations/postgres/0005.sql")),
+    (6, include_str!("../migrations/postgres/0006.sql")),
 ];
 
 /// The PostgreSQL metadata store.

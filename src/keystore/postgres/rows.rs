@@ -32,7 +32,7 @@ impl PostgresStore {
             .query_opt(
                 "SELECT description, state, created_at, deletion_date, rotation_period_days,
                         next_rotation, origin, material_check, material_present,
-                        material_valid_to
+                        material_valid_to, policy
                  FROM keys WHERE id = $1",
                 &[&id],
             )
@@ -112,6 +112,7 @@ impl PostgresStore {
             aliases,
             rotation,
             tags,
+            policy: row.get(10),
         }))
     }
 

@@ -6,14 +6,15 @@ impl MetadataStore for PostgresStore {
     fn create_key(&self, key: &KeyRecord, alias: Option<&AliasName>) -> Result<()> {
         self.tx(|tx| {
             tx.execute(
-                "INSERT INTO keys (id, description, state, created_at, deletion_date)
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO keys (id, description, state, created_at, deletion_date, policy)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
                     &key.id.as_str(),
                     &key.description,
                     &key.state.as_str(),
                     &to_millis(key.created_at),
                     &key.deletion_date.map(to_millis),
+                    &key.policy,
                 ],
             )
             .map_err(|e| {
@@ -222,6 +223,21 @@ impl MetadataStore for PostgresStore {
                 .execute(
                     "UPDATE keys SET description = $2 WHERE id = $1",
                     &[&id.as_str(), &description],
+                )
+                .map_err(pg_error)?;
+            if changed == 0 {
+                return Err(Error::KeyNotFound(id.to_string()));
+            }
+            notify_key(tx, id)
+        })
+    }
+
+    fn set_policy(&self, id: &KeyId, policy: &str) -> Result<()> {
+        self.tx(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE keys SET policy = $2 WHERE id = $1",
+                    &[&id.as_str(), &policy],
                 )
                 .map_err(pg_error)?;
             if changed == 0 {
