@@ -32,6 +32,14 @@ pub(super) fn check_alias(
     Ok(())
 }
 
+/// The key a read-only call names, checked and recorded on the call.
+fn read_key(gate: &Gate, ks: &Keystore, call: &mut Call, key_id: &str) -> Result<Arc<KeyRecord>> {
+    let (key, _) = named_key(gate, ks, call, key_id, None)?;
+    let key = ks.resolve(&key)?;
+    call.key(key.id.to_string(), Some(key.current_version()));
+    Ok(key)
+}
+
 /// AWS KMS's refusal of a key policy that would lock its author out.
 const LOCKOUT: &str =
     "The new key policy will not allow you to update the key policy in the future.";
@@ -139,10 +147,8 @@ impl Ops {
     /// stored one, or AWS's default policy for a key made without one.
     pub async fn get_key_policy(&self, call: Call, key_id: String, name: String) -> Result<String> {
         self.run(call, move |gate, ks, call| {
-            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
+            let key = read_key(gate, ks, call, &key_id)?;
             policy_name(&name)?;
-            let key = ks.resolve(&key)?;
-            call.key(key.id.to_string(), Some(key.current_version()));
             Ok(key
                 .policy
                 .clone()
@@ -154,9 +160,7 @@ impl Ops {
     /// The names of the key's policies: `default`, its only one.
     pub async fn list_key_policies(&self, call: Call, key_id: String) -> Result<Vec<String>> {
         self.run(call, move |gate, ks, call| {
-            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
-            let key = ks.resolve(&key)?;
-            call.key(key.id.to_string(), Some(key.current_version()));
+            read_key(gate, ks, call, &key_id)?;
             Ok(vec![POLICY_NAME.to_owned()])
         })
         .await
@@ -209,9 +213,7 @@ impl Ops {
 
     async fn describe_key_with(&self, call: Call, key_id: String, usage: bool) -> Result<KeyView> {
         self.run(call, move |gate, ks, call| {
-            let (key, _) = named_key(gate, ks, call, &key_id, None)?;
-            let key = ks.resolve(&key)?;
-            call.key(key.id.to_string(), Some(key.current_version()));
+            let key = read_key(gate, ks, call, &key_id)?;
             let used = match usage.then(|| ks.version_usage(&key)).transpose() {
                 Ok(used) => used,
                 Err(err) => {

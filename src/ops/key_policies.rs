@@ -125,12 +125,16 @@ pub(super) fn decide(
 
 /// The default policy's say, without evaluating its document: it hands every action to
 /// the account, so a caller of the account goes to the policy file and any other is denied.
+/// Every call on a key without a stored policy comes here, so nothing is allocated: only an
+/// access key's own ARN can be of another account.
 pub(super) fn default_policy(account: &str, identity: &Identity) -> Outcome {
-    let arn = caller_arn(identity, account);
-    if arn_account(&arn).unwrap_or(account) == account {
-        Outcome::FileDecides
-    } else {
-        Outcome::Denied
+    let own_arn = identity
+        .principals
+        .iter()
+        .find_map(|p| p.strip_prefix("aws:arn="));
+    match own_arn.and_then(arn_account) {
+        Some(other) if other != account => Outcome::Denied,
+        _ => Outcome::FileDecides,
     }
 }
 
@@ -189,4 +193,59 @@ pub fn action(op: Operation) -> Option<&'static str> {
         Op::CancelKeyVersionDestruction => "kms:CancelKeyVersionDestruction",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Transport;
+
+    fn caller(principals: &[&str]) -> Identity {
+        Identity {
+            principals: principals.iter().map(|p| p.to_string()).collect(),
+            transport: Transport::AwsKms,
+            peer: "[::ffff:192.0.2.7]:4000".into(),
+            access_key: None,
+        }
+    }
+
+    #[test]
+    fn without_a_stored_policy_only_a_caller_of_another_account_is_denied() {
+        let own = caller(&["tls:uri=spiffe://a/b"]);
+        let same = caller(&["tls:uri=x", "aws:arn=arn:aws:iam::111122223333:user/alice"]);
+        let other = caller(&[
+            "tls:uri=x",
+            "aws:arn=arn:aws:iam::999999999999:user/mallory",
+        ]);
+        assert_eq!(default_policy("111122223333", &own), Outcome::FileDecides);
+        assert_eq!(default_policy("111122223333", &same), Outcome::FileDecides);
+        assert_eq!(default_policy("111122223333", &other), Outcome::Denied);
+    }
+
+    #[test]
+    fn a_caller_without_an_arn_is_its_principal_in_the_account_and_its_ipv4_address_canonical() {
+        let identity = caller(&["unix:uid=1000"]);
+        assert_eq!(
+            caller_arn(&identity, "111122223333"),
+            "arn:aws:iam::111122223333:wrapd/unix:uid=1000"
+        );
+        let policy = KeyPolicy::parse(
+            r#"{"Statement":{"Effect":"Deny","Principal":"*","Action":"kms:*","Resource":"*",
+                "Condition":{"IpAddress":{"aws:SourceIp":"192.0.2.0/24"}}}}"#,
+        )
+        .unwrap();
+        let outcome = decide(
+            &policy,
+            KeyPolicies::Restrict,
+            "111122223333",
+            &identity,
+            Operation::Unwrap,
+            None,
+        );
+        assert_eq!(
+            outcome,
+            Outcome::Denied,
+            "an IPv4 client of a dual-stack listener"
+        );
+    }
 }

@@ -49,6 +49,18 @@ async fn new_key(daemon: &DevDaemon) -> String {
         .key_id
 }
 
+/// A data key's blob under `key`.
+async fn new_blob(daemon: &DevDaemon, key: &str) -> Vec<u8> {
+    daemon
+        .data()
+        .await
+        .generate_data_key(generate(key))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob
+}
+
 fn generate(key: &str) -> GenerateDataKeyRequest {
     GenerateDataKeyRequest {
         key_id: key.to_owned(),
@@ -149,14 +161,7 @@ async fn one_hsm_taken_down_under_64_callers_costs_no_call_and_is_used_again_whe
         ("WRAPD_SIM_CONCURRENCY", "8"),
     ]);
     let key = new_key(&daemon).await;
-    let blob = daemon
-        .data()
-        .await
-        .generate_data_key(generate(&key))
-        .await
-        .unwrap()
-        .into_inner()
-        .ciphertext_blob;
+    let blob = new_blob(&daemon, &key).await;
     let flip = control.clone();
     let (done, failures) = unwrap_load(&daemon, blob, 64, Duration::from_secs(3), move || {
         std::thread::sleep(Duration::from_millis(800));
@@ -207,14 +212,7 @@ async fn a_busy_hsm_slows_callers_down_instead_of_failing_them() {
     std::fs::write(daemon.config_path(), config).unwrap();
     daemon.restart();
     let key = new_key(&daemon).await;
-    let blob = daemon
-        .data()
-        .await
-        .generate_data_key(generate(&key))
-        .await
-        .unwrap()
-        .into_inner()
-        .ciphertext_blob;
+    let blob = new_blob(&daemon, &key).await;
     let (done, failures) = unwrap_load(&daemon, blob, 16, Duration::from_secs(2), || {}).await;
     assert!(
         failures.is_empty(),
@@ -241,19 +239,21 @@ async fn a_busy_hsm_slows_callers_down_instead_of_failing_them() {
 }
 
 /// The simulator's counters (`report PATH` in its control file): calls that reached an HSM
-/// so far, and the most served at once since the last report. `call` makes one call, which
-/// has the module read the control file (not counted in the report it writes).
+/// so far, and the most served at once since the last report. `probe` is unwrapped once, so
+/// that the module reads the control file (that call is not counted in the report it writes,
+/// but in the next one).
 async fn cluster_report(
+    daemon: &DevDaemon,
     control: &std::path::Path,
     dir: &std::path::Path,
-    call: impl std::future::Future<Output = ()>,
+    probe: &UnwrapRequest,
 ) -> (u64, u64) {
     let report = dir.join("report");
     let _ = std::fs::remove_file(&report);
     std::fs::write(control, format!("report {}\n", report.display())).unwrap();
     // The module looks at the control file at most every 20 ms.
     tokio::time::sleep(Duration::from_millis(30)).await;
-    call.await;
+    daemon.data().await.unwrap(probe.clone()).await.unwrap();
     let text = std::fs::read_to_string(&report).expect("the simulator wrote its report");
     let value = |name: &str| -> u64 {
         text.lines()
@@ -269,30 +269,17 @@ async fn an_unwrap_and_a_generate_data_key_each_take_one_round_trip_to_the_hsm()
     let (daemon, control, dir) = on_cluster(&[("WRAPD_SIM_HSMS", "2")]);
     let key = new_key(&daemon).await;
     let mut data = daemon.data().await;
-    let blob = data
-        .generate_data_key(generate(&key))
-        .await
-        .unwrap()
-        .into_inner()
-        .ciphertext_blob;
+    let blob = new_blob(&daemon, &key).await;
     let unwrap = UnwrapRequest {
         ciphertext_blob: blob,
         ..Default::default()
     };
-    let mut probe = data.clone();
-    let probe_call = || {
-        let request = unwrap.clone();
-        let mut client = probe.clone();
-        async move {
-            client.unwrap(request).await.unwrap();
-        }
-    };
     const CALLS: u64 = 40;
-    let (before, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    let (before, _) = cluster_report(&daemon, &control, dir.path(), &unwrap).await;
     for _ in 0..CALLS {
         data.unwrap(unwrap.clone()).await.unwrap();
     }
-    let (after, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    let (after, _) = cluster_report(&daemon, &control, dir.path(), &unwrap).await;
     // The probe that triggered the first report is counted in the second.
     let unwraps = after - before - 1;
     assert!(
@@ -301,11 +288,11 @@ async fn an_unwrap_and_a_generate_data_key_each_take_one_round_trip_to_the_hsm()
         2 * CALLS
     );
 
-    let (before, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    let (before, _) = cluster_report(&daemon, &control, dir.path(), &unwrap).await;
     for _ in 0..CALLS {
         data.generate_data_key(generate(&key)).await.unwrap();
     }
-    let (after, _) = cluster_report(&control, dir.path(), probe_call()).await;
+    let (after, _) = cluster_report(&daemon, &control, dir.path(), &unwrap).await;
     let generates = after - before - 1;
     assert!(
         (CALLS..CALLS + CALLS / 4).contains(&generates),
@@ -313,8 +300,6 @@ async fn an_unwrap_and_a_generate_data_key_each_take_one_round_trip_to_the_hsm()
          would make it {})",
         2 * CALLS
     );
-    probe = data;
-    drop(probe);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,12 +311,7 @@ async fn a_lone_callers_batch_is_spread_over_the_clusters_slots() {
     ]);
     let key = new_key(&daemon).await;
     let mut data = daemon.data().await;
-    let blob = data
-        .generate_data_key(generate(&key))
-        .await
-        .unwrap()
-        .into_inner()
-        .ciphertext_blob;
+    let blob = new_blob(&daemon, &key).await;
     let item = UnwrapRequest {
         ciphertext_blob: blob,
         ..Default::default()
@@ -339,16 +319,10 @@ async fn a_lone_callers_batch_is_spread_over_the_clusters_slots() {
     let batch = wrapd::proto::BatchUnwrapRequest {
         items: vec![item.clone(); 64],
     };
-    let single = |mut client: wrapd::proto::data_key_service_client::DataKeyServiceClient<_>| {
-        let item = item.clone();
-        async move {
-            client.unwrap(item).await.unwrap();
-        }
-    };
-    cluster_report(&control, dir.path(), single(data.clone())).await;
+    cluster_report(&daemon, &control, dir.path(), &item).await;
     let results = data.batch_unwrap(batch).await.unwrap().into_inner().results;
     assert_eq!(results.len(), 64);
-    let (_, peak) = cluster_report(&control, dir.path(), single(data.clone())).await;
+    let (_, peak) = cluster_report(&daemon, &control, dir.path(), &item).await;
     // 16 slots in all; one job per 16 items (as on a local token) would keep at most 4 busy.
     assert!(
         peak >= 12,
