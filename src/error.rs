@@ -59,6 +59,12 @@ pub enum Error {
     /// A key policy document that does not parse, or that would lock its author out.
     #[error("{0}")]
     MalformedPolicy(String),
+    /// A grant token wrapd did not issue.
+    #[error("{0}")]
+    InvalidGrantToken(String),
+    /// A grant id that is not one (64 hex digits).
+    #[error("{0}")]
+    InvalidGrantId(String),
     /// Something wrapd or the token does not offer (a wrapping algorithm the token's PKCS#11
     /// library cannot unwrap with). The message names the alternative.
     #[error("{0}")]
@@ -162,6 +168,10 @@ pub enum ErrorKind {
     IncorrectKeyMaterial,
     /// A key policy that does not parse or would lock its author out (INVALID_ARGUMENT).
     MalformedPolicy,
+    /// A grant token wrapd did not issue (INVALID_ARGUMENT).
+    InvalidGrantToken,
+    /// A grant id of the wrong form (INVALID_ARGUMENT).
+    InvalidGrantId,
     /// Not offered by wrapd or its token (FAILED_PRECONDITION).
     Unsupported,
     /// No identity (UNAUTHENTICATED).
@@ -186,7 +196,9 @@ impl ErrorKind {
             | Self::InvalidImportToken
             | Self::ExpiredImportToken
             | Self::IncorrectKeyMaterial
-            | Self::MalformedPolicy => (3, "INVALID_ARGUMENT"),
+            | Self::MalformedPolicy
+            | Self::InvalidGrantToken
+            | Self::InvalidGrantId => (3, "INVALID_ARGUMENT"),
             Self::NotFound => (5, "NOT_FOUND"),
             Self::AlreadyExists => (6, "ALREADY_EXISTS"),
             Self::PermissionDenied => (7, "PERMISSION_DENIED"),
@@ -224,6 +236,8 @@ impl Error {
             Self::ExpiredImportToken(_) => ErrorKind::ExpiredImportToken,
             Self::IncorrectKeyMaterial(_) => ErrorKind::IncorrectKeyMaterial,
             Self::MalformedPolicy(_) => ErrorKind::MalformedPolicy,
+            Self::InvalidGrantToken(_) => ErrorKind::InvalidGrantToken,
+            Self::InvalidGrantId(_) => ErrorKind::InvalidGrantId,
             Self::Unsupported(_) => ErrorKind::Unsupported,
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,

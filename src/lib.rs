@@ -32,6 +32,7 @@
 //! | [`blob`] | the ciphertext blob format |
 //! | [`context`] | encryption context validation and canonical serialization |
 //! | [`ids`] | key ids, aliases, key references |
+//! | [`grant`] | grants (AWS KMS's `CreateGrant`) as data, and what one permits: kept by the keystore, consulted by the gate |
 //! | [`key_import`] | key import formats shared by daemon and client: the wrapping algorithms, and wrapping material for import (client) |
 //! | [`config`] | the daemon's TOML configuration |
 //! | [`dev`] | `wrapd dev`: the self-contained development setup |
@@ -67,6 +68,8 @@ pub mod dev;
 mod files;
 #[cfg(feature = "server")]
 pub mod front;
+#[cfg(feature = "server")]
+pub mod grant;
 #[cfg(feature = "server")]
 pub mod hardening;
 #[cfg(feature = "server")]

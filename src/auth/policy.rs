@@ -30,7 +30,10 @@
 //! `awsSourceVpc`, `awsSourceVpce`); a grant with it matches only calls whose attributes
 //! match every entry (an absent attribute never does). A denied call that such a grant
 //! would otherwise have allowed is told which grant and attribute refused it
-//! ([`Policy::explain_denial`]).
+//! ([`Policy::explain_denial`]). A grant with `require_key_grant = true` matches only calls
+//! that a key grant (AWS KMS's `CreateGrant`, kept with the key in the metadata store) also
+//! allows: with `key_policies = "restrict"`, the default, that is how this file lets key
+//! grants give rights, within bounds it sets ([`Policy::allows_with_key_grant`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -130,6 +133,11 @@ operations! {
     GetKeyPolicy: Admin,
     PutKeyPolicy: Admin,
     ListKeyPolicies: Admin,
+    CreateGrant: Admin,
+    ListGrants: Admin,
+    ListRetirableGrants: Admin,
+    RetireGrant: Admin,
+    RevokeGrant: Admin,
     XksGetHealthStatus: Xks,
     XksGetKeyMetadata: Xks,
     XksEncrypt: Xks,
@@ -139,12 +147,31 @@ operations! {
 /// What a call acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// A key, by all its names: id and aliases (or, for a key that does not exist, the
-    /// name as requested, so that a denial does not reveal whether it exists), and its key
-    /// policy (`None`: AWS's default policy, which leaves every call to this file).
-    Key(Vec<String>, Option<Arc<KeyPolicy>>),
+    /// A key.
+    Key {
+        /// All its names: id and aliases (or, for a key that does not exist, the name as
+        /// requested, so that a denial does not reveal whether it exists).
+        names: Vec<String>,
+        /// Its key policy (`None`: AWS's default policy, which leaves every call to this
+        /// file).
+        policy: Option<Arc<KeyPolicy>>,
+        /// Its grants (`CreateGrant`).
+        grants: Arc<[crate::grant::Grant]>,
+    },
     /// No key in particular.
     Any,
+}
+
+impl Target {
+    /// A key known by names alone: AWS's default policy, no grants (a key that does not
+    /// exist yet, or whose policy is not the question).
+    pub fn named(names: Vec<String>) -> Self {
+        Self::Key {
+            names,
+            policy: None,
+            grants: Arc::default(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +209,8 @@ struct RawGrant {
     require_context: BTreeMap<String, String>,
     #[serde(default)]
     require_request: BTreeMap<String, String>,
+    #[serde(default)]
+    require_key_grant: bool,
 }
 
 #[derive(Debug)]
@@ -192,6 +221,7 @@ struct Grant {
     keys: GlobSet,
     require_context: BTreeMap<String, String>,
     require_request: Vec<(String, String, globset::GlobMatcher)>,
+    require_key_grant: bool,
 }
 
 /// What a front end records of a call beyond its key and context, by attribute name (the
@@ -334,6 +364,7 @@ impl Policy {
                     keys: glob_set(&g.keys, "keys", index)?,
                     require_context: g.require_context,
                     require_request,
+                    require_key_grant: g.require_key_grant,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -369,7 +400,8 @@ impl Policy {
     }
 
     /// Whether any grant allows `op` on `target` to a caller with `principals`, with the
-    /// call's encryption context and request attributes.
+    /// call's encryption context and request attributes (grants with `require_key_grant`
+    /// left out: see [`Policy::allows_with_key_grant`]).
     pub fn allows(
         &self,
         principals: &[String],
@@ -379,7 +411,27 @@ impl Policy {
         request: &RequestAttributes,
     ) -> bool {
         self.grants.iter().any(|grant| {
-            grant.covers(principals, op, target, context)
+            !grant.require_key_grant
+                && grant.covers(principals, op, target, context)
+                && grant.request_mismatch(request).is_none()
+        })
+    }
+
+    /// Whether a grant with `require_key_grant` allows a call a key grant (`CreateGrant`)
+    /// allows: with `key_policies = "restrict"` a key grant, kept in the shared metadata
+    /// store, allows only within such a grant of this file (an ordinary grant does not count:
+    /// a key policy that leaves the caller out must stay able to, whatever the store says).
+    pub fn allows_with_key_grant(
+        &self,
+        principals: &[String],
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+        request: &RequestAttributes,
+    ) -> bool {
+        self.grants.iter().any(|grant| {
+            grant.require_key_grant
+                && grant.covers(principals, op, target, context)
                 && grant.request_mismatch(request).is_none()
         })
     }
@@ -436,7 +488,7 @@ impl Grant {
         self.operations.contains(&op)
             && principals.iter().any(|p| self.principals.is_match(p))
             && match target {
-                Target::Key(names, _) => names.iter().any(|n| self.keys.is_match(n)),
+                Target::Key { names, .. } => names.iter().any(|n| self.keys.is_match(n)),
                 Target::Any => self.keys.is_match("*"),
             }
             && (self.require_context.is_empty()
@@ -539,7 +591,7 @@ mod tests {
     "#;
 
     fn names(n: &[&str]) -> Target {
-        Target::Key(n.iter().map(|s| s.to_string()).collect(), None)
+        Target::named(n.iter().map(|s| s.to_string()).collect())
     }
 
     fn ctx(entries: &[(&str, &str)]) -> EncryptionContext {

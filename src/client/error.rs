@@ -107,6 +107,8 @@ impl From<crate::Error> for ClientError {
             | ErrorKind::ExpiredImportToken
             | ErrorKind::IncorrectKeyMaterial
             | ErrorKind::MalformedPolicy
+            | ErrorKind::InvalidGrantToken
+            | ErrorKind::InvalidGrantId
             | ErrorKind::AlreadyExists => Failure::Invalid,
             ErrorKind::Unavailable => Failure::Unavailable,
             ErrorKind::WrongState

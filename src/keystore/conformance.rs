@@ -39,6 +39,7 @@ fn record(state: KeyState) -> KeyRecord {
         origin: Default::default(),
         material: None,
         policy: None,
+        grants: Default::default(),
     }
 }
 

@@ -85,6 +85,7 @@ impl Keystore {
             rotation: None,
             tags,
             policy: policy.map(str::to_owned),
+            grants: Default::default(),
         };
         // The alias's ticket before the store's row: a row without its ticket names nothing.
         let alias_ticket = alias.map(|alias| Ticket::alias(alias, &id));
@@ -158,7 +159,7 @@ impl Keystore {
 
     /// Changes what the store records of a key that is not pending deletion (tags, the
     /// description, the key policy), under the admin lock, and answers with the key re-read.
-    fn change_metadata(
+    pub(super) fn change_metadata(
         &self,
         key: &KeyRef,
         write: impl FnOnce(&dyn MetadataStore, &KeyRecord) -> Result<()>,

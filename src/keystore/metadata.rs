@@ -6,9 +6,11 @@
 //! second implementation of this trait, nothing more.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
+use crate::grant::{Constraints, Grant, GrantOperation};
 use crate::ids::{AliasName, KeyId};
 
 /// The lifecycle state of a key.
@@ -228,6 +230,8 @@ pub struct KeyRecord {
     /// The key policy document (`None`: a key made before key policies, which has AWS's
     /// default policy, [`crate::auth::key_policy::KeyPolicy::default_document`]).
     pub policy: Option<String>,
+    /// The key's grants, oldest first.
+    pub grants: Arc<[Grant]>,
 }
 
 impl KeyRecord {
@@ -280,6 +284,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn set_description(&self, id: &KeyId, description: &str) -> Result<()>;
     /// Replaces the key policy document.
     fn set_policy(&self, id: &KeyId, policy: &str) -> Result<()>;
+    /// Adds a grant to a key, unless the key holds a grant of the same name and parameters
+    /// ([`Grant::same_as`]: a retried `CreateGrant`), which is answered instead. Atomic, so
+    /// that two daemons making the same named grant at once make one;
+    /// [`crate::Error::LimitReached`] past [`Grant::over_limit`]'s limits,
+    /// [`crate::Error::KeyNotFound`] without the key.
+    fn add_grant(&self, id: &KeyId, grant: &Grant) -> Result<Grant>;
+    /// Removes a grant of a key; false if the key has no such grant.
+    fn remove_grant(&self, id: &KeyId, grant_id: &str) -> Result<bool>;
     /// Sets the state and the imported material's record of an `EXTERNAL` key, atomically.
     ///
     /// Only if the recorded check value is still `expected` (`None`: none recorded):
@@ -392,4 +404,73 @@ pub(super) fn from_millis(ms: i64) -> SystemTime {
 /// A stored value wrapd did not write.
 pub(super) fn corrupt(what: &str, value: &str) -> crate::Error {
     crate::Error::Store(format!("corrupt metadata: {what} {value:?}"))
+}
+
+/// A grant as both stores keep it: operations as comma-separated names, constraints as JSON
+/// objects.
+pub(super) struct GrantRow {
+    pub grant_id: String,
+    pub name: String,
+    pub grantee: String,
+    pub retiring: Option<String>,
+    pub operations: String,
+    pub equals: Option<String>,
+    pub subset: Option<String>,
+    pub issuer: String,
+    pub created_at: i64,
+}
+
+impl GrantRow {
+    /// The row of a grant.
+    pub(super) fn of(grant: &Grant) -> Self {
+        let json = |map: &Option<BTreeMap<String, String>>| {
+            map.as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default())
+        };
+        Self {
+            grant_id: grant.id.clone(),
+            name: grant.name.clone(),
+            grantee: grant.grantee.clone(),
+            retiring: grant.retiring.clone(),
+            operations: grant
+                .operations
+                .iter()
+                .map(|op| op.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            equals: json(&grant.constraints.equals),
+            subset: json(&grant.constraints.subset),
+            issuer: grant.issuer.clone(),
+            created_at: to_millis(grant.created_at),
+        }
+    }
+
+    /// The grant a row holds.
+    pub(super) fn into_grant(self) -> Result<Grant> {
+        let operations = self
+            .operations
+            .split(',')
+            .map(|name| GrantOperation::parse(name).ok_or_else(|| corrupt("grant operation", name)))
+            .collect::<Result<Vec<_>>>()?;
+        let map = |text: Option<String>| {
+            text.map(|text| {
+                serde_json::from_str::<BTreeMap<String, String>>(&text)
+                    .map_err(|_| corrupt("grant constraint", &text))
+            })
+            .transpose()
+        };
+        Ok(Grant {
+            id: self.grant_id,
+            name: self.name,
+            grantee: self.grantee,
+            retiring: self.retiring,
+            operations: crate::grant::normalized(operations),
+            constraints: Constraints {
+                equals: map(self.equals)?,
+                subset: map(self.subset)?,
+            },
+            issuer: self.issuer,
+            created_at: from_millis(self.created_at),
+        })
+    }
 }

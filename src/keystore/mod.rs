@@ -16,7 +16,7 @@
 //!
 //! One file per part: `view.rs` (the view and following a shared store), `lifecycle.rs`
 //! (create, enable, disable, delete), `rotation.rs` (versions), `retirement.rs` (retiring and
-//! restoring versions), `aliases.rs`,
+//! restoring versions), `aliases.rs`, `grants.rs`,
 //! `data_plane.rs` (generate, wrap, unwrap, re-wrap, wrap counts), `external.rs` (raw
 //! AES-GCM for the XKS proxy API), `import.rs` (imported key material), `tickets.rs` (what
 //! the token records out of the store's reach), `usage.rs` (how each version is used); the
@@ -28,6 +28,7 @@ mod aliases;
 pub mod conformance;
 mod data_plane;
 mod external;
+mod grants;
 mod import;
 mod lifecycle;
 mod metadata;
@@ -72,8 +73,8 @@ pub const MAX_DATA_KEY_LEN: u32 = 64;
 /// Automatic rotation periods, in days (as in AWS KMS).
 pub const ROTATION_PERIOD_DAYS: std::ops::RangeInclusive<u32> = 90..=2560;
 
-/// Copies every key (with its versions, wrap counts, rotation schedule and tags) and alias
-/// from `from` into `to`, which must hold no key (`wrapd migrate-store`). Returns the
+/// Copies every key (with its versions, wrap counts, rotation schedule, tags, policy and
+/// grants) and alias from `from` into `to`, which must hold no key (`wrapd migrate-store`). Returns the
 /// numbers of keys and aliases copied. Pending version claims are not copied: finish or
 /// abandon rotations before migrating (stop the daemon cleanly).
 pub fn copy_metadata(from: &dyn MetadataStore, to: &dyn MetadataStore) -> Result<(usize, usize)> {
@@ -87,10 +88,16 @@ pub fn copy_metadata(from: &dyn MetadataStore, to: &dyn MetadataStore) -> Result
         to.create_key(
             &KeyRecord {
                 aliases: Vec::new(),
+                grants: Default::default(),
                 ..key.clone()
             },
             None,
         )?;
+    }
+    for key in &keys {
+        for grant in key.grants.iter() {
+            to.add_grant(&key.id, grant)?;
+        }
     }
     let aliases = from.all_aliases()?;
     for (alias, key) in &aliases {

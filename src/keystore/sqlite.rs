@@ -8,16 +8,17 @@ use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::metadata::{
-    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis, other_material,
-    to_millis,
+    Cursor, GrantRow, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore,
+    RotationSchedule, VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis,
+    other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
+use crate::grant::Grant;
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = include_str!("migrations/sqlite/0001.sql");
 
@@ -35,6 +36,8 @@ const MIGRATION_5: &str = include_str!("migrations/sqlite/0005.sql");
 const MIGRATION_6: &str = include_str!("migrations/sqlite/0006.sql");
 /// Key policies.
 const MIGRATION_7: &str = include_str!("migrations/sqlite/0007.sql");
+/// Grants.
+const MIGRATION_8: &str = include_str!("migrations/sqlite/0008.sql");
 
 /// The SQLite metadata store. One connection behind a mutex: metadata calls are short, and
 /// the data-plane hot path reads the key store's in-memory view instead.
@@ -114,6 +117,12 @@ impl SqliteStore {
         if version < 7 {
             conn.execute_batch(&format!(
                 "BEGIN; {MIGRATION_7} PRAGMA user_version = 7; COMMIT;"
+            ))
+            .map_err(db_error)?;
+        }
+        if version < 8 {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_8} PRAGMA user_version = 8; COMMIT;"
             ))
             .map_err(db_error)?;
         }
@@ -228,6 +237,7 @@ impl SqliteStore {
             .iter()
             .map(|name| AliasName::parse(name).map_err(|_| corrupt("alias", name)))
             .collect::<Result<Vec<_>>>()?;
+        let grants = Self::load_grants(conn, id)?;
         Ok(Some(KeyRecord {
             id: KeyId::parse(id).map_err(|_| corrupt("key id", id))?,
             description,
@@ -241,7 +251,36 @@ impl SqliteStore {
             origin,
             material,
             policy,
+            grants: grants.into(),
         }))
+    }
+
+    fn load_grants(conn: &Connection, id: &str) -> Result<Vec<Grant>> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT grant_id, name, grantee, retiring, operations, constraint_equals,
+                        constraint_subset, issuer, created_at
+                 FROM key_grants WHERE key_id = ?1 ORDER BY created_at, grant_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([id], |row| {
+                Ok(GrantRow {
+                    grant_id: row.get(0)?,
+                    name: row.get(1)?,
+                    grantee: row.get(2)?,
+                    retiring: row.get(3)?,
+                    operations: row.get(4)?,
+                    equals: row.get(5)?,
+                    subset: row.get(6)?,
+                    issuer: row.get(7)?,
+                    created_at: row.get(8)?,
+                })
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        rows.into_iter().map(GrantRow::into_grant).collect()
     }
 
     fn write_material(
@@ -479,6 +518,59 @@ impl MetadataStore for SqliteStore {
             return Err(Error::KeyNotFound(id.to_string()));
         }
         Ok(())
+    }
+
+    fn add_grant(&self, id: &KeyId, grant: &Grant) -> Result<Grant> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db_error)?;
+        Self::key_exists(&tx, id)?;
+        let grants = Self::load_grants(&tx, id.as_str())?;
+        if let Some(same) = grants.iter().find(|g| {
+            g.same_as(
+                &grant.name,
+                &grant.grantee,
+                grant.retiring.as_deref(),
+                &grant.operations,
+                &grant.constraints,
+            )
+        }) {
+            return Ok(same.clone());
+        }
+        if let Some(why) = grant.over_limit(&grants) {
+            return Err(Error::LimitReached(format!("key {id}: {why}")));
+        }
+        let row = GrantRow::of(grant);
+        tx.execute(
+            "INSERT INTO key_grants (key_id, grant_id, name, grantee, retiring, operations,
+                    constraint_equals, constraint_subset, issuer, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                id.as_str(),
+                row.grant_id,
+                row.name,
+                row.grantee,
+                row.retiring,
+                row.operations,
+                row.equals,
+                row.subset,
+                row.issuer,
+                row.created_at
+            ],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(grant.clone())
+    }
+
+    fn remove_grant(&self, id: &KeyId, grant_id: &str) -> Result<bool> {
+        let removed = self
+            .conn()
+            .execute(
+                "DELETE FROM key_grants WHERE key_id = ?1 AND grant_id = ?2",
+                params![id.as_str(), grant_id],
+            )
+            .map_err(db_error)?;
+        Ok(removed > 0)
     }
 
     fn set_tags(&self, id: &KeyId, tags: &BTreeMap<String, String>) -> Result<()> {
@@ -891,6 +983,7 @@ mod tests {
             origin: KeyOrigin::Hsm,
             material: None,
             policy: None,
+            grants: Default::default(),
         };
         SqliteStore::open(&path)
             .unwrap()

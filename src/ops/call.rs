@@ -22,6 +22,8 @@ pub struct Call {
     pub(super) context: Option<(Vec<String>, String)>,
     pub(super) api_operation: Option<String>,
     pub(super) attributes: RequestAttributes,
+    /// The keys and grants of the request's grant tokens ([`Call::with_grant_tokens`]).
+    pub(super) grant_tokens: Vec<(crate::ids::KeyId, String)>,
     /// Which grant would have allowed a denied call but for its request attributes: for the
     /// audit line only (the caller gets the plain denial, which names no grant).
     pub(super) denial: std::sync::OnceLock<String>,
@@ -60,8 +62,18 @@ impl Call {
             context: None,
             api_operation: None,
             attributes: RequestAttributes::new(),
+            grant_tokens: Vec::new(),
             denial: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The keys and grants named by the request's grant tokens
+    /// ([`crate::ops::parse_grant_token`]): a grant the daemon has not heard of yet is read
+    /// from the store before the call on its key is decided (for a caller that has some
+    /// right to the operation), so that a grant is usable at once with its token.
+    pub fn with_grant_tokens(mut self, tokens: Vec<(crate::ids::KeyId, String)>) -> Self {
+        self.grant_tokens = tokens;
+        self
     }
 
     /// Names the call as its front end knows it, for the audit line (e.g.
@@ -102,6 +114,7 @@ impl Call {
             context: None,
             api_operation: self.api_operation.clone(),
             attributes: self.attributes.clone(),
+            grant_tokens: self.grant_tokens.clone(),
             denial: std::sync::OnceLock::new(),
         }
     }

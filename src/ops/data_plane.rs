@@ -53,6 +53,7 @@ pub(super) fn unwrap_job(
     // An unparseable blob names no key: it fails as invalid below.
     if let Some(key) = blob_key(&blob) {
         call.key(key.to_string(), None);
+        honor_grant_tokens(ks, call, &key);
         gate.check(call, &target_of(ks, &key), Some(&ctx))?;
     }
     let unwrapped = ks.unwrap(&blob, &ctx, expected.as_ref())?;
@@ -182,6 +183,7 @@ impl Ops {
             call.context(&destination_ctx);
             let source = blob_key(&blob);
             if let Some(source) = &source {
+                honor_grant_tokens(ks, call, source);
                 gate.check_as(
                     call,
                     Operation::ReWrapFrom,
@@ -191,6 +193,7 @@ impl Ops {
             }
             if let Some(to) = destination.as_ref().or(source.as_ref()) {
                 call.key(to.to_string(), None);
+                honor_grant_tokens(ks, call, to);
                 gate.check_as(
                     call,
                     Operation::ReWrapTo,

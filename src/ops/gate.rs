@@ -121,6 +121,31 @@ impl Gate {
         target: &Target,
         context: Option<&EncryptionContext>,
     ) -> Result<()> {
+        let identity = self.caller(call)?;
+        match self.verdict(identity, call, op, target, context, true) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                if let Some(why) = why {
+                    let _ = call.denial.set(why);
+                }
+                Err(denied(op))
+            }
+        }
+    }
+
+    /// Whether the key policy and the policy file alone allow the call, without the key's
+    /// grants (and without recording anything on the call): whether a `CreateGrant` a key
+    /// grant allowed must stay within that grant.
+    pub fn allows_without_key_grants(&self, call: &Call, op: Operation, target: &Target) -> bool {
+        self.caller(call).is_ok_and(|identity| {
+            self.verdict(identity, call, op, target, None, false)
+                .is_ok()
+        })
+    }
+
+    /// The call's authenticated caller, while the audit log can be written (calls fail
+    /// closed while it cannot).
+    pub fn caller<'c>(&self, call: &'c Call) -> Result<&'c crate::auth::Identity> {
         let identity = call
             .identity
             .as_ref()
@@ -130,41 +155,71 @@ impl Gate {
                 "the audit log cannot be written; key operations are refused".into(),
             ));
         }
+        Ok(identity)
+    }
+
+    /// The decision: the key policy first (it may deny, allow on its own with
+    /// `key_policies = "grant"`, or leave the call to the policy file), then the policy
+    /// file, then (`key_grants`) the key's grants. A refusal says why, when it can.
+    fn verdict(
+        &self,
+        identity: &crate::auth::Identity,
+        call: &Call,
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+        key_grants: bool,
+    ) -> std::result::Result<(), Option<String>> {
         let policy = self.policy.current();
-        // The key policy first: it may deny, allow on its own (`key_policies = "grant"`),
-        // or leave the call to the policy file.
-        if let Target::Key(_, key_policy) = target {
+        let mut file_decides = true;
+        if let Target::Key {
+            policy: key_policy, ..
+        } = target
+        {
             use super::key_policies::{Outcome, decide, default_policy};
+            let action = super::key_policies::action_of(call.api_operation.as_deref(), op);
             let outcome = match key_policy {
                 Some(key_policy) => decide(
                     key_policy,
                     policy.key_policies(),
                     &self.account,
                     identity,
-                    op,
+                    action,
                     context,
                 ),
                 None => default_policy(&self.account, identity),
             };
             match outcome {
                 Outcome::Allowed => return Ok(()),
-                Outcome::Denied => {
-                    let _ = call.denial.set("the key policy".into());
-                    return Err(denied(op));
-                }
+                Outcome::Denied => return Err(Some("the key policy".into())),
+                Outcome::NotAllowed => file_decides = false,
                 Outcome::FileDecides => {}
             }
         }
         let attributes = &call.attributes;
-        if policy.allows(&identity.principals, op, target, context, attributes) {
+        if file_decides && policy.allows(&identity.principals, op, target, context, attributes) {
             return Ok(());
         }
-        if let Some(why) =
-            policy.explain_denial(&identity.principals, op, target, context, attributes)
+        if key_grants
+            && super::key_grants::allow(
+                &policy,
+                &self.account,
+                identity,
+                (
+                    op,
+                    super::key_policies::action_of(call.api_operation.as_deref(), op),
+                ),
+                target,
+                context,
+                attributes,
+            )
         {
-            let _ = call.denial.set(why);
+            return Ok(());
         }
-        Err(denied(op))
+        if !file_decides {
+            return Err(Some("the key policy".into()));
+        }
+        Err(policy.explain_denial(&identity.principals, op, target, context, attributes))
     }
 
     /// Whether `policy`, as a new key's, would deny its creator `PutKeyPolicy` on it (the
@@ -177,14 +232,18 @@ impl Gate {
         let Ok(identity) = call.identity.as_ref() else {
             return true;
         };
-        super::key_policies::decide(
-            policy,
-            self.policy.current().key_policies(),
-            &self.account,
-            identity,
-            Operation::PutKeyPolicy,
-            None,
-        ) == super::key_policies::Outcome::Denied
+        use super::key_policies::Outcome;
+        matches!(
+            super::key_policies::decide(
+                policy,
+                self.policy.current().key_policies(),
+                &self.account,
+                identity,
+                super::key_policies::action(Operation::PutKeyPolicy),
+                None,
+            ),
+            Outcome::Denied | Outcome::NotAllowed
+        )
     }
 
     /// [`Gate::check_some`] by the policy file alone, for batches: a caller whose rights come

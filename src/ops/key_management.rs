@@ -16,7 +16,7 @@ pub(super) fn check_alias(
     alias: &AliasName,
     new_key: Option<&KeyRef>,
 ) -> Result<()> {
-    gate.check(call, &Target::Key(vec![alias.to_string()], None), None)?;
+    gate.check(call, &Target::named(vec![alias.to_string()]), None)?;
     let current = KeyRef::Alias(alias.clone());
     if ks.resolve(&current).is_ok() {
         gate.check(call, &target_of(ks, &current), None)?;
@@ -122,7 +122,7 @@ impl Ops {
                 Some(AliasName::parse(&alias)?)
             };
             let target = match &alias {
-                Some(alias) => Target::Key(vec![alias.to_string()], None),
+                Some(alias) => Target::named(vec![alias.to_string()]),
                 None => Target::Any,
             };
             gate.check(call, &target, None)?;
@@ -182,11 +182,14 @@ impl Ops {
             policy_name(&name)?;
             let parsed = Arc::new(KeyPolicy::parse(&policy).map_err(Error::MalformedPolicy)?);
             if !bypass_lockout {
-                let names = match target_of(ks, &key) {
-                    Target::Key(names, _) => names,
-                    Target::Any => Vec::new(),
+                let after = match target_of(ks, &key) {
+                    Target::Key { names, grants, .. } => Target::Key {
+                        names,
+                        policy: Some(parsed),
+                        grants,
+                    },
+                    Target::Any => Target::Any,
                 };
-                let after = Target::Key(names, Some(parsed));
                 match gate.check_as(call, Operation::PutKeyPolicy, &after, None) {
                     Ok(()) => {}
                     Err(err) if err.kind() == crate::error::ErrorKind::PermissionDenied => {

@@ -64,22 +64,24 @@ pub fn parsed(key: &KeyRecord) -> Option<Arc<KeyPolicy>> {
 pub(super) enum Outcome {
     /// Allowed by the key policy alone.
     Allowed,
-    /// Denied by the key policy.
+    /// Denied by a `Deny` of the key policy: nothing else can allow it.
     Denied,
-    /// The policy file decides.
+    /// Not allowed by the key policy: only a key grant can allow it.
+    NotAllowed,
+    /// The policy file decides (or a key grant).
     FileDecides,
 }
 
-/// The key policy's say on `op` by `identity`, with `context`.
+/// The key policy's say on `action` (of [`action_of`]) by `identity`, with `context`.
 pub(super) fn decide(
     policy: &KeyPolicy,
     mode: KeyPolicies,
     account: &str,
     identity: &Identity,
-    op: Operation,
+    action: Option<&str>,
     context: Option<&EncryptionContext>,
 ) -> Outcome {
-    let Some(action) = action(op) else {
+    let Some(action) = action else {
         // The XKS API's operations (AWS KMS calls them on its own behalf, under its own key
         // policy): the policy file alone.
         return Outcome::FileDecides;
@@ -117,7 +119,8 @@ pub(super) fn decide(
         keys: &keys,
     });
     match (verdict, mode) {
-        (Verdict::Deny | Verdict::NoMatch, _) => Outcome::Denied,
+        (Verdict::Deny, _) => Outcome::Denied,
+        (Verdict::NoMatch, _) => Outcome::NotAllowed,
         (Verdict::Allow, KeyPolicies::Grant) => Outcome::Allowed,
         (Verdict::Allow | Verdict::Delegate, _) => Outcome::FileDecides,
     }
@@ -133,7 +136,7 @@ pub(super) fn default_policy(account: &str, identity: &Identity) -> Outcome {
         .iter()
         .find_map(|p| p.strip_prefix("aws:arn="));
     match own_arn.and_then(arn_account) {
-        Some(other) if other != account => Outcome::Denied,
+        Some(other) if other != account => Outcome::NotAllowed,
         _ => Outcome::FileDecides,
     }
 }
@@ -153,6 +156,20 @@ pub fn caller_arn(identity: &Identity, account: &str) -> String {
 /// The account of an IAM ARN.
 fn arn_account(arn: &str) -> Option<&str> {
     arn.split(':').nth(4).filter(|a| !a.is_empty())
+}
+
+/// The AWS KMS action of a call of `op`: the AWS KMS API's calls that read a key's rotation
+/// status, rotations or tags need the policy operation `DescribeKey` of the policy file but
+/// are their own actions for key policies and grants, as in AWS KMS (a grant of
+/// `DescribeKey` does not cover `ListResourceTags`).
+pub fn action_of(api_operation: Option<&str>, op: Operation) -> Option<&'static str> {
+    let api = api_operation.and_then(|name| name.strip_prefix("TrentService."));
+    match (op, api) {
+        (Operation::DescribeKey, Some("GetKeyRotationStatus")) => Some("kms:GetKeyRotationStatus"),
+        (Operation::DescribeKey, Some("ListKeyRotations")) => Some("kms:ListKeyRotations"),
+        (Operation::DescribeKey, Some("ListResourceTags")) => Some("kms:ListResourceTags"),
+        _ => action(op),
+    }
 }
 
 /// The AWS KMS action of an operation, for key policies.
@@ -185,6 +202,10 @@ pub fn action(op: Operation) -> Option<&'static str> {
         Op::GetKeyPolicy => "kms:GetKeyPolicy",
         Op::PutKeyPolicy => "kms:PutKeyPolicy",
         Op::ListKeyPolicies => "kms:ListKeyPolicies",
+        Op::CreateGrant => "kms:CreateGrant",
+        Op::ListGrants => "kms:ListGrants",
+        Op::RetireGrant => "kms:RetireGrant",
+        Op::RevokeGrant => "kms:RevokeGrant",
         // wrapd's key version extensions, which AWS KMS does not have: actions of the same
         // names, so that `kms:*` covers them as it covers every other key operation.
         Op::RetireKeyVersion => "kms:RetireKeyVersion",
@@ -210,6 +231,24 @@ mod tests {
     }
 
     #[test]
+    fn reading_tags_or_rotations_is_an_action_of_its_own() {
+        let describe = Operation::DescribeKey;
+        assert_eq!(
+            action_of(Some("TrentService.ListResourceTags"), describe),
+            Some("kms:ListResourceTags")
+        );
+        assert_eq!(
+            action_of(Some("TrentService.GetKeyRotationStatus"), describe),
+            Some("kms:GetKeyRotationStatus")
+        );
+        assert_eq!(
+            action_of(Some("TrentService.DescribeKey"), describe),
+            Some("kms:DescribeKey")
+        );
+        assert_eq!(action_of(None, describe), Some("kms:DescribeKey"));
+    }
+
+    #[test]
     fn without_a_stored_policy_only_a_caller_of_another_account_is_denied() {
         let own = caller(&["tls:uri=spiffe://a/b"]);
         let same = caller(&["tls:uri=x", "aws:arn=arn:aws:iam::111122223333:user/alice"]);
@@ -219,7 +258,7 @@ mod tests {
         ]);
         assert_eq!(default_policy("111122223333", &own), Outcome::FileDecides);
         assert_eq!(default_policy("111122223333", &same), Outcome::FileDecides);
-        assert_eq!(default_policy("111122223333", &other), Outcome::Denied);
+        assert_eq!(default_policy("111122223333", &other), Outcome::NotAllowed);
     }
 
     #[test]
@@ -239,7 +278,7 @@ mod tests {
             KeyPolicies::Restrict,
             "111122223333",
             &identity,
-            Operation::Unwrap,
+            action(Operation::Unwrap),
             None,
         );
         assert_eq!(

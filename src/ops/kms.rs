@@ -54,15 +54,24 @@ fn kms_key_id(key_id: &impl std::fmt::Display, version: u32) -> String {
 /// `alias/kubernetes`) covers blobs of keys the alias pointed at before.
 fn issued_by_plugin(ks: &Keystore, configured: &KeyRef, blob_key: &KeyRef) -> Target {
     let mut names = vec![configured.to_string()];
-    // The blob key's policy decides, as for any Decrypt of its blobs.
-    let mut policy = None;
+    // The blob key's policy and grants decide, as for any Decrypt of its blobs.
+    let mut rules = (None, Default::default());
     for target in [target_of(ks, configured), target_of(ks, blob_key)] {
-        if let Target::Key(more, key_policy) = target {
+        if let Target::Key {
+            names: more,
+            policy,
+            grants,
+        } = target
+        {
             names.extend(more);
-            policy = key_policy;
+            rules = (policy, grants);
         }
     }
-    Target::Key(names, policy)
+    Target::Key {
+        names,
+        policy: rules.0,
+        grants: rules.1,
+    }
 }
 
 /// The KMS v2 plugin's operations over one configured key.

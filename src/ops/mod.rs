@@ -11,13 +11,16 @@
 //!
 //! `call.rs` is the call record, `gate.rs` the policy checks, the job runner and the audit
 //! line, `key_policies.rs` the gate's key-policy step (how a call looks to a key policy),
-//! `data_plane.rs` and `key_management.rs` the operations, `kms.rs` those of the
+//! `key_grants.rs` its key-grant step (and grant ids and tokens), `data_plane.rs`,
+//! `key_management.rs` and `grant_operations.rs` the operations, `kms.rs` those of the
 //! Kubernetes KMS v2 plugin, `xks.rs` those of the XKS proxy API, `refusals.rs` the budget for audit lines of refused callers and
 //! `workers.rs` the threads that run jobs.
 
 mod call;
 mod data_plane;
 mod gate;
+mod grant_operations;
+mod key_grants;
 mod key_management;
 pub mod key_policies;
 mod kms;
@@ -36,6 +39,8 @@ pub use gate::{
     Gate, MAX_AUDIT_MESSAGE, REFUSAL_SUMMARY, REQUEST_SPAN_TARGET, UNSUPPORTED_OPERATION,
     outcome_name,
 };
+pub use grant_operations::{CreatedGrant, GrantOnKey, NewGrant, RetiredGrant};
+pub use key_grants::parse_token as parse_grant_token;
 pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
 pub use refusals::LINES_PER_WINDOW as REFUSAL_BUDGET_PER_WINDOW;
 pub use xks::Checked;
@@ -167,13 +172,36 @@ fn optional_key_ref(s: &str) -> Result<Option<KeyRef>> {
 /// as requested (so a denial looks the same either way).
 fn target_of(keystore: &Keystore, key: &KeyRef) -> Target {
     match keystore.resolve(key) {
-        Ok(record) => Target::Key(
-            std::iter::once(record.id.to_string())
+        Ok(record) => Target::Key {
+            names: std::iter::once(record.id.to_string())
                 .chain(record.aliases.iter().map(ToString::to_string))
                 .collect(),
-            key_policies::parsed(&record),
-        ),
-        Err(_) => Target::Key(vec![key.to_string()], None),
+            policy: key_policies::parsed(&record),
+            grants: record.grants.clone(),
+        },
+        Err(_) => Target::named(vec![key.to_string()]),
+    }
+}
+
+/// Makes the grants the call's grant tokens name on `key` count: a grant of the key the view
+/// does not have yet (made on another daemon of the fleet a moment ago) is read from the
+/// store. Called after the caller passed [`Gate::check_some`], so that a caller without any
+/// right to the operation cannot make the daemon read the store with made-up tokens; the
+/// reads are bounded by the read-through budget, once a second per key for grants the store
+/// does not have either.
+fn honor_grant_tokens(ks: &Keystore, call: &Call, key: &KeyRef) {
+    if call.grant_tokens.is_empty() {
+        return;
+    }
+    let Ok(record) = ks.resolve(key) else {
+        return;
+    };
+    for (id, grant) in &call.grant_tokens {
+        if *id == record.id && !record.grants.iter().any(|g| &g.id == grant) {
+            if let Err(err) = ks.with_grant(id, grant) {
+                tracing::debug!(key_id = %id, error = %err, "a grant token's grant could not be read");
+            }
+        }
     }
 }
 
@@ -203,6 +231,7 @@ fn named_key(
     if let Some(ctx) = &ctx {
         call.context(ctx);
     }
+    honor_grant_tokens(ks, call, &key);
     gate.check(call, &target_of(ks, &key), ctx.as_ref())?;
     Ok((key, ctx))
 }

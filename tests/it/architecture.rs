@@ -56,6 +56,7 @@ const TRANSPORT_FREE: &[&str] = &[
     "blob",
     "context",
     "ids",
+    "grant",
     "config",
     "files",
     "hardening",
@@ -111,6 +112,18 @@ fn lower_layers_never_import_higher_ones() {
                 "crate::auth",
                 "crate::front",
                 "crate::server",
+            ],
+        ),
+        // Grants as data: a leaf the key store keeps and the gate consults.
+        (
+            "grant",
+            &[
+                "crate::ops",
+                "crate::front",
+                "crate::server",
+                "crate::keystore",
+                "crate::auth",
+                "crate::hsm",
             ],
         ),
         ("ops", &["crate::front", "crate::server"]),

@@ -459,8 +459,8 @@ fn a_signed_call_of_an_operation_wrapd_does_not_have_is_audited() {
     assert_eq!(
         names,
         [
-            Some("TrentService.ListRetirableGrants".to_owned()),
-            Some("TrentService.ListGrants".to_owned())
+            Some("TrentService.GetPublicKey".to_owned()),
+            Some("TrentService.Sign".to_owned())
         ]
     );
     assert!(

@@ -55,8 +55,8 @@ mod postgres_store {
             .get(0);
         // Each migration once (version is the primary key: a second run would have failed
         // its transaction): the schema, key import, version usage, version retirement,
-        // version destruction, key policies.
-        assert_eq!(applied, 6);
+        // version destruction, key policies, grants.
+        assert_eq!(applied, 7);
     }
 
     #[test]
@@ -156,6 +156,7 @@ mod postgres_store {
             origin: Default::default(),
             material: None,
             policy: None,
+            grants: Default::default(),
         };
         a.create_key(&record, None).unwrap();
         assert!(!a.begin_version(&key, 2).unwrap());
@@ -1232,4 +1233,90 @@ async fn version_usage_is_the_sum_of_every_daemons_counts() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn a_grant_made_or_revoked_on_one_daemon_holds_on_every_other() {
+    use wrapd::proto::{CreateGrantRequest, PutKeyPolicyRequest, RevokeGrantRequest, WrapRequest};
+    let database = std::thread::spawn(|| server().database()).join().unwrap();
+    let mut dev = DevDaemon::start();
+    assert!(dev.stop().success());
+    // Key grants may give the unix-socket caller (root here) what the policy file bounds.
+    let policy_file = dev.dir().join("policy.toml");
+    let policy = std::fs::read_to_string(&policy_file).unwrap();
+    std::fs::write(
+        &policy_file,
+        format!("{policy}\n[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"Wrap\"]\nkeys = [\"*\"]\nrequire_key_grant = true\n"),
+    )
+    .unwrap();
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(dev.dir(), &database, &format!("node-{i}")))
+        .collect();
+    let key = create_key(&mut nodes[0].keys().await, "").await.key_id;
+    // The account may do everything but Encrypt: an Encrypt can come only from a grant.
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::000000000000:root"},
+                       "NotAction": "kms:Encrypt", "Resource": "*"}]
+    })
+    .to_string();
+    nodes[0]
+        .keys()
+        .await
+        .put_key_policy(PutKeyPolicyRequest {
+            key_id: key.clone(),
+            policy,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let wraps = |socket: PathBuf| {
+        let key = key.clone();
+        async move {
+            DataKeyServiceClient::new(connect_unix(&socket).await.unwrap())
+                .wrap(WrapRequest {
+                    key_id: key,
+                    plaintext: vec![1; 32],
+                    encryption_context: ctx(&[("a", "b")]),
+                })
+                .await
+        }
+    };
+    eventually("Encrypt refused on the other daemon", || async {
+        wraps(nodes[1].socket.clone())
+            .await
+            .is_err_and(|s| s.code() == Code::PermissionDenied)
+    })
+    .await;
+    let grant = nodes[0]
+        .keys()
+        .await
+        .create_grant(CreateGrantRequest {
+            key_id: key.clone(),
+            grantee_principal: "arn:aws:iam::000000000000:wrapd/unix:uid=0".into(),
+            operations: vec!["Encrypt".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("the grant holds on the other daemon", || async {
+        wraps(nodes[1].socket.clone()).await.is_ok()
+    })
+    .await;
+    nodes[1]
+        .keys()
+        .await
+        .revoke_grant(RevokeGrantRequest {
+            key_id: key.clone(),
+            grant_id: grant.grant_id,
+        })
+        .await
+        .unwrap();
+    eventually("the revocation holds on the first daemon", || async {
+        wraps(nodes[0].socket.clone())
+            .await
+            .is_err_and(|s| s.code() == Code::PermissionDenied)
+    })
+    .await;
 }

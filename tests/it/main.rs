@@ -25,6 +25,7 @@ mod esdk_vectors;
 #[cfg(feature = "fault-injection")]
 mod faults;
 mod fleet;
+mod grants;
 mod grpc_clients;
 mod hostile_input;
 mod key_import;

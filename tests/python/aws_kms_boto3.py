@@ -252,6 +252,113 @@ def key_policies():
     print(json.dumps(out))
 
 
+def grants():
+    """Grants as AWS KMS answers them: made by the key's owner for a worker (another access
+    key), usable at once with the grant token, limited to their operations and context
+    constraint, idempotent by name, listed page by page, retired and revoked, and handed on
+    only narrower through a CreateGrant grant."""
+    owner = kms()
+    worker = kms(
+        aws_access_key_id=os.environ["WRAPD_WORKER_ID"],
+        aws_secret_access_key=os.environ["WRAPD_WORKER_SECRET"],
+    )
+    worker_arn = os.environ["WRAPD_WORKER_ARN"]
+    account = worker_arn.split(":")[4]
+    key = owner.create_key()["KeyMetadata"]
+    kid = key["KeyId"]
+    acme = {"tenant": "acme", "job": "1"}
+    out = {}
+    out["before"] = error_code(worker.encrypt, KeyId=kid, Plaintext=b"x", EncryptionContext=acme)[0]
+    params = dict(
+        KeyId=kid,
+        GranteePrincipal=worker_arn,
+        Operations=["Encrypt", "Decrypt", "RetireGrant"],
+        Constraints={"EncryptionContextSubset": {"tenant": "acme"}},
+        Name="worker-acme",
+    )
+    made = owner.create_grant(**params)
+    assert len(made["GrantId"]) == 64 and made["GrantToken"], made
+    sealed = worker.encrypt(KeyId=key["Arn"], Plaintext=b"x", EncryptionContext=acme, GrantTokens=[made["GrantToken"]])
+    out["decrypt"] = worker.decrypt(CiphertextBlob=sealed["CiphertextBlob"], EncryptionContext=acme)["Plaintext"] == b"x"
+    out["other_tenant"] = error_code(worker.encrypt, KeyId=kid, Plaintext=b"x", EncryptionContext={"tenant": "globex"})[0]
+    out["no_context"] = error_code(worker.encrypt, KeyId=kid, Plaintext=b"x")[0]
+    out["not_granted"] = error_code(worker.generate_data_key, KeyId=kid, NumberOfBytes=32, EncryptionContext=acme)[0]
+    out["foreign_token"] = error_code(worker.encrypt, KeyId=kid, Plaintext=b"x", EncryptionContext=acme, GrantTokens=["bm90LWEtdG9rZW4"])[0]
+
+    again = owner.create_grant(**params)
+    out["same_id"] = again["GrantId"] == made["GrantId"]
+    out["new_token"] = again["GrantToken"] != made["GrantToken"]
+    other = owner.create_grant(**dict(params, Operations=["Decrypt"]))
+    out["other_params_new_id"] = other["GrantId"] != made["GrantId"]
+    for i in range(3):
+        owner.create_grant(KeyId=kid, GranteePrincipal=f"arn:aws:iam::{account}:role/r{i}", Operations=["DescribeKey"])
+    seen, marker, pages = [], None, 0
+    while True:
+        page = owner.list_grants(KeyId=key["Arn"], Limit=2, **({"Marker": marker} if marker else {}))
+        pages += 1
+        seen += page["Grants"]
+        if not page["Truncated"]:
+            assert "NextMarker" not in page, page
+            break
+        marker = page["NextMarker"]
+    out["listed"] = len(seen)
+    out["pages"] = pages
+    out["distinct"] = len({g["GrantId"] for g in seen}) == len(seen)
+    entry = next(g for g in seen if g["GrantId"] == made["GrantId"])
+    assert entry["KeyId"] == key["Arn"], entry
+    assert entry["GranteePrincipal"] == worker_arn and entry["Name"] == "worker-acme", entry
+    assert sorted(entry["Operations"]) == ["Decrypt", "Encrypt", "RetireGrant"], entry
+    assert entry["Constraints"] == {"EncryptionContextSubset": {"tenant": "acme"}}, entry
+    assert entry["IssuingAccount"] == f"arn:aws:iam::{account}:root", entry
+    assert isinstance(entry["CreationDate"], datetime.datetime), entry
+    out["by_grantee"] = len(owner.list_grants(KeyId=kid, GranteePrincipal=worker_arn)["Grants"])
+    out["by_id"] = [g["GrantId"] for g in owner.list_grants(KeyId=kid, GrantId=other["GrantId"])["Grants"]] == [other["GrantId"]]
+    out["bad_marker"] = error_code(owner.list_grants, KeyId=kid, Marker="not-a-marker")[0]
+    out["alias_refused"] = error_code(owner.list_grants, KeyId="alias/nothing")[0]
+
+    owner.create_grant(KeyId=kid, GranteePrincipal=f"arn:aws:iam::{account}:role/r9",
+                       RetiringPrincipal=worker_arn, Operations=["DescribeKey"])
+    retirable = owner.list_retirable_grants(RetiringPrincipal=worker_arn)["Grants"]
+    out["retirable"] = [g["GranteePrincipal"] for g in retirable]
+    worker.retire_grant(KeyId=kid, GrantId=retirable[0]["GrantId"])
+    out["retired_by_retiring_principal"] = owner.list_retirable_grants(RetiringPrincipal=worker_arn)["Grants"] == []
+
+    worker.retire_grant(GrantToken=made["GrantToken"])
+    out["after_retire"] = error_code(worker.encrypt, KeyId=kid, Plaintext=b"x", EncryptionContext=acme)[0]
+    out["worker_revoke"] = error_code(worker.revoke_grant, KeyId=kid, GrantId=other["GrantId"])[0]
+    out["worker_retire_other"] = error_code(worker.retire_grant, KeyId=kid, GrantId=other["GrantId"])[0]
+    owner.revoke_grant(KeyId=kid, GrantId=other["GrantId"])
+    out["revoked_again"] = error_code(owner.revoke_grant, KeyId=kid, GrantId=other["GrantId"])[0]
+    out["bad_grant_id"] = error_code(owner.revoke_grant, KeyId=kid, GrantId="xyz")[0]
+    out["sign_refused"] = error_code(owner.create_grant, KeyId=kid, GranteePrincipal=worker_arn, Operations=["Sign"])[0]
+    out["unknown_op"] = error_code(owner.create_grant, KeyId=kid, GranteePrincipal=worker_arn, Operations=["Nope"])[0]
+
+    owner.create_grant(KeyId=kid, GranteePrincipal=worker_arn, Operations=["Encrypt", "CreateGrant"],
+                       Constraints={"EncryptionContextSubset": {"tenant": "acme"}})
+    sub = f"arn:aws:iam::{account}:role/sub"
+    narrower = worker.create_grant(KeyId=kid, GranteePrincipal=sub, Operations=["Encrypt"],
+                                   Constraints={"EncryptionContextEquals": {"tenant": "acme", "job": "2"}})
+    out["narrower"] = len(narrower["GrantId"]) == 64
+    out["wider"] = error_code(worker.create_grant, KeyId=kid, GranteePrincipal=sub, Operations=["Encrypt", "Decrypt"],
+                              Constraints={"EncryptionContextSubset": {"tenant": "acme"}})[0]
+    out["unconstrained"] = error_code(worker.create_grant, KeyId=kid, GranteePrincipal=sub, Operations=["Encrypt"])[0]
+    out["key"] = kid
+    print(json.dumps(out))
+
+
+def worker_encrypt():
+    """Run as the worker (WRAPD_WORKER_ID / WRAPD_WORKER_SECRET): an Encrypt under WRAPD_KEY."""
+    worker = kms(
+        aws_access_key_id=os.environ["WRAPD_WORKER_ID"],
+        aws_secret_access_key=os.environ["WRAPD_WORKER_SECRET"],
+    )
+    try:
+        worker.encrypt(KeyId=os.environ["WRAPD_KEY"], Plaintext=b"x")
+        print(json.dumps({"code": "OK"}))
+    except ClientError as err:
+        print(json.dumps({"code": err.response["Error"]["Code"]}))
+
+
 def outsider_encrypt():
     """Run with a profile whose principal has no grant: an Encrypt under WRAPD_KEY."""
     c = kms()
@@ -316,8 +423,8 @@ def unsupported():
     """Correctly signed calls of operations wrapd does not have: refused, each audited."""
     c = kms()
     found = {
-        "list_retirable_grants": error_code(c.list_retirable_grants, RetiringPrincipal="arn:aws:iam::111122223333:user/x")[0],
-        "list_grants": error_code(c.list_grants, KeyId="f" * 32)[0],
+        "get_public_key": error_code(c.get_public_key, KeyId="f" * 32)[0],
+        "sign": error_code(c.sign, KeyId="f" * 32, Message=b"m", SigningAlgorithm="ECDSA_SHA_256")[0],
     }
     assert set(found.values()) == {"UnsupportedOperationException"}, found
     print(json.dumps(found))
@@ -367,5 +474,7 @@ if __name__ == "__main__":
         "auth": auth,
         "impersonate": impersonate,
         "unsupported": unsupported,
+        "grants": grants,
+        "worker_encrypt": worker_encrypt,
         "unsigned_flood": unsigned_flood,
     }[sys.argv[1]]()

@@ -19,6 +19,7 @@
 //! | import token unknown / expired | `InvalidImportTokenException` / `ExpiredImportTokenException` | 400 |
 //! | imported material differs from the key's | `IncorrectKeyMaterialException` | 400 |
 //! | a key policy that does not parse or would lock its author out | `MalformedPolicyDocumentException` | 400 |
+//! | a grant token wrapd did not issue / a grant id of the wrong form | `InvalidGrantTokenException` / `InvalidGrantIdException` | 400 |
 //! | not offered (e.g. a wrapping algorithm the token lacks) | `UnsupportedOperationException` | 400 |
 //! | permission denied | `AccessDeniedException` | 400 |
 //! | unauthenticated | `UnrecognizedClientException` | 400 |
@@ -114,6 +115,8 @@ impl AwsError {
             ErrorKind::IncorrectKeyMaterial => {
                 ("IncorrectKeyMaterialException", StatusCode::BAD_REQUEST)
             }
+            ErrorKind::InvalidGrantToken => ("InvalidGrantTokenException", StatusCode::BAD_REQUEST),
+            ErrorKind::InvalidGrantId => ("InvalidGrantIdException", StatusCode::BAD_REQUEST),
             ErrorKind::MalformedPolicy => {
                 ("MalformedPolicyDocumentException", StatusCode::BAD_REQUEST)
             }

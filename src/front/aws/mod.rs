@@ -27,11 +27,13 @@
 //! | `ListKeyRotations`, `GetKeyRotationStatus`, `ListResourceTags` | `DescribeKey` |
 //! | `GetParametersForImport`, `ImportKeyMaterial`, `DeleteImportedKeyMaterial` | the same names |
 //! | `GetKeyPolicy`, `PutKeyPolicy`, `ListKeyPolicies` | the same names |
+//! | `CreateGrant`, `ListGrants`, `ListRetirableGrants`, `RetireGrant`, `RevokeGrant` | the same names |
 //!
-//! What wrapd does not offer is refused, never ignored: grants, other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
+//! What wrapd does not offer is refused, never ignored: other key specs and usages than `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT`,
 //! multi-Region keys, custom key stores, `DryRun`, Nitro `Recipient`s, and the operations not
-//! in the table (`UnsupportedOperationException`). `GrantTokens` are accepted and unused:
-//! wrapd has no grants. Data keys are 1 to 64 bytes (AWS allows 1,024), so that a blob
+//! in the table (`UnsupportedOperationException`). `GrantTokens` are checked (a token wrapd
+//! did not issue is `InvalidGrantTokenException`) and make their grants count at once on
+//! every daemon of a fleet. Data keys are 1 to 64 bytes (AWS allows 1,024), so that a blob
 //! stays under 1 KiB.
 //!
 //! A request is decoded first, then executed: `request.rs` turns the target and body into
@@ -205,8 +207,11 @@ impl AwsApi {
                 .await;
             return AwsError::from_error(&err).response(&request_id);
         };
+        // The grants its tokens name count at once, even on a daemon of the fleet that has
+        // not heard of them yet (the tokens were checked when the request was decoded).
         let call = Call::new(Ok(identity), operation, Some(&request_id), None)
-            .with_api_operation(&api_name);
+            .with_api_operation(&api_name)
+            .with_grant_tokens(request::grant_tokens(&body).unwrap_or_default());
         let answer = match request {
             Ok(request) => self.execute(call, request).await,
             Err(err) => Err(self.reject(call, err).await),
@@ -262,6 +267,44 @@ impl AwsApi {
             KmsRequest::ListKeyPolicies { key } => {
                 let names = ops.list_key_policies(call, key).await?;
                 Ok(json!({ "PolicyNames": names, "Truncated": false }))
+            }
+            KmsRequest::CreateGrant(new) => {
+                let created = ops.create_grant(call, new).await?;
+                Ok(json!({ "GrantToken": created.token, "GrantId": created.grant_id }))
+            }
+            KmsRequest::ListGrants {
+                key,
+                grant_id,
+                grantee,
+                limit,
+                start,
+            } => {
+                let (key_id, grants) = ops.list_grants(call, key, grant_id, grantee).await?;
+                let entries = grants
+                    .iter()
+                    .map(|grant| self.grant_entry(&key_id, grant))
+                    .collect::<Vec<_>>();
+                page(entries, start, limit, "Grants")
+            }
+            KmsRequest::ListRetirableGrants {
+                retiring,
+                limit,
+                start,
+            } => {
+                let grants = ops.list_retirable_grants(call, retiring).await?;
+                let entries = grants
+                    .iter()
+                    .map(|found| self.grant_entry(&found.key_id, &found.grant))
+                    .collect::<Vec<_>>();
+                page(entries, start, limit, "Grants")
+            }
+            KmsRequest::RetireGrant(which) => {
+                ops.retire_grant(call, which).await?;
+                Ok(json!({}))
+            }
+            KmsRequest::RevokeGrant { key, grant_id } => {
+                ops.revoke_grant(call, key, grant_id).await?;
+                Ok(json!({}))
             }
             KmsRequest::DescribeKey { key, view } => {
                 let described = ops.describe_key(call, key).await?;
@@ -487,6 +530,40 @@ impl AwsApi {
             crate::error::ErrorKind::NotFound | crate::error::ErrorKind::InvalidArgument => err,
             _ => AwsError::from_error(&gate),
         }
+    }
+
+    /// A `GrantListEntry`.
+    fn grant_entry(&self, key: &crate::ids::KeyId, grant: &crate::grant::Grant) -> Value {
+        let issuing_account = grant
+            .issuer
+            .split(':')
+            .nth(4)
+            .unwrap_or(self.arns.account());
+        let mut entry = json!({
+            "KeyId": self.arns.key_arn(key),
+            "GrantId": grant.id,
+            "CreationDate": epoch(grant.created_at),
+            "GranteePrincipal": grant.grantee,
+            "IssuingAccount": format!("arn:aws:iam::{issuing_account}:root"),
+            "Operations": grant.operations.iter().map(|op| op.name()).collect::<Vec<_>>(),
+        });
+        if !grant.name.is_empty() {
+            entry["Name"] = json!(grant.name);
+        }
+        if let Some(retiring) = &grant.retiring {
+            entry["RetiringPrincipal"] = json!(retiring);
+        }
+        let mut constraints = serde_json::Map::new();
+        if let Some(equals) = &grant.constraints.equals {
+            constraints.insert("EncryptionContextEquals".into(), json!(equals));
+        }
+        if let Some(subset) = &grant.constraints.subset {
+            constraints.insert("EncryptionContextSubset".into(), json!(subset));
+        }
+        if !constraints.is_empty() {
+            entry["Constraints"] = Value::Object(constraints);
+        }
+        entry
     }
 
     // ---- keys -----------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 //! Request bodies of the AWS KMS JSON API, as the AWS SDKs send them (PascalCase members,
 //! blobs in base64). Unknown members are refused (`ValidationException`): a parameter
 //! wrapd would not honour is never silently dropped. The members that make no sense for
-//! wrapd but are harmless are accepted and documented where they are read (`GrantTokens`:
-//! wrapd has no grants, its policy file decides).
+//! wrapd but are harmless are accepted and documented where they are read.
 //!
 //! The members are the AWS KMS API's own, documented in its API reference.
 
@@ -88,7 +87,7 @@ pub struct CreateKey {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct KeyOnly {
     pub key_id: String,
-    /// Accepted, not used: wrapd has no grants.
+    /// Checked and honoured by the front end before the request runs.
     pub grant_tokens: Option<Vec<String>>,
 }
 
@@ -209,7 +208,7 @@ pub struct GenerateDataKey {
     pub encryption_context: Context,
     pub number_of_bytes: Option<u32>,
     pub key_spec: Option<String>,
-    /// Accepted, not used: wrapd has no grants.
+    /// Checked and honoured by the front end before the request runs.
     pub grant_tokens: Option<Vec<String>>,
     pub dry_run: Option<bool>,
     pub recipient: Option<serde_json::Value>,
@@ -223,7 +222,7 @@ pub struct Encrypt {
     pub plaintext: SecretBlob,
     pub encryption_context: Context,
     pub encryption_algorithm: Option<String>,
-    /// Accepted, not used: wrapd has no grants.
+    /// Checked and honoured by the front end before the request runs.
     pub grant_tokens: Option<Vec<String>>,
     pub dry_run: Option<bool>,
 }
@@ -236,7 +235,7 @@ pub struct Decrypt {
     pub encryption_context: Context,
     pub key_id: Option<String>,
     pub encryption_algorithm: Option<String>,
-    /// Accepted, not used: wrapd has no grants.
+    /// Checked and honoured by the front end before the request runs.
     pub grant_tokens: Option<Vec<String>>,
     pub dry_run: Option<bool>,
     pub recipient: Option<serde_json::Value>,
@@ -253,7 +252,7 @@ pub struct ReEncrypt {
     pub destination_encryption_context: Context,
     pub source_encryption_algorithm: Option<String>,
     pub destination_encryption_algorithm: Option<String>,
-    /// Accepted, not used: wrapd has no grants.
+    /// Checked and honoured by the front end before the request runs.
     pub grant_tokens: Option<Vec<String>>,
     pub dry_run: Option<bool>,
 }
@@ -398,4 +397,66 @@ mod tests {
             "ValidationException"
         );
     }
+}
+
+/// `CreateGrant`'s `Constraints`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GrantConstraints {
+    pub encryption_context_subset: Option<std::collections::BTreeMap<String, String>>,
+    pub encryption_context_equals: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `CreateGrant`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CreateGrant {
+    pub key_id: String,
+    pub grantee_principal: String,
+    pub retiring_principal: Option<String>,
+    pub operations: Vec<String>,
+    pub constraints: Option<GrantConstraints>,
+    /// Checked and honoured by the front end before the request runs.
+    pub grant_tokens: Option<Vec<String>>,
+    pub name: Option<String>,
+    pub dry_run: Option<bool>,
+}
+
+/// `ListGrants`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListGrants {
+    pub key_id: String,
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+    pub grant_id: Option<String>,
+    pub grantee_principal: Option<String>,
+}
+
+/// `ListRetirableGrants`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ListRetirableGrants {
+    pub retiring_principal: String,
+    pub limit: Option<u32>,
+    pub marker: Option<String>,
+}
+
+/// `RetireGrant`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RetireGrant {
+    pub grant_token: Option<String>,
+    pub key_id: Option<String>,
+    pub grant_id: Option<String>,
+    pub dry_run: Option<bool>,
+}
+
+/// `RevokeGrant`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RevokeGrant {
+    pub key_id: String,
+    pub grant_id: String,
+    pub dry_run: Option<bool>,
 }

@@ -12,8 +12,10 @@ use super::arn::Arns;
 use super::error::AwsError;
 use super::model;
 use crate::auth::Operation;
+use crate::grant::{Constraints, GrantOperation, OTHER_KEY_USAGE_OPERATIONS};
 use crate::hsm::ImportAlgorithm;
 use crate::keystore::{KeyOrigin, MAX_PAGE_SIZE};
+use crate::ops::{NewGrant, RetiredGrant};
 
 /// The encryption algorithm of every wrapd key.
 pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
@@ -58,6 +60,39 @@ pub enum KmsRequest {
     ListKeyPolicies {
         /// The key.
         key: KeyName,
+    },
+    /// `CreateGrant` (its `KeyId` in wrapd's form).
+    CreateGrant(NewGrant),
+    /// `ListGrants`.
+    ListGrants {
+        /// The key.
+        key: KeyName,
+        /// `GrantId`.
+        grant_id: Option<String>,
+        /// `GranteePrincipal`.
+        grantee: Option<String>,
+        /// `Limit`.
+        limit: usize,
+        /// The index `Marker` names.
+        start: usize,
+    },
+    /// `ListRetirableGrants`.
+    ListRetirableGrants {
+        /// `RetiringPrincipal`.
+        retiring: String,
+        /// `Limit`.
+        limit: usize,
+        /// The index `Marker` names.
+        start: usize,
+    },
+    /// `RetireGrant`.
+    RetireGrant(RetiredGrant),
+    /// `RevokeGrant`.
+    RevokeGrant {
+        /// The key.
+        key: KeyName,
+        /// `GrantId`.
+        grant_id: String,
     },
     /// `DescribeKey`, and the operations that read what it returns.
     DescribeKey {
@@ -563,6 +598,76 @@ pub fn decode(
                 })
             }),
         ),
+        "CreateGrant" => (
+            Op::CreateGrant,
+            model::parse::<model::CreateGrant>(body).and_then(|req| {
+                refuse(data_plane_refusal(req.dry_run, None, None))?;
+                let constraints = req.constraints.unwrap_or_default();
+                Ok(R::CreateGrant(NewGrant {
+                    key_id: key_id(&req.key_id)?,
+                    grantee: req.grantee_principal,
+                    retiring: req.retiring_principal,
+                    operations: grant_operations(&req.operations)?,
+                    constraints: Constraints {
+                        equals: constraints.encryption_context_equals,
+                        subset: constraints.encryption_context_subset,
+                    },
+                    name: req.name.unwrap_or_default(),
+                }))
+            }),
+        ),
+        "ListGrants" => (
+            Op::ListGrants,
+            model::parse::<model::ListGrants>(body).and_then(|req| {
+                let (limit, start) = grant_list_position(req.limit, req.marker.as_deref())?;
+                Ok(R::ListGrants {
+                    key: key_id(&req.key_id)?,
+                    grant_id: req.grant_id,
+                    grantee: req.grantee_principal,
+                    limit,
+                    start,
+                })
+            }),
+        ),
+        "ListRetirableGrants" => (
+            Op::ListRetirableGrants,
+            model::parse::<model::ListRetirableGrants>(body).and_then(|req| {
+                let (limit, start) = grant_list_position(req.limit, req.marker.as_deref())?;
+                Ok(R::ListRetirableGrants {
+                    retiring: req.retiring_principal,
+                    limit,
+                    start,
+                })
+            }),
+        ),
+        "RetireGrant" => (
+            Op::RetireGrant,
+            model::parse::<model::RetireGrant>(body).and_then(|req| {
+                refuse(data_plane_refusal(req.dry_run, None, None))?;
+                Ok(R::RetireGrant(match (req.grant_token, req.key_id, req.grant_id) {
+                    (Some(token), _, _) => RetiredGrant::Token(token),
+                    (None, Some(key), Some(grant_id)) => RetiredGrant::Id {
+                        key_id: key_id(&key)?,
+                        grant_id,
+                    },
+                    _ => {
+                        return Err(AwsError::validation(
+                            "Either GrantToken, or KeyId and GrantId, must be specified.",
+                        ));
+                    }
+                }))
+            }),
+        ),
+        "RevokeGrant" => (
+            Op::RevokeGrant,
+            model::parse::<model::RevokeGrant>(body).and_then(|req| {
+                refuse(data_plane_refusal(req.dry_run, None, None))?;
+                Ok(R::RevokeGrant {
+                    key: key_id(&req.key_id)?,
+                    grant_id: req.grant_id,
+                })
+            }),
+        ),
         "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => (
             if target == "GenerateDataKey" {
                 Op::GenerateDataKey
@@ -700,6 +805,9 @@ pub fn decode(
         ),
         _ => return None,
     };
+    // Grant tokens are checked here, so that a request with one wrapd did not issue is
+    // refused (and audited) like any other bad request.
+    let request = request.and_then(|request| grant_tokens(body).map(|_| request));
     Some((operation, request))
 }
 
@@ -950,6 +1058,88 @@ fn page_marker(marker: Option<String>) -> Result<String, AwsError> {
     Ok(marker)
 }
 
+/// `Operations` of `CreateGrant`: AWS KMS's names; those of other key usages (`Sign`, …)
+/// are refused as not valid for a symmetric encryption key.
+fn grant_operations(names: &[String]) -> Result<Vec<GrantOperation>, AwsError> {
+    if names.is_empty() {
+        return Err(AwsError::validation(
+            "1 validation error detected: Value '[]' at 'operations' failed to satisfy constraint: Member must have length greater than or equal to 1",
+        ));
+    }
+    names
+        .iter()
+        .map(|name| {
+            GrantOperation::parse(name).ok_or_else(|| {
+                if OTHER_KEY_USAGE_OPERATIONS.contains(&name.as_str()) {
+                    AwsError::validation(format!(
+                        "Grant operation {name} is not valid for a symmetric encryption KMS key"
+                    ))
+                } else {
+                    let mut all: Vec<&str> =
+                        GrantOperation::ALL.iter().map(|op| op.name()).collect();
+                    all.extend_from_slice(OTHER_KEY_USAGE_OPERATIONS);
+                    AwsError::not_in_enum("operations.member", name, &all)
+                }
+            })
+        })
+        .collect()
+}
+
+/// `Limit` (1 to 100, default 50, as AWS KMS's grant listings) and `Marker` (the index
+/// the previous page ended at) of a grant listing.
+fn grant_list_position(
+    limit_param: Option<u32>,
+    marker: Option<&str>,
+) -> Result<(usize, usize), AwsError> {
+    let limit = match limit_param {
+        None => 50,
+        Some(n) if (1..=100).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(AwsError::validation(format!(
+                "1 validation error detected: Value '{n}' at 'limit' failed to satisfy constraint: Member must have value {}",
+                if n == 0 {
+                    "greater than or equal to 1"
+                } else {
+                    "less than or equal to 100"
+                }
+            )));
+        }
+    };
+    let (_, start) = list_position(None, marker)?;
+    Ok((limit, start))
+}
+
+/// The keys and grants the `GrantTokens` of a request body name (none if it has none): at
+/// most 10, each a token wrapd issued ([`crate::ops::parse_grant_token`]), else
+/// `ValidationException` or `InvalidGrantTokenException`. The body is read again only when
+/// it names the member.
+pub fn grant_tokens(body: &[u8]) -> Result<Vec<(crate::ids::KeyId, String)>, AwsError> {
+    if !body
+        .windows(b"GrantTokens".len())
+        .any(|w| w == b"GrantTokens")
+    {
+        return Ok(Vec::new());
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Tokens {
+        grant_tokens: Option<Vec<String>>,
+    }
+    let tokens = serde_json::from_slice::<Tokens>(body)
+        .ok()
+        .and_then(|t| t.grant_tokens)
+        .unwrap_or_default();
+    if tokens.len() > 10 {
+        return Err(AwsError::validation(
+            "1 validation error detected: Value at 'grantTokens' failed to satisfy constraint: Member must have length less than or equal to 10",
+        ));
+    }
+    tokens
+        .iter()
+        .map(|token| crate::ops::parse_grant_token(token).map_err(|err| AwsError::from_error(&err)))
+        .collect()
+}
+
 /// Tags as the API sends them, as a map (a repeated key: the last value wins).
 fn tag_map(tags: Vec<model::Tag>) -> BTreeMap<String, String> {
     tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect()
@@ -1014,12 +1204,17 @@ mod tests {
                 "DeleteImportedKeyMaterial",
                 Operation::DeleteImportedKeyMaterial,
             ),
+            ("CreateGrant", Operation::CreateGrant),
+            ("ListGrants", Operation::ListGrants),
+            ("ListRetirableGrants", Operation::ListRetirableGrants),
+            ("RetireGrant", Operation::RetireGrant),
+            ("RevokeGrant", Operation::RevokeGrant),
         ];
         for (target, operation) in table {
             let (decoded, _) = decode(target, body, &arns()).expect(target);
             assert_eq!(decoded, operation, "{target}");
         }
-        assert!(decode("CreateGrant", body, &arns()).is_none());
+        assert!(decode("Sign", body, &arns()).is_none());
         assert!(decode("", body, &arns()).is_none());
     }
 

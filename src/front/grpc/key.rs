@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{call_of, status};
+use super::{call_of, grants, status};
 use crate::auth::Operation;
 use crate::auth::key_policy::POLICY_NAME;
 use crate::hsm::ImportAlgorithm;
@@ -11,12 +11,15 @@ use crate::keystore::{KeyOrigin, KeyState};
 use crate::ops::{AliasEntry, KeyView, Ops};
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    self, Alias, AliasRequest, CreateKeyRequest, EnableKeyRotationRequest, GetKeyPolicyRequest,
-    GetKeyPolicyResponse, GetParametersForImportRequest, GetParametersForImportResponse,
-    ImportKeyMaterialRequest, KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest,
-    ListAliasesResponse, ListKeyPoliciesResponse, ListKeysRequest, ListKeysResponse,
-    PutKeyPolicyRequest, ScheduleKeyDeletionRequest, ScheduleKeyVersionDestructionRequest,
-    TagKeyRequest, UntagKeyRequest, UpdateKeyDescriptionRequest, WrappingAlgorithm,
+    self, Alias, AliasRequest, CreateGrantRequest, CreateGrantResponse, CreateKeyRequest,
+    EnableKeyRotationRequest, GetKeyPolicyRequest, GetKeyPolicyResponse,
+    GetParametersForImportRequest, GetParametersForImportResponse, ImportKeyMaterialRequest,
+    KeyMetadata, KeyRef, KeyVersionRequest, ListAliasesRequest, ListAliasesResponse,
+    ListGrantsRequest, ListGrantsResponse, ListKeyPoliciesResponse, ListKeysRequest,
+    ListKeysResponse, ListRetirableGrantsRequest, PutKeyPolicyRequest, RetireGrantRequest,
+    RetireGrantResponse, RevokeGrantRequest, ScheduleKeyDeletionRequest,
+    ScheduleKeyVersionDestructionRequest, TagKeyRequest, UntagKeyRequest,
+    UpdateKeyDescriptionRequest, WrappingAlgorithm,
 };
 
 /// The control-plane service.
@@ -388,6 +391,103 @@ impl KeyService for KeyApi {
             .await
             .map_err(status)?;
         Ok(Response::new(ListKeyPoliciesResponse { policy_names }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn create_grant(
+        &self,
+        request: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        let call = call_of(&request, Operation::CreateGrant);
+        let new = match grants::new_grant(request.into_inner()) {
+            Ok(new) => new,
+            Err(err) => return Err(status(self.ops.reject(call, err).await)),
+        };
+        let created = self.ops.create_grant(call, new).await.map_err(status)?;
+        Ok(Response::new(CreateGrantResponse {
+            grant_id: created.grant_id,
+            grant_token: created.token,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_grants(
+        &self,
+        request: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let call = call_of(&request, Operation::ListGrants);
+        let req = request.into_inner();
+        let position = match grants::page_position(req.page_size, &req.page_token) {
+            Ok(position) => position,
+            Err(err) => return Err(status(self.ops.reject(call, err).await)),
+        };
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        let (key_id, found) = self
+            .ops
+            .list_grants(
+                call,
+                req.key_id,
+                nonempty(req.grant_id),
+                nonempty(req.grantee_principal),
+            )
+            .await
+            .map_err(status)?;
+        let messages = found
+            .iter()
+            .map(|grant| grants::grant_message(&key_id, grant))
+            .collect();
+        Ok(Response::new(grants::page(messages, position)))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_retirable_grants(
+        &self,
+        request: Request<ListRetirableGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let call = call_of(&request, Operation::ListRetirableGrants);
+        let req = request.into_inner();
+        let position = match grants::page_position(req.page_size, &req.page_token) {
+            Ok(position) => position,
+            Err(err) => return Err(status(self.ops.reject(call, err).await)),
+        };
+        let found = self
+            .ops
+            .list_retirable_grants(call, req.retiring_principal)
+            .await
+            .map_err(status)?;
+        let messages = found
+            .iter()
+            .map(|g| grants::grant_message(&g.key_id, &g.grant))
+            .collect();
+        Ok(Response::new(grants::page(messages, position)))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn retire_grant(
+        &self,
+        request: Request<RetireGrantRequest>,
+    ) -> Result<Response<RetireGrantResponse>, Status> {
+        let call = call_of(&request, Operation::RetireGrant);
+        let which = match grants::retired_grant(request.into_inner()) {
+            Ok(which) => which,
+            Err(err) => return Err(status(self.ops.reject(call, err).await)),
+        };
+        self.ops.retire_grant(call, which).await.map_err(status)?;
+        Ok(Response::new(RetireGrantResponse {}))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<RetireGrantResponse>, Status> {
+        let call = call_of(&request, Operation::RevokeGrant);
+        let req = request.into_inner();
+        self.ops
+            .revoke_grant(call, req.key_id, req.grant_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RetireGrantResponse {}))
     }
 
     #[instrument(level = "debug", skip_all)]

@@ -1,11 +1,13 @@
 //! The gRPC front end: the `wrapd.v1` services and the Kubernetes KMS v2 plugin.
 //!
-//! `data_key.rs` is `DataKeyService`, `key.rs` `KeyService`, `kms_plugin.rs`
+//! `data_key.rs` is `DataKeyService`, `key.rs` `KeyService` (`grants.rs` the wire forms of
+//! its grant calls), `kms_plugin.rs`
 //! `v2.KeyManagementService`. Here: the call record of a request (identity from the
 //! connection, `x-request-id`, `grpc-timeout`) and the one mapping of errors to
 //! `tonic::Status` (docs/DESIGN.md §4).
 
 mod data_key;
+mod grants;
 mod key;
 mod kms_plugin;
 

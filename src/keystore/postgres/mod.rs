@@ -42,12 +42,13 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::PostgresOptions;
 use super::metadata::{
-    Cursor, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore, RotationSchedule,
-    StoreChanges, VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis,
-    other_material, to_millis,
+    Cursor, GrantRow, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore,
+    RotationSchedule, StoreChanges, VersionDestruction, VersionRecord, VersionUsage, corrupt,
+    from_millis, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
+use crate::grant::Grant;
 use crate::hsm::KeyCheckValue;
 use crate::ids::{AliasName, KeyId};
 
@@ -93,6 +94,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../migrations/postgres/0004.sql")),
     (5, include_str!("../migrations/postgres/0005.sql")),
     (6, include_str!("../migrations/postgres/0006.sql")),
+    (7, include_str!("../migrations/postgres/0007.sql")),
 ];
 
 /// The PostgreSQL metadata store.

@@ -100,6 +100,7 @@ impl PostgresStore {
                 })
             })
             .transpose()?;
+        let grants = Self::load_grants(client, id)?;
         Ok(Some(KeyRecord {
             origin: KeyOrigin::parse(&origin).ok_or_else(|| corrupt("origin", &origin))?,
             material,
@@ -113,7 +114,38 @@ impl PostgresStore {
             rotation,
             tags,
             policy: row.get(10),
+            grants: grants.into(),
         }))
+    }
+
+    pub(super) fn load_grants(
+        client: &mut impl postgres::GenericClient,
+        id: &str,
+    ) -> Result<Vec<Grant>> {
+        client
+            .query(
+                "SELECT grant_id, name, grantee, retiring, operations, constraint_equals,
+                        constraint_subset, issuer, created_at
+                 FROM key_grants WHERE key_id = $1 ORDER BY created_at, grant_id",
+                &[&id],
+            )
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| {
+                GrantRow {
+                    grant_id: r.get(0),
+                    name: r.get(1),
+                    grantee: r.get(2),
+                    retiring: r.get(3),
+                    operations: r.get(4),
+                    equals: r.get(5),
+                    subset: r.get(6),
+                    issuer: r.get(7),
+                    created_at: r.get(8),
+                }
+                .into_grant()
+            })
+            .collect()
     }
 
     pub(super) fn key_exists(tx: &mut Transaction<'_>, id: &KeyId) -> Result<()> {

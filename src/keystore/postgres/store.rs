@@ -232,6 +232,65 @@ impl MetadataStore for PostgresStore {
         })
     }
 
+    fn add_grant(&self, id: &KeyId, grant: &Grant) -> Result<Grant> {
+        self.tx(|tx| {
+            // The key's row lock orders concurrent grants of one key: the same named grant
+            // made by two daemons at once is made once.
+            Self::key_exists(tx, id)?;
+            let grants = Self::load_grants(tx, id.as_str())?;
+            if let Some(same) = grants.iter().find(|g| {
+                g.same_as(
+                    &grant.name,
+                    &grant.grantee,
+                    grant.retiring.as_deref(),
+                    &grant.operations,
+                    &grant.constraints,
+                )
+            }) {
+                return Ok(same.clone());
+            }
+            if let Some(why) = grant.over_limit(&grants) {
+                return Err(Error::LimitReached(format!("key {id}: {why}")));
+            }
+            let row = GrantRow::of(grant);
+            tx.execute(
+                "INSERT INTO key_grants (key_id, grant_id, name, grantee, retiring, operations,
+                        constraint_equals, constraint_subset, issuer, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[
+                    &id.as_str(),
+                    &row.grant_id,
+                    &row.name,
+                    &row.grantee,
+                    &row.retiring,
+                    &row.operations,
+                    &row.equals,
+                    &row.subset,
+                    &row.issuer,
+                    &row.created_at,
+                ],
+            )
+            .map_err(pg_error)?;
+            notify_key(tx, id)?;
+            Ok(grant.clone())
+        })
+    }
+
+    fn remove_grant(&self, id: &KeyId, grant_id: &str) -> Result<bool> {
+        self.tx(|tx| {
+            let removed = tx
+                .execute(
+                    "DELETE FROM key_grants WHERE key_id = $1 AND grant_id = $2",
+                    &[&id.as_str(), &grant_id],
+                )
+                .map_err(pg_error)?;
+            if removed > 0 {
+                notify_key(tx, id)?;
+            }
+            Ok(removed > 0)
+        })
+    }
+
     fn set_policy(&self, id: &KeyId, policy: &str) -> Result<()> {
         self.tx(|tx| {
             let changed = tx
