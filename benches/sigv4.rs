@@ -60,7 +60,7 @@ fn sigv4_verify() -> String {
     sigv4::verify(
         &signed.keys,
         sigv4::Scope {
-            region: "us-east-1",
+            regions: &["us-east-1"],
             service: "kms",
             signed_when_present: &["content-type", "x-amz-target"],
         },
@@ -69,4 +69,5 @@ fn sigv4_verify() -> String {
         signed.now,
     )
     .unwrap()
+    .access_key
 }

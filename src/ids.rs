@@ -24,7 +24,10 @@ impl KeyId {
         Self(format!("{}{}", Self::PREFIX, hex::encode(bytes)))
     }
 
-    /// Parses a key id; anything else is INVALID_ARGUMENT.
+    /// Parses a key id in its one canonical form, `key/` and 32 lowercase hex digits, as
+    /// wrapd writes it (blobs, token objects, the store, tokens it issues); anything else is
+    /// INVALID_ARGUMENT. Each key id has one encoding there, so that no stored byte string
+    /// has a second form that parses to the same key.
     pub fn parse(s: &str) -> Result<Self> {
         let valid = s.strip_prefix(Self::PREFIX).is_some_and(|hex| {
             hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -37,6 +40,42 @@ impl KeyId {
                 truncate(s)
             )))
         }
+    }
+
+    /// Parses a key id as a caller may name a key: the canonical form, or the same 16 bytes
+    /// written as a UUID (`key/1234abcd-12ab-34cd-56ef-1234567890ab`, as AWS KMS writes key
+    /// ids), which is turned into the canonical form.
+    pub fn parse_named(s: &str) -> Result<Self> {
+        let uuid = s.strip_prefix(Self::PREFIX).filter(|id| {
+            let dashes = [8, 13, 18, 23];
+            id.len() == 36
+                && id
+                    .char_indices()
+                    .all(|(i, c)| (c == '-') == dashes.contains(&i))
+        });
+        match uuid {
+            Some(id) => Self::parse(&format!("{}{}", Self::PREFIX, id.replace('-', ""))),
+            None => Self::parse(s),
+        }
+        .map_err(|_| {
+            Error::invalid(format!(
+                "malformed key id {:?}: expected key/<32 hex digits>, key/<UUID> or alias/NAME",
+                truncate(s)
+            ))
+        })
+    }
+
+    /// The id's 16 bytes as a UUID (8-4-4-4-12 hex digits), as AWS KMS writes key ids.
+    pub fn uuid(&self) -> String {
+        let hex = &self.0[Self::PREFIX.len()..];
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
     }
 
     /// The id as text.
@@ -109,14 +148,15 @@ pub enum KeyRef {
 }
 
 impl KeyRef {
-    /// Parses `key/...` or `alias/...`; an empty string is INVALID_ARGUMENT.
+    /// Parses `key/...` (either form of [`KeyId::parse_named`]) or `alias/...`; an empty
+    /// string is INVALID_ARGUMENT.
     pub fn parse(s: &str) -> Result<Self> {
         if s.is_empty() {
             Err(Error::invalid("key_id is required (key/... or alias/...)"))
         } else if s.starts_with(AliasName::PREFIX) {
             AliasName::parse(s).map(Self::Alias)
         } else {
-            KeyId::parse(s).map(Self::Id)
+            KeyId::parse_named(s).map(Self::Id)
         }
     }
 }
@@ -152,9 +192,35 @@ mod tests {
             "key/ABCDEF0123456789abcdef0123456789",
             "key/0123",
             "kee/0123456789abcdef0123456789abcdef",
+            "key/0123456-789a-bcde-f012-3456789abcdef",
+            "key/01234567_89ab_cdef_0123_456789abcdef",
+            "key/01234567-89AB-cdef-0123-456789abcdef",
+            "key/01234567-89ab-cdef-0123-456789abcde-",
         ] {
             assert!(KeyId::parse(bad).is_err(), "{bad}");
+            assert!(KeyId::parse_named(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_key_id_written_as_a_uuid_names_the_same_key() {
+        let id = KeyId::parse("key/0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(id.uuid(), "01234567-89ab-cdef-0123-456789abcdef");
+        assert_eq!(
+            KeyId::parse_named(&format!("key/{}", id.uuid())).unwrap(),
+            id
+        );
+        assert_eq!(
+            KeyId::parse_named("key/01234567-89ab-cdef-0123-456789abcdef")
+                .unwrap()
+                .as_str(),
+            "key/0123456789abcdef0123456789abcdef",
+            "kept in one form"
+        );
+        assert!(
+            KeyId::parse(&format!("key/{}", id.uuid())).is_err(),
+            "stored forms have one encoding"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`server`] | the daemon: opening the token and store, listeners (accept loops with connection caps and timeouts, unix peer identities), health, reflection, background tasks, graceful shutdown, logging |
-//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: ARNs, AWS error types), the XKS proxy API for AWS KMS external key stores (`front::xks`), the SigV4 verifier both HTTPS front ends share (`front::sigv4`), and each one's error mapping |
+//! | [`front`] | the front ends: `wrapd.v1.DataKeyService`, `wrapd.v1.KeyService`, the Kubernetes KMS v2 plugin (the only gRPC server code), the AWS KMS JSON API (`front::aws`: ARNs, AWS error types, requests checked against AWS's service model), the XKS proxy API for AWS KMS external key stores (`front::xks`), the SigV4 verifier both HTTPS front ends share (`front::sigv4`), and each one's error mapping |
 //! | [`ops`] | the transport-neutral operation layer every front end calls: the [`ops::Call`] record, the gate (policy checks, the uncancellable job, the audit line), the data plane's worker threads, the KMS plugin's rules |
 //! | [`metrics`] | What is measured and the recording calls: a leaf the audit log, ops and hsm use (the recorder, the scrape and its listener are in `server`) |
 //! | [`auth`] | caller identities (the authenticator turns a connection record into an [`auth::Identity`]), the policy file, and key policies (`auth::key_policy`: parsing and evaluation) |

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let keys = AccessKeys::default();
     let now = sigv4::parse_amz_date(&String::from_utf8_lossy(date)).unwrap_or_else(chrono::Utc::now);
     let scope = sigv4::Scope {
-        region: "us-east-1",
+        regions: &["us-east-1"],
         service: "kms",
         signed_when_present: &["content-type", "x-amz-target"],
     };

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let (parts, ()) = request.into_parts();
     let scope = sigv4::Scope {
-        region: "us-east-1",
+        regions: &["us-east-1"],
         service: "kms-xks-proxy",
         signed_when_present: &[],
     };

@@ -19,7 +19,8 @@
 //!
 //! A grant matches a call when one of the caller's principals matches a `principals` glob,
 //! the operation is listed, one of the key's names (its id and every alias pointing at it)
-//! matches a `keys` glob, and, if `require_context` is set, the call's encryption context
+//! matches a `keys` glob (a key id may be written `key/UUID`, as the AWS KMS API writes it),
+//! and, if `require_context` is set, the call's encryption context
 //! contains every entry. Because aliases are matched as the key's current names, a grant on
 //! an alias follows the alias when it is re-pointed. Calls that name no key (`ListKeys`,
 //! `ListAliases` without a key, `CreateKey` without an alias) match only a `keys` glob that
@@ -305,6 +306,18 @@ fn operations(names: &[String], index: usize) -> Result<HashSet<Operation>> {
     Ok(set)
 }
 
+/// `keys` entries with a key id written as AWS KMS writes it (`key/UUID`) in the form the
+/// globs are matched against (`key/HEX`), so that an id copied from an AWS KMS API answer
+/// names the key; anything else as written.
+fn canonical_keys(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter()
+        .map(|key| match crate::ids::KeyId::parse_named(&key) {
+            Ok(id) => id.to_string(),
+            Err(_) => key,
+        })
+        .collect()
+}
+
 /// The principal namespaces, one per way of calling: a principal of one can never be produced
 /// by another. TLS principals are built by wrapd from certificate fields (`tls:uri=`,
 /// `tls:dns=`, `tls:cn=`), so no certificate can name a `unix:` or internal `wrapd:` principal.
@@ -361,7 +374,7 @@ impl Policy {
                     description: g.description,
                     principals: glob_set(&g.principals, "principals", index)?,
                     operations: operations(&g.operations, index)?,
-                    keys: glob_set(&g.keys, "keys", index)?,
+                    keys: glob_set(&canonical_keys(g.keys), "keys", index)?,
                     require_context: g.require_context,
                     require_request,
                     require_key_grant: g.require_key_grant,
@@ -612,6 +625,47 @@ mod tests {
         context: Option<&EncryptionContext>,
     ) -> bool {
         policy.allows(principals, op, target, context, &RequestAttributes::new())
+    }
+
+    #[test]
+    fn a_key_written_as_a_uuid_names_the_key_and_a_key_grant_rule_needs_a_key_grant() {
+        let policy = Policy::parse(
+            r#"
+            [[grant]]
+            principals = ["unix:uid=1"]
+            operations = ["Unwrap"]
+            keys = ["key/01234567-89ab-cdef-0123-456789abcdef"]
+
+            [[grant]]
+            principals = ["unix:uid=2"]
+            operations = ["Unwrap"]
+            keys = ["*"]
+            require_key_grant = true
+            "#,
+        )
+        .unwrap();
+        let key = names(&["key/0123456789abcdef0123456789abcdef"]);
+        assert!(allows(
+            &policy,
+            &who("unix:uid=1"),
+            Operation::Unwrap,
+            &key,
+            None
+        ));
+        let request = RequestAttributes::new();
+        let worker = who("unix:uid=2");
+        assert!(!allows(&policy, &worker, Operation::Unwrap, &key, None));
+        assert!(policy.allows_with_key_grant(&worker, Operation::Unwrap, &key, None, &request));
+        assert!(
+            !policy.allows_with_key_grant(
+                &who("unix:uid=1"),
+                Operation::Unwrap,
+                &key,
+                None,
+                &request
+            ),
+            "an ordinary grant is no bound for key grants"
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl WrapdKey {
         match self.names().1 {
             Some(prefix) => EncryptedDataKey {
                 provider_id: AWS_KMS_PROVIDER_ID.to_owned(),
-                provider_info: format!("{prefix}{key_id}").into_bytes(),
+                provider_info: entry_arn(&self.key_id, prefix, &key_id).into_bytes(),
                 ciphertext: blob,
             },
             None => EncryptedDataKey {
@@ -58,6 +58,24 @@ impl WrapdKey {
                 ciphertext: blob,
             },
         }
+    }
+}
+
+/// The ARN an `aws-kms` entry names key `key_id` (canonical, `key/HEX`) by, for a keyring
+/// that named its key `named` with ARN prefix `prefix`: `named` itself if it is a key ARN of
+/// that key (in whichever spelling: the Encryption SDK compares the entry with the ARN its
+/// keyring was given), else the key ARN as AWS KMS writes it (`key/UUID`).
+pub fn entry_arn(named: &str, prefix: &str, key_id: &str) -> String {
+    let Ok(key) = crate::ids::KeyId::parse_named(key_id) else {
+        return format!("{prefix}{key_id}");
+    };
+    let same_key = split_arn(named).is_some_and(|(_, resource)| {
+        crate::ids::KeyId::parse_named(resource).is_ok_and(|k| k == key)
+    });
+    if same_key {
+        named.to_owned()
+    } else {
+        format!("{prefix}{}{}", crate::ids::KeyId::PREFIX, key.uuid())
     }
 }
 

@@ -382,11 +382,13 @@ async fn rewrap_file(
         let entry = &mut entries[*i];
         if entry.provider_id == PROVIDER_ID {
             entry.provider_info = now.key_id.clone().into_bytes();
-        } else if now.key_id != destination_of_arn(&entry.provider_info) {
+        } else if !names_key(&entry.provider_info, &now.key_id) {
             // An AWS KMS keyring's entry names its key by ARN: the same ARN prefix, the new
-            // key. (Under the same key, the ARN is kept as written: the SDK compares it.)
+            // key, as AWS KMS writes it. (Under the same key, the ARN is kept as written,
+            // in whichever spelling: the SDK compares it.)
             if let Some(prefix) = &arn_prefix {
-                entry.provider_info = format!("{prefix}{}", now.key_id).into_bytes();
+                entry.provider_info =
+                    crate::client::keyring::entry_arn("", prefix, &now.key_id).into_bytes();
             }
         }
         entry.ciphertext = blob;
@@ -405,12 +407,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The `key/…` an `aws-kms` entry's ARN names (empty if it is no key ARN).
-fn destination_of_arn(info: &[u8]) -> String {
+/// Whether an `aws-kms` entry's ARN names key `key_id` (canonical), in either spelling of
+/// the id.
+fn names_key(info: &[u8], key_id: &str) -> bool {
     let info = String::from_utf8_lossy(info);
-    split_arn(&info)
-        .map(|(_, resource)| resource.to_owned())
-        .unwrap_or_default()
+    split_arn(&info).is_some_and(|(_, resource)| {
+        crate::ids::KeyId::parse_named(resource).is_ok_and(|k| k.as_str() == key_id)
+    })
 }
 
 /// Writes `new_header` and the original's frames to an unnamed file beside `path`, syncs

@@ -164,6 +164,9 @@ pub struct AwsConfig {
     pub key: PathBuf,
     /// The region in ARNs and in the SigV4 credential scope.
     pub region: String,
+    /// Every region the endpoint answers for: `region` first, then `[aws] regions`. A
+    /// request may be signed for any; its answers name keys in that region.
+    pub regions: Vec<String>,
     /// The 12-digit account id in ARNs.
     pub account: String,
     /// The access keys requests may be signed with.

@@ -155,6 +155,8 @@ pub(super) struct RawAws {
     pub(super) cert: PathBuf,
     pub(super) key: PathBuf,
     pub(super) region: String,
+    #[serde(default)]
+    pub(super) regions: Vec<String>,
     pub(super) account: String,
     #[serde(default, rename = "access_key")]
     pub(super) access_keys: Vec<RawAccessKey>,

@@ -189,6 +189,22 @@ pub(super) fn aws_config(
             raw.region
         )));
     }
+    let mut regions = vec![raw.region.clone()];
+    for region in &raw.regions {
+        if !is_region(region) {
+            return Err(Error::Config(format!(
+                "aws.regions: {region:?} is not a region name like us-east-1"
+            )));
+        }
+        if !regions.contains(region) {
+            regions.push(region.clone());
+        }
+    }
+    if regions.len() > MAX_AWS_REGIONS {
+        return Err(Error::Config(format!(
+            "aws.regions: at most {MAX_AWS_REGIONS} regions"
+        )));
+    }
     if raw.account.len() != 12 || !raw.account.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::Config(format!(
             "aws.account {:?} must be 12 digits",
@@ -252,6 +268,7 @@ pub(super) fn aws_config(
         cert: resolve(&raw.cert),
         key: resolve(&raw.key),
         region: raw.region,
+        regions,
         account: raw.account,
         access_keys,
     })
@@ -312,6 +329,9 @@ fn iam_arn(arn: &str, account: &str) -> std::result::Result<(), String> {
     }
     Ok(())
 }
+
+/// Most regions one AWS KMS API endpoint answers for.
+const MAX_AWS_REGIONS: usize = 32;
 
 /// Whether `region` is a region name like `us-east-1`.
 fn is_region(region: &str) -> bool {

@@ -38,8 +38,8 @@ use crate::config::AwsAccessKey;
 /// always).
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
-    /// The region, e.g. `us-east-1`.
-    pub region: &'a str,
+    /// The regions a signature may be scoped to, e.g. `["us-east-1"]`.
+    pub regions: &'a [&'a str],
     /// The service, e.g. `kms`.
     pub service: &'a str,
     /// Headers the signature must cover when present: the AWS KMS API's operation header
@@ -54,6 +54,16 @@ pub const MAX_SIGNED_HEADERS: usize = 32;
 
 /// How far a request's time may be from the daemon's clock.
 pub const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+/// A request whose signature verified: the access key that signed it, and the region its
+/// credential was scoped to (one of [`Scope::regions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The access key id.
+    pub access_key: String,
+    /// The region.
+    pub region: String,
+}
 
 /// The access keys requests may be signed with, by id.
 #[derive(Clone, Default)]
@@ -232,7 +242,7 @@ pub fn verify(
     parts: &http::request::Parts,
     body: &[u8],
     now: DateTime<Utc>,
-) -> Result<String, AuthFailure> {
+) -> Result<Verified, AuthFailure> {
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let Some(authorization) = header("authorization") else {
         return Err(failure(
@@ -289,7 +299,7 @@ pub fn verify(
             claimed,
         ));
     }
-    check_scope(&parsed, date, scope)
+    let region = check_scope(&parsed, date, scope)
         .map_err(|(code, message)| failure(code, message, claimed.clone()))?;
     let signed: Vec<&str> = parsed.signed_headers.split(';').collect();
     let unsigned = ALWAYS_SIGNED
@@ -322,10 +332,13 @@ pub fn verify(
             claimed,
         ));
     };
-    let expected = expected_signature(key, scope, at.into(), parts, &signed, body)
+    let expected = expected_signature(key, scope, region, at.into(), parts, &signed, body)
         .map_err(|message| failure("IncompleteSignatureException", message, claimed.clone()))?;
     if bool::from(expected.as_bytes().ct_eq(parsed.signature.as_bytes())) {
-        Ok(key.id.clone())
+        Ok(Verified {
+            access_key: key.id.clone(),
+            region: region.to_owned(),
+        })
     } else {
         Err(failure(
             "InvalidSignatureException",
@@ -336,12 +349,13 @@ pub fn verify(
 }
 
 /// Checks the credential scope (`DATE/REGION/SERVICE/aws4_request`) against the request's
-/// date and the front end's scope; the error is the AWS type and message.
-fn check_scope(
+/// date and the front end's scope, and returns its region; the error is the AWS type and
+/// message.
+fn check_scope<'a>(
     parsed: &Authorization<'_>,
     date: &str,
-    scope: Scope<'_>,
-) -> Result<(), (&'static str, String)> {
+    scope: Scope<'a>,
+) -> Result<&'a str, (&'static str, String)> {
     let parts: Vec<&str> = parsed.credential.split('/').skip(1).collect();
     let [day, region, service, terminator] = parts.as_slice() else {
         return Err((
@@ -366,15 +380,12 @@ fn check_scope(
             ),
         ));
     }
-    if *region != scope.region {
+    let Some(region) = scope.regions.iter().find(|own| **own == *region) else {
         return Err((
             "InvalidSignatureException",
-            format!(
-                "Credential should be scoped to a valid region, not '{region}'. This endpoint serves '{}'.",
-                scope.region
-            ),
+            format!("Credential should be scoped to a valid region, not '{region}'."),
         ));
-    }
+    };
     if *service != scope.service {
         return Err((
             "InvalidSignatureException",
@@ -384,7 +395,7 @@ fn check_scope(
             ),
         ));
     }
-    Ok(())
+    Ok(region)
 }
 
 /// The signature `key` gives the request as received: its `signed` headers (every value of
@@ -392,6 +403,7 @@ fn check_scope(
 fn expected_signature(
     key: &AwsAccessKey,
     scope: Scope<'_>,
+    region: &str,
     at: SystemTime,
     parts: &http::request::Parts,
     signed: &[&str],
@@ -404,7 +416,7 @@ fn expected_signature(
     settings.excluded_headers = Some(Vec::new());
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(scope.region)
+        .region(region)
         .name(scope.service)
         .time(at)
         .settings(settings)
@@ -443,7 +455,7 @@ mod tests {
     use zeroize::Zeroizing;
 
     const KMS: Scope<'static> = Scope {
-        region: "us-east-1",
+        regions: &["us-east-1"],
         service: "kms",
         signed_when_present: &["content-type", "x-amz-target"],
     };
@@ -572,12 +584,12 @@ mod tests {
     fn a_request_signed_as_aws_kms_signs_xks_calls_verifies_with_a_long_secret() {
         let (keys, parts, body) = xks_request(now());
         let xks = Scope {
-            region: "eu-west-1",
+            regions: &["eu-west-1"],
             service: "kms-xks-proxy",
             signed_when_present: &[],
         };
         assert_eq!(
-            verify(&keys, xks, &parts, &body, now()).unwrap(),
+            verify(&keys, xks, &parts, &body, now()).unwrap().access_key,
             "AAAAAAAAAAAAAAAAAAAAAAAAAA"
         );
         // Where the content type must be signed (the AWS KMS API), the same request is not.
@@ -606,7 +618,7 @@ mod tests {
         );
         parts.headers.insert("authorization", auth.parse().unwrap());
         let xks = Scope {
-            region: "eu-west-1",
+            regions: &["eu-west-1"],
             service: "kms-xks-proxy",
             signed_when_present: &[],
         };
@@ -675,8 +687,18 @@ mod tests {
     #[test]
     fn a_request_signed_by_botocore_verifies() {
         let (keys, parts, body) = botocore_request(|_, _| {});
-        let key = verify(&keys, KMS, &parts, &body, now()).unwrap();
-        assert_eq!(key, "AKIAIOSFODNN7EXAMPLE");
+        let verified = verify(&keys, KMS, &parts, &body, now()).unwrap();
+        assert_eq!(verified.access_key, "AKIAIOSFODNN7EXAMPLE");
+        assert_eq!(verified.region, "us-east-1");
+        // An endpoint of several regions takes the same request and says which it was for.
+        let several = Scope {
+            regions: &["eu-west-1", "us-east-1"],
+            ..KMS
+        };
+        assert_eq!(
+            verify(&keys, several, &parts, &body, now()).unwrap().region,
+            "us-east-1"
+        );
     }
 
     #[test]
@@ -771,7 +793,7 @@ mod tests {
         let err = verify(
             &keys(),
             Scope {
-                region: "eu-west-1",
+                regions: &["eu-west-1"],
                 ..KMS
             },
             &parts,

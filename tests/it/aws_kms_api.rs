@@ -337,6 +337,8 @@ fn boto3_sees_each_error_type_with_its_http_status() {
         ("ValidationException", 400),
         ("AlreadyExistsException", 400),
         ("UnsupportedOperationException", 400),
+        ("InvalidAliasNameException", 400),
+        ("InvalidMarkerException", 400),
         ("DisabledException", 400),
         ("KMSInvalidStateException", 400),
     ];
@@ -575,8 +577,13 @@ async fn a_blob_from_either_api_unwraps_through_the_other() {
         .unwrap()
         .into_inner();
     assert_eq!(unwrapped.plaintext, b64(&generated["Plaintext"]));
+    // The AWS API's key id (a UUID) is the same 16 bytes as the gRPC API's.
+    let uuid = key["KeyId"].as_str().unwrap();
+    assert_eq!(uuid.len(), 36, "{uuid}");
     assert_eq!(
-        format!("key/{}", key["KeyId"].as_str().unwrap()),
+        wrapd::ids::KeyId::parse_named(&format!("key/{uuid}"))
+            .unwrap()
+            .to_string(),
         unwrapped.key_id
     );
     // gRPC -> KMS API.
@@ -909,4 +916,59 @@ fn the_key_version_extensions_retire_and_schedule_destruction_and_list_usage() {
             .any(|l| l.operation == "ScheduleKeyVersionDestruction" && l.outcome == "OK"),
         "{lines:?}"
     );
+}
+
+#[test]
+fn key_ids_are_uuids_the_hex_spelling_is_echoed_and_a_second_region_sees_every_key() {
+    let mut daemon = DevDaemon::start();
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let config = config.replacen(
+        "region = \"us-east-1\"\n",
+        "region = \"us-east-1\"\nregions = [\"eu-central-1\"]\n",
+        1,
+    );
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    let out = boto3(
+        &daemon,
+        "uuid_ids_and_regions",
+        &[("WRAPD_SECOND_REGION", "eu-central-1")],
+    );
+    for fact in [
+        "uuid",
+        "arn_ends_with_id",
+        "described_by_hex",
+        "encrypt_echoes",
+        "decrypt_echoes",
+        "decrypt_without_key",
+        "generate_by_id",
+        "far_describe",
+        "far_decrypts",
+        "far_takes_home_arn",
+        "home_takes_far_arn",
+    ] {
+        assert_eq!(out[fact], true, "{fact}: {out}");
+    }
+    assert_eq!(out["other_region"], "InvalidSignatureException", "{out}");
+    assert_eq!(out["other_region_arn"], "NotFoundException", "{out}");
+}
+
+#[test]
+fn every_constraint_of_the_service_model_is_a_validation_error_in_aws_wording() {
+    let daemon = DevDaemon::start();
+    let out = boto3(&daemon, "model_constraints", &[]);
+    let failures = out["failures"].as_array().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        out["cases"],
+        failures
+            .iter()
+            .map(|f| f.as_str().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The model's constraints on the top-level members of the operations wrapd answers.
+    assert!(out["cases"].as_u64().unwrap() >= 150, "{out}");
 }

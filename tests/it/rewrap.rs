@@ -123,7 +123,10 @@ async fn rewrap_moves_messages_to_the_current_version_frames_unchanged_and_the_o
         .as_str()
         .unwrap()
         .to_owned();
-    let key_id = arn.rsplit_once(':').unwrap().1.to_owned();
+    // The ARN's `key/UUID` as the gRPC API and the census write it, `key/HEX`.
+    let key_id = wrapd::ids::KeyId::parse_named(arn.rsplit_once(':').unwrap().1)
+        .unwrap()
+        .to_string();
     let store = daemon.dir().join("store");
     std::fs::create_dir_all(store.join("a")).unwrap();
     std::fs::create_dir_all(store.join("b/c")).unwrap();

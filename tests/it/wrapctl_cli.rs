@@ -262,3 +262,80 @@ fn exit_codes_say_what_failed() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn key_policies_and_grants_from_the_command_line() {
+    let daemon = DevDaemon::start();
+    let ctl = Ctl {
+        daemon: &daemon,
+        tls: false,
+    };
+    let key = text(
+        &ctl.ok(&["keys", "create", "--description", "cli"]),
+        "key_id",
+    );
+    let default = ctl.ok(&["key-policy", "get", &key]);
+    assert!(text(&default, "policy").contains(":root"), "{default}");
+    // Everything for the account, but Encrypt: a caller's Encrypt can then come from a grant.
+    let policy = daemon.dir().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:root"},"NotAction":"kms:Encrypt","Resource":"*"}]}"#,
+    )
+    .unwrap();
+    ctl.ok(&[
+        "key-policy",
+        "put",
+        &key,
+        "--file",
+        policy.to_str().unwrap(),
+    ]);
+    assert!(text(&ctl.ok(&["key-policy", "get", &key]), "policy").contains("NotAction"));
+
+    let me = "arn:aws:iam::111122223333:wrapd/unix:uid=0";
+    let made = ctl.ok(&[
+        "grants",
+        "create",
+        &key,
+        "--grantee",
+        me,
+        "--operation",
+        "Encrypt",
+        "--operation",
+        "Decrypt",
+        "--context-subset",
+        "tenant=acme",
+        "--name",
+        "cli",
+    ]);
+    let grant_id = text(&made, "grant_id");
+    assert_eq!(grant_id.len(), 64, "{made}");
+    let listed = ctl.ok(&["grants", "list", &key, "--grantee", me]);
+    let grants = listed["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 1, "{listed}");
+    assert_eq!(grants[0]["grant_id"], grant_id.as_str());
+    assert_eq!(
+        grants[0]["operations"],
+        serde_json::json!(["Decrypt", "Encrypt"])
+    );
+    assert_eq!(grants[0]["constraints"], "subset tenant=acme");
+    let unknown = ctl
+        .run(&[
+            "grants",
+            "create",
+            &key,
+            "--grantee",
+            me,
+            "--operation",
+            "Sign",
+        ])
+        .unwrap_err();
+    assert!(unknown.contains("unknown grant operation"), "{unknown}");
+    ctl.ok(&["grants", "revoke", &key, &grant_id]);
+    assert_eq!(
+        ctl.ok(&["grants", "list", &key])["grants"],
+        serde_json::json!([])
+    );
+    let gone = ctl.run(&["grants", "revoke", &key, &grant_id]).unwrap_err();
+    assert!(gone.contains("does not exist"), "{gone}");
+}

@@ -16,6 +16,7 @@ from unittest import mock
 import boto3
 import botocore
 import botocore.auth
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -158,11 +159,17 @@ def errors():
     c.create_alias(AliasName="alias/taken", TargetKeyId=key)
     found["AlreadyExistsException"] = error_code(c.create_alias, AliasName="alias/taken", TargetKeyId=other)
     found["UnsupportedOperationException"] = error_code(c.create_key, Origin="AWS_CLOUDHSM")
+    found["InvalidAliasNameException"] = error_code(c.create_alias, AliasName="alias/aws/mine", TargetKeyId=other)
+    found["InvalidMarkerException"] = error_code(c.list_keys, Marker="not-a-marker")
     c.disable_key(KeyId=key)
     found["DisabledException"] = error_code(c.encrypt, KeyId=key, Plaintext=b"x")
     c.enable_key(KeyId=key)
     c.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
     found["KMSInvalidStateException"] = error_code(c.decrypt, CiphertextBlob=blob)
+    # A value outside a member's enumeration is the model's ValidationException.
+    got, _ = error_code(c.create_key, KeyUsage="NOT_A_USAGE")
+    assert got == "ValidationException", got
+    assert error_code(c.delete_alias, AliasName="alias/aws/ebs")[0] == "NotFoundException"
     for code, (got, _) in found.items():
         assert got == code, (code, got)
     print(json.dumps({code: status for code, (_, status) in found.items()}))
@@ -346,6 +353,138 @@ def grants():
     print(json.dumps(out))
 
 
+def uuid_ids_and_regions():
+    """Key ids as AWS writes them (UUIDs), the older 32-hex spelling still taken and echoed
+    where the Encryption SDK compares it, and a second region (WRAPD_SECOND_REGION) the
+    endpoint answers for: keys visible in both, answers in the region signed for."""
+    import re
+
+    c = kms()
+    key = c.create_key()["KeyMetadata"]
+    kid, arn = key["KeyId"], key["Arn"]
+    out = {"uuid": bool(re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", kid)),
+           "arn_ends_with_id": arn.endswith(f":key/{kid}")}
+    hex_id = kid.replace("-", "")
+    hex_arn = arn.replace(kid, hex_id)
+    out["described_by_hex"] = c.describe_key(KeyId=hex_id)["KeyMetadata"]["Arn"] == arn
+    enc = c.encrypt(KeyId=hex_arn, Plaintext=b"x")
+    out["encrypt_echoes"] = enc["KeyId"] == hex_arn
+    dec = c.decrypt(CiphertextBlob=enc["CiphertextBlob"], KeyId=hex_arn)
+    out["decrypt_echoes"] = dec["KeyId"] == hex_arn
+    out["decrypt_without_key"] = c.decrypt(CiphertextBlob=enc["CiphertextBlob"])["KeyId"] == arn
+    out["generate_by_id"] = c.generate_data_key(KeyId=kid, NumberOfBytes=16)["KeyId"] == arn
+
+    second = os.environ["WRAPD_SECOND_REGION"]
+    far = boto3.client("kms", endpoint_url=URL, region_name=second, config=NO_RETRIES)
+    far_arn = arn.replace(":us-east-1:", f":{second}:")
+    out["far_describe"] = far.describe_key(KeyId=kid)["KeyMetadata"]["Arn"] == far_arn
+    out["far_decrypts"] = far.decrypt(CiphertextBlob=enc["CiphertextBlob"])["KeyId"] == far_arn
+    out["far_takes_home_arn"] = far.describe_key(KeyId=arn)["KeyMetadata"]["KeyId"] == kid
+    out["home_takes_far_arn"] = c.describe_key(KeyId=far_arn)["KeyMetadata"]["Arn"] == arn
+    elsewhere = boto3.client("kms", endpoint_url=URL, region_name="ap-south-1", config=NO_RETRIES)
+    out["other_region"] = error_code(elsewhere.list_keys)[0]
+    out["other_region_arn"] = error_code(c.describe_key, KeyId=arn.replace(":us-east-1:", ":ap-south-1:"))[0]
+    print(json.dumps(out))
+
+
+# The operations wrapd answers (the rest are UnsupportedOperationException).
+ANSWERED = [
+    "CancelKeyDeletion", "CreateAlias", "CreateGrant", "CreateKey", "Decrypt", "DeleteAlias",
+    "DeleteImportedKeyMaterial", "DescribeKey", "DisableKey", "DisableKeyRotation", "EnableKey",
+    "EnableKeyRotation", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+    "GenerateRandom", "GetKeyPolicy", "GetKeyRotationStatus", "GetParametersForImport",
+    "ImportKeyMaterial", "ListAliases", "ListGrants", "ListKeyPolicies", "ListKeyRotations",
+    "ListKeys", "ListResourceTags", "ListRetirableGrants", "PutKeyPolicy", "ReEncrypt",
+    "RetireGrant", "RevokeGrant", "RotateKeyOnDemand", "ScheduleKeyDeletion", "TagResource",
+    "UntagResource", "UpdateAlias", "UpdateKeyDescription",
+]
+
+
+def model_constraints():
+    """Every validation constraint of AWS KMS's service model (botocore's, as installed) on
+    the top-level members of each operation wrapd answers, broken one at a time in a
+    request that is otherwise valid for the model: each must be ValidationException, worded
+    as AWS words it, naming the member and the constraint."""
+    import re
+
+    model = botocore.session.get_session().get_service_model("kms")
+    c = kms(config=Config(parameter_validation=False, retries={"max_attempts": 1, "mode": "standard"}))
+
+    def valid(shape, depth=0):
+        kind = shape.type_name
+        if kind == "string":
+            if shape.enum:
+                return shape.enum[0]
+            return "a" * max(shape.metadata.get("min", 1), 1)
+        if kind == "blob":
+            return b"a" * max(shape.metadata.get("min", 1), 1)
+        if kind in ("integer", "long"):
+            return max(shape.metadata.get("min", 1), 1)
+        if kind == "boolean":
+            return False
+        if kind == "timestamp":
+            return datetime.datetime(2030, 1, 1)
+        if kind == "list":
+            return [valid(shape.member, depth + 1) for _ in range(shape.metadata.get("min", 0))]
+        if kind == "map":
+            return {}
+        if kind == "structure":
+            return {name: valid(shape.members[name], depth + 1) for name in shape.required_members}
+        raise AssertionError(kind)
+
+    def java_pattern(pattern):
+        return pattern.replace("\\w", "0-9A-Za-z_")
+
+    def broken(shape):
+        """(value, the constraint phrase AWS's message must carry) for each constraint."""
+        m = shape.metadata
+        kind = shape.type_name
+        out = []
+        if kind in ("string", "blob", "list"):
+            unit = {"string": "a", "blob": b"a"}.get(kind)
+            make = (lambda n: unit * n) if unit is not None else (lambda n: [valid(shape.member)] * n)
+            if m.get("min", 0) > 0:
+                out.append((make(m["min"] - 1), f"Member must have length greater than or equal to {m['min']}"))
+            if "max" in m and m["max"] <= 200_000:
+                out.append((make(m["max"] + 1), f"Member must have length less than or equal to {m['max']}"))
+        if kind == "string" and "pattern" in m:
+            rx = re.compile(java_pattern(m["pattern"]))
+            bad = next(v for v in ["!", "\u0100", "a b", "A"] if not rx.fullmatch(v))
+            out.append((bad, "Member must satisfy regular expression pattern: " + m["pattern"]))
+        if kind == "string" and shape.enum:
+            out.append(("NOT_A_VALUE", "Member must satisfy enum value set: ["))
+        if kind in ("integer", "long"):
+            if "min" in m:
+                out.append((m["min"] - 1, f"Member must have value greater than or equal to {m['min']}"))
+            if "max" in m:
+                out.append((m["max"] + 1, f"Member must have value less than or equal to {m['max']}"))
+        return out
+
+    cases, failures = 0, []
+    for name in ANSWERED:
+        op = model.operation_model(name)
+        shape = op.input_shape
+        base = valid(shape)
+        method = getattr(c, botocore.xform_name(name))
+        for member, member_shape in shape.members.items():
+            path = member[0].lower() + member[1:]
+            for value, phrase in broken(member_shape):
+                cases += 1
+                params = dict(base, **{member: value})
+                try:
+                    method(**params)
+                    failures.append(f"{name}.{member} {phrase}: accepted")
+                    continue
+                except ClientError as err:
+                    code = err.response["Error"]["Code"]
+                    message = err.response["Error"].get("Message", "")
+                if code != "ValidationException":
+                    failures.append(f"{name}.{member} {phrase}: {code} {message[:200]}")
+                elif not re.match(r"^\d+ validation errors? detected: ", message) or f"at '{path}' failed to satisfy constraint: {phrase}" not in message:
+                    failures.append(f"{name}.{member} {phrase}: worded {message[:300]}")
+    print(json.dumps({"cases": cases, "failures": failures}))
+
+
 def worker_encrypt():
     """Run as the worker (WRAPD_WORKER_ID / WRAPD_WORKER_SECRET): an Encrypt under WRAPD_KEY."""
     worker = kms(
@@ -476,5 +615,7 @@ if __name__ == "__main__":
         "unsupported": unsupported,
         "grants": grants,
         "worker_encrypt": worker_encrypt,
+        "uuid_ids_and_regions": uuid_ids_and_regions,
+        "model_constraints": model_constraints,
         "unsigned_flood": unsigned_flood,
     }[sys.argv[1]]()

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `main.rs` | the command line and dispatch |
 //! | `connection.rs` | the shared connection flags (`--socket`, `--endpoint`, `--tls-*`) |
-//! | `keys.rs`, `aliases.rs`, `datakey.rs`, `audit.rs` | one command group each |
+//! | `keys.rs`, `aliases.rs`, `key_policy.rs`, `grants.rs`, `datakey.rs`, `audit.rs` | one command group each |
 //! | `files.rs` | `encrypt` / `decrypt` of files and pipes |
 //! | `rewrap.rs`, `census.rs` | `rewrap` and `census` of stored messages (and their report, shared by `s3 rewrap`) |
 //! | `tree.rs` | the files under the paths a command names |
@@ -21,6 +21,8 @@ mod connection;
 mod datakey;
 mod error;
 mod files;
+mod grants;
+mod key_policy;
 mod keys;
 mod output;
 mod rewrap;
@@ -63,6 +65,12 @@ enum Command {
     /// Manage aliases.
     #[command(subcommand)]
     Aliases(aliases::AliasesCommand),
+    /// Read and replace key policies.
+    #[command(subcommand)]
+    KeyPolicy(key_policy::KeyPolicyCommand),
+    /// Make, list, retire and revoke grants.
+    #[command(subcommand)]
+    Grants(grants::GrantsCommand),
     /// Generate, wrap, unwrap and re-wrap data keys.
     #[command(subcommand)]
     Datakey(datakey::DatakeyCommand),
@@ -192,6 +200,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let report: Box<dyn ErasedReport> = match cli.command {
         Command::Keys(cmd) => keys::run(connection.connect().await?, cmd).await?,
         Command::Aliases(cmd) => aliases::run(connection.connect().await?, cmd).await?,
+        Command::KeyPolicy(cmd) => key_policy::run(connection.connect().await?, cmd).await?,
+        Command::Grants(cmd) => grants::run(connection.connect().await?, cmd).await?,
         Command::Datakey(cmd) => datakey::run(connection.connect().await?, cmd).await?,
         Command::Audit(cmd) => audit::run(cmd)?,
         Command::Encrypt {

@@ -41,8 +41,9 @@
 //! operations), a refused one is audited in one place ([`AwsApi::handle`]), and
 //! `AwsApi::execute` runs each operation and answers as AWS KMS does.
 //!
-//! Files: `arn.rs` (key names), `model.rs` (request bodies),
-//! `request.rs` (decoding), `error.rs` (error types and HTTP statuses). Signatures are
+//! Files: `arn.rs` (key names), `model.rs` (request bodies), `validation.rs` (requests
+//! checked against AWS's service model, `proto/aws-kms/`), `request.rs` (decoding),
+//! `error.rs` (error types and HTTP statuses). Signatures are
 //! checked by [`crate::front::sigv4`], shared with the XKS proxy API; the HTTP listener is
 //! `server/http.rs`.
 
@@ -50,6 +51,7 @@ pub mod arn;
 pub mod error;
 pub mod model;
 pub mod request;
+pub mod validation;
 
 use crate::auth::key_policy::POLICY_NAME;
 use std::net::SocketAddr;
@@ -106,7 +108,7 @@ impl AwsApi {
     pub fn new(ops: Ops, config: &AwsConfig) -> Self {
         Self {
             ops,
-            arns: Arns::new(&config.region, &config.account),
+            arns: Arns::with_regions(&config.regions, &config.account),
             keys: Arc::new(AccessKeys::new(config.access_keys.iter().cloned())),
         }
     }
@@ -158,14 +160,15 @@ impl AwsApi {
         let operation = decoded.as_ref().map(|(operation, _)| *operation);
         let api_name = format!("{namespace}{target}");
 
+        let regions: Vec<&str> = self.arns.regions().iter().map(String::as_str).collect();
         let scope = Scope {
-            region: self.arns.region(),
+            regions: &regions,
             service: SERVICE,
             signed_when_present: &["content-type", "x-amz-target"],
         };
         let verified = sigv4::verify(&self.keys, scope, &parts, &body, chrono::Utc::now());
-        let access_key = match verified {
-            Ok(access_key) => access_key,
+        let (access_key, region) = match verified {
+            Ok(verified) => (verified.access_key, verified.region),
             Err(failure) => {
                 // At debug: callers without credentials must not grow the daemon's log (the
                 // audit log has the refusal, within its budget, and the metrics count it).
@@ -212,8 +215,10 @@ impl AwsApi {
         let call = Call::new(Ok(identity), operation, Some(&request_id), None)
             .with_api_operation(&api_name)
             .with_grant_tokens(request::grant_tokens(&body).unwrap_or_default());
+        // Answers name keys in the region the request was signed for.
+        let arns = self.arns.in_region(&region);
         let answer = match request {
-            Ok(request) => self.execute(call, request).await,
+            Ok(request) => self.execute(call, request, &arns).await,
             Err(err) => Err(self.reject(call, err).await),
         };
         match answer {
@@ -227,7 +232,7 @@ impl AwsApi {
 
     /// Runs a decoded request through the operation layer (which checks the policy and
     /// writes the audit line) and answers as AWS KMS does.
-    async fn execute(&self, call: Call, request: KmsRequest) -> Answer {
+    async fn execute(&self, call: Call, request: KmsRequest, arns: &Arns) -> Answer {
         let ops = &self.ops;
         match request {
             KmsRequest::CreateKey {
@@ -248,7 +253,7 @@ impl AwsApi {
                         bypass_lockout,
                     )
                     .await?;
-                Ok(json!({ "KeyMetadata": self.key_metadata(&view) }))
+                Ok(json!({ "KeyMetadata": self.key_metadata(arns, &view) }))
             }
             KmsRequest::GetKeyPolicy { key, name } => {
                 let policy = ops.get_key_policy(call, key, name).await?;
@@ -282,7 +287,7 @@ impl AwsApi {
                 let (key_id, grants) = ops.list_grants(call, key, grant_id, grantee).await?;
                 let entries = grants
                     .iter()
-                    .map(|grant| self.grant_entry(&key_id, grant))
+                    .map(|grant| self.grant_entry(arns, &key_id, grant))
                     .collect::<Vec<_>>();
                 page(entries, start, limit, "Grants")
             }
@@ -294,7 +299,7 @@ impl AwsApi {
                 let grants = ops.list_retirable_grants(call, retiring).await?;
                 let entries = grants
                     .iter()
-                    .map(|found| self.grant_entry(&found.key_id, &found.grant))
+                    .map(|found| self.grant_entry(arns, &found.key_id, &found.grant))
                     .collect::<Vec<_>>();
                 page(entries, start, limit, "Grants")
             }
@@ -308,7 +313,7 @@ impl AwsApi {
             }
             KmsRequest::DescribeKey { key, view } => {
                 let described = ops.describe_key(call, key).await?;
-                self.describe(&described, view)
+                self.describe(arns, &described, view)
             }
             KmsRequest::ListKeys { limit, marker } => {
                 let page = ops.list_keys(call, limit, marker).await?;
@@ -318,7 +323,7 @@ impl AwsApi {
                     .map(|view| {
                         json!({
                             "KeyId": arn::bare_id(&view.key.id),
-                            "KeyArn": self.arns.key_arn(&view.key.id),
+                            "KeyArn": arns.key_arn(&view.key.id),
                         })
                     })
                     .collect();
@@ -334,12 +339,12 @@ impl AwsApi {
             }
             KmsRequest::CancelKeyDeletion { key } => {
                 let view = ops.cancel_key_deletion(call, key).await?;
-                Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
+                Ok(json!({ "KeyId": arns.key_arn(&view.key.id) }))
             }
             KmsRequest::ScheduleKeyDeletion { key, days } => {
                 let view = ops.schedule_key_deletion(call, key, days).await?;
                 Ok(json!({
-                    "KeyId": self.arns.key_arn(&view.key.id),
+                    "KeyId": arns.key_arn(&view.key.id),
                     "DeletionDate": view.key.deletion_date.map(epoch),
                     "KeyState": key_state(view.key.state),
                     "PendingWindowInDays": days,
@@ -347,7 +352,7 @@ impl AwsApi {
             }
             KmsRequest::ListKeyVersions { key } => {
                 let view = ops.describe_key_with_usage(call, key).await?;
-                Ok(self.key_versions(&view))
+                Ok(self.key_versions(arns, &view))
             }
             KmsRequest::ChangeKeyVersion {
                 key,
@@ -372,11 +377,11 @@ impl AwsApi {
                             .await?
                     }
                 };
-                Ok(self.key_versions(&view))
+                Ok(self.key_versions(arns, &view))
             }
             KmsRequest::RotateKeyOnDemand { key } => {
                 let view = ops.rotate_key(call, key).await?;
-                Ok(json!({ "KeyId": self.arns.key_arn(&view.key.id) }))
+                Ok(json!({ "KeyId": arns.key_arn(&view.key.id) }))
             }
             KmsRequest::SetKeyRotation { key, period } => {
                 ops.set_key_rotation(call, key, period).await?;
@@ -410,7 +415,7 @@ impl AwsApi {
                     .map(|(alias, key)| {
                         json!({
                             "AliasName": alias.as_str(),
-                            "AliasArn": self.arns.alias_arn(alias),
+                            "AliasArn": arns.alias_arn(alias),
                             "TargetKeyId": arn::bare_id(key),
                         })
                     })
@@ -422,11 +427,12 @@ impl AwsApi {
                 context,
                 bytes,
                 with_plaintext,
+                named,
             } => {
                 let generated = ops.generate_data_key(call, key, context, bytes).await?;
                 let mut answer = json!({
                     "CiphertextBlob": STANDARD.encode(&generated.wrapped.blob),
-                    "KeyId": self.arns.key_arn(&generated.wrapped.key_id),
+                    "KeyId": arns.answer_arn(named.as_deref(), &generated.wrapped.key_id),
                 });
                 if with_plaintext {
                     let plaintext = Zeroizing::new(STANDARD.encode(&*generated.plaintext));
@@ -438,19 +444,25 @@ impl AwsApi {
                 key,
                 plaintext,
                 context,
+                named,
             } => {
                 let wrapped = ops.wrap(call, key, plaintext, context).await?;
                 Ok(json!({
                     "CiphertextBlob": STANDARD.encode(&wrapped.blob),
-                    "KeyId": self.arns.key_arn(&wrapped.key_id),
+                    "KeyId": arns.answer_arn(named.as_deref(), &wrapped.key_id),
                     "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
                 }))
             }
-            KmsRequest::Decrypt { blob, context, key } => {
+            KmsRequest::Decrypt {
+                blob,
+                context,
+                key,
+                named,
+            } => {
                 let unwrapped = ops.unwrap(call, blob, context, key).await?;
                 let plaintext = Zeroizing::new(STANDARD.encode(&*unwrapped.plaintext));
                 Ok(json!({
-                    "KeyId": self.arns.key_arn(&unwrapped.key_id),
+                    "KeyId": arns.answer_arn(named.as_deref(), &unwrapped.key_id),
                     "Plaintext": plaintext.as_str(),
                     "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
                 }))
@@ -461,6 +473,7 @@ impl AwsApi {
                 source,
                 destination,
                 destination_context,
+                named: (source_named, destination_named),
             } => {
                 let rewrapped = ops
                     .rewrap(
@@ -474,8 +487,8 @@ impl AwsApi {
                     .await?;
                 Ok(json!({
                     "CiphertextBlob": STANDARD.encode(&rewrapped.wrapped.blob),
-                    "SourceKeyId": self.arns.key_arn(&rewrapped.source_key_id),
-                    "KeyId": self.arns.key_arn(&rewrapped.wrapped.key_id),
+                    "SourceKeyId": arns.answer_arn(source_named.as_deref(), &rewrapped.source_key_id),
+                    "KeyId": arns.answer_arn(destination_named.as_deref(), &rewrapped.wrapped.key_id),
                     "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
                     "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT,
                 }))
@@ -494,7 +507,7 @@ impl AwsApi {
                     .get_parameters_for_import(call, key, algorithm, bits)
                     .await?;
                 Ok(json!({
-                    "KeyId": self.arns.key_arn(&parameters.key_id),
+                    "KeyId": arns.key_arn(&parameters.key_id),
                     "ImportToken": STANDARD.encode(&parameters.import_token),
                     "PublicKey": STANDARD.encode(&parameters.public_key),
                     "ParametersValidTo": epoch(parameters.valid_to),
@@ -533,14 +546,15 @@ impl AwsApi {
     }
 
     /// A `GrantListEntry`.
-    fn grant_entry(&self, key: &crate::ids::KeyId, grant: &crate::grant::Grant) -> Value {
-        let issuing_account = grant
-            .issuer
-            .split(':')
-            .nth(4)
-            .unwrap_or(self.arns.account());
+    fn grant_entry(
+        &self,
+        arns: &Arns,
+        key: &crate::ids::KeyId,
+        grant: &crate::grant::Grant,
+    ) -> Value {
+        let issuing_account = grant.issuer.split(':').nth(4).unwrap_or(arns.account());
         let mut entry = json!({
-            "KeyId": self.arns.key_arn(key),
+            "KeyId": arns.key_arn(key),
             "GrantId": grant.id,
             "CreationDate": epoch(grant.created_at),
             "GranteePrincipal": grant.grantee,
@@ -569,12 +583,12 @@ impl AwsApi {
     // ---- keys -----------------------------------------------------------------------------
 
     /// `KeyMetadata` as AWS KMS returns it.
-    fn key_metadata(&self, view: &KeyView) -> Value {
+    fn key_metadata(&self, arns: &Arns, view: &KeyView) -> Value {
         let key = &view.key;
         let mut metadata = json!({
-            "AWSAccountId": self.arns.account(),
+            "AWSAccountId": arns.account(),
             "KeyId": arn::bare_id(&key.id),
-            "Arn": self.arns.key_arn(&key.id),
+            "Arn": arns.key_arn(&key.id),
             "CreationDate": epoch(key.created_at),
             "Enabled": key.state == KeyState::Enabled,
             "Description": key.description,
@@ -608,13 +622,15 @@ impl AwsApi {
     }
 
     /// The answers read from a key's description.
-    fn describe(&self, described: &KeyView, view: DescribeView) -> Answer {
+    fn describe(&self, arns: &Arns, described: &KeyView, view: DescribeView) -> Answer {
         let key = &described.key;
         match view {
-            DescribeView::Metadata => Ok(json!({ "KeyMetadata": self.key_metadata(described) })),
+            DescribeView::Metadata => {
+                Ok(json!({ "KeyMetadata": self.key_metadata(arns, described) }))
+            }
             DescribeView::RotationStatus => {
                 let mut answer = json!({
-                    "KeyId": self.arns.key_arn(&key.id),
+                    "KeyId": arns.key_arn(&key.id),
                     "KeyRotationEnabled": key.rotation.is_some(),
                 });
                 if let Some(rotation) = key.rotation {
@@ -624,7 +640,7 @@ impl AwsApi {
                 Ok(answer)
             }
             DescribeView::Rotations { limit, start } => {
-                let arn = self.arns.key_arn(&key.id);
+                let arn = arns.key_arn(&key.id);
                 // Every version after the first is a rotation: on the key's schedule (or at
                 // a version's wrap limit), or asked for.
                 let rotations: Vec<Value> = described
@@ -691,7 +707,7 @@ fn key_state(state: KeyState) -> &'static str {
 impl AwsApi {
     /// The answer of wrapd's key version extensions: the key and each version's state (and,
     /// from `ListKeyVersions`, its usage).
-    fn key_versions(&self, view: &KeyView) -> Value {
+    fn key_versions(&self, arns: &Arns, view: &KeyView) -> Value {
         let versions: Vec<Value> = view
             .versions
             .iter()
@@ -723,7 +739,7 @@ impl AwsApi {
             })
             .collect();
         json!({
-            "KeyId": self.arns.key_arn(&view.key.id),
+            "KeyId": arns.key_arn(&view.key.id),
             "CurrentVersion": view.key.current_version(),
             "Versions": versions,
         })

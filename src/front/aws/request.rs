@@ -202,6 +202,8 @@ pub enum KmsRequest {
         bytes: u32,
         /// Whether the answer carries the plaintext.
         with_plaintext: bool,
+        /// `KeyId` as written (the answer echoes a key ARN, [`Arns::answer_arn`]).
+        named: Option<String>,
     },
     /// `Encrypt`.
     Encrypt {
@@ -211,6 +213,8 @@ pub enum KmsRequest {
         plaintext: Zeroizing<Vec<u8>>,
         /// `EncryptionContext`.
         context: std::collections::HashMap<String, String>,
+        /// `KeyId` as written.
+        named: Option<String>,
     },
     /// `Decrypt`.
     Decrypt {
@@ -220,6 +224,8 @@ pub enum KmsRequest {
         context: std::collections::HashMap<String, String>,
         /// `KeyId` (empty: the blob's).
         key: KeyName,
+        /// `KeyId` as written.
+        named: Option<String>,
     },
     /// `ReEncrypt`.
     ReEncrypt {
@@ -233,6 +239,8 @@ pub enum KmsRequest {
         destination: KeyName,
         /// `DestinationEncryptionContext`.
         destination_context: std::collections::HashMap<String, String>,
+        /// `SourceKeyId` and `DestinationKeyId` as written.
+        named: (Option<String>, Option<String>),
     },
     /// `GenerateRandom`.
     GenerateRandom {
@@ -574,6 +582,7 @@ pub fn decode(
                 Op::UpdateAlias
             },
             model::parse::<model::PointAlias>(body).and_then(|req| {
+                alias_name(&req.alias_name, target == "CreateAlias")?;
                 Ok(R::PointAlias {
                     key: key_id(&req.target_key_id)?,
                     alias: req.alias_name,
@@ -583,8 +592,11 @@ pub fn decode(
         ),
         "DeleteAlias" => (
             Op::DeleteAlias,
-            model::parse::<model::DeleteAlias>(body).map(|req| R::DeleteAlias {
-                alias: req.alias_name,
+            model::parse::<model::DeleteAlias>(body).and_then(|req| {
+                alias_name(&req.alias_name, false)?;
+                Ok(R::DeleteAlias {
+                    alias: req.alias_name,
+                })
             }),
         ),
         "ListAliases" => (
@@ -682,6 +694,7 @@ pub fn decode(
                     context: req.encryption_context.unwrap_or_default(),
                     bytes,
                     with_plaintext: target == "GenerateDataKey",
+                    named: Some(req.key_id),
                 })
             }),
         ),
@@ -698,6 +711,7 @@ pub fn decode(
                     key: key(&req.key_id)?,
                     plaintext,
                     context: req.encryption_context.unwrap_or_default(),
+                    named: Some(req.key_id),
                 })
             }),
         ),
@@ -714,6 +728,7 @@ pub fn decode(
                     blob,
                     context: req.encryption_context.unwrap_or_default(),
                     key: optional_key(req.key_id.as_deref())?,
+                    named: req.key_id,
                 })
             }),
         ),
@@ -737,6 +752,7 @@ pub fn decode(
                     source: optional_key(req.source_key_id.as_deref())?,
                     source_context: req.source_encryption_context.unwrap_or_default(),
                     destination_context: req.destination_encryption_context.unwrap_or_default(),
+                    named: (req.source_key_id, Some(req.destination_key_id)),
                 })
             }),
         ),
@@ -805,10 +821,28 @@ pub fn decode(
         ),
         _ => return None,
     };
-    // Grant tokens are checked here, so that a request with one wrapd did not issue is
-    // refused (and audited) like any other bad request.
-    let request = request.and_then(|request| grant_tokens(body).map(|_| request));
+    // AWS's service model first, as AWS KMS checks it: its constraints and wording win over
+    // wrapd's own checks of the same request. Grant tokens are checked here too, so that a
+    // request with one wrapd did not issue is refused (and audited) like any other.
+    let request = super::validation::check(target, body)
+        .and(request)
+        .and_then(|request| grant_tokens(body).map(|_| request));
     Some((operation, request))
+}
+
+/// Checks an `AliasName` as AWS KMS does: a name that is not one, or is under the reserved
+/// `alias/aws/` (or wrapd's `alias/wrapd/`), is `InvalidAliasNameException` for a new alias
+/// and `NotFoundException` for one that is to exist already (no such alias can).
+fn alias_name(name: &str, new: bool) -> Result<(), AwsError> {
+    match crate::ids::AliasName::parse(name) {
+        Ok(_) => Ok(()),
+        Err(err) if new => Err(AwsError::new(
+            "InvalidAliasNameException",
+            http::StatusCode::BAD_REQUEST,
+            err.to_string(),
+        )),
+        Err(err) => Err(AwsError::not_found(err.to_string())),
+    }
 }
 
 /// `Err` of a refusal, if there is one.
@@ -1227,6 +1261,7 @@ mod tests {
             context,
             bytes,
             with_plaintext,
+            named,
         }) = request
         else {
             panic!("not a data key request");
@@ -1234,6 +1269,10 @@ mod tests {
         assert_eq!(
             (key.as_str(), bytes, with_plaintext),
             ("alias/app", 16, false)
+        );
+        assert_eq!(
+            named.as_deref(),
+            Some("arn:aws:kms:us-east-1:111122223333:alias/app")
         );
         assert_eq!(context.get("a").map(String::as_str), Some("b"));
     }

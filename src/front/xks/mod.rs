@@ -142,19 +142,7 @@ pub(crate) fn truncate(value: &str) -> &str {
 /// The wrapd key an `externalKeyId` names: 32 lowercase hex digits, or the same 16 bytes
 /// as a lowercase UUID.
 pub fn key_id(external: &str) -> Option<KeyId> {
-    let hex: String = if external.len() == 36 {
-        let dashes = [8, 13, 18, 23];
-        let shaped = external
-            .char_indices()
-            .all(|(i, c)| (c == '-') == dashes.contains(&i));
-        if !shaped {
-            return None;
-        }
-        external.chars().filter(|c| *c != '-').collect()
-    } else {
-        external.to_owned()
-    };
-    KeyId::parse(&format!("{}{hex}", KeyId::PREFIX)).ok()
+    KeyId::parse_named(&format!("{}{external}", KeyId::PREFIX)).ok()
 }
 
 impl XksApi {
@@ -243,13 +231,13 @@ impl XksApi {
         let deadline = Some(Instant::now() + SESSION_WAIT);
         let operation = route.operation();
         let scope = Scope {
-            region: &store.region,
+            regions: &[store.region.as_str()],
             service: SERVICE,
             signed_when_present: &[],
         };
         let credential = match sigv4::verify(&store.keys, scope, &parts, &body, chrono::Utc::now())
         {
-            Ok(credential) => credential,
+            Ok(verified) => verified.access_key,
             Err(failure) => {
                 tracing::debug!(remote = ?remote, code = failure.code, access_key = ?failure.claimed_key,
                     "XKS proxy API: signature refused");
