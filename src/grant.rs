@@ -276,22 +276,15 @@ impl Grant {
             || (self.grantee == caller && self.operations.contains(&GrantOperation::RetireGrant))
     }
 
-    /// Whether a new grant's parameters are this grant's (a retried `CreateGrant` with the
-    /// same `Name` answers with this grant instead of making another).
-    pub fn same_as(
-        &self,
-        name: &str,
-        grantee: &str,
-        retiring: Option<&str>,
-        operations: &[GrantOperation],
-        constraints: &Constraints,
-    ) -> bool {
+    /// Whether a new grant has this grant's name and parameters (a retried `CreateGrant`
+    /// with the same `Name` answers with this grant instead of making another).
+    pub fn same_as(&self, new: &Grant) -> bool {
         !self.name.is_empty()
-            && self.name == name
-            && self.grantee == grantee
-            && self.retiring.as_deref() == retiring
-            && self.operations == operations
-            && &self.constraints == constraints
+            && self.name == new.name
+            && self.grantee == new.grantee
+            && self.retiring == new.retiring
+            && self.operations == new.operations
+            && self.constraints == new.constraints
     }
 }
 

@@ -423,11 +423,7 @@ impl Policy {
         context: Option<&EncryptionContext>,
         request: &RequestAttributes,
     ) -> bool {
-        self.grants.iter().any(|grant| {
-            !grant.require_key_grant
-                && grant.covers(principals, op, target, context)
-                && grant.request_mismatch(request).is_none()
-        })
+        self.any_grant(false, principals, op, target, context, request)
     }
 
     /// Whether a grant with `require_key_grant` allows a call a key grant (`CreateGrant`)
@@ -442,8 +438,21 @@ impl Policy {
         context: Option<&EncryptionContext>,
         request: &RequestAttributes,
     ) -> bool {
+        self.any_grant(true, principals, op, target, context, request)
+    }
+
+    /// Whether a grant whose `require_key_grant` is `key_grant` allows the call.
+    fn any_grant(
+        &self,
+        key_grant: bool,
+        principals: &[String],
+        op: Operation,
+        target: &Target,
+        context: Option<&EncryptionContext>,
+        request: &RequestAttributes,
+    ) -> bool {
         self.grants.iter().any(|grant| {
-            grant.require_key_grant
+            grant.require_key_grant == key_grant
                 && grant.covers(principals, op, target, context)
                 && grant.request_mismatch(request).is_none()
         })

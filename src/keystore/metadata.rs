@@ -406,6 +406,19 @@ pub(super) fn corrupt(what: &str, value: &str) -> crate::Error {
     crate::Error::Store(format!("corrupt metadata: {what} {value:?}"))
 }
 
+/// What adding `grant` to a key that holds `grants` does, for both stores: answer with the
+/// same named grant already there (`Some`), make it (`None`), or refuse it past
+/// [`Grant::over_limit`]'s limits.
+pub(super) fn grant_to_add(id: &KeyId, grants: &[Grant], grant: &Grant) -> Result<Option<Grant>> {
+    if let Some(same) = grants.iter().find(|g| g.same_as(grant)) {
+        return Ok(Some(same.clone()));
+    }
+    match grant.over_limit(grants) {
+        Some(why) => Err(crate::Error::LimitReached(format!("key {id}: {why}"))),
+        None => Ok(None),
+    }
+}
+
 /// A grant as both stores keep it: operations as comma-separated names, constraints as JSON
 /// objects.
 pub(super) struct GrantRow {

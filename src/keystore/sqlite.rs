@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::metadata::{
     Cursor, GrantRow, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore,
     RotationSchedule, VersionDestruction, VersionRecord, VersionUsage, corrupt, from_millis,
-    other_material, to_millis,
+    grant_to_add, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};
@@ -525,19 +525,8 @@ impl MetadataStore for SqliteStore {
         let tx = conn.transaction().map_err(db_error)?;
         Self::key_exists(&tx, id)?;
         let grants = Self::load_grants(&tx, id.as_str())?;
-        if let Some(same) = grants.iter().find(|g| {
-            g.same_as(
-                &grant.name,
-                &grant.grantee,
-                grant.retiring.as_deref(),
-                &grant.operations,
-                &grant.constraints,
-            )
-        }) {
-            return Ok(same.clone());
-        }
-        if let Some(why) = grant.over_limit(&grants) {
-            return Err(Error::LimitReached(format!("key {id}: {why}")));
+        if let Some(kept) = grant_to_add(id, &grants, grant)? {
+            return Ok(kept);
         }
         let row = GrantRow::of(grant);
         tx.execute(

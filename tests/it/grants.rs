@@ -115,16 +115,14 @@ fn a_grant_gives_its_grantee_its_operations_within_its_constraint_until_retired(
     }
 }
 
-#[test]
-fn without_a_policy_file_rule_a_grant_gives_nothing_unless_key_policies_is_grant() {
-    let mut daemon = DevDaemon::start();
-    let mut env = with_worker(&mut daemon, "");
-    let key = aws_ok(&daemon, &["create-key"])["KeyMetadata"]["KeyId"]
+/// A new key and, made with the AWS CLI, a grant of Encrypt on it to the worker.
+fn key_granting_encrypt_to_the_worker(daemon: &DevDaemon) -> (String, serde_json::Value) {
+    let key = aws_ok(daemon, &["create-key"])["KeyMetadata"]["KeyId"]
         .as_str()
         .unwrap()
         .to_owned();
     let made = aws_ok(
-        &daemon,
+        daemon,
         &[
             "create-grant",
             "--key-id",
@@ -135,6 +133,14 @@ fn without_a_policy_file_rule_a_grant_gives_nothing_unless_key_policies_is_grant
             "Encrypt",
         ],
     );
+    (key, made)
+}
+
+#[test]
+fn without_a_policy_file_rule_a_grant_gives_nothing_unless_key_policies_is_grant() {
+    let mut daemon = DevDaemon::start();
+    let mut env = with_worker(&mut daemon, "");
+    let (key, made) = key_granting_encrypt_to_the_worker(&daemon);
     assert_eq!(made["GrantId"].as_str().unwrap().len(), 64, "{made}");
     env.push(("WRAPD_KEY", key.clone()));
     // Restrict (the default): a grant, kept in the shared store, needs the policy file.
@@ -168,22 +174,7 @@ fn without_a_policy_file_rule_a_grant_gives_nothing_unless_key_policies_is_grant
 fn a_key_policy_deny_beats_a_grant() {
     let mut daemon = DevDaemon::start();
     let mut env = with_worker(&mut daemon, WORKER_BY_GRANT);
-    let key = aws_ok(&daemon, &["create-key"])["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    aws_ok(
-        &daemon,
-        &[
-            "create-grant",
-            "--key-id",
-            &key,
-            "--grantee-principal",
-            WORKER_ARN,
-            "--operations",
-            "Encrypt",
-        ],
-    );
+    let (key, _) = key_granting_encrypt_to_the_worker(&daemon);
     env.push(("WRAPD_KEY", key.clone()));
     assert_eq!(
         boto3(&daemon, "worker_encrypt", &env_refs(&env))["code"],
@@ -287,12 +278,7 @@ async fn grpc_callers_make_list_use_and_retire_grants_under_their_wrapd_arn() {
         format!("{policy}\n[[grant]]\nprincipals = [\"unix:uid=0\"]\noperations = [\"Wrap\"]\nkeys = [\"*\"]\nrequire_key_grant = true\n"),
     )
     .unwrap();
-    daemon.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon.log().matches("policy reloaded").count() == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    daemon.reload_policy();
     data.wrap(wrap("acme"))
         .await
         .expect("the grant allows Encrypt with tenant=acme");

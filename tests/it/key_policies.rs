@@ -172,13 +172,7 @@ fn an_allow_naming_the_caller_needs_a_grant_unless_the_policy_file_says_grant() 
     let policy_file = daemon.dir().join("policy.toml");
     let text = std::fs::read_to_string(&policy_file).unwrap();
     std::fs::write(&policy_file, format!("key_policies = \"grant\"\n{text}")).unwrap();
-    daemon.signal(libc::SIGHUP);
-    // The reload is logged once done.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon.log().matches("policy reloaded").count() == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    daemon.reload_policy();
     let granted = boto3(&daemon, "outsider_encrypt", &env_refs(&env));
     assert_eq!(granted["code"], "OK", "{granted}");
 }

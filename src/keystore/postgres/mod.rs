@@ -44,7 +44,7 @@ use super::PostgresOptions;
 use super::metadata::{
     Cursor, GrantRow, ImportedMaterial, KeyOrigin, KeyRecord, KeyState, MetadataStore,
     RotationSchedule, StoreChanges, VersionDestruction, VersionRecord, VersionUsage, corrupt,
-    from_millis, other_material, to_millis,
+    from_millis, grant_to_add, other_material, to_millis,
 };
 use crate::audit::{ChainHead, HeadStore};
 use crate::error::{Error, Result};

@@ -238,19 +238,8 @@ impl MetadataStore for PostgresStore {
             // made by two daemons at once is made once.
             Self::key_exists(tx, id)?;
             let grants = Self::load_grants(tx, id.as_str())?;
-            if let Some(same) = grants.iter().find(|g| {
-                g.same_as(
-                    &grant.name,
-                    &grant.grantee,
-                    grant.retiring.as_deref(),
-                    &grant.operations,
-                    &grant.constraints,
-                )
-            }) {
-                return Ok(same.clone());
-            }
-            if let Some(why) = grant.over_limit(&grants) {
-                return Err(Error::LimitReached(format!("key {id}: {why}")));
+            if let Some(kept) = grant_to_add(id, &grants, grant)? {
+                return Ok(kept);
             }
             let row = GrantRow::of(grant);
             tx.execute(

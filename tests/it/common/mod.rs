@@ -239,6 +239,18 @@ impl DevDaemon {
         unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     }
 
+    /// Sends SIGHUP and waits until the daemon logs that it reloaded its policy.
+    pub fn reload_policy(&self) {
+        let reloads = || self.log().matches("policy reloaded").count();
+        let before = reloads();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads() == before {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A mutual-TLS channel to the TCP listener with the client certificate `dir/stem.pem`
     /// (CA: the dev CA unless `ca` is given).
     pub async fn tls_channel(
