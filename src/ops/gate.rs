@@ -38,6 +38,11 @@ pub struct Gate {
     workers: Option<Workers>,
     /// The fewest items of a batch worth a job of their own (see `batch_jobs`).
     batch_share: usize,
+    /// Whether a lone call may run on the thread that received it (a local token: see
+    /// [`Gate::run`]).
+    inline_when_idle: bool,
+    /// Data-plane jobs taken and not yet done (the next one runs inline while this is zero).
+    in_flight: AtomicUsize,
     /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
     /// its line itself and waits.
     writer: Option<AuditWriter>,
@@ -56,6 +61,8 @@ impl Gate {
             instance: None,
             workers: None,
             batch_share: LOCAL_BATCH_SHARE,
+            inline_when_idle: false,
+            in_flight: AtomicUsize::new(0),
             writer: None,
             refusals: RefusalBudget::default(),
             account: super::key_policies::DEFAULT_ACCOUNT.to_owned(),
@@ -82,6 +89,7 @@ impl Gate {
     pub fn with_workers(mut self, threads: usize, networked: bool) -> Result<Self> {
         self.workers = Some(Workers::start(threads)?);
         self.batch_share = if networked { 1 } else { LOCAL_BATCH_SHARE };
+        self.inline_when_idle = !networked;
         if let Some(audit) = self.audit.as_ref().filter(|audit| audit.syncs()) {
             self.writer = Some(AuditWriter::new(audit.clone()));
         }
@@ -397,6 +405,17 @@ impl Gate {
         // operations on tokio's blocking pool, so that they never queue behind data keys.
         let on_workers = call.op.group() != Group::Admin;
         let span = request_span(&call, &call.request_id);
+        // A data-plane call that finds no other in flight on a local token runs here, on the
+        // tokio thread that received it: the hand-over to a worker thread and the wake-up
+        // back cost a lone caller more than the token call itself. It blocks this thread for
+        // the token call and its audit line's `fdatasync`, one call at a time (the next one,
+        // finding this one in flight, goes to the workers); never on a networked HSM, whose
+        // round trip would hold the thread for a millisecond or more, nor with a shared
+        // store, whose synchronous PostgreSQL client runs a runtime of its own, which cannot
+        // be entered from a tokio thread.
+        let counted = on_workers && self.workers.is_some();
+        let first = counted && self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let inline = first && self.inline_when_idle && !keystore.store_is_shared();
         let task: Job = Box::new(move || {
             let result = {
                 let _entered = span.enter();
@@ -424,8 +443,15 @@ impl Gate {
                 record_outcome(&span, &result);
                 let _ = done.send(result);
             });
+            if counted {
+                gate.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
         });
-        self.dispatch(on_workers, task);
+        if inline {
+            task();
+        } else {
+            self.dispatch(on_workers, task);
+        }
         answered(answer.await)
     }
 
