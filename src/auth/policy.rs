@@ -90,6 +90,16 @@ macro_rules! operations {
                 match self { $(Operation::$name => Group::$group),* }
             }
 
+            /// The operation a grant must name for a call of this one to go on at all: itself,
+            /// but for `ReWrap`, which is granted as its two ends and checked first as
+            /// `ReWrapFrom`.
+            pub fn granted_as(self) -> Operation {
+                match self {
+                    Operation::ReWrap => Operation::ReWrapFrom,
+                    op => op,
+                }
+            }
+
             /// True for `DataKeyService` RPCs.
             pub fn is_data_plane(self) -> bool {
                 self.group() == Group::DataPlane

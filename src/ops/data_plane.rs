@@ -175,7 +175,7 @@ impl Ops {
         source_key_id: String,
     ) -> Result<Rewrapped> {
         self.run(call, move |gate, ks, call| {
-            gate.check_some(call, Operation::ReWrapFrom)?;
+            gate.check_some(call, call.op().granted_as())?;
             let destination = optional_key_ref(&destination_key_id)?;
             let expected_source = optional_key_ref(&source_key_id)?;
             let source_ctx = caller_context(source_context)?;

@@ -304,13 +304,7 @@ impl Ops {
                     gate.write_refusal_summary(count);
                 }
                 if call.op().is_authorized() {
-                    // ReWrap is granted as its two ends: a caller that may re-wrap from some
-                    // key is told what is wrong with its request.
-                    let op = match call.op() {
-                        Operation::ReWrap => Operation::ReWrapFrom,
-                        op => op,
-                    };
-                    gate.check_some(call, op)?;
+                    gate.check_some(call, call.op().granted_as())?;
                 }
                 Err::<(), _>(outcome)
             })

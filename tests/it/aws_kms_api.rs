@@ -97,6 +97,22 @@ pub(crate) fn boto3(daemon: &DevDaemon, scenario: &str, env: &[(&str, &str)]) ->
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("the scenario's JSON line")
 }
 
+/// Replaces `key`'s policy with `policy` (JSON) through the AWS CLI.
+pub(crate) fn put_key_policy(daemon: &DevDaemon, key: &str, policy: &str) {
+    aws_ok(
+        daemon,
+        &[
+            "put-key-policy",
+            "--key-id",
+            key,
+            "--policy-name",
+            "default",
+            "--policy",
+            policy,
+        ],
+    );
+}
+
 pub(crate) fn b64(value: &Value) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD

@@ -5,7 +5,7 @@
 //! (`require_key_grant`, `key_policies`); the same grants over gRPC; and every change
 //! audited.
 
-use crate::aws_kms_api::{aws_ok, boto3, env_refs};
+use crate::aws_kms_api::{aws_ok, boto3, env_refs, put_key_policy};
 use crate::common::DevDaemon;
 
 const WORKER_ID: &str = "AKIAWORKER0000000000";
@@ -190,18 +190,7 @@ fn a_key_policy_deny_beats_a_grant() {
         ]
     })
     .to_string();
-    aws_ok(
-        &daemon,
-        &[
-            "put-key-policy",
-            "--key-id",
-            &key,
-            "--policy-name",
-            "default",
-            "--policy",
-            &policy,
-        ],
-    );
+    put_key_policy(&daemon, &key, &policy);
     assert_eq!(
         boto3(&daemon, "worker_encrypt", &env_refs(&env))["code"],
         "AccessDeniedException"

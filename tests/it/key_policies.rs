@@ -6,7 +6,7 @@
 use serde_json::json;
 use wrapd::proto::{GenerateDataKeyRequest, GetKeyPolicyRequest, PutKeyPolicyRequest};
 
-use crate::aws_kms_api::{aws_ok, boto3, env_refs, with_outsider_key};
+use crate::aws_kms_api::{aws_ok, boto3, env_refs, put_key_policy, with_outsider_key};
 use crate::common::DevDaemon;
 
 const ACCOUNT: &str = "111122223333";
@@ -151,18 +151,7 @@ fn an_allow_naming_the_caller_needs_a_grant_unless_the_policy_file_says_grant() 
         ]
     })
     .to_string();
-    aws_ok(
-        &daemon,
-        &[
-            "put-key-policy",
-            "--key-id",
-            &key,
-            "--policy-name",
-            "default",
-            "--policy",
-            &policy,
-        ],
-    );
+    put_key_policy(&daemon, &key, &policy);
     let mut env = with_outsider_key(&mut daemon);
     env.push(("WRAPD_KEY", key.clone()));
     // Restrict (the default): the key policy alone gives the outsider nothing.

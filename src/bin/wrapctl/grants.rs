@@ -175,6 +175,26 @@ impl Report for Removed {
     }
 }
 
+/// Every grant of a listing, page after page (`fetch` asks for the page a token names).
+async fn all_pages<F, Fut>(mut fetch: F) -> Result<Vec<Grant>, CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<tonic::Response<wrapd::proto::ListGrantsResponse>, tonic::Status>,
+        >,
+{
+    let mut grants = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = fetch(token).await?.into_inner();
+        grants.extend(page.grants.into_iter().map(Grant::of));
+        token = page.next_page_token;
+        if token.is_empty() {
+            return Ok(grants);
+        }
+    }
+}
+
 /// Runs a `grants` command.
 pub async fn run(channel: Channel, cmd: GrantsCommand) -> Result<Box<dyn ErasedReport>, CliError> {
     let mut client = KeyServiceClient::new(channel);
@@ -211,44 +231,30 @@ pub async fn run(channel: Channel, cmd: GrantsCommand) -> Result<Box<dyn ErasedR
             }))
         }
         GrantsCommand::List { key, grantee } => {
-            let mut grants = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = client
-                    .list_grants(ListGrantsRequest {
-                        key_id: key.clone(),
-                        grantee_principal: grantee.clone().unwrap_or_default(),
-                        page_token: token,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                grants.extend(page.grants.into_iter().map(Grant::of));
-                token = page.next_page_token;
-                if token.is_empty() {
-                    break;
-                }
-            }
+            let grants = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = ListGrantsRequest {
+                    key_id: key.clone(),
+                    grantee_principal: grantee.clone().unwrap_or_default(),
+                    page_token,
+                    ..Default::default()
+                };
+                async move { client.list_grants(request).await }
+            })
+            .await?;
             Ok(Box::new(GrantList { grants }))
         }
         GrantsCommand::Retirable { principal } => {
-            let mut grants = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = client
-                    .list_retirable_grants(ListRetirableGrantsRequest {
-                        retiring_principal: principal.clone(),
-                        page_size: 0,
-                        page_token: token,
-                    })
-                    .await?
-                    .into_inner();
-                grants.extend(page.grants.into_iter().map(Grant::of));
-                token = page.next_page_token;
-                if token.is_empty() {
-                    break;
-                }
-            }
+            let grants = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = ListRetirableGrantsRequest {
+                    retiring_principal: principal.clone(),
+                    page_size: 0,
+                    page_token,
+                };
+                async move { client.list_retirable_grants(request).await }
+            })
+            .await?;
             Ok(Box::new(GrantList { grants }))
         }
         GrantsCommand::Retire {
