@@ -43,8 +43,21 @@ async fn every_state_change_of_a_cancelled_call_is_audited() {
         .await;
     assert!(answer.is_err());
 
-    // The operations run on; wait until they are done.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The operations run on; wait until each of the eight calls has its line.
+    common::eventually("every call's audit line", || {
+        let lines = daemon.audit_lines();
+        async move {
+            lines
+                .iter()
+                .filter(|r| {
+                    ["CreateKey", "RotateKey", "ScheduleKeyDeletion"]
+                        .contains(&r.operation.as_str())
+                })
+                .count()
+                >= 8
+        }
+    })
+    .await;
     let version = keys
         .describe_key(KeyRef {
             key_id: rotated.clone(),

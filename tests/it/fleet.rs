@@ -386,13 +386,13 @@ async fn aliases_and_states_changed_on_one_daemon_reach_the_others_within_a_seco
         })
         .await;
     }
-    let started = std::time::Instant::now();
     nodes[1]
         .keys()
         .await
         .disable_key(key_ref(&key.key_id))
         .await
         .unwrap();
+    let started = std::time::Instant::now();
     for node in [&nodes[0], &nodes[2]] {
         let data = node.data().await;
         let id = key.key_id.clone();
@@ -1012,11 +1012,15 @@ async fn a_deletion_written_in_the_database_destroys_nothing() {
         );
     }
     for key in [&scheduled, &forged] {
-        let mut keys = nodes[0].keys().await;
-        keys.cancel_key_deletion(key_ref(&key.key_id))
-            .await
-            .unwrap();
-        keys.enable_key(key_ref(&key.key_id)).await.unwrap();
+        let keys = nodes[0].keys().await;
+        // No notification announced the forged state: daemon 0 learns of it by its next
+        // re-read of the store, and refuses the cancellation of a key it sees enabled.
+        eventually("the deletion is cancelled on daemon 0", || {
+            let (mut keys, id) = (keys.clone(), key.key_id.clone());
+            async move { keys.cancel_key_deletion(key_ref(&id)).await.is_ok() }
+        })
+        .await;
+        keys.clone().enable_key(key_ref(&key.key_id)).await.unwrap();
     }
     for node in &nodes {
         let data = node.data().await;
@@ -1108,7 +1112,21 @@ async fn a_key_enabled_or_an_alias_moved_in_the_database_changes_nothing() {
     })
     .await
     .unwrap();
-    generate(&mut nodes[1].data().await, &disabled.key_id, &[]).await;
+    // The other daemon hears of the EnableKey by its notification, a moment later.
+    let data = nodes[1].data().await;
+    eventually("the enabled key is usable on the other daemon", || {
+        let (mut data, id) = (data.clone(), disabled.key_id.clone());
+        async move {
+            data.generate_data_key(wrapd::proto::GenerateDataKeyRequest {
+                key_id: id,
+                number_of_bytes: 32,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
     let made = generate(&mut nodes[0].data().await, "alias/app", &[]).await;
     assert_eq!(made.key_id, named.key_id);
 }
