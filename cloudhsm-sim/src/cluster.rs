@@ -19,7 +19,7 @@ use crate::codes;
 pub struct Settings {
     /// HSMs in the cluster.
     pub hsms: usize,
-    /// The round trip of every call that reaches an HSM.
+    /// The round trip of every call that reaches an HSM, the HSM's own work included.
     pub latency: Duration,
     /// Calls one HSM serves at once.
     pub concurrency: usize,
@@ -133,15 +133,46 @@ pub struct Cluster {
     peak_in_flight: AtomicUsize,
 }
 
-/// A call being served by an HSM: it holds one of the HSM's slots until dropped.
+/// A call being served by an HSM: it holds one of the HSM's slots until dropped. The HSM's
+/// work (the forwarded call) is done within the round trip: the answer arrives when the
+/// round trip is over ([`Serving::answer`]), or when the guard is dropped.
 pub struct Serving<'a> {
     cluster: &'a Cluster,
     /// The HSM serving the call.
     pub hsm: usize,
+    /// When the round trip is over.
+    due: Instant,
+    /// Whether the answer has arrived (the round trip waited out).
+    answered: bool,
+}
+
+impl Serving<'_> {
+    /// The call's answer `rv`, once the round trip is over; a call whose HSM went down
+    /// meanwhile fails instead.
+    pub fn answer(mut self, rv: CK_RV) -> CK_RV {
+        self.arrive();
+        if self.cluster.controls().down.contains(&self.hsm) {
+            codes::HSM_UNREACHABLE
+        } else {
+            rv
+        }
+    }
+
+    /// Waits out what is left of the round trip.
+    fn arrive(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            let left = self.due.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                sleep_precisely(left);
+            }
+        }
+    }
 }
 
 impl Drop for Serving<'_> {
     fn drop(&mut self) {
+        self.arrive();
         let hsm = &self.cluster.hsms[self.hsm];
         let mut busy = lock(&hsm.busy);
         *busy = busy.saturating_sub(1);
@@ -248,9 +279,10 @@ impl Cluster {
 
     /// Sends a call to an HSM: the one holding `object` if it is a session object, else
     /// the least busy HSM that is up. Refused if that HSM throttles, or if `object` has not
-    /// reached it; queued while it is busy (answered as throttled after the queue time);
-    /// then the round trip, after which a call whose HSM went down meanwhile fails. The
-    /// returned guard holds the HSM's slot for the call.
+    /// reached it; queued while it is busy (answered as throttled after the queue time).
+    /// The returned guard holds the HSM's slot for the call and starts its round trip: the
+    /// caller does the HSM's work, then waits for the answer with [`Serving::answer`], which
+    /// fails the call if its HSM went down meanwhile.
     pub fn serve(&self, object: Option<CK_OBJECT_HANDLE>) -> Result<Serving<'_>, CK_RV> {
         let controls = self.controls();
         let pinned = object.and_then(|o| {
@@ -292,19 +324,13 @@ impl Cluster {
         self.round_trips.fetch_add(1, Ordering::AcqRel);
         let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         self.peak_in_flight.fetch_max(now, Ordering::AcqRel);
-        let serving = Serving {
+        let delay = self.settings.latency + controls.slow.get(&index).copied().unwrap_or_default();
+        Ok(Serving {
             cluster: self,
             hsm: index,
-        };
-        let delay = self.settings.latency + controls.slow.get(&index).copied().unwrap_or_default();
-        if !delay.is_zero() {
-            std::thread::sleep(delay);
-            // An HSM that failed during the call fails the call.
-            if self.controls().down.contains(&index) {
-                return Err(codes::HSM_UNREACHABLE);
-            }
-        }
-        Ok(serving)
+            due: Instant::now() + delay,
+            answered: delay.is_zero(),
+        })
     }
 
     /// The least busy HSM that is up (ties taken in turn).
@@ -351,6 +377,20 @@ impl Cluster {
             }
             Some(_) => false,
         }
+    }
+}
+
+/// Sleeps for `delay` with this thread's timer slack at its least meanwhile: a thread's
+/// default slack (50 µs) would lengthen every simulated round trip by up to that much, a
+/// delay that the network being modelled does not have.
+fn sleep_precisely(delay: Duration) {
+    // SAFETY: PR_GET_TIMERSLACK and PR_SET_TIMERSLACK read and set the calling thread's
+    // timer slack, nothing else; the thread's own value is put back afterwards.
+    let slack = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK) };
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    std::thread::sleep(delay);
+    if slack > 0 {
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong) };
     }
 }
 

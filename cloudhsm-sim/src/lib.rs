@@ -32,7 +32,9 @@
 //! (encryption, decryption, key generation, unwrapping, destruction, random, search,
 //! attributes, login) goes to the least busy HSM that is up, as the SDK balances operations
 //! by each HSM's capacity (a session object's calls go to the HSM that holds it), takes one
-//! of its `WRAPD_SIM_CONCURRENCY` slots and the round trip `WRAPD_SIM_LATENCY_US`; a call
+//! of its `WRAPD_SIM_CONCURRENCY` slots and is answered `WRAPD_SIM_LATENCY_US` after it took
+//! it (the round trip, SoftHSM's work done within it as an HSM's own work is within a real
+//! one, waited out without the kernel's default timer slack); a call
 //! that finds the HSM busy waits up to `WRAPD_SIM_QUEUE_MS`,
 //! then is answered as throttled (`CKR_FUNCTION_FAILED`: "busy errors map to
 //! CKR_FUNCTION_FAILED"; the wait stands for the client's own retries with backoff). An object made on one HSM is not
@@ -191,7 +193,8 @@ macro_rules! live_session {
 }
 
 /// Sends the call to an HSM (`return`s the refusal), holding a slot until the end of the
-/// calling function; with an object, to one that holds it.
+/// calling function; with an object, to one that holds it. The caller ends with
+/// [`cluster::Serving::answer`].
 macro_rules! serve {
     ($sim:expr) => {
         match $sim.cluster.serve(None) {
@@ -335,14 +338,14 @@ unsafe extern "C" fn login(
     if pin.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
-    let _serving = serve!(sim);
+    let serving = serve!(sim);
     let bytes = unsafe { std::slice::from_raw_parts(pin, len as usize) };
     // USER:PASSWORD; the user must be named.
     let Some(colon) = bytes.iter().position(|b| *b == b':').filter(|i| *i > 0) else {
         return CKR_PIN_INCORRECT;
     };
     let password = &bytes[colon + 1..];
-    lower!(
+    serving.answer(lower!(
         sim,
         C_Login(
             session,
@@ -350,7 +353,7 @@ unsafe extern "C" fn login(
             password.as_ptr() as CK_UTF8CHAR_PTR,
             password.len() as CK_ULONG
         )
-    )
+    ))
 }
 
 /// The GCM parameters of `mechanism`, if it is AES-GCM.
@@ -453,13 +456,20 @@ fn single_part(
         finish(sim, session);
         return too_long;
     }
-    let rv = match sim.cluster.serve(Some(operation.key)) {
-        Ok(_serving) => call(),
+    let serving = match sim.cluster.serve(Some(operation.key)) {
+        Ok(serving) => serving,
         Err(refused) => {
             finish(sim, session);
             return refused;
         }
     };
+    let rv = call();
+    let answered = serving.answer(rv);
+    if answered != rv {
+        // The answer was lost with its HSM: the operation is over whatever it was.
+        finish(sim, session);
+        return answered;
+    }
     if !out.is_null() && rv != CKR_BUFFER_TOO_SMALL {
         lock(&sim.operations).remove(&session);
     }
@@ -472,8 +482,8 @@ fn multi_part(sim: &Sim, session: CK_SESSION_HANDLE, call: impl FnOnce() -> CK_R
     if lock(&sim.operations).get(&session).is_some_and(|o| o.gcm) {
         return CKR_MECHANISM_INVALID;
     }
-    let _serving = serve!(sim);
-    call()
+    let serving = serve!(sim);
+    serving.answer(call())
 }
 
 unsafe extern "C" fn encrypt(
@@ -566,7 +576,7 @@ unsafe extern "C" fn generate_key(
         let token = unsafe { is_token(template, count) };
         sim.cluster.made(serving.hsm, unsafe { *key }, token);
     }
-    rv
+    serving.answer(rv)
 }
 
 unsafe extern "C" fn generate_key_pair(
@@ -603,7 +613,7 @@ unsafe extern "C" fn generate_key_pair(
         sim.cluster
             .made(serving.hsm, unsafe { *private }, private_token);
     }
-    rv
+    serving.answer(rv)
 }
 
 unsafe extern "C" fn create_object(
@@ -620,7 +630,7 @@ unsafe extern "C" fn create_object(
         let token = unsafe { is_token(template, count) };
         sim.cluster.made(serving.hsm, unsafe { *object }, token);
     }
-    rv
+    serving.answer(rv)
 }
 
 /// Not in the SDK 5 API list.
@@ -673,7 +683,7 @@ unsafe extern "C" fn unwrap_key(
         let token = unsafe { is_token(template, count) };
         sim.cluster.made(serving.hsm, unsafe { *key }, token);
     }
-    rv
+    serving.answer(rv)
 }
 
 unsafe extern "C" fn wrap_key(
@@ -689,21 +699,21 @@ unsafe extern "C" fn wrap_key(
     if !sim.cluster.visible_on(serving.hsm, key) {
         return CKR_KEY_HANDLE_INVALID;
     }
-    lower!(
+    serving.answer(lower!(
         sim,
         C_WrapKey(session, mechanism, wrapping_key, key, wrapped, wrapped_len)
-    )
+    ))
 }
 
 unsafe extern "C" fn destroy_object(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
     let sim = sim_or_fail!();
     live_session!(sim, session);
-    let _serving = serve!(sim, object);
+    let serving = serve!(sim, object);
     let rv = lower!(sim, C_DestroyObject(session, object));
     if rv == CKR_OK {
         sim.cluster.destroyed(object);
     }
-    rv
+    serving.answer(rv)
 }
 
 unsafe extern "C" fn get_attribute_value(
@@ -714,8 +724,11 @@ unsafe extern "C" fn get_attribute_value(
 ) -> CK_RV {
     let sim = sim_or_fail!();
     live_session!(sim, session);
-    let _serving = serve!(sim, object);
-    lower!(sim, C_GetAttributeValue(session, object, template, count))
+    let serving = serve!(sim, object);
+    serving.answer(lower!(
+        sim,
+        C_GetAttributeValue(session, object, template, count)
+    ))
 }
 
 unsafe extern "C" fn find_objects_init(
@@ -730,7 +743,7 @@ unsafe extern "C" fn find_objects_init(
     if rv == CKR_OK {
         lock(&sim.searches).insert(session, serving.hsm);
     }
-    rv
+    serving.answer(rv)
 }
 
 unsafe extern "C" fn find_objects(
@@ -783,6 +796,6 @@ unsafe extern "C" fn generate_random(
 ) -> CK_RV {
     let sim = sim_or_fail!();
     live_session!(sim, session);
-    let _serving = serve!(sim);
-    lower!(sim, C_GenerateRandom(session, out, len))
+    let serving = serve!(sim);
+    serving.answer(lower!(sim, C_GenerateRandom(session, out, len)))
 }
