@@ -38,10 +38,11 @@ pub struct Gate {
     workers: Option<Workers>,
     /// The fewest items of a batch worth a job of their own (see `batch_jobs`).
     batch_share: usize,
-    /// Whether a lone call may run on the thread that received it (a local token: see
-    /// [`Gate::run`]).
-    inline_when_idle: bool,
-    /// Data-plane jobs taken and not yet done (the next one runs inline while this is zero).
+    /// Whether the HSM answers from this host (a lone call's token call then takes tens of
+    /// microseconds, not a network round trip: see [`Gate::run`]).
+    local_token: bool,
+    /// Data-plane calls taken whose callers do not have their answer yet (the next one runs
+    /// inline while this is zero).
     in_flight: AtomicUsize,
     /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
     /// its line itself and waits.
@@ -61,7 +62,7 @@ impl Gate {
             instance: None,
             workers: None,
             batch_share: LOCAL_BATCH_SHARE,
-            inline_when_idle: false,
+            local_token: false,
             in_flight: AtomicUsize::new(0),
             writer: None,
             refusals: RefusalBudget::default(),
@@ -89,7 +90,7 @@ impl Gate {
     pub fn with_workers(mut self, threads: usize, networked: bool) -> Result<Self> {
         self.workers = Some(Workers::start(threads)?);
         self.batch_share = if networked { 1 } else { LOCAL_BATCH_SHARE };
-        self.inline_when_idle = !networked;
+        self.local_token = !networked;
         if let Some(audit) = self.audit.as_ref().filter(|audit| audit.syncs()) {
             self.writer = Some(AuditWriter::new(audit.clone()));
         }
@@ -405,17 +406,24 @@ impl Gate {
         // operations on tokio's blocking pool, so that they never queue behind data keys.
         let on_workers = call.op.group() != Group::Admin;
         let span = request_span(&call, &call.request_id);
-        // A data-plane call that finds no other in flight on a local token runs here, on the
-        // tokio thread that received it: the hand-over to a worker thread and the wake-up
-        // back cost a lone caller more than the token call itself. It blocks this thread for
-        // the token call and its audit line's `fdatasync`, one call at a time (the next one,
-        // finding this one in flight, goes to the workers); never on a networked HSM, whose
-        // round trip would hold the thread for a millisecond or more, nor with a shared
-        // store, whose synchronous PostgreSQL client runs a runtime of its own, which cannot
-        // be entered from a tokio thread.
+        // A data-plane call that finds no other in flight runs here, on the tokio thread that
+        // received it: the hand-over to a worker thread and the wake-up back cost a lone
+        // caller more than a local token call itself, and on a networked HSM a third or more
+        // of the daemon's own time. It holds this thread for the token call and the
+        // audit line's `fdatasync`, one call at a time (the next one, finding this one in
+        // flight, goes to the workers). On a networked HSM that is a round trip, or up to the
+        // call's deadline while the HSM throttles, so only in a runtime with another worker
+        // thread to serve everything else meanwhile. Never with a shared store, whose
+        // synchronous PostgreSQL client runs a runtime of its own, which cannot be entered
+        // from a tokio thread.
         let counted = on_workers && self.workers.is_some();
         let first = counted && self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
-        let inline = first && self.inline_when_idle && !keystore.store_is_shared();
+        // Counted until the caller has its answer (or gives up), not only while the job
+        // runs: under load, the moments when no job is running are many and short, and a
+        // call run here then would hold this thread while others wait for it.
+        let _in_flight = counted.then(|| InFlight(&self.in_flight));
+        let here =
+            first && !keystore.store_is_shared() && (self.local_token || another_tokio_worker());
         let task: Job = Box::new(move || {
             let result = {
                 let _entered = span.enter();
@@ -443,11 +451,8 @@ impl Gate {
                 record_outcome(&span, &result);
                 let _ = done.send(result);
             });
-            if counted {
-                gate.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
         });
-        if inline {
+        if here {
             task();
         } else {
             self.dispatch(on_workers, task);
@@ -676,6 +681,24 @@ type ItemOutcome<T> = (Result<T>, Option<AuditRecord>);
 /// Where a batch's answer goes: every item's result, or the error that kept the lines from
 /// being written.
 type BatchAnswer<T> = oneshot::Sender<Result<Vec<Result<T>>>>;
+
+/// One call counted in [`Gate`]'s `in_flight` while this lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether this thread is a worker of a tokio runtime with at least one other worker, which
+/// serves the runtime's other tasks while this one is held by a call.
+fn another_tokio_worker() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+        handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && handle.metrics().num_workers() >= 2
+    })
+}
 
 /// A batch in flight, shared by the jobs working on it ([`Gate::run_batch`]).
 struct BatchRun<T, I, F> {
