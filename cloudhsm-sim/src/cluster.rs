@@ -383,15 +383,23 @@ impl Cluster {
 /// Sleeps for `delay` with this thread's timer slack at its least meanwhile: a thread's
 /// default slack (50 µs) would lengthen every simulated round trip by up to that much, a
 /// delay that the network being modelled does not have.
+#[cfg(target_os = "linux")]
 fn sleep_precisely(delay: Duration) {
     // SAFETY: PR_GET_TIMERSLACK and PR_SET_TIMERSLACK read and set the calling thread's
     // timer slack, nothing else; the thread's own value is put back afterwards.
     let slack = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK) };
+    if slack <= 0 {
+        return std::thread::sleep(delay);
+    }
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     std::thread::sleep(delay);
-    if slack > 0 {
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong) };
-    }
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong) };
+}
+
+/// Elsewhere, the kernel's timer slack is left as it is.
+#[cfg(not(target_os = "linux"))]
+fn sleep_precisely(delay: Duration) {
+    std::thread::sleep(delay);
 }
 
 #[cfg(test)]

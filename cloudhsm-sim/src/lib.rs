@@ -42,7 +42,8 @@
 //! it, and a call using it that is routed there fails with `CKR_OBJECT_HANDLE_INVALID`: "if
 //! the call you make routes to a HSM without the key, then the call fails"). The file
 //! `WRAPD_SIM_CONTROL` takes one HSM down (`down N`: calls in flight on it fail with
-//! `CKR_DEVICE_ERROR`, later calls go to the others), slows it (`slow N MICROSECONDS`) or
+//! `CKR_DEVICE_ERROR`, after the HSM did their work, as an answer lost on the way back;
+//! later calls go to the others), slows it (`slow N MICROSECONDS`) or
 //! makes it throttle (`throttle N`); it is re-read when it changes.
 //!
 //! **Not modelled**: the HSM's own key limits and attribute rules beyond SoftHSM's, CloudHSM's
@@ -342,7 +343,7 @@ unsafe extern "C" fn login(
     let bytes = unsafe { std::slice::from_raw_parts(pin, len as usize) };
     // USER:PASSWORD; the user must be named.
     let Some(colon) = bytes.iter().position(|b| *b == b':').filter(|i| *i > 0) else {
-        return CKR_PIN_INCORRECT;
+        return serving.answer(CKR_PIN_INCORRECT);
     };
     let password = &bytes[colon + 1..];
     serving.answer(lower!(
@@ -697,7 +698,7 @@ unsafe extern "C" fn wrap_key(
     let sim = sim_or_fail!();
     let serving = serve!(sim, wrapping_key);
     if !sim.cluster.visible_on(serving.hsm, key) {
-        return CKR_KEY_HANDLE_INVALID;
+        return serving.answer(CKR_KEY_HANDLE_INVALID);
     }
     serving.answer(lower!(
         sim,

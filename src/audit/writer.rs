@@ -50,6 +50,32 @@ impl AuditWriter {
     /// writer.
     pub fn submit(&self, records: Vec<AuditRecord>, done: Completion) {
         self.queue.lock().push((records, done));
+        self.drain();
+    }
+
+    /// Like [`AuditWriter::submit`], but a thread that becomes the writer writes one round
+    /// (its own lines among them) and stops: for a thread that must not stay the writer
+    /// while others keep queueing (a tokio thread). Returns true if lines were left queued
+    /// with no writer: the caller must then have [`AuditWriter::drain`] called elsewhere.
+    pub fn submit_one_round(&self, records: Vec<AuditRecord>, done: Completion) -> bool {
+        self.queue.lock().push((records, done));
+        if self
+            .writing
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false; // the writer takes ours in its next round
+        }
+        let batch = self.take();
+        if !batch.is_empty() {
+            write_batch(&self.log, batch);
+        }
+        self.writing.store(false, Ordering::Release);
+        !self.queue.lock().is_empty()
+    }
+
+    /// Becomes the writer, unless a thread is writing, and writes until nothing is queued.
+    pub fn drain(&self) {
         loop {
             if self
                 .writing
@@ -219,5 +245,48 @@ mod tests {
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![true, true, true]);
         let ops: Vec<String> = lines(&path).into_iter().map(|r| r.operation).collect();
         assert_eq!(ops, ["one", "two", "three"]);
+    }
+
+    #[test]
+    fn a_one_round_writer_writes_one_round_and_leaves_the_rest_to_a_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = Arc::new(AuditLog::open(&path, FsyncPolicy::Always).unwrap());
+        let writer = AuditWriter::new(log);
+        let (tx, rx) = mpsc::channel();
+        // Queued while another thread holds the token: a full round, then one more line.
+        writer.writing.store(true, Ordering::Release);
+        let full: Vec<_> = (0..MAX_LINES)
+            .map(|i| record(&format!("full{i}")))
+            .collect();
+        for (name, records) in [("full", full), ("next", vec![record("next")])] {
+            let tx = tx.clone();
+            writer.submit(
+                records,
+                Box::new(move |r| tx.send((name, r.is_ok())).unwrap()),
+            );
+        }
+        writer.writing.store(false, Ordering::Release);
+        let tx_own = tx.clone();
+        let left = writer.submit_one_round(
+            vec![record("own")],
+            Box::new(move |r| tx_own.send(("own", r.is_ok())).unwrap()),
+        );
+        assert!(left, "what did not fit in the round is left queued");
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![("full", true)]);
+        assert!(!writer.writing.load(Ordering::Acquire), "the token is free");
+        writer.drain();
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            vec![("next", true), ("own", true)]
+        );
+        assert_eq!(lines(&path).len(), MAX_LINES + 2);
+        // With nothing queued behind it, one round is all there is.
+        let left = writer.submit_one_round(
+            vec![record("alone")],
+            Box::new(move |r| tx.send(("alone", r.is_ok())).unwrap()),
+        );
+        assert!(!left);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![("alone", true)]);
     }
 }

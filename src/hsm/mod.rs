@@ -39,10 +39,16 @@ thread_local! {
 /// Runs `f` (on this thread) with the caller's deadline in force: a call waiting for a free
 /// session gives up at the earlier of this deadline and `session_wait`.
 pub fn with_deadline<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
-    let previous = CALL_DEADLINE.replace(deadline);
-    let result = f();
-    CALL_DEADLINE.set(previous);
-    result
+    /// Puts the previous deadline back, also when `f` panics (the thread may be a tokio
+    /// thread that serves other calls next).
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALL_DEADLINE.set(self.0);
+        }
+    }
+    let _restore = Restore(CALL_DEADLINE.replace(deadline));
+    f()
 }
 
 /// The deadline set by [`with_deadline`] on this thread.

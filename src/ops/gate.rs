@@ -1,10 +1,11 @@
 //! The gate every call passes: policy checks, and the audit line.
 //!
 //! [`Gate::run`] takes a [`Call`] and a job (validation, [`Gate::check`] before touching a
-//! key, the key store operation), runs the job on a thread of its own and hands the call's
-//! audit line (for successes, failures and denials alike) to the group commit; the caller
-//! gets the result once the line is durable. Data-plane calls run on the operation workers
-//! ([`super::workers`]), others on tokio's blocking pool. The caller cannot cancel any of
+//! key, the key store operation), runs the job and hands the call's audit line (for
+//! successes, failures and denials alike) to the group commit; the caller gets the result
+//! once the line is durable. Data-plane calls run on the operation workers
+//! ([`super::workers`]), or, on a local token, one at a time when no other call is in
+//! flight, on the tokio thread that received them; others on tokio's blocking pool. The caller cannot cancel any of
 //! it: when a deadline fires or a client resets its stream, the front end drops its future,
 //! but the job runs on and its line is written, so no state change ever goes unaudited. If
 //! the audit line cannot be written, the caller gets [`Error::Unavailable`] instead of the
@@ -41,8 +42,8 @@ pub struct Gate {
     /// Whether the HSM answers from this host (a lone call's token call then takes tens of
     /// microseconds, not a network round trip: see [`Gate::run`]).
     local_token: bool,
-    /// Data-plane calls taken whose callers do not have their answer yet (the next one runs
-    /// inline while this is zero).
+    /// Calls taken whose callers do not have their answer yet or whose jobs are not done
+    /// (a data-plane call runs inline while this is zero: see [`Gate::run`]).
     in_flight: AtomicUsize,
     /// Group commit, when lines wait for `fdatasync`; without it, the job's thread appends
     /// its line itself and waits.
@@ -406,24 +407,24 @@ impl Gate {
         // operations on tokio's blocking pool, so that they never queue behind data keys.
         let on_workers = call.op.group() != Group::Admin;
         let span = request_span(&call, &call.request_id);
-        // A data-plane call that finds no other in flight runs here, on the tokio thread that
-        // received it: the hand-over to a worker thread and the wake-up back cost a lone
-        // caller more than a local token call itself, and on a networked HSM a third or more
-        // of the daemon's own time. It holds this thread for the token call and the
-        // audit line's `fdatasync`, one call at a time (the next one, finding this one in
-        // flight, goes to the workers). On a networked HSM that is a round trip, or up to the
-        // call's deadline while the HSM throttles, so only in a runtime with another worker
-        // thread to serve everything else meanwhile. Never with a shared store, whose
+        // A data-plane call that finds no other in flight on a local token runs here, on the
+        // tokio thread that received it: the hand-over to a worker thread and the wake-up
+        // back cost a lone caller more than the token call itself. It holds this thread for
+        // the token call and the audit line's `fdatasync`, one call at a time: every call
+        // counts as in flight (key management and batches too) until its caller has the
+        // answer and its job is done, so the next one goes to the workers and a call run here
+        // never waits for a session or a lock another call holds. Never on a networked HSM,
+        // whose round trip would hold the thread for a millisecond or more (measured, doing so
+        // gained a lone caller nothing on a calm machine), nor with a shared store, whose
         // synchronous PostgreSQL client runs a runtime of its own, which cannot be entered
         // from a tokio thread.
-        let counted = on_workers && self.workers.is_some();
-        let first = counted && self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
-        // Counted until the caller has its answer (or gives up), not only while the job
-        // runs: under load, the moments when no job is running are many and short, and a
-        // call run here then would hold this thread while others wait for it.
-        let _in_flight = counted.then(|| InFlight(&self.in_flight));
-        let here =
-            first && !keystore.store_is_shared() && (self.local_token || another_tokio_worker());
+        let (in_flight, alone) = InFlight::enter(self);
+        let here = alone
+            && on_workers
+            && self.local_token
+            && self.workers.is_some()
+            && !keystore.store_is_shared();
+        let job_in_flight = in_flight.clone();
         let task: Job = Box::new(move || {
             let result = {
                 let _entered = span.enter();
@@ -446,18 +447,29 @@ impl Gate {
             gate.log(&call, &result);
             let record = gate.audit.is_some().then(|| gate.record(call, &result));
             let parent = span.clone();
-            gate.append(&parent, record.into_iter().collect(), move |appended| {
-                let result = appended.and(result);
-                record_outcome(&span, &result);
-                let _ = done.send(result);
-            });
+            gate.append(
+                &parent,
+                record.into_iter().collect(),
+                here,
+                move |appended| {
+                    let result = appended.and(result);
+                    record_outcome(&span, &result);
+                    let _ = done.send(result);
+                },
+            );
+            drop(job_in_flight);
         });
         if here {
+            // Whatever this task woke last waits in this thread's LIFO slot, which the other
+            // workers cannot take: let it run before this thread is held.
+            tokio::task::yield_now().await;
             task();
         } else {
             self.dispatch(on_workers, task);
         }
-        answered(answer.await)
+        let answer = answered(answer.await);
+        drop(in_flight);
+        answer
     }
 
     /// Runs `job` once per call of a batch (each item its own call: policy checks, result,
@@ -487,7 +499,9 @@ impl Gate {
             request_span(call, id)
         });
         let helpers = self.batch_jobs(data_plane, items.len());
+        let (in_flight, _) = InFlight::enter(self);
         let batch = Arc::new(BatchRun {
+            _in_flight: in_flight,
             gate: self.clone(),
             keystore: keystore.clone(),
             job,
@@ -524,11 +538,14 @@ impl Gate {
     }
 
     /// Has `records` written (on this thread, or by the thread writing now) and calls `done` once
-    /// they are durable, or with the error that keeps them from being so.
+    /// they are durable, or with the error that keeps them from being so. With `one_round`
+    /// (a tokio thread), this thread writes at most one round of the group commit; lines
+    /// queued behind it are written by a worker.
     fn append(
-        &self,
+        self: &Arc<Self>,
         request: &tracing::Span,
         records: Vec<AuditRecord>,
+        one_round: bool,
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let Some(audit) = self.audit.as_ref().filter(|_| !records.is_empty()) else {
@@ -548,6 +565,19 @@ impl Gate {
             done(appended);
         };
         match &self.writer {
+            Some(writer) if one_round => {
+                if writer.submit_one_round(records, Box::new(complete)) {
+                    let gate = self.clone();
+                    self.dispatch(
+                        true,
+                        Box::new(move || {
+                            if let Some(writer) = &gate.writer {
+                                writer.drain();
+                            }
+                        }),
+                    );
+                }
+            }
             Some(writer) => writer.submit(records, Box::new(complete)),
             None => {
                 let appended = audit.append_all(records);
@@ -682,26 +712,28 @@ type ItemOutcome<T> = (Result<T>, Option<AuditRecord>);
 /// being written.
 type BatchAnswer<T> = oneshot::Sender<Result<Vec<Result<T>>>>;
 
-/// One call counted in [`Gate`]'s `in_flight` while this lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// One call counted in [`Gate`]'s `in_flight` for as long as any clone lives (the caller's
+/// future holds one, its job another).
+struct InFlight(Arc<Gate>);
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+impl InFlight {
+    /// Counts a call in flight; true if no other was.
+    fn enter(gate: &Arc<Gate>) -> (Arc<Self>, bool) {
+        let alone = gate.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        (Arc::new(Self(gate.clone())), alone)
     }
 }
 
-/// Whether this thread is a worker of a tokio runtime with at least one other worker, which
-/// serves the runtime's other tasks while this one is held by a call.
-fn another_tokio_worker() -> bool {
-    tokio::runtime::Handle::try_current().is_ok_and(|handle| {
-        handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            && handle.metrics().num_workers() >= 2
-    })
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A batch in flight, shared by the jobs working on it ([`Gate::run_batch`]).
 struct BatchRun<T, I, F> {
+    /// Counts the batch in flight until its last job is done.
+    _in_flight: Arc<InFlight>,
     gate: Arc<Gate>,
     keystore: Arc<Keystore>,
     job: F,
@@ -780,11 +812,12 @@ where
             records.extend(record);
         }
         let span = self.span.clone();
-        self.gate.append(&self.span, records, move |appended| {
-            let result = appended.map(|()| results);
-            record_outcome(&span, &result);
-            let _ = done.send(result);
-        });
+        self.gate
+            .append(&self.span, records, false, move |appended| {
+                let result = appended.map(|()| results);
+                record_outcome(&span, &result);
+                let _ = done.send(result);
+            });
     }
 }
 

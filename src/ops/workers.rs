@@ -11,8 +11,8 @@
 //!
 //! Control-plane calls (key management, with metadata writes that may wait on PostgreSQL)
 //! stay on tokio's blocking pool, so they never hold up a data key. A data-plane call that
-//! finds no other in flight (with the SQLite store) skips these threads and runs where it was
-//! received ([`super::Gate::run`]).
+//! finds no other in flight on a local token with the SQLite store skips these threads and
+//! runs where it was received ([`super::Gate::run`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread::JoinHandle;
