@@ -34,11 +34,10 @@
 //! by each HSM's capacity (a session object's calls go to the HSM that holds it), takes one
 //! of its `WRAPD_SIM_CONCURRENCY` slots and is answered `WRAPD_SIM_LATENCY_US` after it took
 //! it (the round trip, SoftHSM's work done within it as an HSM's own work is within a real
-//! one, waited out without the kernel's default timer slack); a call
-//! that finds the HSM busy waits up to `WRAPD_SIM_QUEUE_MS`,
-//! then is answered as throttled (`CKR_FUNCTION_FAILED`: "busy errors map to
-//! CKR_FUNCTION_FAILED"; the wait stands for the client's own retries with backoff). An object made on one HSM is not
-//! visible on the others for `WRAPD_SIM_REPLICATION_MS` (a search routed there does not find
+//! one, waited out without the kernel's default timer slack); a call that finds the HSM busy
+//! waits up to `WRAPD_SIM_QUEUE_MS`, then is answered as throttled (`CKR_FUNCTION_FAILED`:
+//! "busy errors map to CKR_FUNCTION_FAILED"; the wait stands for the client's own retries
+//! with backoff). An object made on one HSM is not visible on the others for `WRAPD_SIM_REPLICATION_MS` (a search routed there does not find
 //! it, and a call using it that is routed there fails with `CKR_OBJECT_HANDLE_INVALID`: "if
 //! the call you make routes to a HSM without the key, then the call fails"). The file
 //! `WRAPD_SIM_CONTROL` takes one HSM down (`down N`: calls in flight on it fail with

@@ -5,11 +5,12 @@
 //! successes, failures and denials alike) to the group commit; the caller gets the result
 //! once the line is durable. Data-plane calls run on the operation workers
 //! ([`super::workers`]), or, on a local token, one at a time when no other call is in
-//! flight, on the tokio thread that received them; others on tokio's blocking pool. The caller cannot cancel any of
-//! it: when a deadline fires or a client resets its stream, the front end drops its future,
-//! but the job runs on and its line is written, so no state change ever goes unaudited. If
-//! the audit line cannot be written, the caller gets [`Error::Unavailable`] instead of the
-//! result: the log fails closed. Each call is logged once, here.
+//! flight, on the tokio thread that received them; others on tokio's blocking pool. The
+//! caller cannot cancel any of it: when a deadline fires or a client resets its stream, the
+//! front end drops its future, but the job runs on and its line is written, so no state
+//! change ever goes unaudited. If the audit line cannot be written, the caller gets
+//! [`Error::Unavailable`] instead of the result: the log fails closed. Each call is logged
+//! once, here.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -477,10 +478,11 @@ impl Gate {
     /// written with one `fdatasync`. If the lines cannot be written, the whole batch fails
     /// with [`Error::Unavailable`] (the log fails closed).
     ///
-    /// A batch of more than `LOCAL_BATCH_SHARE` (16) items is worked on by several jobs at once
-    /// (on a networked HSM, every batch of two or more), up to one per worker thread (each thread holds its own HSM session): each job takes
-    /// the next item not yet taken until none is left, so a job that is slow (its thread
-    /// waits for the token, or starts late behind other calls) leaves its share to the others.
+    /// A batch of more than `LOCAL_BATCH_SHARE` (16) items is worked on by several jobs at
+    /// once (on a networked HSM, every batch of two or more), up to one per worker thread
+    /// (each thread holds its own HSM session): each job takes the next item not yet taken
+    /// until none is left, so a job that is slow (its thread waits for the token, or starts
+    /// late behind other calls) leaves its share to the others.
     /// With one job per batch, a lone caller's batch stayed at about half of the raw PKCS#11
     /// rate (as `wrapd bench` measures it), and on a networked HSM (CloudHSM) it would wait
     /// for each item's round trip in turn. The last job to finish gathers the results and
