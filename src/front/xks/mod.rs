@@ -520,15 +520,7 @@ mod tests {
         let id = KeyId::generate();
         let hex = id.as_str().strip_prefix(KeyId::PREFIX).unwrap().to_owned();
         assert_eq!(key_id(&hex), Some(id.clone()));
-        let uuid = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        );
-        assert_eq!(key_id(&uuid), Some(id.clone()));
+        assert_eq!(key_id(&id.uuid()), Some(id.clone()));
         for bad in [
             "foo",
             "non_existing_key",
@@ -538,6 +530,6 @@ mod tests {
         ] {
             assert_eq!(key_id(bad), None, "{bad}");
         }
-        assert_eq!(key_id(&uuid.replace('-', "_")), None);
+        assert_eq!(key_id(&id.uuid().replace('-', "_")), None);
     }
 }
