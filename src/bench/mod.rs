@@ -6,7 +6,10 @@
 //! - **raw PKCS#11**: the same token calls in-process (AES-GCM `C_Decrypt` for Unwrap,
 //!   `C_GenerateRandom` + `C_Encrypt` for GenerateDataKey, with the same AAD), on as many
 //!   threads and sessions as there are callers, at most one per core: no gRPC, no metadata,
-//!   no scheduling in between;
+//!   no scheduling in between. On a networked HSM, a thread per caller (the HSM's capacity);
+//!   for one caller's batch there, the batch's token calls spread over as many threads as
+//!   the daemon has sessions, one batch at a time: what the calls alone take, the batch's
+//!   floor;
 //! - **echo**: a bare tonic `DataKeyService` (`bench/echo.rs`) answering the same requests with
 //!   fixed messages of the same sizes, over a unix socket, from the same number of callers:
 //!   the gRPC floor;
@@ -141,6 +144,10 @@ pub struct Row {
     pub callers: usize,
     /// Threads (and sessions) of the raw baseline.
     pub raw_threads: usize,
+    /// Whether the raw baseline ran in bursts of one batch's token calls spread over its
+    /// threads ([`raw_bursts`]; one caller's batch on a networked HSM): then its p50 is a
+    /// burst's latency, the floor of one batch call.
+    pub raw_bursts: bool,
     /// Whether the token waits on the network (CloudHSM): then the raw baseline runs as many
     /// threads as callers, and measures the HSM's capacity rather than this machine's cores.
     pub networked: bool,
@@ -384,6 +391,40 @@ struct XksPaths {
     body: bytes::Bytes,
 }
 
+/// One token call of `op` as the raw baseline makes it (with the flood's bad ciphertext
+/// when `bad`, where the token's refusal counts as the answer): whether it gave the expected
+/// answer.
+fn token_call(target: &RawTarget, op: BenchOp, bad: bool) -> bool {
+    match op {
+        BenchOp::Unwrap | BenchOp::BatchUnwrap if bad => target
+            .token
+            .decrypt(
+                &target.object,
+                &target.blob.iv,
+                &target.bad_ciphertext,
+                &target.aad,
+            )
+            .is_err_and(|e| e.kind() == ErrorKind::InvalidCiphertext),
+        BenchOp::Unwrap | BenchOp::BatchUnwrap => target
+            .token
+            .decrypt(
+                &target.object,
+                &target.blob.iv,
+                &target.blob.ciphertext,
+                &target.aad,
+            )
+            .is_ok(),
+        BenchOp::Generate | BenchOp::BatchGenerate => target
+            .token
+            .generate_and_encrypt(&target.object, 32, &target.aad)
+            .is_ok(),
+        BenchOp::XksEncrypt => target
+            .token
+            .encrypt(&target.object, &[7u8; 32], &target.xks_aad)
+            .is_ok(),
+    }
+}
+
 /// The raw baseline: `threads` threads calling the token directly for `duration`, the
 /// first `bad_threads` of them (Unwrap only) with the flood's bad ciphertext, where the
 /// token's refusal counts as the answer; each thread's latencies and errors, and the time
@@ -406,34 +447,7 @@ async fn raw(
                 let mut errors = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let ok = match op {
-                        BenchOp::Unwrap | BenchOp::BatchUnwrap if bad => target
-                            .token
-                            .decrypt(
-                                &target.object,
-                                &target.blob.iv,
-                                &target.bad_ciphertext,
-                                &target.aad,
-                            )
-                            .is_err_and(|e| e.kind() == ErrorKind::InvalidCiphertext),
-                        BenchOp::Unwrap | BenchOp::BatchUnwrap => target
-                            .token
-                            .decrypt(
-                                &target.object,
-                                &target.blob.iv,
-                                &target.blob.ciphertext,
-                                &target.aad,
-                            )
-                            .is_ok(),
-                        BenchOp::Generate | BenchOp::BatchGenerate => target
-                            .token
-                            .generate_and_encrypt(&target.object, 32, &target.aad)
-                            .is_ok(),
-                        BenchOp::XksEncrypt => target
-                            .token
-                            .encrypt(&target.object, &[7u8; 32], &target.xks_aad)
-                            .is_ok(),
-                    };
+                    let ok = token_call(&target, op, bad);
                     tally(&mut hist, &mut errors, t, ok);
                 }
                 (hist, errors)
@@ -447,6 +461,81 @@ async fn raw(
         }
     }
     (results, started.elapsed())
+}
+
+/// A lone batch's raw baseline on a networked HSM: bursts of [`BENCH_BATCH`] token calls
+/// for `duration`, one burst at a time, each spread over `threads` threads (the daemon's
+/// sessions), every thread taking the next call not yet taken until none is left; each
+/// burst's latency, and the time it took. What the same calls cost on this machine with
+/// nothing in between: the floor of one caller's batch.
+async fn raw_bursts(
+    target: &Arc<RawTarget>,
+    op: BenchOp,
+    threads: usize,
+    duration: Duration,
+) -> (Vec<(Histogram<u64>, u64)>, Duration) {
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+    let target = target.clone();
+    let threads = threads.clamp(1, BENCH_BATCH);
+    let measured = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let deadline = started + duration;
+        let next = AtomicUsize::new(0);
+        let errors = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let burst = Barrier::new(threads);
+        let mut hist = histogram();
+        let work = || {
+            loop {
+                let index = next.fetch_add(1, Ordering::AcqRel);
+                if index >= BENCH_BATCH {
+                    break;
+                }
+                if !token_call(&target, op, false) {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                let (burst, stop, work) = (&burst, &stop, &work);
+                scope.spawn(move || {
+                    loop {
+                        burst.wait();
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        work();
+                        burst.wait();
+                    }
+                });
+            }
+            // This thread times each burst, from releasing the others to the last call's
+            // end, and ends the run between bursts.
+            loop {
+                burst.wait();
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let t = Instant::now();
+                work();
+                burst.wait();
+                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                next.store(0, Ordering::Release);
+                if Instant::now() >= deadline {
+                    stop.store(true, Ordering::Release);
+                }
+            }
+        });
+        ((hist, errors.into_inner()), started.elapsed())
+    })
+    .await;
+    match measured {
+        Ok((result, elapsed)) => (vec![result], elapsed),
+        Err(_) => (Vec::new(), duration),
+    }
 }
 
 /// Latencies, errors and time of one path, added up over the slices of a row.
@@ -501,7 +590,7 @@ async fn measure_row(
     target: &Arc<RawTarget>,
     op: BenchOp,
     callers: usize,
-    raw_threads: usize,
+    raw_shape: RawShape,
     sockets: (&Path, &Path),
     request: &Load,
     xks_paths: Option<&XksPaths>,
@@ -516,7 +605,10 @@ async fn measure_row(
     let (mut raw_ticks, mut wrapd_ticks) = (Some(0u64), Some(0u64));
     for _ in 0..slices {
         let before = cpu_ticks(None);
-        raw_tally.add(raw(target, op, raw_threads, 0, slice).await);
+        raw_tally.add(match raw_shape {
+            RawShape::Threads(threads) => raw(target, op, threads, 0, slice).await,
+            RawShape::Bursts(threads) => raw_bursts(target, op, threads, slice).await,
+        });
         raw_ticks = add_ticks(raw_ticks, before, cpu_ticks(None));
         let before = match (op, xks_paths) {
             (BenchOp::XksEncrypt, Some(paths)) => {
@@ -539,8 +631,12 @@ async fn measure_row(
             daemon.and_then(|pid| cpu_ticks(Some(pid))),
         );
     }
-    // The token call is per data key: its rate is in data keys already.
-    let raw = raw_tally.rate(1);
+    // A token call is per data key: its rate is in data keys already, a burst's is not.
+    let (raw_threads, raw_bursts, raw_items) = match raw_shape {
+        RawShape::Threads(threads) => (threads, false, 1),
+        RawShape::Bursts(threads) => (threads, true, BENCH_BATCH),
+    };
+    let raw = raw_tally.rate(raw_items);
     let wrapd = wrapd_tally.rate(op.items());
     let per_key = |ticks: Option<u64>, keys: u64| {
         ticks
@@ -551,14 +647,24 @@ async fn measure_row(
         op,
         callers,
         raw_threads,
+        raw_bursts,
         networked: false,
         hsm_down: false,
-        raw_cpu_us: per_key(raw_ticks, raw.calls),
+        raw_cpu_us: per_key(raw_ticks, raw.calls * raw_items as u64),
         wrapd_cpu_us: per_key(wrapd_ticks, wrapd.calls * op.items() as u64),
         raw,
         echo: echo_tally.rate(op.items()),
         wrapd,
     })
+}
+
+/// How a row's raw baseline calls the token.
+#[derive(Debug, Clone, Copy)]
+enum RawShape {
+    /// This many threads, each calling in a loop ([`raw`]).
+    Threads(usize),
+    /// One batch's calls at a time, spread over this many threads ([`raw_bursts`]).
+    Bursts(usize),
 }
 
 /// The unit of `/proc/PID/stat`'s CPU times: Linux reports them in USER_HZ, 100 a second on
@@ -669,8 +775,18 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
             callers.min(cores).max(1)
         }
     };
+    // One caller's batch on a networked HSM is spread over the daemon's sessions: its
+    // baseline is the same calls spread over as many threads, one batch at a time.
+    let batch_sessions = config.hsm.max_sessions.clamp(1, BENCH_BATCH);
+    let raw_shape = move |op: BenchOp, callers: usize| {
+        if networked && callers == 1 && op.items() > 1 {
+            RawShape::Bursts(batch_sessions)
+        } else {
+            RawShape::Threads(raw_threads(callers))
+        }
+    };
     let mut hsm = config.hsm;
-    hsm.max_sessions = raw_threads(most);
+    hsm.max_sessions = raw_threads(most).max(if networked { batch_sessions } else { 1 });
     let token = tokio::task::spawn_blocking(move || Pkcs11Token::open(hsm))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -759,7 +875,7 @@ pub async fn run(config: Config, options: BenchOptions) -> Result<Vec<Round>> {
                 (&echo_socket, &socket),
                 xks_paths.as_ref(),
                 |op| load(op, &key_id, &wire_context, &sample.ciphertext_blob),
-                raw_threads,
+                raw_shape,
             )
             .await;
             if hsm_down && let Some(control) = &options.hsm_down_control {
@@ -839,7 +955,7 @@ async fn measure_rows(
     sockets: (&Path, &Path),
     xks_paths: Option<&XksPaths>,
     request: impl Fn(BenchOp) -> Load,
-    raw_threads: impl Fn(usize) -> usize,
+    raw_shape: impl Fn(BenchOp, usize) -> RawShape,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &op in &options.ops {
@@ -849,7 +965,7 @@ async fn measure_rows(
                     target,
                     op,
                     callers,
-                    raw_threads(callers),
+                    raw_shape(op, callers),
                     sockets,
                     &request(op),
                     xks_paths,
@@ -948,11 +1064,12 @@ pub fn format_round(round: &Round) -> String {
     let lone: Vec<&Row> = round
         .rows
         .iter()
-        .filter(|r| r.callers == 1 && r.op.items() == 1)
+        .filter(|r| r.callers == 1 && (r.op.items() == 1 || r.raw_bursts))
         .collect();
     if !lone.is_empty() {
         out.push_str(&format!(
-            "\none caller, p50 µs: the floor (echo + token{}) and the daemon's overhead above it\n",
+            "\none caller, p50 µs: the floor (echo + token{}) and the daemon's overhead above it \
+             (a batch's token figure: its {BENCH_BATCH} calls spread over the daemon's sessions)\n",
             if round.fsync_p50_us.is_some() {
                 " + fdatasync"
             } else {

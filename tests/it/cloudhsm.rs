@@ -388,6 +388,51 @@ fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one
     );
 }
 
+#[test]
+fn wrapd_bench_times_a_lone_batch_against_the_same_token_calls_spread_over_the_sessions() {
+    let settings = [
+        ("WRAPD_SIM_HSMS", "2"),
+        ("WRAPD_SIM_LATENCY_US", "300"),
+        ("WRAPD_SIM_CONCURRENCY", "4"),
+    ];
+    let (daemon, control, _dir) = on_cluster(&settings);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
+        .envs(settings)
+        .env("WRAPD_SIM_CONTROL", &control)
+        .arg("bench")
+        .arg("--config")
+        .arg(daemon.config_path())
+        .args(["--op", "batch-unwrap", "--concurrency", "1"])
+        .args(["--seconds", "1", "--no-flood"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "  BatchUnwrap x64  echo N + token N + fdatasync N = floor N  wrapd N  overhead N"
+    let floor: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("BatchUnwrap x64") && l.contains(" = floor "))
+        .unwrap_or_else(|| panic!("no floor line for the lone batch: {stdout}"))
+        .split_whitespace()
+        .collect();
+    let figure = |name: &str| -> u64 {
+        let at = floor.iter().position(|w| *w == name).unwrap();
+        floor[at + 1].parse().unwrap()
+    };
+    // The token figure is a whole batch's 64 calls: over 8 slots of 300 µs, at least 8
+    // round trips one after the other.
+    assert!(figure("token") >= 8 * 300, "{floor:?}");
+    assert!(
+        figure("floor") >= figure("echo") + figure("token"),
+        "{floor:?}"
+    );
+    assert!(figure("wrapd") > 0, "{floor:?}");
+}
+
 /// A cluster whose client library drops sessions idle for 400 ms, and a daemon whose
 /// keep-alive calls sessions idle for `keepalive_ms` (0: never).
 fn with_idle_limit(keepalive_ms: u64) -> (DevDaemon, std::path::PathBuf, tempfile::TempDir) {
