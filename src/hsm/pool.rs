@@ -51,6 +51,28 @@ pub(super) struct Pool {
     max_sessions: usize,
 }
 
+/// The slot of a session on loan, given back if the loan is lost ([`Pool::slot`]).
+pub(super) struct LoanSlot<'p> {
+    pool: &'p Pool,
+}
+
+impl LoanSlot<'_> {
+    /// The loan was checked in: nothing to give back.
+    pub fn returned(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for LoanSlot<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.open = state.open.saturating_sub(1);
+        Pool::report(&state);
+        drop(state);
+        self.pool.freed.notify_one();
+    }
+}
+
 /// A session on loan, with the context generation it belongs to.
 pub(super) struct Loan {
     pub session: Session,
@@ -153,6 +175,15 @@ impl Pool {
             }
             self.freed.wait_for(&mut state, deadline - now);
         }
+    }
+
+    /// A guard for the slot of a loan just checked out: if it is dropped before being
+    /// [disarmed](LoanSlot::returned), the call panicked (its loan, dropped while unwinding, closes
+    /// its session), and the slot is given back. Without it the pool would count that session
+    /// open for good: one slot lost per panic, and after a device fault, a pool whose count
+    /// never comes down to zero never initializes the context again.
+    pub fn slot(&self) -> LoanSlot<'_> {
+        LoanSlot { pool: self }
     }
 
     /// Returns a loan with the outcome of its call.

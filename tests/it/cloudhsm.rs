@@ -238,6 +238,36 @@ async fn a_busy_hsm_slows_callers_down_instead_of_failing_them() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hsm_busy_until_the_callers_deadline_is_unavailable_not_an_internal_error() {
+    let (daemon, control, _dir) = on_cluster(&[("WRAPD_SIM_HSMS", "1")]);
+    let key = new_key(&daemon).await;
+    let blob = new_blob(&daemon, &key).await;
+    let unwrap = || UnwrapRequest {
+        ciphertext_blob: blob.clone(),
+        ..Default::default()
+    };
+    std::fs::write(&control, "throttle 0\n").unwrap();
+    // The module looks at the control file at most every 20 ms.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut data = daemon.data().await;
+    let mut request = tonic::Request::new(unwrap());
+    request.set_timeout(Duration::from_millis(400));
+    let status = data
+        .unwrap(request)
+        .await
+        .expect_err("the only HSM answers busy to every call");
+    // UNAVAILABLE is what a client retries; INTERNAL would say the daemon failed, and an
+    // INVALID_ARGUMENT that the blob is bad.
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("busy"), "{status:?}");
+    std::fs::write(&control, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    data.unwrap(unwrap())
+        .await
+        .expect("served once the HSM is no longer busy");
+}
+
 /// The simulator's counters (`report PATH` in its control file): calls that reached an HSM
 /// so far, and the most served at once since the last report. `probe` is unwrapped once, so
 /// that the module reads the control file (that call is not counted in the report it writes,

@@ -50,12 +50,20 @@ pub(super) fn unsupported(algorithm: ImportAlgorithm) -> Error {
 
 /// An unwrap that failed on the wrapped bytes (not on the device): a bad ciphertext. SoftHSM
 /// reports a failed OAEP decoding as `CKR_GENERAL_ERROR` or `CKR_FUNCTION_FAILED`, so those
-/// count when the session still answers (as for a GCM tag mismatch).
-pub(super) fn unwrap_error(session: &Session, algorithm: ImportAlgorithm, err: CkError) -> Error {
+/// count when the session still answers (as for a GCM tag mismatch). With `busy_is_failed`
+/// (CloudHSM) `CKR_FUNCTION_FAILED` is a busy HSM that did not do the call, never a verdict on
+/// the bytes: it stays an HSM error, which the caller waits out (`with_session`).
+pub(super) fn unwrap_error(
+    session: &Session,
+    algorithm: ImportAlgorithm,
+    busy_is_failed: bool,
+    err: CkError,
+) -> Error {
     if is_unsupported_mechanism(&err) {
         return unsupported(algorithm);
     }
     match err {
+        CkError::Pkcs11(RvError::FunctionFailed, _) if busy_is_failed => p11_error(err),
         CkError::Pkcs11(
             RvError::EncryptedDataInvalid
             | RvError::EncryptedDataLenRange
@@ -104,6 +112,7 @@ impl Pkcs11Token {
         template: &[Attribute],
     ) -> Result<ObjectHandle> {
         let private = self.wrapping_key_handle(session, id)?;
+        let busy_is_failed = self.profile() == HsmProfile::Cloudhsm;
         let rsa_len = (id.bits / 8) as usize;
         if !id.algorithm.aes_key_wrap() {
             if wrapped.len() != rsa_len {
@@ -111,7 +120,7 @@ impl Pkcs11Token {
             }
             return session
                 .unwrap_key(&oaep(id.algorithm), private, wrapped, template)
-                .map_err(|err| unwrap_error(session, id.algorithm, err));
+                .map_err(|err| unwrap_error(session, id.algorithm, busy_is_failed, err));
         }
         // RSA-OAEP(ephemeral AES key) || RFC 5649 wrap of the material under it.
         if wrapped.len() < rsa_len + 16 || (wrapped.len() - rsa_len) % 8 != 0 {
@@ -126,7 +135,7 @@ impl Pkcs11Token {
                 encrypted_key,
                 &ephemeral_template,
             )
-            .map_err(|err| unwrap_error(session, id.algorithm, err))?;
+            .map_err(|err| unwrap_error(session, id.algorithm, busy_is_failed, err))?;
         let result = session
             .unwrap_key(
                 &Mechanism::AesKeyWrapPad,
@@ -134,7 +143,7 @@ impl Pkcs11Token {
                 wrapped_material,
                 template,
             )
-            .map_err(|err| unwrap_error(session, id.algorithm, err));
+            .map_err(|err| unwrap_error(session, id.algorithm, busy_is_failed, err));
         if let Err(err) = session.destroy_object(ephemeral) {
             tracing::warn!(error = %p11_error(err), "could not destroy an ephemeral import key (a session object: it goes with the session)");
         }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
@@ -161,9 +161,14 @@ fn fault_of(rv: RvError) -> Pkcs11Fault {
         | RvError::HostMemory
         | RvError::SessionCount
         | RvError::SlotIdInvalid => Pkcs11Fault::Device,
-        RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::UserNotLoggedIn => {
-            Pkcs11Fault::Session
-        }
+        // A call that could not be given a large enough buffer leaves its operation active
+        // (PKCS#11 keeps it for a second try), and a session that still holds one refuses
+        // every new operation: either way the session is replaced, not pooled again.
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::UserNotLoggedIn
+        | RvError::BufferTooSmall
+        | RvError::OperationActive => Pkcs11Fault::Session,
         _ => Pkcs11Fault::Call,
     }
 }
@@ -408,6 +413,14 @@ impl Pkcs11Token {
                     }
                     return Err(Error::Unavailable(message));
                 }
+                Err(err @ Error::Pkcs11 { .. }) if waits.is_some() && is_transient(&err) => {
+                    // Busy (or without the key) for as long as the caller could wait: the
+                    // cluster could not serve this call now, which the caller may try again;
+                    // the module did nothing wrong, so this is no internal error.
+                    return Err(Error::Unavailable(format!(
+                        "the HSM stayed busy, or without the key, until the call's deadline: {err}"
+                    )));
+                }
                 other => return other,
             }
         }
@@ -465,6 +478,7 @@ impl Pkcs11Token {
         let loan = loan.inspect_err(|_| {
             metrics::counter!("wrapd_hsm_errors_total", "kind" => "session_wait").increment(1);
         })?;
+        let slot = self.inner.pool.slot();
         let started = Instant::now();
         let result = self.call_with_faults(|| f(&loan.session, self));
         metrics::histogram!("wrapd_hsm_call_duration_seconds")
@@ -488,6 +502,7 @@ impl Pkcs11Token {
             self.clear_handles();
         }
         self.inner.pool.checkin(loan, outcome);
+        slot.returned();
         result
     }
 
@@ -692,12 +707,13 @@ impl Token for Pkcs11Token {
                 );
                 match decrypted {
                     Ok(plaintext) => Ok(plaintext),
-                    Err(CkError::Pkcs11(rv, _))
+                    Err(CkError::Pkcs11(rv, Function::Decrypt))
                         if this.is_bad_ciphertext(rv) && session.get_session_info().is_ok() =>
                     {
                         // SoftHSM reports a tag mismatch as CKR_GENERAL_ERROR. The session
                         // still answers, so this is a bad ciphertext, not a device fault,
-                        // and the session goes back to the pool.
+                        // and the session goes back to the pool. Only C_Decrypt has seen the
+                        // ciphertext: a failed C_DecryptInit says nothing about it.
                         Err(Error::InvalidCiphertext)
                     }
                     Err(err) => Err(p11_error(err)),
