@@ -361,7 +361,9 @@ impl Statement {
     }
 
     fn conditions_hold(&self, request: &Request<'_>) -> bool {
-        self.conditions.iter().all(|c| c.holds(request.keys))
+        self.conditions
+            .iter()
+            .all(|c| c.holds(request.keys, self.deny))
     }
 }
 
@@ -482,7 +484,9 @@ fn parse_conditions(value: &Value) -> Result<Vec<Condition>, String> {
 }
 
 impl Condition {
-    fn holds(&self, keys: &BTreeMap<String, Vec<String>>) -> bool {
+    /// Whether the condition holds for the request's `keys`, in a statement that denies
+    /// (`deny`) or allows.
+    fn holds(&self, keys: &BTreeMap<String, Vec<String>>, deny: bool) -> bool {
         let present = keys.get(&self.key).filter(|values| !values.is_empty());
         if self.operator == Operator::Null {
             // "true": the key must be absent; "false": present.
@@ -507,8 +511,14 @@ impl Condition {
             Some(SetOperator::ForAllValues) => {
                 request_values.iter().all(|v| matches(v) != self.negated)
             }
-            // A single-valued key: a negated operator holds when no value matches.
-            None => request_values.iter().any(|v| matches(v)) != self.negated,
+            // A single-valued key has one value, except an encryption context's key given
+            // twice in different cases (`tenant` and `Tenant`: condition key names ignore
+            // case). Then each value must satisfy an allowing statement's condition, and any
+            // one satisfies a denying one's, so that neither entry can hide the other: a
+            // caller adding `Tenant: globex` beside `tenant: acme` is allowed only what
+            // `globex` would be, and cannot step out of a deny aimed at it.
+            None if deny => request_values.iter().any(|v| matches(v) != self.negated),
+            None => request_values.iter().all(|v| matches(v) != self.negated),
         }
     }
 

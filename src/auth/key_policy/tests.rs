@@ -181,6 +181,39 @@ fn condition_key_names_are_case_insensitive() {
 }
 
 #[test]
+fn context_keys_differing_only_in_case_must_all_pass_an_allow_and_any_trips_a_deny() {
+    // {"tenant": "acme", "Tenant": "globex"}: one condition key, two values.
+    let both: &[(&str, &[&str])] = &[("kms:EncryptionContext:tenant", &["acme", "globex"])];
+    let allow = r#"{"StringEquals":{"kms:EncryptionContext:tenant":"acme"}}"#;
+    assert!(!allowed_when(allow, both), "globex is not acme");
+    assert!(allowed_when(
+        allow,
+        &[("kms:EncryptionContext:tenant", &["acme", "acme"])]
+    ));
+    let allow_not = r#"{"StringNotEquals":{"kms:EncryptionContext:tenant":"globex"}}"#;
+    assert!(!allowed_when(allow_not, both), "one of them is globex");
+    let p = policy(&format!(
+        r#"{{"Effect":"Allow","Principal":{{"AWS":"{ALICE}"}},"Action":"kms:Decrypt","Resource":"*"}},
+           {{"Effect":"Deny","Principal":"*","Action":"kms:Decrypt","Resource":"*",
+             "Condition":{{"StringNotEquals":{{"kms:EncryptionContext:tenant":"acme"}}}}}}"#
+    ));
+    assert_eq!(
+        verdict(&p, "kms:Decrypt", ALICE, &keys(both)),
+        Verdict::Deny,
+        "the globex entry trips the deny though the acme one does not"
+    );
+    assert_eq!(
+        verdict(
+            &p,
+            "kms:Decrypt",
+            ALICE,
+            &keys(&[("kms:EncryptionContext:tenant", &["acme"])])
+        ),
+        Verdict::Allow
+    );
+}
+
+#[test]
 fn string_equals_ignore_case_and_its_negation() {
     let c = r#"{"StringEqualsIgnoreCase":{"kms:CallerAccount":"ABC"}}"#;
     assert!(allowed_when(c, &[("kms:CallerAccount", &["abc"])]));
