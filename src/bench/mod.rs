@@ -145,8 +145,8 @@ pub struct Row {
     /// Threads (and sessions) of the raw baseline.
     pub raw_threads: usize,
     /// Whether the raw baseline ran in bursts of one batch's token calls spread over its
-    /// threads ([`raw_bursts`]; one caller's batch on a networked HSM): then its p50 is a
-    /// burst's latency, the floor of one batch call.
+    /// threads (one caller's batch on a networked HSM): then its p50 is a burst's latency,
+    /// the floor of one batch call.
     pub raw_bursts: bool,
     /// Whether the token waits on the network (CloudHSM): then the raw baseline runs as many
     /// threads as callers, and measures the HSM's capacity rather than this machine's cores.
