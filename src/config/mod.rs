@@ -125,6 +125,9 @@ pub struct KmsConfig {
     pub principal: String,
     /// How long a successful (or failed) token round trip answers Status.
     pub healthz_cache: Duration,
+    /// Whether Encrypt binds its blobs to `principal` too (see `ops/kms.rs`); Decrypt takes
+    /// blobs bound either way.
+    pub bind_principal: bool,
 }
 
 /// The metadata store (`[store]`): an SQLite file for one daemon, or PostgreSQL for a fleet.
@@ -500,6 +503,7 @@ impl Config {
                         .map_err(|e| Error::Config(format!("kms.key: {e}")))?,
                     principal: k.principal,
                     healthz_cache: Duration::from_millis(k.healthz_cache_ms),
+                    bind_principal: k.bind_principal,
                 })
             })
             .transpose()?;

@@ -126,6 +126,8 @@ pub(super) struct RawKms {
     pub(super) principal: String,
     #[serde(default = "default_healthz_cache_ms")]
     pub(super) healthz_cache_ms: u64,
+    #[serde(default)]
+    pub(super) bind_principal: bool,
 }
 
 #[derive(Debug, Deserialize)]

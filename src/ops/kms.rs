@@ -1,15 +1,21 @@
 //! The operations of the Kubernetes KMS v2 plugin, backed by one wrapd key.
 //!
 //! - Encrypt wraps the apiserver's DEK seed under the newest version of the key, bound to
-//!   the reserved encryption context [`KMS_CONTEXT`] that no other caller can supply (its
-//!   `wrapd:` prefix is refused from them), so a principal with Unwrap on the key over the
-//!   main API still cannot open the apiserver's DEK seeds. The KMS key id of a blob is
+//!   a reserved encryption context that no other caller can supply (its `wrapd:` prefix is
+//!   refused from them): [`KMS_CONTEXT`], and with `[kms] bind_principal` the plugin's
+//!   principal too ([`KMS_PRINCIPAL`]). So a principal with Unwrap on the key over the main
+//!   API still cannot open the apiserver's DEK seeds, and with the principal bound neither
+//!   can the plugin of another cluster served by the same fleet, whatever keys its grant
+//!   names. Binding is a setting, not the default, because a daemon of an earlier release
+//!   cannot open a bound blob: an HA control plane upgraded one node at a time would have
+//!   nodes unable to read what the others wrote. The KMS key id of a blob is
 //!   `key/<hex>:<version>`; no annotations are needed.
-//! - Decrypt accepts every blob the plugin ever issued: of every version of the key, and of
-//!   keys the configured alias pointed at before it was re-pointed. Such a blob is authorized
-//!   by the plugin's grant on its configured key, because only the plugin can make a blob
-//!   bound to [`KMS_CONTEXT`]. Blobs from before the reserved context (bound to the empty
-//!   context) still decrypt, checked against the policy on the blob's own key. The request's
+//! - Decrypt accepts every blob the plugin ever issued, bound to its principal or not: of
+//!   every version of the key, and of keys the configured alias pointed at before it was
+//!   re-pointed. Such a blob is authorized by the plugin's grant on its configured key,
+//!   because only a plugin can make a blob bound to [`KMS_CONTEXT`] (and only one acting as
+//!   this principal, one bound to it). Blobs from before the reserved context (bound to the
+//!   empty context) still decrypt, against the policy on the blob's own key. The request's
 //!   key id must be the one Encrypt returned with that ciphertext.
 //! - Status: the current KMS key id (a rotation changes it, so the apiserver uses a new
 //!   DEK), and healthz `ok` only while the audit log is writable and a real wrap + unwrap
@@ -34,11 +40,23 @@ pub const MAX_PLAINTEXT: usize = 512;
 pub const MAX_CIPHERTEXT: usize = 1024;
 /// Largest total size of the annotations Decrypt takes.
 pub const MAX_ANNOTATIONS: usize = 32 * 1024;
-/// The encryption context every blob of the plugin is bound to: one reserved entry.
+/// The reserved entry of the encryption context every blob of the plugin is bound to.
 pub const KMS_CONTEXT: (&str, &str) = ("wrapd:purpose", "kubernetes-kms-v2");
 
-/// The plugin's reserved context.
-fn kms_context() -> EncryptionContext {
+/// The context key of the other reserved entry: the principal of the plugin that made the
+/// blob (`[kms] principal`), so that a plugin acting as another principal cannot open it.
+pub const KMS_PRINCIPAL: &str = "wrapd:kms-principal";
+
+/// The context of the blobs the plugin acting as `principal` makes.
+fn kms_context(principal: &str) -> Result<EncryptionContext> {
+    EncryptionContext::from_entries([
+        (KMS_CONTEXT.0.to_owned(), KMS_CONTEXT.1.to_owned()),
+        (KMS_PRINCIPAL.to_owned(), principal.to_owned()),
+    ])
+}
+
+/// The context of the plugin's blobs from before they named the principal.
+fn unbound_kms_context() -> EncryptionContext {
     EncryptionContext::from_entries([(KMS_CONTEXT.0.to_owned(), KMS_CONTEXT.1.to_owned())])
         // Two short valid strings: cannot fail.
         .unwrap_or_default()
@@ -78,6 +96,9 @@ fn issued_by_plugin(ks: &Keystore, configured: &KeyRef, blob_key: &KeyRef) -> Ta
 pub struct KmsPlugin {
     ops: Ops,
     key: KeyRef,
+    /// The reserved contexts of its blobs, the one Encrypt binds to first (bound to the
+    /// principal or not), then the other, which Decrypt also takes.
+    contexts: [EncryptionContext; 2],
     healthz_cache: Duration,
     health: Mutex<Option<(Instant, String)>>,
 }
@@ -92,14 +113,32 @@ pub struct KmsCiphertext {
 }
 
 impl KmsPlugin {
-    /// The plugin over `key`.
-    pub fn new(ops: Ops, key: KeyRef, healthz_cache: Duration) -> Self {
-        Self {
+    /// The plugin over `key`, acting as `principal` (`[kms] principal`), binding its blobs
+    /// to it if `bind` (`[kms] bind_principal`).
+    pub fn new(
+        ops: Ops,
+        key: KeyRef,
+        (principal, bind): (&str, bool),
+        healthz_cache: Duration,
+    ) -> Result<Self> {
+        let (bound, unbound) = (kms_context(principal)?, unbound_kms_context());
+        Ok(Self {
             ops,
             key,
+            contexts: if bind {
+                [bound, unbound]
+            } else {
+                [unbound, bound]
+            },
             healthz_cache,
             health: Mutex::new(None),
-        }
+        })
+    }
+
+    /// The context Encrypt binds its blobs to.
+    fn context(&self) -> &EncryptionContext {
+        let [made, _] = &self.contexts;
+        made
     }
 
     /// The current KMS key id and healthz (`ok`, or why not).
@@ -128,9 +167,9 @@ impl KmsPlugin {
         }
         let key = self.key.clone();
         let keystore = self.ops.keystore().clone();
+        let context = self.context().clone();
         let probe = tokio::task::spawn_blocking(move || -> Result<()> {
             let probe = Zeroizing::new(b"wrapd kms health probe".to_vec());
-            let context = kms_context();
             // The daemon's own round trip: not a use of the key's version.
             let wrapped = keystore.wrap_uncounted(&key, &probe, &context)?;
             let back = keystore.unwrap_uncounted(&wrapped.blob, &context, None)?;
@@ -162,6 +201,7 @@ impl KmsPlugin {
         plaintext: Zeroizing<Vec<u8>>,
     ) -> Result<KmsCiphertext> {
         let key = self.key.clone();
+        let context = self.context().clone();
         let wrapped = self
             .ops
             .run(call, move |gate, ks, call| {
@@ -170,7 +210,6 @@ impl KmsPlugin {
                         "plaintext must be 1 to {MAX_PLAINTEXT} bytes"
                     )));
                 }
-                let context = kms_context();
                 call.key(key.to_string(), None);
                 call.context(&context);
                 gate.check(call, &target_of(ks, &key), Some(&context))?;
@@ -195,6 +234,7 @@ impl KmsPlugin {
         annotations: usize,
     ) -> Result<Zeroizing<Vec<u8>>> {
         let configured = self.key.clone();
+        let contexts = self.contexts.clone();
         let unwrapped = self
             .ops
             .run(call, move |gate, ks, call| {
@@ -213,16 +253,20 @@ impl KmsPlugin {
                 }
                 let key = KeyRef::Id(blob.key_id.clone());
                 call.key(key.to_string(), Some(blob.key_version));
-                let context = kms_context();
-                call.context(&context);
-                gate.check(
-                    call,
-                    &issued_by_plugin(ks, &configured, &key),
-                    Some(&context),
-                )?;
-                match ks.unwrap(&ciphertext, &context, None) {
-                    Err(Error::InvalidCiphertext) => {}
-                    other => return other,
+                // The plugin's blobs, the kind it makes first. Those that name no principal
+                // are covered by any plugin's grant on its own configured key: only binding
+                // tells the plugins of several clusters apart.
+                for context in contexts {
+                    call.context(&context);
+                    gate.check(
+                        call,
+                        &issued_by_plugin(ks, &configured, &key),
+                        Some(&context),
+                    )?;
+                    match ks.unwrap(&ciphertext, &context, None) {
+                        Err(Error::InvalidCiphertext) => {}
+                        other => return other,
+                    }
                 }
                 // A blob from before the reserved context: the policy on its own key decides.
                 let legacy = EncryptionContext::default();

@@ -41,7 +41,9 @@ pub use gate::{
 };
 pub use grant_operations::{CreatedGrant, GrantOnKey, NewGrant, RetiredGrant};
 pub use key_grants::parse_token as parse_grant_token;
-pub use kms::{KMS_CONTEXT, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT};
+pub use kms::{
+    KMS_CONTEXT, KMS_PRINCIPAL, KmsPlugin, MAX_ANNOTATIONS, MAX_CIPHERTEXT, MAX_PLAINTEXT,
+};
 pub use refusals::LINES_PER_WINDOW as REFUSAL_BUDGET_PER_WINDOW;
 pub use xks::Checked;
 

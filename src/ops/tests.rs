@@ -298,3 +298,97 @@ fn reserved_context_keys_are_refused() {
         "only the prefix with its colon"
     );
 }
+
+/// A call of the KMS plugin acting as `principal`.
+fn plugin_call(principal: &str, op: Operation) -> Call {
+    Call::new(
+        Ok(crate::auth::kms_plugin_identity(principal, None)),
+        op,
+        Some("uid"),
+        None,
+    )
+}
+
+/// A KMS Decrypt by `plugin`, acting as `principal`.
+async fn plugin_decrypt(
+    plugin: &KmsPlugin,
+    principal: &str,
+    blob: Vec<u8>,
+    key_id: String,
+) -> Result<Zeroizing<Vec<u8>>> {
+    plugin
+        .decrypt(plugin_call(principal, Operation::Unwrap), blob, key_id, 0)
+        .await
+}
+
+/// Two clusters' plugins served by one daemon's keys, each granted Wrap and Unwrap on its
+/// own alias only.
+#[tokio::test]
+async fn blobs_bound_to_a_plugins_principal_cannot_be_opened_by_a_plugin_acting_as_another() {
+    let policy = format!(
+        "{ADMIN}[[grant]]\nprincipals = [\"wrapd:cluster-a\"]\noperations = [\"Wrap\", \"Unwrap\"]\n\
+         keys = [\"alias/cluster-a\"]\n[[grant]]\nprincipals = [\"wrapd:cluster-b\"]\n\
+         operations = [\"Wrap\", \"Unwrap\"]\nkeys = [\"alias/cluster-b\"]\n"
+    );
+    let ops = ops(&policy);
+    for alias in ["alias/cluster-a", "alias/cluster-b"] {
+        ops.create_key(
+            call(Operation::CreateKey),
+            String::new(),
+            alias.into(),
+            Default::default(),
+            KeyOrigin::Hsm,
+        )
+        .await
+        .unwrap();
+    }
+    let plugin = |principal: &str, alias: &str| {
+        KmsPlugin::new(
+            ops.clone(),
+            KeyRef::parse(alias).unwrap(),
+            (principal, true),
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let a = plugin("wrapd:cluster-a", "alias/cluster-a");
+    let b = plugin("wrapd:cluster-b", "alias/cluster-b");
+    let seed = || Zeroizing::new(vec![7u8; 32]);
+    let sealed = a
+        .encrypt(plugin_call("wrapd:cluster-a", Operation::Wrap), seed())
+        .await
+        .unwrap();
+    let opened = plugin_decrypt(
+        &a,
+        "wrapd:cluster-a",
+        sealed.ciphertext.clone(),
+        sealed.key_id.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*opened, vec![7u8; 32]);
+    assert!(
+        plugin_decrypt(&b, "wrapd:cluster-b", sealed.ciphertext, sealed.key_id)
+            .await
+            .is_err(),
+        "cluster B's plugin opened a DEK seed of cluster A's"
+    );
+
+    // A blob from before the principal was bound (the reserved purpose alone) still opens.
+    let key_a = ops
+        .keystore()
+        .resolve(&KeyRef::parse("alias/cluster-a").unwrap())
+        .unwrap();
+    let unbound =
+        EncryptionContext::from_entries([(KMS_CONTEXT.0.to_owned(), KMS_CONTEXT.1.to_owned())])
+            .unwrap();
+    let old = ops
+        .keystore()
+        .wrap(&KeyRef::Id(key_a.id.clone()), &[9u8; 32], &unbound)
+        .unwrap();
+    let old_key_id = format!("{}:{}", old.key_id, old.key_version);
+    let opened = plugin_decrypt(&a, "wrapd:cluster-a", old.blob, old_key_id)
+        .await
+        .unwrap();
+    assert_eq!(*opened, vec![9u8; 32]);
+}

@@ -384,7 +384,12 @@ impl Daemon {
 
         if let Some(kms) = &self.kms {
             let listener = bind_unix_socket(&kms.socket.path, kms.socket.mode)?;
-            let plugin = KmsPlugin::new(ops.clone(), kms.key.clone(), kms.healthz_cache);
+            let plugin = KmsPlugin::new(
+                ops.clone(),
+                kms.key.clone(),
+                (&kms.principal, kms.bind_principal),
+                kms.healthz_cache,
+            )?;
             let api = KmsApi::new(plugin, kms.principal.clone());
             // The KMS v2 API's messages are small: refuse anything far larger.
             let service =

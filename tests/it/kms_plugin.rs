@@ -471,3 +471,67 @@ async fn after_a_rotation_and_a_storage_migration_the_old_version_is_unused_and_
     }
     assert_eq!(status(&mut client).await.healthz, "ok");
 }
+
+/// With `[kms] bind_principal`, a blob names the plugin's principal: a daemon whose plugin
+/// acts as another principal (another cluster's, granted the same key) cannot open it,
+/// while it still opens the blobs made before, which name none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_bound_to_the_plugins_principal_opens_only_for_that_principal() {
+    let mut daemon = DevDaemon::start();
+    let (unbound, unbound_key_id) = encrypt(&mut kms(&daemon).await, &[1u8; 32]).await;
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let bound_config = config.replacen("[kms]\n", "[kms]\nbind_principal = true\n", 1);
+    assert_ne!(bound_config, config, "{config}");
+    std::fs::write(daemon.config_path(), &bound_config).unwrap();
+    daemon.restart();
+    let mut client = kms(&daemon).await;
+    let (bound, bound_key_id) = encrypt(&mut client, &[2u8; 32]).await;
+    for (blob, key_id, dek) in [(&bound, &bound_key_id, 2u8), (&unbound, &unbound_key_id, 1)] {
+        let plaintext = client
+            .decrypt(decrypt(blob, key_id, "uid-same"))
+            .await
+            .expect("its own blobs, bound or from before")
+            .into_inner()
+            .plaintext;
+        assert_eq!(plaintext, [dek; 32]);
+    }
+
+    // Another cluster's plugin: another principal, granted the same alias.
+    let principal = bound_config
+        .lines()
+        .skip_while(|l| *l != "[kms]")
+        .find_map(|l| l.strip_prefix("principal = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    std::fs::write(
+        daemon.config_path(),
+        bound_config.replacen(
+            &format!("principal = \"{principal}\""),
+            "principal = \"wrapd:other-cluster\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let policy = daemon.dir().join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(
+        "\n[[grant]]\nprincipals = [\"wrapd:other-cluster\"]\noperations = [\"Wrap\", \
+         \"Unwrap\"]\nkeys = [\"alias/kubernetes\"]\n",
+    );
+    std::fs::write(&policy, text).unwrap();
+    daemon.restart();
+    let mut other = kms(&daemon).await;
+    let refused = other
+        .decrypt(decrypt(&bound, &bound_key_id, "uid-other"))
+        .await
+        .expect_err("a blob bound to another plugin's principal");
+    assert_ne!(refused.code(), Code::Ok);
+    let plaintext = other
+        .decrypt(decrypt(&unbound, &unbound_key_id, "uid-other-2"))
+        .await
+        .expect("a blob that names no principal: any plugin granted its key")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plaintext, [1u8; 32]);
+}
