@@ -483,6 +483,9 @@ fn parse_conditions(value: &Value) -> Result<Vec<Condition>, String> {
     Ok(conditions)
 }
 
+/// The prefix of the condition keys of an encryption context's entries (lower case).
+const CONTEXT_ENTRY_KEY: &str = "kms:encryptioncontext:";
+
 impl Condition {
     /// Whether the condition holds for the request's `keys`, in a statement that denies
     /// (`deny`) or allows.
@@ -511,14 +514,23 @@ impl Condition {
             Some(SetOperator::ForAllValues) => {
                 request_values.iter().all(|v| matches(v) != self.negated)
             }
-            // A single-valued key has one value, except an encryption context's key given
-            // twice in different cases (`tenant` and `Tenant`: condition key names ignore
-            // case). Then each value must satisfy an allowing statement's condition, and any
-            // one satisfies a denying one's, so that neither entry can hide the other: a
-            // caller adding `Tenant: globex` beside `tenant: acme` is allowed only what
-            // `globex` would be, and cannot step out of a deny aimed at it.
-            None if deny => request_values.iter().any(|v| matches(v) != self.negated),
-            None => request_values.iter().all(|v| matches(v) != self.negated),
+            // An encryption context's entry has one value, unless its key was given twice in
+            // different cases (`tenant` and `Tenant`: condition key names ignore case). Then
+            // each value must satisfy an allowing statement's condition, and any one satisfies
+            // a denying one's, so that neither entry can hide the other: a caller adding
+            // `Tenant: globex` beside `tenant: acme` is allowed only what `globex` would be,
+            // and cannot step out of a deny aimed at it.
+            None if self.key.starts_with(CONTEXT_ENTRY_KEY) => {
+                if deny {
+                    request_values.iter().any(|v| matches(v) != self.negated)
+                } else {
+                    request_values.iter().all(|v| matches(v) != self.negated)
+                }
+            }
+            // Any other key without a set operator: one matching value is a match (a
+            // negated operator holds when none matches), as for a multivalued key such as
+            // `kms:EncryptionContextKeys` written without `ForAnyValue`.
+            None => request_values.iter().any(|v| matches(v)) != self.negated,
         }
     }
 

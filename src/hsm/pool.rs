@@ -178,10 +178,11 @@ impl Pool {
     }
 
     /// A guard for the slot of a loan just checked out: if it is dropped before being
-    /// [disarmed](LoanSlot::returned), the call panicked (its loan, dropped while unwinding, closes
-    /// its session), and the slot is given back. Without it the pool would count that session
-    /// open for good: one slot lost per panic, and after a device fault, a pool whose count
-    /// never comes down to zero never initializes the context again.
+    /// [disarmed](LoanSlot::returned), the call panicked, and the slot is given back. Declare it
+    /// before the loan, so that the loan, dropped first while unwinding, closes its session
+    /// before the slot is free for another. Without it the pool would count that session open
+    /// for good: one slot lost per panic, and after a device fault, a pool whose count never
+    /// comes down to zero never initializes the context again.
     pub fn slot(&self) -> LoanSlot<'_> {
         LoanSlot { pool: self }
     }

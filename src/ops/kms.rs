@@ -30,7 +30,7 @@ use super::{Call, Ops, target_of};
 use crate::auth::Target;
 use crate::blob::Blob;
 use crate::context::EncryptionContext;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::ids::KeyRef;
 use crate::keystore::Keystore;
 
@@ -253,26 +253,36 @@ impl KmsPlugin {
                 }
                 let key = KeyRef::Id(blob.key_id.clone());
                 call.key(key.to_string(), Some(blob.key_version));
-                // The plugin's blobs, the kind it makes first. Those that name no principal
+                // The plugin's blobs, the kind it makes first (those that name no principal
                 // are covered by any plugin's grant on its own configured key: only binding
-                // tells the plugins of several clusters apart.
-                for context in contexts {
+                // tells the plugins of several clusters apart); then a blob from before the
+                // reserved context, which the policy on its own key decides. A context the
+                // policy refuses is passed over, since the blob may be bound to another, and
+                // its refusal is the answer if no other context opens the blob.
+                let by_plugin = issued_by_plugin(ks, &configured, &key);
+                let before = target_of(ks, &key);
+                let [made, other] = contexts;
+                let attempts = [
+                    (made, &by_plugin),
+                    (other, &by_plugin),
+                    (EncryptionContext::default(), &before),
+                ];
+                let mut refused = None;
+                for (context, target) in attempts {
                     call.context(&context);
-                    gate.check(
-                        call,
-                        &issued_by_plugin(ks, &configured, &key),
-                        Some(&context),
-                    )?;
+                    if let Err(err) = gate.check(call, target, Some(&context)) {
+                        if err.kind() != ErrorKind::PermissionDenied {
+                            return Err(err);
+                        }
+                        refused.get_or_insert(err);
+                        continue;
+                    }
                     match ks.unwrap(&ciphertext, &context, None) {
                         Err(Error::InvalidCiphertext) => {}
                         other => return other,
                     }
                 }
-                // A blob from before the reserved context: the policy on its own key decides.
-                let legacy = EncryptionContext::default();
-                call.context(&legacy);
-                gate.check(call, &target_of(ks, &key), Some(&legacy))?;
-                ks.unwrap(&ciphertext, &legacy, None)
+                Err(refused.unwrap_or(Error::InvalidCiphertext))
             })
             .await?;
         Ok(unwrapped.plaintext)

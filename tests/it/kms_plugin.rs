@@ -535,3 +535,56 @@ async fn a_blob_bound_to_the_plugins_principal_opens_only_for_that_principal() {
         .plaintext;
     assert_eq!(plaintext, [1u8; 32]);
 }
+
+/// A context the key policy refuses is passed over, not the end of the Decrypt: with the
+/// principal-bound context denied, a blob from before binding still opens, and a bound one is
+/// refused as denied (not as a bad ciphertext).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_the_key_policy_refuses_leaves_the_others_to_open_the_blob() {
+    let mut daemon = DevDaemon::start();
+    let mut client = kms(&daemon).await;
+    let (unbound, unbound_key_id) = encrypt(&mut client, &[1u8; 32]).await;
+    let key_id = unbound_key_id.rsplit_once(':').unwrap().0.to_owned();
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:root"},
+             "Action": "kms:*", "Resource": "*"},
+            {"Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Resource": "*",
+             "Condition": {"Null": {"kms:EncryptionContext:wrapd:kms-principal": "false"}}},
+        ]
+    });
+    daemon
+        .keys()
+        .await
+        .put_key_policy(wrapd::proto::PutKeyPolicyRequest {
+            key_id,
+            policy: policy.to_string(),
+            bypass_lockout_check: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        config.replacen("[kms]\n", "[kms]\nbind_principal = true\n", 1),
+    )
+    .unwrap();
+    daemon.restart();
+    let mut client = kms(&daemon).await;
+    let plaintext = client
+        .decrypt(decrypt(&unbound, &unbound_key_id, "uid-unbound"))
+        .await
+        .expect("the unbound context is allowed, though the bound one, tried first, is not")
+        .into_inner()
+        .plaintext;
+    assert_eq!(plaintext, [1u8; 32]);
+    let (bound, bound_key_id) = encrypt(&mut client, &[2u8; 32]).await;
+    assert_code(
+        client
+            .decrypt(decrypt(&bound, &bound_key_id, "uid-bound"))
+            .await,
+        Code::PermissionDenied,
+    );
+}

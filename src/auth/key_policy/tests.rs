@@ -214,6 +214,19 @@ fn context_keys_differing_only_in_case_must_all_pass_an_allow_and_any_trips_a_de
 }
 
 #[test]
+fn encryption_context_keys_without_a_set_operator_match_on_any_value() {
+    let keys_ = &[("kms:EncryptionContextKeys", &["tenant", "region"][..])];
+    assert!(allowed_when(
+        r#"{"StringEquals":{"kms:EncryptionContextKeys":"tenant"}}"#,
+        keys_
+    ));
+    assert!(!allowed_when(
+        r#"{"StringNotEquals":{"kms:EncryptionContextKeys":"tenant"}}"#,
+        keys_
+    ));
+}
+
+#[test]
 fn string_equals_ignore_case_and_its_negation() {
     let c = r#"{"StringEqualsIgnoreCase":{"kms:CallerAccount":"ABC"}}"#;
     assert!(allowed_when(c, &[("kms:CallerAccount", &["abc"])]));

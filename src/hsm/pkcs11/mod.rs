@@ -462,6 +462,9 @@ impl Pkcs11Token {
         if let Some(caller) = super::call_deadline() {
             deadline = deadline.min(caller);
         }
+        // Declared before the loan, so that a panicking call drops (closes) its session
+        // before the slot is given back: until then the session still counts.
+        let slot;
         let loan = self.inner.pool.checkout(
             deadline,
             || {
@@ -478,7 +481,7 @@ impl Pkcs11Token {
         let loan = loan.inspect_err(|_| {
             metrics::counter!("wrapd_hsm_errors_total", "kind" => "session_wait").increment(1);
         })?;
-        let slot = self.inner.pool.slot();
+        slot = self.inner.pool.slot();
         let started = Instant::now();
         let result = self.call_with_faults(|| f(&loan.session, self));
         metrics::histogram!("wrapd_hsm_call_duration_seconds")
