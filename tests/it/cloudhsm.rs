@@ -360,32 +360,57 @@ async fn a_lone_callers_batch_is_spread_over_the_clusters_slots() {
     );
 }
 
-#[test]
-fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one_hsm_down() {
+/// `wrapd bench` with `args` (with `--hsm-down-control` last if `hsm_down`) against a dev
+/// daemon on a cluster of 2 HSMs, 300 µs per call and 4 calls at once each; its standard
+/// output once it succeeded, and the simulator's control file (in the returned directory).
+/// The bench's own token calls go through a simulator with the same settings and the same
+/// control file.
+fn wrapd_bench_on_cluster(
+    args: &[&str],
+    hsm_down: bool,
+) -> (String, std::path::PathBuf, tempfile::TempDir) {
     let settings = [
         ("WRAPD_SIM_HSMS", "2"),
         ("WRAPD_SIM_LATENCY_US", "300"),
         ("WRAPD_SIM_CONCURRENCY", "4"),
     ];
-    let (daemon, control, _dir) = on_cluster(&settings);
-    // The bench's own token calls go through a simulator with the same settings and the
-    // same control file.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
+    let (daemon, control, dir) = on_cluster(&settings);
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"));
+    bench
         .envs(settings)
         .env("WRAPD_SIM_CONTROL", &control)
         .arg("bench")
         .arg("--config")
         .arg(daemon.config_path())
-        .args(["--op", "unwrap", "--concurrency", "1", "--concurrency", "8"])
-        .args(["--seconds", "1", "--no-flood", "--hsm-down-control"])
-        .arg(&control)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .args(args);
+    if hsm_down {
+        bench.arg("--hsm-down-control").arg(&control);
+    }
+    let out = bench.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, control, dir)
+}
+
+#[test]
+fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one_hsm_down() {
+    let (stdout, control, _dir) = wrapd_bench_on_cluster(
+        &[
+            "--op",
+            "unwrap",
+            "--concurrency",
+            "1",
+            "--concurrency",
+            "8",
+            "--seconds",
+            "1",
+            "--no-flood",
+        ],
+        true,
     );
     let rows = |name: &str| -> Vec<Vec<String>> {
         stdout
@@ -420,27 +445,17 @@ fn wrapd_bench_on_the_cluster_measures_its_capacity_and_every_row_again_with_one
 
 #[test]
 fn wrapd_bench_times_a_lone_batch_against_the_same_token_calls_spread_over_the_sessions() {
-    let settings = [
-        ("WRAPD_SIM_HSMS", "2"),
-        ("WRAPD_SIM_LATENCY_US", "300"),
-        ("WRAPD_SIM_CONCURRENCY", "4"),
-    ];
-    let (daemon, control, _dir) = on_cluster(&settings);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrapd"))
-        .envs(settings)
-        .env("WRAPD_SIM_CONTROL", &control)
-        .arg("bench")
-        .arg("--config")
-        .arg(daemon.config_path())
-        .args(["--op", "batch-unwrap", "--concurrency", "1"])
-        .args(["--seconds", "1", "--no-flood"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _control, _dir) = wrapd_bench_on_cluster(
+        &[
+            "--op",
+            "batch-unwrap",
+            "--concurrency",
+            "1",
+            "--seconds",
+            "1",
+            "--no-flood",
+        ],
+        false,
     );
     // "  BatchUnwrap x64  echo N + token N + fdatasync N = floor N  wrapd N  overhead N"
     let floor: Vec<&str> = stdout
