@@ -462,9 +462,14 @@ impl Gate {
         });
         if here {
             // Whatever this task woke last waits in this thread's LIFO slot, which the other
-            // workers cannot take: let it run before this thread is held.
+            // workers cannot take: let it run before this thread is held. A caller gone
+            // meanwhile leaves the job to the workers, which run it and write its line.
+            let pending = PendingJob {
+                gate: self.clone(),
+                job: Some(task),
+            };
             tokio::task::yield_now().await;
-            task();
+            pending.run();
         } else {
             self.dispatch(on_workers, task);
         }
@@ -714,6 +719,29 @@ type ItemOutcome<T> = (Result<T>, Option<AuditRecord>);
 /// being written.
 type BatchAnswer<T> = oneshot::Sender<Result<Vec<Result<T>>>>;
 
+/// A data-plane job about to run on the tokio thread: run here, or, if the caller's future
+/// is dropped first, by the workers, so that the call still has its line.
+struct PendingJob {
+    gate: Arc<Gate>,
+    job: Option<Job>,
+}
+
+impl PendingJob {
+    fn run(mut self) {
+        if let Some(job) = self.job.take() {
+            job();
+        }
+    }
+}
+
+impl Drop for PendingJob {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.gate.dispatch(true, job);
+        }
+    }
+}
+
 /// One call counted in [`Gate`]'s `in_flight` for as long as any clone lives (the caller's
 /// future holds one, its job another).
 struct InFlight(Arc<Gate>);
@@ -913,15 +941,14 @@ mod tests {
     use crate::hsm::memory::MemoryToken;
     use crate::keystore::{KeystoreConfig, SqliteStore, SystemClock};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_large_batch_is_shared_by_several_workers_and_answered_in_item_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit =
-            Arc::new(AuditLog::open(&dir.path().join("audit.log"), FsyncPolicy::Always).unwrap());
+    /// A gate with `workers` worker threads on a local (in-memory) token, its audit log at
+    /// `audit` synced line by line, and a key store with the SQLite store.
+    fn gate_on_local_token(audit: &std::path::Path, workers: usize) -> (Arc<Gate>, Arc<Keystore>) {
+        let audit = Arc::new(AuditLog::open(audit, FsyncPolicy::Always).unwrap());
         let policy = PolicyHandle::fixed(Policy::parse("").unwrap());
         let gate = Arc::new(
             Gate::new(Arc::new(policy), Some(audit))
-                .with_workers(4, false)
+                .with_workers(workers, false)
                 .unwrap(),
         );
         let keystore = Arc::new(
@@ -933,13 +960,25 @@ mod tests {
             )
             .unwrap(),
         );
+        (gate, keystore)
+    }
+
+    /// An Unwrap call of `unix:uid=7` with request id `id`.
+    fn unwrap_call(id: &str) -> Call {
         let identity = Identity {
             principals: vec!["unix:uid=7".to_owned()].into(),
             transport: Transport::Unix,
             peer: "pid=1".into(),
             access_key: None,
         };
-        let call = Call::new(Ok(identity), Operation::Unwrap, Some("b"), None);
+        Call::new(Ok(identity), Operation::Unwrap, Some(id), None)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_batch_is_shared_by_several_workers_and_answered_in_item_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, keystore) = gate_on_local_token(&dir.path().join("audit.log"), 4);
+        let call = unwrap_call("b");
         let items: Vec<_> = (0..200).map(|i| (call.item(i), i)).collect();
         let results = gate
             .run_batch(&keystore, items, |_, _, _, i: usize| {
@@ -969,5 +1008,38 @@ mod tests {
             .collect();
         let expected: Vec<String> = (0..200).map(|i| format!("b.{i}")).collect();
         assert_eq!(ids, expected, "one audit line per item, in item order");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_call_whose_caller_goes_before_it_ran_in_place_still_runs_and_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (gate, keystore) = gate_on_local_token(&path, 2);
+        let call = unwrap_call("gone");
+        let (ran, job_ran) = std::sync::mpsc::channel();
+        let mut future = Box::pin(gate.run(&keystore, call, move |_, _, _| {
+            let _ = ran.send(std::thread::current().name().map(str::to_owned));
+            Ok(())
+        }));
+        // The first poll stops at the yield before the job would run in place; the caller
+        // then goes away.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx)));
+        assert!(first.await.is_pending());
+        drop(future);
+        let thread = job_ran
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the job ran");
+        assert!(
+            thread.is_some_and(|name| name.starts_with("wrapd-op-")),
+            "on a worker"
+        );
+        let started = std::time::Instant::now();
+        while !std::fs::read_to_string(&path).is_ok_and(|text| text.contains("\"gone\"")) {
+            assert!(
+                started.elapsed().as_secs() < 5,
+                "no audit line for the call"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
